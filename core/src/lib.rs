@@ -1,0 +1,1 @@
+//! credd-core: placeholder.

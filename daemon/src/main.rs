@@ -1,0 +1,2 @@
+//! molecule-credd: placeholder while the daemon is written.
+fn main() {}

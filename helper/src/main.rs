@@ -1,0 +1,2 @@
+//! credd: placeholder while the helper is written.
+fn main() {}

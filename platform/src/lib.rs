@@ -1,0 +1,1 @@
+//! molecule-platform: placeholder.
