@@ -1,0 +1,362 @@
+//! Configuration both binaries read from the environment.
+//!
+//! The daemon and the helper must find the same socket and the same platform
+//! without being told twice, so the variable names, defaults and validation
+//! live here. Values are looked up through a closure so the daemon can layer
+//! its command-line flags over the environment and tests can pass a map.
+
+use std::ffi::OsString;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// Environment variable names, as documented in the README.
+pub mod vars {
+    /// Base URL of the platform (`http://platform:8080`).
+    pub const PLATFORM_URL: &str = "PLATFORM_URL";
+    /// Folder holding `.auth_token`, the workspace's bearer for the platform.
+    pub const CONFIGS_DIR: &str = "CONFIGS_DIR";
+    /// The workspace's id; selects the per-workspace route when set.
+    pub const WORKSPACE_ID: &str = "WORKSPACE_ID";
+    /// Path of the daemon's Unix socket.
+    pub const CREDD_SOCKET: &str = "CREDD_SOCKET";
+    /// Comma-separated hosts the helper answers for.
+    pub const CREDD_HOSTS: &str = "CREDD_HOSTS";
+    /// Per-user runtime folder (systemd's `/run/user/$UID`).
+    pub const XDG_RUNTIME_DIR: &str = "XDG_RUNTIME_DIR";
+}
+
+/// Platform URL used when `PLATFORM_URL` is unset (the platform's in-cluster name).
+pub const DEFAULT_PLATFORM_URL: &str = "http://platform:8080";
+/// Configs folder used when `CONFIGS_DIR` is unset.
+pub const DEFAULT_CONFIGS_DIR: &str = "/configs";
+/// Hosts answered when `CREDD_HOSTS` is unset.
+pub const DEFAULT_HOSTS: &str = "github.com";
+/// File inside the configs folder that holds the platform bearer.
+pub const AUTH_TOKEN_FILE: &str = ".auth_token";
+
+/// Longest value accepted from any variable; paths and URLs are far shorter.
+const MAX_VALUE_LEN: usize = 4096;
+/// `sun_path` is 108 bytes including the terminating NUL.
+const MAX_SOCKET_PATH_LEN: usize = 107;
+const MAX_HOSTS: usize = 64;
+const MAX_WORKSPACE_ID_LEN: usize = 128;
+
+/// Validated configuration shared by the daemon and the helper.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Platform base URL, without a trailing slash.
+    pub platform_url: String,
+    /// Folder holding [`AUTH_TOKEN_FILE`].
+    pub configs_dir: PathBuf,
+    /// Workspace id, when known.
+    pub workspace_id: Option<String>,
+    /// The daemon's socket.
+    pub socket_path: PathBuf,
+    /// Hosts (lower case, optionally `host:port`) the helper answers for.
+    pub hosts: Vec<String>,
+}
+
+/// A configuration value that was present but unusable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{var}: {problem}")]
+pub struct ConfigError {
+    /// The variable (or flag) at fault.
+    pub var: &'static str,
+    /// What was wrong with it and what would be right.
+    pub problem: String,
+}
+
+impl ConfigError {
+    fn new(var: &'static str, problem: impl fmt::Display) -> Self {
+        Self {
+            var,
+            problem: problem.to_string(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var_os(name))
+    }
+
+    /// Reads values through `lookup`; empty values count as unset.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<OsString>) -> Result<Self, ConfigError> {
+        let get = |var: &'static str| -> Result<Option<String>, ConfigError> {
+            let Some(raw) = lookup(var) else {
+                return Ok(None);
+            };
+            let value = raw.into_string().map_err(|_| {
+                ConfigError::new(var, "is not valid UTF-8; set it to a plain text value")
+            })?;
+            if value.len() > MAX_VALUE_LEN {
+                return Err(ConfigError::new(
+                    var,
+                    format_args!("is longer than {MAX_VALUE_LEN} bytes"),
+                ));
+            }
+            let value = value.trim();
+            Ok((!value.is_empty()).then(|| value.to_owned()))
+        };
+
+        let platform_url = parse_platform_url(
+            get(vars::PLATFORM_URL)?
+                .as_deref()
+                .unwrap_or(DEFAULT_PLATFORM_URL),
+        )?;
+        let configs_dir = absolute_path(
+            vars::CONFIGS_DIR,
+            get(vars::CONFIGS_DIR)?
+                .as_deref()
+                .unwrap_or(DEFAULT_CONFIGS_DIR),
+        )?;
+        let workspace_id = get(vars::WORKSPACE_ID)?
+            .map(|id| parse_workspace_id(&id))
+            .transpose()?;
+        let socket_path = match get(vars::CREDD_SOCKET)? {
+            Some(path) => absolute_path(vars::CREDD_SOCKET, &path)?,
+            None => default_socket_path(get(vars::XDG_RUNTIME_DIR)?.as_deref()),
+        };
+        if socket_path.as_os_str().len() > MAX_SOCKET_PATH_LEN {
+            return Err(ConfigError::new(
+                vars::CREDD_SOCKET,
+                format_args!(
+                    "socket path {} is longer than the {MAX_SOCKET_PATH_LEN} bytes a Unix socket allows; choose a shorter path",
+                    socket_path.display()
+                ),
+            ));
+        }
+        let hosts = parse_hosts(get(vars::CREDD_HOSTS)?.as_deref().unwrap_or(DEFAULT_HOSTS))?;
+
+        Ok(Self {
+            platform_url,
+            configs_dir,
+            workspace_id,
+            socket_path,
+            hosts,
+        })
+    }
+
+    /// Where the platform bearer is read from (on every platform call).
+    pub fn auth_token_path(&self) -> PathBuf {
+        self.configs_dir.join(AUTH_TOKEN_FILE)
+    }
+
+    /// The token endpoint: the workspace route when the id is known, else the admin route.
+    pub fn token_endpoint(&self) -> String {
+        match &self.workspace_id {
+            Some(id) => format!(
+                "{}/workspaces/{id}/github-installation-token",
+                self.platform_url
+            ),
+            None => format!("{}/admin/github-installation-token", self.platform_url),
+        }
+    }
+
+    /// Whether `host` (as git sends it, possibly with `:port`) is one we answer for.
+    pub fn serves_host(&self, host: &str) -> bool {
+        self.hosts.iter().any(|h| h.eq_ignore_ascii_case(host))
+    }
+}
+
+/// `$XDG_RUNTIME_DIR/molecule-credd/credd.sock`, else `/tmp/molecule-credd-$UID/credd.sock`.
+///
+/// The home folder is not used: it is read-only in locked-down workspaces.
+pub fn default_socket_path(xdg_runtime_dir: Option<&str>) -> PathBuf {
+    match xdg_runtime_dir.filter(|d| d.starts_with('/')) {
+        Some(dir) => Path::new(dir).join("molecule-credd").join("credd.sock"),
+        None => PathBuf::from(format!(
+            "/tmp/molecule-credd-{}/credd.sock",
+            nix::unistd::getuid()
+        )),
+    }
+}
+
+fn parse_platform_url(value: &str) -> Result<String, ConfigError> {
+    let bad = |why: &str| {
+        ConfigError::new(
+            vars::PLATFORM_URL,
+            format_args!("{why}; expected something like {DEFAULT_PLATFORM_URL}"),
+        )
+    };
+    let rest = value
+        .strip_prefix("http://")
+        .or_else(|| value.strip_prefix("https://"))
+        .ok_or_else(|| bad("must start with http:// or https://"))?;
+    if rest.is_empty() || rest.starts_with('/') {
+        return Err(bad("has no host"));
+    }
+    if !value.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(bad("contains spaces or non-ASCII characters"));
+    }
+    if rest.contains(['?', '#', '@']) {
+        return Err(bad(
+            "must not contain a query, fragment or user info (the bearer comes from .auth_token)",
+        ));
+    }
+    Ok(value.trim_end_matches('/').to_owned())
+}
+
+fn absolute_path(var: &'static str, value: &str) -> Result<PathBuf, ConfigError> {
+    if !value.starts_with('/') {
+        return Err(ConfigError::new(
+            var,
+            format_args!("{value:?} is not an absolute path"),
+        ));
+    }
+    Ok(PathBuf::from(value))
+}
+
+fn parse_workspace_id(value: &str) -> Result<String, ConfigError> {
+    let ok = value.len() <= MAX_WORKSPACE_ID_LEN
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && !value.starts_with('.');
+    if ok {
+        Ok(value.to_owned())
+    } else {
+        Err(ConfigError::new(
+            vars::WORKSPACE_ID,
+            format_args!(
+                "must be 1-{MAX_WORKSPACE_ID_LEN} characters of A-Z a-z 0-9 - _ . (it becomes part of a URL path)"
+            ),
+        ))
+    }
+}
+
+fn parse_hosts(value: &str) -> Result<Vec<String>, ConfigError> {
+    let mut hosts = Vec::new();
+    for entry in value.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let (name, port) = match entry.rsplit_once(':') {
+            Some((name, port)) => (name, Some(port)),
+            None => (entry, None),
+        };
+        let name_ok = !name.is_empty()
+            && name.len() <= 253
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.'));
+        let port_ok = port.is_none_or(|p| p.parse::<u16>().is_ok_and(|p| p != 0));
+        if !name_ok || !port_ok {
+            return Err(ConfigError::new(
+                vars::CREDD_HOSTS,
+                format_args!(
+                    "{entry:?} is not a host name (optionally with :port); list hosts like github.com,ghe.example.com"
+                ),
+            ));
+        }
+        let host = entry.to_ascii_lowercase();
+        if !hosts.contains(&host) {
+            hosts.push(host);
+        }
+    }
+    if hosts.is_empty() {
+        return Err(ConfigError::new(
+            vars::CREDD_HOSTS,
+            "lists no hosts; unset it for github.com",
+        ));
+    }
+    if hosts.len() > MAX_HOSTS {
+        return Err(ConfigError::new(
+            vars::CREDD_HOSTS,
+            format_args!("lists more than {MAX_HOSTS} hosts"),
+        ));
+    }
+    Ok(hosts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn config(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<String, OsString> = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), OsString::from(v)))
+            .collect();
+        Config::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_match_the_documented_contract() {
+        let c = config(&[("XDG_RUNTIME_DIR", "/run/user/1000")]).expect("defaults are valid");
+        assert_eq!(c.platform_url, "http://platform:8080");
+        assert_eq!(c.auth_token_path(), Path::new("/configs/.auth_token"));
+        assert_eq!(
+            c.socket_path,
+            Path::new("/run/user/1000/molecule-credd/credd.sock")
+        );
+        assert_eq!(c.hosts, ["github.com"]);
+        assert_eq!(
+            c.token_endpoint(),
+            "http://platform:8080/admin/github-installation-token"
+        );
+        let tmp = config(&[]).expect("defaults are valid");
+        assert_eq!(
+            tmp.socket_path,
+            PathBuf::from(format!(
+                "/tmp/molecule-credd-{}/credd.sock",
+                nix::unistd::getuid()
+            ))
+        );
+    }
+
+    #[test]
+    fn workspace_id_selects_the_workspace_route() {
+        let c = config(&[
+            ("PLATFORM_URL", "https://platform.internal:8443/"),
+            ("WORKSPACE_ID", "ws-42"),
+        ])
+        .expect("valid");
+        assert_eq!(
+            c.token_endpoint(),
+            "https://platform.internal:8443/workspaces/ws-42/github-installation-token"
+        );
+    }
+
+    #[test]
+    fn hosts_are_normalised_and_matched_case_insensitively() {
+        let c = config(&[(
+            "CREDD_HOSTS",
+            " GitHub.com, ghe.example.com:8443 ,,github.com",
+        )])
+        .expect("valid");
+        assert_eq!(c.hosts, ["github.com", "ghe.example.com:8443"]);
+        assert!(c.serves_host("GITHUB.COM"));
+        assert!(c.serves_host("ghe.example.com:8443"));
+        assert!(!c.serves_host("ghe.example.com"));
+        assert!(!c.serves_host("evil.com"));
+    }
+
+    #[test]
+    fn bad_values_name_the_variable_and_the_fix() {
+        for (var, value) in [
+            ("PLATFORM_URL", "platform:8080"),
+            ("PLATFORM_URL", "http://"),
+            ("PLATFORM_URL", "http://user:pw@platform"),
+            ("CONFIGS_DIR", "relative/dir"),
+            ("CREDD_SOCKET", "sock"),
+            ("WORKSPACE_ID", "../../admin"),
+            ("CREDD_HOSTS", "github.com/evil"),
+            ("CREDD_HOSTS", "github.com:99999"),
+            ("CREDD_HOSTS", " , "),
+        ] {
+            let err = config(&[(var, value)]).expect_err(value);
+            assert_eq!(err.var, var, "{err}");
+            assert!(err.to_string().starts_with(var), "{err}");
+        }
+        let long = format!("/{}", "s".repeat(200));
+        let err = config(&[("CREDD_SOCKET", &long)]).expect_err("too long");
+        assert!(err.problem.contains("shorter"), "{err}");
+    }
+
+    #[test]
+    fn empty_values_count_as_unset() {
+        let c = config(&[("WORKSPACE_ID", "  "), ("PLATFORM_URL", "")]).expect("valid");
+        assert_eq!(c.workspace_id, None);
+        assert_eq!(c.platform_url, DEFAULT_PLATFORM_URL);
+    }
+}

@@ -1,0 +1,412 @@
+//! The platform's token endpoint, called the same way by daemon and helper.
+//!
+//! `GET {PLATFORM_URL}/workspaces/{id}/github-installation-token` (or the admin
+//! route) with `Authorization: Bearer <.auth_token>` answers
+//! `{"token": "...", "expires_at": "<RFC3339>"}`. This module owns everything
+//! about that exchange: the bearer is re-read on every call (the platform
+//! rotates it), the body is capped and parsed as real JSON (any field order,
+//! extra fields), and each failure is classified so callers can choose between
+//! backing off, re-reading the bearer or giving up. The remaining lifetime is
+//! measured against the response's `Date` header, so a workspace whose wall
+//! clock is wrong still knows how long the token lives.
+//!
+//! No error built here contains the token, the bearer or the response body.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_LENGTH, DATE, HeaderValue, RETRY_AFTER};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use zeroize::Zeroizing;
+
+use crate::config::Config;
+use crate::secret::Token;
+
+/// Largest response body read from the platform.
+pub const MAX_BODY: usize = 64 * 1024;
+/// Largest `.auth_token` file read.
+pub const MAX_BEARER_FILE: u64 = 8 * 1024;
+/// Longest `Retry-After` honoured; anything longer is treated as this.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+/// Time limits for one platform call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Establishing the TCP (and TLS) connection.
+    pub connect: Duration,
+    /// The whole call, body included.
+    pub total: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(5),
+            total: Duration::from_secs(15),
+        }
+    }
+}
+
+/// A token as granted by the platform.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    /// The installation token.
+    pub token: Token,
+    /// Expiry as the platform stated it.
+    pub expires_at: SystemTime,
+    /// Life left when the response was sent: `expires_at` minus the response's
+    /// `Date` (or the local clock when the platform sent none).
+    pub lifetime: Duration,
+}
+
+/// Broad classes of [`PlatformError`], for retry decisions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// The local bearer file is missing or unusable.
+    Bearer,
+    /// The platform refused the bearer (401/403).
+    Unauthorized,
+    /// No GitHub App is configured on the platform (404).
+    NotConfigured,
+    /// Worth retrying later: network, timeout, 5xx, 429, garbage.
+    Transient,
+}
+
+/// Why no token came back from the platform.
+#[derive(Debug, thiserror::Error)]
+pub enum PlatformError {
+    /// The HTTP client could not be built (TLS setup).
+    #[error("cannot set up the HTTP client")]
+    Client(#[source] reqwest::Error),
+    /// The endpoint URL did not parse.
+    #[error("PLATFORM_URL does not form a valid endpoint URL: {problem}")]
+    InvalidUrl {
+        /// The URL parser's complaint.
+        problem: String,
+    },
+    /// `.auth_token` could not be read.
+    #[error(
+        "cannot read the platform bearer from {path}; the platform writes it when the workspace registers"
+    )]
+    BearerUnreadable {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `.auth_token` was empty, too large or not header-safe.
+    #[error("the platform bearer in {path} is unusable: {problem}")]
+    BearerInvalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: &'static str,
+    },
+    /// 401 or 403.
+    #[error(
+        "the platform refused the workspace bearer (HTTP {status}); check that {path} holds this workspace's current token"
+    )]
+    Unauthorized {
+        /// The status code.
+        status: u16,
+        /// The bearer file used.
+        path: PathBuf,
+    },
+    /// 404: the platform has no GitHub App configured.
+    #[error("the platform has no GitHub App configured (HTTP 404)")]
+    NotConfigured,
+    /// 429.
+    #[error("the platform is rate limiting this workspace (HTTP 429)")]
+    RateLimited {
+        /// `Retry-After`, when given.
+        retry_after: Option<Duration>,
+    },
+    /// 5xx.
+    #[error("the platform failed (HTTP {status})")]
+    Server {
+        /// The status code.
+        status: u16,
+        /// `Retry-After`, when given (503).
+        retry_after: Option<Duration>,
+    },
+    /// Any other non-200 status.
+    #[error("unexpected HTTP {status} from the platform")]
+    UnexpectedStatus {
+        /// The status code.
+        status: u16,
+    },
+    /// The call took longer than its deadline.
+    #[error("timed out waiting for the platform at {endpoint}")]
+    Timeout {
+        /// The endpoint called.
+        endpoint: String,
+    },
+    /// Connection refused, DNS failure, reset.
+    #[error("cannot reach the platform at {endpoint}")]
+    Unreachable {
+        /// The endpoint called.
+        endpoint: String,
+        /// The transport error (carries no secret).
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The body exceeded [`MAX_BODY`].
+    #[error("the platform's answer is larger than {MAX_BODY} bytes")]
+    BodyTooLarge,
+    /// The body was not the expected JSON. The body itself is never included.
+    #[error("the platform's answer is not a token: {problem}")]
+    Malformed {
+        /// What was wrong, without the content.
+        problem: String,
+    },
+    /// The platform handed out a token that had already expired.
+    #[error("the platform handed out a token that expired at {expires_at}")]
+    AlreadyExpired {
+        /// The stated expiry (RFC3339).
+        expires_at: String,
+    },
+}
+
+impl PlatformError {
+    /// How a caller should treat this failure.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Self::BearerUnreadable { .. } | Self::BearerInvalid { .. } => ErrorClass::Bearer,
+            Self::Unauthorized { .. } => ErrorClass::Unauthorized,
+            Self::NotConfigured => ErrorClass::NotConfigured,
+            Self::Client(_)
+            | Self::InvalidUrl { .. }
+            | Self::RateLimited { .. }
+            | Self::Server { .. }
+            | Self::UnexpectedStatus { .. }
+            | Self::Timeout { .. }
+            | Self::Unreachable { .. }
+            | Self::BodyTooLarge
+            | Self::Malformed { .. }
+            | Self::AlreadyExpired { .. } => ErrorClass::Transient,
+        }
+    }
+
+    /// The platform's `Retry-After`, capped at [`MAX_RETRY_AFTER`].
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::RateLimited { retry_after } | Self::Server { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    /// Whether the daemon is simply not there (so a client may try elsewhere).
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, Self::Unreachable { .. } | Self::Timeout { .. })
+    }
+}
+
+/// Client of the platform's token endpoint.
+#[derive(Debug, Clone)]
+pub struct PlatformClient {
+    http: reqwest::Client,
+    endpoint: reqwest::Url,
+    bearer_path: PathBuf,
+}
+
+impl PlatformClient {
+    /// Builds a client for `config`'s endpoint and bearer file.
+    pub fn new(config: &Config, timeouts: Timeouts) -> Result<Self, PlatformError> {
+        let endpoint = reqwest::Url::parse(&config.token_endpoint()).map_err(|e| {
+            PlatformError::InvalidUrl {
+                problem: e.to_string(),
+            }
+        })?;
+        let http = reqwest::Client::builder()
+            .connect_timeout(timeouts.connect)
+            .timeout(timeouts.total)
+            // The bearer must never follow a redirect to another origin.
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("molecule-credd/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(PlatformError::Client)?;
+        Ok(Self {
+            http,
+            endpoint,
+            bearer_path: config.auth_token_path(),
+        })
+    }
+
+    /// The URL called.
+    pub fn endpoint(&self) -> &str {
+        self.endpoint.as_str()
+    }
+
+    /// Fetches a token, reading the bearer file afresh.
+    pub async fn fetch(&self) -> Result<Grant, PlatformError> {
+        let bearer = read_bearer(&self.bearer_path)?;
+        let mut auth = {
+            let value = Zeroizing::new(format!("Bearer {}", bearer.expose_secret()));
+            HeaderValue::from_str(&value).map_err(|_| PlatformError::BearerInvalid {
+                path: self.bearer_path.clone(),
+                problem: "it contains characters not allowed in an HTTP header",
+            })?
+        };
+        auth.set_sensitive(true);
+
+        let mut response = self
+            .http
+            .get(self.endpoint.clone())
+            .header(AUTHORIZATION, auth)
+            .header(ACCEPT, "application/json")
+            .send()
+            .await
+            .map_err(|e| self.transport_error(e))?;
+
+        let headers = response.headers();
+        let date = headers
+            .get(DATE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| httpdate::parse_http_date(v).ok());
+        let retry_after = headers
+            .get(RETRY_AFTER)
+            .and_then(|v| parse_retry_after(v, date.unwrap_or_else(SystemTime::now)));
+        let declared_len = headers
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+
+        let status = response.status().as_u16();
+        match status {
+            200 => {}
+            401 | 403 => {
+                return Err(PlatformError::Unauthorized {
+                    status,
+                    path: self.bearer_path.clone(),
+                });
+            }
+            404 => return Err(PlatformError::NotConfigured),
+            429 => return Err(PlatformError::RateLimited { retry_after }),
+            500..=599 => {
+                return Err(PlatformError::Server {
+                    status,
+                    retry_after,
+                });
+            }
+            _ => return Err(PlatformError::UnexpectedStatus { status }),
+        }
+
+        if declared_len.is_some_and(|n| n > MAX_BODY as u64) {
+            return Err(PlatformError::BodyTooLarge);
+        }
+        let mut body = Zeroizing::new(Vec::with_capacity(1024));
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| self.transport_error(e))?
+        {
+            if body.len() + chunk.len() > MAX_BODY {
+                return Err(PlatformError::BodyTooLarge);
+            }
+            body.extend_from_slice(&chunk);
+        }
+        parse_grant(&body, date.unwrap_or_else(SystemTime::now))
+    }
+
+    fn transport_error(&self, e: reqwest::Error) -> PlatformError {
+        let endpoint = self.endpoint.to_string();
+        if e.is_timeout() {
+            PlatformError::Timeout { endpoint }
+        } else {
+            PlatformError::Unreachable {
+                endpoint,
+                source: e.without_url(),
+            }
+        }
+    }
+}
+
+/// Reads and checks the bearer file (bounded, trimmed, header-safe).
+pub fn read_bearer(path: &Path) -> Result<SecretString, PlatformError> {
+    let invalid = |problem| PlatformError::BearerInvalid {
+        path: path.to_owned(),
+        problem,
+    };
+    let file = std::fs::File::open(path).map_err(|source| PlatformError::BearerUnreadable {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mut raw = Zeroizing::new(Vec::new());
+    file.take(MAX_BEARER_FILE + 1)
+        .read_to_end(&mut raw)
+        .map_err(|source| PlatformError::BearerUnreadable {
+            path: path.to_owned(),
+            source,
+        })?;
+    if raw.len() as u64 > MAX_BEARER_FILE {
+        return Err(invalid("the file is larger than 8 KiB"));
+    }
+    let text = std::str::from_utf8(&raw).map_err(|_| invalid("it is not text"))?;
+    let trimmed = text.trim();
+    if trimmed.is_empty() {
+        return Err(invalid("the file is empty"));
+    }
+    if !trimmed.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(invalid("it contains spaces or non-printable characters"));
+    }
+    Ok(SecretString::from(trimmed.to_owned()))
+}
+
+#[derive(Deserialize)]
+struct TokenBody {
+    token: String,
+    expires_at: String,
+}
+
+/// Parses a 200 body. `now` is the platform's clock (its `Date` header).
+pub fn parse_grant(body: &[u8], now: SystemTime) -> Result<Grant, PlatformError> {
+    let malformed = |problem: String| PlatformError::Malformed { problem };
+    let parsed: TokenBody = serde_json::from_slice(body).map_err(|e| {
+        // serde_json's message can quote the offending value; describe the
+        // error by its category and position only.
+        malformed(match e.classify() {
+            serde_json::error::Category::Data => format!(
+                "expected a JSON object with string fields \"token\" and \"expires_at\" (line {}, column {})",
+                e.line(),
+                e.column()
+            ),
+            _ => format!(
+                "not valid JSON (line {}, column {}; {} bytes)",
+                e.line(),
+                e.column(),
+                body.len()
+            ),
+        })
+    })?;
+    let token = Token::new(parsed.token).map_err(|e| malformed(format!("\"token\": {e}")))?;
+    let stated: jiff::Timestamp = parsed.expires_at.parse().map_err(|_| {
+        malformed("\"expires_at\" is not an RFC 3339 timestamp such as 2026-01-01T12:00:00Z".into())
+    })?;
+    let expires_at = SystemTime::try_from(stated)
+        .map_err(|_| malformed("\"expires_at\" is out of range".into()))?;
+    let lifetime = expires_at.duration_since(now).unwrap_or(Duration::ZERO);
+    if lifetime.is_zero() {
+        return Err(PlatformError::AlreadyExpired {
+            expires_at: stated.to_string(),
+        });
+    }
+    Ok(Grant {
+        token,
+        expires_at,
+        lifetime,
+    })
+}
+
+fn parse_retry_after(value: &HeaderValue, now: SystemTime) -> Option<Duration> {
+    let value = value.to_str().ok()?.trim();
+    let wait = match value.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => httpdate::parse_http_date(value)
+            .ok()?
+            .duration_since(now)
+            .unwrap_or(Duration::ZERO),
+    };
+    Some(wait.min(MAX_RETRY_AFTER))
+}

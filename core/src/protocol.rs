@@ -1,0 +1,299 @@
+//! The socket protocol between `credd` and `molecule-credd`.
+//!
+//! One request line, one response line, both JSON objects terminated by `\n`,
+//! then the daemon closes the connection. Every message carries `"v"` so a
+//! helper and a daemon of different releases notice instead of misreading each
+//! other. Lines are capped at [`MAX_LINE`]: tokens are growing (GitHub's
+//! JWT-shaped `ghs_` tokens), so no length is assumed beyond that.
+
+use serde::{Deserialize, Serialize};
+
+use crate::secret::Token;
+
+/// Protocol version spoken by this build.
+pub const VERSION: u32 = 1;
+
+/// Longest line either side accepts, newline included.
+pub const MAX_LINE: usize = 64 * 1024;
+
+/// What a client asks the daemon.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Request {
+    /// A usable token, waiting for a refresh if none is cached.
+    Get,
+    /// git was refused with the token whose SHA-256 is `sha256`: drop it if it
+    /// is the cached one, so the next `get` fetches a fresh one.
+    Erase {
+        /// Lower-case hex SHA-256 of the rejected password.
+        sha256: String,
+    },
+    /// Daemon state, never including the token.
+    Status,
+}
+
+/// Where the served token came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    /// Fetched from the platform's token endpoint.
+    Platform,
+    /// The provision-time `GITHUB_TOKEN`/`GH_TOKEN`, served while the platform
+    /// could not be reached at start.
+    Env,
+}
+
+/// Machine-readable reason attached to [`Response::Error`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// No usable token could be had in time; the message says why.
+    Unavailable,
+    /// The caller's uid may not have tokens.
+    Forbidden,
+    /// The request line was not understood.
+    BadRequest,
+    /// The request used another protocol version.
+    UnsupportedVersion,
+    /// The daemon is at its connection limit or shutting down.
+    Busy,
+}
+
+/// What the daemon answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Response {
+    /// A usable token.
+    Token {
+        /// The token itself; serialised only here.
+        #[serde(with = "token_serde")]
+        token: Token,
+        /// Expiry on the platform's clock, Unix seconds (git's `password_expiry_utc`).
+        expires_at: u64,
+        /// Where it came from.
+        source: Source,
+    },
+    /// Answer to [`Request::Erase`].
+    Erased {
+        /// Whether the cached token matched and was dropped.
+        dropped: bool,
+    },
+    /// Answer to [`Request::Status`].
+    Status(Box<Status>),
+    /// The request failed.
+    Error {
+        /// Why, for programs.
+        code: ErrorCode,
+        /// Why, for people: one line, never a secret.
+        message: String,
+    },
+}
+
+/// The cached token's state as `credd status` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenState {
+    /// A usable token is cached.
+    Valid,
+    /// No usable token is cached (none fetched yet, expired or erased).
+    Missing,
+}
+
+/// Daemon state reported by [`Request::Status`]. Holds no secret.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    /// Daemon version.
+    pub version: String,
+    /// Daemon process id.
+    pub pid: u32,
+    /// Seconds since the daemon started.
+    pub uptime_secs: u64,
+    /// Whether a usable token is cached.
+    pub state: Option<TokenState>,
+    /// Where the cached token came from.
+    pub source: Option<Source>,
+    /// Short hash of the cached token (first 12 hex digits of its SHA-256).
+    pub fingerprint: Option<String>,
+    /// Expiry of the cached token, Unix seconds on the platform's clock.
+    pub expires_at: Option<u64>,
+    /// Seconds of life the cached token has left (monotonic clock).
+    pub expires_in_secs: Option<u64>,
+    /// Seconds until the next scheduled platform call.
+    pub next_refresh_in_secs: Option<u64>,
+    /// When the last successful refresh happened, Unix seconds.
+    pub last_refresh_at: Option<u64>,
+    /// The last platform error, if the last call failed.
+    pub last_error: Option<String>,
+    /// Platform health in a word: `ok`, `failing`, `unauthorized`, `not_configured`, `unknown`.
+    pub platform: String,
+    /// Platform calls made since start.
+    pub platform_calls: u64,
+    /// Tokens served since start.
+    pub served: u64,
+}
+
+/// Why a protocol line was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    /// Longer than [`MAX_LINE`].
+    #[error("message longer than {MAX_LINE} bytes")]
+    TooLong,
+    /// Not JSON, or not a message this version knows. Never echoes the line.
+    #[error("malformed message (line {line}, column {column})")]
+    Malformed {
+        /// Position of the error, from serde_json.
+        line: usize,
+        /// Position of the error, from serde_json.
+        column: usize,
+    },
+    /// Another protocol version.
+    #[error(
+        "protocol version {0} is not supported (this build speaks {VERSION}); upgrade credd and molecule-credd together"
+    )]
+    Version(u32),
+}
+
+#[derive(Serialize)]
+struct OutEnvelope<'a, T> {
+    v: u32,
+    #[serde(flatten)]
+    body: &'a T,
+}
+
+#[derive(Deserialize)]
+struct InEnvelope<T> {
+    v: u32,
+    #[serde(flatten)]
+    body: T,
+}
+
+#[derive(Deserialize)]
+struct VersionOnly {
+    v: u32,
+}
+
+/// Serialises `message` as one protocol line, newline included.
+pub fn encode<T: Serialize>(message: &T) -> Vec<u8> {
+    let mut line = serde_json::to_vec(&OutEnvelope {
+        v: VERSION,
+        body: message,
+    })
+    .expect("protocol messages always serialise");
+    line.push(b'\n');
+    line
+}
+
+/// Parses one protocol line (with or without its newline).
+pub fn decode<T: for<'de> Deserialize<'de>>(line: &[u8]) -> Result<T, ProtocolError> {
+    if line.len() > MAX_LINE {
+        return Err(ProtocolError::TooLong);
+    }
+    let malformed = |e: serde_json::Error| ProtocolError::Malformed {
+        line: e.line(),
+        column: e.column(),
+    };
+    match serde_json::from_slice::<InEnvelope<T>>(line) {
+        Ok(envelope) if envelope.v == VERSION => Ok(envelope.body),
+        Ok(envelope) => Err(ProtocolError::Version(envelope.v)),
+        // A newer peer may send a body this build cannot parse; report the
+        // version mismatch rather than a confusing parse error.
+        Err(e) => match serde_json::from_slice::<VersionOnly>(line) {
+            Ok(VersionOnly { v }) if v != VERSION => Err(ProtocolError::Version(v)),
+            _ => Err(malformed(e)),
+        },
+    }
+}
+
+mod token_serde {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    use crate::secret::Token;
+
+    pub(super) fn serialize<S: Serializer>(token: &Token, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(token.expose())
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Token, D::Error> {
+        Token::new(String::deserialize(d)?).map_err(D::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_with_a_version() {
+        for request in [
+            Request::Get,
+            Request::Status,
+            Request::Erase {
+                sha256: "ab".repeat(32),
+            },
+        ] {
+            let line = encode(&request);
+            assert_eq!(line.last(), Some(&b'\n'));
+            assert!(line.starts_with(b"{\"v\":1,"), "{line:?}");
+            assert_eq!(decode::<Request>(&line).expect("round trip"), request);
+        }
+        assert_eq!(
+            decode::<Request>(br#"{"type":"get","v":1,"extra":true}"#)
+                .expect("extra keys are fine"),
+            Request::Get
+        );
+    }
+
+    #[test]
+    fn token_response_round_trips_and_debug_redacts() {
+        let token = Token::new("ghs_roundtrip0123456789".into()).expect("valid");
+        let response = Response::Token {
+            token,
+            expires_at: 1_900_000_000,
+            source: Source::Platform,
+        };
+        let line = encode(&response);
+        assert!(String::from_utf8_lossy(&line).contains("ghs_roundtrip0123456789"));
+        let back: Response = decode(&line).expect("round trip");
+        assert_eq!(back, response);
+        assert!(!format!("{back:?}").contains("ghs_roundtrip"));
+    }
+
+    #[test]
+    fn refuses_other_versions_and_garbage_without_echoing_it() {
+        assert!(matches!(
+            decode::<Request>(br#"{"v":2,"type":"get"}"#),
+            Err(ProtocolError::Version(2))
+        ));
+        assert!(matches!(
+            decode::<Request>(br#"{"v":7,"type":"teleport"}"#),
+            Err(ProtocolError::Version(7))
+        ));
+        let err = decode::<Request>(b"password=ghs_secretsecret").expect_err("not JSON");
+        assert!(!err.to_string().contains("ghs_"), "{err}");
+        let err = decode::<Response>(
+            br#"{"v":1,"type":"token","token":"a b","expires_at":1,"source":"env"}"#,
+        )
+        .expect_err("invalid token");
+        assert!(matches!(err, ProtocolError::Malformed { .. }), "{err}");
+        assert!(matches!(
+            decode::<Request>(&vec![b' '; MAX_LINE + 1]),
+            Err(ProtocolError::TooLong)
+        ));
+    }
+
+    #[test]
+    fn status_survives_the_wire() {
+        let status = Response::Status(Box::new(Status {
+            version: "0.1.0".into(),
+            platform: "ok".into(),
+            state: Some(TokenState::Valid),
+            source: Some(Source::Env),
+            served: 3,
+            ..Status::default()
+        }));
+        assert_eq!(
+            decode::<Response>(&encode(&status)).expect("round trip"),
+            status
+        );
+    }
+}

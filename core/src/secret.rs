@@ -1,0 +1,173 @@
+//! The token type: redacted when formatted, zeroed when dropped.
+//!
+//! A GitHub installation token is a bearer credential for every repository the
+//! App can reach. It is wrapped the moment it leaves the platform's response
+//! and only [`Token::expose`] hands out the characters — call sites that do so
+//! are few and easy to audit (the socket answer, git's `password=` line, an
+//! `Authorization` header, a child's environment).
+
+use std::fmt;
+
+use secrecy::{ExposeSecret, SecretString};
+use sha2::{Digest, Sha256};
+
+/// The longest token accepted. GitHub documents no upper bound and is moving to
+/// longer, JWT-shaped `ghs_` tokens, so this is generous; it exists so that a
+/// broken platform cannot make us hold megabytes.
+pub const MAX_TOKEN_LEN: usize = 16 * 1024;
+
+/// A GitHub installation token (or any bearer credential of the same shape).
+#[derive(Clone)]
+pub struct Token(SecretString);
+
+/// Why a string was refused as a token. Never carries the string itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    /// Nothing, or only whitespace.
+    #[error("the token is empty")]
+    Empty,
+    /// Longer than [`MAX_TOKEN_LEN`].
+    #[error("the token is longer than {MAX_TOKEN_LEN} bytes")]
+    TooLong,
+    /// Contains whitespace or control characters, which cannot travel in git's
+    /// `password=` line or an HTTP header.
+    #[error("the token contains whitespace or non-printable characters")]
+    BadCharacters,
+}
+
+impl Token {
+    /// Wraps `value` after checking it can travel in a git credential line and
+    /// an HTTP header. The rejected string is zeroed with the error path too.
+    pub fn new(value: String) -> Result<Self, TokenError> {
+        let secret = SecretString::from(value);
+        let s = secret.expose_secret();
+        if s.is_empty() {
+            return Err(TokenError::Empty);
+        }
+        if s.len() > MAX_TOKEN_LEN {
+            return Err(TokenError::TooLong);
+        }
+        if !s.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(TokenError::BadCharacters);
+        }
+        Ok(Self(secret))
+    }
+
+    /// The token's characters. Every caller is a place a secret leaves memory.
+    pub fn expose(&self) -> &str {
+        self.0.expose_secret()
+    }
+
+    /// Hex SHA-256 of the token: lets two processes agree on *which* token is
+    /// meant (git's `erase`) without sending it again.
+    pub fn sha256_hex(&self) -> String {
+        sha256_hex(self.expose().as_bytes())
+    }
+
+    /// A short, non-reversible name for logs and `credd status`: the first 12
+    /// hex digits of the SHA-256.
+    pub fn fingerprint(&self) -> String {
+        let mut hex = self.sha256_hex();
+        hex.truncate(12);
+        hex
+    }
+
+    /// Whether `hex` is this token's [`sha256_hex`](Self::sha256_hex), compared
+    /// without an early exit on the first differing byte.
+    pub fn matches_sha256_hex(&self, hex: &str) -> bool {
+        let ours = self.sha256_hex();
+        ours.len() == hex.len()
+            && ours
+                .bytes()
+                .zip(hex.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b.to_ascii_lowercase()))
+                == 0
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Token(redacted, fp={})", self.fingerprint())
+    }
+}
+
+/// Compares without an early exit, so timing does not reveal a common prefix.
+impl PartialEq for Token {
+    fn eq(&self, other: &Self) -> bool {
+        let (a, b) = (self.expose().as_bytes(), other.expose().as_bytes());
+        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    }
+}
+
+impl Eq for Token {}
+
+impl fmt::Display for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted token]")
+    }
+}
+
+/// Lower-case hex SHA-256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use fmt::Write;
+    Sha256::digest(bytes)
+        .iter()
+        .fold(String::with_capacity(64), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = "ghs_0123456789abcdefABCDEF0123456789abcd";
+
+    #[test]
+    fn formatting_never_shows_the_token() {
+        let token = Token::new(SAMPLE.to_owned()).expect("valid token");
+        for shown in [
+            format!("{token:?}"),
+            format!("{token}"),
+            format!("{token:#?}"),
+        ] {
+            assert!(!shown.contains(SAMPLE), "{shown}");
+            assert!(!shown.contains("ghs_"), "{shown}");
+        }
+        assert_eq!(token.expose(), SAMPLE);
+    }
+
+    #[test]
+    fn refuses_what_cannot_travel_in_a_credential_line() {
+        assert_eq!(Token::new(String::new()).unwrap_err(), TokenError::Empty);
+        assert_eq!(
+            Token::new("ghs_a b".into()).unwrap_err(),
+            TokenError::BadCharacters
+        );
+        assert_eq!(
+            Token::new("ghs_a\nquit=1".into()).unwrap_err(),
+            TokenError::BadCharacters
+        );
+        assert_eq!(
+            Token::new("x".repeat(MAX_TOKEN_LEN + 1)).unwrap_err(),
+            TokenError::TooLong
+        );
+        // Long JWT-shaped tokens are fine.
+        let long = format!("ghs_{}", "eyJhbGciOiJSUzI1NiJ9.".repeat(200));
+        assert!(Token::new(long).is_ok());
+    }
+
+    #[test]
+    fn sha256_matching_is_exact() {
+        let token = Token::new(SAMPLE.to_owned()).expect("valid token");
+        let hex = token.sha256_hex();
+        assert_eq!(hex.len(), 64);
+        assert!(token.matches_sha256_hex(&hex));
+        assert!(token.matches_sha256_hex(&hex.to_uppercase()));
+        assert!(!token.matches_sha256_hex(&hex[..63]));
+        let other = Token::new(format!("{SAMPLE}x")).expect("valid token");
+        assert!(!token.matches_sha256_hex(&other.sha256_hex()));
+        assert_eq!(token.fingerprint(), hex[..12]);
+    }
+}
