@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Runs the whole system on its embedded default: the platform in dev mode
+# (minting short-lived ghs_-shaped tokens on loopback) and one molecule-credd
+# daemon in front of it, then asks real git for a GitHub credential through
+# credd. Everything lives in a temporary folder and is removed on exit.
+#
+#   scripts/run-dev.sh          # build, show `git credential fill`, keep running until Ctrl-C
+#   scripts/run-dev.sh --once   # the same, then stop (used by CI as a smoke test)
+#
+# Environment: DEV_TOKEN_TTL (default 10m) is the dev tokens' lifetime; make it
+# short (say 2m) to watch the daemon refresh ahead of expiry in `credd status`.
+set -euo pipefail
+
+once=false
+case "${1:-}" in
+  --once) once=true ;;
+  "") ;;
+  *) echo "usage: $0 [--once]" >&2; exit 2 ;;
+esac
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+cargo build --release --workspace --quiet
+bin="$root/target/release"
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/credd-dev.XXXXXX")
+chmod 700 "$work"
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# The platform prints its bound address as the first line of stdout.
+mkfifo "$work/platform.out"
+"$bin/molecule-platform" --dev --listen 127.0.0.1:0 \
+  --dev-token-ttl "${DEV_TOKEN_TTL:-10m}" \
+  --dev-auth-token-file "$work/configs/.auth_token" \
+  >"$work/platform.out" 2>"$work/platform.log" &
+pids+=($!)
+exec 3<"$work/platform.out"
+if ! read -r -t 15 first_line <&3; then
+  echo "error: molecule-platform did not start; its log:" >&2
+  cat "$work/platform.log" >&2
+  exit 1
+fi
+platform_url=${first_line##* }
+# Keep draining the platform's stdout so it never blocks on a full pipe.
+cat <&3 >/dev/null &
+pids+=($!)
+
+export PLATFORM_URL="$platform_url"
+export CONFIGS_DIR="$work/configs"
+export CREDD_SOCKET="$work/run/credd.sock"
+"$bin/molecule-credd" 2>"$work/daemon.log" &
+pids+=($!)
+
+# Wait (bounded) until the daemon answers on its socket.
+for _ in $(seq 1 100); do
+  if "$bin/credd" status >/dev/null 2>&1; then break; fi
+  if ! kill -0 "${pids[-1]}" 2>/dev/null; then
+    echo "error: molecule-credd exited; its log:" >&2
+    cat "$work/daemon.log" >&2
+    exit 1
+  fi
+  sleep 0.05
+done
+
+echo "platform (dev mode): $platform_url"
+echo "daemon socket:       $CREDD_SOCKET"
+echo
+printf '%s\n' "\$ printf 'protocol=https\nhost=github.com\n\n' | git credential fill"
+# A throwaway HOME so no personal git config or other helper takes part.
+fill=$(printf 'protocol=https\nhost=github.com\n\n' |
+  HOME="$work" XDG_CONFIG_HOME="$work" GIT_CONFIG_NOSYSTEM=1 GIT_TERMINAL_PROMPT=0 \
+    git -c credential.helper= -c "credential.helper=$bin/credd" credential fill)
+# Dev tokens are harmless, but a habit is a habit: show only the shape.
+while IFS= read -r line; do
+  case "$line" in
+    password=*) pw=${line#password=}; echo "password=${pw:0:4}… (${#pw} characters, redacted)" ;;
+    *) echo "$line" ;;
+  esac
+done <<<"$fill"
+echo
+echo "\$ credd status"
+"$bin/credd" status
+
+if "$once"; then
+  grep -q '^password=ghs_' <<<"$fill" || { echo "error: git got no ghs_ token" >&2; exit 1; }
+  exit 0
+fi
+echo
+echo "Running. In another shell:  CREDD_SOCKET=$CREDD_SOCKET $bin/credd status"
+echo "Press Ctrl-C to stop."
+wait "${pids[-1]}"
