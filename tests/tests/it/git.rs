@@ -1,0 +1,161 @@
+//! Real git as the client: `git credential fill`, clone and push over smart
+//! HTTP, and a push after the token rotated — all without restarting anything.
+
+use std::time::Duration;
+
+use credd_core::protocol::Source;
+
+use crate::util::{FAST_BACKOFF, GitServer, Sandbox, TestPlatform, wait_until_time};
+
+#[test]
+fn credential_fill_is_served_from_the_daemon() {
+    let sandbox = Sandbox::new();
+    let platform = TestPlatform::start();
+    sandbox.use_platform(&platform);
+    sandbox.set_hosts("github.com");
+    sandbox.configure_git("https://github.com", &[]);
+    let daemon = sandbox.daemon().args(FAST_BACKOFF).start();
+
+    let fill = sandbox
+        .git(sandbox.path(), &["credential", "fill"])
+        .stdin("protocol=https\nhost=github.com\n\n")
+        .stdout_holds_secret()
+        .run();
+    fill.assert_success("git credential fill");
+    let issued = platform.issued();
+    assert_eq!(
+        issued.len(),
+        1,
+        "one platform call for one fill: {issued:?}"
+    );
+    assert_eq!(
+        fill.attribute("username"),
+        Some("x-access-token"),
+        "{}",
+        fill.stdout
+    );
+    assert_eq!(
+        fill.attribute("password"),
+        Some(issued[0].token.as_str()),
+        "git must receive the token the platform issued"
+    );
+    let expiry: u64 = fill
+        .attribute("password_expiry_utc")
+        .unwrap_or_else(|| panic!("no password_expiry_utc line:\n{}", fill.stdout))
+        .parse()
+        .expect("password_expiry_utc is Unix seconds");
+    let stated = issued[0]
+        .expires_at
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after epoch")
+        .as_secs();
+    assert!(
+        expiry.abs_diff(stated) <= 1,
+        "password_expiry_utc {expiry} should be the platform's expires_at {stated}"
+    );
+
+    // The answer came from the daemon's cache: a second fill makes no call.
+    let again = sandbox
+        .git(sandbox.path(), &["credential", "fill"])
+        .stdin("protocol=https\nhost=github.com\n\n")
+        .stdout_holds_secret()
+        .run();
+    again.assert_success("second git credential fill");
+    assert_eq!(again.attribute("password"), fill.attribute("password"));
+    assert_eq!(
+        platform.requests(),
+        1,
+        "the second fill must be served from the cache"
+    );
+    let status = sandbox.status();
+    assert_eq!(status.source, Some(Source::Platform));
+    assert!(status.served >= 2, "status.served = {}", status.served);
+
+    // A host credd does not serve gets nothing from it.
+    let other = sandbox.credd_get("https", "example.com");
+    other.assert_success("credd get for another host");
+    assert_eq!(
+        other.stdout, "",
+        "credd must stay silent for hosts outside CREDD_HOSTS"
+    );
+
+    daemon.stop();
+}
+
+#[test]
+fn clone_and_push_keep_working_after_the_token_rotates() {
+    let sandbox = Sandbox::new();
+    // Short-lived tokens so the daemon must refresh during the test.
+    let platform = TestPlatform::with_ttl(Duration::from_secs(6));
+    sandbox.use_platform(&platform);
+    let server = GitServer::start(&sandbox.path().join("repos"), platform.authority());
+    let url = server.create_repo("project");
+    sandbox.set_hosts(&server.host());
+    sandbox.configure_git(&server.base_url(), &[]);
+    let daemon = sandbox
+        .daemon()
+        .args(FAST_BACKOFF)
+        .args(["--refresh-margin", "3s", "--min-lifetime", "1s"])
+        .start();
+
+    let work = sandbox.path().join("work");
+    let clone = work.join("project");
+    sandbox
+        .git(&work, &["clone", &url, "project"])
+        .run()
+        .assert_success("git clone");
+    std::fs::write(clone.join("README"), "first\n").expect("write file");
+    sandbox
+        .git(&clone, &["add", "README"])
+        .run()
+        .assert_success("git add");
+    sandbox
+        .git(&clone, &["commit", "-q", "-m", "first"])
+        .run()
+        .assert_success("git commit");
+    sandbox
+        .git(&clone, &["push", "origin", "HEAD:main"])
+        .run()
+        .assert_success("first git push");
+    let first = server.accepted_tokens();
+    assert_eq!(first.len(), 1, "clone and push used one token");
+
+    // Let the first token's life run out (the point of this test): the git
+    // server refuses it from then on, so the next push only works if the
+    // daemon refreshed on its own.
+    let first_expiry = platform
+        .issued()
+        .iter()
+        .find(|t| t.token == first[0])
+        .expect("the accepted token was issued by the platform")
+        .expires_at;
+    wait_until_time(first_expiry + Duration::from_millis(200));
+    let rejected_before = server.rejected_credentials();
+
+    std::fs::write(clone.join("README"), "second\n").expect("write file");
+    sandbox
+        .git(&clone, &["commit", "-q", "-am", "second"])
+        .run()
+        .assert_success("git commit");
+    sandbox
+        .git(&clone, &["push", "origin", "HEAD:main"])
+        .run()
+        .assert_success("git push after the token rotated");
+    sandbox
+        .git(&clone, &["fetch", "origin"])
+        .run()
+        .assert_success("git fetch after the token rotated");
+    let accepted = server.accepted_tokens();
+    assert!(
+        accepted.len() >= 2 && accepted[1..].iter().all(|t| *t != first[0]),
+        "after expiry the server should see a different token (saw {} distinct)",
+        accepted.len()
+    );
+    assert_eq!(
+        server.rejected_credentials(),
+        rejected_before,
+        "git was handed the expired token: the daemon did not refresh ahead of expiry"
+    );
+    assert!(platform.requests() >= 2, "the daemon never refreshed");
+    daemon.stop();
+}
