@@ -12,5 +12,6 @@ mod util;
 mod daemon;
 mod fallback;
 mod git;
+mod harness;
 mod secrets;
 mod socket;

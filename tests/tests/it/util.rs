@@ -560,13 +560,19 @@ impl Sandbox {
     /// reset, then `credd`, then each of `fallbacks`.
     pub(crate) fn configure_git(&self, url: &str, fallbacks: &[&str]) {
         let credd = credd_bin();
+        let mut helpers = vec![credd.to_str().expect("UTF-8 target path")];
+        helpers.extend_from_slice(fallbacks);
+        self.configure_git_helpers(url, &helpers);
+    }
+
+    /// Writes the global git config with exactly `helpers` for `url`.
+    pub(crate) fn configure_git_helpers(&self, url: &str, helpers: &[&str]) {
         let mut config = format!(
             "[user]\n\tname = Credd Test\n\temail = test@example.invalid\n\
              [init]\n\tdefaultBranch = main\n\
-             [credential \"{url}\"]\n\thelper =\n\thelper = {}\n",
-            credd.display()
+             [credential \"{url}\"]\n\thelper =\n"
         );
-        for helper in fallbacks {
+        for helper in helpers {
             config.push_str(&format!("\thelper = {helper}\n"));
         }
         write_file(&self.home().join(".gitconfig"), config, 0o644);
