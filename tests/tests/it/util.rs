@@ -43,7 +43,9 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use credd_core::protocol::{self, Request as DaemonRequest, Response as DaemonResponse, Status};
+use credd_core::protocol::{
+    self, ErrorCode, Request as DaemonRequest, Response as DaemonResponse, Source, Status,
+};
 
 /// How long any single wait in the harness may take before the test fails.
 /// Generous: the CI machine has two cores shared with parallel tests.
@@ -603,6 +605,66 @@ impl Sandbox {
         match self.request(&DaemonRequest::Status) {
             Ok(DaemonResponse::Status(status)) => *status,
             other => panic!("expected a status answer, got {other:?}"),
+        }
+    }
+
+    /// A protocol `get` as the test process: `Ok((token, expires_at, source))`
+    /// or the daemon's other answer.
+    pub(crate) fn get(&self) -> Result<(String, u64, Source), DaemonResponse> {
+        match self.request(&DaemonRequest::Get) {
+            Ok(DaemonResponse::Token {
+                token,
+                expires_at,
+                source,
+            }) => Ok((token.expose().to_owned(), expires_at, source)),
+            Ok(other) => Err(other),
+            Err(e) => panic!("protocol get failed: {e}"),
+        }
+    }
+
+    /// A protocol `get` that must be answered with an error of `code`.
+    #[track_caller]
+    pub(crate) fn assert_get_fails(&self, code: ErrorCode) -> String {
+        match self.get() {
+            Err(DaemonResponse::Error { code: got, message }) if got == code => message,
+            Err(other) => panic!("expected a {code:?} error, got {other:?}"),
+            Ok((_, _, source)) => panic!("expected a {code:?} error, got a token from {source:?}"),
+        }
+    }
+
+    /// Asks for status until `done` holds, failing after [`WAIT`]. The daemon
+    /// publishes its state only on request, so this is the one wait that asks
+    /// repeatedly (10 ms apart) instead of blocking on a signal.
+    #[track_caller]
+    pub(crate) fn wait_for_status(&self, what: &str, done: impl Fn(&Status) -> bool) -> Status {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let status = self.status();
+            if done(&status) {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon status never showed {what} within {WAIT:?}; last: {status:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Protocol `get`s until one returns a token (each blocks in the daemon
+    /// up to its --wait-timeout, so this is not a busy loop); fails after [`WAIT`].
+    #[track_caller]
+    pub(crate) fn wait_for_token(&self) -> (String, u64, Source) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            match self.get() {
+                Ok(answer) => return answer,
+                Err(other) => assert!(
+                    Instant::now() < deadline,
+                    "the daemon served no token within {WAIT:?}; last answer: {other:?}"
+                ),
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
