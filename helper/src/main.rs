@@ -1,2 +1,209 @@
-//! credd: placeholder while the helper is written.
-fn main() {}
+//! `credd`: git's credential helper and the command line of molecule-credd.
+//!
+//! git execs `credd get` on every fetch and push, so start-up cost is the
+//! product: the argument dispatch is hand-written (no clap), and the `get`
+//! path answered by the daemon is std plus one Unix-socket round trip — no
+//! async runtime, no HTTP client, no logging framework. Those are built only
+//! on the slow path, when the daemon is unreachable and the platform is asked
+//! directly ([`chain`]).
+#![forbid(unsafe_code)]
+
+mod chain;
+mod configure_git;
+mod credential;
+mod daemon;
+mod exec;
+mod git_helper;
+mod status;
+
+use std::ffi::{OsStr, OsString};
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use credd_core::config::Config;
+
+const USAGE: &str = "\
+credd — GitHub tokens from molecule-credd for git, gh and scripts
+
+usage:
+  credd get | store | erase     git credential helper (git calls these; reads stdin)
+  credd token                   print a token and a newline (exit 1 with a reason if none)
+  credd status [--json]         what the daemon holds, never the token (exit 1 if unreachable)
+  credd exec -- CMD [ARGS...]   run CMD with GH_TOKEN and GITHUB_TOKEN set; its exit code is credd's
+  credd configure-git [--fallback-helper HELPER] [--file PATH]
+                                make git ask credd first for every host in CREDD_HOSTS
+  credd --help | --version
+
+environment: CREDD_SOCKET, CREDD_HOSTS (default github.com), PLATFORM_URL,
+CONFIGS_DIR, WORKSPACE_ID — the same as molecule-credd's.
+Order of asking: the daemon's socket, then (only if the daemon is unreachable)
+the platform directly, then nothing, so git tries its next helper.
+";
+
+/// Exit code for command-line mistakes.
+const USAGE_ERROR: u8 = 2;
+
+fn main() -> ExitCode {
+    let mut args = std::env::args_os().skip(1);
+    let Some(command) = args.next() else {
+        eprint!("{USAGE}");
+        return ExitCode::from(USAGE_ERROR);
+    };
+    // The git actions come first: they are the hot path.
+    match command.as_encoded_bytes() {
+        b"get" => {
+            git_helper::get();
+            ExitCode::SUCCESS
+        }
+        b"erase" => {
+            git_helper::erase();
+            ExitCode::SUCCESS
+        }
+        // git sends `store` to every helper after a success; credd keeps nothing.
+        b"store" => ExitCode::SUCCESS,
+        b"token" => token(args.collect()),
+        b"status" => status(args.collect()),
+        b"exec" => exec(args.collect()),
+        b"configure-git" => configure_git(args.collect()),
+        b"--help" | b"-h" | b"help" => {
+            print!("{USAGE}");
+            ExitCode::SUCCESS
+        }
+        b"--version" | b"-V" | b"version" => {
+            println!("credd {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        _ => unknown(&command),
+    }
+}
+
+/// git's protocol says helpers ignore actions they do not know (newer gits may
+/// add some), so this stays silent for git — but a person typing a wrong
+/// command at a terminal deserves to hear about it.
+fn unknown(command: &OsStr) -> ExitCode {
+    if std::io::stdin().is_terminal() {
+        eprintln!(
+            "credd: unknown command {:?}; see `credd --help`",
+            command.to_string_lossy()
+        );
+        ExitCode::from(USAGE_ERROR)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn usage_error(problem: &str) -> ExitCode {
+    eprintln!("credd: {problem}; see `credd --help`");
+    ExitCode::from(USAGE_ERROR)
+}
+
+/// Prints `credd: error: a -> b -> c` for an error and its causes.
+fn report(error: &anyhow::Error) -> ExitCode {
+    eprintln!("credd: error: {}", error_chain(error.as_ref()));
+    ExitCode::FAILURE
+}
+
+/// An error and its sources joined with ` -> `.
+pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(" -> ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+fn token(args: Vec<OsString>) -> ExitCode {
+    if let Some(extra) = args.first() {
+        return usage_error(&format!("`credd token` takes no arguments, got {extra:?}"));
+    }
+    let config = match Config::from_env() {
+        Ok(config) => config,
+        Err(e) => return report(&anyhow::Error::new(e).context("configuration")),
+    };
+    match chain::obtain_token(&config, chain::Progress::OneLine) {
+        Ok(issued) => {
+            use std::io::Write;
+            let line = zeroize::Zeroizing::new(format!("{}\n", issued.token.expose()));
+            let mut out = std::io::stdout().lock();
+            match out.write_all(line.as_bytes()).and_then(|()| out.flush()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => report(&anyhow::Error::new(e).context("writing the token to stdout")),
+            }
+        }
+        Err(reason) => {
+            eprintln!("credd: error: no token available: {reason}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn status(args: Vec<OsString>) -> ExitCode {
+    let json = match args.as_slice() {
+        [] => false,
+        [flag] if flag == "--json" => true,
+        [other, ..] => {
+            return usage_error(&format!("`credd status` takes only --json, got {other:?}"));
+        }
+    };
+    match status::run(json) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => report(&e),
+    }
+}
+
+fn exec(args: Vec<OsString>) -> ExitCode {
+    let rest = match args.split_first() {
+        Some((dashes, rest)) if dashes == "--" => rest,
+        Some((first, _)) if first.as_encoded_bytes().starts_with(b"-") => {
+            return usage_error(&format!(
+                "`credd exec` has no option {first:?}; write `credd exec -- CMD ARGS...`"
+            ));
+        }
+        _ => args.as_slice(),
+    };
+    match rest.split_first() {
+        Some((program, program_args)) => exec::run(program, program_args),
+        None => usage_error("`credd exec` needs a command: `credd exec -- CMD ARGS...`"),
+    }
+}
+
+fn configure_git(args: Vec<OsString>) -> ExitCode {
+    let mut options = configure_git::Options::default();
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
+        let bytes = arg.as_encoded_bytes();
+        let (name, inline) = match bytes.iter().position(|&b| b == b'=') {
+            Some(at) if bytes.starts_with(b"--") => (
+                &bytes[..at],
+                Some(OsString::from(
+                    String::from_utf8_lossy(&bytes[at + 1..]).into_owned(),
+                )),
+            ),
+            _ => (bytes, None),
+        };
+        let name = String::from_utf8_lossy(name).into_owned();
+        let mut value = || inline.clone().or_else(|| args.next());
+        match name.as_str() {
+            "--fallback-helper" => match value() {
+                Some(helper) if !helper.is_empty() => options.fallback_helper = Some(helper),
+                _ => {
+                    return usage_error(
+                        "--fallback-helper needs a helper, e.g. --fallback-helper store",
+                    );
+                }
+            },
+            "--file" => match value() {
+                Some(file) if !file.is_empty() => options.file = Some(file.into()),
+                _ => return usage_error("--file needs a path"),
+            },
+            _ => return usage_error(&format!("`credd configure-git` has no option {name:?}")),
+        }
+    }
+    match configure_git::run(&options) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => report(&e),
+    }
+}

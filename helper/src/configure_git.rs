@@ -1,0 +1,122 @@
+//! `credd configure-git`: make git ask credd first for every `CREDD_HOSTS` host.
+//!
+//! For each host, in the global git config (or `--file PATH`):
+//! `credential.https://HOST.helper` is emptied (`--unset-all`), then given an
+//! empty value — which tells git to forget helpers inherited from earlier
+//! config files (a system-wide `store` helper would otherwise also receive,
+//! and write to disk, every short-lived token) — then this credd's absolute
+//! path, then the fallback helper if one was given. Writing the whole list
+//! each time makes it idempotent: a second run leaves the same config.
+//! The real `git config` does the writing, so its locking and quoting apply.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, bail};
+use credd_core::config::Config;
+
+/// Options of `credd configure-git`.
+#[derive(Debug, Default)]
+pub(crate) struct Options {
+    /// Helper git asks after credd (git's helper syntax: a name, a path or `!cmd`).
+    pub(crate) fallback_helper: Option<OsString>,
+    /// Config file to write instead of the global one.
+    pub(crate) file: Option<PathBuf>,
+}
+
+/// Writes the helper configuration for every configured host.
+pub(crate) fn run(options: &Options) -> anyhow::Result<()> {
+    let config = Config::from_env().context("configuration")?;
+    let exe =
+        std::env::current_exe().context("cannot find credd's own path (is /proc mounted?)")?;
+    let helper = helper_value(&exe)?;
+    let scope: Vec<OsString> = match &options.file {
+        Some(file) => vec!["--file".into(), file.into()],
+        None => vec!["--global".into()],
+    };
+    let target = options.file.as_ref().map_or_else(
+        || "the global git config".to_owned(),
+        |f| f.display().to_string(),
+    );
+    for host in &config.hosts {
+        let key = format!("credential.https://{host}.helper");
+        // 5 = "the key was not set": nothing to remove.
+        git_config(
+            &scope,
+            &[&"--unset-all".into(), &key.clone().into()],
+            &[0, 5],
+        )
+        .with_context(|| format!("resetting {key} in {target}"))?;
+        let mut values: Vec<OsString> = vec![OsString::new(), helper.clone()];
+        values.extend(options.fallback_helper.clone());
+        for value in &values {
+            git_config(&scope, &[&"--add".into(), &key.clone().into(), value], &[0])
+                .with_context(|| format!("adding a helper to {key} in {target}"))?;
+        }
+        println!("configured {key} in {target}");
+    }
+    Ok(())
+}
+
+/// The helper string for `exe`: git runs a helper that is an absolute path
+/// through the shell, so a path with shell-special characters is quoted.
+fn helper_value(exe: &Path) -> anyhow::Result<OsString> {
+    let Some(path) = exe.to_str() else {
+        bail!(
+            "credd's path {} is not UTF-8; install credd under a plain path",
+            exe.display()
+        );
+    };
+    let plain = path
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"/._+-".contains(&b));
+    Ok(if plain {
+        path.into()
+    } else {
+        format!("'{}'", path.replace('\'', r"'\''")).into()
+    })
+}
+
+fn git_config(scope: &[OsString], args: &[&OsString], ok_codes: &[i32]) -> anyhow::Result<()> {
+    let output = Command::new("git")
+        .arg("config")
+        .args(scope)
+        .args(args)
+        .output()
+        .context("cannot run git; install git or put it on PATH")?;
+    match output.status.code() {
+        Some(code) if ok_codes.contains(&code) => Ok(()),
+        _ => {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            let said = stderr
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect::<Vec<_>>()
+                .join(" / ");
+            bail!(
+                "git config failed ({}): {}; check that the config file is writable, or pass --file PATH",
+                output.status,
+                if said.is_empty() { "no message" } else { &said }
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn helper_paths_are_quoted_only_when_needed() {
+        assert_eq!(
+            helper_value(Path::new("/usr/bin/credd")).expect("ok"),
+            "/usr/bin/credd"
+        );
+        assert_eq!(
+            helper_value(Path::new("/opt/my tools/it's/credd")).expect("ok"),
+            r"'/opt/my tools/it'\''s/credd'"
+        );
+    }
+}

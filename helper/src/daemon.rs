@@ -1,0 +1,256 @@
+//! One request to `molecule-credd` over its Unix socket, under hard deadlines.
+//!
+//! This is the hot path: a socket, one line out, one line back, std only.
+//!
+//! Deadlines. The socket is created with `SO_SNDTIMEO` set *before*
+//! `connect(2)`: std's `UnixStream::connect` has no timeout, and although a
+//! connect to a listening Unix socket normally completes at once, it blocks
+//! while the listener's backlog is full (a wedged or overloaded daemon). Linux
+//! bounds that wait by the socket's send timeout and then fails with `EAGAIN`,
+//! so one deadline ([`CONNECT_DEADLINE`]) covers connect and the request write.
+//! The answer then has [`READ_DEADLINE`] in total — longer than the daemon's
+//! own `--wait-timeout` (4 s) for an in-flight refresh, so a slow platform
+//! shows up as the daemon's `unavailable` answer rather than as a timeout here.
+//! A daemon that misses either deadline counts as unreachable.
+
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use credd_core::protocol::{self, ErrorCode, MAX_LINE, Request, Response};
+use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, UnixAddr, sockopt};
+use nix::sys::time::TimeVal;
+use zeroize::Zeroizing;
+
+/// Connect plus writing the request.
+pub(crate) const CONNECT_DEADLINE: Duration = Duration::from_millis(250);
+/// Reading the whole answer.
+pub(crate) const READ_DEADLINE: Duration = Duration::from_secs(6);
+
+/// Why the daemon gave no usable answer.
+#[derive(Debug)]
+pub(crate) enum DaemonError {
+    /// Nobody answered in time: no socket, refused, deadline missed.
+    Unreachable(String),
+    /// Something answered, but not in our protocol (garbage, another version,
+    /// closed early). The text never quotes what was received.
+    Unintelligible(String),
+    /// The daemon answered with an error.
+    Refused {
+        /// The daemon's reason code.
+        code: ErrorCode,
+        /// The daemon's one-line message, made printable.
+        message: String,
+    },
+}
+
+impl DaemonError {
+    /// Whether the caller may ask the platform itself. Only when the daemon is
+    /// absent or cannot be understood: a daemon that answers "no token" is
+    /// already retrying the platform with back-off, and every workspace's git
+    /// calling the platform on top of it is the stampede the daemon exists to
+    /// prevent (the same holds for `busy`: it is at its connection cap).
+    pub(crate) fn allows_platform_fallback(&self) -> bool {
+        match self {
+            Self::Unreachable(_) | Self::Unintelligible(_) => true,
+            Self::Refused { code, .. } => {
+                matches!(code, ErrorCode::UnsupportedVersion | ErrorCode::BadRequest)
+            }
+        }
+    }
+
+    /// One-line description for `credd: …` lines, with the socket path.
+    pub(crate) fn describe(&self, socket: &Path) -> String {
+        let socket = socket.display();
+        match self {
+            Self::Unreachable(reason) => {
+                format!("molecule-credd not reachable at {socket} ({reason})")
+            }
+            Self::Unintelligible(reason) => {
+                format!("molecule-credd at {socket} gave an answer credd cannot use ({reason})")
+            }
+            Self::Refused { code, message } => {
+                format!(
+                    "molecule-credd at {socket} has no token for us ({}: {message})",
+                    code_name(*code)
+                )
+            }
+        }
+    }
+}
+
+fn code_name(code: ErrorCode) -> &'static str {
+    match code {
+        ErrorCode::Unavailable => "unavailable",
+        ErrorCode::Forbidden => "forbidden",
+        ErrorCode::BadRequest => "bad request",
+        ErrorCode::UnsupportedVersion => "unsupported version",
+        ErrorCode::Busy => "busy",
+    }
+}
+
+/// Sends `request`, returns the daemon's answer. An `Error` answer becomes
+/// [`DaemonError::Refused`].
+pub(crate) fn round_trip(socket_path: &Path, request: &Request) -> Result<Response, DaemonError> {
+    let start = Instant::now();
+    let mut stream = connect(socket_path, CONNECT_DEADLINE).map_err(|e| {
+        DaemonError::Unreachable(match e.kind() {
+            io::ErrorKind::NotFound => "no socket there; is molecule-credd running?".to_owned(),
+            io::ErrorKind::ConnectionRefused => {
+                "connection refused: no daemon is listening".to_owned()
+            }
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => format!(
+                "connect did not complete within {} ms: the daemon is not accepting",
+                CONNECT_DEADLINE.as_millis()
+            ),
+            _ => format!("connect failed: {e}"),
+        })
+    })?;
+    let line = protocol::encode(request);
+    let remaining = CONNECT_DEADLINE
+        .saturating_sub(start.elapsed())
+        .max(Duration::from_millis(1));
+    stream
+        .set_write_timeout(Some(remaining))
+        .and_then(|()| stream.write_all(&line))
+        .map_err(|e| DaemonError::Unreachable(format!("sending the request failed: {e}")))?;
+
+    let answer = read_line(&mut stream, READ_DEADLINE)?;
+    match protocol::decode::<Response>(&answer) {
+        Ok(Response::Error { code, message }) => Err(DaemonError::Refused {
+            code,
+            message: printable(&message),
+        }),
+        Ok(response) => Ok(response),
+        Err(e) => Err(DaemonError::Unintelligible(e.to_string())),
+    }
+}
+
+/// A connected stream whose connect and writes are bounded by `deadline`.
+fn connect(path: &Path, deadline: Duration) -> io::Result<UnixStream> {
+    let address = UnixAddr::new(path)?;
+    // CLOEXEC: `credd exec` must not hand the connection to its child.
+    let fd = socket::socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    let timeout = TimeVal::new(
+        deadline.as_secs().try_into().unwrap_or(i64::MAX),
+        deadline.subsec_micros().into(),
+    );
+    socket::setsockopt(&fd, sockopt::SendTimeout, &timeout)?;
+    socket::connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &address)?;
+    Ok(UnixStream::from(fd))
+}
+
+/// Reads one line (up to [`MAX_LINE`]) within `deadline` in total, so a
+/// daemon trickling bytes cannot stretch it.
+fn read_line(
+    stream: &mut UnixStream,
+    deadline: Duration,
+) -> Result<Zeroizing<Vec<u8>>, DaemonError> {
+    let start = Instant::now();
+    let mut line = Zeroizing::new(Vec::with_capacity(512));
+    let mut chunk = Zeroizing::new([0u8; 4096]);
+    loop {
+        let Some(remaining) = deadline
+            .checked_sub(start.elapsed())
+            .filter(|d| !d.is_zero())
+        else {
+            return Err(timed_out(deadline));
+        };
+        stream
+            .set_read_timeout(Some(remaining))
+            .map_err(|e| DaemonError::Unreachable(format!("socket error: {e}")))?;
+        let n = match stream.read(&mut chunk[..]) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(timed_out(deadline));
+            }
+            Err(e) => {
+                return Err(DaemonError::Unreachable(format!(
+                    "reading the answer failed: {e}"
+                )));
+            }
+        };
+        if n == 0 {
+            return Err(DaemonError::Unintelligible(if line.is_empty() {
+                "it closed the connection without answering".to_owned()
+            } else {
+                "it closed the connection in the middle of its answer".to_owned()
+            }));
+        }
+        let got = &chunk[..n];
+        if let Some(end) = got.iter().position(|&b| b == b'\n') {
+            line.extend_from_slice(&got[..=end]);
+        } else {
+            line.extend_from_slice(got);
+        }
+        if line.len() > MAX_LINE {
+            return Err(DaemonError::Unintelligible(format!(
+                "its answer is longer than {MAX_LINE} bytes"
+            )));
+        }
+        if line.last() == Some(&b'\n') {
+            return Ok(line);
+        }
+    }
+}
+
+fn timed_out(deadline: Duration) -> DaemonError {
+    DaemonError::Unreachable(format!("no answer within {} s", deadline.as_secs()))
+}
+
+/// `text` limited to one printable line of at most 300 characters: the
+/// daemon's message goes to a terminal or a log.
+pub(crate) fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(300)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_absent_or_unintelligible_daemons_allow_the_platform_fallback() {
+        let refused = |code| DaemonError::Refused {
+            code,
+            message: String::new(),
+        };
+        assert!(DaemonError::Unreachable(String::new()).allows_platform_fallback());
+        assert!(DaemonError::Unintelligible(String::new()).allows_platform_fallback());
+        assert!(refused(ErrorCode::UnsupportedVersion).allows_platform_fallback());
+        assert!(!refused(ErrorCode::Unavailable).allows_platform_fallback());
+        assert!(!refused(ErrorCode::Forbidden).allows_platform_fallback());
+        assert!(!refused(ErrorCode::Busy).allows_platform_fallback());
+    }
+
+    #[test]
+    fn daemon_messages_are_made_one_printable_line() {
+        assert_eq!(printable("a\nb\r\tc"), "a b  c");
+        assert_eq!(printable(&"x".repeat(1000)).len(), 300);
+    }
+
+    #[test]
+    fn a_missing_socket_is_unreachable() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let err = round_trip(&dir.path().join("none.sock"), &Request::Get).expect_err("no socket");
+        assert!(matches!(err, DaemonError::Unreachable(_)), "{err:?}");
+        assert!(
+            err.describe(&dir.path().join("none.sock"))
+                .contains("no socket")
+        );
+    }
+}

@@ -1,0 +1,69 @@
+//! `credd get | store | erase`: the actions git execs the helper with.
+//!
+//! git ignores a helper's exit code and stderr goes to the user, so every
+//! failure here is one `credd: ` line and exit 0 with nothing on stdout — git
+//! then asks its next helper. Configuration is read only after git's input,
+//! and only when the host could be ours.
+
+use std::io::{self, Write};
+
+use credd_core::config::Config;
+use credd_core::protocol::Request;
+use credd_core::secret::sha256_hex;
+
+use crate::chain::{self, Progress};
+use crate::credential::{self, GitRequest};
+use crate::daemon;
+
+/// `credd get`: print git's credential when the host is ours.
+pub(crate) fn get() {
+    let Some((config, _request)) = read_served_request() else {
+        return;
+    };
+    let issued = match chain::obtain_token(&config, Progress::EachStep) {
+        Ok(issued) => issued,
+        Err(reason) => {
+            eprintln!("credd: {reason}");
+            return;
+        }
+    };
+    let answer = credential::format_answer(&issued.token, issued.expires_at);
+    // One write: git reads the answer whole, and a half-written credential
+    // must not look like a complete one. EPIPE (git gave up) is not an error.
+    let mut out = io::stdout().lock();
+    let _ = out.write_all(answer.as_bytes()).and_then(|()| out.flush());
+}
+
+/// `credd erase`: git was refused with `password`; tell the daemon to drop that
+/// token if it is the cached one. Best effort and silent: git does not wait on
+/// the outcome, and the next `get` finds out anyway.
+pub(crate) fn erase() {
+    let Some((config, request)) = read_served_request() else {
+        return;
+    };
+    let Some(password) = request.password.as_ref().filter(|p| !p.is_empty()) else {
+        return;
+    };
+    let sha256 = sha256_hex(password.as_bytes());
+    let _ = daemon::round_trip(&config.socket_path, &Request::Erase { sha256 });
+}
+
+/// Reads git's input and the configuration; `Some` only when credd answers
+/// for this host. Problems are reported in one line each.
+fn read_served_request() -> Option<(Config, GitRequest)> {
+    let request = match credential::read_request(io::stdin().lock()) {
+        Ok(request) => request,
+        Err(e) => {
+            eprintln!("credd: {e}");
+            return None;
+        }
+    };
+    let config = match Config::from_env() {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("credd: configuration error: {e}; answering nothing");
+            return None;
+        }
+    };
+    credential::is_served(&config, &request).then_some((config, request))
+}

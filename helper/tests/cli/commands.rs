@@ -1,0 +1,304 @@
+//! `credd token | exec | status | configure-git | --help | --version`.
+
+use std::path::Path;
+use std::process::Command;
+
+use credd_core::protocol::{ErrorCode, Request, Response, Source, Status, TokenState};
+
+use crate::support::{
+    DAEMON_TOKEN, FakeDaemon, FakePlatform, PLATFORM_TOKEN, PlatformMode, Sandbox,
+};
+
+#[test]
+fn token_prints_the_token_and_a_newline() {
+    let sandbox = Sandbox::new();
+    let daemon = FakeDaemon::with_token(&sandbox.socket());
+    let run = sandbox.run(&["token"], "");
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_eq!(run.stdout, format!("{DAEMON_TOKEN}\n"));
+    assert_eq!(run.stderr, "");
+    assert_eq!(daemon.requests(), [Request::Get]);
+}
+
+#[test]
+fn token_falls_back_to_the_platform_when_the_daemon_is_down() {
+    let mut sandbox = Sandbox::new();
+    let platform = FakePlatform::start(PlatformMode::Token);
+    sandbox.use_platform(&platform);
+    let run = sandbox.run(&["token"], "");
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_eq!(run.stdout, format!("{PLATFORM_TOKEN}\n"));
+    assert_eq!(run.stderr_lines().len(), 1, "{run:?}");
+    run.assert_stderr_clean();
+}
+
+#[test]
+fn token_exits_1_with_a_reason_when_none_can_be_had() {
+    let mut sandbox = Sandbox::new();
+    let platform = FakePlatform::start(PlatformMode::Token);
+    sandbox.use_platform(&platform);
+    let _daemon = FakeDaemon::answering(
+        &sandbox.socket(),
+        Response::Error {
+            code: ErrorCode::Unavailable,
+            message: "the platform refused the workspace bearer (HTTP 401)".into(),
+        },
+    );
+    let run = sandbox.run(&["token"], "");
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert_eq!(run.stdout, "");
+    assert!(run.stderr.contains("HTTP 401"), "{run:?}");
+    assert!(
+        run.stderr.contains("credd: error: no token available"),
+        "{run:?}"
+    );
+    run.assert_stderr_clean();
+    assert_eq!(platform.requests(), 0);
+
+    let down = Sandbox::new(); // no daemon, platform unreachable
+    let run = down.run(&["token"], "");
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert_eq!(run.stdout, "");
+    run.assert_stderr_clean();
+}
+
+#[test]
+fn exec_passes_the_token_in_the_environment_and_the_exit_code_back() {
+    let sandbox = Sandbox::new();
+    let _daemon = FakeDaemon::with_token(&sandbox.socket());
+    // The child prints its token variables and its own argv (from /proc), then
+    // exits 7: credd must put the token in the environment and nowhere else.
+    let script = r#"printf '%s\n%s\n' "$GH_TOKEN" "$GITHUB_TOKEN"; tr '\0' ' ' < /proc/$$/cmdline >&2; exit 7"#;
+    let run = sandbox.run(&["exec", "--", "sh", "-c", script], "");
+    assert_eq!(run.code, Some(7), "{run:?}");
+    assert_eq!(run.stdout, format!("{DAEMON_TOKEN}\n{DAEMON_TOKEN}\n"));
+    assert!(
+        run.stderr.starts_with("sh -c "),
+        "the child's argv: {run:?}"
+    );
+    run.assert_stderr_clean();
+
+    let ok = sandbox.run(&["exec", "true"], "");
+    assert_eq!(ok.code, Some(0), "{ok:?}");
+}
+
+#[test]
+fn exec_of_a_missing_command_exits_127() {
+    let sandbox = Sandbox::new();
+    let _daemon = FakeDaemon::with_token(&sandbox.socket());
+    let run = sandbox.run(&["exec", "--", "credd-no-such-command-xyz", "arg"], "");
+    assert_eq!(run.code, Some(127), "{run:?}");
+    assert!(
+        run.stderr
+            .contains("credd-no-such-command-xyz: command not found"),
+        "{run:?}"
+    );
+    run.assert_stderr_clean();
+
+    let usage = sandbox.run(&["exec", "--"], "");
+    assert_eq!(usage.code, Some(2), "{usage:?}");
+}
+
+#[test]
+fn exec_without_a_token_does_not_run_the_command() {
+    let sandbox = Sandbox::new();
+    let _daemon = FakeDaemon::answering(
+        &sandbox.socket(),
+        Response::Error {
+            code: ErrorCode::Unavailable,
+            message: "no token yet".into(),
+        },
+    );
+    let marker = sandbox.path().join("ran");
+    let run = sandbox.run(
+        &["exec", "--", "touch", marker.to_str().expect("UTF-8")],
+        "",
+    );
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(!marker.exists(), "the command must not run without a token");
+}
+
+fn sample_status() -> Status {
+    Status {
+        version: "9.9.9".into(),
+        pid: 4242,
+        uptime_secs: 125,
+        state: Some(TokenState::Valid),
+        source: Some(Source::Env),
+        fingerprint: Some("abcdef012345".into()),
+        expires_at: Some(1_900_000_000),
+        expires_in_secs: Some(600),
+        next_refresh_in_secs: Some(60),
+        last_refresh_at: None,
+        last_error: Some("cannot reach the platform".into()),
+        platform: "failing".into(),
+        platform_calls: 3,
+        served: 17,
+    }
+}
+
+#[test]
+fn status_shows_the_daemon_state_for_people_and_scripts() {
+    let sandbox = Sandbox::new();
+    let daemon = FakeDaemon::answering(
+        &sandbox.socket(),
+        Response::Status(Box::new(sample_status())),
+    );
+
+    let human = sandbox.run(&["status"], "");
+    assert_eq!(human.code, Some(0), "{human:?}");
+    for expected in [
+        "state:          valid",
+        "source:         env",
+        "fingerprint:    abcdef012345",
+        "expires:        in 10m",
+        "next refresh:   in 1m",
+        "last refresh:   never",
+        "last error:     cannot reach the platform",
+        "platform:       failing",
+        "platform calls: 3",
+        "served:         17",
+        "uptime:         2m 5s",
+        "molecule-credd 9.9.9 (pid 4242)",
+    ] {
+        assert!(
+            human.stdout.contains(expected),
+            "{expected:?} in\n{}",
+            human.stdout
+        );
+    }
+
+    let json = sandbox.run(&["status", "--json"], "");
+    assert_eq!(json.code, Some(0), "{json:?}");
+    let parsed: Status = serde_json::from_str(&json.stdout).expect("status --json is a Status");
+    assert_eq!(parsed, sample_status());
+    assert_eq!(daemon.requests(), [Request::Status, Request::Status]);
+}
+
+#[test]
+fn status_exits_1_when_the_daemon_is_unreachable() {
+    let sandbox = Sandbox::new();
+    let run = sandbox.run(&["status"], "");
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert_eq!(run.stdout, "");
+    assert!(
+        run.stderr
+            .starts_with("credd: error: molecule-credd not reachable at "),
+        "{run:?}"
+    );
+    let usage = sandbox.run(&["status", "--yaml"], "");
+    assert_eq!(usage.code, Some(2), "{usage:?}");
+}
+
+fn helpers(git_config: &[&str], key: &str, home: &Path) -> Vec<String> {
+    let output = Command::new("git")
+        .arg("config")
+        .args(git_config)
+        .args(["--get-all", key])
+        .env("HOME", home)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .output()
+        .expect("run git");
+    assert!(
+        output.status.success(),
+        "git config --get-all {key}: {output:?}"
+    );
+    String::from_utf8(output.stdout)
+        .expect("UTF-8")
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn configure_git_writes_the_helper_list_idempotently() {
+    let mut sandbox = Sandbox::new();
+    sandbox.set_hosts("github.com,ghe.example.com:8443");
+    let file = sandbox.path().join("gitconfig");
+    let file_arg = file.to_str().expect("UTF-8");
+    let home = sandbox.path().join("home");
+    // An earlier helper for the host must be replaced, not kept.
+    let seeded = Command::new("git")
+        .args([
+            "config",
+            "--file",
+            file_arg,
+            "--add",
+            "credential.https://github.com.helper",
+            "store",
+        ])
+        .status()
+        .expect("git");
+    assert!(seeded.success());
+
+    let credd = env!("CARGO_BIN_EXE_credd");
+    let args = [
+        "configure-git",
+        "--fallback-helper",
+        "store --file /tmp/pat",
+        "--file",
+        file_arg,
+    ];
+    for round in 0..2 {
+        let run = sandbox.run(&args, "");
+        assert_eq!(run.code, Some(0), "round {round}: {run:?}");
+        for host in ["github.com", "ghe.example.com:8443"] {
+            let key = format!("credential.https://{host}.helper");
+            assert_eq!(
+                helpers(&["--file", file_arg], &key, &home),
+                ["", credd, "store --file /tmp/pat"],
+                "round {round}, {key}"
+            );
+        }
+    }
+    assert!(
+        !home.join(".gitconfig").exists(),
+        "--file leaves the global config alone"
+    );
+
+    // Without --file: the global config in $HOME, without a fallback.
+    for _ in 0..2 {
+        let run = sandbox.run(&["configure-git"], "");
+        assert_eq!(run.code, Some(0), "{run:?}");
+    }
+    assert_eq!(
+        helpers(&["--global"], "credential.https://github.com.helper", &home),
+        ["", credd]
+    );
+}
+
+#[test]
+fn configure_git_failures_say_what_to_do() {
+    let sandbox = Sandbox::new();
+    let not_a_file = sandbox.path().join("no/such/dir/gitconfig");
+    let run = sandbox.run(
+        &[
+            "configure-git",
+            "--file",
+            not_a_file.to_str().expect("UTF-8"),
+        ],
+        "",
+    );
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(run.stderr.starts_with("credd: error: "), "{run:?}");
+    assert!(run.stderr.contains("pass --file PATH"), "{run:?}");
+    let usage = sandbox.run(&["configure-git", "--fallback-helper"], "");
+    assert_eq!(usage.code, Some(2), "{usage:?}");
+}
+
+#[test]
+fn help_and_version() {
+    let sandbox = Sandbox::new();
+    for flag in ["--help", "help", "-h"] {
+        let run = sandbox.run(&[flag], "");
+        assert_eq!(run.code, Some(0), "{run:?}");
+        assert!(run.stdout.contains("credd configure-git"), "{run:?}");
+    }
+    let version = sandbox.run(&["--version"], "");
+    assert_eq!(
+        version.stdout,
+        format!("credd {}\n", env!("CARGO_PKG_VERSION"))
+    );
+    let none = sandbox.run(&[], "");
+    assert_eq!(none.code, Some(2), "{none:?}");
+}
