@@ -1,0 +1,154 @@
+#!/usr/bin/env bash
+# Benchmarks `credd get` answered by a running molecule-credd, as a whole
+# process (exec + one socket round trip), side by side with:
+#   /bin/true                    the floor: one exec that does nothing
+#   credd get (dynamic)          the same helper, dynamically linked
+#   git credential-cache get     git's own in-memory helper, daemon running
+#   seed helper                  the bash + curl helper credd replaces
+# Targets (issue 2): within 1.5x of /bin/true, faster than credential-cache,
+# at least 10x faster than the seed helper.
+#
+#   scripts/bench-helper.sh            # needs hyperfine (apt-get install hyperfine), git, curl
+#
+# Environment: SEED_DIR (default ../shared/seed) holds the seed helper as a
+# scraped text page; its bash script is extracted to a temp file at run time.
+# BENCH_RUNS (default 300) is hyperfine's minimum number of runs per command.
+#
+# hyperfine 1.15 (Debian's) cannot feed stdin to a command run without a
+# shell, so every command runs as `sh -c 'CMD < get.in'` and hyperfine
+# subtracts the measured cost of spawning that shell ("shell spawning time"
+# correction). All five commands pay the same shell, so the comparison is fair.
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+seed_dir=${SEED_DIR:-$root/../shared/seed}
+runs=${BENCH_RUNS:-300}
+
+for tool in hyperfine git curl; do
+  if ! command -v "$tool" >/dev/null; then
+    echo "error: $tool not found; install it (apt-get install $tool)" >&2
+    exit 1
+  fi
+done
+shopt -s nullglob
+seed_pages=("$seed_dir"/*.txt)
+shopt -u nullglob
+if [ "${#seed_pages[@]}" -eq 0 ]; then
+  echo "error: no seed helper page (*.txt) in $seed_dir; set SEED_DIR" >&2
+  exit 1
+fi
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/credd-bench.XXXXXX")
+chmod 700 "$work"
+pids=()
+cache_sock="$work/cache/socket"
+cleanup() {
+  if [ -S "$cache_sock" ]; then
+    git credential-cache --socket "$cache_sock" exit 2>/dev/null || true
+  fi
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+echo "building (release)…" >&2
+cargo build --release --quiet -p credd
+cp target/release/credd "$work/credd-dynamic"
+# A static helper skips the dynamic loader (no ld.so, no libc/libgcc_s
+# relocations) — the largest part of a small program's start-up. The flag is
+# given here, for this one binary, and not in .cargo/config.toml: there it
+# would also apply to proc-macro crates (serde_derive, thiserror-impl…), which
+# are built for the host as shared objects and cannot link with +crt-static.
+cargo rustc --release --quiet -p credd --bin credd -- -C target-feature=+crt-static
+cp target/release/credd "$work/credd"
+cargo build --release --quiet -p molecule-credd -p molecule-platform
+bin="$root/target/release"
+if ldd "$work/credd" >/dev/null 2>&1; then
+  echo "error: $work/credd is not statically linked" >&2
+  exit 1
+fi
+
+# The platform in dev mode; it prints its address as the first stdout line.
+mkfifo "$work/platform.out"
+"$bin/molecule-platform" --dev --listen 127.0.0.1:0 --dev-token-ttl 1h \
+  --dev-auth-token-file "$work/configs/.auth_token" \
+  >"$work/platform.out" 2>"$work/platform.log" &
+pids+=($!)
+exec 3<"$work/platform.out"
+if ! read -r -t 15 first_line <&3; then
+  echo "error: molecule-platform did not start; its log:" >&2
+  cat "$work/platform.log" >&2
+  exit 1
+fi
+cat <&3 >/dev/null &
+pids+=($!)
+
+export PLATFORM_URL=${first_line##* }
+export CONFIGS_DIR="$work/configs"
+export CREDD_SOCKET="$work/run/credd.sock"
+export CREDD_HOSTS=github.com
+export HOME="$work/home" GIT_CONFIG_NOSYSTEM=1 GIT_TERMINAL_PROMPT=0
+mkdir -p "$HOME"
+"$bin/molecule-credd" 2>"$work/daemon.log" &
+daemon_pid=$!
+pids+=("$daemon_pid")
+for _ in $(seq 1 100); do
+  if "$work/credd" status >/dev/null 2>&1; then break; fi
+  if ! kill -0 "$daemon_pid" 2>/dev/null; then
+    echo "error: molecule-credd exited; its log:" >&2
+    cat "$work/daemon.log" >&2
+    exit 1
+  fi
+  sleep 0.05
+done
+
+input="$work/get.in"
+printf 'protocol=https\nhost=github.com\n\n' >"$input"
+
+# git's credential cache, holding a (dummy) credential for the same host.
+mkdir -m 700 "$work/cache"
+git credential-cache--daemon "$cache_sock" >/dev/null 2>&1 &
+pids+=($!)
+for _ in $(seq 1 100); do
+  [ -S "$cache_sock" ] && break
+  sleep 0.05
+done
+printf 'protocol=https\nhost=github.com\nusername=x-access-token\npassword=cache-bench-dummy\n\n' |
+  git credential-cache --socket "$cache_sock" --timeout 3600 store
+
+# The seed helper: the bash script inside the scraped page (the page puts a
+# lone `|` line between the script's lines).
+seed="$work/seed-helper.sh"
+sed -n '/^#!\/bin\/bash$/,/^esac$/p' "${seed_pages[0]}" | grep -v '^|$' >"$seed"
+bash -n "$seed"
+
+# Every contender must actually produce a password before it is timed.
+check() {
+  local name=$1
+  shift
+  if ! "$@" <"$input" 2>"$work/check.err" | grep -q '^password='; then
+    echo "error: $name printed no password; its stderr:" >&2
+    cat "$work/check.err" >&2
+    exit 1
+  fi
+}
+check "credd get (static)" "$work/credd" get
+check "credd get (dynamic)" "$work/credd-dynamic" get
+check "git credential-cache get" git credential-cache --socket "$cache_sock" get
+check "seed helper" bash "$seed" get
+
+q() { printf '%q' "$1"; }
+in_q=$(q "$input")
+echo "platform $PLATFORM_URL, daemon $CREDD_SOCKET, $(nproc) CPUs, $runs+ runs each" >&2
+hyperfine --shell sh --warmup 20 --min-runs "$runs" \
+  --export-json "$work/bench.json" --export-markdown "$work/bench.md" \
+  -n '/bin/true' "/bin/true < $in_q" \
+  -n 'credd get (static)' "$(q "$work/credd") get < $in_q" \
+  -n 'credd get (dynamic)' "$(q "$work/credd-dynamic") get < $in_q" \
+  -n 'git credential-cache get' "git credential-cache --socket $(q "$cache_sock") get < $in_q" \
+  -n 'seed helper (bash + curl)' "bash $(q "$seed") get < $in_q"
+echo
+cat "$work/bench.md"
