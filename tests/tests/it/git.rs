@@ -11,7 +11,8 @@ use crate::util::{FAST_BACKOFF, GitServer, Sandbox, TestPlatform, wait_until_tim
 fn credential_fill_is_served_from_the_daemon() {
     let sandbox = Sandbox::new();
     let platform = TestPlatform::start();
-    sandbox.use_platform(&platform);
+    // The workspace route, with a bearer file that needs trimming.
+    sandbox.use_platform_as_workspace(&platform);
     sandbox.set_hosts("github.com");
     sandbox.configure_git("https://github.com", &[]);
     let daemon = sandbox.daemon().args(FAST_BACKOFF).start();

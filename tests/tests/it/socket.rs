@@ -1,1 +1,364 @@
-//! placeholder
+//! The daemon's Unix socket: permissions, who may connect, bad and idle
+//! clients, shutdown and takeover.
+
+use std::io::{ErrorKind, Read};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::time::Duration;
+
+use credd_core::protocol::{ErrorCode, Request, Response, decode, encode};
+
+use crate::util::{FAST_BACKOFF, Sandbox, TestPlatform, WAIT, exchange_raw, request_over};
+
+/// An unprivileged uid present on Debian (`nobody`).
+pub(crate) const OTHER_UID: u32 = 65534;
+
+fn mode(path: &std::path::Path) -> u32 {
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("stat {}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o7777
+}
+
+#[test]
+fn socket_folder_is_0700_and_socket_0600() {
+    let sandbox = Sandbox::new();
+    let platform = TestPlatform::start();
+    sandbox.use_platform(&platform);
+    let daemon = sandbox.daemon().args(FAST_BACKOFF).start();
+    assert_eq!(mode(&sandbox.run_dir()), 0o700, "socket folder mode");
+    assert_eq!(mode(&sandbox.socket()), 0o600, "socket mode");
+    let meta = std::fs::metadata(sandbox.socket()).expect("stat socket");
+    assert_eq!(meta.uid(), nix::unistd::getuid().as_raw());
+    daemon.stop();
+}
+
+fn assert_refuses_to_start(sandbox: &Sandbox, why: &str) {
+    let daemon = sandbox.daemon().args(FAST_BACKOFF).spawn();
+    let (status, log) = daemon.wait_exit();
+    assert!(
+        matches!(status.code(), Some(1 | 2)),
+        "daemon must refuse to start when {why}; got {status:?}\n{log}"
+    );
+    let run_dir = sandbox.run_dir();
+    assert!(
+        log.lines()
+            .any(|l| l.starts_with("error:") && l.contains(&*run_dir.to_string_lossy())),
+        "the error should start with `error:` and name {}:\n{log}",
+        run_dir.display()
+    );
+}
+
+#[test]
+fn refuses_a_socket_folder_owned_by_another_user() {
+    let sandbox = Sandbox::new();
+    std::fs::create_dir(sandbox.run_dir()).expect("mkdir");
+    std::fs::set_permissions(sandbox.run_dir(), PermissionsExt::from_mode(0o700)).expect("chmod");
+    nix::unistd::chown(
+        &sandbox.run_dir(),
+        Some(nix::unistd::Uid::from_raw(OTHER_UID)),
+        None,
+    )
+    .expect("chown (tests run as root)");
+    assert_refuses_to_start(&sandbox, "the socket folder belongs to another user");
+}
+
+#[test]
+fn refuses_a_socket_folder_open_to_group_or_others() {
+    for open_mode in [0o750, 0o705, 0o777] {
+        let sandbox = Sandbox::new();
+        std::fs::create_dir(sandbox.run_dir()).expect("mkdir");
+        std::fs::set_permissions(sandbox.run_dir(), PermissionsExt::from_mode(open_mode))
+            .expect("chmod");
+        assert_refuses_to_start(&sandbox, &format!("the socket folder is {open_mode:o}"));
+        assert_eq!(
+            mode(&sandbox.run_dir()),
+            open_mode,
+            "the daemon must not chmod it silently"
+        );
+    }
+}
+
+/// Prepares the sandbox for a daemon running as [`OTHER_UID`]: traversable
+/// sandbox, socket folder and configs owned by that user.
+pub(crate) fn prepare_for_other_uid(sandbox: &Sandbox) {
+    std::fs::set_permissions(sandbox.path(), PermissionsExt::from_mode(0o755)).expect("chmod");
+    let uid = Some(nix::unistd::Uid::from_raw(OTHER_UID));
+    let gid = Some(nix::unistd::Gid::from_raw(OTHER_UID));
+    std::fs::create_dir(sandbox.run_dir()).expect("mkdir");
+    std::fs::set_permissions(sandbox.run_dir(), PermissionsExt::from_mode(0o700)).expect("chmod");
+    for path in [
+        sandbox.run_dir(),
+        sandbox.configs_dir(),
+        sandbox.configs_dir().join(".auth_token"),
+    ] {
+        nix::unistd::chown(&path, uid, gid).expect("chown (tests run as root)");
+    }
+}
+
+/// The daemon runs as another user (a child dropped to uid 65534) and this
+/// test process (root) is the stranger: SO_PEERCRED must refuse it. (The
+/// reverse — a uid-65534 client of a root daemon — cannot even reach the
+/// socket through the daemon's 0700 folder, which is the point of the folder.)
+#[test]
+fn callers_with_another_uid_are_refused_and_logged() {
+    let sandbox = Sandbox::new();
+    let platform = TestPlatform::start();
+    sandbox.use_platform(&platform);
+    prepare_for_other_uid(&sandbox);
+    let daemon = sandbox.daemon().args(FAST_BACKOFF).uid(OTHER_UID).spawn();
+    daemon.log().wait_for_line("listening on", WAIT);
+
+    let answer = sandbox
+        .request(&Request::Get)
+        .expect("an answer, not a dropped connection");
+    assert!(
+        matches!(
+            answer,
+            Response::Error {
+                code: ErrorCode::Forbidden,
+                ..
+            }
+        ),
+        "root is not the daemon's uid: {answer:?}"
+    );
+    let status = sandbox.request(&Request::Status).expect("answer");
+    assert!(
+        matches!(
+            status,
+            Response::Error {
+                code: ErrorCode::Forbidden,
+                ..
+            }
+        ),
+        "status is for the daemon's own uid too: {status:?}"
+    );
+    let pid = std::process::id().to_string();
+    let line = daemon.log().wait_for_line(&pid, WAIT);
+    assert!(
+        line.contains("uid") && line.contains('0'),
+        "log line names pid and uid: {line}"
+    );
+
+    // `credd get` as root: refused, nothing printed, git moves on.
+    let get = sandbox.credd_get("https", "github.com");
+    get.assert_success("credd get refused by the daemon");
+    assert_eq!(get.stdout, "");
+    drop(daemon);
+}
+
+#[test]
+fn allow_uid_admits_another_caller() {
+    let sandbox = Sandbox::new();
+    let platform = TestPlatform::start();
+    sandbox.use_platform(&platform);
+    prepare_for_other_uid(&sandbox);
+    let daemon = sandbox
+        .daemon()
+        .args(FAST_BACKOFF)
+        .args(["--allow-uid", "0"])
+        .uid(OTHER_UID)
+        .start();
+    let (token, _, _) = sandbox.wait_for_token();
+    assert_eq!(platform.last_issued().as_deref(), Some(token.as_str()));
+    daemon.stop();
+}
+
+#[test]
+fn garbage_oversized_and_foreign_version_lines_get_errors() {
+    let sandbox = Sandbox::new();
+    let platform = TestPlatform::start();
+    sandbox.use_platform(&platform);
+    let daemon = sandbox.daemon().args(FAST_BACKOFF).start();
+    let socket = sandbox.socket();
+
+    let answer = exchange_raw(&socket, b"password=hello\n").expect("answer");
+    let answer: Response = decode(answer.as_bytes()).expect("a protocol answer");
+    assert!(
+        matches!(
+            answer,
+            Response::Error {
+                code: ErrorCode::BadRequest,
+                ..
+            }
+        ),
+        "{answer:?}"
+    );
+    let answer = exchange_raw(&socket, br#"{"v":99,"type":"get"}"#.as_slice())
+        .and_then(|mut line| {
+            line.truncate(line.trim_end().len());
+            Ok(line)
+        })
+        .expect("answer");
+    let answer: Response = decode(answer.as_bytes()).expect("a protocol answer");
+    assert!(
+        matches!(
+            answer,
+            Response::Error {
+                code: ErrorCode::UnsupportedVersion,
+                ..
+            }
+        ),
+        "{answer:?}"
+    );
+
+    // More than 64 KiB without a newline: an error or a closed connection,
+    // within the daemon's read deadline, never a hang.
+    let oversized = vec![b'a'; 70 * 1024];
+    let answer = exchange_raw(&socket, &oversized).expect("answer or close, not a hang");
+    if !answer.is_empty() {
+        let answer: Response = decode(answer.as_bytes()).expect("a protocol answer");
+        assert!(
+            matches!(
+                answer,
+                Response::Error {
+                    code: ErrorCode::BadRequest,
+                    ..
+                }
+            ),
+            "{answer:?}"
+        );
+    }
+    // A client that sends half a request and goes silent is dropped too.
+    let mut half = UnixStream::connect(&socket).expect("connect");
+    std::io::Write::write_all(&mut half, br#"{"v":1,"type""#).expect("write");
+    half.set_read_timeout(Some(WAIT)).expect("timeout");
+    let mut rest = Vec::new();
+    let read = half.read_to_end(&mut rest);
+    assert!(
+        read.is_ok()
+            || read
+                .as_ref()
+                .is_err_and(|e| e.kind() == ErrorKind::ConnectionReset),
+        "a silent client must be dropped within the read deadline: {read:?}"
+    );
+
+    // The daemon is unharmed.
+    sandbox.wait_for_token();
+    daemon.stop();
+}
+
+#[test]
+fn two_hundred_idle_clients_do_not_delay_a_real_get() {
+    let sandbox = Sandbox::new();
+    let platform = TestPlatform::start();
+    sandbox.use_platform(&platform);
+    let daemon = sandbox.daemon().args(FAST_BACKOFF).start();
+    sandbox.wait_for_token();
+    let idle: Vec<UnixStream> = (0..200)
+        .map(|_| UnixStream::connect(sandbox.socket()).expect("connect idle client"))
+        .collect();
+
+    let get = sandbox.credd_get("https", "github.com");
+    get.assert_success("credd get behind 200 idle clients");
+    assert!(get.attribute("password").is_some(), "{get:?}");
+
+    // Ordering, not wall time: the get was answered while the idle clients
+    // were still connected (none had been dropped yet).
+    let still_open = idle
+        .iter()
+        .filter(|s| {
+            s.set_nonblocking(true).expect("nonblocking");
+            let mut byte = [0u8; 1];
+            matches!((&**s).read(&mut byte), Err(e) if e.kind() == ErrorKind::WouldBlock)
+        })
+        .count();
+    assert!(
+        still_open > 0,
+        "every idle client was dropped before the get was answered: the get waited for them"
+    );
+    // And idle clients do not stay forever.
+    for mut stream in idle {
+        stream.set_nonblocking(false).expect("blocking");
+        stream.set_read_timeout(Some(WAIT)).expect("timeout");
+        let mut rest = Vec::new();
+        let read = stream.read_to_end(&mut rest);
+        assert!(
+            read.is_ok()
+                || read
+                    .as_ref()
+                    .is_err_and(|e| e.kind() == ErrorKind::ConnectionReset),
+            "idle client not dropped within {WAIT:?}: {read:?}"
+        );
+    }
+    daemon.stop();
+}
+
+#[test]
+fn sigterm_and_sigint_exit_zero_and_remove_the_socket() {
+    for signal in [
+        nix::sys::signal::Signal::SIGTERM,
+        nix::sys::signal::Signal::SIGINT,
+    ] {
+        let sandbox = Sandbox::new();
+        let platform = TestPlatform::start();
+        sandbox.use_platform(&platform);
+        let daemon = sandbox.daemon().args(FAST_BACKOFF).start();
+        sandbox.wait_for_token();
+        daemon.signal(signal);
+        let (status, log) = daemon.wait_exit();
+        assert_eq!(status.code(), Some(0), "{signal}: {status:?}\n{log}");
+        assert!(!sandbox.socket().exists(), "{signal}: socket left behind");
+    }
+}
+
+#[test]
+fn stale_socket_is_taken_over() {
+    let sandbox = Sandbox::new();
+    let platform = TestPlatform::start();
+    sandbox.use_platform(&platform);
+    std::fs::create_dir(sandbox.run_dir()).expect("mkdir");
+    std::fs::set_permissions(sandbox.run_dir(), PermissionsExt::from_mode(0o700)).expect("chmod");
+    // A crashed daemon's socket: the file exists, nobody listens.
+    drop(UnixListener::bind(sandbox.socket()).expect("bind"));
+    assert!(sandbox.socket().exists());
+    let daemon = sandbox.daemon().args(FAST_BACKOFF).start();
+    assert_eq!(sandbox.status().pid, daemon.pid());
+    sandbox.wait_for_token();
+    daemon.stop();
+}
+
+#[test]
+fn second_daemon_refuses_a_live_socket() {
+    let sandbox = Sandbox::new();
+    let platform = TestPlatform::start();
+    sandbox.use_platform(&platform);
+    let first = sandbox.daemon().args(FAST_BACKOFF).start();
+    let second = sandbox.daemon().args(FAST_BACKOFF).spawn();
+    let (status, log) = second.wait_exit();
+    assert!(
+        !status.success(),
+        "a second daemon must refuse: {status:?}\n{log}"
+    );
+    assert!(log.lines().any(|l| l.starts_with("error:")), "{log}");
+    // The first one still owns the socket and answers.
+    assert_eq!(sandbox.status().pid, first.pid());
+    assert!(sandbox.socket().exists());
+    first.stop();
+}
+
+#[test]
+fn protocol_answers_are_single_lines_then_close() {
+    let sandbox = Sandbox::new();
+    let platform = TestPlatform::start();
+    sandbox.use_platform(&platform);
+    let daemon = sandbox.daemon().args(FAST_BACKOFF).start();
+    sandbox.wait_for_token();
+    let mut stream = UnixStream::connect(sandbox.socket()).expect("connect");
+    std::io::Write::write_all(&mut stream, &encode(&Request::Status)).expect("write");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut all = Vec::new();
+    stream
+        .read_to_end(&mut all)
+        .expect("the daemon closes after one answer");
+    assert_eq!(all.iter().filter(|&&b| b == b'\n').count(), 1, "one line");
+    assert!(matches!(decode::<Response>(&all), Ok(Response::Status(_))));
+    assert!(matches!(
+        request_over(&sandbox.socket(), &Request::Get),
+        Ok(Response::Token { .. })
+    ));
+    daemon.stop();
+}

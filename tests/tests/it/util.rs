@@ -433,6 +433,7 @@ pub(crate) struct Sandbox {
     /// Platform URL given to daemon and helper (may point nowhere).
     platform_url: Mutex<String>,
     hosts: Mutex<String>,
+    workspace_id: Mutex<Option<String>>,
 }
 
 impl Sandbox {
@@ -452,6 +453,7 @@ impl Sandbox {
             extra_secrets: Mutex::default(),
             platform_url: Mutex::new(format!("http://{}", closed_port())),
             hosts: Mutex::new("github.com".into()),
+            workspace_id: Mutex::default(),
         }
     }
 
@@ -497,6 +499,18 @@ impl Sandbox {
         );
     }
 
+    /// Like [`Self::use_platform`], but as workspace [`WORKSPACE_ID`] (the
+    /// workspace route, with that workspace's bearer).
+    pub(crate) fn use_platform_as_workspace(&self, platform: &TestPlatform) {
+        self.use_platform(platform);
+        *lock_ok(&self.workspace_id) = Some(WORKSPACE_ID.to_owned());
+        write_file(
+            &self.configs_dir().join(".auth_token"),
+            format!("  {}\n", platform.workspace_bearer()),
+            0o600,
+        );
+    }
+
     /// Treats `platform`'s tokens and bearer as secrets without using it.
     pub(crate) fn watch_platform(&self, platform: &TestPlatform) {
         lock_ok(&self.platforms).push(platform.secrets());
@@ -533,6 +547,9 @@ impl Sandbox {
             ("RUST_LOG".into(), "debug".into()),
             ("RUST_BACKTRACE".into(), "0".into()),
         ];
+        if let Some(id) = lock_ok(&self.workspace_id).clone() {
+            env.push(("WORKSPACE_ID".into(), id.into()));
+        }
         if let Some(lang) = std::env::var_os("LANG") {
             env.push(("LANG".into(), lang));
         }
@@ -672,7 +689,9 @@ impl Sandbox {
     fn secrets(&self) -> Vec<(String, String)> {
         let mut secrets = lock_ok(&self.extra_secrets).clone();
         for p in lock_ok(&self.platforms).iter() {
-            secrets.push(("the platform bearer".into(), p.bearer.clone()));
+            for bearer in &p.bearers {
+                secrets.push(("a platform bearer".into(), bearer.clone()));
+            }
             for token in lock_ok(&p.issued).iter() {
                 secrets.push(("an issued token".into(), token.token.clone()));
             }
@@ -970,7 +989,7 @@ pub(crate) struct IssuedToken {
 
 #[derive(Clone)]
 struct PlatformSecrets {
-    bearer: String,
+    bearers: Vec<String>,
     issued: Arc<Mutex<Vec<IssuedToken>>>,
 }
 
@@ -1024,7 +1043,7 @@ pub(crate) struct TestPlatform {
     shared: Arc<PlatformShared>,
     app: Router,
     addr: SocketAddr,
-    bearer: String,
+    bearers: Bearers,
     server: Mutex<Option<ServerGeneration>>,
 }
 
@@ -1041,7 +1060,7 @@ impl TestPlatform {
 
     /// Starts a platform with `options`, serving on a fresh loopback port.
     pub(crate) fn with_options(options: PlatformOptions) -> Self {
-        let (app, bearer) = platform_service(&options);
+        let (app, bearers) = platform_service(&options);
         let shared = Arc::new(PlatformShared {
             fault: tokio::sync::watch::Sender::new(Fault::PassThrough),
             seen: Mutex::default(),
@@ -1058,7 +1077,7 @@ impl TestPlatform {
             shared,
             app,
             addr,
-            bearer,
+            bearers,
             server: Mutex::default(),
         };
         platform.serve(listener);
@@ -1110,9 +1129,14 @@ impl TestPlatform {
         format!("http://{}", self.addr)
     }
 
-    /// The bearer the platform accepts (written to `.auth_token`).
+    /// The admin bearer (written to `.auth_token` by [`Sandbox::use_platform`]).
     pub(crate) fn bearer(&self) -> &str {
-        &self.bearer
+        &self.bearers.admin
+    }
+
+    /// The bearer of workspace [`WORKSPACE_ID`].
+    pub(crate) fn workspace_bearer(&self) -> &str {
+        &self.bearers.workspace
     }
 
     /// Switches behaviour. `Down` closes the listener and drops open
@@ -1180,7 +1204,7 @@ impl TestPlatform {
 
     fn secrets(&self) -> PlatformSecrets {
         PlatformSecrets {
-            bearer: self.bearer.clone(),
+            bearers: vec![self.bearers.admin.clone(), self.bearers.workspace.clone()],
             issued: Arc::clone(&self.shared.issued),
         }
     }
@@ -1288,85 +1312,55 @@ async fn record_issued(
     Response::from_parts(parts, Body::from(bytes))
 }
 
-/// The platform's own HTTP service in dev mode, and the bearer it accepts.
-fn platform_service(options: &PlatformOptions) -> (Router, String) {
-    stand_in::service(options)
+/// The workspace id the test platform knows (see [`Sandbox::use_platform_as_workspace`]).
+pub(crate) const WORKSPACE_ID: &str = "ws-credd-test";
+
+/// A random printable string for bearers (tests only: not cryptographic
+/// quality, but unique per process, call and instant).
+fn random_secret(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    let hex = credd_core::secret::sha256_hex(
+        format!("{prefix}/{seq}/{nanos}/{}", std::process::id()).as_bytes(),
+    );
+    format!("{prefix}-{}", &hex[..40])
 }
 
-/// A stand-in for the platform service until the library lands.
-mod stand_in {
-    use super::*;
-    use std::sync::atomic::{AtomicU64, Ordering};
+/// The platform's own HTTP service (`molecule_platform::app`) with the dev
+/// provider, an admin bearer and one workspace bearer.
+fn platform_service(options: &PlatformOptions) -> (Router, Bearers) {
+    use molecule_platform::{AppState, Auth, DevProvider, Registry, WorkspaceTokens};
+    use secrecy::SecretString;
 
-    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let bearers = Bearers {
+        admin: random_secret("admin-bearer"),
+        workspace: random_secret("workspace-bearer"),
+    };
+    let registry = Arc::new(Registry::new());
+    registry.register(Arc::new(DevProvider::new(options.token_ttl)));
+    let auth = Auth::new(
+        Some(SecretString::from(bearers.admin.clone())),
+        WorkspaceTokens::from_bearers([(
+            WORKSPACE_ID,
+            SecretString::from(bearers.workspace.clone()),
+        )]),
+    );
+    (
+        molecule_platform::app(AppState::new(registry, auth)),
+        bearers,
+    )
+}
 
-    fn random_hex(seed: &str) -> String {
-        let seq = SEQ.fetch_add(1, Ordering::Relaxed);
-        let nanos = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos();
-        credd_core::secret::sha256_hex(
-            format!("{seed}/{seq}/{nanos}/{}", std::process::id()).as_bytes(),
-        )
-    }
-
-    #[derive(Clone)]
-    struct DevState {
-        bearer: String,
-        ttl: Duration,
-        current: Arc<Mutex<Option<(String, SystemTime)>>>,
-    }
-
-    pub(super) fn service(options: &PlatformOptions) -> (Router, String) {
-        let bearer = format!("dev-bearer-{}", &random_hex("bearer")[..32]);
-        let state = DevState {
-            bearer: bearer.clone(),
-            ttl: options.token_ttl,
-            current: Arc::default(),
-        };
-        let app = Router::new()
-            .route(
-                "/admin/github-installation-token",
-                axum::routing::get(token),
-            )
-            .with_state(state);
-        (app, bearer)
-    }
-
-    async fn token(State(state): State<DevState>, headers: HeaderMap) -> Response {
-        let authorized = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .is_some_and(|b| b == state.bearer);
-        if !authorized {
-            return (
-                StatusCode::UNAUTHORIZED,
-                axum::Json(serde_json::json!({"error": "unauthorized"})),
-            )
-                .into_response();
-        }
-        let now = SystemTime::now();
-        let mut current = lock_ok(&state.current);
-        let refresh = match &*current {
-            Some((_, expires)) => *expires < now + state.ttl / 5,
-            None => true,
-        };
-        if refresh {
-            *current = Some((
-                format!("ghs_{}", &random_hex("token")[..36]),
-                now + state.ttl,
-            ));
-        }
-        let (token, expires) = current.clone().expect("set above");
-        let expires = jiff::Timestamp::try_from(expires).expect("in range");
-        (
-            [(header::CACHE_CONTROL, "no-store")],
-            axum::Json(serde_json::json!({"token": token, "expires_at": expires.to_string()})),
-        )
-            .into_response()
-    }
+/// The bearers the test platform accepts.
+#[derive(Clone)]
+struct Bearers {
+    admin: String,
+    workspace: String,
 }
 
 // ---------------------------------------------------------------------------
