@@ -1,1 +1,33 @@
-//! molecule-platform: placeholder.
+//! The platform side of GitHub token delivery.
+//!
+//! Workspaces get a GitHub App installation token at provision time, but such
+//! a token dies after about an hour while workspaces live much longer. This
+//! crate is the broker that hands out a live token on demand:
+//!
+//! - [`provider`]: the [`TokenProvider`](provider::TokenProvider) contract
+//!   (never an expired token, refresh ahead of expiry, single flight) and the
+//!   [`TokenCache`](provider::TokenCache) that implements it for providers.
+//! - [`registry`]: provision-time plugins, one of which may also be the
+//!   token provider.
+//! - [`github`]: the GitHub App provider (JWT → installation access token).
+//! - [`dev`]: a provider minting fake `ghs_` tokens for local runs and tests.
+//! - [`auth`]: admin and per-workspace bearer checks.
+//! - [`service`]: the HTTP endpoints (axum) and a bounded server loop.
+//! - [`config`]: the `molecule-platform` binary's configuration.
+
+#![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod config;
+pub mod dev;
+pub mod github;
+pub mod provider;
+pub mod registry;
+pub mod service;
+
+pub use auth::{Auth, WorkspaceTokens};
+pub use dev::DevProvider;
+pub use github::{GitHubAppConfig, GitHubAppProvider};
+pub use provider::{Clock, IssuedToken, ProviderError, TokenCache, TokenProvider};
+pub use registry::{ProvisionPlugin, Registry};
+pub use service::{AppState, ServiceLimits, app, serve};

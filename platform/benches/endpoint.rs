@@ -1,0 +1,2 @@
+//! Endpoint benchmark (placeholder until written).
+fn main() {}

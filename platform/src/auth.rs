@@ -1,0 +1,473 @@
+//! Who may fetch a token: the admin bearer and per-workspace bearers.
+//!
+//! The platform stores no workspace bearer, only its SHA-256 (from
+//! `PLATFORM_WORKSPACE_TOKENS_FILE`), so a leaked file grants nothing. Every
+//! comparison is between digests, in constant time, and a lookup compares
+//! against every entry (or a dummy) so timing reveals neither bearers nor
+//! which workspaces exist. The table is swapped whole on reload (SIGHUP), so
+//! a request sees the old or the new file, never half of one.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, PoisonError, RwLock};
+
+use secrecy::{ExposeSecret, SecretString};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+/// Largest workspace tokens file accepted.
+pub const MAX_TOKENS_FILE_BYTES: u64 = 8 * 1024 * 1024;
+/// Most entries accepted in a workspace tokens file.
+pub const MAX_TOKENS_FILE_ENTRIES: usize = 100_000;
+/// Longest workspace ID accepted.
+pub const MAX_WORKSPACE_ID_CHARS: usize = 128;
+/// Longest bearer accepted in an `Authorization` header.
+pub const MAX_BEARER_BYTES: usize = 4096;
+
+type Digest32 = [u8; 32];
+
+fn digest(bearer: &str) -> Digest32 {
+    Sha256::digest(bearer.as_bytes()).into()
+}
+
+/// Whether `id` is a plausible workspace ID: 1-128 of `[A-Za-z0-9._-]`.
+pub fn valid_workspace_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_WORKSPACE_ID_CHARS
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+}
+
+/// A workspace tokens file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TokensFileError {
+    /// The file could not be read.
+    #[error("cannot read the workspace tokens file {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is larger than [`MAX_TOKENS_FILE_BYTES`].
+    #[error("the workspace tokens file {path} is larger than {MAX_TOKENS_FILE_BYTES} bytes")]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A line is not `WORKSPACE_ID SHA256_HEX`.
+    #[error("{origin}:{line}: {reason}")]
+    Line {
+        /// The file (or `<inline>`).
+        origin: String,
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong and how to fix it (never the line's content).
+        reason: String,
+    },
+}
+
+/// The parsed table: workspace ID → SHA-256 of its bearer.
+#[derive(Default)]
+struct TokenTable {
+    hashes: HashMap<String, Digest32>,
+}
+
+impl TokenTable {
+    fn parse(text: &str, origin: &str) -> Result<Self, TokensFileError> {
+        let mut hashes = HashMap::new();
+        for (index, raw) in text.lines().enumerate() {
+            let line = index + 1;
+            let fail = |reason: String| TokensFileError::Line {
+                origin: origin.to_owned(),
+                line,
+                reason,
+            };
+            let content = raw.trim();
+            if content.is_empty() || content.starts_with('#') {
+                continue;
+            }
+            let fields: Vec<&str> = content.split_whitespace().collect();
+            let [id, hex] = fields[..] else {
+                return Err(fail(format!(
+                    "expected 2 fields `WORKSPACE_ID SHA256_HEX_OF_BEARER`, found {}",
+                    fields.len()
+                )));
+            };
+            if !valid_workspace_id(id) {
+                return Err(fail(format!(
+                    "the workspace ID must be 1-{MAX_WORKSPACE_ID_CHARS} characters of letters, digits, '.', '_' or '-'"
+                )));
+            }
+            let hash = parse_hex_digest(hex).ok_or_else(|| {
+                fail(format!(
+                    "the second field must be 64 hex digits, the SHA-256 of the bearer \
+                     (`printf %s \"$BEARER\" | sha256sum`), not the bearer itself; got {} characters",
+                    hex.len()
+                ))
+            })?;
+            if hashes.len() >= MAX_TOKENS_FILE_ENTRIES {
+                return Err(fail(format!("more than {MAX_TOKENS_FILE_ENTRIES} entries")));
+            }
+            if hashes.insert(id.to_owned(), hash).is_some() {
+                return Err(fail(format!("workspace {id} is listed twice")));
+            }
+        }
+        Ok(Self { hashes })
+    }
+}
+
+fn parse_hex_digest(hex: &str) -> Option<Digest32> {
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in hex.as_bytes().chunks(2).enumerate() {
+        let text = std::str::from_utf8(pair).ok()?;
+        out[i] = u8::from_str_radix(text, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// The workspace bearer table, reloadable from its file.
+pub struct WorkspaceTokens {
+    source: Option<PathBuf>,
+    table: RwLock<Arc<TokenTable>>,
+}
+
+impl fmt::Debug for WorkspaceTokens {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WorkspaceTokens")
+            .field("source", &self.source)
+            .field("entries", &self.len())
+            .finish()
+    }
+}
+
+impl Default for WorkspaceTokens {
+    fn default() -> Self {
+        Self::empty()
+    }
+}
+
+impl WorkspaceTokens {
+    fn with_table(source: Option<PathBuf>, table: TokenTable) -> Self {
+        Self {
+            source,
+            table: RwLock::new(Arc::new(table)),
+        }
+    }
+
+    /// No workspace tokens (only the admin bearer, if any, is accepted).
+    pub fn empty() -> Self {
+        Self::with_table(None, TokenTable::default())
+    }
+
+    /// Parses the file format: lines `WORKSPACE_ID SHA256_HEX_OF_BEARER`,
+    /// blank lines and `#` comment lines ignored.
+    pub fn parse(text: &str) -> Result<Self, TokensFileError> {
+        Ok(Self::with_table(None, TokenTable::parse(text, "<inline>")?))
+    }
+
+    /// Loads `path`; [`WorkspaceTokens::reload`] re-reads it.
+    pub fn load(path: impl Into<PathBuf>) -> Result<Self, TokensFileError> {
+        let path = path.into();
+        let table = read_table(&path)?;
+        Ok(Self::with_table(Some(path), table))
+    }
+
+    /// A table from `(workspace ID, bearer)` pairs, hashing the bearers (for
+    /// tests and embedding).
+    pub fn from_bearers<I, S>(entries: I) -> Self
+    where
+        I: IntoIterator<Item = (S, SecretString)>,
+        S: Into<String>,
+    {
+        let hashes = entries
+            .into_iter()
+            .map(|(id, bearer)| (id.into(), digest(bearer.expose_secret())))
+            .collect();
+        Self::with_table(None, TokenTable { hashes })
+    }
+
+    /// Re-reads the file this table came from and swaps it in whole; on
+    /// error the old table stays. Returns the number of entries now loaded.
+    pub fn reload(&self) -> Result<usize, TokensFileError> {
+        let Some(path) = &self.source else {
+            return Ok(self.len());
+        };
+        let table = Arc::new(read_table(path)?);
+        let entries = table.hashes.len();
+        *self.table.write().unwrap_or_else(PoisonError::into_inner) = table;
+        Ok(entries)
+    }
+
+    /// The file this table is loaded from, if any.
+    pub fn source(&self) -> Option<&Path> {
+        self.source.as_deref()
+    }
+
+    /// Number of workspaces.
+    pub fn len(&self) -> usize {
+        self.current().hashes.len()
+    }
+
+    /// Whether no workspace is listed.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn current(&self) -> Arc<TokenTable> {
+        Arc::clone(&self.table.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Whether `bearer` is the bearer of workspace `workspace_id`.
+    pub fn verify(&self, workspace_id: &str, bearer: &str) -> bool {
+        let presented = digest(bearer);
+        let table = self.current();
+        // Compare against a dummy for unknown IDs so both paths cost the same.
+        let (expected, known) = match table.hashes.get(workspace_id) {
+            Some(hash) => (*hash, true),
+            None => ([0u8; 32], false),
+        };
+        bool::from(presented.ct_eq(&expected)) && known
+    }
+
+    /// The workspace whose bearer is `bearer`, checking every entry.
+    pub fn find(&self, bearer: &str) -> Option<String> {
+        let presented = digest(bearer);
+        let table = self.current();
+        let mut found = None;
+        for (id, hash) in &table.hashes {
+            if bool::from(presented.ct_eq(hash)) {
+                found = Some(id.clone());
+            }
+        }
+        found
+    }
+}
+
+fn read_table(path: &Path) -> Result<TokenTable, TokensFileError> {
+    let read_error = |source| TokensFileError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(read_error)?;
+    let mut text = String::new();
+    file.take(MAX_TOKENS_FILE_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(read_error)?;
+    if text.len() as u64 > MAX_TOKENS_FILE_BYTES {
+        return Err(TokensFileError::TooLarge {
+            path: path.to_owned(),
+        });
+    }
+    TokenTable::parse(&text, &path.display().to_string())
+}
+
+/// Who a request was authorised as.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Caller {
+    /// The admin bearer.
+    Admin,
+    /// A workspace's own bearer.
+    Workspace(String),
+}
+
+/// Why a request was refused (the text is safe to send to the caller).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// No `Authorization: Bearer …` header.
+    #[error("missing bearer token")]
+    MissingBearer,
+    /// A bearer that matches nothing allowed on this route.
+    #[error("invalid bearer token")]
+    InvalidBearer,
+}
+
+/// The platform's bearer checks.
+pub struct Auth {
+    admin: Option<Digest32>,
+    workspaces: WorkspaceTokens,
+}
+
+impl fmt::Debug for Auth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Auth")
+            .field("admin", &self.admin.is_some())
+            .field("workspaces", &self.workspaces)
+            .finish()
+    }
+}
+
+impl Auth {
+    /// Checks against `admin` (`ADMIN_TOKEN`; an empty one counts as unset)
+    /// and the `workspaces` table. Only the admin bearer's digest is kept.
+    pub fn new(admin: Option<SecretString>, workspaces: WorkspaceTokens) -> Self {
+        let admin = admin
+            .filter(|a| !a.expose_secret().is_empty())
+            .map(|a| digest(a.expose_secret()));
+        Self { admin, workspaces }
+    }
+
+    /// The workspace table (to reload it).
+    pub fn workspaces(&self) -> &WorkspaceTokens {
+        &self.workspaces
+    }
+
+    /// Whether an admin bearer is configured.
+    pub fn has_admin(&self) -> bool {
+        self.admin.is_some()
+    }
+
+    fn is_admin(&self, bearer: &str) -> bool {
+        let presented = digest(bearer);
+        match &self.admin {
+            Some(admin) => bool::from(presented.ct_eq(admin)),
+            None => false,
+        }
+    }
+
+    /// `GET /workspaces/{id}/…`: that workspace's bearer or the admin one.
+    pub fn authorize_workspace(
+        &self,
+        workspace_id: &str,
+        bearer: Option<&str>,
+    ) -> Result<Caller, AuthError> {
+        let bearer = bearer.ok_or(AuthError::MissingBearer)?;
+        if self.is_admin(bearer) {
+            return Ok(Caller::Admin);
+        }
+        if valid_workspace_id(workspace_id) && self.workspaces.verify(workspace_id, bearer) {
+            return Ok(Caller::Workspace(workspace_id.to_owned()));
+        }
+        Err(AuthError::InvalidBearer)
+    }
+
+    /// `GET /admin/…`: the admin bearer; when no admin bearer is configured,
+    /// any workspace's bearer (a workspace that does not know its ID can
+    /// still fetch a token). With `ADMIN_TOKEN` set, workspace bearers are
+    /// refused here.
+    pub fn authorize_admin(&self, bearer: Option<&str>) -> Result<Caller, AuthError> {
+        let bearer = bearer.ok_or(AuthError::MissingBearer)?;
+        if self.admin.is_some() {
+            return if self.is_admin(bearer) {
+                Ok(Caller::Admin)
+            } else {
+                Err(AuthError::InvalidBearer)
+            };
+        }
+        self.workspaces
+            .find(bearer)
+            .map(Caller::Workspace)
+            .ok_or(AuthError::InvalidBearer)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hex(bearer: &str) -> String {
+        digest(bearer).iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    #[test]
+    fn parses_comments_blank_lines_and_entries() {
+        let text = format!(
+            "# tokens\n\n  ws-a {}\nws.b\t{}  \n",
+            hex("alpha"),
+            hex("beta").to_uppercase()
+        );
+        let tokens = WorkspaceTokens::parse(&text).unwrap();
+        assert_eq!(tokens.len(), 2);
+        assert!(tokens.verify("ws-a", "alpha"));
+        assert!(tokens.verify("ws.b", "beta"));
+        assert!(!tokens.verify("ws-a", "beta"));
+        assert!(!tokens.verify("ws-c", "alpha"));
+        assert_eq!(tokens.find("beta").as_deref(), Some("ws.b"));
+        assert_eq!(tokens.find("gamma"), None);
+    }
+
+    #[test]
+    fn errors_name_the_line_and_never_echo_content() {
+        let cases = [
+            ("ws-a\n".to_owned(), 1, "expected 2 fields"),
+            (format!("# c\nws-a {} extra\n", hex("a")), 2, "found 3"),
+            (
+                "\n\nws-a ghs_raw_bearer_by_mistake\n".to_owned(),
+                3,
+                "not the bearer itself",
+            ),
+            (format!("ws/a {}\n", hex("a")), 1, "workspace ID"),
+            (
+                format!("ws-a {}\nws-a {}\n", hex("a"), hex("b")),
+                2,
+                "listed twice",
+            ),
+        ];
+        for (text, line, needle) in cases {
+            let err = WorkspaceTokens::parse(&text).unwrap_err();
+            let msg = err.to_string();
+            assert!(msg.starts_with(&format!("<inline>:{line}: ")), "{msg}");
+            assert!(msg.contains(needle), "{msg}");
+            assert!(!msg.contains("ghs_raw"), "{msg}");
+        }
+    }
+
+    #[test]
+    fn reload_swaps_the_table_and_keeps_it_on_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens");
+        std::fs::write(&path, format!("ws-a {}\n", hex("alpha"))).unwrap();
+        let tokens = WorkspaceTokens::load(&path).unwrap();
+        assert!(tokens.verify("ws-a", "alpha"));
+        std::fs::write(&path, format!("ws-b {}\n", hex("beta"))).unwrap();
+        assert_eq!(tokens.reload().unwrap(), 1);
+        assert!(!tokens.verify("ws-a", "alpha"));
+        assert!(tokens.verify("ws-b", "beta"));
+        std::fs::write(&path, "broken\n").unwrap();
+        let err = tokens.reload().unwrap_err();
+        assert!(err.to_string().contains(":1: expected 2 fields"), "{err}");
+        assert!(tokens.verify("ws-b", "beta"), "old table kept");
+    }
+
+    #[test]
+    fn oversized_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens");
+        let file = std::fs::File::create(&path).unwrap();
+        file.set_len(MAX_TOKENS_FILE_BYTES + 1).unwrap();
+        let err = WorkspaceTokens::load(&path).unwrap_err();
+        assert!(matches!(err, TokensFileError::TooLarge { .. }), "{err}");
+    }
+
+    #[test]
+    fn admin_route_rules() {
+        let ws = || WorkspaceTokens::from_bearers([("ws-a", SecretString::from("alpha"))]);
+        let with_admin = Auth::new(Some(SecretString::from("root")), ws());
+        assert_eq!(with_admin.authorize_admin(Some("root")), Ok(Caller::Admin));
+        assert_eq!(
+            with_admin.authorize_admin(Some("alpha")),
+            Err(AuthError::InvalidBearer)
+        );
+        assert_eq!(
+            with_admin.authorize_admin(None),
+            Err(AuthError::MissingBearer)
+        );
+        let without_admin = Auth::new(Some(SecretString::from("")), ws());
+        assert!(!without_admin.has_admin());
+        assert_eq!(
+            without_admin.authorize_admin(Some("alpha")),
+            Ok(Caller::Workspace("ws-a".into()))
+        );
+        assert_eq!(
+            without_admin.authorize_admin(Some("")),
+            Err(AuthError::InvalidBearer)
+        );
+    }
+}

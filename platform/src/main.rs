@@ -1,0 +1,251 @@
+//! `molecule-platform`: the token broker as a standalone service.
+//!
+//! Prints `molecule-platform listening on http://ADDR` as the first line of
+//! stdout once bound (scripts and tests read the port from it), then how to
+//! point a daemon at it. Logs go to stderr. SIGTERM/SIGINT drain and exit 0;
+//! SIGHUP re-reads the workspace tokens file.
+
+#![forbid(unsafe_code)]
+
+use std::fs::{DirBuilder, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use molecule_platform::config::{Args, Config, LogFormat, ProviderChoice};
+use molecule_platform::{
+    AppState, Auth, DevProvider, GitHubAppProvider, Registry, WorkspaceTokens,
+};
+use rand::Rng;
+use rand::distr::Alphanumeric;
+use secrecy::{ExposeSecret, SecretString};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let admin_token = std::env::var("ADMIN_TOKEN").ok();
+    let log_format = args.log_format;
+    init_tracing(log_format);
+    match run(args, admin_token) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            let chain: Vec<String> = error.chain().map(ToString::to_string).collect();
+            eprintln!("error: {}", chain.join(" -> "));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn run(args: Args, admin_token: Option<String>) -> anyhow::Result<()> {
+    let config = Config::from_args(args, admin_token).context("invalid configuration")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(serve(config))
+}
+
+/// A random dev bearer: `dev-` and 40 letters or digits.
+fn random_bearer() -> SecretString {
+    let random: String = rand::rng()
+        .sample_iter(Alphanumeric)
+        .take(40)
+        .map(char::from)
+        .collect();
+    SecretString::from(format!("dev-{random}"))
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let registry = Arc::new(Registry::new());
+    let dev = matches!(config.provider, ProviderChoice::Dev { .. });
+    match config.provider {
+        ProviderChoice::Off => tracing::warn!(
+            "no GitHub App configured (GITHUB_APP_ID unset): the token endpoints answer 404"
+        ),
+        ProviderChoice::Dev { token_ttl } => {
+            tracing::info!(
+                "dev mode: minting fake ghs_ tokens living {}",
+                humantime::format_duration(token_ttl)
+            );
+            registry.register(Arc::new(DevProvider::new(token_ttl)));
+        }
+        ProviderChoice::GitHub(github) => {
+            let issuer = github.issuer.clone();
+            let provider = GitHubAppProvider::new(github).context("GitHub App configuration")?;
+            tracing::info!("GitHub App {issuer}: tokens from {}", provider.endpoint());
+            registry.register(Arc::new(provider));
+        }
+    }
+
+    let workspaces = match &config.workspace_tokens_file {
+        Some(path) => WorkspaceTokens::load(path).context("PLATFORM_WORKSPACE_TOKENS_FILE")?,
+        None => WorkspaceTokens::empty(),
+    };
+    let admin_from_env = config.admin_token.is_some();
+    let admin = match (config.admin_token, dev) {
+        (Some(admin), _) => Some(admin),
+        (None, true) => Some(random_bearer()),
+        (None, false) => None,
+    };
+    if admin.is_none() && workspaces.is_empty() {
+        tracing::warn!(
+            "neither ADMIN_TOKEN nor PLATFORM_WORKSPACE_TOKENS_FILE entries: every token request will be refused"
+        );
+    }
+    // A random dev bearer is useless unless written somewhere; one from
+    // ADMIN_TOKEN is already known to the user, so only an explicit file.
+    let dev_bearer_file = match (&admin, dev, &config.dev_auth_token_file) {
+        (Some(admin), true, Some(file)) => Some(write_dev_bearer(Some(file), admin)?),
+        (Some(admin), true, None) if !admin_from_env => Some(write_dev_bearer(None, admin)?),
+        _ => None,
+    };
+    let auth = Auth::new(admin, workspaces);
+    tracing::info!(
+        "auth: admin bearer {}, {} workspace bearer(s)",
+        if auth.has_admin() { "set" } else { "unset" },
+        auth.workspaces().len()
+    );
+    let state = AppState::new(Arc::clone(&registry), auth);
+    let limits = state.limits().clone();
+    let auth = Arc::clone(state.auth());
+
+    let std_listener = std::net::TcpListener::bind(config.listen)
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    std_listener.set_nonblocking(true).context("listener")?;
+    let listener = tokio::net::TcpListener::from_std(std_listener).context("listener")?;
+    let addr = listener.local_addr().context("listener address")?;
+
+    announce(&format!("http://{addr}"), dev_bearer_file.as_deref())?;
+    tracing::info!("listening on http://{addr}");
+
+    let mut hangups = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            match auth.workspaces().reload() {
+                Ok(n) => tracing::info!("SIGHUP: reloaded workspace tokens ({n} entries)"),
+                Err(error) => tracing::error!(
+                    "SIGHUP: keeping the previous workspace tokens: {}",
+                    error_chain(&error)
+                ),
+            }
+        }
+    });
+    let mut terms = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut ints = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let shutdown = async move {
+        let which = tokio::select! {
+            _ = terms.recv() => "SIGTERM",
+            _ = ints.recv() => "SIGINT",
+        };
+        tracing::info!("{which}: shutting down, finishing in-flight requests");
+    };
+    let app = molecule_platform::app(state);
+    molecule_platform::service::serve_with_limits(listener, app, shutdown, &limits)
+        .await
+        .context("server")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = vec![error.to_string()];
+    let mut source = error.source();
+    while let Some(s) = source {
+        parts.push(s.to_string());
+        source = s.source();
+    }
+    parts.join(" -> ")
+}
+
+/// Prints the two start-up lines on stdout, flushed at once.
+fn announce(url: &str, dev_bearer_file: Option<&Path>) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "molecule-platform listening on {url}").context("stdout")?;
+    match dev_bearer_file {
+        Some(file) => {
+            let configs = file.parent().unwrap_or(Path::new("."));
+            if file.file_name().is_some_and(|n| n == ".auth_token") {
+                writeln!(
+                    out,
+                    "point a daemon at it: PLATFORM_URL={url} CONFIGS_DIR={} molecule-credd",
+                    configs.display()
+                )
+            } else {
+                writeln!(
+                    out,
+                    "point a daemon at it: PLATFORM_URL={url}, bearer in {} (copy it to $CONFIGS_DIR/.auth_token)",
+                    file.display()
+                )
+            }
+        }
+        None => writeln!(
+            out,
+            "point a daemon at it: PLATFORM_URL={url}, with its bearer ($ADMIN_TOKEN or a workspace's) in $CONFIGS_DIR/.auth_token"
+        ),
+    }
+    .context("stdout")?;
+    out.flush().context("stdout")?;
+    Ok(())
+}
+
+/// Writes the dev bearer where a daemon can read it: `file` when given, else
+/// `$TMPDIR/molecule-platform-dev-UID/.auth_token`. The folder is created
+/// 0700 and must belong to us; the file is 0600. The bearer is never printed.
+fn write_dev_bearer(file: Option<&Path>, bearer: &SecretString) -> anyhow::Result<PathBuf> {
+    let file = match file {
+        Some(file) => file.to_owned(),
+        None => std::env::temp_dir()
+            .join(format!("molecule-platform-dev-{}", nix::unistd::getuid()))
+            .join(".auth_token"),
+    };
+    let dir = file
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    let meta =
+        std::fs::metadata(dir).with_context(|| format!("cannot inspect {}", dir.display()))?;
+    use std::os::unix::fs::MetadataExt;
+    if meta.uid() != nix::unistd::getuid().as_raw() {
+        bail!(
+            "{} belongs to uid {}, not us: choose another --dev-auth-token-file",
+            dir.display(),
+            meta.uid()
+        );
+    }
+    let mut out = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&file)
+        .with_context(|| format!("cannot write {}", file.display()))?;
+    // An existing file keeps its mode on open: tighten it before writing.
+    out.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("cannot restrict {}", file.display()))?;
+    out.write_all(bearer.expose_secret().as_bytes())
+        .and_then(|()| out.write_all(b"\n"))
+        .with_context(|| format!("cannot write {}", file.display()))?;
+    tracing::info!("dev bearer written to {}", file.display());
+    Ok(file)
+}

@@ -1,0 +1,451 @@
+//! The token provider contract and the cache that keeps providers honest.
+//!
+//! Upstream's first fallback minted a fresh GitHub token on every request: a
+//! stampede against GitHub under load. Here every provider answers through a
+//! [`TokenCache`], which is where the contract lives:
+//!
+//! - it never returns a token that has expired;
+//! - a token inside the refresh window is replaced before answering (the old
+//!   one is still served when the refresh fails and it has not expired);
+//! - any number of concurrent callers share one upstream call (single
+//!   flight), and callers that queued behind a failed call share its error
+//!   instead of retrying one after another.
+//!
+//! The trait returns a boxed future so it stays object safe: the registry and
+//! the service hold providers as `Arc<dyn TokenProvider>`.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Duration;
+
+use jiff::{SignedDuration, Timestamp};
+use secrecy::{ExposeSecret, SecretString};
+use sha2::{Digest, Sha256};
+
+/// How long before expiry a cached token is replaced (GitHub's own plugin
+/// uses the same five minutes).
+pub const REFRESH_WINDOW: Duration = Duration::from_secs(5 * 60);
+
+/// After a failed upstream call, how long further callers get the same error
+/// without a new call, so a failing upstream sees a few calls a minute at
+/// most whatever the request rate.
+pub const FAILURE_COOLDOWN: Duration = Duration::from_secs(2);
+
+/// A token together with the expiry its issuer stated.
+///
+/// `Debug` redacts the token (it is a [`SecretString`]).
+#[derive(Clone, Debug)]
+pub struct IssuedToken {
+    /// The token itself.
+    pub token: SecretString,
+    /// When the issuer says it stops working.
+    pub expires_at: Timestamp,
+}
+
+impl IssuedToken {
+    /// A short, non-reversible fingerprint (first 12 hex digits of the
+    /// SHA-256) for logs that must tell tokens apart without showing them.
+    pub fn fingerprint(&self) -> String {
+        fingerprint(self.token.expose_secret())
+    }
+}
+
+/// The first 12 hex digits of the SHA-256 of `secret`.
+pub(crate) fn fingerprint(secret: &str) -> String {
+    let digest = Sha256::digest(secret.as_bytes());
+    digest[..6].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Why a provider could not produce a token. Never contains a token, a JWT or
+/// an upstream response body.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum ProviderError {
+    /// Upstream answered with a non-success HTTP status.
+    #[error("upstream answered HTTP {status}{}", detail_suffix(.detail))]
+    UpstreamStatus {
+        /// The HTTP status code.
+        status: u16,
+        /// Upstream's own short explanation (GitHub's `message`), sanitised.
+        detail: Option<String>,
+    },
+    /// Upstream did not answer in time.
+    #[error("upstream did not answer within {}", humantime::format_duration(*.0))]
+    Timeout(Duration),
+    /// Upstream could not be reached (DNS, connect, TLS, reset).
+    #[error("cannot reach upstream: {0}")]
+    Transport(String),
+    /// Upstream answered 2xx with something that is not a usable token.
+    #[error("malformed upstream answer: {0}")]
+    Malformed(String),
+    /// The provider is misconfigured (bad key, bad URL, bad id).
+    #[error("configuration: {0}")]
+    Config(String),
+}
+
+fn detail_suffix(detail: &Option<String>) -> String {
+    match detail {
+        Some(d) => format!(" ({d})"),
+        None => String::new(),
+    }
+}
+
+impl ProviderError {
+    /// A stable one-word class for logs and metrics.
+    pub fn class(&self) -> &'static str {
+        match self {
+            Self::UpstreamStatus { .. } => "upstream_status",
+            Self::Timeout(_) => "timeout",
+            Self::Transport(_) => "transport",
+            Self::Malformed(_) => "malformed",
+            Self::Config(_) => "config",
+        }
+    }
+}
+
+/// The future a [`TokenProvider`] returns.
+pub type TokenFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<IssuedToken, ProviderError>> + Send + 'a>>;
+
+/// Something that hands out a current GitHub token.
+///
+/// Contract: never returns an expired token; when its cached token is inside
+/// the refresh window it obtains a new one before answering; concurrent
+/// callers share one upstream call. Implementations get this by answering
+/// through a [`TokenCache`].
+pub trait TokenProvider: Send + Sync {
+    /// The current token and its expiry.
+    fn token(&self) -> TokenFuture<'_>;
+}
+
+/// Where "now" comes from: the system clock in production, a controllable
+/// one in tests of the refresh window.
+#[derive(Clone)]
+pub struct Clock(Arc<dyn Fn() -> Timestamp + Send + Sync>);
+
+impl Clock {
+    /// The system's wall clock.
+    pub fn system() -> Self {
+        Self(Arc::new(Timestamp::now))
+    }
+
+    /// A clock reading `now()` from `f`.
+    pub fn from_fn(f: impl Fn() -> Timestamp + Send + Sync + 'static) -> Self {
+        Self(Arc::new(f))
+    }
+
+    /// The current time.
+    pub fn now(&self) -> Timestamp {
+        (self.0)()
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::system()
+    }
+}
+
+impl fmt::Debug for Clock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Clock")
+    }
+}
+
+#[derive(Clone)]
+struct Cached {
+    token: IssuedToken,
+    obtained_at: Timestamp,
+}
+
+#[derive(Default)]
+struct Attempts {
+    /// Completed upstream attempts, successful or not.
+    completed: u64,
+    /// The last failed attempt, when it is the most recent one.
+    last_failure: Option<(Timestamp, ProviderError)>,
+}
+
+/// A cached token with single-flight refresh: the heart of the
+/// [`TokenProvider`] contract.
+pub struct TokenCache {
+    current: RwLock<Option<Cached>>,
+    attempts: Mutex<Attempts>,
+    refresh: tokio::sync::Mutex<()>,
+    refresh_window: SignedDuration,
+    failure_cooldown: SignedDuration,
+    clock: Clock,
+}
+
+impl fmt::Debug for TokenCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenCache")
+            .field("refresh_window", &self.refresh_window)
+            .finish_non_exhaustive()
+    }
+}
+
+fn signed(d: Duration) -> SignedDuration {
+    SignedDuration::try_from(d).unwrap_or(SignedDuration::MAX)
+}
+
+impl TokenCache {
+    /// An empty cache replacing tokens `refresh_window` before they expire.
+    ///
+    /// A token issued with less than twice the window of life is replaced
+    /// at half its life instead, so short-lived tokens (dev mode, an
+    /// upstream handing out little life) do not cause a call per request.
+    pub fn new(refresh_window: Duration, clock: Clock) -> Self {
+        Self {
+            current: RwLock::new(None),
+            attempts: Mutex::default(),
+            refresh: tokio::sync::Mutex::new(()),
+            refresh_window: signed(refresh_window),
+            failure_cooldown: signed(FAILURE_COOLDOWN),
+            clock,
+        }
+    }
+
+    /// Sets how long a failure is answered from memory (default
+    /// [`FAILURE_COOLDOWN`]; zero retries upstream on every call).
+    pub fn with_failure_cooldown(mut self, cooldown: Duration) -> Self {
+        self.failure_cooldown = signed(cooldown);
+        self
+    }
+
+    /// The clock this cache reads.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    /// The cached token when it is outside its refresh window.
+    fn fresh(&self, now: Timestamp) -> Option<IssuedToken> {
+        let guard = self.current.read().unwrap_or_else(PoisonError::into_inner);
+        let cached = guard.as_ref()?;
+        let life = cached.token.expires_at.duration_since(cached.obtained_at);
+        let window = self.refresh_window.min(life / 2);
+        let remaining = cached.token.expires_at.duration_since(now);
+        (remaining > window).then(|| cached.token.clone())
+    }
+
+    /// The cached token when it has not expired, whatever its window.
+    fn unexpired(&self, now: Timestamp) -> Option<IssuedToken> {
+        let guard = self.current.read().unwrap_or_else(PoisonError::into_inner);
+        let cached = guard.as_ref()?;
+        (cached.token.expires_at > now).then(|| cached.token.clone())
+    }
+
+    /// Drops the cached token so the next call fetches a new one.
+    pub fn invalidate(&self) {
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = None;
+    }
+
+    /// The cached token, or a new one from `fetch` when there is none or it
+    /// is inside its refresh window. Only one `fetch` runs at a time; callers
+    /// that waited for it get its result.
+    pub async fn get_or_refresh<F, Fut>(&self, fetch: F) -> Result<IssuedToken, ProviderError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<IssuedToken, ProviderError>>,
+    {
+        if let Some(token) = self.fresh(self.clock.now()) {
+            return Ok(token);
+        }
+        let seen = self.lock_attempts().completed;
+        let _flight = self.refresh.lock().await;
+        let now = self.clock.now();
+        if let Some(token) = self.fresh(now) {
+            return Ok(token);
+        }
+        {
+            let attempts = self.lock_attempts();
+            if let Some((failed_at, error)) = &attempts.last_failure {
+                // The call we queued behind failed, or one failed moments ago:
+                // share its answer rather than calling again.
+                let recent = now.duration_since(*failed_at) < self.failure_cooldown;
+                if attempts.completed != seen || recent {
+                    return self.unexpired(now).ok_or_else(|| error.clone());
+                }
+            }
+        }
+
+        let obtained_at = self.clock.now();
+        let result = fetch().await.and_then(|token| {
+            let now = self.clock.now();
+            if token.token.expose_secret().is_empty() {
+                Err(ProviderError::Malformed("empty token".into()))
+            } else if token.expires_at <= now {
+                Err(ProviderError::Malformed(format!(
+                    "token already expired at {}",
+                    token.expires_at
+                )))
+            } else {
+                Ok(token)
+            }
+        });
+        let mut attempts = self.lock_attempts();
+        attempts.completed += 1;
+        match result {
+            Ok(token) => {
+                attempts.last_failure = None;
+                *self.current.write().unwrap_or_else(PoisonError::into_inner) = Some(Cached {
+                    token: token.clone(),
+                    obtained_at,
+                });
+                Ok(token)
+            }
+            Err(error) => {
+                attempts.last_failure = Some((self.clock.now(), error.clone()));
+                drop(attempts);
+                match self.unexpired(self.clock.now()) {
+                    Some(stale) => {
+                        tracing::warn!(
+                            "[github] token refresh failed, serving the cached token (expires at {}): {error}",
+                            stale.expires_at
+                        );
+                        Ok(stale)
+                    }
+                    None => Err(error),
+                }
+            }
+        }
+    }
+
+    fn lock_attempts(&self) -> std::sync::MutexGuard<'_, Attempts> {
+        self.attempts.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+
+    fn manual_clock(start: Timestamp) -> (Clock, Arc<AtomicI64>) {
+        let offset = Arc::new(AtomicI64::new(0));
+        let o = Arc::clone(&offset);
+        let clock =
+            Clock::from_fn(move || start + SignedDuration::from_secs(o.load(Ordering::SeqCst)));
+        (clock, offset)
+    }
+
+    fn token(value: &str, expires_at: Timestamp) -> IssuedToken {
+        IssuedToken {
+            token: SecretString::from(value.to_owned()),
+            expires_at,
+        }
+    }
+
+    #[tokio::test]
+    async fn serves_cached_until_window_then_refreshes() {
+        let start = Timestamp::from_second(1_800_000_000).unwrap();
+        let (clock, offset) = manual_clock(start);
+        let cache = TokenCache::new(REFRESH_WINDOW, clock.clone());
+        let calls = AtomicUsize::new(0);
+        let fetch = || async {
+            let n = calls.fetch_add(1, Ordering::SeqCst);
+            Ok(token(
+                &format!("t{n}"),
+                clock.now() + SignedDuration::from_mins(60),
+            ))
+        };
+        let first = cache.get_or_refresh(fetch).await.unwrap();
+        offset.store(54 * 60, Ordering::SeqCst);
+        let same = cache.get_or_refresh(fetch).await.unwrap();
+        assert_eq!(first.token.expose_secret(), same.token.expose_secret());
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        offset.store(55 * 60 + 1, Ordering::SeqCst);
+        let next = cache.get_or_refresh(fetch).await.unwrap();
+        assert_ne!(first.token.expose_secret(), next.token.expose_secret());
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn short_lived_tokens_refresh_at_half_life() {
+        let start = Timestamp::from_second(1_800_000_000).unwrap();
+        let (clock, offset) = manual_clock(start);
+        let cache = TokenCache::new(REFRESH_WINDOW, clock.clone());
+        let calls = AtomicUsize::new(0);
+        let fetch = || async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Ok(token("short", clock.now() + SignedDuration::from_secs(120)))
+        };
+        cache.get_or_refresh(fetch).await.unwrap();
+        offset.store(59, Ordering::SeqCst);
+        cache.get_or_refresh(fetch).await.unwrap();
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "inside the first half of its life"
+        );
+        offset.store(61, Ordering::SeqCst);
+        cache.get_or_refresh(fetch).await.unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 2, "past half its life");
+    }
+
+    #[tokio::test]
+    async fn expired_or_empty_tokens_are_refused() {
+        let start = Timestamp::from_second(1_800_000_000).unwrap();
+        let (clock, _) = manual_clock(start);
+        let cache =
+            TokenCache::new(REFRESH_WINDOW, clock.clone()).with_failure_cooldown(Duration::ZERO);
+        let err = cache
+            .get_or_refresh(|| async { Ok(token("old", start - SignedDuration::from_secs(1))) })
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ProviderError::Malformed(_)), "{err}");
+        let err = cache
+            .get_or_refresh(|| async { Ok(token("", start + SignedDuration::from_mins(60))) })
+            .await
+            .unwrap_err();
+        assert_eq!(err.to_string(), "malformed upstream answer: empty token");
+    }
+
+    #[tokio::test]
+    async fn failure_serves_unexpired_cached_token_and_cools_down() {
+        let start = Timestamp::from_second(1_800_000_000).unwrap();
+        let (clock, offset) = manual_clock(start);
+        let cache = TokenCache::new(REFRESH_WINDOW, clock.clone());
+        cache
+            .get_or_refresh(|| async { Ok(token("good", start + SignedDuration::from_mins(60))) })
+            .await
+            .unwrap();
+        offset.store(57 * 60, Ordering::SeqCst);
+        let calls = AtomicUsize::new(0);
+        let failing = || async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Err(ProviderError::Timeout(Duration::from_secs(15)))
+        };
+        let stale = cache.get_or_refresh(failing).await.unwrap();
+        assert_eq!(stale.token.expose_secret(), "good");
+        let stale = cache.get_or_refresh(failing).await.unwrap();
+        assert_eq!(stale.token.expose_secret(), "good");
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "second call inside the cool-down"
+        );
+        offset.store(61 * 60, Ordering::SeqCst);
+        let err = cache.get_or_refresh(failing).await.unwrap_err();
+        assert!(matches!(err, ProviderError::Timeout(_)));
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn errors_read_well() {
+        let e = ProviderError::UpstreamStatus {
+            status: 401,
+            detail: Some("Bad credentials".into()),
+        };
+        assert_eq!(
+            e.to_string(),
+            "upstream answered HTTP 401 (Bad credentials)"
+        );
+        assert_eq!(
+            ProviderError::Timeout(Duration::from_secs(15)).to_string(),
+            "upstream did not answer within 15s"
+        );
+        assert_eq!(fingerprint("x").len(), 12);
+    }
+}
