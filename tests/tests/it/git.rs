@@ -68,6 +68,11 @@ fn credential_fill_is_served_from_the_daemon() {
         1,
         "the second fill must be served from the cache"
     );
+    let path = &platform.seen()[0].path;
+    assert!(
+        path.starts_with("/workspaces/ws-credd-test/"),
+        "WORKSPACE_ID selects the workspace route: {path}"
+    );
     let status = sandbox.status();
     assert_eq!(status.source, Some(Source::Platform));
     assert!(status.served >= 2, "status.served = {}", status.served);

@@ -97,6 +97,13 @@ fn fault_switch_produces_each_failure() {
     );
     assert_eq!(platform.requests(), before + 1, "down sees no requests");
     assert_eq!(platform.wait_for_requests(before + 1, WAIT), before + 1);
+    let faults: Vec<_> = platform.seen().into_iter().map(|r| r.fault).collect();
+    assert_eq!(faults[0], Fault::PassThrough);
+    assert_eq!(faults[1], Fault::Status(500));
+    assert!(
+        !faults.contains(&Fault::Down),
+        "a down platform sees nothing"
+    );
 
     // A wrong bearer is refused by the platform service itself.
     write_file(
@@ -143,6 +150,10 @@ fn git_server_accepts_only_current_tokens() {
         "clone with a wrong token must fail"
     );
     assert!(server.rejected_credentials() >= 1);
+    assert!(
+        server.unauthorized() > server.rejected_credentials(),
+        "git tries anonymously first"
+    );
 
     write_helper(token.token.expose());
     sandbox

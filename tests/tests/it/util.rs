@@ -149,11 +149,6 @@ impl Captured {
         String::from_utf8_lossy(&lock_ok(&self.shared.0).bytes).into_owned()
     }
 
-    /// Whether the writer closed the pipe (for a process: it exited).
-    pub(crate) fn is_closed(&self) -> bool {
-        lock_ok(&self.shared.0).closed
-    }
-
     /// Blocks until `done(text, closed)` holds; `Err` with the text on timeout.
     fn wait_until(
         &self,
@@ -233,16 +228,6 @@ pub(crate) struct Transcript {
 impl Transcript {
     fn record(&self, label: impl Into<String>, captured: &Captured) {
         lock_ok(&self.entries).push((label.into(), captured.clone()));
-    }
-
-    fn record_bytes(&self, label: impl Into<String>, bytes: &[u8]) {
-        let captured = Captured::default();
-        {
-            let mut state = lock_ok(&captured.shared.0);
-            state.bytes = bytes.to_vec();
-            state.closed = true;
-        }
-        self.record(label, &captured);
     }
 
     /// Labels and texts of everything recorded so far.
@@ -340,12 +325,6 @@ impl<'a> Cmd<'a> {
     /// Bytes written to the child's stdin (then closed).
     pub(crate) fn stdin(mut self, bytes: impl AsRef<[u8]>) -> Self {
         self.stdin = bytes.as_ref().to_vec();
-        self
-    }
-
-    /// Fails the test when the child runs longer than this.
-    pub(crate) fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
         self
     }
 
@@ -480,11 +459,6 @@ impl Sandbox {
     /// `CREDD_SOCKET`.
     pub(crate) fn socket(&self) -> PathBuf {
         self.run_dir().join("credd.sock")
-    }
-
-    /// The transcript scanned for secrets.
-    pub(crate) fn transcript(&self) -> &Transcript {
-        &self.transcript
     }
 
     /// Points daemon and helper at `platform` and writes its bearer to
