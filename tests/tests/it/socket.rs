@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use credd_core::protocol::{ErrorCode, Request, Response, decode, encode};
 
-use crate::util::{FAST_BACKOFF, Sandbox, TestPlatform, WAIT, exchange_raw, request_over};
+use crate::util::{
+    FAST_BACKOFF, Sandbox, TestPlatform, WAIT, exchange_raw, has_word, request_over,
+};
 
 /// An unprivileged uid present on Debian (`nobody`).
 pub(crate) const OTHER_UID: u32 = 65534;
@@ -135,11 +137,12 @@ fn callers_with_another_uid_are_refused_and_logged() {
         "status is for the daemon's own uid too: {status:?}"
     );
     let pid = std::process::id().to_string();
-    let line = daemon.log().wait_for_line(&pid, WAIT);
-    assert!(
-        line.contains("uid") && line.contains('0'),
-        "log line names pid and uid: {line}"
+    let line = daemon.log().wait_for_line_matching(
+        "a log line naming the refused caller's pid and uid",
+        WAIT,
+        |l| has_word(l, &pid) && l.contains("uid") && has_word(l, "0"),
     );
+    assert!(!line.is_empty());
 
     // `credd get` as root: refused, nothing printed, git moves on.
     let get = sandbox.credd_get("https", "github.com");

@@ -185,9 +185,22 @@ impl Captured {
     /// Blocks until a line containing `needle` was captured, failing the test
     /// (with the output so far) after `timeout` or if the pipe closes first.
     pub(crate) fn wait_for_line(&self, needle: &str, timeout: Duration) -> String {
+        self.wait_for_line_matching(&format!("a line containing {needle:?}"), timeout, |l| {
+            l.contains(needle)
+        })
+    }
+
+    /// Blocks until a line satisfying `matches` was captured; `what` describes
+    /// it in the failure message.
+    pub(crate) fn wait_for_line_matching(
+        &self,
+        what: &str,
+        timeout: Duration,
+        matches: impl Fn(&str) -> bool,
+    ) -> String {
         let mut closed_early = false;
         let result = self.wait_until(timeout, |text, closed| {
-            if text.lines().any(|l| l.contains(needle)) {
+            if text.lines().any(&matches) {
                 return true;
             }
             closed_early = closed;
@@ -196,17 +209,21 @@ impl Captured {
         match result {
             Ok(text) if !closed_early => text
                 .lines()
-                .find(|l| l.contains(needle))
+                .find(|l| matches(l))
                 .expect("matched above")
                 .to_owned(),
-            Ok(text) => panic!(
-                "waited for a line containing {needle:?} but the process closed its output first:\n{text}"
-            ),
-            Err(text) => {
-                panic!("no line containing {needle:?} within {timeout:?}; output so far:\n{text}")
+            Ok(text) => {
+                panic!("waited for {what} but the process closed its output first:\n{text}")
             }
+            Err(text) => panic!("no {what} within {timeout:?}; output so far:\n{text}"),
         }
     }
+}
+
+/// Whether `line` contains `word` delimited by non-alphanumeric characters.
+pub(crate) fn has_word(line: &str, word: &str) -> bool {
+    line.split(|c: char| !c.is_ascii_alphanumeric())
+        .any(|w| w == word)
 }
 
 fn lock_ok<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
