@@ -8,16 +8,18 @@
 # Targets (issue 2): within 1.5x of /bin/true, faster than credential-cache,
 # at least 10x faster than the seed helper.
 #
-#   scripts/bench-helper.sh            # needs hyperfine (apt-get install hyperfine), git, curl
+#   scripts/bench-helper.sh     # needs hyperfine (apt-get install hyperfine), git, curl
 #
 # Environment: SEED_DIR (default ../shared/seed) holds the seed helper as a
 # scraped text page; its bash script is extracted to a temp file at run time.
 # BENCH_RUNS (default 300) is hyperfine's minimum number of runs per command.
 #
-# hyperfine 1.15 (Debian's) cannot feed stdin to a command run without a
-# shell, so every command runs as `sh -c 'CMD < get.in'` and hyperfine
-# subtracts the measured cost of spawning that shell ("shell spawning time"
-# correction). All five commands pay the same shell, so the comparison is fair.
+# Stdin (git's request) comes from a file. hyperfine >= 1.16 feeds it with
+# `--input` and runs each command without a shell (`-N`): the most precise
+# form. Debian's hyperfine 1.15 cannot, so there every command runs as
+# `sh -c 'CMD < get.in'` and hyperfine subtracts its measured cost of spawning
+# that shell; that is noisier for ~1 ms commands, so prefer a newer hyperfine
+# (HYPERFINE=/path/to/hyperfine, e.g. from `cargo install hyperfine`).
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -25,7 +27,8 @@ cd "$root"
 seed_dir=${SEED_DIR:-$root/../shared/seed}
 runs=${BENCH_RUNS:-300}
 
-for tool in hyperfine git curl; do
+hyperfine=${HYPERFINE:-hyperfine}
+for tool in "$hyperfine" git curl; do
   if ! command -v "$tool" >/dev/null; then
     echo "error: $tool not found; install it (apt-get install $tool)" >&2
     exit 1
@@ -66,7 +69,7 @@ cargo rustc --release --quiet -p credd --bin credd -- -C target-feature=+crt-sta
 cp target/release/credd "$work/credd"
 cargo build --release --quiet -p molecule-credd -p molecule-platform
 bin="$root/target/release"
-if ldd "$work/credd" >/dev/null 2>&1; then
+if ldd "$work/credd" 2>&1 | grep -q '=>'; then
   echo "error: $work/credd is not statically linked" >&2
   exit 1
 fi
@@ -141,14 +144,21 @@ check "git credential-cache get" git credential-cache --socket "$cache_sock" get
 check "seed helper" bash "$seed" get
 
 q() { printf '%q' "$1"; }
-in_q=$(q "$input")
-echo "platform $PLATFORM_URL, daemon $CREDD_SOCKET, $(nproc) CPUs, $runs+ runs each" >&2
-hyperfine --shell sh --warmup 20 --min-runs "$runs" \
+if "$hyperfine" --help | grep -q -- '--input'; then
+  how=(-N --input "$input")
+  redirect=""
+else
+  how=(--shell sh)
+  redirect=" < $(q "$input")"
+fi
+echo "$("$hyperfine" --version), platform $PLATFORM_URL, daemon $CREDD_SOCKET," \
+  "$(nproc) CPUs, $runs+ runs each, ${how[*]}" >&2
+"$hyperfine" "${how[@]}" --warmup 20 --min-runs "$runs" \
   --export-json "$work/bench.json" --export-markdown "$work/bench.md" \
-  -n '/bin/true' "/bin/true < $in_q" \
-  -n 'credd get (static)' "$(q "$work/credd") get < $in_q" \
-  -n 'credd get (dynamic)' "$(q "$work/credd-dynamic") get < $in_q" \
-  -n 'git credential-cache get' "git credential-cache --socket $(q "$cache_sock") get < $in_q" \
-  -n 'seed helper (bash + curl)' "bash $(q "$seed") get < $in_q"
+  -n '/bin/true' "/bin/true$redirect" \
+  -n 'credd get (static)' "$(q "$work/credd") get$redirect" \
+  -n 'credd get (dynamic)' "$(q "$work/credd-dynamic") get$redirect" \
+  -n 'git credential-cache get' "git credential-cache --socket $(q "$cache_sock") get$redirect" \
+  -n 'seed helper (bash + curl)' "bash $(q "$seed") get$redirect"
 echo
 cat "$work/bench.md"
