@@ -370,3 +370,53 @@ fn unknown_actions_are_silent() {
     );
     assert_eq!(daemon.connections(), 0);
 }
+
+#[test]
+fn daemon_refusals_decide_whether_the_platform_is_asked() {
+    let mut sandbox = Sandbox::new();
+    let platform = FakePlatform::start(PlatformMode::Token);
+    sandbox.use_platform(&platform);
+    for (code, falls_back) in [
+        (ErrorCode::Forbidden, false),
+        (ErrorCode::Busy, false),
+        (ErrorCode::UnsupportedVersion, true),
+        (ErrorCode::BadRequest, true),
+    ] {
+        let socket = sandbox.socket();
+        let _ = std::fs::remove_file(&socket);
+        let _daemon = FakeDaemon::answering(
+            &socket,
+            Response::Error {
+                code,
+                message: "refused\nby the test".into(),
+            },
+        );
+        let before = platform.requests();
+        let run = sandbox.get("https", "github.com");
+        assert_eq!(run.code, Some(0), "{code:?}: {run:?}");
+        let lines = run.stderr_lines();
+        assert!(
+            lines[0].contains("refused by the test"),
+            "{code:?}: {run:?}"
+        );
+        if falls_back {
+            assert_eq!(
+                run.stdout,
+                expected_answer(PLATFORM_TOKEN, platform.expires_at)
+            );
+            assert_eq!(platform.requests(), before + 1, "{code:?}");
+        } else {
+            assert_eq!(
+                (run.stdout.as_str(), lines.len()),
+                ("", 1),
+                "{code:?}: {run:?}"
+            );
+            assert_eq!(
+                platform.requests(),
+                before,
+                "{code:?} must not reach the platform"
+            );
+        }
+        run.assert_stderr_clean();
+    }
+}
