@@ -1,0 +1,352 @@
+//! The real `molecule-platform` binary: start-up lines, dev mode, GitHub
+//! mode against the stand-in, refusing bad configuration, signals.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use nix::sys::signal::Signal;
+
+use crate::support::{
+    GitHubStandIn, INSTALLATION_ID, Mode, PlatformProcess, assert_no_secrets, http, keys,
+    run_to_exit, sha256_hex,
+};
+
+const ADMIN_ROUTE: &str = "/admin/github-installation-token";
+
+fn mode_of(path: &Path) -> u32 {
+    std::fs::metadata(path)
+        .expect("metadata")
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+async fn get(url: &str, bearer: Option<&str>) -> (u16, serde_json::Value) {
+    let mut request = http().get(url);
+    if let Some(bearer) = bearer {
+        request = request.bearer_auth(bearer);
+    }
+    let response = request.send().await.expect("request");
+    let status = response.status().as_u16();
+    let bytes = response.bytes().await.expect("body");
+    (status, serde_json::from_slice(&bytes).expect("JSON body"))
+}
+
+#[tokio::test]
+async fn dev_mode_serves_tokens_and_exits_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let configs = dir.path().join("configs");
+    let token_file = configs.join(".auth_token");
+    let mut platform = PlatformProcess::spawn(
+        &[
+            "--dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--dev-token-ttl",
+            "2m",
+            "--dev-auth-token-file",
+            token_file.to_str().unwrap(),
+        ],
+        &[],
+    )
+    .await;
+    let url = platform.url();
+    let port: u16 = url.rsplit(':').next().unwrap().parse().expect("port");
+    assert!(url.starts_with("http://127.0.0.1:") && port != 0, "{url}");
+    assert_eq!(
+        platform.second_line,
+        format!(
+            "point a daemon at it: PLATFORM_URL={url} CONFIGS_DIR={} molecule-credd",
+            configs.display()
+        )
+    );
+    assert_eq!(mode_of(&configs), 0o700);
+    assert_eq!(mode_of(&token_file), 0o600);
+    let bearer = std::fs::read_to_string(&token_file)
+        .expect("bearer")
+        .trim()
+        .to_owned();
+    assert!(bearer.len() >= 32, "a random bearer");
+
+    let (status, body) = get(&format!("{url}{ADMIN_ROUTE}"), Some(&bearer)).await;
+    assert_eq!(status, 200, "{body}");
+    let token = body["token"].as_str().expect("token").to_owned();
+    assert!(token.starts_with("ghs_") && token.len() >= 40);
+    let expires: jiff::Timestamp = body["expires_at"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .expect("RFC 3339");
+    let left = expires.duration_since(jiff::Timestamp::now());
+    assert!(
+        left > jiff::SignedDuration::from_secs(60) && left <= jiff::SignedDuration::from_secs(120)
+    );
+    let (status, body) = get(
+        &format!("{url}/workspaces/any-ws/github-installation-token"),
+        Some(&bearer),
+    )
+    .await;
+    assert_eq!(
+        (status, body["token"].as_str()),
+        (200, Some(token.as_str()))
+    );
+    let (status, body) = get(&format!("{url}{ADMIN_ROUTE}"), None).await;
+    assert_eq!(
+        (status, body),
+        (401, serde_json::json!({"error": "missing bearer token"}))
+    );
+
+    let exit = platform.signal_and_wait(Signal::SIGTERM).await;
+    assert!(exit.success(), "{exit:?}");
+    let stderr = platform.stderr();
+    assert!(stderr.contains("SIGTERM: shutting down"), "{stderr}");
+    let stdout = format!(
+        "{}\n{}\n",
+        platform.first_line,
+        crate::support::lock(&platform.stdout)
+    );
+    for (what, text) in [("stderr", &stderr), ("stdout", &stdout)] {
+        assert_no_secrets(what, text, &[bearer.clone(), token.clone()]);
+    }
+}
+
+#[tokio::test]
+async fn dev_mode_without_a_file_writes_the_bearer_under_tmpdir() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut platform = PlatformProcess::spawn(
+        &["--dev", "--listen", "127.0.0.1:0"],
+        &[("TMPDIR", tmp.path().to_str().unwrap())],
+    )
+    .await;
+    let configs = tmp
+        .path()
+        .join(format!("molecule-platform-dev-{}", nix::unistd::getuid()));
+    assert!(
+        platform
+            .second_line
+            .ends_with(&format!("CONFIGS_DIR={} molecule-credd", configs.display())),
+        "{}",
+        platform.second_line
+    );
+    let bearer = std::fs::read_to_string(configs.join(".auth_token")).expect("bearer");
+    let (status, _) = get(
+        &format!("{}{ADMIN_ROUTE}", platform.url()),
+        Some(bearer.trim()),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(platform.signal_and_wait(Signal::SIGINT).await.success());
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_workspace_tokens_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("workspace-tokens");
+    let (bearer_a, bearer_b) = (
+        "bearer-of-workspace-a-123456",
+        "bearer-of-workspace-b-123456",
+    );
+    std::fs::write(&file, format!("# ws\nws-a {}\n", sha256_hex(bearer_a))).expect("write");
+    let mut platform = PlatformProcess::spawn(
+        &["--dev", "--listen", "127.0.0.1:0"],
+        &[
+            ("ADMIN_TOKEN", "admin-for-the-sighup-test-0123"),
+            ("PLATFORM_WORKSPACE_TOKENS_FILE", file.to_str().unwrap()),
+        ],
+    )
+    .await;
+    assert!(
+        platform.second_line.contains("$CONFIGS_DIR/.auth_token"),
+        "ADMIN_TOKEN given, no file written: {}",
+        platform.second_line
+    );
+    let ws_b = format!(
+        "{}/workspaces/ws-b/github-installation-token",
+        platform.url()
+    );
+    assert_eq!(get(&ws_b, Some(bearer_b)).await.0, 401);
+    std::fs::write(
+        &file,
+        format!(
+            "ws-a {}\nws-b {}\n",
+            sha256_hex(bearer_a),
+            sha256_hex(bearer_b)
+        ),
+    )
+    .expect("write");
+    nix::sys::signal::kill(platform.pid(), Signal::SIGHUP).expect("SIGHUP");
+    platform
+        .wait_for_stderr("SIGHUP: reloaded workspace tokens (2 entries)", 1)
+        .await;
+    assert_eq!(get(&ws_b, Some(bearer_b)).await.0, 200);
+
+    std::fs::write(&file, "ws-a not-a-hash\n").expect("write");
+    nix::sys::signal::kill(platform.pid(), Signal::SIGHUP).expect("SIGHUP");
+    let stderr = platform
+        .wait_for_stderr("SIGHUP: keeping the previous workspace tokens", 1)
+        .await;
+    assert!(
+        stderr.contains(":1: the second field must be 64 hex digits"),
+        "{stderr}"
+    );
+    assert_eq!(
+        get(&ws_b, Some(bearer_b)).await.0,
+        200,
+        "previous table kept"
+    );
+    assert!(platform.signal_and_wait(Signal::SIGTERM).await.success());
+}
+
+fn github_env<'a>(
+    github: &'a GitHubStandIn,
+    key: &'a str,
+    installation: &'a str,
+) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("GITHUB_APP_ID", "4242"),
+        ("GITHUB_APP_INSTALLATION_ID", installation),
+        ("GITHUB_APP_PRIVATE_KEY_FILE", key),
+        ("GITHUB_API_URL", github.url()),
+        ("ADMIN_TOKEN", "admin-for-the-github-binary-test"),
+    ]
+}
+
+#[tokio::test]
+async fn github_mode_serves_the_installation_token() {
+    let github = GitHubStandIn::start();
+    let installation = INSTALLATION_ID.to_string();
+    let key = keys().pkcs1_file.to_str().unwrap();
+    let mut platform = PlatformProcess::spawn(
+        &["--listen", "127.0.0.1:0"],
+        &github_env(&github, key, &installation),
+    )
+    .await;
+    let (status, body) = get(
+        &format!("{}{ADMIN_ROUTE}", platform.url()),
+        Some("admin-for-the-github-binary-test"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body} {:?}", github.rejections());
+    assert_eq!(body["token"], github.issued()[0].0.as_str());
+    assert!(platform.signal_and_wait(Signal::SIGTERM).await.success());
+    let mut secrets = github.secrets();
+    secrets.push("admin-for-the-github-binary-test".into());
+    assert_no_secrets("stderr", &platform.stderr(), &secrets);
+}
+
+#[tokio::test]
+async fn github_failure_is_a_500_and_a_github_line_on_stderr() {
+    let github = GitHubStandIn::start();
+    github.set_mode(Mode::Status(401));
+    let installation = INSTALLATION_ID.to_string();
+    let key = keys().pkcs8_file.to_str().unwrap();
+    let mut platform = PlatformProcess::spawn(
+        &["--listen", "127.0.0.1:0"],
+        &github_env(&github, key, &installation),
+    )
+    .await;
+    let (status, body) = get(
+        &format!("{}{ADMIN_ROUTE}", platform.url()),
+        Some("admin-for-the-github-binary-test"),
+    )
+    .await;
+    assert_eq!(
+        (status, body),
+        (500, serde_json::json!({"error": "token refresh failed"}))
+    );
+    let stderr = platform
+        .wait_for_stderr(
+            "[github] token refresh failed: upstream answered HTTP 401 (Bad credentials)",
+            1,
+        )
+        .await;
+    assert!(platform.signal_and_wait(Signal::SIGTERM).await.success());
+    let mut secrets = github.secrets();
+    secrets.push("admin-for-the-github-binary-test".into());
+    assert_no_secrets("stderr", &stderr, &secrets);
+}
+
+#[tokio::test]
+async fn refuses_to_start_on_bad_configuration() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let garbage_key = dir.path().join("garbage.pem");
+    std::fs::write(
+        &garbage_key,
+        "-----BEGIN RSA PRIVATE KEY-----\nnot base64!\n-----END RSA PRIVATE KEY-----\n",
+    )
+    .expect("write");
+    let bad_tokens = dir.path().join("tokens");
+    std::fs::write(&bad_tokens, "# ok\nws-a\n").expect("write");
+    let key = keys().pkcs8_file.to_str().unwrap();
+    // (flags, environment, expected part of the error)
+    type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case<'_>> = vec![
+        (
+            vec![],
+            vec![("GITHUB_APP_ID", "4242")],
+            "error: invalid configuration -> GITHUB_APP_ID is set but GITHUB_APP_INSTALLATION_ID is not",
+        ),
+        (
+            vec![],
+            vec![
+                ("GITHUB_APP_ID", "4242"),
+                ("GITHUB_APP_INSTALLATION_ID", "777"),
+            ],
+            "GITHUB_APP_ID is set but GITHUB_APP_PRIVATE_KEY_FILE is not",
+        ),
+        (
+            vec![],
+            vec![
+                ("GITHUB_APP_ID", "4242"),
+                ("GITHUB_APP_INSTALLATION_ID", "777"),
+                ("GITHUB_APP_PRIVATE_KEY_FILE", "/nonexistent/app.pem"),
+            ],
+            "cannot read GITHUB_APP_PRIVATE_KEY_FILE /nonexistent/app.pem",
+        ),
+        (
+            vec![],
+            vec![
+                ("GITHUB_APP_ID", "4242"),
+                ("GITHUB_APP_INSTALLATION_ID", "777"),
+                ("GITHUB_APP_PRIVATE_KEY_FILE", garbage_key.to_str().unwrap()),
+            ],
+            "error: GitHub App configuration -> configuration: the private key is not an RSA key in PEM form",
+        ),
+        (
+            vec![],
+            vec![
+                ("GITHUB_APP_INSTALLATION_ID", "777"),
+                ("GITHUB_APP_PRIVATE_KEY_FILE", key),
+            ],
+            "GITHUB_APP_INSTALLATION_ID or GITHUB_APP_PRIVATE_KEY_FILE is set but GITHUB_APP_ID is not",
+        ),
+        (
+            vec![],
+            vec![(
+                "PLATFORM_WORKSPACE_TOKENS_FILE",
+                bad_tokens.to_str().unwrap(),
+            )],
+            ":2: expected 2 fields",
+        ),
+        (
+            vec!["--dev", "--listen", "0.0.0.0:0"],
+            vec![],
+            "--dev only listens on loopback",
+        ),
+        (
+            vec![],
+            vec![("PLATFORM_LISTEN", "localhost")],
+            "must be IP:PORT",
+        ),
+    ];
+    for (args, env, needle) in cases {
+        let (status, stdout, stderr) = run_to_exit(&args, &env).await;
+        assert_eq!(status.code(), Some(1), "{env:?}: {stderr}");
+        assert!(
+            stderr.contains(needle),
+            "{env:?}: expected {needle:?} in:\n{stderr}"
+        );
+        assert!(!stdout.contains("listening on"), "{env:?}: {stdout}");
+        assert_no_secrets("stderr", &stderr, &[]);
+    }
+}

@@ -1,0 +1,9 @@
+//! Integration tests for molecule-platform: the library's service in-process
+//! against a stand-in of GitHub's API, and the real binary.
+//!
+//! One test binary (modules below) keeps link time down on shared CI cores.
+
+mod binary;
+mod github;
+mod service;
+mod support;

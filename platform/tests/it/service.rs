@@ -1,0 +1,310 @@
+//! The service's routes and auth rules, in-process (tower `oneshot`) with
+//! the dev provider, and once over real HTTP for what only hyper adds.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::http::StatusCode;
+use molecule_platform::{AppState, Auth, DevProvider, Registry, WorkspaceTokens, app, serve};
+use secrecy::SecretString;
+
+use crate::support::{Logs, assert_no_secrets, get, http};
+
+const ADMIN: &str = "admin-bearer-0123456789abcdef";
+const WS_A: &str = "workspace-a-bearer-0123456789";
+const WS_B: &str = "workspace-b-bearer-0123456789";
+
+fn workspaces() -> WorkspaceTokens {
+    WorkspaceTokens::from_bearers([
+        ("ws-a", SecretString::from(WS_A)),
+        ("ws-b", SecretString::from(WS_B)),
+    ])
+}
+
+fn dev_app(admin: Option<&str>) -> (Router, Arc<DevProvider>) {
+    let provider = Arc::new(DevProvider::new(Duration::from_secs(600)));
+    let registry = Arc::new(Registry::new());
+    registry.register(Arc::clone(&provider) as _);
+    let auth = Auth::new(admin.map(SecretString::from), workspaces());
+    (app(AppState::new(registry, auth)), provider)
+}
+
+const WS_A_ROUTE: &str = "/workspaces/ws-a/github-installation-token";
+const ADMIN_ROUTE: &str = "/admin/github-installation-token";
+
+#[tokio::test]
+async fn auth_matrix_with_admin_token() {
+    let (logs, _guard) = Logs::capture();
+    let (app, provider) = dev_app(Some(ADMIN));
+    let cases: &[(&str, Option<&str>, StatusCode, Option<&str>)] = &[
+        (WS_A_ROUTE, Some(WS_A), StatusCode::OK, None),
+        (WS_A_ROUTE, Some(ADMIN), StatusCode::OK, None),
+        (
+            WS_A_ROUTE,
+            Some(WS_B),
+            StatusCode::UNAUTHORIZED,
+            Some("invalid bearer token"),
+        ),
+        (
+            WS_A_ROUTE,
+            None,
+            StatusCode::UNAUTHORIZED,
+            Some("missing bearer token"),
+        ),
+        (
+            WS_A_ROUTE,
+            Some("not-a-known-bearer"),
+            StatusCode::UNAUTHORIZED,
+            Some("invalid bearer token"),
+        ),
+        (
+            "/workspaces/ws-unknown/github-installation-token",
+            Some(WS_A),
+            StatusCode::UNAUTHORIZED,
+            Some("invalid bearer token"),
+        ),
+        (ADMIN_ROUTE, Some(ADMIN), StatusCode::OK, None),
+        (
+            ADMIN_ROUTE,
+            Some(WS_A),
+            StatusCode::UNAUTHORIZED,
+            Some("invalid bearer token"),
+        ),
+        (
+            ADMIN_ROUTE,
+            None,
+            StatusCode::UNAUTHORIZED,
+            Some("missing bearer token"),
+        ),
+        (
+            ADMIN_ROUTE,
+            Some("not-a-known-bearer"),
+            StatusCode::UNAUTHORIZED,
+            Some("invalid bearer token"),
+        ),
+    ];
+    let mut token = None;
+    for (path, bearer, status, error) in cases {
+        let answer = get(&app, path, *bearer).await;
+        assert_eq!(
+            answer.status,
+            *status,
+            "{path} with {:?}",
+            bearer.map(|b| &b[..9])
+        );
+        assert_eq!(answer.headers["cache-control"], "no-store");
+        match error {
+            Some(error) => assert_eq!(answer.body, serde_json::json!({ "error": error })),
+            None => {
+                let t = answer.body["token"].as_str().expect("token").to_owned();
+                assert!(t.starts_with("ghs_"));
+                assert_eq!(
+                    token.get_or_insert_with(|| t.clone()),
+                    &t,
+                    "one cached token"
+                );
+            }
+        }
+    }
+    assert_eq!(provider.minted(), 1);
+    let text = logs.text();
+    assert!(
+        text.contains("request refused: invalid bearer token"),
+        "{text}"
+    );
+    assert_no_secrets(
+        "logs",
+        &text,
+        &[
+            ADMIN.into(),
+            WS_A.into(),
+            WS_B.into(),
+            token.expect("a token was served"),
+        ],
+    );
+}
+
+#[tokio::test]
+async fn without_admin_token_the_admin_route_takes_workspace_bearers() {
+    let (app, _) = dev_app(None);
+    assert_eq!(
+        get(&app, ADMIN_ROUTE, Some(WS_A)).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        get(&app, ADMIN_ROUTE, Some(WS_B)).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        get(&app, ADMIN_ROUTE, Some(ADMIN)).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        get(&app, WS_A_ROUTE, Some(WS_B)).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+}
+
+#[tokio::test]
+async fn unconfigured_is_404_after_auth_and_registering_turns_it_on() {
+    let registry = Arc::new(Registry::new());
+    let auth = Auth::new(Some(SecretString::from(ADMIN)), workspaces());
+    let app = app(AppState::new(Arc::clone(&registry), auth));
+    let answer = get(&app, ADMIN_ROUTE, Some(ADMIN)).await;
+    assert_eq!(answer.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        answer.body,
+        serde_json::json!({"error": "no GitHub App configured"})
+    );
+    let answer = get(&app, WS_A_ROUTE, Some(WS_A)).await;
+    assert_eq!(answer.status, StatusCode::NOT_FOUND);
+    // Strangers learn nothing about the setup.
+    assert_eq!(
+        get(&app, ADMIN_ROUTE, Some("nope")).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    registry.register(Arc::new(DevProvider::new(Duration::from_secs(600))));
+    assert_eq!(
+        get(&app, ADMIN_ROUTE, Some(ADMIN)).await.status,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn healthz_and_unknown_routes() {
+    let (app, provider) = dev_app(Some(ADMIN));
+    let answer = get(&app, "/healthz", None).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.body, serde_json::json!({"status": "ok"}));
+    let answer = get(&app, "/nope", Some(ADMIN)).await;
+    assert_eq!(answer.status, StatusCode::NOT_FOUND);
+    assert_eq!(answer.body, serde_json::json!({"error": "not found"}));
+    let long_id = format!("/workspaces/{}/github-installation-token", "x".repeat(500));
+    assert_eq!(
+        get(&app, &long_id, Some(WS_A)).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(provider.minted(), 0, "no token minted for any of these");
+}
+
+#[tokio::test]
+async fn oversized_request_body_is_refused() {
+    let (app, _) = dev_app(Some(ADMIN));
+    let request = axum::http::Request::get(ADMIN_ROUTE)
+        .header("authorization", format!("Bearer {ADMIN}"))
+        .header("content-length", "1000000")
+        .body(axum::body::Body::from(vec![b'x'; 1_000_000]))
+        .expect("request");
+    let response = tower::ServiceExt::oneshot(app, request)
+        .await
+        .expect("infallible");
+    assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+}
+
+#[tokio::test]
+async fn sighup_style_reload_changes_who_is_accepted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("tokens");
+    std::fs::write(
+        &file,
+        format!("ws-a {}\n", crate::support::sha256_hex(WS_A)),
+    )
+    .expect("write");
+    let registry = Arc::new(Registry::new());
+    registry.register(Arc::new(DevProvider::new(Duration::from_secs(600))));
+    let state = AppState::new(
+        registry,
+        Auth::new(None, WorkspaceTokens::load(&file).expect("load")),
+    );
+    let auth = Arc::clone(state.auth());
+    let app = app(state);
+    assert_eq!(
+        get(&app, WS_A_ROUTE, Some(WS_A)).await.status,
+        StatusCode::OK
+    );
+    std::fs::write(
+        &file,
+        format!("# rotated\nws-a {}\n", crate::support::sha256_hex(WS_B)),
+    )
+    .expect("write");
+    assert_eq!(auth.workspaces().reload().expect("reload"), 1);
+    assert_eq!(
+        get(&app, WS_A_ROUTE, Some(WS_A)).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        get(&app, WS_A_ROUTE, Some(WS_B)).await.status,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn real_http_has_date_header_and_shuts_down_gracefully() {
+    let (app, _) = dev_app(Some(ADMIN));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve(listener, app, async move {
+        let _ = stop_rx.await;
+    }));
+    let client = http();
+    let response = client
+        .get(format!("http://{addr}{ADMIN_ROUTE}"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 200);
+    let date = response.headers()["date"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    let date = httpdate_parse(&date);
+    let body: serde_json::Value = response.json_or_panic().await;
+    let expires: jiff::Timestamp = body["expires_at"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .expect("RFC 3339");
+    let remaining = expires.duration_since(date);
+    assert!(
+        remaining > jiff::SignedDuration::from_secs(590)
+            && remaining <= jiff::SignedDuration::from_secs(601),
+        "expires_at - Date = {remaining:?}"
+    );
+    stop.send(()).expect("server alive");
+    tokio::time::timeout(crate::support::WAIT, server)
+        .await
+        .expect("server stops after the shutdown signal")
+        .expect("task")
+        .expect("serve");
+    assert!(
+        http()
+            .get(format!("http://{addr}/healthz"))
+            .send()
+            .await
+            .is_err(),
+        "no longer listening"
+    );
+}
+
+/// Parses an IMF-fixdate (`Sat, 28 Nov 2026 15:00:00 GMT`).
+fn httpdate_parse(text: &str) -> jiff::Timestamp {
+    jiff::fmt::rfc2822::parse(text)
+        .unwrap_or_else(|e| panic!("Date {text:?}: {e}"))
+        .timestamp()
+}
+
+trait JsonOrPanic {
+    async fn json_or_panic(self) -> serde_json::Value;
+}
+
+impl JsonOrPanic for reqwest::Response {
+    async fn json_or_panic(self) -> serde_json::Value {
+        let bytes = self.bytes().await.expect("body");
+        serde_json::from_slice(&bytes).expect("JSON body")
+    }
+}
