@@ -88,6 +88,22 @@ async fn stand_in_refuses_a_jwt_with_the_wrong_issuer() {
 }
 
 #[tokio::test]
+async fn stand_in_refuses_a_jwt_signed_with_another_key() {
+    let github = GitHubStandIn::start();
+    let (app, _) = service(
+        GitHubAppProvider::new(github.provider_config(&keys().other_pkcs8_pem)).expect("provider"),
+    );
+    let answer = get(&app, ROUTE, Some(ADMIN)).await;
+    assert_eq!(answer.status, StatusCode::INTERNAL_SERVER_ERROR);
+    let rejections = github.rejections();
+    assert_eq!(rejections.len(), 1);
+    assert!(
+        rejections[0].starts_with("JWT signature/shape refused"),
+        "{rejections:?}"
+    );
+}
+
+#[tokio::test]
 async fn hundred_concurrent_requests_make_one_github_call() {
     let github = GitHubStandIn::start();
     github.hold();

@@ -41,6 +41,8 @@ pub(crate) struct AppKeys {
     pub(crate) pkcs1_pem: String,
     /// `-----BEGIN PRIVATE KEY-----`.
     pub(crate) pkcs8_pem: String,
+    /// A different key (not the App's): GitHub must refuse its JWTs.
+    pub(crate) other_pkcs8_pem: String,
     /// SubjectPublicKeyInfo PEM.
     pub(crate) public_pem: String,
     /// File holding the PKCS#1 key.
@@ -81,11 +83,22 @@ pub(crate) fn keys() -> &'static AppKeys {
             &s(&pkcs8),
         ]);
         openssl(&["rsa", "-in", &s(&pkcs1), "-pubout", "-out", &s(&public)]);
+        let other = p("other.pkcs8.pem");
+        openssl(&[
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+            &s(&other),
+        ]);
         let read = |path: &Path| std::fs::read_to_string(path).expect("read key");
         let keys = AppKeys {
             pkcs1_pem: read(&pkcs1),
             pkcs8_pem: read(&pkcs8),
             public_pem: read(&public),
+            other_pkcs8_pem: read(&other),
             pkcs1_file: pkcs1,
             pkcs8_file: pkcs8,
             _dir: dir,
@@ -523,7 +536,11 @@ pub(crate) fn assert_no_secrets(what: &str, text: &str, secrets: &[String]) {
             &secret[..4]
         );
     }
-    for pem in [&keys().pkcs1_pem, &keys().pkcs8_pem] {
+    for pem in [
+        &keys().pkcs1_pem,
+        &keys().pkcs8_pem,
+        &keys().other_pkcs8_pem,
+    ] {
         for line in pem.lines().filter(|l| !l.starts_with("-----")).take(3) {
             assert!(!text.contains(line), "{what} contains private key material");
         }
