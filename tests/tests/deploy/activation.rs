@@ -1,0 +1,331 @@
+//! The daemon under systemd's protocols: socket activation through systemd's
+//! own `systemd-socket-activate`, and `sd_notify` into a test `NOTIFY_SOCKET`.
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+
+use crate::support::{
+    Lines, Platform, Secrets, WAIT, binary, have_tool, run_captured, signal, skip,
+    wait_with_deadline,
+};
+
+/// The daemon's environment for these tests: the dev platform, nothing inherited
+/// that could change its behaviour (a developer's GITHUB_TOKEN, RUST_LOG).
+fn daemon_env(command: &mut Command, platform: &Platform, socket: &Path) {
+    command
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("PLATFORM_URL", &platform.url)
+        .env("CONFIGS_DIR", &platform.configs_dir)
+        .env("CREDD_SOCKET", socket);
+}
+
+/// `credd ARGS` against `socket`.
+fn credd(dir: &Path, name: &str, socket: &Path, args: &[&str]) -> crate::support::Finished {
+    run_captured(
+        name,
+        dir,
+        Command::new(binary("credd"))
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("CREDD_SOCKET", socket)
+            // Unreachable on purpose: an answer must come from the daemon.
+            .env("PLATFORM_URL", "http://127.0.0.1:9")
+            .env("CONFIGS_DIR", dir),
+    )
+}
+
+fn private_dir(path: PathBuf) -> PathBuf {
+    std::fs::create_dir_all(&path).expect("create dir");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700)).expect("chmod 700");
+    path
+}
+
+fn exe_of(pid: u32) -> Option<PathBuf> {
+    std::fs::read_link(format!("/proc/{pid}/exe")).ok()
+}
+
+/// Kills a child left behind by a failing test.
+struct KillOnDrop(Option<Child>);
+
+impl KillOnDrop {
+    fn take(&mut self) -> Child {
+        self.0.take().expect("child still owned")
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+#[test]
+fn socket_activation_through_systemd_socket_activate() {
+    if !have_tool("systemd-socket-activate") {
+        return skip(
+            "socket activation",
+            "systemd-socket-activate is not installed",
+        );
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secrets = Secrets::default();
+    let platform = Platform::start(&dir.path().join("configs"), "10m", &secrets);
+    let socket = private_dir(dir.path().join("run")).join("credd.sock");
+    let daemon = binary("molecule-credd");
+
+    // systemd-socket-activate binds the socket, waits for the first
+    // connection, then execs the daemon in its own process with fd 3.
+    let mut command = Command::new("systemd-socket-activate");
+    daemon_env(&mut command, &platform, &socket);
+    let mut activator = KillOnDrop(Some(
+        command
+            .arg("--listen")
+            .arg(&socket)
+            .args([
+                "-E",
+                "PLATFORM_URL",
+                "-E",
+                "CONFIGS_DIR",
+                "-E",
+                "CREDD_SOCKET",
+                "-E",
+                "PATH",
+            ])
+            .arg(&daemon)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start systemd-socket-activate"),
+    ));
+    let pid = activator.0.as_ref().expect("child").id();
+    let stderr = Lines::spawn(
+        activator
+            .0
+            .as_mut()
+            .and_then(|c| c.stderr.take())
+            .expect("stderr"),
+    );
+    stderr.wait_for("systemd-socket-activate", "Listening on");
+    assert_ne!(
+        exe_of(pid),
+        std::fs::canonicalize(&daemon).ok(),
+        "the daemon must start on the first connection, not before"
+    );
+
+    // The first client's connection is queued while the daemon starts.
+    let status = credd(dir.path(), "status", &socket, &["status", "--json"]);
+    assert!(
+        status.status.success(),
+        "credd status through the activated socket:\n{}",
+        status.transcript()
+    );
+    assert_eq!(
+        exe_of(pid),
+        std::fs::canonicalize(&daemon).ok(),
+        "the daemon now runs in the activated process"
+    );
+    let token = credd(dir.path(), "token", &socket, &["token"]);
+    assert!(token.status.success(), "{}", token.stderr);
+    let token = token.stdout.trim_end().to_owned();
+    assert!(token.starts_with("ghs_"), "a dev token is served");
+    secrets.add(token.clone());
+    let status = credd(dir.path(), "status2", &socket, &["status", "--json"]);
+    let json: serde_json::Value = serde_json::from_str(&status.stdout)
+        .unwrap_or_else(|e| panic!("status --json is JSON ({e}):\n{}", status.transcript()));
+    assert_eq!(json["source"], "platform", "{json}");
+    assert_eq!(json["pid"], pid, "the daemon is the activated process");
+
+    // SIGTERM: exit 0, and the socket systemd created is left alone.
+    signal(pid, Signal::SIGTERM);
+    let exit = wait_with_deadline("activated daemon", activator.take(), WAIT);
+    stderr.wait_closed("daemon stderr");
+    let log = stderr.text();
+    assert!(exit.success(), "daemon exit after SIGTERM: {exit}\n{log}");
+    assert!(
+        socket.exists(),
+        "the daemon removed a socket it did not create"
+    );
+    secrets.assert_clean("activated daemon's log", &log);
+    secrets.assert_clean("credd status", &status.stdout);
+}
+
+#[test]
+fn an_activated_socket_that_is_not_a_stream_listener_is_refused() {
+    if !have_tool("systemd-socket-activate") {
+        return skip(
+            "socket activation (datagram)",
+            "systemd-socket-activate is not installed",
+        );
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secrets = Secrets::default();
+    let platform = Platform::start(&dir.path().join("configs"), "10m", &secrets);
+    let socket = private_dir(dir.path().join("run")).join("credd.sock");
+    let mut command = Command::new("systemd-socket-activate");
+    daemon_env(&mut command, &platform, &socket);
+    let mut activator = KillOnDrop(Some(
+        command
+            .args(["--datagram", "--listen"])
+            .arg(&socket)
+            .args([
+                "-E",
+                "PLATFORM_URL",
+                "-E",
+                "CONFIGS_DIR",
+                "-E",
+                "CREDD_SOCKET",
+            ])
+            .arg(binary("molecule-credd"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start systemd-socket-activate"),
+    ));
+    let stderr = Lines::spawn(
+        activator
+            .0
+            .as_mut()
+            .and_then(|c| c.stderr.take())
+            .expect("stderr"),
+    );
+    stderr.wait_for("systemd-socket-activate", "Listening on");
+    UnixDatagram::unbound()
+        .expect("datagram socket")
+        .send_to(b"wake up", &socket)
+        .expect("send a datagram");
+    let exit = wait_with_deadline("daemon on a datagram socket", activator.take(), WAIT);
+    stderr.wait_closed("daemon stderr");
+    let log = stderr.text();
+    assert!(
+        !exit.success(),
+        "the daemon must refuse a datagram socket:\n{log}"
+    );
+    assert!(
+        log.contains("error:") && log.contains("stream socket"),
+        "a clear error naming the problem:\n{log}"
+    );
+}
+
+/// Every `KEY=value` assignment received on the notify socket, with when.
+fn notifications(socket: UnixDatagram) -> mpsc::Receiver<(Instant, String)> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 4096];
+        while let Ok(n) = socket.recv(&mut buf) {
+            let at = Instant::now();
+            for line in String::from_utf8_lossy(&buf[..n]).lines() {
+                if tx.send((at, line.to_owned())).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    rx
+}
+
+/// Receives until an assignment starting with `prefix`; fails after [`WAIT`].
+fn expect(rx: &mpsc::Receiver<(Instant, String)>, prefix: &str, seen: &mut Vec<String>) -> Instant {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok((at, line)) => {
+                let hit = line.starts_with(prefix);
+                seen.push(line);
+                if hit {
+                    return at;
+                }
+            }
+            Err(_) => panic!("no {prefix} within {WAIT:?}; received: {seen:?}"),
+        }
+    }
+}
+
+#[test]
+fn notify_socket_receives_ready_status_watchdog_and_stopping() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secrets = Secrets::default();
+    let platform = Platform::start(&dir.path().join("configs"), "10m", &secrets);
+    let socket = private_dir(dir.path().join("run")).join("credd.sock");
+    let notify_path = dir.path().join("notify");
+    let systemd = UnixDatagram::bind(&notify_path).expect("bind the notify socket");
+    let rx = notifications(systemd);
+
+    // WATCHDOG_USEC=400ms: the daemon must ping every 200 ms.
+    let watchdog_usec: u64 = 400_000;
+    let interval = Duration::from_micros(watchdog_usec / 2);
+    let mut command = Command::new(binary("molecule-credd"));
+    daemon_env(&mut command, &platform, &socket);
+    let mut daemon = KillOnDrop(Some(
+        command
+            .env("NOTIFY_SOCKET", &notify_path)
+            .env("WATCHDOG_USEC", watchdog_usec.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start molecule-credd"),
+    ));
+    let pid = daemon.0.as_ref().expect("child").id();
+    let stderr = Lines::spawn(
+        daemon
+            .0
+            .as_mut()
+            .and_then(|c| c.stderr.take())
+            .expect("stderr"),
+    );
+
+    let mut seen = Vec::new();
+    expect(&rx, "READY=1", &mut seen);
+    // READY means serving: the socket answers right away.
+    let status = credd(dir.path(), "status", &socket, &["status"]);
+    assert!(
+        status.status.success(),
+        "READY=1 was sent before the socket answered:\n{}",
+        status.transcript()
+    );
+    let status_line = if let Some(line) = seen.iter().find(|l| l.starts_with("STATUS=")) {
+        line.clone()
+    } else {
+        expect(&rx, "STATUS=", &mut seen);
+        seen.last().cloned().unwrap_or_default()
+    };
+    assert!(status_line.len() > "STATUS=".len(), "an empty STATUS=");
+
+    // Pings: at least 6, never closer together than the interval allows
+    // (a lower bound only: a loaded machine may delay pings, never hasten them).
+    let mut pings = Vec::new();
+    while pings.len() < 6 {
+        pings.push(expect(&rx, "WATCHDOG=1", &mut seen));
+    }
+    for pair in pings.windows(2) {
+        let gap = pair[1] - pair[0];
+        assert!(
+            gap >= interval.mul_f64(0.75),
+            "pings {gap:?} apart; WATCHDOG_USEC={watchdog_usec} asks for one every {interval:?}"
+        );
+    }
+
+    signal(pid, Signal::SIGTERM);
+    expect(&rx, "STOPPING=1", &mut seen);
+    let exit = wait_with_deadline("molecule-credd", daemon.take(), WAIT);
+    stderr.wait_closed("daemon stderr");
+    let log = stderr.text();
+    assert!(exit.success(), "exit after SIGTERM: {exit}\n{log}");
+    assert!(!socket.exists(), "the daemon removes the socket it created");
+    secrets.assert_clean("daemon log", &log);
+    secrets.assert_clean("notifications", &seen.join("\n"));
+}

@@ -1,0 +1,402 @@
+//! `workspace-template/entrypoint.sh`, run for real with a fake runtime
+//! (`runtime.sh`) against `molecule-platform --dev`, in a temporary HOME,
+//! CONFIGS_DIR and socket folder.
+//!
+//! When the tests run as root (CI does), the plain tests set
+//! `CREDD_ENTRYPOINT_STAGE=user` — the marker the script sets itself after
+//! dropping privileges — so they exercise the user phase as the current user;
+//! `the_root_phase_drops_to_the_agent_user` runs the root phase for real.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use nix::sys::signal::Signal;
+
+use crate::support::{
+    Finished, Platform, Secrets, binary, debug_dir, eventually, is_alive, open_for_others,
+    processes_with, repo_root, run_captured, sha256_hex, signal, skip,
+};
+
+/// The provision-time token the entrypoint receives: stale by design.
+const BOOTSTRAP: &str = "ghs_provisionTimeBootstrapToken0123456789xyz";
+
+/// One test's workspace: folders, the platform, and the cleanup of whatever
+/// the entrypoint left running (supervisor and daemon).
+struct Workspace {
+    dir: tempfile::TempDir,
+    home: PathBuf,
+    socket: PathBuf,
+    platform: Option<Platform>,
+    secrets: Secrets,
+    runs: u32,
+}
+
+impl Workspace {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let home = dir.path().join("home");
+        std::fs::create_dir(&home).expect("home");
+        let secrets = Secrets::default();
+        secrets.add(BOOTSTRAP);
+        let platform = Platform::start(&dir.path().join("configs"), "10m", &secrets);
+        let socket = dir.path().join("run").join("credd.sock");
+        Self {
+            dir,
+            home,
+            socket,
+            platform: Some(platform),
+            secrets,
+            runs: 0,
+        }
+    }
+
+    fn run_dir(&self) -> PathBuf {
+        self.socket.parent().expect("socket folder").to_owned()
+    }
+
+    fn platform(&self) -> &Platform {
+        self.platform.as_ref().expect("platform running")
+    }
+
+    /// The entrypoint with a clean, explicit environment.
+    fn command(&self, bin_dir: &Path, runtime_exit: i32) -> Command {
+        let deploy = repo_root().join("tests/tests/deploy");
+        let path = format!(
+            "{}:/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin",
+            deploy.join("fake-gh").display()
+        );
+        let mut command = Command::new("/bin/sh");
+        command
+            .arg(repo_root().join("workspace-template/entrypoint.sh"))
+            .arg(deploy.join("runtime.sh"))
+            .env_clear()
+            .env("PATH", path)
+            .env("HOME", &self.home)
+            .env("CONFIGS_DIR", &self.platform().configs_dir)
+            .env("PLATFORM_URL", &self.platform().url)
+            .env("CREDD_SOCKET", &self.socket)
+            .env("CREDD_BIN_DIR", bin_dir)
+            .env(
+                "CREDD_GH_WRAPPER_DIR",
+                repo_root().join("workspace-template/bin"),
+            )
+            .env("GITHUB_TOKEN", BOOTSTRAP)
+            .env("GH_TOKEN", BOOTSTRAP)
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("RUNTIME_EXIT", runtime_exit.to_string());
+        if nix::unistd::geteuid().is_root() {
+            command.env("CREDD_ENTRYPOINT_STAGE", "user");
+        }
+        command
+    }
+
+    /// Runs the entrypoint to completion (the runtime's exit); scans its output.
+    fn run(&mut self, command: &mut Command) -> Finished {
+        self.runs += 1;
+        let result = run_captured(
+            &format!("entrypoint-{}", self.runs),
+            self.dir.path(),
+            command,
+        );
+        self.secrets
+            .assert_clean("entrypoint stdout", &result.stdout);
+        self.secrets
+            .assert_clean("entrypoint stderr", &result.stderr);
+        result
+    }
+
+    /// `credd ARGS` against this workspace's daemon, as the current user.
+    fn credd(&self, args: &[&str]) -> Finished {
+        run_captured(
+            &format!("credd-{}", args.join("-")),
+            self.dir.path(),
+            Command::new(binary("credd"))
+                .args(args)
+                .env_clear()
+                .env("CREDD_SOCKET", &self.socket)
+                // Unreachable: answers must come from the daemon.
+                .env("PLATFORM_URL", "http://127.0.0.1:9")
+                .env("CONFIGS_DIR", self.dir.path()),
+        )
+    }
+
+    fn pid_file(&self, name: &str) -> Option<u32> {
+        std::fs::read_to_string(self.run_dir().join(name))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// This workspace's live daemons (by their CREDD_SOCKET).
+    fn daemons(&self) -> Vec<u32> {
+        processes_with(
+            &debug_dir().join("molecule-credd"),
+            "CREDD_SOCKET",
+            self.socket.as_os_str(),
+        )
+    }
+
+    /// The helper list git has for github.com in `home`'s global config.
+    fn helpers(&self, home: &Path) -> Vec<String> {
+        let out = Command::new("git")
+            .args(["config", "--file"])
+            .arg(home.join(".gitconfig"))
+            .args(["--get-all", "credential.https://github.com.helper"])
+            .output()
+            .expect("git config");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+impl Drop for Workspace {
+    fn drop(&mut self) {
+        // The supervisor's TERM trap stops its daemon; anything left is killed.
+        if let Some(pid) = self.pid_file("supervisor.pid") {
+            signal(pid, Signal::SIGTERM);
+        }
+        for pid in self.daemons() {
+            signal(pid, Signal::SIGKILL);
+        }
+        let log = std::fs::read_dir(self.dir.path())
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with("entrypoint-"))
+            .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+            .collect::<String>();
+        if !std::thread::panicking() {
+            // Daemon and supervisor logs land in the entrypoint's files later.
+            self.secrets.assert_clean("workspace logs", &log);
+        }
+    }
+}
+
+fn credd_path() -> String {
+    binary("credd").to_str().expect("utf-8 path").to_owned()
+}
+
+#[test]
+fn git_and_gh_get_the_live_token_and_the_runtime_never_sees_the_env_one() {
+    let mut ws = Workspace::new();
+    let result = ws.run(&mut ws.command(&debug_dir(), 7));
+    let transcript = result.transcript();
+
+    assert_eq!(
+        result.status.code(),
+        Some(7),
+        "exit code passes through:\n{transcript}"
+    );
+    assert!(!result.stderr.contains("ERROR"), "{transcript}");
+    assert_eq!(result.value("runtime-gh-token"), "unset", "{transcript}");
+    assert_eq!(
+        result.value("runtime-github-token"),
+        "unset",
+        "{transcript}"
+    );
+    assert_eq!(result.value("credd-status"), "ok", "{transcript}");
+
+    // The daemon's current token, from the platform (not the bootstrap).
+    let token = ws.credd(&["token"]);
+    assert!(token.status.success(), "{}", token.stderr);
+    let live = token.stdout.trim_end().to_owned();
+    ws.secrets.add(live.clone());
+    let live_sha = sha256_hex(live.as_bytes());
+    assert_ne!(live_sha, sha256_hex(BOOTSTRAP.as_bytes()));
+    let status = ws.credd(&["status", "--json"]);
+    let json: serde_json::Value = serde_json::from_str(&status.stdout)
+        .unwrap_or_else(|e| panic!("status --json ({e}):\n{}", status.transcript()));
+    assert_eq!(json["source"], "platform", "{json}");
+
+    assert_eq!(
+        result.value("git-token-sha"),
+        live_sha,
+        "git got the live token"
+    );
+    assert_eq!(
+        result.value("gh-token-sha"),
+        live_sha,
+        "gh got the live token"
+    );
+    assert_eq!(result.value("gh-github-token"), "same");
+    assert_eq!(result.value("gh-args"), "pr list");
+    assert_eq!(result.value("gh-exit"), "0");
+
+    // Helper list: reset, then credd — exactly once.
+    assert_eq!(ws.helpers(&ws.home), ["".to_owned(), credd_path()]);
+}
+
+#[test]
+fn a_second_run_starts_no_second_daemon_and_a_killed_daemon_comes_back() {
+    let mut ws = Workspace::new();
+    let first = ws.run(&mut ws.command(&debug_dir(), 0));
+    assert!(first.status.success(), "{}", first.transcript());
+    assert_eq!(first.value("credd-status"), "ok", "{}", first.transcript());
+    let config = std::fs::read(ws.home.join(".gitconfig")).expect("git config written");
+    let killed = ws.pid_file("molecule-credd.pid").expect("daemon pid file");
+    assert!(is_alive(killed));
+    assert_eq!(ws.daemons(), [killed]);
+
+    // SIGKILL: the supervisor respawns it and the socket answers again.
+    signal(killed, Signal::SIGKILL);
+    let respawned = eventually("a respawned daemon answering", || {
+        let pid = ws.pid_file("molecule-credd.pid")?;
+        (pid != killed && is_alive(pid) && ws.credd(&["status"]).status.success()).then_some(pid)
+    });
+    assert_eq!(ws.daemons(), [respawned]);
+
+    // Second run: same config, same daemon.
+    let second = ws.run(&mut ws.command(&debug_dir(), 0));
+    assert!(second.status.success(), "{}", second.transcript());
+    assert_eq!(second.value("credd-status"), "ok");
+    assert!(
+        second.stderr.contains("already supervised"),
+        "{}",
+        second.transcript()
+    );
+    assert_eq!(
+        std::fs::read(ws.home.join(".gitconfig")).expect("git config"),
+        config,
+        "a second run changes nothing in the git config"
+    );
+    assert_eq!(ws.helpers(&ws.home), ["".to_owned(), credd_path()]);
+    assert_eq!(ws.pid_file("molecule-credd.pid"), Some(respawned));
+    assert_eq!(ws.daemons(), [respawned], "one daemon per socket");
+}
+
+#[test]
+fn missing_binaries_are_an_error_line_and_the_runtime_still_runs() {
+    let mut ws = Workspace::new();
+    let empty = ws.dir.path().join("empty-bin");
+    std::fs::create_dir(&empty).expect("empty bin dir");
+    let result = ws.run(&mut ws.command(&empty, 3));
+    let transcript = result.transcript();
+    assert_eq!(result.status.code(), Some(3), "{transcript}");
+    assert!(
+        result
+            .stderr
+            .lines()
+            .any(|l| l.contains("ERROR") && l.contains("molecule-credd not found at")),
+        "{transcript}"
+    );
+    assert!(
+        result
+            .stderr
+            .lines()
+            .any(|l| l.contains("ERROR") && l.contains("credd not found at")),
+        "{transcript}"
+    );
+    assert_eq!(result.value("runtime-gh-token"), "unset", "{transcript}");
+    assert_eq!(result.value("git-token-sha"), "none");
+    assert!(ws.daemons().is_empty());
+}
+
+#[test]
+fn a_daemon_that_will_not_come_up_is_an_error_line_and_the_runtime_still_runs() {
+    let mut ws = Workspace::new();
+    let mut command = ws.command(&debug_dir(), 0);
+    // A configuration error: the daemon exits 2 every time it is started.
+    command.env("PLATFORM_URL", "ftp://nowhere");
+    let result = ws.run(&mut command);
+    let transcript = result.transcript();
+    assert!(result.status.success(), "{transcript}");
+    assert!(
+        result
+            .stderr
+            .lines()
+            .any(|l| l.contains("ERROR") && l.contains("did not answer")),
+        "{transcript}"
+    );
+    assert_eq!(result.value("runtime-gh-token"), "unset", "{transcript}");
+}
+
+const TEST_AGENT: &str = "credd-deploy-agent";
+
+/// The test agent's uid, gid and home, creating the account if needed.
+fn test_agent() -> (u32, u32, PathBuf) {
+    let home = PathBuf::from(format!("/tmp/{TEST_AGENT}-home"));
+    if nix::unistd::User::from_name(TEST_AGENT)
+        .ok()
+        .flatten()
+        .is_none()
+    {
+        let status = Command::new("useradd")
+            .args(["--system", "--user-group", "--no-create-home"])
+            .args(["--shell", "/usr/sbin/nologin", "--home-dir"])
+            .arg(&home)
+            .arg(TEST_AGENT)
+            .status()
+            .expect("run useradd");
+        assert!(status.success(), "useradd {TEST_AGENT}");
+    }
+    let user = nix::unistd::User::from_name(TEST_AGENT)
+        .expect("getpwnam")
+        .expect("the test agent exists");
+    (user.uid.as_raw(), user.gid.as_raw(), user.dir)
+}
+
+#[test]
+fn the_root_phase_drops_to_the_agent_user() {
+    if !nix::unistd::geteuid().is_root() {
+        return skip("root phase", "needs root (CI runs as root)");
+    }
+    if !crate::support::have_tool("setpriv") {
+        return skip("root phase", "setpriv is not installed");
+    }
+    let (uid, gid, home) = test_agent();
+    // A fresh home for the agent, as a new container has.
+    let _ = std::fs::remove_dir_all(&home);
+    std::fs::create_dir_all(&home).expect("agent home");
+    nix::unistd::chown(&home, Some(uid.into()), Some(gid.into())).expect("chown home");
+
+    let mut ws = Workspace::new();
+    open_for_others(ws.dir.path());
+    let run_dir = ws.run_dir();
+    std::fs::create_dir(&run_dir).expect("socket folder");
+    std::fs::set_permissions(&run_dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    nix::unistd::chown(&run_dir, Some(uid.into()), Some(gid.into())).expect("chown run dir");
+
+    let mut command = ws.command(&debug_dir(), 5);
+    command
+        .env_remove("CREDD_ENTRYPOINT_STAGE")
+        .env("CREDD_AGENT_USER", TEST_AGENT)
+        .env("HOME", "/root");
+    let result = ws.run(&mut command);
+    let transcript = result.transcript();
+    assert_eq!(result.status.code(), Some(5), "{transcript}");
+    assert!(!result.stderr.contains("ERROR"), "{transcript}");
+    assert_eq!(result.value("runtime-uid"), uid.to_string(), "{transcript}");
+    assert_eq!(result.value("runtime-home"), home.display().to_string());
+    assert_eq!(result.value("runtime-gh-token"), "unset");
+    assert_eq!(result.value("credd-status"), "ok", "{transcript}");
+    let git = result.value("git-token-sha");
+    assert_ne!(git, "none", "{transcript}");
+    assert_ne!(git, sha256_hex(BOOTSTRAP.as_bytes()));
+    assert_eq!(result.value("gh-token-sha"), git);
+
+    // The root phase's work: configs and git config belong to the agent.
+    let configs = std::fs::metadata(&ws.platform().configs_dir).expect("configs");
+    assert_eq!(configs.uid(), uid, "CONFIGS_DIR given to the agent");
+    let auth = std::fs::metadata(ws.platform().configs_dir.join(".auth_token")).expect("auth");
+    assert_eq!(auth.uid(), uid, ".auth_token given to the agent");
+    let gitconfig = std::fs::metadata(home.join(".gitconfig")).expect("agent's git config");
+    assert_eq!(gitconfig.uid(), uid, "git config written as the agent");
+    assert_eq!(ws.helpers(&home), ["".to_owned(), credd_path()]);
+    assert!(
+        !Path::new("/root/.gitconfig").exists()
+            || !std::fs::read_to_string("/root/.gitconfig")
+                .unwrap_or_default()
+                .contains(&credd_path()),
+        "root's own git config was not touched"
+    );
+    // The daemon runs as the agent.
+    let daemons = ws.daemons();
+    assert_eq!(daemons.len(), 1, "{daemons:?}");
+    let daemon = std::fs::metadata(format!("/proc/{}", daemons[0])).expect("daemon proc");
+    assert_eq!(daemon.uid(), uid);
+}
