@@ -172,11 +172,12 @@ start_daemon() {
         error "molecule-credd not found at $DAEMON (set CREDD_BIN_DIR): git falls back to the next helper"
         return 1
     fi
+    # Created 0700 (umask 077); the daemon itself refuses a folder that is
+    # someone else's or open to others, so it is not chmod'ed here.
     if ! mkdir -p "$RUN_DIR" 2>/dev/null || [ ! -O "$RUN_DIR" ]; then
-        error "cannot use $RUN_DIR for the daemon's socket (missing, or owned by someone else): set CREDD_SOCKET"
+        error "cannot use $RUN_DIR for the daemon's socket (not creatable, or owned by someone else): set CREDD_SOCKET"
         return 1
     fi
-    chmod 700 "$RUN_DIR"
     if ! command -v flock >/dev/null 2>&1; then
         error "flock is not installed: cannot guard the daemon against a second instance; not starting it"
         return 1
