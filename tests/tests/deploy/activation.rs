@@ -329,3 +329,71 @@ fn notify_socket_receives_ready_status_watchdog_and_stopping() {
     secrets.assert_clean("daemon log", &log);
     secrets.assert_clean("notifications", &seen.join("\n"));
 }
+
+#[test]
+fn watchdog_pings_stop_while_the_token_is_expired_and_unobtainable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secrets = Secrets::default();
+    // Tokens living 4 s; the daemon may serve them down to 1 s of life.
+    let platform = Platform::start(&dir.path().join("configs"), "4s", &secrets);
+    let socket = private_dir(dir.path().join("run")).join("credd.sock");
+    let notify_path = dir.path().join("notify");
+    let rx = notifications(UnixDatagram::bind(&notify_path).expect("bind the notify socket"));
+    let interval = Duration::from_millis(100);
+    let mut command = Command::new(binary("molecule-credd"));
+    daemon_env(&mut command, &platform, &socket);
+    let mut daemon = KillOnDrop(Some(
+        command
+            .args(["--min-lifetime", "1s", "--refresh-margin", "2s"])
+            .args(["--backoff-initial", "100ms", "--backoff-max", "500ms"])
+            .env("NOTIFY_SOCKET", &notify_path)
+            .env("WATCHDOG_USEC", "200000")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start molecule-credd"),
+    ));
+    let stderr = Lines::spawn(
+        daemon
+            .0
+            .as_mut()
+            .and_then(|c| c.stderr.take())
+            .expect("stderr"),
+    );
+    let mut seen = Vec::new();
+    expect(&rx, "READY=1", &mut seen);
+    // Healthy: a token is held, pings flow.
+    for _ in 0..3 {
+        expect(&rx, "WATCHDOG=1", &mut seen);
+    }
+    // The platform goes away; within 4 s the token expires and cannot be
+    // renewed. The daemon must fall silent: a pause of 15 intervals with no
+    // ping, seen before WAIT runs out (a daemon that keeps pinging fails).
+    drop(platform);
+    let deadline = Instant::now() + WAIT;
+    let silence = interval * 15;
+    loop {
+        match rx.recv_timeout(silence) {
+            Ok((_, line)) => {
+                seen.push(line);
+                assert!(
+                    Instant::now() < deadline,
+                    "still pinging {WAIT:?} after the platform went away: {seen:?}\n{}",
+                    stderr.text()
+                );
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => break,
+            Err(mpsc::RecvTimeoutError::Disconnected) => panic!("notify socket closed"),
+        }
+    }
+    let status = credd(dir.path(), "status", &socket, &["status", "--json"]);
+    assert!(status.status.success(), "{}", status.transcript());
+    let json: serde_json::Value = serde_json::from_str(&status.stdout).expect("status JSON");
+    assert_ne!(
+        json["state"], "valid",
+        "silent watchdog, yet a valid token: {json}"
+    );
+    drop(daemon);
+    secrets.assert_clean("daemon log", &stderr.text());
+}
