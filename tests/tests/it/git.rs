@@ -77,6 +77,17 @@ fn credential_fill_is_served_from_the_daemon() {
     assert_eq!(status.source, Some(Source::Platform));
     assert!(status.served >= 2, "status.served = {}", status.served);
 
+    // Plain http is answered only for loopback hosts.
+    let plain = sandbox.credd_get("http", "github.com");
+    plain.assert_success("credd get over plain http");
+    assert_eq!(plain.stdout, "", "never a token over plain http to a remote host");
+    // Unknown actions are ignored silently.
+    let unknown = sandbox
+        .credd(&["frobnicate"])
+        .stdin("protocol=https\nhost=github.com\n\n")
+        .run();
+    unknown.assert_success("credd with an unknown action");
+    assert_eq!(unknown.stdout, "");
     // A host credd does not serve gets nothing from it.
     let other = sandbox.credd_get("https", "example.com");
     other.assert_success("credd get for another host");
