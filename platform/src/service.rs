@@ -77,6 +77,18 @@ impl Default for ServiceLimits {
 }
 
 /// What the handlers share: the plugin registry and the bearer checks.
+///
+/// ```
+/// use std::{sync::Arc, time::Duration};
+/// use molecule_platform::{app, AppState, Auth, DevProvider, Registry, WorkspaceTokens};
+///
+/// let provider = Arc::new(DevProvider::new(Duration::from_secs(600)));
+/// let registry = Arc::new(Registry::new());
+/// registry.register(provider.clone());
+/// let auth = Auth::new(Some("admin-bearer".into()), WorkspaceTokens::empty());
+/// let router: axum::Router = app(AppState::new(registry, auth));
+/// # let _ = (router, provider.minted());
+/// ```
 #[derive(Clone, Debug)]
 pub struct AppState {
     registry: Arc<Registry>,
