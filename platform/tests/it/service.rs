@@ -308,3 +308,47 @@ impl JsonOrPanic for reqwest::Response {
         serde_json::from_slice(&bytes).expect("JSON body")
     }
 }
+
+#[tokio::test]
+async fn idle_connections_are_closed_and_free_their_slot() {
+    use tokio::io::AsyncReadExt;
+    let limits = molecule_platform::ServiceLimits {
+        idle_timeout: Duration::from_millis(300),
+        max_connections: 1,
+        ..Default::default()
+    };
+    let (app, _) = dev_app(Some(ADMIN));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        molecule_platform::service::serve_with_limits(
+            listener,
+            app,
+            async move {
+                let _ = stop_rx.await;
+            },
+            &limits,
+        )
+        .await
+    });
+    // A client that connects and says nothing holds the only slot until the
+    // server gives up on it: the read ends with EOF (or a reset).
+    let mut idle = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut buf = [0u8; 1];
+    let read = tokio::time::timeout(crate::support::WAIT, idle.read(&mut buf))
+        .await
+        .expect("the server closes an idle connection");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    // The slot is free again.
+    let response = http()
+        .get(format!("http://{addr}/healthz"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 200);
+    stop.send(()).expect("server alive");
+    server.await.expect("task").expect("serve");
+}
