@@ -489,22 +489,43 @@ pub(crate) async fn get(app: &Router, path: &str, bearer: Option<&str>) -> Answe
     }
 }
 
-/// Tracing output written while the guard lives (current thread only: use
-/// with a current-thread runtime).
+/// Tracing output of the current thread while the guard lives (use with a
+/// current-thread runtime so every task of the test runs on its thread).
+///
+/// One global subscriber routes events to the capturing thread's buffer:
+/// per-test `set_default` subscribers race on tracing's global callsite
+/// interest cache when tests run in parallel, and lose events.
 #[derive(Clone, Default)]
 pub(crate) struct Logs(Arc<Mutex<Vec<u8>>>);
 
+thread_local! {
+    static CAPTURE: std::cell::RefCell<Option<Arc<Mutex<Vec<u8>>>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Ends a [`Logs`] capture on drop.
+pub(crate) struct CaptureGuard(());
+
+impl Drop for CaptureGuard {
+    fn drop(&mut self) {
+        CAPTURE.with(|c| c.borrow_mut().take());
+    }
+}
+
 impl Logs {
     /// Captures DEBUG and above from this thread.
-    pub(crate) fn capture() -> (Self, tracing::subscriber::DefaultGuard) {
+    pub(crate) fn capture() -> (Self, CaptureGuard) {
+        static INIT: std::sync::Once = std::sync::Once::new();
+        INIT.call_once(|| {
+            let subscriber = tracing_subscriber::fmt()
+                .with_max_level(tracing::Level::DEBUG)
+                .with_ansi(false)
+                .with_writer(|| ThreadLogWriter)
+                .finish();
+            tracing::subscriber::set_global_default(subscriber).expect("global subscriber");
+        });
         let logs = Self::default();
-        let writer = logs.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::DEBUG)
-            .with_ansi(false)
-            .with_writer(move || LogWriter(Arc::clone(&writer.0)))
-            .finish();
-        (logs, tracing::subscriber::set_default(subscriber))
+        CAPTURE.with(|c| *c.borrow_mut() = Some(Arc::clone(&logs.0)));
+        (logs, CaptureGuard(()))
     }
 
     /// Everything captured so far.
@@ -513,11 +534,16 @@ impl Logs {
     }
 }
 
-struct LogWriter(Arc<Mutex<Vec<u8>>>);
+/// Writes to the current thread's capture, if any.
+struct ThreadLogWriter;
 
-impl std::io::Write for LogWriter {
+impl std::io::Write for ThreadLogWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        lock(&self.0).extend_from_slice(buf);
+        CAPTURE.with(|c| {
+            if let Some(sink) = c.borrow().as_ref() {
+                lock(sink).extend_from_slice(buf);
+            }
+        });
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -561,6 +587,8 @@ pub(crate) struct PlatformProcess {
     /// The rest of stdout so far.
     pub(crate) stdout: Arc<Mutex<String>>,
     stderr: tokio::sync::watch::Sender<String>,
+    /// The pipe readers; they end at EOF, after the process exits.
+    readers: Vec<tokio::task::JoinHandle<()>>,
 }
 
 /// Environment variables the binary reads; cleared so the caller's
@@ -603,7 +631,7 @@ impl PlatformProcess {
         let stderr_tx = tokio::sync::watch::Sender::new(String::new());
         let mut err_lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
         let tx = stderr_tx.clone();
-        tokio::spawn(async move {
+        let stderr_reader = tokio::spawn(async move {
             while let Ok(Some(line)) = err_lines.next_line().await {
                 tx.send_modify(|s| {
                     s.push_str(&line);
@@ -628,7 +656,7 @@ impl PlatformProcess {
         };
         let stdout = Arc::new(Mutex::new(String::new()));
         let sink = Arc::clone(&stdout);
-        tokio::spawn(async move {
+        let stdout_reader = tokio::spawn(async move {
             while let Ok(Some(line)) = out_lines.next_line().await {
                 let mut s = lock(&sink);
                 s.push_str(&line);
@@ -641,6 +669,7 @@ impl PlatformProcess {
             second_line,
             stdout,
             stderr: stderr_tx,
+            readers: vec![stderr_reader, stdout_reader],
         }
     }
 
@@ -682,10 +711,18 @@ impl PlatformProcess {
         signal: nix::sys::signal::Signal,
     ) -> std::process::ExitStatus {
         nix::sys::signal::kill(self.pid(), signal).expect("kill");
-        tokio::time::timeout(WAIT, self.child.wait())
+        let status = tokio::time::timeout(WAIT, self.child.wait())
             .await
             .expect("molecule-platform exits after the signal")
-            .expect("wait")
+            .expect("wait");
+        // All output read: the pipe readers end at EOF, after the exit.
+        for reader in self.readers.drain(..) {
+            tokio::time::timeout(WAIT, reader)
+                .await
+                .expect("output pipes close after the exit")
+                .expect("reader task");
+        }
+        status
     }
 }
 
