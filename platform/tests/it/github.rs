@@ -212,6 +212,11 @@ async fn failing(mode: Mode, timeout: Option<Duration>, cause: &str) {
         .unwrap_or_else(|| panic!("{mode:?}: no [github] line in:\n{text}"));
     assert!(line.contains(cause), "{mode:?}: {line}");
     assert!(github.rejections().is_empty(), "{:?}", github.rejections());
+    assert_eq!(
+        github.calls(),
+        1,
+        "{mode:?}: one call, nothing followed or retried"
+    );
     let secrets = github.secrets();
     assert!(!secrets.is_empty(), "the JWT at least was seen");
     assert_no_secrets("logs", &text, &secrets);
@@ -255,6 +260,21 @@ async fn github_slow_is_a_500_with_a_github_log_line() {
         Mode::Hang,
         Some(Duration::from_millis(300)),
         "upstream did not answer within 300ms",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn github_redirect_is_not_followed() {
+    failing(Mode::Redirect, None, "upstream answered HTTP 307").await;
+}
+
+#[tokio::test]
+async fn github_oversized_answer_is_refused() {
+    failing(
+        Mode::Huge,
+        None,
+        "malformed upstream answer: answer larger than 65536 bytes",
     )
     .await;
 }

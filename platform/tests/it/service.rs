@@ -352,3 +352,72 @@ async fn idle_connections_are_closed_and_free_their_slot() {
     stop.send(()).expect("server alive");
     server.await.expect("task").expect("serve");
 }
+
+/// A provider breaking the contract, to check the service's own guard.
+struct BrokenProvider {
+    token: &'static str,
+    expires_in: jiff::SignedDuration,
+}
+
+impl molecule_platform::TokenProvider for BrokenProvider {
+    fn token(&self) -> molecule_platform::provider::TokenFuture<'_> {
+        Box::pin(async move {
+            Ok(molecule_platform::IssuedToken {
+                token: SecretString::from(self.token),
+                expires_at: jiff::Timestamp::now() + self.expires_in,
+            })
+        })
+    }
+}
+
+impl molecule_platform::ProvisionPlugin for BrokenProvider {
+    fn name(&self) -> &str {
+        "broken"
+    }
+    fn mutate_env<'a>(
+        &'a self,
+        _env: &'a mut std::collections::BTreeMap<String, String>,
+    ) -> molecule_platform::registry::EnvFuture<'a> {
+        Box::pin(async { Ok(()) })
+    }
+    fn as_token_provider(self: Arc<Self>) -> Option<Arc<dyn molecule_platform::TokenProvider>> {
+        Some(self)
+    }
+}
+
+#[tokio::test]
+async fn empty_or_expired_tokens_from_a_provider_are_a_500() {
+    let cases = [
+        (
+            "",
+            jiff::SignedDuration::from_mins(60),
+            "the provider returned an empty token",
+        ),
+        (
+            "ghs_expiredexpiredexpired",
+            jiff::SignedDuration::from_secs(-5),
+            "the provider returned a token that expired at",
+        ),
+    ];
+    for (token, expires_in, cause) in cases {
+        let (logs, _guard) = Logs::capture();
+        let registry = Arc::new(Registry::new());
+        registry.register(Arc::new(BrokenProvider { token, expires_in }));
+        let app = app(AppState::new(
+            registry,
+            Auth::new(Some(ADMIN.into()), workspaces()),
+        ));
+        let answer = get(&app, ADMIN_ROUTE, Some(ADMIN)).await;
+        assert_eq!(answer.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(
+            answer.body,
+            serde_json::json!({"error": "token refresh failed"})
+        );
+        let text = logs.text();
+        assert!(
+            text.contains(&format!("[github] token refresh failed: {cause}")),
+            "{text}"
+        );
+        assert_no_secrets("logs", &text, &["ghs_expiredexpiredexpired".into()]);
+    }
+}

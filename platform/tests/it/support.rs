@@ -127,6 +127,10 @@ pub(crate) enum Mode {
     Garbage,
     /// Never answer (until the stand-in is dropped).
     Hang,
+    /// 307 to this same endpoint (followed, it would succeed).
+    Redirect,
+    /// 201 with a body far larger than any real answer.
+    Huge,
     /// 201 with a token that already expired.
     Expired,
 }
@@ -428,6 +432,25 @@ async fn access_tokens(
             (StatusCode::CREATED, "<html>rate limited, try later</html>").into_response()
         }
         Mode::Hang => std::future::pending().await,
+        Mode::Redirect => {
+            *lock(&state.mode) = Mode::Issue(SignedDuration::from_mins(60));
+            (
+                StatusCode::TEMPORARY_REDIRECT,
+                [(
+                    "location",
+                    format!("/app/installations/{INSTALLATION_ID}/access_tokens"),
+                )],
+            )
+                .into_response()
+        }
+        Mode::Huge => (
+            StatusCode::CREATED,
+            format!(
+                r#"{{"token":"ghs_x","expires_at":"2099-01-01T00:00:00Z","pad":"{}"}}"#,
+                "x".repeat(200_000)
+            ),
+        )
+            .into_response(),
     }
 }
 
