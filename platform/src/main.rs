@@ -9,7 +9,7 @@
 
 use std::fs::{DirBuilder, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -225,7 +225,6 @@ fn write_dev_bearer(file: Option<&Path>, bearer: &SecretString) -> anyhow::Resul
         .with_context(|| format!("cannot create {}", dir.display()))?;
     let meta =
         std::fs::metadata(dir).with_context(|| format!("cannot inspect {}", dir.display()))?;
-    use std::os::unix::fs::MetadataExt;
     if meta.uid() != nix::unistd::getuid().as_raw() {
         bail!(
             "{} belongs to uid {}, not us: choose another --dev-auth-token-file",
