@@ -1,0 +1,1108 @@
+//! The token cache and the one task that refreshes it.
+//!
+//! Why it is shaped like this: every git operation in the workspace asks for a
+//! token, but the platform should see about one call per token lifetime. So
+//! the cache answers from memory, and a single refresher task owns every
+//! platform call and its schedule. Clients never call the platform themselves;
+//! a client that finds no usable token *asks* the refresher (rate limited) and
+//! waits on a `watch` channel for at most `--wait-timeout`. Any number of
+//! concurrent clients therefore cause at most one call (single flight).
+//!
+//! Expiry is tracked on the monotonic clock ([`tokio::time::Instant`]) from
+//! the lifetime the platform stated relative to its own `Date` header, so a
+//! wrong or jumping wall clock in the workspace cannot make us serve a dead
+//! token. The wall-clock `expires_at` is only passed on (git's
+//! `password_expiry_utc`) and shown in status.
+//!
+//! Schedule (see [`refresh_delay`] and [`backoff_delay`]):
+//! - after a success, refresh `margin + jitter` before expiry, jitter uniform
+//!   in `[0, margin/4]` so a fleet started together spreads out;
+//! - a token with less life than that is refreshed at half of its *usable*
+//!   life (life above `--min-lifetime`), never sooner than [`MIN_REFRESH_DELAY`];
+//! - failures back off exponentially with jitter, uniform in `[cap/2, cap]`
+//!   with `cap = min(max, initial·2ⁿ)` ("equal jitter": unlike full jitter
+//!   over `[0, cap]`, the shortest possible wait grows too, so no unlucky
+//!   member of a fleet keeps retrying at the initial rate); `Retry-After` is a
+//!   lower bound; 404 (feature off) waits `[3/4·max, max]`; the first 401/403 of a
+//!   streak is retried at once (the bearer file is re-read on every call, it
+//!   may just have rotated), the next one backs off;
+//! - clients that find no usable token bring the next call forward only while
+//!   the refresher is not backing off, and at most
+//!   [`CLIENT_CALLS_PER_WINDOW`] times per [`CLIENT_CALL_WINDOW`]. SIGHUP
+//!   ([`TokenCache::refresh_now`]) is the operator's override and always calls.
+
+use std::collections::VecDeque;
+use std::fmt::Write as _;
+use std::future::Future;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use credd_core::platform::{ErrorClass, Grant, PlatformClient, PlatformError};
+use credd_core::protocol::{ErrorCode, Response, Source, Status, TokenState};
+use credd_core::secret::Token;
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Never schedule a refresh sooner than this after the previous one, whatever
+/// the platform hands out: the bound that rules out a refresh loop.
+pub(crate) const MIN_REFRESH_DELAY: Duration = Duration::from_secs(1);
+/// Platform calls that clients may cause per [`CLIENT_CALL_WINDOW`].
+pub(crate) const CLIENT_CALLS_PER_WINDOW: usize = 4;
+/// The sliding window of [`CLIENT_CALLS_PER_WINDOW`].
+pub(crate) const CLIENT_CALL_WINDOW: Duration = Duration::from_secs(60);
+/// Longest lifetime believed: a platform claiming more (a bad clock, a bug)
+/// still gets asked again within a day.
+pub(crate) const MAX_TRUSTED_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// Longest error text kept for status (chains of transport errors can be long).
+const MAX_ERROR_TEXT: usize = 300;
+
+/// One platform call; implemented by [`PlatformClient`] and by test fakes.
+pub(crate) trait Fetch: Send + Sync + 'static {
+    /// Asks the platform for a token.
+    fn fetch(&self) -> impl Future<Output = Result<Grant, PlatformError>> + Send;
+}
+
+impl Fetch for PlatformClient {
+    fn fetch(&self) -> impl Future<Output = Result<Grant, PlatformError>> + Send {
+        PlatformClient::fetch(self)
+    }
+}
+
+/// Timing knobs, from the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct CachePolicy {
+    /// Refresh this long before expiry (plus jitter).
+    pub(crate) refresh_margin: Duration,
+    /// Never serve a token with less life left.
+    pub(crate) min_lifetime: Duration,
+    /// How long a `get` waits for a usable token.
+    pub(crate) wait_timeout: Duration,
+    /// How long after start the bootstrap (env) token may be served.
+    pub(crate) bootstrap_max_age: Duration,
+    /// First back-off step.
+    pub(crate) backoff_initial: Duration,
+    /// Largest back-off step.
+    pub(crate) backoff_max: Duration,
+}
+
+/// When to refresh a token with `life` left, counted from now.
+///
+/// `unit` is a uniform random number in `[0, 1)` (the jitter).
+pub(crate) fn refresh_delay(
+    life: Duration,
+    margin: Duration,
+    min_lifetime: Duration,
+    unit: f64,
+) -> Duration {
+    let jitter = margin.mul_f64(unit.clamp(0.0, 1.0) / 4.0);
+    let lead = (margin + jitter).max(min_lifetime);
+    match life.checked_sub(lead) {
+        Some(delay) if delay >= MIN_REFRESH_DELAY => delay,
+        // Less life than the margin (the platform refreshes only 5 min before
+        // expiry): half of what is still servable.
+        _ => (life.saturating_sub(min_lifetime) / 2).max(MIN_REFRESH_DELAY),
+    }
+}
+
+/// The wait before retry number `attempt` (0-based) after a failure.
+///
+/// Uniform in `[cap/2, cap]` with `cap = min(max, initial·2^attempt)`;
+/// `unit` is uniform in `[0, 1)`.
+pub(crate) fn backoff_delay(initial: Duration, max: Duration, attempt: u32, unit: f64) -> Duration {
+    let growth = 2u32.saturating_pow(attempt.min(31));
+    let cap = initial.saturating_mul(growth).min(max);
+    let floor = cap / 2;
+    floor + (cap - floor).mul_f64(unit.clamp(0.0, 1.0))
+}
+
+/// Platform health in a word, as status shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PlatformHealth {
+    /// No call has completed yet.
+    Unknown,
+    /// The last call succeeded.
+    Ok,
+    /// The last call failed in a way worth retrying.
+    Failing,
+    /// The bearer is missing or refused.
+    Unauthorized,
+    /// The platform has no GitHub App (404).
+    NotConfigured,
+}
+
+impl PlatformHealth {
+    /// The status word (`credd status`).
+    pub(crate) fn word(self) -> &'static str {
+        match self {
+            Self::Unknown => "unknown",
+            Self::Ok => "ok",
+            Self::Failing => "failing",
+            Self::Unauthorized => "unauthorized",
+            Self::NotConfigured => "not_configured",
+        }
+    }
+}
+
+/// Who asked for a refresh outside the schedule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Requester {
+    /// A client found no usable token (rate limited, never overrides back-off).
+    Client,
+    /// SIGHUP: always calls.
+    Operator,
+}
+
+struct CachedToken {
+    token: Token,
+    /// Unix seconds, the platform's clock.
+    expires_at: u64,
+    /// When it stops living, on the monotonic clock.
+    deadline: Instant,
+}
+
+struct BootstrapToken {
+    token: Token,
+    expires_at: u64,
+    deadline: Instant,
+}
+
+struct State {
+    cached: Option<CachedToken>,
+    /// Dropped (and zeroed) once a platform token arrives or its age is up.
+    bootstrap: Option<BootstrapToken>,
+    health: PlatformHealth,
+    last_error: Option<String>,
+    last_refresh_at: Option<u64>,
+    next_attempt: Instant,
+    backing_off: bool,
+    in_flight: bool,
+    requested: Option<Requester>,
+    failures: u32,
+    unauthorized_retried: bool,
+    client_calls: VecDeque<Instant>,
+    platform_calls: u64,
+    served: u64,
+}
+
+/// Called with every freshly fetched token (the `--on-refresh` hook).
+pub(crate) type RefreshHook = Box<dyn Fn(&Token) + Send + Sync>;
+
+/// The in-memory token, its refresh schedule and the counters for status.
+pub(crate) struct TokenCache<F> {
+    fetcher: F,
+    policy: CachePolicy,
+    state: Mutex<State>,
+    /// Wakes the refresher for a request outside its schedule.
+    wake: Notify,
+    /// Bumped whenever something a waiting client cares about changed.
+    changed: watch::Sender<u64>,
+    started: Instant,
+    on_refresh: Option<RefreshHook>,
+}
+
+impl<F: Fetch> TokenCache<F> {
+    /// A cache that will call `fetcher`; `bootstrap` is the provision-time env token.
+    pub(crate) fn new(fetcher: F, policy: CachePolicy, bootstrap: Option<Token>) -> Self {
+        let started = Instant::now();
+        let bootstrap = bootstrap.map(|token| BootstrapToken {
+            token,
+            expires_at: unix_secs(SystemTime::now() + policy.bootstrap_max_age),
+            deadline: started + policy.bootstrap_max_age,
+        });
+        Self {
+            fetcher,
+            policy,
+            state: Mutex::new(State {
+                cached: None,
+                bootstrap,
+                health: PlatformHealth::Unknown,
+                last_error: None,
+                last_refresh_at: None,
+                next_attempt: started,
+                backing_off: false,
+                in_flight: false,
+                requested: None,
+                failures: 0,
+                unauthorized_retried: false,
+                client_calls: VecDeque::new(),
+                platform_calls: 0,
+                served: 0,
+            }),
+            wake: Notify::new(),
+            changed: watch::Sender::new(0),
+            started,
+            on_refresh: None,
+        }
+    }
+
+    /// Runs `hook` after every successful refresh.
+    pub(crate) fn with_refresh_hook(mut self, hook: RefreshHook) -> Self {
+        self.on_refresh = Some(hook);
+        self
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // No code path panics while holding the lock; if one did, the state
+        // is still consistent field by field, so keep serving.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// A receiver that sees every state change (for systemd's `STATUS=`).
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// The token to serve now, if any: the platform's while it has at least
+    /// `min_lifetime` left, else the bootstrap token while it may be served.
+    fn usable(&self, st: &State, now: Instant) -> Option<(Token, u64, Source)> {
+        if let Some(c) = &st.cached
+            && c.deadline.saturating_duration_since(now) >= self.policy.min_lifetime
+        {
+            return Some((c.token.clone(), c.expires_at, Source::Platform));
+        }
+        st.bootstrap
+            .as_ref()
+            .filter(|b| now < b.deadline)
+            .map(|b| (b.token.clone(), b.expires_at, Source::Env))
+    }
+
+    fn serve(&self, st: &mut State) -> Option<Response> {
+        let (token, expires_at, source) = self.usable(st, Instant::now())?;
+        st.served += 1;
+        Some(Response::Token {
+            token,
+            expires_at,
+            source,
+        })
+    }
+
+    fn unavailable(st: &State, in_flight_note: bool) -> Response {
+        let message = match (&st.last_error, in_flight_note) {
+            (Some(error), _) => format!("no usable token: {error}"),
+            (None, true) => "no usable token yet: the platform has not answered in time".into(),
+            (None, false) => "no usable token yet".into(),
+        };
+        Response::Error {
+            code: ErrorCode::Unavailable,
+            message,
+        }
+    }
+
+    /// Answers a `get`: the cached token, or after waiting (bounded) for the
+    /// refresher, or `Unavailable` with the last error.
+    pub(crate) async fn get(&self) -> Response {
+        let deadline = Instant::now() + self.policy.wait_timeout;
+        // Subscribed before looking, so no change between look and wait is missed.
+        let mut changes = self.changed.subscribe();
+        {
+            let mut st = self.lock();
+            if let Some(answer) = self.serve(&mut st) {
+                return answer;
+            }
+            st.requested = st.requested.max(Some(Requester::Client));
+        }
+        self.wake.notify_one();
+        loop {
+            {
+                let mut st = self.lock();
+                if let Some(answer) = self.serve(&mut st) {
+                    return answer;
+                }
+                // Nothing will happen before our deadline: say so now.
+                if !st.in_flight && st.requested.is_none() && st.next_attempt >= deadline {
+                    return Self::unavailable(&st, false);
+                }
+            }
+            if tokio::time::timeout_at(deadline, changes.changed())
+                .await
+                .is_err()
+            {
+                let mut st = self.lock();
+                let in_flight = st.in_flight;
+                return self
+                    .serve(&mut st)
+                    .unwrap_or_else(|| Self::unavailable(&st, in_flight));
+            }
+        }
+    }
+
+    /// Answers an `erase`: drops the cached (or bootstrap) token if its SHA-256
+    /// is `sha256`. The next `get` then fetches a fresh one.
+    pub(crate) fn erase(&self, sha256: &str) -> Response {
+        if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Response::Error {
+                code: ErrorCode::BadRequest,
+                message: "erase needs the 64-hex-digit SHA-256 of the rejected password".into(),
+            };
+        }
+        let mut st = self.lock();
+        let dropped = if st
+            .cached
+            .as_ref()
+            .is_some_and(|c| c.token.matches_sha256_hex(sha256))
+        {
+            let gone = st.cached.take().map(|c| c.token.fingerprint());
+            tracing::info!(
+                fingerprint = gone.as_deref().unwrap_or(""),
+                "dropped the cached token: a client reported it was refused"
+            );
+            true
+        } else if st
+            .bootstrap
+            .as_ref()
+            .is_some_and(|b| b.token.matches_sha256_hex(sha256))
+        {
+            let gone = st.bootstrap.take().map(|b| b.token.fingerprint());
+            tracing::info!(
+                fingerprint = gone.as_deref().unwrap_or(""),
+                "dropped the bootstrap token: a client reported it was refused"
+            );
+            true
+        } else {
+            tracing::debug!("erase for a token that is not cached: kept the cached one");
+            false
+        };
+        drop(st);
+        if dropped {
+            self.bump();
+        }
+        Response::Erased { dropped }
+    }
+
+    /// SIGHUP: call the platform now, whatever the schedule or back-off.
+    pub(crate) fn refresh_now(&self) {
+        {
+            let mut st = self.lock();
+            st.requested = Some(Requester::Operator);
+        }
+        self.wake.notify_one();
+    }
+
+    /// The daemon's state for `credd status` (never the token).
+    pub(crate) fn status(&self) -> Status {
+        let now = Instant::now();
+        let st = self.lock();
+        let current = self.usable(&st, now);
+        let expires_in = match current.as_ref().map(|c| c.2) {
+            Some(Source::Platform) => st.cached.as_ref().map(|c| c.deadline),
+            Some(Source::Env) => st.bootstrap.as_ref().map(|b| b.deadline),
+            None => None,
+        };
+        Status {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            pid: std::process::id(),
+            uptime_secs: now.duration_since(self.started).as_secs(),
+            state: Some(if current.is_some() {
+                TokenState::Valid
+            } else {
+                TokenState::Missing
+            }),
+            source: current.as_ref().map(|c| c.2),
+            fingerprint: current.as_ref().map(|c| c.0.fingerprint()),
+            expires_at: current.as_ref().map(|c| c.1),
+            expires_in_secs: expires_in.map(|d| d.saturating_duration_since(now).as_secs()),
+            next_refresh_in_secs: Some(if st.in_flight {
+                0
+            } else {
+                st.next_attempt.saturating_duration_since(now).as_secs()
+            }),
+            last_refresh_at: st.last_refresh_at,
+            last_error: st.last_error.clone(),
+            platform: st.health.word().to_owned(),
+            platform_calls: st.platform_calls,
+            served: st.served,
+        }
+    }
+
+    /// One line for systemd's `STATUS=`.
+    pub(crate) fn status_line(&self) -> String {
+        let status = self.status();
+        let mut line = match (status.source, status.expires_in_secs) {
+            (Some(Source::Platform), Some(secs)) => {
+                format!("token from platform, expires in {}", human_secs(secs))
+            }
+            (Some(Source::Env), Some(secs)) => {
+                format!("bootstrap token from env, served for {}", human_secs(secs))
+            }
+            _ => "no usable token".to_owned(),
+        };
+        let _ = write!(line, "; platform {}", status.platform);
+        if status.platform != "ok"
+            && let Some(error) = &status.last_error
+        {
+            let _ = write!(line, ": {error}");
+        }
+        line
+    }
+
+    /// Healthy for the systemd watchdog: a token can be served, or the
+    /// platform has not (yet) failed.
+    pub(crate) fn is_healthy(&self) -> bool {
+        let st = self.lock();
+        self.usable(&st, Instant::now()).is_some()
+            || matches!(st.health, PlatformHealth::Unknown | PlatformHealth::Ok)
+    }
+
+    /// The refresher: the only caller of the platform. Runs until `cancel`.
+    pub(crate) async fn run_refresher(&self, cancel: CancellationToken) {
+        loop {
+            let next = self.lock().next_attempt;
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => return,
+                () = self.wake.notified() => {
+                    if !self.take_request() {
+                        continue;
+                    }
+                }
+                () = tokio::time::sleep_until(next) => {
+                    // An erase or request may have moved the schedule meanwhile.
+                    if Instant::now() < self.lock().next_attempt {
+                        continue;
+                    }
+                }
+            }
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => return,
+                () = self.attempt() => {}
+            }
+        }
+    }
+
+    /// Decides whether an out-of-schedule request leads to a call now.
+    fn take_request(&self) -> bool {
+        let now = Instant::now();
+        let mut st = self.lock();
+        let Some(requester) = st.requested.take() else {
+            return false;
+        };
+        let go = match requester {
+            Requester::Operator => true,
+            // Someone else's call already produced a token, or the platform
+            // is failing and the back-off decides.
+            Requester::Client if self.usable(&st, now).is_some() || st.backing_off => false,
+            // Due anyway (the first call at start): not the client's doing.
+            Requester::Client if now >= st.next_attempt => true,
+            Requester::Client => {
+                while st
+                    .client_calls
+                    .front()
+                    .is_some_and(|&t| now.duration_since(t) >= CLIENT_CALL_WINDOW)
+                {
+                    st.client_calls.pop_front();
+                }
+                if st.client_calls.len() < CLIENT_CALLS_PER_WINDOW {
+                    st.client_calls.push_back(now);
+                    true
+                } else {
+                    let free_at =
+                        st.client_calls.front().copied().unwrap_or(now) + CLIENT_CALL_WINDOW;
+                    st.next_attempt = st.next_attempt.min(free_at);
+                    tracing::debug!(
+                        "clients asked for more than {CLIENT_CALLS_PER_WINDOW} platform calls a minute; next call when the window frees"
+                    );
+                    false
+                }
+            }
+        };
+        drop(st);
+        if !go {
+            // Waiting clients re-check whether anything can happen before their deadline.
+            self.bump();
+        }
+        go
+    }
+
+    /// One platform call and its consequences for the schedule.
+    async fn attempt(&self) {
+        let sent_at = Instant::now();
+        {
+            let mut st = self.lock();
+            st.in_flight = true;
+            st.requested = None;
+            st.platform_calls += 1;
+        }
+        self.bump();
+        tracing::debug!("calling the platform");
+        let result = self.fetcher.fetch().await;
+        let now = Instant::now();
+        let mut st = self.lock();
+        st.in_flight = false;
+        let fresh = match result {
+            Ok(grant) => self.accept(&mut st, grant, sent_at, now),
+            Err(error) => {
+                self.fail(&mut st, &Failure::Platform(&error), now);
+                None
+            }
+        };
+        drop(st);
+        self.bump();
+        if let (Some(token), Some(hook)) = (fresh, &self.on_refresh) {
+            hook(&token);
+        }
+    }
+
+    /// Caches `grant` (or refuses it if it has too little life); returns the
+    /// token when it was cached.
+    fn accept(
+        &self,
+        st: &mut State,
+        grant: Grant,
+        sent_at: Instant,
+        now: Instant,
+    ) -> Option<Token> {
+        // Counted from when the request left: the answer cannot be older.
+        let deadline = sent_at + grant.lifetime.min(MAX_TRUSTED_LIFETIME);
+        let life = deadline.saturating_duration_since(now);
+        if life < self.policy.min_lifetime.max(MIN_REFRESH_DELAY) {
+            self.fail(
+                st,
+                &Failure::TooShort {
+                    life,
+                    min: self.policy.min_lifetime,
+                },
+                now,
+            );
+            return None;
+        }
+        let delay = refresh_delay(
+            life,
+            self.policy.refresh_margin,
+            self.policy.min_lifetime,
+            rand::random::<f64>(),
+        );
+        let fingerprint = grant.token.fingerprint();
+        tracing::info!(
+            fingerprint,
+            expires_at = unix_secs(grant.expires_at),
+            expires_in_secs = life.as_secs(),
+            next_refresh_in_secs = delay.as_secs(),
+            "token refreshed from the platform"
+        );
+        let token = grant.token.clone();
+        st.cached = Some(CachedToken {
+            token: grant.token,
+            expires_at: unix_secs(grant.expires_at),
+            deadline,
+        });
+        if st.bootstrap.take().is_some() {
+            tracing::info!(
+                "the platform's token replaces the bootstrap token from the environment"
+            );
+        }
+        st.health = PlatformHealth::Ok;
+        st.last_error = None;
+        st.last_refresh_at = Some(unix_secs(SystemTime::now()));
+        st.failures = 0;
+        st.unauthorized_retried = false;
+        st.backing_off = false;
+        st.next_attempt = now + delay;
+        Some(token)
+    }
+
+    fn fail(&self, st: &mut State, failure: &Failure<'_>, now: Instant) {
+        let text = failure.describe();
+        let class = failure.class();
+        let unit = rand::random::<f64>();
+        let backoff = |st: &mut State| {
+            let d = backoff_delay(
+                self.policy.backoff_initial,
+                self.policy.backoff_max,
+                st.failures,
+                unit,
+            );
+            st.failures = st.failures.saturating_add(1);
+            d
+        };
+        let delay = match class {
+            ErrorClass::Unauthorized if !st.unauthorized_retried => {
+                // The bearer may have rotated under us: one immediate retry
+                // (the next call re-reads the file).
+                st.unauthorized_retried = true;
+                Duration::ZERO
+            }
+            ErrorClass::NotConfigured => {
+                st.unauthorized_retried = false;
+                self.policy.backoff_max.mul_f64(0.75 + unit / 4.0)
+            }
+            ErrorClass::Unauthorized => backoff(st),
+            ErrorClass::Bearer | ErrorClass::Transient => {
+                st.unauthorized_retried = false;
+                let d = backoff(st);
+                d.max(failure.retry_after().unwrap_or_default())
+            }
+        };
+        st.health = match class {
+            ErrorClass::Unauthorized | ErrorClass::Bearer => PlatformHealth::Unauthorized,
+            ErrorClass::NotConfigured => PlatformHealth::NotConfigured,
+            ErrorClass::Transient => PlatformHealth::Failing,
+        };
+        st.backing_off = true;
+        st.next_attempt = now + delay;
+        let serving = self.usable(st, now).map(|(_, _, source)| source);
+        tracing::warn!(
+            error = %text,
+            platform = st.health.word(),
+            retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+            still_serving = serving.map_or("nothing", |s| match s {
+                Source::Platform => "cached platform token",
+                Source::Env => "bootstrap token",
+            }),
+            "platform call failed"
+        );
+        st.last_error = Some(text);
+    }
+}
+
+/// Why a call did not produce a servable token.
+enum Failure<'a> {
+    Platform(&'a PlatformError),
+    TooShort { life: Duration, min: Duration },
+}
+
+impl Failure<'_> {
+    fn class(&self) -> ErrorClass {
+        match self {
+            Self::Platform(e) => e.class(),
+            Self::TooShort { .. } => ErrorClass::Transient,
+        }
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Platform(e) => e.retry_after(),
+            Self::TooShort { .. } => None,
+        }
+    }
+
+    /// The error chain `a -> b -> c`, bounded. Platform errors never carry
+    /// the token, the bearer or the body (credd-core guarantees it).
+    fn describe(&self) -> String {
+        let mut text = match self {
+            Self::Platform(e) => error_chain(*e),
+            Self::TooShort { life, min } => format!(
+                "the platform handed out a token with {}s of life left, less than --min-lifetime {}s",
+                life.as_secs(),
+                min.as_secs()
+            ),
+        };
+        if text.len() > MAX_ERROR_TEXT {
+            let mut cut = MAX_ERROR_TEXT;
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            text.truncate(cut);
+            text.push('…');
+        }
+        text
+    }
+}
+
+/// `error -> source -> source…`
+pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        let _ = write!(text, " -> {e}");
+        source = e.source();
+    }
+    text
+}
+
+fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn human_secs(secs: u64) -> String {
+    humantime::format_duration(Duration::from_secs(secs)).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    const M: Duration = Duration::from_secs(600);
+    const MIN: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn refresh_comes_margin_plus_jitter_before_expiry() {
+        let life = Duration::from_secs(3600);
+        assert_eq!(refresh_delay(life, M, MIN, 0.0), Duration::from_secs(3000));
+        let latest = refresh_delay(life, M, MIN, 0.0);
+        let earliest = refresh_delay(life, M, MIN, 0.999_999);
+        assert!(
+            earliest >= Duration::from_secs(3600 - 600 - 150),
+            "{earliest:?}"
+        );
+        assert!(earliest < latest);
+        for i in 0..100 {
+            let d = refresh_delay(life, M, MIN, f64::from(i) / 100.0);
+            assert!(d <= latest && d >= earliest, "{d:?}");
+        }
+    }
+
+    #[test]
+    fn short_lived_tokens_refresh_at_half_their_usable_life_never_in_a_loop() {
+        // 90 s of life, 60 s minimum: 30 s servable, refresh after 15 s.
+        assert_eq!(
+            refresh_delay(Duration::from_secs(90), M, MIN, 0.5),
+            Duration::from_secs(15)
+        );
+        // Less than the minimum, or nothing at all: the floor, never zero.
+        for life in [0, 1, 30, 60, 61] {
+            let d = refresh_delay(Duration::from_secs(life), M, MIN, 0.3);
+            assert!(d >= MIN_REFRESH_DELAY, "{life}s -> {d:?}");
+        }
+        // A platform that keeps handing out the same token: the delays
+        // shrink geometrically to the floor, so the calls before the token
+        // becomes unservable are few.
+        let mut life = Duration::from_secs(290);
+        let mut calls = 0;
+        while life > MIN {
+            life = life.saturating_sub(refresh_delay(life, M, MIN, 0.5));
+            calls += 1;
+        }
+        assert!(calls <= 10, "{calls} calls");
+    }
+
+    #[test]
+    fn backoff_grows_is_capped_and_jittered() {
+        let initial = Duration::from_secs(1);
+        let max = Duration::from_secs(300);
+        assert_eq!(
+            backoff_delay(initial, max, 0, 0.0),
+            Duration::from_millis(500)
+        );
+        assert_eq!(backoff_delay(initial, max, 0, 1.0), initial);
+        assert_eq!(backoff_delay(initial, max, 3, 1.0), Duration::from_secs(8));
+        assert_eq!(backoff_delay(initial, max, 3, 0.0), Duration::from_secs(4));
+        for attempt in [0, 1, 5, 8, 9, 20, 31, 1000] {
+            let cap = initial
+                .saturating_mul(2u32.saturating_pow(attempt.min(31)))
+                .min(max);
+            for unit in [0.0, 0.25, 0.5, 0.999] {
+                let d = backoff_delay(initial, max, attempt, unit);
+                assert!(d >= cap / 2 && d <= cap, "{attempt} {unit}: {d:?}");
+            }
+        }
+        assert_eq!(backoff_delay(initial, max, 1000, 1.0), max);
+        // Jitter spreads: two draws differ.
+        assert_ne!(
+            backoff_delay(initial, max, 6, 0.1),
+            backoff_delay(initial, max, 6, 0.9)
+        );
+    }
+
+    /// A platform double: answers from a script, counts calls, and can hold
+    /// a call until released.
+    struct FakePlatform {
+        calls: AtomicUsize,
+        script: Mutex<VecDeque<Result<Duration, PlatformError>>>,
+        gate: tokio::sync::Semaphore,
+    }
+
+    impl FakePlatform {
+        fn new(script: Vec<Result<Duration, PlatformError>>, open: bool) -> Arc<Self> {
+            Arc::new(Self {
+                calls: AtomicUsize::new(0),
+                script: Mutex::new(script.into()),
+                gate: tokio::sync::Semaphore::new(if open {
+                    tokio::sync::Semaphore::MAX_PERMITS
+                } else {
+                    0
+                }),
+            })
+        }
+        fn calls(&self) -> usize {
+            self.calls.load(Ordering::SeqCst)
+        }
+    }
+
+    impl Fetch for Arc<FakePlatform> {
+        async fn fetch(&self) -> Result<Grant, PlatformError> {
+            let n = self.calls.fetch_add(1, Ordering::SeqCst);
+            let _permit = self.gate.acquire().await.expect("gate open");
+            let next = self
+                .script
+                .lock()
+                .unwrap()
+                .pop_front()
+                .unwrap_or(Ok(Duration::from_secs(3600)));
+            next.map(|lifetime| Grant {
+                token: Token::new(format!("ghs_fake{n}")).unwrap(),
+                expires_at: SystemTime::now() + lifetime,
+                lifetime,
+            })
+        }
+    }
+
+    fn policy() -> CachePolicy {
+        CachePolicy {
+            refresh_margin: M,
+            min_lifetime: MIN,
+            wait_timeout: Duration::from_secs(4),
+            bootstrap_max_age: Duration::from_secs(3000),
+            backoff_initial: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(300),
+        }
+    }
+
+    fn start(
+        platform: &Arc<FakePlatform>,
+        policy: CachePolicy,
+        bootstrap: Option<&str>,
+    ) -> (Arc<TokenCache<Arc<FakePlatform>>>, CancellationToken) {
+        let cache = Arc::new(TokenCache::new(
+            Arc::clone(platform),
+            policy,
+            bootstrap.map(|b| Token::new(b.into()).unwrap()),
+        ));
+        let cancel = CancellationToken::new();
+        let refresher = Arc::clone(&cache);
+        let c = cancel.clone();
+        tokio::spawn(async move { refresher.run_refresher(c).await });
+        (cache, cancel)
+    }
+
+    fn token_of(r: &Response) -> (String, Source) {
+        match r {
+            Response::Token { token, source, .. } => (token.expose().to_owned(), *source),
+            other => panic!("expected a token, got {other:?}"),
+        }
+    }
+
+    fn server_error() -> PlatformError {
+        PlatformError::Server {
+            status: 500,
+            retry_after: None,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_gets_on_an_empty_cache_share_one_call() {
+        let platform = FakePlatform::new(vec![], false);
+        let (cache, cancel) = start(&platform, policy(), None);
+        let gets: Vec<_> = (0..100)
+            .map(|_| {
+                let cache = Arc::clone(&cache);
+                tokio::spawn(async move { cache.get().await })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        platform.gate.add_permits(1000);
+        for get in gets {
+            assert_eq!(token_of(&get.await.unwrap()).0, "ghs_fake0");
+        }
+        assert_eq!(platform.calls(), 1);
+        assert_eq!(cache.status().served, 100);
+        cancel.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refreshes_ahead_of_expiry_once_per_lifetime() {
+        let platform = FakePlatform::new(vec![], true);
+        let (cache, cancel) = start(&platform, policy(), None);
+        assert_eq!(token_of(&cache.get().await).0, "ghs_fake0");
+        // 50 minutes later, no second call yet (refresh at 47.5..50 min).
+        tokio::time::sleep(Duration::from_secs(47 * 60)).await;
+        assert_eq!(platform.calls(), 1);
+        tokio::time::sleep(Duration::from_secs(3 * 60 + 1)).await;
+        assert_eq!(platform.calls(), 2);
+        assert_eq!(token_of(&cache.get().await).0, "ghs_fake1");
+        cancel.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_back_off_and_keep_serving_the_cached_token() {
+        let platform = FakePlatform::new(
+            vec![
+                Ok(Duration::from_secs(3600)),
+                Err(server_error()),
+                Err(server_error()),
+                Err(server_error()),
+            ],
+            true,
+        );
+        let (cache, cancel) = start(&platform, policy(), None);
+        cache.get().await;
+        cache.refresh_now();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(platform.calls(), 2);
+        // While failing: served from cache, no call per client.
+        for _ in 0..50 {
+            assert_eq!(token_of(&cache.get().await).0, "ghs_fake0");
+        }
+        assert_eq!(platform.calls(), 2);
+        let status = cache.status();
+        assert_eq!(status.platform, "failing");
+        assert!(status.last_error.as_deref().unwrap().contains("500"));
+        // Back-off: the next calls come after ≥0.5 s, then ≥1 s, then ≥2 s.
+        tokio::time::sleep(Duration::from_millis(499)).await;
+        assert_eq!(platform.calls(), 2);
+        tokio::time::sleep(Duration::from_millis(502)).await;
+        assert_eq!(platform.calls(), 3);
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert!(platform.calls() >= 4);
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        assert_eq!(cache.status().platform, "ok");
+        cancel.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unauthorized_is_retried_once_then_backs_off() {
+        let unauthorized = || PlatformError::Unauthorized {
+            status: 401,
+            path: "/configs/.auth_token".into(),
+        };
+        let platform = FakePlatform::new((0..10).map(|_| Err(unauthorized())).collect(), true);
+        let mut p = policy();
+        p.backoff_initial = Duration::from_secs(3600);
+        p.backoff_max = Duration::from_secs(3600);
+        let (cache, cancel) = start(&platform, p, None);
+        let answer = cache.get().await;
+        assert!(
+            matches!(answer, Response::Error { code: ErrorCode::Unavailable, ref message } if message.contains("401")),
+            "{answer:?}"
+        );
+        assert_eq!(platform.calls(), 2, "one immediate retry");
+        assert_eq!(cache.status().platform, "unauthorized");
+        // Clients cannot override the back-off.
+        for _ in 0..10 {
+            cache.get().await;
+        }
+        assert_eq!(platform.calls(), 2);
+        cancel.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_and_not_configured_wait_long() {
+        let platform = FakePlatform::new(
+            vec![
+                Err(PlatformError::RateLimited {
+                    retry_after: Some(Duration::from_secs(30)),
+                }),
+                Err(PlatformError::NotConfigured),
+            ],
+            true,
+        );
+        let (cache, cancel) = start(&platform, policy(), None);
+        tokio::time::sleep(Duration::from_secs(29)).await;
+        assert_eq!(platform.calls(), 1, "Retry-After: 30 honoured");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(platform.calls(), 2);
+        assert_eq!(cache.status().platform, "not_configured");
+        // 404: at least 3/4 of the 5 min cap.
+        tokio::time::sleep(Duration::from_secs(223)).await;
+        assert_eq!(platform.calls(), 2);
+        tokio::time::sleep(Duration::from_secs(80)).await;
+        assert_eq!(platform.calls(), 3);
+        cancel.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bootstrap_is_served_until_the_platform_answers_or_its_age_is_up() {
+        let platform = FakePlatform::new((0..10_000).map(|_| Err(server_error())).collect(), true);
+        let mut p = policy();
+        p.bootstrap_max_age = Duration::from_secs(600);
+        let (cache, cancel) = start(&platform, p, Some("ghs_bootstrap"));
+        let (token, source) = token_of(&cache.get().await);
+        assert_eq!((token.as_str(), source), ("ghs_bootstrap", Source::Env));
+        assert_eq!(cache.status().source, Some(Source::Env));
+        tokio::time::sleep(Duration::from_secs(601)).await;
+        assert!(matches!(
+            cache.get().await,
+            Response::Error {
+                code: ErrorCode::Unavailable,
+                ..
+            }
+        ));
+        cancel.cancel();
+
+        let platform = FakePlatform::new(vec![], true);
+        let (cache, cancel) = start(&platform, policy(), Some("ghs_bootstrap"));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(
+            token_of(&cache.get().await),
+            ("ghs_fake0".into(), Source::Platform)
+        );
+        cancel.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn erase_drops_only_a_matching_token_and_clients_are_rate_limited() {
+        let platform = FakePlatform::new(vec![], true);
+        let (cache, cancel) = start(&platform, policy(), None);
+        let (first, _) = token_of(&cache.get().await);
+        let other = credd_core::secret::sha256_hex(b"something else");
+        assert_eq!(cache.erase(&other), Response::Erased { dropped: false });
+        assert!(matches!(
+            cache.erase("not-hex"),
+            Response::Error {
+                code: ErrorCode::BadRequest,
+                ..
+            }
+        ));
+        // Erase after erase: only CLIENT_CALLS_PER_WINDOW client-caused calls a minute.
+        let mut current = first;
+        for _ in 0..(CLIENT_CALLS_PER_WINDOW + 3) {
+            let hash = credd_core::secret::sha256_hex(current.as_bytes());
+            assert_eq!(cache.erase(&hash), Response::Erased { dropped: true });
+            assert_eq!(cache.status().state, Some(TokenState::Missing));
+            match cache.get().await {
+                Response::Token { token, .. } => current = token.expose().to_owned(),
+                Response::Error { .. } => break,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(platform.calls(), 1 + CLIENT_CALLS_PER_WINDOW);
+        // The window frees up: the next call happens without a client.
+        tokio::time::sleep(CLIENT_CALL_WINDOW + Duration::from_secs(1)).await;
+        assert_eq!(platform.calls(), 2 + CLIENT_CALLS_PER_WINDOW);
+        cancel.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_token_below_the_minimum_life_is_never_served() {
+        let platform = FakePlatform::new(
+            (0..1000).map(|_| Ok(Duration::from_secs(20))).collect(),
+            true,
+        );
+        let (cache, cancel) = start(&platform, policy(), None);
+        let answer = cache.get().await;
+        assert!(
+            matches!(answer, Response::Error { code: ErrorCode::Unavailable, ref message } if message.contains("min-lifetime")),
+            "{answer:?}"
+        );
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        // Backed off (≥0.5 s, ≥1 s, ≥2 s, …) rather than looping.
+        assert!(platform.calls() < 10, "{}", platform.calls());
+        cancel.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_get_waits_at_most_the_wait_timeout() {
+        let platform = FakePlatform::new(vec![], false);
+        let (cache, cancel) = start(&platform, policy(), None);
+        let started = Instant::now();
+        let answer = cache.get().await;
+        assert!(matches!(
+            answer,
+            Response::Error {
+                code: ErrorCode::Unavailable,
+                ..
+            }
+        ));
+        assert_eq!(started.elapsed(), policy().wait_timeout);
+        assert_eq!(platform.calls(), 1);
+        assert_eq!(cache.status().next_refresh_in_secs, Some(0));
+        cancel.cancel();
+    }
+}

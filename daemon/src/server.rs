@@ -1,0 +1,468 @@
+//! The accept loop and one-request connections.
+//!
+//! Every connection is: check the caller's uid (`SO_PEERCRED`), read one line
+//! (capped at [`MAX_LINE`], within [`READ_DEADLINE`]), answer one line, close.
+//! Each connection runs in its own task holding one of `--max-connections`
+//! permits, so idle, slow or malicious clients cost a permit and at most
+//! [`READ_DEADLINE`] each and never delay anyone else; when no permit is left
+//! the accept loop answers `busy` without waiting and moves on.
+//!
+//! On shutdown the loop stops accepting, connections still waiting for their
+//! request are dropped, and requests already being answered get a bounded
+//! grace period.
+
+use std::future::Future;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use credd_core::protocol::{self, ErrorCode, MAX_LINE, ProtocolError, Request, Response};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use zeroize::Zeroizing;
+
+use crate::cache::{Fetch, TokenCache};
+
+/// How long a client has to send its request line.
+pub(crate) const READ_DEADLINE: Duration = Duration::from_secs(2);
+/// How long writing the answer may take.
+const WRITE_DEADLINE: Duration = Duration::from_secs(2);
+/// After an oversized request, how much of the rest is read and discarded
+/// (so the client sees our answer rather than a reset) and for how long.
+const DRAIN_LIMIT: u64 = 1024 * 1024;
+const DRAIN_DEADLINE: Duration = Duration::from_millis(200);
+
+/// Which callers may use the socket: the daemon's own uid and `--allow-uid`s.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PeerCheck {
+    allowed: Vec<u32>,
+}
+
+impl PeerCheck {
+    /// Admits `own_uid` and every uid in `extra`.
+    pub(crate) fn new(own_uid: u32, extra: &[u32]) -> Self {
+        let mut allowed = vec![own_uid];
+        for &uid in extra {
+            if !allowed.contains(&uid) {
+                allowed.push(uid);
+            }
+        }
+        Self { allowed }
+    }
+
+    /// Whether a caller with `uid` may have tokens and status.
+    pub(crate) fn allows(&self, uid: u32) -> bool {
+        self.allowed.contains(&uid)
+    }
+}
+
+/// What the server needs besides the cache.
+#[derive(Debug, Clone)]
+pub(crate) struct ServerSettings {
+    /// Concurrent connections served; more get `busy`.
+    pub(crate) max_connections: usize,
+    /// Who may connect.
+    pub(crate) peer_check: PeerCheck,
+    /// How long requests in progress may take to finish at shutdown.
+    pub(crate) shutdown_grace: Duration,
+}
+
+/// Serves `listener` until `shutdown` completes, then drains (bounded).
+pub(crate) async fn run<F: Fetch>(
+    listener: UnixListener,
+    cache: Arc<TokenCache<F>>,
+    settings: ServerSettings,
+    shutdown: impl Future<Output = ()>,
+) {
+    let permits = Arc::new(Semaphore::new(settings.max_connections));
+    let peer_check = Arc::new(settings.peer_check);
+    let tracker = TaskTracker::new();
+    let stop_reading = CancellationToken::new();
+    let mut busy_logged = false;
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    accept_failed(&error).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+            // Never wait here: answer without reading and move on. The line
+            // is tiny, so a fresh socket's buffer always takes it.
+            let _ = stream.try_write(&protocol::encode(&Response::Error {
+                code: ErrorCode::Busy,
+                message: format!(
+                    "molecule-credd is serving {} connections already; try again",
+                    settings.max_connections
+                ),
+            }));
+            if !busy_logged {
+                tracing::warn!(
+                    max_connections = settings.max_connections,
+                    "connection limit reached; answering busy"
+                );
+                busy_logged = true;
+            }
+            continue;
+        };
+        if permits.available_permits() > settings.max_connections / 2 {
+            busy_logged = false;
+        }
+        let cache = Arc::clone(&cache);
+        let peer_check = Arc::clone(&peer_check);
+        let stop_reading = stop_reading.clone();
+        tracker.spawn(async move {
+            serve_connection(stream, &cache, &peer_check, &stop_reading).await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    stop_reading.cancel();
+    tracker.close();
+    if tokio::time::timeout(settings.shutdown_grace, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = tracker.len(),
+            "connections still open after the shutdown grace period; closing them"
+        );
+    }
+}
+
+/// Out of descriptors (or a transient accept error): pause briefly instead of
+/// spinning, the limit frees up as connections finish.
+async fn accept_failed(error: &io::Error) {
+    tracing::warn!(%error, "accept failed");
+    let errno = error.raw_os_error().unwrap_or_default();
+    if errno == nix::libc::EMFILE || errno == nix::libc::ENFILE {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// What reading the request produced.
+#[derive(Debug, PartialEq, Eq)]
+enum RequestLine {
+    /// A line (newline stripped or missing at EOF).
+    Line(Vec<u8>),
+    /// The client closed without sending anything.
+    Empty,
+    /// More than [`MAX_LINE`] bytes without a newline.
+    TooLong,
+}
+
+async fn read_request(stream: &mut UnixStream) -> io::Result<RequestLine> {
+    let mut line = Vec::with_capacity(256);
+    let mut limited = BufReader::new(&mut *stream).take(MAX_LINE as u64 + 1);
+    limited.read_until(b'\n', &mut line).await?;
+    if line.last() == Some(&b'\n') {
+        line.pop();
+        return Ok(RequestLine::Line(line));
+    }
+    if line.len() > MAX_LINE {
+        return Ok(RequestLine::TooLong);
+    }
+    if line.is_empty() {
+        return Ok(RequestLine::Empty);
+    }
+    Ok(RequestLine::Line(line))
+}
+
+async fn serve_connection<F: Fetch>(
+    mut stream: UnixStream,
+    cache: &TokenCache<F>,
+    peer_check: &PeerCheck,
+    stop_reading: &CancellationToken,
+) {
+    let peer = stream.peer_cred();
+    let request = tokio::select! {
+        () = stop_reading.cancelled() => return,
+        read = tokio::time::timeout(READ_DEADLINE, read_request(&mut stream)) => read,
+    };
+    let line = match request {
+        Err(_elapsed) => {
+            tracing::debug!("dropped a client that sent no request within {READ_DEADLINE:?}");
+            return;
+        }
+        Ok(Err(error)) => {
+            tracing::debug!(%error, "reading a request failed");
+            return;
+        }
+        Ok(Ok(RequestLine::Empty)) => return,
+        Ok(Ok(line)) => line,
+    };
+
+    let (uid, pid) = match &peer {
+        Ok(cred) => (Some(cred.uid()), cred.pid()),
+        Err(_) => (None, None),
+    };
+    let answer = if !uid.is_some_and(|uid| peer_check.allows(uid)) {
+        tracing::warn!(
+            uid = uid.map_or(-1, i64::from),
+            pid = pid.unwrap_or(-1),
+            "refused a caller whose uid may not use this daemon (start it with --allow-uid UID to admit it)"
+        );
+        Response::Error {
+            code: ErrorCode::Forbidden,
+            message: "this uid may not use molecule-credd (ask its owner to add --allow-uid)"
+                .into(),
+        }
+    } else {
+        match line {
+            RequestLine::TooLong => bad_request(format!("request longer than {MAX_LINE} bytes")),
+            RequestLine::Line(bytes) => dispatch(&bytes, cache).await,
+            RequestLine::Empty => return,
+        }
+    };
+    let was_too_long = matches!(
+        answer,
+        Response::Error {
+            code: ErrorCode::BadRequest,
+            ..
+        }
+    );
+    // The answer may hold the token: zeroed when dropped.
+    let encoded = Zeroizing::new(protocol::encode(&answer));
+    drop(answer);
+    let written = tokio::time::timeout(WRITE_DEADLINE, async {
+        stream.write_all(&encoded).await?;
+        stream.shutdown().await
+    })
+    .await;
+    drop(encoded);
+    if !matches!(written, Ok(Ok(()))) {
+        tracing::debug!("a client went away before reading its answer");
+        return;
+    }
+    if was_too_long {
+        // Unread input makes the kernel reset the connection on close, which
+        // could hide our answer from the client: swallow some of it first.
+        let _ = tokio::time::timeout(
+            DRAIN_DEADLINE,
+            tokio::io::copy(&mut (&mut stream).take(DRAIN_LIMIT), &mut tokio::io::sink()),
+        )
+        .await;
+    }
+}
+
+fn bad_request(message: String) -> Response {
+    Response::Error {
+        code: ErrorCode::BadRequest,
+        message,
+    }
+}
+
+async fn dispatch<F: Fetch>(line: &[u8], cache: &TokenCache<F>) -> Response {
+    match protocol::decode::<Request>(line) {
+        Ok(Request::Get) => cache.get().await,
+        Ok(Request::Erase { sha256 }) => cache.erase(&sha256),
+        Ok(Request::Status) => Response::Status(Box::new(cache.status())),
+        Err(ProtocolError::Version(v)) => {
+            tracing::debug!(version = v, "request in another protocol version");
+            Response::Error {
+                code: ErrorCode::UnsupportedVersion,
+                message: ProtocolError::Version(v).to_string(),
+            }
+        }
+        Err(error) => {
+            tracing::debug!(%error, "malformed request");
+            bad_request(format!("{error}; expected one JSON request line"))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::CachePolicy;
+    use credd_core::platform::{Grant, PlatformError};
+    use credd_core::secret::Token;
+    use std::time::SystemTime;
+
+    #[test]
+    fn peer_check_admits_own_and_listed_uids_only() {
+        let check = PeerCheck::new(1000, &[0, 1000, 42]);
+        assert!(check.allows(1000));
+        assert!(check.allows(0));
+        assert!(check.allows(42));
+        assert!(!check.allows(1001));
+        assert!(!PeerCheck::new(1000, &[]).allows(0));
+    }
+
+    struct Fixed;
+    impl Fetch for Fixed {
+        async fn fetch(&self) -> Result<Grant, PlatformError> {
+            Ok(Grant {
+                token: Token::new("ghs_serverTestToken".into()).unwrap(),
+                expires_at: SystemTime::now() + Duration::from_secs(3600),
+                lifetime: Duration::from_secs(3600),
+            })
+        }
+    }
+
+    fn cache() -> Arc<TokenCache<Fixed>> {
+        Arc::new(TokenCache::new(
+            Fixed,
+            CachePolicy {
+                refresh_margin: Duration::from_secs(600),
+                min_lifetime: Duration::from_secs(60),
+                wait_timeout: Duration::from_secs(4),
+                bootstrap_max_age: Duration::from_secs(3000),
+                backoff_initial: Duration::from_secs(1),
+                backoff_max: Duration::from_secs(300),
+            },
+            None,
+        ))
+    }
+
+    async fn exchange(path: &std::path::Path, bytes: &[u8]) -> String {
+        let mut stream = UnixStream::connect(path).await.expect("connect");
+        let _ = stream.write_all(bytes).await;
+        let mut answer = String::new();
+        BufReader::new(stream)
+            .read_line(&mut answer)
+            .await
+            .expect("read");
+        answer
+    }
+
+    struct Running {
+        _dir: tempfile::TempDir,
+        path: std::path::PathBuf,
+        stop: CancellationToken,
+        server: tokio::task::JoinHandle<()>,
+    }
+
+    fn serve(settings: ServerSettings) -> Running {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.sock");
+        let listener = UnixListener::bind(&path).expect("bind");
+        let cache = cache();
+        let stop = CancellationToken::new();
+        let refresher = Arc::clone(&cache);
+        let c = stop.clone();
+        tokio::spawn(async move { refresher.run_refresher(c).await });
+        let s = stop.clone();
+        let server = tokio::spawn(async move {
+            run(
+                listener,
+                cache,
+                settings,
+                async move { s.cancelled().await },
+            )
+            .await;
+        });
+        Running {
+            _dir: dir,
+            path,
+            stop,
+            server,
+        }
+    }
+
+    fn settings(max_connections: usize, own_uid: u32) -> ServerSettings {
+        ServerSettings {
+            max_connections,
+            peer_check: PeerCheck::new(own_uid, &[]),
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+
+    fn me() -> u32 {
+        nix::unistd::geteuid().as_raw()
+    }
+
+    fn code(answer: &str) -> ErrorCode {
+        match protocol::decode::<Response>(answer.as_bytes()).expect("protocol answer") {
+            Response::Error { code, .. } => code,
+            other => panic!("expected an error, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn answers_one_line_per_connection_and_rejects_bad_input() {
+        let server = serve(settings(16, me()));
+        let answer = exchange(&server.path, &protocol::encode(&Request::Get)).await;
+        assert!(matches!(
+            protocol::decode::<Response>(answer.as_bytes()),
+            Ok(Response::Token { .. })
+        ));
+        assert_eq!(
+            code(&exchange(&server.path, b"password=x\n").await),
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            code(&exchange(&server.path, b"{\"v\":9,\"type\":\"get\"}\n").await),
+            ErrorCode::UnsupportedVersion
+        );
+        let oversized = vec![b'x'; MAX_LINE + 10];
+        assert_eq!(
+            code(&exchange(&server.path, &oversized).await),
+            ErrorCode::BadRequest
+        );
+        server.stop.cancel();
+        server.server.await.expect("server ends");
+    }
+
+    #[tokio::test]
+    async fn strangers_are_forbidden() {
+        // Only "uid me+1" is allowed, so this process is a stranger.
+        let server = serve(settings(16, me() + 1));
+        assert_eq!(
+            code(&exchange(&server.path, &protocol::encode(&Request::Status)).await),
+            ErrorCode::Forbidden
+        );
+        server.stop.cancel();
+        server.server.await.expect("server ends");
+    }
+
+    #[tokio::test]
+    async fn idle_clients_hold_permits_and_extra_clients_get_busy() {
+        let server = serve(settings(2, me()));
+        let idle_a = UnixStream::connect(&server.path).await.expect("connect");
+        let idle_b = UnixStream::connect(&server.path).await.expect("connect");
+        // Both permits are taken by idle clients: the next one is told so at once.
+        let answer = loop {
+            let answer = exchange(&server.path, &protocol::encode(&Request::Status)).await;
+            // The accept loop may not have taken the idle ones yet.
+            if code_or_none(&answer) == Some(ErrorCode::Busy) {
+                break answer;
+            }
+            tokio::task::yield_now().await;
+        };
+        assert_eq!(code(&answer), ErrorCode::Busy);
+        drop((idle_a, idle_b));
+        server.stop.cancel();
+        server.server.await.expect("server ends");
+    }
+
+    fn code_or_none(answer: &str) -> Option<ErrorCode> {
+        match protocol::decode::<Response>(answer.as_bytes()) {
+            Ok(Response::Error { code, .. }) => Some(code),
+            _ => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn shutdown_drops_clients_still_waiting_to_send() {
+        let server = serve(settings(16, me()));
+        let mut idle = UnixStream::connect(&server.path).await.expect("connect");
+        // Make sure it was accepted: a full exchange after it went through the loop.
+        exchange(&server.path, &protocol::encode(&Request::Status)).await;
+        server.stop.cancel();
+        server.server.await.expect("server ends");
+        let mut rest = Vec::new();
+        // Closed by the shutdown, long before its own read deadline would.
+        let read = tokio::time::timeout(READ_DEADLINE / 2, idle.read_to_end(&mut rest)).await;
+        assert!(read.is_ok(), "the idle client was not dropped at shutdown");
+        assert!(rest.is_empty(), "no answer for a client that asked nothing");
+    }
+}

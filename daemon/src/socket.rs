@@ -1,0 +1,389 @@
+//! Creating the daemon's Unix socket safely, and removing it again.
+//!
+//! The socket hands out a credential for every repository the GitHub App can
+//! reach, so who can *reach* it matters as much as who may use it
+//! (`SO_PEERCRED` is checked too, in the server). The folder is created 0700
+//! with its final mode (never chmod after the fact, which leaves a window) and
+//! refused when someone else owns it or it is open to group/other — in a
+//! shared `/tmp` another user could have created it first. The socket is
+//! bound inside that verified folder under the daemon's process-wide umask
+//! 077 (set in `main` while single-threaded: narrowing it here would race
+//! other threads), so it is owner-only from its first instant, then set to
+//! exactly 0600.
+//!
+//! A socket file left by a crashed daemon is replaced; one that answers
+//! belongs to a live daemon and we refuse to start rather than steal it. On
+//! shutdown only the socket *we* bound is removed (same inode), never one a
+//! newer daemon has put in its place.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket};
+
+/// Why the socket could not be set up. Each says what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SocketError {
+    /// The socket path has no parent folder.
+    #[error(
+        "socket path {0} has no parent folder; set CREDD_SOCKET to a path like /run/user/1000/molecule-credd/credd.sock"
+    )]
+    NoFolder(PathBuf),
+    /// The folder could not be created.
+    #[error("cannot create the socket folder {path}")]
+    CreateFolder {
+        /// The folder.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// The folder could not be inspected.
+    #[error("cannot inspect the socket folder {path}")]
+    InspectFolder {
+        /// The folder.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// The folder is unsafe to use.
+    #[error("refusing the socket folder {path}: {problem}")]
+    UnsafeFolder {
+        /// The folder.
+        path: PathBuf,
+        /// What is wrong and what to do.
+        problem: String,
+    },
+    /// Another daemon answers on the socket.
+    #[error(
+        "another molecule-credd is already serving {0}; stop it first or choose another --socket/CREDD_SOCKET"
+    )]
+    InUse(PathBuf),
+    /// Something that is not a socket sits at the path.
+    #[error("{0} exists and is not a socket; remove it or choose another --socket/CREDD_SOCKET")]
+    NotASocket(PathBuf),
+    /// Any other failure around binding.
+    #[error("cannot {action} {path}")]
+    Io {
+        /// What we tried.
+        action: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+}
+
+/// The socket file we bound; removes it on [`remove`](Self::remove) or drop,
+/// but only while it is still the same file (inode).
+#[derive(Debug)]
+pub(crate) struct SocketFile {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+    ctime: (i64, i64),
+    removed: bool,
+}
+
+impl SocketFile {
+    /// Removes the socket if it is still ours.
+    pub(crate) fn remove(mut self) {
+        self.remove_if_ours();
+    }
+
+    fn remove_if_ours(&mut self) {
+        if self.removed {
+            return;
+        }
+        self.removed = true;
+        match std::fs::symlink_metadata(&self.path) {
+            Ok(meta)
+                if meta.dev() == self.dev
+                    && meta.ino() == self.ino
+                    && (meta.ctime(), meta.ctime_nsec()) == self.ctime =>
+            {
+                if let Err(error) = std::fs::remove_file(&self.path) {
+                    tracing::warn!(%error, path = %self.path.display(), "could not remove the socket");
+                } else {
+                    tracing::debug!(path = %self.path.display(), "removed the socket");
+                }
+            }
+            Ok(_) => tracing::info!(
+                path = %self.path.display(),
+                "the socket was replaced by another process; leaving it"
+            ),
+            Err(_) => {}
+        }
+    }
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        self.remove_if_ours();
+    }
+}
+
+/// Creates (or checks) the folder, takes over a stale socket and binds a
+/// 0600 socket at `path`.
+pub(crate) fn bind(path: &Path) -> Result<(UnixListener, SocketFile), SocketError> {
+    let folder = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .ok_or_else(|| SocketError::NoFolder(path.to_owned()))?;
+    ensure_private_folder(folder, nix::unistd::geteuid().as_raw())?;
+    take_over_stale(path)?;
+
+    let listener = UnixListener::bind(path).map_err(|source| match source.kind() {
+        io::ErrorKind::AddrInUse => SocketError::InUse(path.to_owned()),
+        _ => SocketError::Io {
+            action: "bind the socket",
+            path: path.to_owned(),
+            source,
+        },
+    })?;
+    let io_err = |action| {
+        move |source| SocketError::Io {
+            action,
+            path: path.to_owned(),
+            source,
+        }
+    };
+    // Owner-only already (umask 077); exactly 0600 whatever the umask was.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(io_err("set the mode of the socket"))?;
+    // Identity after the chmod (which changes ctime).
+    let meta = std::fs::symlink_metadata(path).map_err(io_err("inspect the socket"))?;
+    let file = SocketFile {
+        path: path.to_owned(),
+        dev: meta.dev(),
+        ino: meta.ino(),
+        ctime: (meta.ctime(), meta.ctime_nsec()),
+        removed: false,
+    };
+    listener
+        .set_nonblocking(true)
+        .map_err(io_err("configure the socket"))?;
+    Ok((listener, file))
+}
+
+/// Creates `folder` 0700 if missing; refuses it unless it is a real folder,
+/// owned by `uid`, with no group/other permissions.
+pub(crate) fn ensure_private_folder(folder: &Path, uid: u32) -> Result<(), SocketError> {
+    match std::fs::DirBuilder::new()
+        .recursive(false)
+        .mode(0o700)
+        .create(folder)
+    {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            // Missing parents (a fresh XDG_RUNTIME_DIR subtree): create them
+            // private too.
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(folder)
+                .map_err(|source| SocketError::CreateFolder {
+                    path: folder.to_owned(),
+                    source,
+                })?;
+        }
+        Err(source) => {
+            return Err(SocketError::CreateFolder {
+                path: folder.to_owned(),
+                source,
+            });
+        }
+    }
+    let meta = std::fs::symlink_metadata(folder).map_err(|source| SocketError::InspectFolder {
+        path: folder.to_owned(),
+        source,
+    })?;
+    let unsafe_folder = |problem: String| SocketError::UnsafeFolder {
+        path: folder.to_owned(),
+        problem,
+    };
+    if meta.file_type().is_symlink() {
+        return Err(unsafe_folder(
+            "it is a symbolic link; remove it so the daemon can create a private folder".into(),
+        ));
+    }
+    if !meta.is_dir() {
+        return Err(unsafe_folder(
+            "it is not a folder; remove it or choose another --socket/CREDD_SOCKET".into(),
+        ));
+    }
+    if meta.uid() != uid {
+        return Err(unsafe_folder(format!(
+            "it is owned by uid {}, not by this user (uid {uid}); remove it or choose another --socket/CREDD_SOCKET",
+            meta.uid()
+        )));
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(unsafe_folder(format!(
+            "its mode is {mode:04o}, open to group or others; run `chmod 700 {}` or remove it",
+            folder.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Removes a socket nobody answers on; refuses one that answers.
+fn take_over_stale(path: &Path) -> Result<(), SocketError> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(SocketError::Io {
+                action: "inspect",
+                path: path.to_owned(),
+                source,
+            });
+        }
+    };
+    if !meta.file_type().is_socket() {
+        return Err(SocketError::NotASocket(path.to_owned()));
+    }
+    if answers(path).map_err(|source| SocketError::Io {
+        action: "probe the existing socket",
+        path: path.to_owned(),
+        source,
+    })? {
+        return Err(SocketError::InUse(path.to_owned()));
+    }
+    tracing::info!(path = %path.display(), "replacing a stale socket left by a daemon that is gone");
+    std::fs::remove_file(path).or_else(|e| match e.kind() {
+        io::ErrorKind::NotFound => Ok(()),
+        _ => Err(SocketError::Io {
+            action: "remove the stale socket",
+            path: path.to_owned(),
+            source: e,
+        }),
+    })
+}
+
+/// Whether something listens on `path`. Non-blocking, so a live daemon with
+/// a full backlog (EAGAIN) counts as alive instead of hanging us.
+fn answers(path: &Path) -> io::Result<bool> {
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    let address = UnixAddr::new(path)?;
+    match connect(fd.as_raw_fd(), &address) {
+        Ok(()) | Err(Errno::EAGAIN | Errno::EINPROGRESS) => Ok(true),
+        Err(Errno::ECONNREFUSED | Errno::ENOENT) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn private_tempdir() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))
+            .expect("chmod");
+        dir
+    }
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::symlink_metadata(path).expect("stat").mode() & 0o7777
+    }
+
+    fn me() -> u32 {
+        nix::unistd::geteuid().as_raw()
+    }
+
+    #[test]
+    fn creates_a_0700_folder_and_a_0600_socket_then_removes_it() {
+        let dir = private_tempdir();
+        let path = dir.path().join("run/deeper/credd.sock");
+        let (_listener, file) = bind(&path).expect("bind");
+        assert_eq!(mode(path.parent().unwrap()), 0o700);
+        assert_eq!(mode(&dir.path().join("run")), 0o700);
+        assert_eq!(mode(&path), 0o600);
+        file.remove();
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn refuses_folders_open_to_others_without_changing_them() {
+        let dir = private_tempdir();
+        for open in [0o750, 0o705, 0o777, 0o710] {
+            let folder = dir.path().join(format!("f{open:o}"));
+            std::fs::create_dir(&folder).expect("mkdir");
+            std::fs::set_permissions(&folder, std::fs::Permissions::from_mode(open))
+                .expect("chmod");
+            let err = ensure_private_folder(&folder, me()).expect_err("refused");
+            let text = err.to_string();
+            assert!(text.contains(&folder.display().to_string()), "{text}");
+            assert!(text.contains("chmod 700"), "{text}");
+            assert_eq!(mode(&folder), open, "left as it was");
+        }
+    }
+
+    #[test]
+    fn refuses_a_folder_owned_by_someone_else_and_symlinks() {
+        let dir = private_tempdir();
+        let folder = dir.path().join("theirs");
+        std::fs::create_dir(&folder).expect("mkdir");
+        std::fs::set_permissions(&folder, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        // Pretend to be another uid rather than needing root to chown.
+        let err = ensure_private_folder(&folder, me() + 1).expect_err("refused");
+        assert!(err.to_string().contains("owned by uid"), "{err}");
+
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&folder, &link).expect("symlink");
+        let err = ensure_private_folder(&link, me()).expect_err("refused");
+        assert!(err.to_string().contains("symbolic link"), "{err}");
+    }
+
+    #[test]
+    fn takes_over_a_stale_socket_but_not_a_live_one() {
+        let dir = private_tempdir();
+        let path = dir.path().join("credd.sock");
+        // Stale: bound, then the listener is gone.
+        drop(UnixListener::bind(&path).expect("bind"));
+        let (live, file) = bind(&path).expect("stale socket replaced");
+        // Live: a second bind is refused, and the first socket stays.
+        let err = bind(&path).expect_err("live socket kept");
+        assert!(matches!(err, SocketError::InUse(_)), "{err}");
+        assert!(err.to_string().contains("already serving"), "{err}");
+        assert!(path.exists());
+        drop(live);
+        drop(file);
+        assert!(!path.exists(), "our socket removed on drop");
+    }
+
+    #[test]
+    fn never_removes_a_socket_that_replaced_ours() {
+        let dir = private_tempdir();
+        let path = dir.path().join("credd.sock");
+        let (listener, file) = bind(&path).expect("bind");
+        drop(listener);
+        // A newer daemon's socket moved into place (a new inode).
+        let newer_path = dir.path().join("newer.sock");
+        let _newer = UnixListener::bind(&newer_path).expect("a newer daemon binds");
+        std::fs::rename(&newer_path, &path).expect("replace");
+        file.remove();
+        assert!(path.exists(), "the newer daemon's socket is left alone");
+    }
+
+    #[test]
+    fn refuses_a_regular_file_at_the_socket_path() {
+        let dir = private_tempdir();
+        let path = dir.path().join("credd.sock");
+        std::fs::write(&path, "not a socket").expect("write");
+        let err = bind(&path).expect_err("refused");
+        assert!(matches!(err, SocketError::NotASocket(_)), "{err}");
+        assert!(path.exists());
+    }
+}
