@@ -133,7 +133,7 @@ impl Workspace {
     /// This workspace's live daemons (by their CREDD_SOCKET).
     fn daemons(&self) -> Vec<u32> {
         processes_with(
-            &debug_dir().join("molecule-credd"),
+            Some(&debug_dir().join("molecule-credd")),
             "CREDD_SOCKET",
             self.socket.as_os_str(),
         )
@@ -156,11 +156,14 @@ impl Workspace {
 
 impl Drop for Workspace {
     fn drop(&mut self) {
-        // The supervisor's TERM trap stops its daemon; anything left is killed.
-        if let Some(pid) = self.pid_file("supervisor.pid") {
-            signal(pid, Signal::SIGTERM);
+        // Everything started for this workspace carries its CREDD_SOCKET:
+        // supervisors first (they would respawn a daemon), then daemons.
+        let ours = || processes_with(None, "CREDD_SOCKET", self.socket.as_os_str());
+        let daemons = self.daemons();
+        for pid in ours().into_iter().filter(|pid| !daemons.contains(pid)) {
+            signal(pid, Signal::SIGKILL);
         }
-        for pid in self.daemons() {
+        for pid in ours() {
             signal(pid, Signal::SIGKILL);
         }
         let log = std::fs::read_dir(self.dir.path())

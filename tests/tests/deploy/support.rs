@@ -346,22 +346,24 @@ pub(crate) fn is_alive(pid: u32) -> bool {
     }
 }
 
-/// Live processes whose executable is `exe` and whose environment has
-/// `key=value` (how the tests find "their" daemons among parallel tests).
-pub(crate) fn processes_with(exe: &Path, key: &str, value: &OsStr) -> Vec<u32> {
+/// Live processes whose environment has `key=value` and, when `exe` is
+/// given, whose executable it is (how the tests find "their" daemons and
+/// supervisors among parallel tests).
+pub(crate) fn processes_with(exe: Option<&Path>, key: &str, value: &OsStr) -> Vec<u32> {
     use std::os::unix::ffi::OsStrExt;
     let mut wanted = format!("{key}=").into_bytes();
     wanted.extend_from_slice(value.as_bytes());
-    let exe = std::fs::canonicalize(exe).unwrap_or_else(|_| exe.to_owned());
+    let exe = exe.map(|exe| std::fs::canonicalize(exe).unwrap_or_else(|_| exe.to_owned()));
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
     entries
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter(|&pid| {
-            std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|p| p == exe)
-                && std::fs::read(format!("/proc/{pid}/environ"))
-                    .is_ok_and(|env| env.split(|&b| b == 0).any(|kv| kv == wanted))
+            exe.as_ref().is_none_or(|exe| {
+                std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|p| &p == exe)
+            }) && std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| env.split(|&b| b == 0).any(|kv| kv == wanted))
                 && is_alive(pid)
         })
         .collect()
