@@ -397,3 +397,54 @@ fn watchdog_pings_stop_while_the_token_is_expired_and_unobtainable() {
     drop(daemon);
     secrets.assert_clean("daemon log", &stderr.text());
 }
+
+#[test]
+fn the_on_refresh_hook_gets_the_new_token_on_stdin() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secrets = Secrets::default();
+    let platform = Platform::start(&dir.path().join("configs"), "10m", &secrets);
+    let socket = private_dir(dir.path().join("run")).join("credd.sock");
+    // The hook records only a hash of what it read (no token on disk), and
+    // its argv and environment, which must not hold the token.
+    let seen = dir.path().join("hook");
+    let hook = format!(
+        "sha256sum | cut -d' ' -f1 > '{0}.sha'; {{ echo \"$0 $*\"; env; }} > '{0}.env'; mv '{0}.sha' '{0}.done'",
+        seen.display()
+    );
+    let mut command = Command::new(binary("molecule-credd"));
+    daemon_env(&mut command, &platform, &socket);
+    let mut daemon = KillOnDrop(Some(
+        command
+            .arg("--on-refresh")
+            .arg(&hook)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start molecule-credd"),
+    ));
+    let stderr = Lines::spawn(
+        daemon
+            .0
+            .as_mut()
+            .and_then(|c| c.stderr.take())
+            .expect("stderr"),
+    );
+    let done = seen.with_extension("done");
+    let hashed = crate::support::eventually("the on-refresh hook ran", || {
+        std::fs::read_to_string(&done).ok()
+    });
+    let token = credd(dir.path(), "token", &socket, &["token"]);
+    assert!(token.status.success(), "{}", token.transcript());
+    let token = token.stdout.trim_end().to_owned();
+    secrets.add(token.clone());
+    // The hook got the token and a newline, exactly.
+    assert_eq!(
+        hashed.trim(),
+        crate::support::sha256_hex(format!("{token}\n").as_bytes())
+    );
+    let env = std::fs::read_to_string(seen.with_extension("env")).expect("hook env dump");
+    secrets.assert_clean("the hook's argv and environment", &env);
+    drop(daemon);
+    secrets.assert_clean("daemon log", &stderr.text());
+}
