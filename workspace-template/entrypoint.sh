@@ -21,6 +21,8 @@
 #   CREDD_GH_WRAPPER_DIR   folder holding the gh wrapper       [/usr/local/lib/molecule-credd/bin]
 #   CREDD_AGENT_USER       account the runtime runs as (root phase) [agent]
 #   CREDD_FALLBACK_HELPER  git credential helper asked after credd
+#   CREDD_ENTRYPOINT_STAGE `user` skips the root phase (set by this script
+#                          itself when it re-executes after the privilege drop)
 #   CREDD_SOCKET, CREDD_HOSTS, CONFIGS_DIR, PLATFORM_URL, WORKSPACE_ID: see credd
 set -u
 
