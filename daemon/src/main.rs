@@ -49,6 +49,8 @@ use crate::socket::SocketFile;
 /// Longest value any duration flag accepts; keeps monotonic-clock arithmetic
 /// far from overflow and catches unit typos (`10y`).
 const MAX_FLAG_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Longest `--wait-timeout`; `credd` itself gives up after 6 s.
+const MAX_WAIT_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long one `--on-refresh` run may take before it is killed.
 const ON_REFRESH_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -267,6 +269,13 @@ fn policy_from(cli: &Cli) -> Result<CachePolicy, UsageError> {
             "--refresh-margin ({}) must be longer than --min-lifetime ({}): a token must be refreshed before it is too old to serve",
             humantime::format_duration(cli.refresh_margin),
             humantime::format_duration(cli.min_lifetime)
+        )));
+    }
+    if cli.wait_timeout > MAX_WAIT_TIMEOUT {
+        return Err(UsageError(format!(
+            "--wait-timeout ({}) is longer than {}: a waiting client holds a connection slot",
+            humantime::format_duration(cli.wait_timeout),
+            humantime::format_duration(MAX_WAIT_TIMEOUT)
         )));
     }
     if cli.backoff_initial.is_zero() || cli.backoff_initial > cli.backoff_max {
@@ -535,6 +544,8 @@ mod tests {
         let c = cli(&["--backoff-initial", "10m", "--backoff-max", "1m"]).expect("parses");
         assert!(policy_from(&c).is_err());
         assert!(cli(&["--wait-timeout", "soon"]).is_err());
+        let c = cli(&["--wait-timeout", "10m"]).expect("parses");
+        assert!(policy_from(&c).is_err());
         assert!(cli(&["--backoff-max", "30d"]).is_err());
         assert!(cli(&["--max-connections", "0"]).is_err());
         assert!(cli(&["--log-format", "xml"]).is_err());
