@@ -1088,6 +1088,47 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn status_and_health_follow_the_token() {
+        let platform = FakePlatform::new(
+            std::iter::once(Ok(Duration::from_secs(3600)))
+                .chain((0..1000).map(|_| Err(server_error())))
+                .collect(),
+            true,
+        );
+        let (cache, cancel) = start(&platform, policy(), None);
+        cache.get().await;
+        let status = cache.status();
+        assert_eq!(status.state, Some(TokenState::Valid));
+        assert_eq!(status.source, Some(Source::Platform));
+        assert_eq!(status.expires_in_secs, Some(3600));
+        assert_eq!(status.platform, "ok");
+        assert_eq!((status.platform_calls, status.served), (1, 1));
+        let next = status.next_refresh_in_secs.expect("scheduled");
+        assert!((2850..=3000).contains(&next), "{next}");
+        let line = cache.status_line();
+        assert!(
+            line.starts_with("token from platform, expires in 1h"),
+            "{line}"
+        );
+        assert!(!line.contains("ghs_"), "{line}");
+        assert!(cache.is_healthy());
+
+        // The refresh fails from then on: healthy while the token is
+        // servable, not once it is gone.
+        tokio::time::sleep(Duration::from_secs(3600 - 59)).await;
+        let status = cache.status();
+        assert_eq!(status.state, Some(TokenState::Missing));
+        assert_eq!(status.platform, "failing");
+        assert!(!cache.is_healthy());
+        let line = cache.status_line();
+        assert!(
+            line.starts_with("no usable token; platform failing: "),
+            "{line}"
+        );
+        cancel.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_get_waits_at_most_the_wait_timeout() {
         let platform = FakePlatform::new(vec![], false);
         let (cache, cancel) = start(&platform, policy(), None);

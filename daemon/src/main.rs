@@ -136,8 +136,11 @@ fn main() -> ExitCode {
     // Everything the daemon creates (socket folder, socket) is owner-only.
     nix::sys::stat::umask(Mode::from_bits_truncate(0o077));
     init_logging(cli.log_format);
-    let bootstrap = take_bootstrap_token();
-    match run(cli, activated, bootstrap) {
+    let result = harden().and_then(|()| {
+        let bootstrap = take_bootstrap_token();
+        run(cli, activated, bootstrap)
+    });
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             let chain: Vec<String> = error.chain().map(ToString::to_string).collect();
@@ -302,7 +305,6 @@ fn run(
 ) -> anyhow::Result<()> {
     let config = config_from(&cli).context("invalid configuration")?;
     let policy = policy_from(&cli).context("invalid configuration")?;
-    harden()?;
     let client = PlatformClient::new(&config, Timeouts::default())
         .context("cannot set up the platform client")?;
 
