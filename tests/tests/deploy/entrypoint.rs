@@ -273,6 +273,31 @@ fn a_second_run_starts_no_second_daemon_and_a_killed_daemon_comes_back() {
 }
 
 #[test]
+fn the_provision_time_token_reaches_the_daemon_and_not_the_runtime() {
+    let mut ws = Workspace::new();
+    let mut command = ws.command(&debug_dir(), 0);
+    // The platform is unreachable at start: the daemon serves its bootstrap.
+    command.env("PLATFORM_URL", "http://127.0.0.1:9");
+    let result = ws.run(&mut command);
+    let transcript = result.transcript();
+    assert!(result.status.success(), "{transcript}");
+    assert!(!result.stderr.contains("ERROR"), "{transcript}");
+    assert_eq!(result.value("runtime-gh-token"), "unset", "{transcript}");
+    assert_eq!(
+        result.value("runtime-github-token"),
+        "unset",
+        "{transcript}"
+    );
+    let bootstrap = sha256_hex(BOOTSTRAP.as_bytes());
+    assert_eq!(result.value("git-token-sha"), bootstrap, "{transcript}");
+    assert_eq!(result.value("gh-token-sha"), bootstrap, "{transcript}");
+    let status = ws.credd(&["status", "--json"]);
+    let json: serde_json::Value = serde_json::from_str(&status.stdout)
+        .unwrap_or_else(|e| panic!("status --json ({e}):\n{}", status.transcript()));
+    assert_eq!(json["source"], "env", "{json}");
+}
+
+#[test]
 fn missing_binaries_are_an_error_line_and_the_runtime_still_runs() {
     let mut ws = Workspace::new();
     let empty = ws.dir.path().join("empty-bin");
