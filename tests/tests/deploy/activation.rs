@@ -448,3 +448,59 @@ fn the_on_refresh_hook_gets_the_new_token_on_stdin() {
     drop(daemon);
     secrets.assert_clean("daemon log", &stderr.text());
 }
+
+#[test]
+fn two_activated_sockets_are_refused() {
+    if !have_tool("systemd-socket-activate") {
+        return skip(
+            "socket activation (two sockets)",
+            "systemd-socket-activate is not installed",
+        );
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secrets = Secrets::default();
+    let platform = Platform::start(&dir.path().join("configs"), "10m", &secrets);
+    let run = private_dir(dir.path().join("run"));
+    let (first, second) = (run.join("credd.sock"), run.join("other.sock"));
+    let mut command = Command::new("systemd-socket-activate");
+    daemon_env(&mut command, &platform, &first);
+    let mut activator = KillOnDrop(Some(
+        command
+            .arg("--listen")
+            .arg(&first)
+            .arg("--listen")
+            .arg(&second)
+            .args([
+                "-E",
+                "PLATFORM_URL",
+                "-E",
+                "CONFIGS_DIR",
+                "-E",
+                "CREDD_SOCKET",
+            ])
+            .arg(binary("molecule-credd"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start systemd-socket-activate"),
+    ));
+    let stderr = Lines::spawn(
+        activator
+            .0
+            .as_mut()
+            .and_then(|c| c.stderr.take())
+            .expect("stderr"),
+    );
+    stderr.wait_for("systemd-socket-activate", "other.sock");
+    // The first connection starts the daemon, which must refuse to run.
+    let _client = std::os::unix::net::UnixStream::connect(&first).expect("connect");
+    let exit = wait_with_deadline("daemon with two sockets", activator.take(), WAIT);
+    stderr.wait_closed("daemon stderr");
+    let log = stderr.text();
+    assert!(!exit.success(), "two sockets must be refused:\n{log}");
+    assert!(
+        log.contains("error:") && log.contains("2 sockets"),
+        "a clear error naming the problem:\n{log}"
+    );
+}
