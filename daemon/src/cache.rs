@@ -281,12 +281,21 @@ impl<F: Fetch> TokenCache<F> {
         })
     }
 
-    fn unavailable(st: &State, in_flight_note: bool) -> Response {
-        let message = match (&st.last_error, in_flight_note) {
-            (Some(error), _) => format!("no usable token: {error}"),
-            (None, true) => "no usable token yet: the platform has not answered in time".into(),
-            (None, false) => "no usable token yet".into(),
+    fn unavailable(st: &State, now: Instant) -> Response {
+        let mut message = match &st.last_error {
+            Some(error) => format!("no usable token: {error}"),
+            None if st.in_flight => {
+                "no usable token yet: the platform has not answered in time".to_owned()
+            }
+            None => "no usable token yet".to_owned(),
         };
+        if !st.in_flight {
+            let _ = write!(
+                message,
+                "; next platform call in {}s",
+                st.next_attempt.saturating_duration_since(now).as_secs()
+            );
+        }
         Response::Error {
             code: ErrorCode::Unavailable,
             message,
@@ -315,7 +324,7 @@ impl<F: Fetch> TokenCache<F> {
                 }
                 // Nothing will happen before our deadline: say so now.
                 if !st.in_flight && st.requested.is_none() && st.next_attempt >= deadline {
-                    return Self::unavailable(&st, false);
+                    return Self::unavailable(&st, Instant::now());
                 }
             }
             if tokio::time::timeout_at(deadline, changes.changed())
@@ -323,10 +332,9 @@ impl<F: Fetch> TokenCache<F> {
                 .is_err()
             {
                 let mut st = self.lock();
-                let in_flight = st.in_flight;
                 return self
                     .serve(&mut st)
-                    .unwrap_or_else(|| Self::unavailable(&st, in_flight));
+                    .unwrap_or_else(|| Self::unavailable(&st, Instant::now()));
             }
         }
     }
@@ -375,6 +383,9 @@ impl<F: Fetch> TokenCache<F> {
     }
 
     /// SIGHUP: call the platform now, whatever the schedule or back-off.
+    ///
+    /// Requests made while a call is in flight add one call after it (the
+    /// operator may just have rotated the bearer that call already read).
     pub(crate) fn refresh_now(&self) {
         {
             let mut st = self.lock();
@@ -829,7 +840,8 @@ mod tests {
     impl Fetch for Arc<FakePlatform> {
         async fn fetch(&self) -> Result<Grant, PlatformError> {
             let n = self.calls.fetch_add(1, Ordering::SeqCst);
-            let _permit = self.gate.acquire().await.expect("gate open");
+            // Each call consumes a permit: a test can let calls through one by one.
+            self.gate.acquire().await.expect("gate open").forget();
             let next = self
                 .script
                 .lock()
@@ -1084,6 +1096,36 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(60)).await;
         // Backed off (≥0.5 s, ≥1 s, ≥2 s, …) rather than looping.
         assert!(platform.calls() < 10, "{}", platform.calls());
+        cancel.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sighup_overrides_the_back_off_and_many_make_one_follow_up_call() {
+        let platform = FakePlatform::new(vec![Err(server_error())], false);
+        let mut p = policy();
+        p.backoff_initial = Duration::from_secs(3600);
+        p.backoff_max = Duration::from_secs(3600);
+        let (cache, cancel) = start(&platform, p, None);
+        platform.gate.add_permits(1);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(platform.calls(), 1);
+        assert!(cache.status().next_refresh_in_secs.unwrap() >= 1800);
+        // The operator's override: a call now, whatever the back-off says.
+        cache.refresh_now();
+        platform.gate.add_permits(1);
+        assert_eq!(token_of(&cache.get().await).0, "ghs_fake1");
+        assert_eq!(platform.calls(), 2);
+        // SIGHUPs during a call (it may have read the old bearer) lead to one
+        // more call after it, not one each.
+        cache.refresh_now();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(platform.calls(), 3, "in flight");
+        for _ in 0..5 {
+            cache.refresh_now();
+        }
+        platform.gate.add_permits(10);
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(platform.calls(), 4);
         cancel.cancel();
     }
 

@@ -222,7 +222,7 @@ async fn serve_connection<F: Fetch>(
             RequestLine::Empty => return,
         }
     };
-    let was_too_long = matches!(
+    let drain_input = matches!(
         answer,
         Response::Error {
             code: ErrorCode::BadRequest,
@@ -242,9 +242,10 @@ async fn serve_connection<F: Fetch>(
         tracing::debug!("a client went away before reading its answer");
         return;
     }
-    if was_too_long {
-        // Unread input makes the kernel reset the connection on close, which
-        // could hide our answer from the client: swallow some of it first.
+    if drain_input {
+        // After a refused request (oversized, say) input may be left unread,
+        // and closing then resets the connection, which can hide our answer
+        // from the client: swallow some of it first (bounded).
         let _ = tokio::time::timeout(
             DRAIN_DEADLINE,
             tokio::io::copy(&mut (&mut stream).take(DRAIN_LIMIT), &mut tokio::io::sink()),
