@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Benchmarks `credd get` answered by a running molecule-credd, as a whole
-# process (exec + one socket round trip), side by side with:
+# process (exec + one socket round trip), side by side:
 #   /bin/true                    the floor: one exec that does nothing
+#   credd get (static)           the helper built with +crt-static (static-pie)
 #   credd get (dynamic)          the same helper, dynamically linked
+#   credd get (static, non-PIE)  the same, without start-up self-relocation
 #   git credential-cache get     git's own in-memory helper, daemon running
 #   seed helper                  the bash + curl helper credd replaces
 # Targets (issue 2): within 1.5x of /bin/true, faster than credential-cache,
@@ -58,8 +60,6 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 echo "building (release)…" >&2
-cargo build --release --quiet -p credd
-cp target/release/credd "$work/credd-dynamic"
 # A static helper skips the dynamic loader (no ld.so, no libc/libgcc_s
 # relocations) — the largest part of a small program's start-up. The flag is
 # given here, for this one binary, and not in .cargo/config.toml: there it
@@ -67,6 +67,15 @@ cp target/release/credd "$work/credd-dynamic"
 # are built for the host as shared objects and cannot link with +crt-static.
 cargo rustc --release --quiet -p credd --bin credd -- -C target-feature=+crt-static
 cp target/release/credd "$work/credd"
+# Measured for comparison only: a static-pie applies ~11k relocations to
+# itself at every start (touching many pages); a non-PIE static binary has none
+# but loses ASLR for its own image — a hardening trade-off, not a free win.
+cargo rustc --release --quiet -p credd --bin credd -- \
+  -C target-feature=+crt-static -C relocation-model=static
+cp target/release/credd "$work/credd-nopie"
+# Last, so target/release/credd is the ordinary build again afterwards.
+cargo build --release --quiet -p credd
+cp target/release/credd "$work/credd-dynamic"
 cargo build --release --quiet -p molecule-credd -p molecule-platform
 bin="$root/target/release"
 if ldd "$work/credd" 2>&1 | grep -q '=>'; then
@@ -113,7 +122,9 @@ printf 'protocol=https\nhost=github.com\n\n' >"$input"
 
 # git's credential cache, holding a (dummy) credential for the same host.
 mkdir -m 700 "$work/cache"
-git credential-cache--daemon "$cache_sock" >/dev/null 2>&1 &
+# Started as the dashed binary itself: `git credential-cache--daemon` would
+# put a git wrapper process between us and the daemon.
+"$(git --exec-path)/git-credential-cache--daemon" "$cache_sock" >/dev/null 2>&1 &
 pids+=($!)
 for _ in $(seq 1 100); do
   [ -S "$cache_sock" ] && break
@@ -140,6 +151,7 @@ check() {
 }
 check "credd get (static)" "$work/credd" get
 check "credd get (dynamic)" "$work/credd-dynamic" get
+check "credd get (static, non-PIE)" "$work/credd-nopie" get
 check "git credential-cache get" git credential-cache --socket "$cache_sock" get
 check "seed helper" bash "$seed" get
 
@@ -158,7 +170,15 @@ echo "$("$hyperfine" --version), platform $PLATFORM_URL, daemon $CREDD_SOCKET," 
   -n '/bin/true' "/bin/true$redirect" \
   -n 'credd get (static)' "$(q "$work/credd") get$redirect" \
   -n 'credd get (dynamic)' "$(q "$work/credd-dynamic") get$redirect" \
+  -n 'credd get (static, non-PIE)' "$(q "$work/credd-nopie") get$redirect" \
   -n 'git credential-cache get' "git credential-cache --socket $(q "$cache_sock") get$redirect" \
   -n 'seed helper (bash + curl)' "bash $(q "$seed") get$redirect"
 echo
 cat "$work/bench.md"
+# Medians and minimums resist the noise of a shared machine better than means.
+if command -v jq >/dev/null; then
+  echo
+  jq -r '.results[0].median as $floor | .results[] |
+    "\(.command): median \(.median * 1e6 | floor) µs, min \(.min * 1e6 | floor) µs, median \(.median / $floor * 100 | round / 100)x /bin/true"' \
+    "$work/bench.json"
+fi
