@@ -7,7 +7,7 @@
 #   scripts/run-dev.sh          # build, show `git credential fill`, keep running until Ctrl-C
 #   scripts/run-dev.sh --once   # the same, then stop (used by CI as a smoke test)
 #
-# Environment: DEV_TOKEN_TTL (default 10m) is the dev tokens' lifetime; make it
+# Environment: DEV_TOKEN_TTL (default 60m, like GitHub's) is the dev tokens' lifetime; make it
 # short (say 2m) to watch the daemon refresh ahead of expiry in `credd status`.
 set -euo pipefail
 
@@ -37,7 +37,7 @@ trap 'exit 130' INT TERM
 # The platform prints its bound address as the first line of stdout.
 mkfifo "$work/platform.out"
 "$bin/molecule-platform" --dev --listen 127.0.0.1:0 \
-  --dev-token-ttl "${DEV_TOKEN_TTL:-10m}" \
+  --dev-token-ttl "${DEV_TOKEN_TTL:-60m}" \
   --dev-auth-token-file "$work/configs/.auth_token" \
   >"$work/platform.out" 2>"$work/platform.log" &
 pids+=($!)
