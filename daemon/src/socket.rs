@@ -12,7 +12,9 @@
 //! exactly 0600.
 //!
 //! A socket file left by a crashed daemon is replaced; one that answers
-//! belongs to a live daemon and we refuse to start rather than steal it. On
+//! belongs to a live daemon and we refuse to start rather than steal it. An
+//! exclusive `flock` on the folder makes that check-then-replace safe when two
+//! daemons start at the same moment. On
 //! shutdown only the socket *we* bound is removed (same inode), never one a
 //! newer daemon has put in its place.
 
@@ -23,6 +25,7 @@ use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket};
 
 /// Why the socket could not be set up. Each says what to do about it.
@@ -81,6 +84,9 @@ pub(crate) enum SocketError {
 /// but only while it is still the same file (inode).
 #[derive(Debug)]
 pub(crate) struct SocketFile {
+    /// Exclusive `flock` on the socket folder, held until the socket is
+    /// removed: two daemons starting at once cannot both take over.
+    lock: Option<Flock<std::fs::File>>,
     path: PathBuf,
     dev: u64,
     ino: u64,
@@ -99,6 +105,9 @@ impl SocketFile {
             return;
         }
         self.removed = true;
+        // Released with the removal, not at exit: a successor may start while
+        // this process still finishes its last requests.
+        let _lock = self.lock.take();
         match std::fs::symlink_metadata(&self.path) {
             Ok(meta)
                 if meta.dev() == self.dev
@@ -134,6 +143,7 @@ pub(crate) fn bind(path: &Path) -> Result<(UnixListener, SocketFile), SocketErro
         .filter(|p| !p.as_os_str().is_empty())
         .ok_or_else(|| SocketError::NoFolder(path.to_owned()))?;
     ensure_private_folder(folder, nix::unistd::geteuid().as_raw())?;
+    let lock = lock_folder(folder, path)?;
     take_over_stale(path)?;
 
     let listener = UnixListener::bind(path).map_err(|source| match source.kind() {
@@ -157,6 +167,7 @@ pub(crate) fn bind(path: &Path) -> Result<(UnixListener, SocketFile), SocketErro
     // Identity after the chmod (which changes ctime).
     let meta = std::fs::symlink_metadata(path).map_err(io_err("inspect the socket"))?;
     let file = SocketFile {
+        lock: Some(lock),
         path: path.to_owned(),
         dev: meta.dev(),
         ino: meta.ino(),
@@ -230,6 +241,22 @@ pub(crate) fn ensure_private_folder(folder: &Path, uid: u32) -> Result<(), Socke
         )));
     }
     Ok(())
+}
+
+/// Takes the folder's exclusive lock, or reports the daemon holding it.
+fn lock_folder(folder: &Path, socket: &Path) -> Result<Flock<std::fs::File>, SocketError> {
+    let dir = std::fs::File::open(folder).map_err(|source| SocketError::InspectFolder {
+        path: folder.to_owned(),
+        source,
+    })?;
+    Flock::lock(dir, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| match errno {
+        Errno::EWOULDBLOCK => SocketError::InUse(socket.to_owned()),
+        other => SocketError::Io {
+            action: "lock the socket folder",
+            path: folder.to_owned(),
+            source: other.into(),
+        },
+    })
 }
 
 /// Removes a socket nobody answers on; refuses one that answers.
@@ -353,14 +380,20 @@ mod tests {
         // Stale: bound, then the listener is gone.
         drop(UnixListener::bind(&path).expect("bind"));
         let (live, file) = bind(&path).expect("stale socket replaced");
-        // Live: a second bind is refused, and the first socket stays.
+        // Live: a second bind is refused (by the folder lock), and the first
+        // socket stays.
         let err = bind(&path).expect_err("live socket kept");
         assert!(matches!(err, SocketError::InUse(_)), "{err}");
         assert!(err.to_string().contains("already serving"), "{err}");
         assert!(path.exists());
+        // And by the probe alone: it answers.
+        assert!(answers(&path).expect("probe"));
         drop(live);
+        assert!(!answers(&path).expect("probe"), "nobody listens any more");
         drop(file);
         assert!(!path.exists(), "our socket removed on drop");
+        // The lock went with it: a successor binds.
+        let (_next, _file) = bind(&path).expect("successor binds");
     }
 
     #[test]
