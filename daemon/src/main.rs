@@ -308,22 +308,8 @@ fn run(
     let client = PlatformClient::new(&config, Timeouts::default())
         .context("cannot set up the platform client")?;
 
-    let activated = activated.context("cannot adopt the socket systemd passed")?;
-    let (listener, socket_file, socket_path) = match activated {
-        Some(listener) => {
-            let path = listener
-                .local_addr()
-                .ok()
-                .and_then(|a| a.as_pathname().map(PathBuf::from))
-                .unwrap_or_else(|| config.socket_path.clone());
-            (listener, None, path)
-        }
-        None => {
-            let (listener, file) = socket::bind(&config.socket_path)?;
-            (listener, Some(file), config.socket_path.clone())
-        }
-    };
-
+    // Before the socket exists, so a SIGTERM from now on is a clean shutdown
+    // (queued until the runtime runs) rather than a death that leaves it behind.
     let signals =
         Signals::new([SIGTERM, SIGINT, SIGHUP]).context("cannot install signal handlers")?;
     let signal_handle = signals.handle();
@@ -339,6 +325,22 @@ fn run(
             }
         })
         .context("cannot start the signal thread")?;
+
+    let activated = activated.context("cannot adopt the socket systemd passed")?;
+    let (listener, socket_file, socket_path) = match activated {
+        Some(listener) => {
+            let path = listener
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(PathBuf::from))
+                .unwrap_or_else(|| config.socket_path.clone());
+            (listener, None, path)
+        }
+        None => {
+            let (listener, file) = socket::bind(&config.socket_path)?;
+            (listener, Some(file), config.socket_path.clone())
+        }
+    };
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

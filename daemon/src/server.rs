@@ -222,6 +222,12 @@ async fn serve_connection<F: Fetch>(
             RequestLine::Empty => return,
         }
     };
+    tracing::debug!(
+        uid = uid.map_or(-1, i64::from),
+        pid = pid.unwrap_or(-1),
+        answer = answer_kind(&answer),
+        "answered a request"
+    );
     let drain_input = matches!(
         answer,
         Response::Error {
@@ -251,6 +257,23 @@ async fn serve_connection<F: Fetch>(
             tokio::io::copy(&mut (&mut stream).take(DRAIN_LIMIT), &mut tokio::io::sink()),
         )
         .await;
+    }
+}
+
+/// What an answer was, for logs (never its content).
+fn answer_kind(answer: &Response) -> &'static str {
+    match answer {
+        Response::Token { .. } => "token",
+        Response::Erased { dropped: true } => "erased",
+        Response::Erased { dropped: false } => "kept",
+        Response::Status(_) => "status",
+        Response::Error { code, .. } => match code {
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::UnsupportedVersion => "unsupported_version",
+            ErrorCode::Busy => "busy",
+        },
     }
 }
 
