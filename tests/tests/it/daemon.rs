@@ -602,6 +602,96 @@ fn status_shows_state_without_the_token() {
     daemon.stop();
 }
 
+#[test]
+fn bootstrap_token_is_served_only_for_the_bootstrap_max_age() {
+    let sandbox = Sandbox::new();
+    let platform = TestPlatform::start_down();
+    sandbox.use_platform(&platform);
+    let env_token = "ghs_ShortLivedBootstrapToken0123456789ab";
+    sandbox.add_secret("the bootstrap GITHUB_TOKEN", env_token);
+    let started = std::time::SystemTime::now();
+    let daemon = sandbox
+        .daemon()
+        .args(FAST_BACKOFF)
+        .args(["--bootstrap-max-age", "2s", "--wait-timeout", "300ms"])
+        .env("GITHUB_TOKEN", env_token)
+        .start();
+    let (token, _, source) = sandbox.get().expect("bootstrap served at first");
+    assert_eq!((token.as_str(), source), (env_token, Source::Env));
+    // Its allowed age running out is the behaviour under test.
+    crate::util::wait_until_time(started + Duration::from_millis(2500));
+    sandbox.assert_get_fails(ErrorCode::Unavailable);
+    let get = sandbox.credd_get("https", "github.com");
+    assert_eq!(
+        get.stdout, "",
+        "the bootstrap token is past its --bootstrap-max-age"
+    );
+    daemon.stop();
+}
+
+#[test]
+fn wrong_wall_clock_on_the_platform_does_not_make_a_valid_token_look_dead() {
+    let sandbox = Sandbox::new();
+    let platform = TestPlatform::start();
+    // The platform's clock is two hours behind ours: its stated expiry is in
+    // our past, yet the token has an hour to live by the platform's Date.
+    platform.set_fault(Fault::ClockSkew(7200));
+    sandbox.use_platform(&platform);
+    let daemon = sandbox.daemon().args(FAST_BACKOFF).start();
+    let (token, expires_at, _) = sandbox.wait_for_token();
+    assert_eq!(platform.last_issued().as_deref(), Some(token.as_str()));
+    let status = sandbox.status();
+    let left = status.expires_in_secs.expect("expires_in_secs");
+    assert!(
+        (3000..=3600).contains(&left),
+        "life left must come from expires_at - Date (~3600 s), not the local clock: {status:?}"
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after epoch")
+        .as_secs();
+    assert!(
+        expires_at < now,
+        "expires_at is on the platform's clock: {expires_at}"
+    );
+    assert_eq!(platform.requests(), 1, "no refresh loop on a skewed clock");
+    daemon.stop();
+}
+
+#[test]
+fn configuration_errors_exit_2_with_the_chain() {
+    for (args, env, what) in [
+        (&["--refresh-margin", "soon"][..], None, "--refresh-margin"),
+        (
+            &[][..],
+            Some(("PLATFORM_URL", "ftp://platform")),
+            "PLATFORM_URL",
+        ),
+        (
+            &[][..],
+            Some(("CREDD_SOCKET", "relative.sock")),
+            "CREDD_SOCKET",
+        ),
+    ] {
+        let sandbox = Sandbox::new();
+        let mut builder = sandbox.daemon().args(args);
+        if let Some((key, value)) = env {
+            builder = builder.env(key, value);
+        }
+        let (status, log) = builder.spawn().wait_exit();
+        assert_eq!(status.code(), Some(2), "{what}: {status:?}\n{log}");
+        assert!(
+            log.lines()
+                .any(|l| l.starts_with("error:") || l.starts_with("error: ")),
+            "{what}: no `error:` line:\n{log}"
+        );
+        assert!(
+            log.contains(what.trim_start_matches("--")),
+            "{what} not named:\n{log}"
+        );
+    }
+}
+
 /// `n` protocol gets at once from threads of this process.
 pub(crate) fn concurrent_gets(sandbox: &Sandbox, n: usize) -> Vec<Response> {
     std::thread::scope(|scope| {

@@ -80,7 +80,10 @@ fn credential_fill_is_served_from_the_daemon() {
     // Plain http is answered only for loopback hosts.
     let plain = sandbox.credd_get("http", "github.com");
     plain.assert_success("credd get over plain http");
-    assert_eq!(plain.stdout, "", "never a token over plain http to a remote host");
+    assert_eq!(
+        plain.stdout, "",
+        "never a token over plain http to a remote host"
+    );
     // Unknown actions are ignored silently.
     let unknown = sandbox
         .credd(&["frobnicate"])
@@ -174,5 +177,65 @@ fn clone_and_push_keep_working_after_the_token_rotates() {
         "git was handed the expired token: the daemon did not refresh ahead of expiry"
     );
     assert!(platform.requests() >= 2, "the daemon never refreshed");
+    daemon.stop();
+}
+
+#[test]
+fn a_rejected_token_is_erased_and_the_next_push_gets_a_fresh_one() {
+    let sandbox = Sandbox::new();
+    const TTL: Duration = Duration::from_secs(8);
+    let platform = TestPlatform::with_ttl(TTL);
+    sandbox.use_platform(&platform);
+    let authority = platform.authority();
+    let server = GitServer::start(&sandbox.path().join("repos"), authority.clone());
+    let url = server.create_repo("revoked");
+    sandbox.set_hosts(&server.host());
+    sandbox.configure_git(&server.base_url(), &[]);
+    // Refresh only in the last seconds of the token's life.
+    let daemon = sandbox
+        .daemon()
+        .args(FAST_BACKOFF)
+        .args(["--refresh-margin", "2s", "--min-lifetime", "1s"])
+        .start();
+    let work = sandbox.path().join("work");
+    sandbox
+        .git(&work, &["clone", &url, "revoked"])
+        .run()
+        .assert_success("git clone");
+    let first = server.accepted_tokens();
+    assert_eq!(first.len(), 1);
+    assert_eq!(platform.requests(), 1);
+
+    // GitHub revokes the token: git gets a 401 with it and tells every
+    // helper `erase`; credd passes that on and the daemon drops it.
+    authority.revoke(&first[0]);
+    let clone = work.join("revoked");
+    let refused = sandbox.git(&clone, &["fetch", "origin"]).run();
+    assert!(
+        !refused.status.success(),
+        "fetch with a revoked token must fail"
+    );
+    assert_eq!(server.rejected_credentials(), 1);
+    sandbox.wait_for_status("the revoked token dropped", |s| {
+        s.fingerprint.as_deref() != Some(&credd_core::secret::sha256_hex(first[0].as_bytes())[..12])
+    });
+
+    // The platform's own cache hands out the same token until half its life
+    // is gone; wait for that (time is the behaviour here) so the daemon's
+    // fresh fetch can bring a new one.
+    wait_until_time(platform.issued()[0].expires_at - TTL / 2 + Duration::from_millis(300));
+    sandbox
+        .git(&clone, &["fetch", "origin"])
+        .run()
+        .assert_success("git fetch after the erase");
+    let accepted = server.accepted_tokens();
+    assert_eq!(accepted.len(), 2, "a second, fresh token was used");
+    assert_ne!(accepted[1], first[0]);
+    assert_eq!(
+        platform.requests(),
+        2,
+        "exactly one fresh fetch after the erase"
+    );
+    assert_eq!(server.rejected_credentials(), 1);
     daemon.stop();
 }

@@ -105,6 +105,17 @@ fn fault_switch_produces_each_failure() {
         "a down platform sees nothing"
     );
 
+    // A platform clock two hours behind: the stated expiry is in our past,
+    // but measured against the platform's Date the token has its full life.
+    platform.set_fault(Fault::ClockSkew(7200));
+    let grant = rt.block_on(client.fetch()).expect("skewed but valid");
+    assert!(grant.expires_at < std::time::SystemTime::now());
+    assert!(
+        grant.lifetime > Duration::from_secs(3000),
+        "{:?}",
+        grant.lifetime
+    );
+
     // A wrong bearer is refused by the platform service itself.
     write_file(
         &sandbox.configs_dir().join(".auth_token"),

@@ -68,6 +68,14 @@ fn every_failure_path_logs_no_secret_even_at_trace_level() {
             sandbox.credd(args).run().assert_success("credd status");
         }
         sandbox.credd_get("https", "github.com");
+        if log_format == "json" {
+            for line in daemon.log().text().lines() {
+                assert!(
+                    serde_json::from_str::<serde_json::Value>(line).is_ok(),
+                    "--log-format json printed a non-JSON line: {line}"
+                );
+            }
+        }
         daemon.stop();
     }
     assert!(!platform.issued().is_empty());

@@ -284,6 +284,41 @@ fn two_hundred_idle_clients_do_not_delay_a_real_get() {
 }
 
 #[test]
+fn connections_beyond_the_cap_are_turned_away_not_queued() {
+    let sandbox = Sandbox::new();
+    let platform = TestPlatform::start();
+    sandbox.use_platform(&platform);
+    let daemon = sandbox
+        .daemon()
+        .args(FAST_BACKOFF)
+        .args(["--max-connections", "8"])
+        .start();
+    sandbox.wait_for_token();
+    let idle: Vec<UnixStream> = (0..8)
+        .map(|_| UnixStream::connect(sandbox.socket()).expect("connect idle client"))
+        .collect();
+    // One more: answered Busy (or closed) at once rather than left waiting.
+    let answer = exchange_raw(&sandbox.socket(), &encode(&Request::Get)).expect("answer");
+    if !answer.is_empty() {
+        let answer: Response = decode(answer.as_bytes()).expect("a protocol answer");
+        assert!(
+            matches!(
+                answer,
+                Response::Error {
+                    code: ErrorCode::Busy,
+                    ..
+                }
+            ),
+            "over the cap: {answer:?}"
+        );
+    }
+    drop(idle);
+    // Freed slots serve again.
+    sandbox.wait_for_token();
+    daemon.stop();
+}
+
+#[test]
 fn sigterm_and_sigint_exit_zero_and_remove_the_socket() {
     for signal in [
         nix::sys::signal::Signal::SIGTERM,

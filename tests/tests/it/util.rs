@@ -956,6 +956,10 @@ pub(crate) enum Fault {
     NotJson,
     /// Pass through, but state an expiry only this far away.
     ShortLife(Duration),
+    /// Pass through from a platform whose clock is this many seconds behind
+    /// (negative: ahead): `Date` and `expires_at` both shifted, so the real
+    /// remaining life is unchanged.
+    ClockSkew(i64),
 }
 
 /// One request the platform saw.
@@ -989,15 +993,23 @@ struct PlatformSecrets {
 #[derive(Clone)]
 pub(crate) struct TokenAuthority {
     issued: Arc<Mutex<Vec<IssuedToken>>>,
+    revoked: Arc<Mutex<Vec<String>>>,
 }
 
 impl TokenAuthority {
     /// Whether `token` was issued and its stated expiry is still ahead.
     pub(crate) fn is_current(&self, token: &str) -> bool {
         let now = SystemTime::now();
-        lock_ok(&self.issued)
-            .iter()
-            .any(|t| t.token == token && t.expires_at > now)
+        !lock_ok(&self.revoked).iter().any(|t| t == token)
+            && lock_ok(&self.issued)
+                .iter()
+                .any(|t| t.token == token && t.expires_at > now)
+    }
+
+    /// Makes the git server refuse `token` from now on (as GitHub would a
+    /// revoked installation token).
+    pub(crate) fn revoke(&self, token: &str) {
+        lock_ok(&self.revoked).push(token.to_owned());
     }
 }
 
@@ -1006,6 +1018,7 @@ struct PlatformShared {
     seen: Mutex<Vec<SeenRequest>>,
     seen_cv: Condvar,
     issued: Arc<Mutex<Vec<IssuedToken>>>,
+    revoked: Arc<Mutex<Vec<String>>>,
 }
 
 /// Options for [`TestPlatform::start`].
@@ -1057,6 +1070,7 @@ impl TestPlatform {
             seen: Mutex::default(),
             seen_cv: Condvar::new(),
             issued: Arc::default(),
+            revoked: Arc::default(),
         });
         let app = app.layer(axum::middleware::from_fn_with_state(
             Arc::clone(&shared),
@@ -1190,6 +1204,7 @@ impl TestPlatform {
     pub(crate) fn authority(&self) -> TokenAuthority {
         TokenAuthority {
             issued: Arc::clone(&self.shared.issued),
+            revoked: Arc::clone(&self.shared.revoked),
         }
     }
 
@@ -1263,8 +1278,13 @@ async fn fault_layer(
             "<html><body>502 Bad Gateway (from a proxy)</body></html>",
         )
             .into_response(),
-        Fault::PassThrough => record_issued(&shared, next.run(request).await, None).await,
-        Fault::ShortLife(life) => record_issued(&shared, next.run(request).await, Some(life)).await,
+        Fault::PassThrough => record_issued(&shared, next.run(request).await, None, 0).await,
+        Fault::ShortLife(life) => {
+            record_issued(&shared, next.run(request).await, Some(life), 0).await
+        }
+        Fault::ClockSkew(behind) => {
+            record_issued(&shared, next.run(request).await, None, behind).await
+        }
     }
 }
 
@@ -1274,6 +1294,7 @@ async fn record_issued(
     shared: &PlatformShared,
     response: Response,
     short_life: Option<Duration>,
+    behind_secs: i64,
 ) -> Response {
     if response.status() != StatusCode::OK {
         return response;
@@ -1298,6 +1319,19 @@ async fn record_issued(
         expires_at: SystemTime::UNIX_EPOCH
             + Duration::from_millis(expires_at.as_millisecond().max(0) as u64),
     });
+    if behind_secs != 0 {
+        let shift = jiff::SignedDuration::from_secs(behind_secs);
+        let stated = expires_at.checked_sub(shift).expect("in range");
+        json["expires_at"] = stated.to_string().into();
+        let skewed_now = jiff::Timestamp::now().checked_sub(shift).expect("in range");
+        let date = httpdate::fmt_http_date(
+            SystemTime::UNIX_EPOCH + Duration::from_secs(skewed_now.as_second().max(0) as u64),
+        );
+        parts.headers.insert(
+            header::DATE,
+            HeaderValue::from_str(&date).expect("HTTP date"),
+        );
+    }
     let bytes = serde_json::to_vec(&json).expect("serialise");
     parts.headers.remove(header::CONTENT_LENGTH);
     Response::from_parts(parts, Body::from(bytes))
