@@ -174,17 +174,13 @@ fn configure_git(args: Vec<OsString>) -> ExitCode {
     let mut options = configure_git::Options::default();
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
-        let bytes = arg.as_encoded_bytes();
-        let (name, inline) = match bytes.iter().position(|&b| b == b'=') {
-            Some(at) if bytes.starts_with(b"--") => (
-                &bytes[..at],
-                Some(OsString::from(
-                    String::from_utf8_lossy(&bytes[at + 1..]).into_owned(),
-                )),
-            ),
-            _ => (bytes, None),
+        // `--name VALUE` or `--name=VALUE`.
+        let (name, inline) = match arg.to_str().and_then(|a| a.split_once('=')) {
+            Some((name, value)) if name.starts_with("--") => {
+                (name.to_owned(), Some(OsString::from(value)))
+            }
+            _ => (arg.to_string_lossy().into_owned(), None),
         };
-        let name = String::from_utf8_lossy(name).into_owned();
         let mut value = || inline.clone().or_else(|| args.next());
         match name.as_str() {
             "--fallback-helper" => match value() {

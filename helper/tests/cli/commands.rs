@@ -232,15 +232,24 @@ fn configure_git_writes_the_helper_list_idempotently() {
     assert!(seeded.success());
 
     let credd = env!("CARGO_BIN_EXE_credd");
-    let args = [
-        "configure-git",
-        "--fallback-helper",
-        "store --file /tmp/pat",
-        "--file",
-        file_arg,
+    let file_flag = format!("--file={file_arg}");
+    // The same request twice, in both option spellings.
+    let rounds: [&[&str]; 2] = [
+        &[
+            "configure-git",
+            "--fallback-helper",
+            "store --file /tmp/pat",
+            "--file",
+            file_arg,
+        ],
+        &[
+            "configure-git",
+            "--fallback-helper=store --file /tmp/pat",
+            &file_flag,
+        ],
     ];
-    for round in 0..2 {
-        let run = sandbox.run(&args, "");
+    for (round, args) in rounds.iter().enumerate() {
+        let run = sandbox.run(args, "");
         assert_eq!(run.code, Some(0), "round {round}: {run:?}");
         for host in ["github.com", "ghe.example.com:8443"] {
             let key = format!("credential.https://{host}.helper");
