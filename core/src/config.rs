@@ -229,15 +229,27 @@ fn parse_workspace_id(value: &str) -> Result<String, ConfigError> {
 fn parse_hosts(value: &str) -> Result<Vec<String>, ConfigError> {
     let mut hosts = Vec::new();
     for entry in value.split(',').map(str::trim).filter(|e| !e.is_empty()) {
-        let (name, port) = match entry.rsplit_once(':') {
-            Some((name, port)) => (name, Some(port)),
-            None => (entry, None),
+        // git writes IPv6 literals in brackets (`[::1]:8080`), as URLs do.
+        let (name, port) = match entry.strip_prefix('[') {
+            Some(rest) => match rest.split_once(']') {
+                Some((ip, "")) => (ip, None),
+                Some((ip, tail)) => (ip, Some(tail.strip_prefix(':').unwrap_or(tail))),
+                None => ("", None),
+            },
+            None => match entry.rsplit_once(':') {
+                Some((name, port)) => (name, Some(port)),
+                None => (entry, None),
+            },
         };
-        let name_ok = !name.is_empty()
-            && name.len() <= 253
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.'));
+        let name_ok = if entry.starts_with('[') {
+            name.parse::<std::net::Ipv6Addr>().is_ok()
+        } else {
+            !name.is_empty()
+                && name.len() <= 253
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.'))
+        };
         let port_ok = port.is_none_or(|p| p.parse::<u16>().is_ok_and(|p| p != 0));
         if !name_ok || !port_ok {
             return Err(ConfigError::new(
@@ -329,6 +341,11 @@ mod tests {
         assert!(c.serves_host("ghe.example.com:8443"));
         assert!(!c.serves_host("ghe.example.com"));
         assert!(!c.serves_host("evil.com"));
+        let v6 = config(&[("CREDD_HOSTS", "[::1]:8080,[::1]")]).expect("IPv6 literals");
+        assert_eq!(v6.hosts, ["[::1]:8080", "[::1]"]);
+        for bad in ["[::1", "[::g]", "[::1]x", "[::1]:0"] {
+            config(&[("CREDD_HOSTS", bad)]).expect_err(bad);
+        }
     }
 
     #[test]
