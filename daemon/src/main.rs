@@ -99,7 +99,7 @@ struct Cli {
     /// Log format on stderr
     #[arg(long, value_enum, value_name = "FORMAT", default_value_t = LogFormat::Text)]
     log_format: LogFormat,
-    /// Run this shell command after each successful refresh, token on its stdin
+    /// Run this shell command (`sh -c`) after each refresh that brings a new token, token on its stdin
     #[arg(long, value_name = "CMD")]
     on_refresh: Option<String>,
 }
