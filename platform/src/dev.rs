@@ -13,10 +13,10 @@ use std::time::Duration;
 use jiff::{SignedDuration, Timestamp};
 use rand::Rng;
 use rand::distr::Alphanumeric;
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 
 use crate::provider::{Clock, IssuedToken, REFRESH_WINDOW, TokenCache, TokenFuture, TokenProvider};
-use crate::registry::{EnvFuture, ProvisionPlugin};
+use crate::registry::{EnvFuture, ProvisionPlugin, set_github_token_env};
 
 /// Characters after the `ghs_` prefix (GitHub's classic installation tokens
 /// have 36).
@@ -97,13 +97,7 @@ impl ProvisionPlugin for DevProvider {
     }
 
     fn mutate_env<'a>(&'a self, env: &'a mut BTreeMap<String, String>) -> EnvFuture<'a> {
-        Box::pin(async move {
-            let issued = self.token().await?;
-            let token = issued.token.expose_secret();
-            env.insert("GITHUB_TOKEN".into(), token.to_owned());
-            env.insert("GH_TOKEN".into(), token.to_owned());
-            Ok(())
-        })
+        set_github_token_env(self, env)
     }
 
     fn as_token_provider(self: Arc<Self>) -> Option<Arc<dyn TokenProvider>> {
@@ -114,6 +108,7 @@ impl ProvisionPlugin for DevProvider {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use secrecy::ExposeSecret;
     use std::sync::atomic::AtomicI64;
 
     #[tokio::test]

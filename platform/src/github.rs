@@ -28,7 +28,7 @@ use zeroize::Zeroizing;
 use crate::provider::{
     Clock, IssuedToken, ProviderError, REFRESH_WINDOW, TokenCache, TokenFuture, TokenProvider,
 };
-use crate::registry::{EnvFuture, ProvisionPlugin};
+use crate::registry::{EnvFuture, ProvisionPlugin, set_github_token_env};
 
 /// GitHub's public API.
 pub const DEFAULT_API_URL: &str = "https://api.github.com";
@@ -392,13 +392,7 @@ impl ProvisionPlugin for GitHubAppProvider {
     }
 
     fn mutate_env<'a>(&'a self, env: &'a mut BTreeMap<String, String>) -> EnvFuture<'a> {
-        Box::pin(async move {
-            let issued = self.token().await?;
-            let token = issued.token.expose_secret();
-            env.insert("GITHUB_TOKEN".into(), token.to_owned());
-            env.insert("GH_TOKEN".into(), token.to_owned());
-            Ok(())
-        })
+        set_github_token_env(self, env)
     }
 
     fn as_token_provider(self: Arc<Self>) -> Option<Arc<dyn TokenProvider>> {

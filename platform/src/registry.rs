@@ -21,6 +21,21 @@ use crate::provider::{ProviderError, TokenProvider};
 /// The future [`ProvisionPlugin::mutate_env`] returns.
 pub type EnvFuture<'a> = Pin<Box<dyn Future<Output = Result<(), ProviderError>> + Send + 'a>>;
 
+/// The env mutation every GitHub token provider performs: its current token
+/// as `GITHUB_TOKEN` and `GH_TOKEN`, the names git tooling and `gh` read.
+pub fn set_github_token_env<'a>(
+    provider: &'a dyn TokenProvider,
+    env: &'a mut BTreeMap<String, String>,
+) -> EnvFuture<'a> {
+    Box::pin(async move {
+        let issued = provider.token().await?;
+        let token = secrecy::ExposeSecret::expose_secret(&issued.token);
+        env.insert("GITHUB_TOKEN".into(), token.to_owned());
+        env.insert("GH_TOKEN".into(), token.to_owned());
+        Ok(())
+    })
+}
+
 /// A plugin run when a workspace is provisioned.
 pub trait ProvisionPlugin: Send + Sync {
     /// A short name for logs and errors.
