@@ -12,7 +12,7 @@ use std::time::Duration;
 use credd_core::protocol::{ErrorCode, Request, Response, Source, TokenState};
 use credd_core::secret::sha256_hex;
 
-use crate::util::{FAST_BACKOFF, Fault, Sandbox, TestPlatform, WAIT, write_file};
+use crate::util::{FAST_BACKOFF, Fault, Sandbox, TestPlatform, WAIT, assert_secret, write_file};
 
 /// Back-off long enough that no retry falls inside a test's window.
 const NO_RETRY: [&str; 4] = ["--backoff-initial", "1h", "--backoff-max", "1h"];
@@ -53,7 +53,12 @@ fn platform_down_at_start_daemon_binds_and_get_is_unavailable_until_it_returns()
     platform.set_fault(Fault::PassThrough);
     let (served, _, source) = sandbox.wait_for_token();
     assert_eq!(source, Source::Platform);
-    assert_eq!(platform.last_issued().as_deref(), Some(served.as_str()));
+    assert_secret(
+        platform.last_issued().as_deref(),
+        &served,
+        true,
+        "served the issued token",
+    );
     daemon.stop();
 }
 
@@ -72,7 +77,7 @@ fn platform_down_at_start_serves_the_provision_time_env_token() {
 
     let get = sandbox.credd_get("https", "github.com");
     get.assert_success("credd get with a bootstrap token");
-    assert_eq!(get.attribute("password"), Some(env_token));
+    get.assert_password(env_token, "bootstrap token");
     assert_eq!(get.attribute("username"), Some("x-access-token"));
     let status = sandbox.status();
     assert_eq!(status.source, Some(Source::Env), "{status:?}");
@@ -84,7 +89,12 @@ fn platform_down_at_start_serves_the_provision_time_env_token() {
     let status = sandbox.wait_for_status("source platform", |s| s.source == Some(Source::Platform));
     assert_eq!(status.state, Some(TokenState::Valid));
     let (token, _, _) = sandbox.get().expect("token");
-    assert_ne!(token, env_token);
+    assert_secret(
+        Some(&token),
+        env_token,
+        false,
+        "platform token replaces the bootstrap",
+    );
     daemon.stop();
 }
 
@@ -101,7 +111,8 @@ fn gh_token_is_a_bootstrap_too() {
         .env("GH_TOKEN", env_token)
         .start();
     let (token, _, source) = sandbox.get().expect("bootstrap token served");
-    assert_eq!((token.as_str(), source), (env_token, Source::Env));
+    assert_secret(Some(&token), env_token, true, "bootstrap token");
+    assert_eq!(source, Source::Env);
     daemon.stop();
 }
 
@@ -119,13 +130,11 @@ fn platform_down_mid_life_keeps_serving_the_cached_token() {
     sandbox.wait_for_status("a failed refresh", |s| s.last_error.is_some());
     for _ in 0..5 {
         let (token, exp, source) = sandbox.get().expect("cached token still served");
-        assert_eq!(
-            (token.as_str(), exp, source),
-            (first.as_str(), expires_at, Source::Platform)
-        );
+        assert_secret(Some(&token), &first, true, "cached token");
+        assert_eq!((exp, source), (expires_at, Source::Platform));
     }
     let get = sandbox.credd_get("https", "github.com");
-    assert_eq!(get.attribute("password"), Some(first.as_str()));
+    get.assert_password(&first, "cached token while the platform is down");
     assert_eq!(sandbox.status().state, Some(TokenState::Valid));
     daemon.stop();
 }
@@ -185,7 +194,12 @@ fn server_errors_back_off_instead_of_looping_or_following_clients() {
     // And it recovers on its own once the platform does.
     platform.set_fault(Fault::PassThrough);
     let (token, _, _) = sandbox.wait_for_token();
-    assert_eq!(platform.last_issued().as_deref(), Some(token.as_str()));
+    assert_secret(
+        platform.last_issued().as_deref(),
+        &token,
+        true,
+        "served the issued token",
+    );
     daemon.stop();
 }
 
@@ -212,7 +226,12 @@ fn unauthorized_rereads_the_bearer_and_retries_once() {
     let (token, _, _) = sandbox
         .get()
         .expect("the retry after 401 uses the re-read bearer, without back-off");
-    assert_eq!(platform.last_issued().as_deref(), Some(token.as_str()));
+    assert_secret(
+        platform.last_issued().as_deref(),
+        &token,
+        true,
+        "served the issued token",
+    );
     assert_eq!(platform.requests(), 2, "one refused call, one retry");
     daemon.stop();
 }
@@ -337,13 +356,19 @@ fn hanging_platform_call_is_single_and_clients_get_unavailable() {
     assert_eq!(
         platform.requests(),
         1,
-        "no second call while one is in flight"
+        "no second call while one is in flight (credd get stderr: {:?})",
+        get.stderr
     );
 
     // The hung call completes: its token is served.
     platform.set_fault(Fault::PassThrough);
     let (token, _, _) = sandbox.wait_for_token();
-    assert_eq!(platform.last_issued().as_deref(), Some(token.as_str()));
+    assert_secret(
+        platform.last_issued().as_deref(),
+        &token,
+        true,
+        "served the issued token",
+    );
     daemon.stop();
 }
 
@@ -389,10 +414,15 @@ fn token_with_little_life_left_is_served_without_a_refresh_loop() {
     sandbox.use_platform(&platform);
     let daemon = sandbox.daemon().args(FAST_BACKOFF).start();
     let (token, _, _) = sandbox.wait_for_token();
-    assert_eq!(platform.last_issued().as_deref(), Some(token.as_str()));
+    assert_secret(
+        platform.last_issued().as_deref(),
+        &token,
+        true,
+        "served the issued token",
+    );
     let outputs = concurrent_credd_gets(&sandbox, 20);
     for out in &outputs {
-        assert_eq!(out.attribute("password"), Some(token.as_str()));
+        out.assert_password(&token, "short-lived token");
     }
     let status = sandbox.status();
     let next = status.next_refresh_in_secs.unwrap_or(0);
@@ -472,7 +502,7 @@ fn fifty_concurrent_gets_on_an_empty_cache_make_one_platform_call() {
     assert_eq!(issued.len(), 1);
     for out in &outputs {
         out.assert_success("credd get");
-        assert_eq!(out.attribute("password"), Some(issued[0].token.as_str()));
+        out.assert_password(&issued[0].token, "single flight");
     }
 
     // Empty the cache by erasing the token, then 50 more at once.
@@ -493,7 +523,7 @@ fn fifty_concurrent_gets_on_an_empty_cache_make_one_platform_call() {
     );
     let last = platform.last_issued().expect("issued");
     for out in &outputs {
-        assert_eq!(out.attribute("password"), Some(last.as_str()));
+        out.assert_password(&last, "after the erase");
     }
     drop(daemon);
 }
@@ -524,7 +554,12 @@ fn erase_drops_only_the_cached_token() {
         }),
         Ok(Response::Erased { dropped: false })
     );
-    assert_eq!(sandbox.get().expect("still cached").0, token);
+    assert_secret(
+        Some(&sandbox.get().expect("still cached").0),
+        &token,
+        true,
+        "still cached",
+    );
     assert_eq!(
         platform.requests(),
         calls,
@@ -617,7 +652,8 @@ fn bootstrap_token_is_served_only_for_the_bootstrap_max_age() {
         .env("GITHUB_TOKEN", env_token)
         .start();
     let (token, _, source) = sandbox.get().expect("bootstrap served at first");
-    assert_eq!((token.as_str(), source), (env_token, Source::Env));
+    assert_secret(Some(&token), env_token, true, "bootstrap token");
+    assert_eq!(source, Source::Env);
     // Its allowed age running out is the behaviour under test.
     crate::util::wait_until_time(started + Duration::from_millis(2500));
     sandbox.assert_get_fails(ErrorCode::Unavailable);
@@ -639,7 +675,12 @@ fn wrong_wall_clock_on_the_platform_does_not_make_a_valid_token_look_dead() {
     sandbox.use_platform(&platform);
     let daemon = sandbox.daemon().args(FAST_BACKOFF).start();
     let (token, expires_at, _) = sandbox.wait_for_token();
-    assert_eq!(platform.last_issued().as_deref(), Some(token.as_str()));
+    assert_secret(
+        platform.last_issued().as_deref(),
+        &token,
+        true,
+        "served the issued token",
+    );
     let status = sandbox.status();
     let left = status.expires_in_secs.expect("expires_in_secs");
     assert!(

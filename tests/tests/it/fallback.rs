@@ -3,7 +3,7 @@
 
 use std::os::unix::net::UnixListener;
 
-use crate::util::{Fault, Sandbox, TestPlatform, WAIT, closed_port, write_file};
+use crate::util::{Fault, Sandbox, TestPlatform, WAIT, assert_secret, closed_port, write_file};
 
 const FALLBACK_PASSWORD: &str = "fallback-pat-0123456789abcdef";
 
@@ -47,7 +47,7 @@ fn daemon_down_helper_asks_the_platform_itself() {
     get.assert_success("credd get without a daemon");
     let issued = platform.issued();
     assert_eq!(issued.len(), 1, "one direct platform call");
-    assert_eq!(get.attribute("password"), Some(issued[0].token.as_str()));
+    get.assert_password(&issued[0].token, "direct platform fallback");
     assert_eq!(get.attribute("username"), Some("x-access-token"));
     assert!(
         get.attribute("password_expiry_utc").is_some(),
@@ -63,7 +63,12 @@ fn daemon_down_helper_asks_the_platform_itself() {
     // `credd token` and `credd exec` take the same path.
     let token = sandbox.credd(&["token"]).stdout_holds_secret().run();
     token.assert_success("credd token without a daemon");
-    assert_eq!(token.stdout.trim(), platform.last_issued().expect("issued"));
+    assert_secret(
+        Some(token.stdout.trim()),
+        &platform.last_issued().expect("issued"),
+        true,
+        "credd token",
+    );
 
     // A socket file nobody listens on (a crashed daemon) counts as down too.
     drop(UnixListener::bind(sandbox.path().join("stale.sock")).expect("bind"));
@@ -94,11 +99,7 @@ fn daemon_and_platform_down_git_falls_through_to_the_next_helper() {
     sandbox.configure_git("https://github.com", &[&fallback]);
 
     let out = fill(&sandbox);
-    assert_eq!(
-        out.attribute("password"),
-        Some(FALLBACK_PASSWORD),
-        "{out:?}"
-    );
+    out.assert_password(FALLBACK_PASSWORD, "the fallback helper's password");
     assert_eq!(out.attribute("username"), Some("operator"));
 
     let get = sandbox.credd_get("https", "github.com");
@@ -144,11 +145,7 @@ fn daemon_without_a_token_makes_the_helper_fall_through_without_calling_the_plat
     sandbox.configure_git("https://github.com", &[&fallback]);
 
     let out = fill(&sandbox);
-    assert_eq!(
-        out.attribute("password"),
-        Some(FALLBACK_PASSWORD),
-        "{out:?}"
-    );
+    out.assert_password(FALLBACK_PASSWORD, "the fallback helper's password");
     assert_eq!(
         helper_side.requests(),
         0,

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use credd_core::protocol::Source;
 
-use crate::util::{FAST_BACKOFF, GitServer, Sandbox, TestPlatform, wait_until_time};
+use crate::util::{FAST_BACKOFF, GitServer, Sandbox, TestPlatform, assert_secret, wait_until_time};
 
 #[test]
 fn credential_fill_is_served_from_the_daemon() {
@@ -35,10 +35,9 @@ fn credential_fill_is_served_from_the_daemon() {
         "{}",
         fill.stdout
     );
-    assert_eq!(
-        fill.attribute("password"),
-        Some(issued[0].token.as_str()),
-        "git must receive the token the platform issued"
+    fill.assert_password(
+        &issued[0].token,
+        "git must receive the token the platform issued",
     );
     let expiry: u64 = fill
         .attribute("password_expiry_utc")
@@ -62,7 +61,7 @@ fn credential_fill_is_served_from_the_daemon() {
         .stdout_holds_secret()
         .run();
     again.assert_success("second git credential fill");
-    assert_eq!(again.attribute("password"), fill.attribute("password"));
+    again.assert_password(&issued[0].token, "second fill, from the cache");
     assert_eq!(
         platform.requests(),
         1,
@@ -231,7 +230,7 @@ fn a_rejected_token_is_erased_and_the_next_push_gets_a_fresh_one() {
         .assert_success("git fetch after the erase");
     let accepted = server.accepted_tokens();
     assert_eq!(accepted.len(), 2, "a second, fresh token was used");
-    assert_ne!(accepted[1], first[0]);
+    assert_secret(Some(&accepted[1]), &first[0], false, "the fresh token");
     assert!(platform.requests() >= 2, "a fresh fetch after the erase");
     assert_eq!(server.rejected_credentials(), 1);
     daemon.stop();

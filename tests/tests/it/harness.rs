@@ -10,7 +10,7 @@ use std::time::Duration;
 use credd_core::config::Config;
 use credd_core::platform::{ErrorClass, PlatformClient, PlatformError, Timeouts};
 
-use crate::util::{Fault, GitServer, Sandbox, TestPlatform, WAIT, write_file};
+use crate::util::{Fault, GitServer, Sandbox, TestPlatform, WAIT, assert_secret, write_file};
 
 fn client(sandbox: &Sandbox, url: &str) -> PlatformClient {
     let env: HashMap<&str, OsString> = HashMap::from([
@@ -46,9 +46,11 @@ fn fault_switch_produces_each_failure() {
     let grant = rt
         .block_on(client.fetch())
         .expect("pass-through serves a token");
-    assert_eq!(
+    assert_secret(
         platform.last_issued().as_deref(),
-        Some(grant.token.expose())
+        grant.token.expose(),
+        true,
+        "issued",
     );
     assert!(grant.lifetime > Duration::from_secs(60));
 
@@ -171,5 +173,11 @@ fn git_server_accepts_only_current_tokens() {
         .git(&work, &["clone", &url, "b"])
         .run()
         .assert_success("clone with the issued token");
-    assert_eq!(server.accepted_tokens(), [token.token.expose().to_owned()]);
+    assert_eq!(server.accepted_tokens().len(), 1);
+    assert_secret(
+        server.accepted_tokens().first().map(String::as_str),
+        token.token.expose(),
+        true,
+        "accepted",
+    );
 }

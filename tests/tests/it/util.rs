@@ -283,8 +283,8 @@ fn scan(transcript: &Transcript, secrets: &[(String, String)]) {
 // Child processes with deadlines
 // ---------------------------------------------------------------------------
 
-/// What a finished child produced.
-#[derive(Debug)]
+/// What a finished child produced. `Debug` shows `password=` values only as
+/// a fingerprint, so a failing assertion does not print a token.
 pub(crate) struct CmdOutput {
     /// Exit status.
     pub(crate) status: ExitStatus,
@@ -294,7 +294,78 @@ pub(crate) struct CmdOutput {
     pub(crate) stderr: String,
 }
 
+/// `password=` values and `ghs_…` words replaced by `fp:<first 12 hex of
+/// SHA-256>`, for failure messages.
+pub(crate) fn redact_passwords(text: &str) -> String {
+    text.lines()
+        .map(|l| match l.strip_prefix("password=") {
+            Some(p) => format!("password=<{}>", fingerprint(p)),
+            None => l
+                .split(' ')
+                .map(|w| {
+                    if w.starts_with("ghs_") {
+                        format!("<{}>", fingerprint(w))
+                    } else {
+                        w.to_owned()
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(" "),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Asserts two secrets are equal (or, with `equal == false`, different)
+/// without printing them: failures show fingerprints.
+#[track_caller]
+pub(crate) fn assert_secret(got: Option<&str>, expected: &str, equal: bool, what: &str) {
+    let same = got == Some(expected);
+    assert!(
+        same == equal,
+        "{what}: got {:?}, {} {}",
+        got.map(fingerprint),
+        if equal {
+            "expected"
+        } else {
+            "must differ from"
+        },
+        fingerprint(expected)
+    );
+}
+
+/// A short, printable stand-in for a secret in failure messages.
+pub(crate) fn fingerprint(secret: &str) -> String {
+    format!(
+        "fp:{}",
+        &credd_core::secret::sha256_hex(secret.as_bytes())[..12]
+    )
+}
+
+impl std::fmt::Debug for CmdOutput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CmdOutput")
+            .field("status", &self.status)
+            .field("stdout", &redact_passwords(&self.stdout))
+            .field("stderr", &self.stderr)
+            .finish()
+    }
+}
+
 impl CmdOutput {
+    /// Panics (showing fingerprints, never the token) unless stdout has
+    /// `password=<expected>`.
+    #[track_caller]
+    pub(crate) fn assert_password(&self, expected: &str, what: &str) {
+        let got = self.attribute("password");
+        assert!(
+            got == Some(expected),
+            "{what}: expected password <{}>, got {:?}\n{self:?}",
+            fingerprint(expected),
+            got.map(fingerprint)
+        );
+    }
+
     /// Panics with both outputs unless the child exited 0.
     #[track_caller]
     pub(crate) fn assert_success(&self, what: &str) -> &Self {
@@ -302,7 +373,7 @@ impl CmdOutput {
             self.status.success(),
             "{what}: expected exit 0, got {:?}\n--- stdout\n{}\n--- stderr\n{}",
             self.status,
-            self.stdout,
+            redact_passwords(&self.stdout),
             self.stderr
         );
         self
