@@ -83,39 +83,12 @@ if ldd "$work/credd" 2>&1 | grep -q '=>'; then
   exit 1
 fi
 
-# The platform in dev mode; it prints its address as the first stdout line.
-mkfifo "$work/platform.out"
-"$bin/molecule-platform" --dev --listen 127.0.0.1:0 --dev-token-ttl 1h \
-  --dev-auth-token-file "$work/configs/.auth_token" \
-  >"$work/platform.out" 2>"$work/platform.log" &
-pids+=($!)
-exec 3<"$work/platform.out"
-if ! read -r -t 15 first_line <&3; then
-  echo "error: molecule-platform did not start; its log:" >&2
-  cat "$work/platform.log" >&2
-  exit 1
-fi
-cat <&3 >/dev/null &
-pids+=($!)
-
-export PLATFORM_URL=${first_line##* }
-export CONFIGS_DIR="$work/configs"
-export CREDD_SOCKET="$work/run/credd.sock"
 export CREDD_HOSTS=github.com
 export HOME="$work/home" GIT_CONFIG_NOSYSTEM=1 GIT_TERMINAL_PROMPT=0
 mkdir -p "$HOME"
-"$bin/molecule-credd" 2>"$work/daemon.log" &
-daemon_pid=$!
-pids+=("$daemon_pid")
-for _ in $(seq 1 100); do
-  if "$work/credd" status >/dev/null 2>&1; then break; fi
-  if ! kill -0 "$daemon_pid" 2>/dev/null; then
-    echo "error: molecule-credd exited; its log:" >&2
-    cat "$work/daemon.log" >&2
-    exit 1
-  fi
-  sleep 0.05
-done
+# shellcheck source=scripts/lib/dev-stack.sh
+. "$root/scripts/lib/dev-stack.sh"
+start_dev_stack "$bin" "$work/credd" 1h
 
 input="$work/get.in"
 printf 'protocol=https\nhost=github.com\n\n' >"$input"

@@ -34,42 +34,11 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# The platform prints its bound address as the first line of stdout.
-mkfifo "$work/platform.out"
-"$bin/molecule-platform" --dev --listen 127.0.0.1:0 \
-  --dev-token-ttl "${DEV_TOKEN_TTL:-60m}" \
-  --dev-auth-token-file "$work/configs/.auth_token" \
-  >"$work/platform.out" 2>"$work/platform.log" &
-pids+=($!)
-exec 3<"$work/platform.out"
-if ! read -r -t 15 first_line <&3; then
-  echo "error: molecule-platform did not start; its log:" >&2
-  cat "$work/platform.log" >&2
-  exit 1
-fi
-platform_url=${first_line##* }
-# Keep draining the platform's stdout so it never blocks on a full pipe.
-cat <&3 >/dev/null &
-pids+=($!)
+# shellcheck source=scripts/lib/dev-stack.sh
+. "$root/scripts/lib/dev-stack.sh"
+start_dev_stack "$bin" "$bin/credd" "${DEV_TOKEN_TTL:-60m}"
 
-export PLATFORM_URL="$platform_url"
-export CONFIGS_DIR="$work/configs"
-export CREDD_SOCKET="$work/run/credd.sock"
-"$bin/molecule-credd" 2>"$work/daemon.log" &
-pids+=($!)
-
-# Wait (bounded) until the daemon answers on its socket.
-for _ in $(seq 1 100); do
-  if "$bin/credd" status >/dev/null 2>&1; then break; fi
-  if ! kill -0 "${pids[-1]}" 2>/dev/null; then
-    echo "error: molecule-credd exited; its log:" >&2
-    cat "$work/daemon.log" >&2
-    exit 1
-  fi
-  sleep 0.05
-done
-
-echo "platform (dev mode): $platform_url"
+echo "platform (dev mode): $PLATFORM_URL"
 echo "daemon socket:       $CREDD_SOCKET"
 echo
 printf '%s\n' "\$ printf 'protocol=https\nhost=github.com\n\n' | git credential fill"
@@ -95,4 +64,4 @@ fi
 echo
 echo "Running. In another shell:  CREDD_SOCKET=$CREDD_SOCKET $bin/credd status"
 echo "Press Ctrl-C to stop."
-wait "${pids[-1]}"
+wait "$daemon_pid"
