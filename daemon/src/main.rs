@@ -24,7 +24,7 @@ mod socket;
 mod systemd;
 
 use std::ffi::OsString;
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::os::unix::net::UnixListener as StdUnixListener;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -35,12 +35,14 @@ use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
 use credd_core::config::{Config, ConfigError, vars};
 use credd_core::platform::{PlatformClient, PlatformError, Timeouts};
+use credd_core::protocol::{self, ErrorCode, Response, Source};
 use credd_core::secret::Token;
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
 use nix::sys::stat::Mode;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use tokio_util::sync::CancellationToken;
+use zeroize::Zeroizing;
 
 use crate::cache::{CachePolicy, TokenCache};
 use crate::server::{PeerCheck, ServerSettings};
@@ -102,6 +104,10 @@ struct Cli {
     /// Run this shell command (`sh -c`) after each refresh that brings a new token, token on its stdin
     #[arg(long, value_name = "CMD")]
     on_refresh: Option<String>,
+    /// Make one platform call, print the answer as one credd protocol line on stdout and exit
+    /// (what `credd` runs when no daemon answers); no socket, no logs
+    #[arg(long)]
+    fetch_once: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -131,6 +137,9 @@ struct UsageError(String);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.fetch_once {
+        return fetch_once(&cli);
+    }
     // Single-threaded work first (see the module docs).
     let activated = systemd::take_activated_listener();
     // Everything the daemon creates (socket folder, socket) is owner-only.
@@ -151,6 +160,63 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
+    }
+}
+
+/// Time limits for `--fetch-once`: git is waiting on `credd`, so shorter than
+/// the daemon's own (a stuck platform must not hold a `git fetch` for 15 s).
+const FETCH_ONCE_TIMEOUTS: Timeouts = Timeouts {
+    connect: Duration::from_secs(2),
+    total: Duration::from_secs(8),
+};
+
+/// `--fetch-once`: `credd`'s way to the platform when no daemon answers.
+///
+/// Living here keeps one platform client in one binary: `credd` itself stays
+/// std-only and small, which is most of its start-up time on every git
+/// operation. The answer is a protocol line (a token, or an error whose
+/// message is the error chain, never a secret); exit 0 only with a token.
+fn fetch_once(cli: &Cli) -> ExitCode {
+    let fetched = (|| -> anyhow::Result<_> {
+        harden()?;
+        let config = config_from(cli).context("invalid configuration")?;
+        let client = PlatformClient::new(&config, FETCH_ONCE_TIMEOUTS)
+            .context("cannot set up the platform client")?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")?;
+        Ok(runtime.block_on(client.fetch())?)
+    })();
+    let (response, code) = match fetched {
+        Ok(grant) => (
+            Response::Token {
+                token: grant.token,
+                expires_at: grant
+                    .expires_at
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+                source: Source::Platform,
+            },
+            ExitCode::SUCCESS,
+        ),
+        Err(error) => (
+            Response::Error {
+                code: ErrorCode::Unavailable,
+                message: error
+                    .chain()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" -> "),
+            },
+            ExitCode::FAILURE,
+        ),
+    };
+    let line = Zeroizing::new(protocol::encode(&response));
+    let mut out = std::io::stdout().lock();
+    match out.write_all(&line).and_then(|()| out.flush()) {
+        Ok(()) => code,
+        Err(_) => ExitCode::FAILURE,
     }
 }
 
