@@ -1,26 +1,28 @@
 //! The fallback chain behind `get`, `token` and `exec`: daemon, then — only
 //! when the daemon is absent — the platform directly, then nothing.
 //!
+//! The platform is asked through `molecule-credd --fetch-once`, found next to
+//! this executable (else on `PATH`): the one platform client lives in the
+//! daemon's binary, and credd stays std-only. Linking the HTTP and TLS stack
+//! into credd would cost every git operation about a third of a millisecond of
+//! start-up (an 8 MB static binary relocating itself) for a path taken only
+//! when the daemon is down.
+//!
 //! Each step that fails writes one `credd: ` line to stderr so a person can see
 //! why git fell through to its next helper; none of them contains a secret
 //! (daemon messages are secret-free by contract, platform errors are built
 //! without the token, bearer or body by `credd_core::platform`).
 
-use std::time::{Duration, UNIX_EPOCH};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 
 use credd_core::config::Config;
-use credd_core::platform::{PlatformClient, Timeouts};
-use credd_core::protocol::{Request, Response};
+use credd_core::protocol::{self, MAX_LINE, Request, Response};
 use credd_core::secret::Token;
+use zeroize::Zeroizing;
 
 use crate::daemon::{self, DaemonError};
-
-/// Platform call limits on the slow path: git is waiting, so shorter than the
-/// daemon's (a stuck platform must not hold a `git fetch` for 15 s).
-pub(crate) const PLATFORM_TIMEOUTS: Timeouts = Timeouts {
-    connect: Duration::from_secs(2),
-    total: Duration::from_secs(8),
-};
 
 /// A token and its expiry (Unix seconds, git's `password_expiry_utc`).
 pub(crate) struct Issued {
@@ -59,7 +61,7 @@ pub(crate) fn obtain_token(config: &Config, progress: Progress) -> Result<Issued
     if progress == Progress::EachStep {
         eprintln!("credd: {described}; asking the platform directly");
     }
-    match fetch_from_platform(config) {
+    match fetch_from_platform() {
         Ok(issued) => {
             if progress == Progress::OneLine {
                 eprintln!("credd: {described}; got a token from the platform directly");
@@ -67,10 +69,7 @@ pub(crate) fn obtain_token(config: &Config, progress: Progress) -> Result<Issued
             Ok(issued)
         }
         Err(e) => {
-            let platform = format!(
-                "the platform gave no token either: {}",
-                crate::error_chain(e.as_ref())
-            );
+            let platform = format!("the platform gave no token either: {e}");
             Err(match progress {
                 Progress::EachStep => platform,
                 Progress::OneLine => format!("{described}; {platform}"),
@@ -79,21 +78,48 @@ pub(crate) fn obtain_token(config: &Config, progress: Progress) -> Result<Issued
     }
 }
 
-/// One platform call on a throwaway current-thread runtime: the only place the
-/// helper builds an HTTP client.
-fn fetch_from_platform(config: &Config) -> Result<Issued, anyhow::Error> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| anyhow::Error::new(e).context("cannot start the async runtime"))?;
-    let client = PlatformClient::new(config, PLATFORM_TIMEOUTS)?;
-    let grant = runtime.block_on(client.fetch())?;
-    let expires_at = grant
-        .expires_at
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    Ok(Issued {
-        token: grant.token,
-        expires_at,
-    })
+/// The daemon's binary, whose `--fetch-once` makes the platform call.
+const DAEMON_BINARY: &str = "molecule-credd";
+
+/// One platform call through `molecule-credd --fetch-once`, which inherits
+/// this process's environment (the same configuration) and bounds the call
+/// itself (connect 2 s, whole call 8 s). Its answer is one protocol line,
+/// read with the protocol's cap.
+fn fetch_from_platform() -> Result<Issued, String> {
+    let beside_us = std::env::current_exe()
+        .ok()
+        .map(|exe| exe.with_file_name(DAEMON_BINARY))
+        .filter(|path| path.is_file());
+    let program = beside_us.map_or_else(|| DAEMON_BINARY.into(), PathBuf::into_os_string);
+    let mut child = Command::new(&program)
+        .arg("--fetch-once")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| {
+            format!(
+                "cannot run {} --fetch-once ({e}); install it next to credd",
+                Path::new(&program).display()
+            )
+        })?;
+    let mut line = Zeroizing::new(Vec::new());
+    let read = child
+        .stdout
+        .take()
+        .map(|out| out.take(MAX_LINE as u64 + 1).read_to_end(&mut line));
+    let _ = child.wait();
+    if !matches!(read, Some(Ok(_))) || line.is_empty() {
+        return Err(format!("{DAEMON_BINARY} --fetch-once gave no answer"));
+    }
+    match protocol::decode::<Response>(&line) {
+        Ok(Response::Token {
+            token, expires_at, ..
+        }) => Ok(Issued { token, expires_at }),
+        Ok(Response::Error { message, .. }) => Err(message),
+        Ok(_) => Err(format!(
+            "{DAEMON_BINARY} --fetch-once answered something other than a token"
+        )),
+        Err(e) => Err(format!("{DAEMON_BINARY} --fetch-once: {e}")),
+    }
 }
