@@ -3,9 +3,10 @@
 //! git execs `credd get` on every fetch and push, so start-up cost is the
 //! product: the argument dispatch is hand-written (no clap), and the `get`
 //! path answered by the daemon is std plus one Unix-socket round trip — no
-//! async runtime, no HTTP client, no logging framework. Those are built only
-//! on the slow path, when the daemon is unreachable and the platform is asked
-//! directly ([`chain`]).
+//! async runtime, no HTTP client, no logging framework. None of them is even
+//! linked in: when the daemon is unreachable, the platform is asked through
+//! `molecule-credd --fetch-once` ([`chain`]), so the binary stays small and
+//! quick to load.
 #![forbid(unsafe_code)]
 
 mod chain;
