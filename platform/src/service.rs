@@ -15,15 +15,22 @@
 //! token. Error bodies are fixed strings: internals stay in the log.
 //!
 //! Every request is bounded (total time, concurrency, body size) and so is
-//! every connection (count, idle time); hyper adds the `Date` header daemons
-//! use to turn `expires_at` into a remaining lifetime.
+//! every connection (count, time to a complete request head, idle time);
+//! hyper adds the `Date` header daemons use to turn `expires_at` into a
+//! remaining lifetime.
+//!
+//! The server loop drives hyper's HTTP/1 connections itself rather than
+//! through `axum::serve`, because it must know what each connection is doing:
+//! clients that trickle a request head (slowloris) are cut off after
+//! [`HEADER_READ_TIMEOUT`], and at the connection cap the connection that has
+//! waited longest for a head makes room for a new one, so a few thousand
+//! slow clients cannot lock out real ones. What they cause is logged as one
+//! summary per [`SLOW_CLIENT_LOG_INTERVAL`], without request content.
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
@@ -31,20 +38,35 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use hyper_util::rt::TokioIo;
 use jiff::Timestamp;
 use secrecy::ExposeSecret;
 use serde::Serialize;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio::time::{Instant, Sleep};
-use tower::ServiceBuilder;
+use tokio::net::TcpListener;
+use tokio::time::Instant;
 use tower::limit::GlobalConcurrencyLimitLayer;
+use tower::{ServiceBuilder, ServiceExt};
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
 
 use crate::auth::{Auth, AuthError, Caller, MAX_BEARER_BYTES, valid_workspace_id};
 use crate::registry::Registry;
+
+mod connections;
+
+pub use connections::SLOW_CLIENT_LOG_INTERVAL;
+use connections::{ConnHandle, ConnIo, Connections, Expiry};
+
+/// Longest a client may take to deliver a complete request head: from
+/// connecting, or from the first byte of its next request on a kept-alive
+/// connection. Real clients send theirs within microseconds; this only cuts
+/// off clients that trickle a head to hold a connection open.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Largest request head read (request line and headers; hyper answers 431
+/// beyond it). A bearer is at most [`MAX_BEARER_BYTES`], so 16 KiB is ample,
+/// and it bounds what a slow client can make the server buffer.
+pub const MAX_HEAD_BYTES: usize = 16 * 1024;
 
 /// Bounds on requests and connections.
 #[derive(Clone, Debug)]
@@ -55,10 +77,22 @@ pub struct ServiceLimits {
     pub max_concurrent_requests: usize,
     /// Largest request body accepted (then 413).
     pub max_body_bytes: usize,
-    /// Connections open at once; more wait in the listen backlog.
+    /// Connections open at once. Accepting never waits: at the cap a new
+    /// connection evicts the one that has waited longest for a request head
+    /// (new, mid-head or idle between requests); when every connection is in
+    /// a request, the new one is closed at once.
     pub max_connections: usize,
-    /// A connection that sends nothing for this long is closed.
+    /// A kept-alive connection with no request for this long is closed (so is
+    /// a new one that sends nothing, if this is shorter than
+    /// `header_read_timeout`).
     pub idle_timeout: Duration,
+    /// A connection whose request head is not complete this long after it
+    /// connected (or after the head's first byte, between kept-alive
+    /// requests) is closed. Default [`HEADER_READ_TIMEOUT`].
+    pub header_read_timeout: Duration,
+    /// Largest request head read. Default [`MAX_HEAD_BYTES`]; hyper needs at
+    /// least 8 KiB and rounds smaller values up.
+    pub max_head_bytes: usize,
     /// On shutdown, how long in-flight requests may take to finish.
     pub drain_timeout: Duration,
 }
@@ -71,6 +105,8 @@ impl Default for ServiceLimits {
             max_body_bytes: 16 * 1024,
             max_connections: 4096,
             idle_timeout: Duration::from_secs(75),
+            header_read_timeout: HEADER_READ_TIMEOUT,
+            max_head_bytes: MAX_HEAD_BYTES,
             drain_timeout: Duration::from_secs(10),
         }
     }
@@ -307,170 +343,185 @@ pub async fn serve(
 }
 
 /// Like [`serve`], with the connection limits and drain time of `limits`.
+///
+/// Accepting never waits for a free slot: at [`ServiceLimits::max_connections`]
+/// a new connection evicts the one that has waited longest for a request
+/// head (see the `connections` module), so slow clients cannot lock real
+/// ones out. Returns once every connection has finished after `shutdown`, or
+/// after [`ServiceLimits::drain_timeout`] (closing what is left).
 pub async fn serve_with_limits(
     listener: TcpListener,
     app: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
     limits: &ServiceLimits,
 ) -> io::Result<()> {
-    let listener = BoundedListener {
-        inner: listener,
-        permits: Arc::new(Semaphore::new(limits.max_connections.max(1))),
-        idle_timeout: limits.idle_timeout,
-    };
-    let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
-    let signal = async move {
-        shutdown.await;
-        let _ = stopping_tx.send(());
-    };
-    let server = axum::serve(listener, app)
-        .with_graceful_shutdown(signal)
-        .into_future();
-    let drain = limits.drain_timeout;
-    tokio::select! {
-        result = server => result,
-        () = async move {
-            match stopping_rx.await {
-                Ok(()) => tokio::time::sleep(drain).await,
-                Err(_) => std::future::pending().await,
-            }
-        } => {
-            tracing::warn!("requests still in flight {} after shutdown began; closing them", humantime::format_duration(drain));
-            Ok(())
-        }
-    }
-}
-
-/// A listener that holds at most `permits` connections open and gives each
-/// an idle deadline.
-struct BoundedListener {
-    inner: TcpListener,
-    permits: Arc<Semaphore>,
-    idle_timeout: Duration,
-}
-
-impl axum::serve::Listener for BoundedListener {
-    type Io = BoundedStream;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        let permit = match Arc::clone(&self.permits).acquire_owned().await {
-            Ok(permit) => permit,
-            // The semaphore is never closed; should it be, stop accepting.
-            Err(_) => std::future::pending().await,
-        };
-        loop {
-            match self.inner.accept().await {
-                Ok((stream, addr)) => {
-                    let _ = stream.set_nodelay(true);
-                    return (BoundedStream::new(stream, permit, self.idle_timeout), addr);
+    let connections = Arc::new(Connections::new(limits));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.keep_alive(true)
+        // Heads are timed by `connections` (hyper's timer would also cut
+        // kept-alive connections idle between requests).
+        .header_read_timeout(None)
+        .max_buf_size(limits.max_head_bytes.max(MIN_HEAD_BUFFER));
+    let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut report = tokio::time::interval_at(
+        Instant::now() + SLOW_CLIENT_LOG_INTERVAL,
+        SLOW_CLIENT_LOG_INTERVAL,
+    );
+    report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
+                if let Err(error) = joined
+                    && error.is_panic()
+                {
+                    tracing::error!("a connection task panicked");
                 }
-                Err(error) => {
-                    // Per-connection errors (reset before accept) are routine;
-                    // resource errors (EMFILE) need a pause to avoid spinning.
-                    if !matches!(
-                        error.kind(),
-                        io::ErrorKind::ConnectionAborted
-                            | io::ErrorKind::ConnectionReset
-                            | io::ErrorKind::Interrupted
-                    ) {
+            }
+            _ = report.tick() => connections.report(),
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => {
+                    let Some(handle) = connections.admit() else {
+                        // Every slot holds a request: refuse this one.
+                        drop(stream);
+                        continue;
+                    };
+                    let _ = stream.set_nodelay(true);
+                    let service = TrackedService {
+                        router: app.clone(),
+                        handle: Arc::clone(&handle),
+                    };
+                    let io = TokioIo::new(ConnIo::new(stream, Arc::clone(&handle)));
+                    let conn = http.serve_connection(io, service);
+                    tasks.spawn(drive(conn, handle, stopping.clone()));
+                    // Let the new connection read its head before accepting
+                    // more: a real client's head is already there, and once
+                    // read it is no longer a candidate for eviction.
+                    tokio::task::yield_now().await;
+                }
+                Err(error) if is_fd_exhaustion(&error) => {
+                    // Close the connection that has waited longest for a
+                    // head and wait for its task (or any) to end.
+                    if connections.evict_for_fd() {
+                        let _ = tokio::time::timeout(ACCEPT_BACKOFF, tasks.join_next()).await;
+                    } else {
                         tracing::error!("accept failed: {error}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
                     }
                 }
-            }
-        }
-    }
-
-    fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.inner.local_addr()
-    }
-}
-
-/// A connection holding its slot, closed after `idle` without traffic.
-struct BoundedStream {
-    stream: TcpStream,
-    _permit: OwnedSemaphorePermit,
-    idle: Duration,
-    deadline: Pin<Box<Sleep>>,
-}
-
-impl BoundedStream {
-    fn new(stream: TcpStream, permit: OwnedSemaphorePermit, idle: Duration) -> Self {
-        Self {
-            stream,
-            _permit: permit,
-            idle,
-            deadline: Box::pin(tokio::time::sleep(idle)),
-        }
-    }
-
-    fn touch(&mut self) {
-        let next = Instant::now() + self.idle;
-        self.deadline.as_mut().reset(next);
-    }
-}
-
-impl AsyncRead for BoundedStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        match Pin::new(&mut this.stream).poll_read(cx, buf) {
-            Poll::Ready(result) => {
-                this.touch();
-                Poll::Ready(result)
-            }
-            Poll::Pending => match this.deadline.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "connection idle for too long",
-                ))),
-                Poll::Pending => Poll::Pending,
+                // Per-connection errors (reset before accept) are routine.
+                Err(error) if matches!(
+                    error.kind(),
+                    io::ErrorKind::ConnectionAborted
+                        | io::ErrorKind::ConnectionReset
+                        | io::ErrorKind::Interrupted
+                ) => {}
+                Err(error) => {
+                    tracing::error!("accept failed: {error}");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
             },
         }
     }
+    drop(listener);
+    let _ = stopping_tx.send(true);
+    let drain = limits.drain_timeout;
+    let drained =
+        tokio::time::timeout(drain, async { while tasks.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        tracing::warn!(
+            "requests still in flight {} after shutdown began; closing them",
+            humantime::format_duration(drain)
+        );
+        tasks.shutdown().await;
+    }
+    connections.report();
+    Ok(())
 }
 
-impl AsyncWrite for BoundedStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let result = Pin::new(&mut this.stream).poll_write(cx, buf);
-        if result.is_ready() {
-            this.touch();
+/// hyper's smallest read buffer (it refuses less).
+const MIN_HEAD_BUFFER: usize = 8192;
+
+/// Pause after `accept` fails for want of resources.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// `EMFILE`/`ENFILE`: out of file descriptors (a connection can free one).
+fn is_fd_exhaustion(error: &io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(code) if code == nix::errno::Errno::EMFILE as i32 || code == nix::errno::Errno::ENFILE as i32
+    )
+}
+
+/// One HTTP/1 connection as hyper drives it.
+type Connection = hyper::server::conn::http1::Connection<TokioIo<ConnIo>, TrackedService>;
+
+/// Runs one connection until it ends, its deadline passes or it is evicted;
+/// once shutdown begins, it closes after the request in flight (if any).
+async fn drive(
+    conn: Connection,
+    handle: Arc<ConnHandle>,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut conn = std::pin::pin!(conn);
+    let mut draining = false;
+    loop {
+        let Some(deadline) = handle.deadline() else {
+            // Evicted: dropping the connection closes it.
+            return;
+        };
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(error) = result {
+                    tracing::debug!("connection ended: {error}");
+                }
+                return;
+            }
+            () = handle.wake().notified() => {}
+            () = sleep_until_some(deadline) => {
+                if let Expiry::Close = handle.expire() {
+                    return;
+                }
+            }
+            _ = stopping.changed(), if !draining => {
+                draining = true;
+                conn.as_mut().graceful_shutdown();
+            }
         }
-        result
     }
+}
 
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
+}
 
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
-    }
+/// The router for one connection, marking it busy while a request is
+/// handled (from its complete head until the answer is handed to hyper).
+#[derive(Clone)]
+struct TrackedService {
+    router: Router,
+    handle: Arc<ConnHandle>,
+}
 
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let result = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
-        if result.is_ready() {
-            this.touch();
-        }
-        result
-    }
+impl hyper::service::Service<axum::http::Request<hyper::body::Incoming>> for TrackedService {
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, Self::Error>> + Send>>;
 
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
+    fn call(&self, request: axum::http::Request<hyper::body::Incoming>) -> Self::Future {
+        let guard = self.handle.start_request();
+        let answer = self.router.clone().oneshot(request);
+        Box::pin(async move {
+            let response = answer.await;
+            drop(guard);
+            response
+        })
     }
 }
 

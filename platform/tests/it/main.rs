@@ -6,4 +6,5 @@
 mod binary;
 mod github;
 mod service;
+mod slow_clients;
 mod support;

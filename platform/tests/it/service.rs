@@ -334,8 +334,9 @@ async fn idle_connections_are_closed_and_free_their_slot() {
         )
         .await
     });
-    // A client that connects and says nothing holds the only slot until the
-    // server gives up on it: the read ends with EOF (or a reset).
+    // A client that connects and says nothing is closed once the idle
+    // timeout (here shorter than the header timeout) passed: the read ends
+    // with EOF (or a reset).
     let mut idle = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let mut buf = [0u8; 1];
     let read = tokio::time::timeout(crate::support::WAIT, idle.read(&mut buf))

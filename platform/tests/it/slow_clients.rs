@@ -1,0 +1,459 @@
+//! Slow clients over real TCP on 127.0.0.1: heads that never finish, and
+//! more of them than the connection cap.
+//!
+//! Why: a client that trickles a request head one byte at a time used to keep
+//! its connection (and its slot under the cap) forever, because the idle
+//! timer restarted on every byte; a few thousand of them made `/healthz`
+//! time out for as long as they kept going, without a log line. The service
+//! now bounds the time to a complete request head, and at the cap evicts the
+//! connection that has waited longest for one, so a real client — whose head
+//! arrives microseconds after it connects — always gets in.
+//!
+//! Timeouts here are the subject under test; everything else waits on a
+//! signal (a counter on a watch channel) with [`WAIT`] as the deadline.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use molecule_platform::{AppState, Auth, DevProvider, Registry, ServiceLimits, WorkspaceTokens};
+use secrecy::SecretString;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use crate::support::{Logs, WAIT};
+
+const ADMIN: &str = "admin-bearer-for-slow-client-tests";
+/// A header name no log line may contain: the service logs no request content.
+const MARKER: &[u8] = b"X-Slowloris-Marker-7f3a: ";
+/// How often a slow client sends its next byte.
+const TRICKLE: Duration = Duration::from_millis(50);
+/// Longest a real request may take while slow clients are connected.
+const ANSWER_WITHIN: Duration = Duration::from_secs(1);
+
+fn dev_app() -> Router {
+    let registry = Arc::new(Registry::new());
+    registry.register(Arc::new(DevProvider::new(Duration::from_secs(600))));
+    let auth = Auth::new(Some(SecretString::from(ADMIN)), WorkspaceTokens::empty());
+    molecule_platform::app(AppState::new(registry, auth))
+}
+
+/// The service on the current runtime; `stop` shuts it down.
+struct Server {
+    addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Server {
+    async fn start(app: Router, limits: ServiceLimits) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            molecule_platform::service::serve_with_limits(
+                listener,
+                app,
+                async move {
+                    let _ = stop_rx.await;
+                },
+                &limits,
+            )
+            .await
+        });
+        Self {
+            addr,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().expect("running").send(());
+        tokio::time::timeout(WAIT, &mut self.task)
+            .await
+            .expect("the server stops after the shutdown signal")
+            .expect("server task")
+            .expect("serve");
+    }
+}
+
+/// `GET /healthz` on a fresh connection; the whole answer.
+async fn healthz(addr: SocketAddr) -> String {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.expect("read");
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// Sends one complete keep-alive request and reads its answer.
+async fn request_keep_alive(stream: &mut TcpStream) {
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .expect("write");
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !answer.ends_with(br#"{"status":"ok"}"#) {
+        let n = stream.read(&mut buf).await.expect("read");
+        assert!(n > 0, "closed mid-answer: {answer:?}");
+        answer.extend_from_slice(&buf[..n]);
+    }
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+}
+
+/// Whether the server closed `stream`: a read of EOF or a reset.
+fn closed(read: &std::io::Result<usize>) -> bool {
+    matches!(read, Ok(0) | Err(_))
+}
+
+/// Sends `head`, then one more byte of a header every [`TRICKLE`] until the
+/// server closes the connection; how long after the first byte that was.
+/// Fails after [`WAIT`] (the connection was never closed).
+async fn trickle_until_closed(stream: &mut TcpStream, head: &[u8]) -> Duration {
+    let start = Instant::now();
+    stream.write_all(head).await.expect("write");
+    stream.write_all(MARKER).await.expect("write");
+    let mut buf = [0u8; 64];
+    let rounds = WAIT.as_millis() / TRICKLE.as_millis();
+    for _ in 0..rounds {
+        tokio::select! {
+            read = stream.read(&mut buf) => {
+                assert!(closed(&read), "an answer to half a head: {:?}", &buf[..]);
+                return start.elapsed();
+            }
+            () = tokio::time::sleep(TRICKLE) => {
+                if stream.write_all(b"x").await.is_err() {
+                    return start.elapsed();
+                }
+            }
+        }
+    }
+    panic!("a head still unfinished after {WAIT:?} was never closed");
+}
+
+/// Sums the field `name=N` over every line of `logs` that has it.
+fn summed(logs: &str, name: &str) -> u64 {
+    let key = format!("{name}=");
+    logs.lines()
+        .filter_map(|line| line.split_once(key.as_str()))
+        .map(|(_, after)| {
+            let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
+            digits
+                .parse::<u64>()
+                .unwrap_or_else(|_| panic!("no number after {key:?} in {after:?}"))
+        })
+        .sum()
+}
+
+#[tokio::test]
+async fn heads_not_complete_within_the_header_timeout_are_closed() {
+    let (logs, _guard) = Logs::capture();
+    let header_read_timeout = Duration::from_millis(300);
+    let idle_timeout = Duration::from_secs(2);
+    let limits = ServiceLimits {
+        header_read_timeout,
+        idle_timeout,
+        ..Default::default()
+    };
+    let server = Server::start(dev_app(), limits).await;
+    let addr = server.addr;
+
+    // New connections trickling a head: closed once the header timeout
+    // passed, although a byte arrives every 50 ms.
+    const FRESH: usize = 10;
+    let fresh = (0..FRESH).map(|_| async move {
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        trickle_until_closed(&mut stream, b"GET /healthz HTTP/1.1\r\nHost: t\r\n").await
+    });
+    // A kept-alive connection that starts its next head and never finishes
+    // it: closed a header timeout after that head began, long before the
+    // idle timeout.
+    let kept_alive_slow = async move {
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        request_keep_alive(&mut stream).await;
+        trickle_until_closed(&mut stream, b"GET /healthz HTTP/1.1\r\nHost: t\r\n").await
+    };
+    // A kept-alive connection that says nothing: closed after the idle
+    // timeout, not the header timeout.
+    let kept_alive_idle = async move {
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        request_keep_alive(&mut stream).await;
+        let start = Instant::now();
+        let read = tokio::time::timeout(WAIT, stream.read(&mut [0u8; 16]))
+            .await
+            .expect("an idle kept-alive connection is closed");
+        assert!(closed(&read), "{read:?}");
+        start.elapsed()
+    };
+    let (fresh, kept_alive_slow, kept_alive_idle) =
+        tokio::join!(join_all(fresh), kept_alive_slow, kept_alive_idle);
+    for elapsed in fresh.iter().chain([&kept_alive_slow]) {
+        assert!(
+            *elapsed >= header_read_timeout && *elapsed < idle_timeout,
+            "an unfinished head closed after {elapsed:?} (header timeout {header_read_timeout:?})"
+        );
+    }
+    // The server starts the idle clock as the answer leaves, a moment
+    // before the client has read it.
+    assert!(
+        kept_alive_idle >= idle_timeout - Duration::from_millis(100),
+        "an idle kept-alive connection closed after {kept_alive_idle:?}, before the idle timeout {idle_timeout:?}"
+    );
+    // Others are served all along.
+    assert!(healthz(addr).await.starts_with("HTTP/1.1 200"));
+    server.stop().await;
+
+    let text = logs.text();
+    let summaries = text
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("slow clients"))
+        .count();
+    assert!(
+        (1..=2).contains(&summaries),
+        "one aggregated warning (two if a report interval passed), not one per connection:\n{text}"
+    );
+    assert_eq!(summed(&text, "head_timeouts"), FRESH as u64 + 1, "{text}");
+    let marker = String::from_utf8_lossy(MARKER);
+    assert!(
+        !text.contains(marker.trim_end_matches([':', ' '])),
+        "request content in the logs:\n{text}"
+    );
+}
+
+/// Runs `futures` as tasks and collects their outputs in order.
+async fn join_all<F>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futures.map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for handle in handles {
+        out.push(handle.await.expect("task"));
+    }
+    out
+}
+
+/// Connects, starts a head, trickles it and reconnects when closed, until
+/// `stop`; counts connects and closes.
+async fn slowloris(
+    addr: SocketAddr,
+    mut stop: watch::Receiver<bool>,
+    connects: watch::Sender<u64>,
+    closes: watch::Sender<u64>,
+) {
+    const MAX_RECONNECTS: usize = 100_000;
+    for _ in 0..MAX_RECONNECTS {
+        if *stop.borrow() {
+            return;
+        }
+        let Ok(mut stream) = TcpStream::connect(addr).await else {
+            return;
+        };
+        if stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: slow\r\n")
+            .await
+            .is_err()
+        {
+            closes.send_modify(|n| *n += 1);
+            continue;
+        }
+        connects.send_modify(|n| *n += 1);
+        let mut buf = [0u8; 64];
+        loop {
+            tokio::select! {
+                _ = stop.changed() => return,
+                read = stream.read(&mut buf) => {
+                    assert!(closed(&read), "an answer to half a head");
+                    break;
+                }
+                () = tokio::time::sleep(TRICKLE) => {
+                    if stream.write_all(b"x").await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        closes.send_modify(|n| *n += 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_requests_get_in_while_slow_clients_overfill_the_connection_cap() {
+    const CAP: usize = 64;
+    const SLOW: usize = 200;
+    const PROBES: usize = 20;
+    // A header timeout far beyond the test: only eviction can make room.
+    let limits = ServiceLimits {
+        max_connections: CAP,
+        header_read_timeout: Duration::from_secs(120),
+        ..Default::default()
+    };
+    let server = Server::start(dev_app(), limits).await;
+    let (stop, stop_rx) = watch::channel(false);
+    let connects = watch::Sender::new(0u64);
+    let closes = watch::Sender::new(0u64);
+    let attackers: Vec<_> = (0..SLOW)
+        .map(|_| {
+            tokio::spawn(slowloris(
+                server.addr,
+                stop_rx.clone(),
+                connects.clone(),
+                closes.clone(),
+            ))
+        })
+        .collect();
+    tokio::time::timeout(WAIT, connects.subscribe().wait_for(|n| *n >= SLOW as u64))
+        .await
+        .expect("every slow client connected")
+        .expect("counter");
+
+    let mut latencies = Vec::with_capacity(PROBES);
+    for probe in 0..PROBES {
+        let start = Instant::now();
+        let answer = tokio::time::timeout(ANSWER_WITHIN, healthz(server.addr))
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "probe {probe}: /healthz unanswered after {ANSWER_WITHIN:?} with {SLOW} slow clients (cap {CAP}); {} connects, {} closes so far",
+                    *connects.borrow(),
+                    *closes.borrow()
+                )
+            });
+        latencies.push(start.elapsed());
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+    let (closed_by_server, connected) = (*closes.borrow(), *connects.borrow());
+    let _ = stop.send(true);
+    for attacker in attackers {
+        tokio::time::timeout(WAIT, attacker)
+            .await
+            .expect("slow client stops")
+            .expect("slow client task");
+    }
+    server.stop().await;
+
+    latencies.sort();
+    eprintln!(
+        "/healthz with {SLOW} slow clients over a cap of {CAP}: median {:?}, max {:?}; {connected} slow connects, {closed_by_server} closed by the server",
+        latencies[PROBES / 2],
+        latencies[PROBES - 1]
+    );
+    assert!(
+        closed_by_server >= (SLOW - CAP) as u64,
+        "slow connections beyond the cap were evicted ({closed_by_server} closed)"
+    );
+}
+
+/// A provider whose answers wait until the gate opens; counts calls.
+struct GatedProvider {
+    gate: watch::Receiver<bool>,
+    calls: watch::Sender<u64>,
+}
+
+impl molecule_platform::TokenProvider for GatedProvider {
+    fn token(&self) -> molecule_platform::provider::TokenFuture<'_> {
+        Box::pin(async move {
+            self.calls.send_modify(|n| *n += 1);
+            let _ = self.gate.clone().wait_for(|open| *open).await;
+            Ok(molecule_platform::IssuedToken {
+                token: SecretString::from("ghs_gatedgatedgatedgatedgated0123"),
+                expires_at: jiff::Timestamp::now() + jiff::SignedDuration::from_mins(60),
+            })
+        })
+    }
+}
+
+impl molecule_platform::ProvisionPlugin for GatedProvider {
+    fn name(&self) -> &str {
+        "gated"
+    }
+    fn mutate_env<'a>(
+        &'a self,
+        _env: &'a mut std::collections::BTreeMap<String, String>,
+    ) -> molecule_platform::registry::EnvFuture<'a> {
+        Box::pin(async { Ok(()) })
+    }
+    fn as_token_provider(self: Arc<Self>) -> Option<Arc<dyn molecule_platform::TokenProvider>> {
+        Some(self)
+    }
+}
+
+/// `GET /admin/github-installation-token` on a fresh connection; the status line.
+async fn admin_request(addr: SocketAddr) -> String {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(
+            format!(
+                "GET /admin/github-installation-token HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {ADMIN}\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .expect("write");
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.expect("read");
+    String::from_utf8_lossy(&answer)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn connections_in_a_request_are_never_evicted() {
+    let (gate_tx, gate) = watch::channel(false);
+    let calls = watch::Sender::new(0u64);
+    let registry = Arc::new(Registry::new());
+    registry.register(Arc::new(GatedProvider {
+        gate,
+        calls: calls.clone(),
+    }));
+    let auth = Auth::new(Some(SecretString::from(ADMIN)), WorkspaceTokens::empty());
+    let app = molecule_platform::app(AppState::new(registry, auth));
+    let limits = ServiceLimits {
+        max_connections: 2,
+        header_read_timeout: Duration::from_secs(120),
+        ..Default::default()
+    };
+    let server = Server::start(app, limits).await;
+    let addr = server.addr;
+    // The provider has no cache: each request is one call, so two calls
+    // mean both connections are in a request.
+    let first = tokio::spawn(admin_request(addr));
+    let second = tokio::spawn(admin_request(addr));
+    tokio::time::timeout(WAIT, calls.subscribe().wait_for(|n| *n >= 2))
+        .await
+        .expect("both requests reached the provider")
+        .expect("counter");
+    // Both slots hold a request: a third connection is closed at once
+    // rather than evicting one of them or waiting in the backlog.
+    let mut third = TcpStream::connect(addr).await.expect("connect");
+    let _ = third
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await;
+    let read = tokio::time::timeout(WAIT, third.read(&mut [0u8; 64]))
+        .await
+        .expect("a connection over the cap is closed");
+    assert!(closed(&read), "{read:?}");
+
+    gate_tx.send_replace(true);
+    for request in [first, second] {
+        let status = tokio::time::timeout(WAIT, request)
+            .await
+            .expect("answered")
+            .expect("task");
+        assert_eq!(status, "HTTP/1.1 200 OK");
+    }
+    assert!(healthz(addr).await.starts_with("HTTP/1.1 200"));
+    server.stop().await;
+}
