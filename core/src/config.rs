@@ -23,6 +23,9 @@ pub mod vars {
     pub const CREDD_HOSTS: &str = "CREDD_HOSTS";
     /// Per-user runtime folder (systemd's `/run/user/$UID`).
     pub const XDG_RUNTIME_DIR: &str = "XDG_RUNTIME_DIR";
+    /// The uid the daemon runs as when it is not the client's own (the
+    /// system-unit layout); `credd` trusts a socket served by that uid.
+    pub const CREDD_DAEMON_UID: &str = "CREDD_DAEMON_UID";
 }
 
 /// Platform URL used when `PLATFORM_URL` is unset (the platform's in-cluster name).
@@ -54,6 +57,8 @@ pub struct Config {
     pub socket_path: PathBuf,
     /// Hosts (lower case, optionally `host:port`) the helper answers for.
     pub hosts: Vec<String>,
+    /// A daemon uid to trust besides our own and root's ([`vars::CREDD_DAEMON_UID`]).
+    pub daemon_uid: Option<u32>,
 }
 
 /// A configuration value that was present but unusable.
@@ -128,6 +133,16 @@ impl Config {
             ));
         }
         let hosts = parse_hosts(get(vars::CREDD_HOSTS)?.as_deref().unwrap_or(DEFAULT_HOSTS))?;
+        let daemon_uid = get(vars::CREDD_DAEMON_UID)?
+            .map(|uid| {
+                uid.parse::<u32>().map_err(|_| {
+                    ConfigError::new(
+                        vars::CREDD_DAEMON_UID,
+                        format_args!("{uid:?} is not a numeric uid; set it to the daemon's uid, e.g. `id -u molecule-credd`"),
+                    )
+                })
+            })
+            .transpose()?;
 
         Ok(Self {
             platform_url,
@@ -135,6 +150,7 @@ impl Config {
             workspace_id,
             socket_path,
             hosts,
+            daemon_uid,
         })
     }
 
@@ -152,6 +168,16 @@ impl Config {
             ),
             None => format!("{}/admin/github-installation-token", self.platform_url),
         }
+    }
+
+    /// The uids whose socket `credd` may talk to: its own; root (the system
+    /// service manager listens on socket-activated sockets, and root can read
+    /// this process's memory anyway); and [`Self::daemon_uid`].
+    pub fn trusted_daemon_uids(&self) -> Vec<u32> {
+        let mut uids = vec![nix::unistd::geteuid().as_raw(), 0];
+        uids.extend(self.daemon_uid);
+        uids.dedup();
+        uids
     }
 
     /// Whether `host` (as git sends it, possibly with `:port`) is one we answer for.
@@ -360,6 +386,7 @@ mod tests {
             ("CREDD_HOSTS", "github.com/evil"),
             ("CREDD_HOSTS", "github.com:99999"),
             ("CREDD_HOSTS", " , "),
+            ("CREDD_DAEMON_UID", "molecule-credd"),
         ] {
             let err = config(&[(var, value)]).expect_err(value);
             assert_eq!(err.var, var, "{err}");
@@ -368,6 +395,18 @@ mod tests {
         let long = format!("/{}", "s".repeat(200));
         let err = config(&[("CREDD_SOCKET", &long)]).expect_err("too long");
         assert!(err.problem.contains("shorter"), "{err}");
+    }
+
+    #[test]
+    fn the_daemon_uid_is_trusted_besides_our_own_and_roots() {
+        let me = nix::unistd::geteuid().as_raw();
+        let c = config(&[]).expect("valid");
+        assert_eq!(c.daemon_uid, None);
+        assert!(c.trusted_daemon_uids().contains(&me));
+        assert!(c.trusted_daemon_uids().contains(&0));
+        assert!(!c.trusted_daemon_uids().contains(&65_534));
+        let c = config(&[("CREDD_DAEMON_UID", "998")]).expect("valid");
+        assert!(c.trusted_daemon_uids().contains(&998));
     }
 
     #[test]

@@ -14,3 +14,4 @@ pub mod config;
 pub mod platform;
 pub mod protocol;
 pub mod secret;
+pub mod socket_folder;

@@ -24,6 +24,7 @@ use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt}
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 
+use credd_core::socket_folder::{self, FolderProblem};
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket};
@@ -78,6 +79,20 @@ pub(crate) enum SocketError {
         /// Why.
         source: io::Error,
     },
+}
+
+impl SocketError {
+    /// Whether only a change of configuration or of the filesystem can fix
+    /// it (so a supervisor should stop restarting), rather than time.
+    pub(crate) fn is_configuration(&self) -> bool {
+        matches!(
+            self,
+            Self::NoFolder(_)
+                | Self::CreateFolder { .. }
+                | Self::UnsafeFolder { .. }
+                | Self::NotASocket(_)
+        )
+    }
 }
 
 /// The socket file we bound; removes it on [`remove`](Self::remove) or drop,
@@ -135,14 +150,18 @@ impl Drop for SocketFile {
     }
 }
 
+/// Creates (or checks) the private folder `path` is to be bound in; returns it.
+pub(crate) fn prepare_folder(path: &Path) -> Result<&Path, SocketError> {
+    let folder =
+        socket_folder::folder_of(path).map_err(|_| SocketError::NoFolder(path.to_owned()))?;
+    ensure_private_folder(folder, nix::unistd::geteuid().as_raw())?;
+    Ok(folder)
+}
+
 /// Creates (or checks) the folder, takes over a stale socket and binds a
 /// 0600 socket at `path`.
 pub(crate) fn bind(path: &Path) -> Result<(UnixListener, SocketFile), SocketError> {
-    let folder = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .ok_or_else(|| SocketError::NoFolder(path.to_owned()))?;
-    ensure_private_folder(folder, nix::unistd::geteuid().as_raw())?;
+    let folder = prepare_folder(path)?;
     let lock = lock_folder(folder, path)?;
     take_over_stale(path)?;
 
@@ -209,38 +228,17 @@ pub(crate) fn ensure_private_folder(folder: &Path, uid: u32) -> Result<(), Socke
             });
         }
     }
-    let meta = std::fs::symlink_metadata(folder).map_err(|source| SocketError::InspectFolder {
-        path: folder.to_owned(),
-        source,
-    })?;
-    let unsafe_folder = |problem: String| SocketError::UnsafeFolder {
-        path: folder.to_owned(),
-        problem,
-    };
-    if meta.file_type().is_symlink() {
-        return Err(unsafe_folder(
-            "it is a symbolic link; remove it so the daemon can create a private folder".into(),
-        ));
-    }
-    if !meta.is_dir() {
-        return Err(unsafe_folder(
-            "it is not a folder; remove it or choose another --socket/CREDD_SOCKET".into(),
-        ));
-    }
-    if meta.uid() != uid {
-        return Err(unsafe_folder(format!(
-            "it is owned by uid {}, not by this user (uid {uid}); remove it or choose another --socket/CREDD_SOCKET",
-            meta.uid()
-        )));
-    }
-    let mode = meta.mode() & 0o7777;
-    if mode & 0o077 != 0 {
-        return Err(unsafe_folder(format!(
-            "its mode is {mode:04o}, open to group or others; run `chmod 700 {}` or remove it",
-            folder.display()
-        )));
-    }
-    Ok(())
+    // The same rule `credd` applies before it talks to a socket.
+    socket_folder::check(folder, &[uid]).map_err(|problem| match problem {
+        FolderProblem::Uninspectable(kind) => SocketError::InspectFolder {
+            path: folder.to_owned(),
+            source: kind.into(),
+        },
+        problem => SocketError::UnsafeFolder {
+            path: folder.to_owned(),
+            problem: problem.to_string(),
+        },
+    })
 }
 
 /// Takes the folder's exclusive lock, or reports the daemon holding it.

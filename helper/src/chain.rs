@@ -16,6 +16,8 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
 
 use credd_core::config::Config;
 use credd_core::protocol::{self, MAX_LINE, Request, Response};
@@ -47,7 +49,8 @@ pub(crate) enum Progress {
 /// unintelligible. `Err` is the reason, for the caller to print after `credd: `
 /// (with [`Progress::EachStep`], only the last step's; earlier ones are out).
 pub(crate) fn obtain_token(config: &Config, progress: Progress) -> Result<Issued, String> {
-    let failure = match daemon::round_trip(&config.socket_path, &Request::Get) {
+    let endpoint = daemon::Endpoint::from_config(config);
+    let failure = match daemon::round_trip(&endpoint, &Request::Get) {
         Ok(Response::Token {
             token, expires_at, ..
         }) => return Ok(Issued { token, expires_at }),
@@ -81,10 +84,16 @@ pub(crate) fn obtain_token(config: &Config, progress: Progress) -> Result<Issued
 /// The daemon's binary, whose `--fetch-once` makes the platform call.
 const DAEMON_BINARY: &str = "molecule-credd";
 
+/// How long `credd` waits for `molecule-credd --fetch-once` before killing
+/// it. That process bounds itself (2 s for the bearer file, 8 s for the HTTP
+/// call); this is the hard stop for when it cannot (a stalled filesystem
+/// under its executable, a wedged process), so git is never held longer.
+pub(crate) const FETCH_ONCE_DEADLINE: Duration = Duration::from_secs(12);
+
 /// One platform call through `molecule-credd --fetch-once`, which inherits
-/// this process's environment (the same configuration) and bounds the call
-/// itself (connect 2 s, whole call 8 s). Its answer is one protocol line,
-/// read with the protocol's cap.
+/// this process's environment (the same configuration). Its answer is one
+/// protocol line, read with the protocol's cap within [`FETCH_ONCE_DEADLINE`];
+/// the child is killed and reaped whatever happens.
 fn fetch_from_platform() -> Result<Issued, String> {
     let beside_us = std::env::current_exe()
         .ok()
@@ -103,13 +112,30 @@ fn fetch_from_platform() -> Result<Issued, String> {
                 Path::new(&program).display()
             )
         })?;
-    let mut line = Zeroizing::new(Vec::new());
-    let read = child
-        .stdout
-        .take()
-        .map(|out| out.take(MAX_LINE as u64 + 1).read_to_end(&mut line));
+    let (done, answer) = mpsc::channel();
+    if let Some(out) = child.stdout.take() {
+        // A reader thread, so the wait below has a deadline with std alone.
+        let _ = std::thread::Builder::new().spawn(move || {
+            let mut line = Zeroizing::new(Vec::new());
+            let read = out.take(MAX_LINE as u64 + 1).read_to_end(&mut line);
+            let _ = done.send(read.map(|_| line));
+        });
+    }
+    let received = answer.recv_timeout(FETCH_ONCE_DEADLINE);
+    // Done with it either way; killing an exited child is harmless.
+    let _ = child.kill();
     let _ = child.wait();
-    if !matches!(read, Some(Ok(_))) || line.is_empty() {
+    let line = match received {
+        Ok(Ok(line)) => line,
+        Err(mpsc::RecvTimeoutError::Timeout) => {
+            return Err(format!(
+                "{DAEMON_BINARY} --fetch-once gave no answer within {} s; killed it",
+                FETCH_ONCE_DEADLINE.as_secs()
+            ));
+        }
+        Ok(Err(_)) | Err(mpsc::RecvTimeoutError::Disconnected) => Zeroizing::new(Vec::new()),
+    };
+    if line.is_empty() {
         return Err(format!("{DAEMON_BINARY} --fetch-once gave no answer"));
     }
     match protocol::decode::<Response>(&line) {

@@ -10,6 +10,7 @@
 //! The real `git config` does the writing, so its locking and quoting apply.
 
 use std::ffi::OsString;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -54,7 +55,8 @@ pub(crate) fn run(options: &Options) -> anyhow::Result<()> {
             git_config(&scope, &[&"--add".into(), &key.clone().into(), value], &[0])
                 .with_context(|| format!("adding a helper to {key} in {target}"))?;
         }
-        println!("configured {key} in {target}");
+        // A progress line: git's config is written whether anyone reads it.
+        let _ = writeln!(std::io::stdout().lock(), "configured {key} in {target}");
     }
     Ok(())
 }

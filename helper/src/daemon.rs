@@ -12,13 +12,33 @@
 //! own `--wait-timeout` (4 s) for an in-flight refresh, so a slow platform
 //! shows up as the daemon's `unavailable` answer rather than as a timeout here.
 //! A daemon that misses either deadline counts as unreachable.
+//!
+//! Trust. Before anything is sent, the server is verified, because whoever
+//! listens at the socket path is handed git's request and could answer with
+//! an attacker's token: the socket's folder must pass the same rule the
+//! daemon applies ([`credd_core::socket_folder`]), and once connected the
+//! listening process's uid (`SO_PEERCRED`) must be ours, root's (the service
+//! manager listens on socket-activated sockets) or the configured
+//! `CREDD_DAEMON_UID`. A server that fails either check is
+//! [`DaemonError::Untrusted`]: nothing was sent to it and nothing it says is
+//! read. It is treated like an absent daemon for the platform fallback —
+//! that path does not go through the socket, so a squatter gains nothing
+//! from it but the denial of service it could cause anyway by occupying the
+//! path — but never for `erase`, which has nothing to gain from a fallback.
+//!
+//! `busy`. A daemon at its connection cap answers `busy` without reading the
+//! request, and may close before our request is written (`EPIPE`). A failed
+//! write is therefore not the end: the answer may already be waiting, so it
+//! is read before the daemon is declared unreachable.
 
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use credd_core::config::Config;
 use credd_core::protocol::{self, ErrorCode, MAX_LINE, Request, Response};
+use credd_core::socket_folder;
 use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, UnixAddr, sockopt};
 use nix::sys::time::TimeVal;
 use zeroize::Zeroizing;
@@ -33,6 +53,9 @@ pub(crate) const READ_DEADLINE: Duration = Duration::from_secs(6);
 pub(crate) enum DaemonError {
     /// Nobody answered in time: no socket, refused, deadline missed.
     Unreachable(String),
+    /// Something listens, but it is not a daemon we may trust (its folder or
+    /// its uid is wrong). Nothing was sent to it.
+    Untrusted(String),
     /// Something answered, but not in our protocol (garbage, another version,
     /// closed early). The text never quotes what was received.
     Unintelligible(String),
@@ -53,7 +76,7 @@ impl DaemonError {
     /// prevent (the same holds for `busy`: it is at its connection cap).
     pub(crate) fn allows_platform_fallback(&self) -> bool {
         match self {
-            Self::Unreachable(_) | Self::Unintelligible(_) => true,
+            Self::Unreachable(_) | Self::Untrusted(_) | Self::Unintelligible(_) => true,
             Self::Refused { code, .. } => {
                 matches!(code, ErrorCode::UnsupportedVersion | ErrorCode::BadRequest)
             }
@@ -66,6 +89,9 @@ impl DaemonError {
         match self {
             Self::Unreachable(reason) => {
                 format!("molecule-credd not reachable at {socket} ({reason})")
+            }
+            Self::Untrusted(reason) => {
+                format!("refusing the socket {socket}: {reason}; nothing was sent to it")
             }
             Self::Unintelligible(reason) => {
                 format!("molecule-credd at {socket} gave an answer credd cannot use ({reason})")
@@ -90,10 +116,32 @@ fn code_name(code: ErrorCode) -> &'static str {
     }
 }
 
-/// Sends `request`, returns the daemon's answer. An `Error` answer becomes
-/// [`DaemonError::Refused`].
-pub(crate) fn round_trip(socket_path: &Path, request: &Request) -> Result<Response, DaemonError> {
+/// Where the daemon is and whom it may be: the socket path and the uids a
+/// genuine daemon can listen as.
+#[derive(Debug, Clone)]
+pub(crate) struct Endpoint {
+    /// The socket.
+    pub(crate) path: PathBuf,
+    /// Uids the listening process may have (see the module docs).
+    pub(crate) trusted_uids: Vec<u32>,
+}
+
+impl Endpoint {
+    /// The endpoint `config` names.
+    pub(crate) fn from_config(config: &Config) -> Self {
+        Self {
+            path: config.socket_path.clone(),
+            trusted_uids: config.trusted_daemon_uids(),
+        }
+    }
+}
+
+/// Sends `request` to a verified daemon, returns its answer. An `Error`
+/// answer becomes [`DaemonError::Refused`].
+pub(crate) fn round_trip(endpoint: &Endpoint, request: &Request) -> Result<Response, DaemonError> {
     let start = Instant::now();
+    let socket_path = endpoint.path.as_path();
+    verify_folder(endpoint)?;
     let mut stream = connect(socket_path, CONNECT_DEADLINE).map_err(|e| {
         DaemonError::Unreachable(match e.kind() {
             io::ErrorKind::NotFound => "no socket there; is molecule-credd running?".to_owned(),
@@ -107,16 +155,33 @@ pub(crate) fn round_trip(socket_path: &Path, request: &Request) -> Result<Respon
             _ => format!("connect failed: {e}"),
         })
     })?;
+    verify_peer(&stream, endpoint)?;
     let line = protocol::encode(request);
     let remaining = CONNECT_DEADLINE
         .saturating_sub(start.elapsed())
         .max(Duration::from_millis(1));
-    stream
+    let sent = stream
         .set_write_timeout(Some(remaining))
-        .and_then(|()| stream.write_all(&line))
-        .map_err(|e| DaemonError::Unreachable(format!("sending the request failed: {e}")))?;
-
-    let answer = read_line(&mut stream, READ_DEADLINE)?;
+        .and_then(|()| stream.write_all(&line));
+    let answer = match sent {
+        Ok(()) => read_line(&mut stream, READ_DEADLINE)?,
+        // Closed on us: an answer sent without reading (`busy`, `forbidden`)
+        // is already in our buffer, so this read returns at once.
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+            ) =>
+        {
+            read_line(&mut stream, CONNECT_DEADLINE)
+                .map_err(|_| DaemonError::Unreachable(format!("sending the request failed: {e}")))?
+        }
+        Err(e) => {
+            return Err(DaemonError::Unreachable(format!(
+                "sending the request failed: {e}"
+            )));
+        }
+    };
     match protocol::decode::<Response>(&answer) {
         Ok(Response::Error { code, message }) => Err(DaemonError::Refused {
             code,
@@ -124,6 +189,37 @@ pub(crate) fn round_trip(socket_path: &Path, request: &Request) -> Result<Respon
         }),
         Ok(response) => Ok(response),
         Err(e) => Err(DaemonError::Unintelligible(e.to_string())),
+    }
+}
+
+/// The socket's folder passes the daemon's own rule, so nobody else can have
+/// put the socket there. A missing folder is just an absent daemon.
+fn verify_folder(endpoint: &Endpoint) -> Result<(), DaemonError> {
+    let folder = socket_folder::folder_of(&endpoint.path)
+        .map_err(|problem| DaemonError::Untrusted(problem.to_string()))?;
+    match socket_folder::check(folder, &endpoint.trusted_uids) {
+        Ok(()) => Ok(()),
+        Err(socket_folder::FolderProblem::Uninspectable(io::ErrorKind::NotFound)) => Err(
+            DaemonError::Unreachable("no socket there; is molecule-credd running?".to_owned()),
+        ),
+        Err(problem) => Err(DaemonError::Untrusted(format!(
+            "its folder {}: {problem}",
+            folder.display()
+        ))),
+    }
+}
+
+/// The listening process runs as a uid a genuine daemon can have.
+fn verify_peer(stream: &UnixStream, endpoint: &Endpoint) -> Result<(), DaemonError> {
+    let uid = socket::getsockopt(stream, sockopt::PeerCredentials)
+        .map_err(|e| DaemonError::Untrusted(format!("its owner cannot be checked ({e})")))?
+        .uid();
+    if endpoint.trusted_uids.contains(&uid) {
+        Ok(())
+    } else {
+        Err(DaemonError::Untrusted(format!(
+            "it is served by uid {uid}, not by this user's daemon (set CREDD_DAEMON_UID if the daemon runs as its own user)"
+        )))
     }
 }
 
@@ -231,6 +327,7 @@ mod tests {
         };
         assert!(DaemonError::Unreachable(String::new()).allows_platform_fallback());
         assert!(DaemonError::Unintelligible(String::new()).allows_platform_fallback());
+        assert!(DaemonError::Untrusted(String::new()).allows_platform_fallback());
         assert!(refused(ErrorCode::UnsupportedVersion).allows_platform_fallback());
         assert!(!refused(ErrorCode::Unavailable).allows_platform_fallback());
         assert!(!refused(ErrorCode::Forbidden).allows_platform_fallback());
@@ -246,7 +343,16 @@ mod tests {
     #[test]
     fn a_missing_socket_is_unreachable() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let err = round_trip(&dir.path().join("none.sock"), &Request::Get).expect_err("no socket");
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .expect("chmod");
+        let endpoint = Endpoint {
+            path: dir.path().join("none.sock"),
+            trusted_uids: vec![nix::unistd::geteuid().as_raw()],
+        };
+        let err = round_trip(&endpoint, &Request::Get).expect_err("no socket");
         assert!(matches!(err, DaemonError::Unreachable(_)), "{err:?}");
         assert!(
             err.describe(&dir.path().join("none.sock"))

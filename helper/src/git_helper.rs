@@ -45,7 +45,11 @@ pub(crate) fn erase() {
         return;
     };
     let sha256 = sha256_hex(password.as_bytes());
-    let _ = daemon::round_trip(&config.socket_path, &Request::Erase { sha256 });
+    // Only to a verified daemon (round_trip checks), and never elsewhere.
+    let _ = daemon::round_trip(
+        &daemon::Endpoint::from_config(&config),
+        &Request::Erase { sha256 },
+    );
 }
 
 /// Reads git's input and the configuration; `Some` only when credd answers

@@ -66,13 +66,9 @@ fn main() -> ExitCode {
         b"status" => status(args.collect()),
         b"exec" => exec(args.collect()),
         b"configure-git" => configure_git(args.collect()),
-        b"--help" | b"-h" | b"help" => {
-            print!("{USAGE}");
-            ExitCode::SUCCESS
-        }
+        b"--help" | b"-h" | b"help" => print_stdout(USAGE),
         b"--version" | b"-V" | b"version" => {
-            println!("credd {}", env!("CARGO_PKG_VERSION"));
-            ExitCode::SUCCESS
+            print_stdout(&format!("credd {}\n", env!("CARGO_PKG_VERSION")))
         }
         _ => unknown(&command),
     }
@@ -96,6 +92,22 @@ fn unknown(command: &OsStr) -> ExitCode {
 fn usage_error(problem: &str) -> ExitCode {
     eprintln!("credd: {problem}; see `credd --help`");
     ExitCode::from(USAGE_ERROR)
+}
+
+/// Writes `text` to stdout. A reader that went away (`EPIPE`: `credd status |
+/// head -0`) ends us quietly with exit 1, as coreutils end; any other write
+/// error is one line. Never a panic, which `print!` would be.
+pub(crate) fn print_stdout(text: &str) -> ExitCode {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("credd: error: writing to stdout: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Prints `credd: error: a -> b -> c` for an error and its causes.
@@ -150,7 +162,7 @@ fn status(args: Vec<OsString>) -> ExitCode {
         }
     };
     match status::run(json) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(text) => print_stdout(&text),
         Err(e) => report(&e),
     }
 }

@@ -13,10 +13,12 @@ use credd_core::protocol::{Request, Response, Source, Status, TokenState};
 
 use crate::daemon;
 
-/// Runs `credd status`; `Err` when the daemon cannot be asked.
-pub(crate) fn run(json: bool) -> anyhow::Result<()> {
+/// Runs `credd status`: the text to print, or `Err` when the daemon cannot
+/// be asked.
+pub(crate) fn run(json: bool) -> anyhow::Result<String> {
     let config = Config::from_env().context("configuration")?;
-    let status = match daemon::round_trip(&config.socket_path, &Request::Status) {
+    let status = match daemon::round_trip(&daemon::Endpoint::from_config(&config), &Request::Status)
+    {
         Ok(Response::Status(status)) => status,
         Ok(_) => bail!(
             "molecule-credd at {} answered a status request with something else",
@@ -31,8 +33,7 @@ pub(crate) fn run(json: bool) -> anyhow::Result<()> {
     } else {
         render(&status, &config, SystemTime::now())
     };
-    print!("{text}");
-    Ok(())
+    Ok(text)
 }
 
 /// The human form, one `label: value` per line.

@@ -311,3 +311,65 @@ fn help_and_version() {
     let none = sandbox.run(&[], "");
     assert_eq!(none.code, Some(2), "{none:?}");
 }
+
+/// A reader that went away (`credd status | head -0`) ends credd with one
+/// exit code and no panic (Rust's `print!` panics on `EPIPE`).
+#[test]
+fn a_closed_stdout_is_exit_1_not_a_panic() {
+    let sandbox = Sandbox::new();
+    let daemon = FakeDaemon::with_token(&sandbox.socket());
+    for args in [
+        &["--help"][..],
+        &["--version"],
+        &["status"],
+        &["status", "--json"],
+    ] {
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        drop(reader);
+        let output = sandbox
+            .credd(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .expect("run credd");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "credd {args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "credd {args:?}: {stderr}");
+    }
+    drop(daemon);
+}
+
+/// `molecule-credd --fetch-once` that never answers (a stalled filesystem
+/// under it): credd kills it at its deadline instead of holding git forever.
+#[test]
+fn a_fetch_once_that_never_answers_is_killed_at_the_deadline() {
+    let sandbox = Sandbox::new();
+    // credd runs the molecule-credd next to itself: a copy of credd beside a
+    // stand-in that hangs.
+    let bin = sandbox.path().join("bin");
+    std::fs::create_dir(&bin).expect("bin");
+    std::fs::copy(env!("CARGO_BIN_EXE_credd"), bin.join("credd")).expect("copy credd");
+    let hang = bin.join("molecule-credd");
+    std::fs::write(&hang, "#!/bin/sh\nexec sleep 600\n").expect("stand-in");
+    std::fs::set_permissions(&hang, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    // No daemon at the sandbox's socket: credd falls back to the stand-in.
+    let mut command = Command::new(bin.join("credd"));
+    command.args(["token"]).env_clear().envs(
+        sandbox
+            .credd(&[])
+            .get_envs()
+            .filter_map(|(k, v)| Some((k.to_owned(), v?.to_owned())))
+            .collect::<Vec<_>>(),
+    );
+    let started = std::time::Instant::now();
+    let run = crate::support::run(command, "");
+    let took = started.elapsed();
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(run.stderr.contains("killed it"), "{}", run.stderr);
+    assert!(
+        took < std::time::Duration::from_secs(30),
+        "returned after {took:?}"
+    );
+}

@@ -10,6 +10,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -236,6 +237,9 @@ impl Sandbox {
             .prefix("credd-cli-")
             .tempdir()
             .expect("temp dir");
+        // The socket's folder: credd talks only to a socket in a private one.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))
+            .expect("chmod sandbox");
         std::fs::create_dir(dir.path().join("configs")).expect("configs dir");
         std::fs::write(
             dir.path().join("configs/.auth_token"),

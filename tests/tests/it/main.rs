@@ -15,3 +15,4 @@ mod git;
 mod harness;
 mod secrets;
 mod socket;
+mod trust;

@@ -123,7 +123,7 @@ pub(crate) struct Captured {
 
 impl Captured {
     /// Starts a thread copying `pipe` into a new capture until EOF.
-    fn spawn(mut pipe: impl Read + Send + 'static) -> Self {
+    pub(crate) fn spawn(mut pipe: impl Read + Send + 'static) -> Self {
         let captured = Self::default();
         let shared = Arc::clone(&captured.shared);
         std::thread::spawn(move || {
