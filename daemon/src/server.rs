@@ -1,7 +1,9 @@
 //! The accept loop and one-request connections.
 //!
-//! Every connection is: check the caller's uid (`SO_PEERCRED`), read one line
-//! (capped at [`MAX_LINE`], within [`READ_DEADLINE`]), answer one line, close.
+//! Every connection is: check the caller's uid (`SO_PEERCRED`) as it is
+//! accepted — a refused uid is answered `forbidden` at once, before anything
+//! is read, so it never holds a slot — then read one line (capped at
+//! [`MAX_LINE`], within [`READ_DEADLINE`]), answer one line, close.
 //! Each connection runs in its own task holding one of `--max-connections`
 //! permits, so idle, slow or malicious clients cost a permit and at most
 //! [`READ_DEADLINE`] each and never delay anyone else; when no permit is left
@@ -28,6 +30,8 @@ use crate::cache::{Fetch, TokenCache};
 
 /// How long a client has to send its request line.
 pub(crate) const READ_DEADLINE: Duration = Duration::from_secs(2);
+/// Refused callers are logged at most once per this interval.
+const REFUSED_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// How long writing the answer may take.
 const WRITE_DEADLINE: Duration = Duration::from_secs(2);
 /// After an oversized request, how much of the rest is read and discarded
@@ -78,10 +82,11 @@ pub(crate) async fn run<F: Fetch>(
     shutdown: impl Future<Output = ()>,
 ) {
     let permits = Arc::new(Semaphore::new(settings.max_connections));
-    let peer_check = Arc::new(settings.peer_check);
+    let peer_check = settings.peer_check.clone();
     let tracker = TaskTracker::new();
     let stop_reading = CancellationToken::new();
     let mut busy_logged = false;
+    let mut refused_log = RateLimitedLog::new(REFUSED_LOG_INTERVAL);
     tokio::pin!(shutdown);
     loop {
         let stream = tokio::select! {
@@ -94,16 +99,41 @@ pub(crate) async fn run<F: Fetch>(
                 }
             },
         };
+        // Who is calling is known before a byte is read: a refused uid is
+        // answered at once and never holds a connection slot.
+        let peer = stream.peer_cred().ok();
+        if !peer.is_some_and(|cred| peer_check.allows(cred.uid())) {
+            refused_log.note(|suppressed| {
+                tracing::warn!(
+                    uid = peer.map_or(-1, |c| i64::from(c.uid())),
+                    pid = peer.and_then(|c| c.pid()).unwrap_or(-1),
+                    suppressed,
+                    "refused a caller whose uid may not use this daemon (start it with --allow-uid UID to admit it)"
+                );
+            });
+            answer_unread(
+                &stream,
+                &Response::Error {
+                    code: ErrorCode::Forbidden,
+                    message:
+                        "this uid may not use molecule-credd (ask its owner to add --allow-uid)"
+                            .into(),
+                },
+            );
+            continue;
+        }
         let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
-            // Never wait here: answer without reading and move on. The line
-            // is tiny, so a fresh socket's buffer always takes it.
-            let _ = stream.try_write(&protocol::encode(&Response::Error {
-                code: ErrorCode::Busy,
-                message: format!(
-                    "molecule-credd is serving {} connections already; try again",
-                    settings.max_connections
-                ),
-            }));
+            // Never wait here: answer without reading and move on.
+            answer_unread(
+                &stream,
+                &Response::Error {
+                    code: ErrorCode::Busy,
+                    message: format!(
+                        "molecule-credd is serving {} connections already; try again",
+                        settings.max_connections
+                    ),
+                },
+            );
             if !busy_logged {
                 tracing::warn!(
                     max_connections = settings.max_connections,
@@ -117,10 +147,9 @@ pub(crate) async fn run<F: Fetch>(
             busy_logged = false;
         }
         let cache = Arc::clone(&cache);
-        let peer_check = Arc::clone(&peer_check);
         let stop_reading = stop_reading.clone();
         tracker.spawn(async move {
-            serve_connection(stream, &cache, &peer_check, &stop_reading).await;
+            serve_connection(stream, peer, &cache, &stop_reading).await;
             drop(permit);
         });
     }
@@ -135,6 +164,51 @@ pub(crate) async fn run<F: Fetch>(
             open = tracker.len(),
             "connections still open after the shutdown grace period; closing them"
         );
+    }
+}
+
+/// Answers `response` on a connection whose request is not read (busy,
+/// forbidden), without waiting. The line is tiny, so a fresh socket's buffer
+/// always takes it; whatever the client already sent is drained first so the
+/// close does not flag the connection as reset. A client whose request write
+/// then fails still finds this answer in its buffer (credd reads it).
+fn answer_unread(stream: &UnixStream, response: &Response) {
+    let mut sink = [0u8; 1024];
+    while matches!(stream.try_read(&mut sink), Ok(n) if n > 0) {}
+    let _ = stream.try_write(&protocol::encode(response));
+}
+
+/// Logs an event at most once per interval, counting the ones left out, so
+/// a flood of refused callers cannot flood the journal.
+struct RateLimitedLog {
+    interval: Duration,
+    last: Option<tokio::time::Instant>,
+    suppressed: u64,
+}
+
+impl RateLimitedLog {
+    fn new(interval: Duration) -> Self {
+        Self {
+            interval,
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    /// Calls `log` with the number of events suppressed since the last line,
+    /// if a line is due.
+    fn note(&mut self, log: impl FnOnce(u64)) {
+        let now = tokio::time::Instant::now();
+        if self
+            .last
+            .is_some_and(|last| now.duration_since(last) < self.interval)
+        {
+            self.suppressed += 1;
+            return;
+        }
+        log(self.suppressed);
+        self.last = Some(now);
+        self.suppressed = 0;
     }
 }
 
@@ -178,11 +252,10 @@ async fn read_request(stream: &mut UnixStream) -> io::Result<RequestLine> {
 
 async fn serve_connection<F: Fetch>(
     mut stream: UnixStream,
+    peer: Option<tokio::net::unix::UCred>,
     cache: &TokenCache<F>,
-    peer_check: &PeerCheck,
     stop_reading: &CancellationToken,
 ) {
-    let peer = stream.peer_cred();
     let request = tokio::select! {
         () = stop_reading.cancelled() => return,
         read = tokio::time::timeout(READ_DEADLINE, read_request(&mut stream)) => read,
@@ -200,27 +273,12 @@ async fn serve_connection<F: Fetch>(
         Ok(Ok(line)) => line,
     };
 
-    let (uid, pid) = match &peer {
-        Ok(cred) => (Some(cred.uid()), cred.pid()),
-        Err(_) => (None, None),
-    };
-    let answer = if !uid.is_some_and(|uid| peer_check.allows(uid)) {
-        tracing::warn!(
-            uid = uid.map_or(-1, i64::from),
-            pid = pid.unwrap_or(-1),
-            "refused a caller whose uid may not use this daemon (start it with --allow-uid UID to admit it)"
-        );
-        Response::Error {
-            code: ErrorCode::Forbidden,
-            message: "this uid may not use molecule-credd (ask its owner to add --allow-uid)"
-                .into(),
-        }
-    } else {
-        match line {
-            RequestLine::TooLong => bad_request(format!("request longer than {MAX_LINE} bytes")),
-            RequestLine::Line(bytes) => dispatch(&bytes, cache).await,
-            RequestLine::Empty => return,
-        }
+    let uid = peer.map(|cred| cred.uid());
+    let pid = peer.and_then(|cred| cred.pid());
+    let answer = match line {
+        RequestLine::TooLong => bad_request(format!("request longer than {MAX_LINE} bytes")),
+        RequestLine::Line(bytes) => dispatch(&bytes, cache).await,
+        RequestLine::Empty => return,
     };
     tracing::debug!(
         uid = uid.map_or(-1, i64::from),

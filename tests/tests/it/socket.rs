@@ -144,10 +144,20 @@ fn callers_with_another_uid_are_refused_and_logged() {
     );
     assert!(!line.is_empty());
 
-    // `credd get` as root: refused, nothing printed, git moves on.
-    let get = sandbox.credd_get("https", "github.com");
+    // `credd get` as root, told to trust the daemon's uid: refused by the
+    // daemon, nothing printed, git moves on (no platform call on top).
+    let mut get = sandbox
+        .credd(&["get"])
+        .stdin("protocol=https\nhost=github.com\n\n")
+        .stdout_holds_secret();
+    get.command().env("CREDD_DAEMON_UID", OTHER_UID.to_string());
+    let get = get.run();
     get.assert_success("credd get refused by the daemon");
     assert_eq!(get.stdout, "");
+    // Not told: credd does not trust a daemon of another uid in the first
+    // place, and asks the platform itself (nothing is sent to the socket).
+    let get = sandbox.credd_get("https", "github.com");
+    assert!(get.stderr.contains("refusing the socket"), "{}", get.stderr);
     drop(daemon);
 }
 
@@ -398,5 +408,44 @@ fn protocol_answers_are_single_lines_then_close() {
         request_over(&sandbox.socket(), &Request::Get),
         Ok(Response::Token { .. })
     ));
+    daemon.stop();
+}
+
+/// At its connection cap the daemon answers `busy` without reading; the
+/// helper must hear that (not an `EPIPE` it would take for an absent daemon)
+/// and must not turn it into a platform call.
+#[test]
+fn busy_reaches_the_client_and_never_becomes_a_platform_call() {
+    let sandbox = Sandbox::new();
+    let platform = TestPlatform::start();
+    sandbox.use_platform(&platform);
+    let daemon = sandbox
+        .daemon()
+        .args(FAST_BACKOFF)
+        .args(["--max-connections", "1"])
+        .start();
+    sandbox.wait_for_token();
+    let calls_before = platform.requests();
+    let mut busy = 0;
+    for _ in 0..40 {
+        // The one slot is held by an idle client (re-opened each round, as
+        // the daemon drops idle clients after its read deadline).
+        let _idle = std::os::unix::net::UnixStream::connect(sandbox.socket()).expect("connect");
+        let token = sandbox.credd(&["token"]).stdout_holds_secret().run();
+        assert!(
+            !token.stderr.contains("platform directly"),
+            "a busy daemon became a direct platform call: {}",
+            token.stderr
+        );
+        if token.stderr.contains("busy") {
+            busy += 1;
+        }
+    }
+    assert!(busy > 0, "the cap was never reached");
+    assert_eq!(
+        platform.requests(),
+        calls_before,
+        "no platform call because of busy answers"
+    );
     daemon.stop();
 }
