@@ -13,7 +13,10 @@
 //! No error built here contains the token, the bearer or the response body.
 
 use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_LENGTH, DATE, HeaderValue, RETRY_AFTER};
@@ -28,6 +31,10 @@ use crate::secret::Token;
 pub const MAX_BODY: usize = 64 * 1024;
 /// Largest `.auth_token` file read.
 pub const MAX_BEARER_FILE: u64 = 8 * 1024;
+/// How long reading `.auth_token` may take. It lives on whatever filesystem
+/// `CONFIGS_DIR` is (a network mount, a secret volume); a stalled one must
+/// cost a failed call, not a frozen daemon or a hung `git fetch`.
+pub const BEARER_READ_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest `Retry-After` honoured; anything longer is treated as this.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
@@ -96,6 +103,18 @@ pub enum PlatformError {
         /// The I/O error.
         #[source]
         source: std::io::Error,
+    },
+    /// Reading `.auth_token` did not finish in time (a stalled filesystem),
+    /// or an earlier read of it is still stuck.
+    #[error(
+        "reading the platform bearer from {path} did not finish within {} s; is the filesystem under CONFIGS_DIR stalled?",
+        waited.as_secs()
+    )]
+    BearerStalled {
+        /// The file.
+        path: PathBuf,
+        /// How long we waited.
+        waited: Duration,
     },
     /// `.auth_token` was empty, too large or not header-safe.
     #[error("the platform bearer in {path} is unusable: {problem}")]
@@ -174,7 +193,9 @@ impl PlatformError {
     /// How a caller should treat this failure.
     pub fn class(&self) -> ErrorClass {
         match self {
-            Self::BearerUnreadable { .. } | Self::BearerInvalid { .. } => ErrorClass::Bearer,
+            Self::BearerUnreadable { .. }
+            | Self::BearerStalled { .. }
+            | Self::BearerInvalid { .. } => ErrorClass::Bearer,
             Self::Unauthorized { .. } => ErrorClass::Unauthorized,
             Self::NotConfigured => ErrorClass::NotConfigured,
             Self::Client(_)
@@ -210,6 +231,10 @@ pub struct PlatformClient {
     http: reqwest::Client,
     endpoint: reqwest::Url,
     bearer_path: PathBuf,
+    /// Set while a bearer read runs on its thread: a read stuck in the
+    /// kernel cannot be cancelled, so at most one such thread exists and
+    /// later calls fail at once until it returns.
+    bearer_read_running: Arc<AtomicBool>,
 }
 
 impl PlatformClient {
@@ -232,6 +257,7 @@ impl PlatformClient {
             http,
             endpoint,
             bearer_path: config.auth_token_path(),
+            bearer_read_running: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -242,7 +268,7 @@ impl PlatformClient {
 
     /// Fetches a token, reading the bearer file afresh.
     pub async fn fetch(&self) -> Result<Grant, PlatformError> {
-        let bearer = read_bearer(&self.bearer_path)?;
+        let bearer = self.read_bearer_bounded().await?;
         let mut auth = {
             let value = Zeroizing::new(format!("Bearer {}", bearer.expose_secret()));
             HeaderValue::from_str(&value).map_err(|_| PlatformError::BearerInvalid {
@@ -310,6 +336,42 @@ impl PlatformClient {
         parse_grant(&body, date.unwrap_or_else(SystemTime::now))
     }
 
+    /// [`read_bearer`] on a thread of its own, within [`BEARER_READ_TIMEOUT`].
+    ///
+    /// Not `spawn_blocking`: a read stuck in `open(2)` would then hold the
+    /// runtime's shutdown forever. A plain thread is abandoned on timeout
+    /// (it ends when the kernel lets it, or with the process).
+    async fn read_bearer_bounded(&self) -> Result<SecretString, PlatformError> {
+        let stalled = || PlatformError::BearerStalled {
+            path: self.bearer_path.clone(),
+            waited: BEARER_READ_TIMEOUT,
+        };
+        if self.bearer_read_running.swap(true, Ordering::AcqRel) {
+            return Err(stalled());
+        }
+        let (done, result) = tokio::sync::oneshot::channel();
+        let path = self.bearer_path.clone();
+        let running = Arc::clone(&self.bearer_read_running);
+        let spawned = std::thread::Builder::new()
+            .name("bearer-read".into())
+            .spawn(move || {
+                let read = read_bearer(&path);
+                running.store(false, Ordering::Release);
+                let _ = done.send(read);
+            });
+        if let Err(source) = spawned {
+            self.bearer_read_running.store(false, Ordering::Release);
+            return Err(PlatformError::BearerUnreadable {
+                path: self.bearer_path.clone(),
+                source,
+            });
+        }
+        match tokio::time::timeout(BEARER_READ_TIMEOUT, result).await {
+            Ok(Ok(read)) => read,
+            Ok(Err(_)) | Err(_) => Err(stalled()),
+        }
+    }
+
     fn transport_error(&self, e: reqwest::Error) -> PlatformError {
         let endpoint = self.endpoint.to_string();
         if e.is_timeout() {
@@ -323,16 +385,37 @@ impl PlatformClient {
     }
 }
 
-/// Reads and checks the bearer file (bounded, trimmed, header-safe).
+/// Reads and checks the bearer file (bounded, trimmed, header-safe). Blocks
+/// as long as the filesystem does: async callers use the bounded read of
+/// [`PlatformClient`].
+///
+/// Opened non-blocking, so a FIFO planted (or mounted) there cannot block the
+/// open waiting for a writer, and refused unless it is a regular file.
 pub fn read_bearer(path: &Path) -> Result<SecretString, PlatformError> {
     let invalid = |problem| PlatformError::BearerInvalid {
         path: path.to_owned(),
         problem,
     };
-    let file = std::fs::File::open(path).map_err(|source| PlatformError::BearerUnreadable {
-        path: path.to_owned(),
-        source,
-    })?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOCTTY)
+        .open(path)
+        .map_err(|source| PlatformError::BearerUnreadable {
+            path: path.to_owned(),
+            source,
+        })?;
+    let is_file = file
+        .metadata()
+        .map_err(|source| PlatformError::BearerUnreadable {
+            path: path.to_owned(),
+            source,
+        })?
+        .is_file();
+    if !is_file {
+        return Err(invalid(
+            "it is not a regular file (a FIFO, device or folder); the platform writes a plain file there",
+        ));
+    }
     let mut raw = Zeroizing::new(Vec::new());
     file.take(MAX_BEARER_FILE + 1)
         .read_to_end(&mut raw)

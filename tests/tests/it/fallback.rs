@@ -3,7 +3,11 @@
 
 use std::os::unix::net::UnixListener;
 
-use crate::util::{Fault, Sandbox, TestPlatform, WAIT, assert_secret, closed_port, write_file};
+use std::time::Instant;
+
+use crate::util::{
+    FAST_BACKOFF, Fault, Sandbox, TestPlatform, WAIT, assert_secret, closed_port, write_file,
+};
 
 const FALLBACK_PASSWORD: &str = "fallback-pat-0123456789abcdef";
 
@@ -187,5 +191,38 @@ fn exec_sets_both_variables_and_passes_the_exit_code_through() {
         out.stdout.split_whitespace().next(),
         Some(credd_core::secret::sha256_hex(token.as_bytes()).as_str())
     );
+    daemon.stop();
+}
+
+/// `.auth_token` that blocks on open (a FIFO, as a stalled network mount
+/// behaves): the daemon refuses it as not a regular file and stays
+/// responsive — status answers, SIGTERM ends it — and git's fallback
+/// through `molecule-credd --fetch-once` returns at once instead of hanging.
+#[test]
+fn a_bearer_file_that_blocks_on_open_freezes_nothing() {
+    let sandbox = Sandbox::new();
+    let platform = TestPlatform::start();
+    sandbox.use_platform(&platform);
+    let bearer = sandbox.configs_dir().join(".auth_token");
+    std::fs::remove_file(&bearer).expect("remove the bearer");
+    nix::unistd::mkfifo(&bearer, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+
+    // No daemon yet: credd's fallback must come back, with a reason.
+    let started = Instant::now();
+    let get = sandbox.credd_get("https", "github.com");
+    get.assert_success("credd get");
+    assert_eq!(get.stdout, "", "no token to be had");
+    assert!(get.stderr.contains("not a regular file"), "{}", get.stderr);
+    assert!(started.elapsed() < WAIT, "credd get returned");
+
+    let daemon = sandbox.daemon().args(FAST_BACKOFF).spawn();
+    daemon.log().wait_for_line("listening on", WAIT);
+    let status = sandbox.wait_for_status("the bearer failure in status", |s| {
+        s.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("not a regular file"))
+    });
+    assert_eq!(status.platform, "unauthorized", "{status:?}");
+    assert_eq!(platform.requests(), 0, "no call without a bearer");
     daemon.stop();
 }
