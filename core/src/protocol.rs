@@ -68,7 +68,10 @@ pub enum Response {
         /// The token itself; serialised only here.
         #[serde(with = "token_serde")]
         token: Token,
-        /// Expiry on the platform's clock, Unix seconds (git's `password_expiry_utc`).
+        /// Expiry on the *daemon's machine's* clock, Unix seconds (git's
+        /// `password_expiry_utc`): now plus the life left as the platform
+        /// stated it, so git on this machine never discards a live token
+        /// because the platform's clock differs.
         expires_at: u64,
         /// Where it came from.
         source: Source,
@@ -114,9 +117,9 @@ pub struct Status {
     pub source: Option<Source>,
     /// Short hash of the cached token (first 12 hex digits of its SHA-256).
     pub fingerprint: Option<String>,
-    /// Expiry of the cached token, Unix seconds on the platform's clock.
+    /// Expiry of the cached token, Unix seconds on this machine's clock.
     pub expires_at: Option<u64>,
-    /// Seconds of life the cached token has left (monotonic clock).
+    /// Seconds of life the cached token has left (counted through suspend).
     pub expires_in_secs: Option<u64>,
     /// Seconds until the next scheduled platform call.
     pub next_refresh_in_secs: Option<u64>,
@@ -124,7 +127,8 @@ pub struct Status {
     pub last_refresh_at: Option<u64>,
     /// The last platform error, if the last call failed.
     pub last_error: Option<String>,
-    /// Platform health in a word: `ok`, `failing`, `unauthorized`, `not_configured`, `unknown`.
+    /// Platform health in a word: `ok`, `failing`, `unauthorized`,
+    /// `not_configured`, `short_lived`, `unknown`.
     pub platform: String,
     /// Platform calls made since start.
     pub platform_calls: u64,

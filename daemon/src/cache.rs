@@ -8,11 +8,15 @@
 //! waits on a `watch` channel for at most `--wait-timeout`. Any number of
 //! concurrent clients therefore cause at most one call (single flight).
 //!
-//! Expiry is tracked on the monotonic clock ([`tokio::time::Instant`]) from
-//! the lifetime the platform stated relative to its own `Date` header, so a
-//! wrong or jumping wall clock in the workspace cannot make us serve a dead
-//! token. The wall-clock `expires_at` is only passed on (git's
-//! `password_expiry_utc`) and shown in status.
+//! Expiry is tracked from the lifetime the platform stated relative to its
+//! own `Date` header, on the monotonic clock ([`tokio::time::Instant`]) and on
+//! `CLOCK_BOOTTIME` ([`crate::clock`]), whichever says less is left, so
+//! neither a wrong or jumping wall clock nor a suspended machine can make us
+//! serve a dead token. The expiry handed to git (`password_expiry_utc`) and
+//! shown in status is *this machine's* wall clock plus that remaining life,
+//! computed as it is served: git compares it with this machine's clock, and
+//! a workspace clock ahead of the platform's must not make git discard a
+//! live token.
 //!
 //! Schedule (see [`refresh_delay`] and [`backoff_delay`]):
 //! - after a success, refresh `margin + jitter` before expiry, jitter uniform
@@ -26,6 +30,10 @@
 //!   lower bound; 404 (feature off) waits `[3/4·max, max]`; the first 401/403 of a
 //!   streak is retried at once (the bearer file is re-read on every call, it
 //!   may just have rotated), the next one backs off;
+//! - a platform that keeps handing out tokens barely above `--min-lifetime`
+//!   (servable for less than `--min-lifetime` itself) would be asked every
+//!   second; from the second such token in a row, the next call waits at
+//!   least the failure back-off, and status says `short_lived`;
 //! - clients that find no usable token bring the next call forward only while
 //!   the refresher is not backing off, and at most
 //!   [`CLIENT_CALLS_PER_WINDOW`] times per [`CLIENT_CALL_WINDOW`]. SIGHUP
@@ -43,6 +51,8 @@ use credd_core::secret::Token;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+use crate::clock::{self, BootClock};
 
 /// Never schedule a refresh sooner than this after the previous one, whatever
 /// the platform hands out: the bound that rules out a refresh loop.
@@ -148,6 +158,8 @@ pub(crate) enum PlatformHealth {
     Unauthorized,
     /// The platform has no GitHub App (404).
     NotConfigured,
+    /// The platform answers, but with tokens barely above `--min-lifetime`.
+    ShortLived,
 }
 
 impl PlatformHealth {
@@ -159,6 +171,7 @@ impl PlatformHealth {
             Self::Failing => "failing",
             Self::Unauthorized => "unauthorized",
             Self::NotConfigured => "not_configured",
+            Self::ShortLived => "short_lived",
         }
     }
 }
@@ -172,18 +185,23 @@ enum Requester {
     Operator,
 }
 
+/// When a token stops living, on both clocks (see the module docs).
+#[derive(Debug, Clone, Copy)]
+struct Deadline {
+    /// On the monotonic clock (drives timers; stops during suspend).
+    mono: Instant,
+    /// On [`crate::clock::boottime`] (counts suspend).
+    boot: Duration,
+}
+
 struct CachedToken {
     token: Token,
-    /// Unix seconds, the platform's clock.
-    expires_at: u64,
-    /// When it stops living, on the monotonic clock.
-    deadline: Instant,
+    deadline: Deadline,
 }
 
 struct BootstrapToken {
     token: Token,
-    expires_at: u64,
-    deadline: Instant,
+    deadline: Deadline,
 }
 
 struct State {
@@ -198,6 +216,8 @@ struct State {
     in_flight: bool,
     requested: Option<Requester>,
     failures: u32,
+    /// Tokens in a row that were servable for less than `--min-lifetime`.
+    short_streak: u32,
     unauthorized_retried: bool,
     client_calls: VecDeque<Instant>,
     platform_calls: u64,
@@ -218,16 +238,20 @@ pub(crate) struct TokenCache<F> {
     changed: watch::Sender<u64>,
     started: Instant,
     on_refresh: Option<RefreshHook>,
+    boot_clock: BootClock,
 }
 
 impl<F: Fetch> TokenCache<F> {
     /// A cache that will call `fetcher`; `bootstrap` is the provision-time env token.
     pub(crate) fn new(fetcher: F, policy: CachePolicy, bootstrap: Option<Token>) -> Self {
         let started = Instant::now();
+        let boot_clock: BootClock = clock::boottime;
         let bootstrap = bootstrap.map(|token| BootstrapToken {
             token,
-            expires_at: unix_secs(SystemTime::now() + policy.bootstrap_max_age),
-            deadline: started + policy.bootstrap_max_age,
+            deadline: Deadline {
+                mono: started + policy.bootstrap_max_age,
+                boot: boot_clock() + policy.bootstrap_max_age,
+            },
         });
         Self {
             fetcher,
@@ -243,6 +267,7 @@ impl<F: Fetch> TokenCache<F> {
                 in_flight: false,
                 requested: None,
                 failures: 0,
+                short_streak: 0,
                 unauthorized_retried: false,
                 client_calls: VecDeque::new(),
                 platform_calls: 0,
@@ -252,7 +277,24 @@ impl<F: Fetch> TokenCache<F> {
             changed: watch::Sender::new(0),
             started,
             on_refresh: None,
+            boot_clock,
         }
+    }
+
+    /// Reads the suspend-counting clock from `clock` instead (tests simulate
+    /// a suspend with it).
+    #[cfg(test)]
+    fn with_boot_clock(mut self, clock: BootClock) -> Self {
+        self.boot_clock = clock;
+        self
+    }
+
+    /// Life left until `deadline`: the lesser of the two clocks' answers.
+    fn life_left(&self, deadline: Deadline, now: Instant) -> Duration {
+        deadline
+            .mono
+            .saturating_duration_since(now)
+            .min(deadline.boot.saturating_sub((self.boot_clock)()))
     }
 
     /// Runs `hook` after every successful refresh.
@@ -276,26 +318,27 @@ impl<F: Fetch> TokenCache<F> {
         self.changed.subscribe()
     }
 
-    /// The token to serve now, if any: the platform's while it has at least
-    /// `min_lifetime` left, else the bootstrap token while it may be served.
-    fn usable(&self, st: &State, now: Instant) -> Option<(Token, u64, Source)> {
-        if let Some(c) = &st.cached
-            && c.deadline.saturating_duration_since(now) >= self.policy.min_lifetime
-        {
-            return Some((c.token.clone(), c.expires_at, Source::Platform));
+    /// The token to serve now, if any, with its life left: the platform's
+    /// while it has at least `min_lifetime` left, else the bootstrap token
+    /// while it may be served.
+    fn usable(&self, st: &State, now: Instant) -> Option<(Token, Duration, Source)> {
+        if let Some(c) = &st.cached {
+            let left = self.life_left(c.deadline, now);
+            if left >= self.policy.min_lifetime {
+                return Some((c.token.clone(), left, Source::Platform));
+            }
         }
-        st.bootstrap
-            .as_ref()
-            .filter(|b| now < b.deadline)
-            .map(|b| (b.token.clone(), b.expires_at, Source::Env))
+        let b = st.bootstrap.as_ref()?;
+        let left = self.life_left(b.deadline, now);
+        (!left.is_zero()).then(|| (b.token.clone(), left, Source::Env))
     }
 
     fn serve(&self, st: &mut State) -> Option<Response> {
-        let (token, expires_at, source) = self.usable(st, Instant::now())?;
+        let (token, left, source) = self.usable(st, Instant::now())?;
         st.served += 1;
         Some(Response::Token {
             token,
-            expires_at,
+            expires_at: local_expiry(left),
             source,
         })
     }
@@ -418,11 +461,6 @@ impl<F: Fetch> TokenCache<F> {
         let now = Instant::now();
         let st = self.lock();
         let current = self.usable(&st, now);
-        let expires_in = match current.as_ref().map(|c| c.2) {
-            Some(Source::Platform) => st.cached.as_ref().map(|c| c.deadline),
-            Some(Source::Env) => st.bootstrap.as_ref().map(|b| b.deadline),
-            None => None,
-        };
         Status {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             pid: std::process::id(),
@@ -434,8 +472,8 @@ impl<F: Fetch> TokenCache<F> {
             }),
             source: current.as_ref().map(|c| c.2),
             fingerprint: current.as_ref().map(|c| c.0.fingerprint()),
-            expires_at: current.as_ref().map(|c| c.1),
-            expires_in_secs: expires_in.map(|d| d.saturating_duration_since(now).as_secs()),
+            expires_at: current.as_ref().map(|c| local_expiry(c.1)),
+            expires_in_secs: current.as_ref().map(|c| c.1.as_secs()),
             next_refresh_in_secs: Some(if st.in_flight {
                 0
             } else {
@@ -475,7 +513,10 @@ impl<F: Fetch> TokenCache<F> {
     pub(crate) fn is_healthy(&self) -> bool {
         let st = self.lock();
         self.usable(&st, Instant::now()).is_some()
-            || matches!(st.health, PlatformHealth::Unknown | PlatformHealth::Ok)
+            || matches!(
+                st.health,
+                PlatformHealth::Unknown | PlatformHealth::Ok | PlatformHealth::ShortLived
+            )
     }
 
     /// The refresher: the only caller of the platform. Runs until `cancel`.
@@ -551,7 +592,10 @@ impl<F: Fetch> TokenCache<F> {
 
     /// One platform call and its consequences for the schedule.
     async fn attempt(&self) {
-        let sent_at = Instant::now();
+        let sent_at = Deadline {
+            mono: Instant::now(),
+            boot: (self.boot_clock)(),
+        };
         {
             let mut st = self.lock();
             st.in_flight = true;
@@ -584,12 +628,16 @@ impl<F: Fetch> TokenCache<F> {
         &self,
         st: &mut State,
         grant: Grant,
-        sent_at: Instant,
+        sent_at: Deadline,
         now: Instant,
     ) -> Option<Token> {
         // Counted from when the request left: the answer cannot be older.
-        let deadline = sent_at + grant.lifetime.min(MAX_TRUSTED_LIFETIME);
-        let life = deadline.saturating_duration_since(now);
+        let lifetime = grant.lifetime.min(MAX_TRUSTED_LIFETIME);
+        let deadline = Deadline {
+            mono: sent_at.mono + lifetime,
+            boot: sent_at.boot + lifetime,
+        };
+        let life = self.life_left(deadline, now);
         if life < self.policy.min_lifetime.max(MIN_REFRESH_DELAY) {
             self.fail(
                 st,
@@ -602,13 +650,30 @@ impl<F: Fetch> TokenCache<F> {
             return None;
         }
         let unchanged = st.cached.as_ref().is_some_and(|c| c.token == grant.token);
-        let delay = refresh_delay(
+        let unit = rand::random::<f64>();
+        let mut delay = refresh_delay(
             life,
             self.policy.refresh_margin,
             self.policy.min_lifetime,
-            rand::random::<f64>(),
+            unit,
             unchanged,
         );
+        // Servable for less than the minimum itself: the platform is handing
+        // out nearly dead tokens. Bounded like failures from the second on.
+        if life.saturating_sub(self.policy.min_lifetime) < self.policy.min_lifetime {
+            st.short_streak = st.short_streak.saturating_add(1);
+        } else {
+            st.short_streak = 0;
+        }
+        let short_lived = st.short_streak >= 2;
+        if short_lived {
+            delay = delay.max(backoff_delay(
+                self.policy.backoff_initial,
+                self.policy.backoff_max,
+                st.short_streak - 2,
+                unit,
+            ));
+        }
         let fingerprint = grant.token.fingerprint();
         tracing::info!(
             fingerprint,
@@ -626,7 +691,6 @@ impl<F: Fetch> TokenCache<F> {
         let token = (!unchanged).then(|| grant.token.clone());
         st.cached = Some(CachedToken {
             token: grant.token,
-            expires_at: unix_secs(grant.expires_at),
             deadline,
         });
         if st.bootstrap.take().is_some() {
@@ -634,12 +698,26 @@ impl<F: Fetch> TokenCache<F> {
                 "the platform's token replaces the bootstrap token from the environment"
             );
         }
-        st.health = PlatformHealth::Ok;
-        st.last_error = None;
+        if short_lived {
+            let text = format!(
+                "the platform handed out {} tokens in a row with only {}s of life (--min-lifetime {}s); next call in {}s",
+                st.short_streak,
+                life.as_secs(),
+                self.policy.min_lifetime.as_secs(),
+                delay.as_secs()
+            );
+            tracing::warn!(error = %text, "platform tokens are too short-lived; backing off");
+            st.health = PlatformHealth::ShortLived;
+            st.last_error = Some(text);
+        } else {
+            st.health = PlatformHealth::Ok;
+            st.last_error = None;
+        }
         st.last_refresh_at = Some(unix_secs(SystemTime::now()));
         st.failures = 0;
         st.unauthorized_retried = false;
-        st.backing_off = false;
+        // While short-lived, clients must not bring calls forward either.
+        st.backing_off = short_lived;
         st.next_attempt = now + delay;
         token
     }
@@ -753,6 +831,12 @@ pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
+/// This machine's wall-clock time `left` from now, Unix seconds: what git
+/// compares with its own clock.
+fn local_expiry(left: Duration) -> u64 {
+    unix_secs(SystemTime::now() + left)
+}
+
 fn unix_secs(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
@@ -765,7 +849,7 @@ fn human_secs(secs: u64) -> String {
 mod tests {
     use super::*;
     use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
     const M: Duration = Duration::from_secs(600);
     const MIN: Duration = Duration::from_secs(60);
@@ -983,11 +1067,25 @@ mod tests {
         policy: CachePolicy,
         bootstrap: Option<&str>,
     ) -> (Arc<TokenCache<Arc<FakePlatform>>>, CancellationToken) {
-        let cache = Arc::new(TokenCache::new(
-            Arc::clone(platform),
-            policy,
-            bootstrap.map(|b| Token::new(b.into()).unwrap()),
-        ));
+        // tokio's paused clock drives these tests; a boot clock that stands
+        // still leaves every deadline to it (suspend has its own test).
+        start_with_boot_clock(platform, policy, bootstrap, || Duration::ZERO)
+    }
+
+    fn start_with_boot_clock(
+        platform: &Arc<FakePlatform>,
+        policy: CachePolicy,
+        bootstrap: Option<&str>,
+        boot_clock: BootClock,
+    ) -> (Arc<TokenCache<Arc<FakePlatform>>>, CancellationToken) {
+        let cache = Arc::new(
+            TokenCache::new(
+                Arc::clone(platform),
+                policy,
+                bootstrap.map(|b| Token::new(b.into()).unwrap()),
+            )
+            .with_boot_clock(boot_clock),
+        );
         let cancel = CancellationToken::new();
         let refresher = Arc::clone(&cache);
         let c = cancel.clone();
@@ -1297,6 +1395,84 @@ mod tests {
         assert_eq!(started.elapsed(), policy().wait_timeout);
         assert_eq!(platform.calls(), 1);
         assert_eq!(cache.status().next_refresh_in_secs, Some(0));
+        cancel.cancel();
+    }
+
+    /// Seconds the simulated machine has been suspended (read by
+    /// [`suspended_clock`]); only the suspend test moves it.
+    static SUSPENDED_SECS: AtomicU64 = AtomicU64::new(0);
+
+    fn suspended_clock() -> Duration {
+        Duration::from_secs(SUSPENDED_SECS.load(Ordering::SeqCst))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_suspend_longer_than_the_life_left_makes_the_token_unservable() {
+        let platform = FakePlatform::new(
+            (0..4).map(|_| Ok(Duration::from_secs(3600))).collect(),
+            true,
+        );
+        let (cache, cancel) = start_with_boot_clock(&platform, policy(), None, suspended_clock);
+        let (first, _) = token_of(&cache.get().await);
+        assert_eq!(platform.calls(), 1);
+        // The machine sleeps 70 minutes; the monotonic (paused) clock does
+        // not move, exactly as CLOCK_MONOTONIC does not during suspend.
+        SUSPENDED_SECS.store(70 * 60, Ordering::SeqCst);
+        assert_eq!(cache.status().state, Some(TokenState::Missing));
+        let (second, _) = token_of(&cache.get().await);
+        assert_ne!(
+            first, second,
+            "the dead token is never served after the wake"
+        );
+        assert_eq!(platform.calls(), 2);
+        cancel.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn served_expiry_is_this_machines_clock_plus_the_life_left() {
+        let platform = FakePlatform::new(vec![Ok(Duration::from_secs(3600))], true);
+        let (cache, cancel) = start(&platform, policy(), None);
+        let Response::Token { expires_at, .. } = cache.get().await else {
+            panic!("a token");
+        };
+        let expected = unix_secs(SystemTime::now() + Duration::from_secs(3600));
+        assert!(
+            expires_at.abs_diff(expected) <= 2,
+            "{expires_at} vs local now + 3600 s = {expected}"
+        );
+        assert_eq!(
+            cache.status().expires_at.map(|e| e.abs_diff(expected) <= 2),
+            Some(true)
+        );
+        cancel.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tokens_barely_above_the_minimum_life_are_fetched_at_a_bounded_rate() {
+        // A platform that hands out fresh 61-s tokens forever (min 60 s).
+        let platform = FakePlatform::new(
+            (0..2000)
+                .map(|_| Ok(MIN + Duration::from_secs(1)))
+                .collect(),
+            true,
+        );
+        let (cache, cancel) = start(&platform, policy(), None);
+        cache.get().await;
+        tokio::time::sleep(Duration::from_secs(20 * 60)).await;
+        let calls = platform.calls();
+        // Unbounded, that is one call a second (1,200); with the back-off
+        // (initial 1 s doubling to the 5-min cap) it is a few dozen at most.
+        assert!(calls <= 30, "{calls} platform calls in 20 minutes");
+        assert!(calls >= 5, "still asks: {calls}");
+        let status = cache.status();
+        assert_eq!(status.platform, "short_lived", "{status:?}");
+        assert!(
+            status
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("in a row")),
+            "{status:?}"
+        );
         cancel.cancel();
     }
 }
