@@ -5,12 +5,21 @@
 #   root phase  fix $CONFIGS_DIR ownership, write the agent's git helper
 #               config (`credd configure-git`), drop to the agent user and
 #               re-exec this script.
-#   user phase  start molecule-credd under a supervisor (one per socket,
-#               guarded by a lock; respawn with back-off), hand it the
-#               provision-time GITHUB_TOKEN/GH_TOKEN as bootstrap, wait up to
+#   user phase  let molecule-credd check (and create) its socket folder
+#               (`--prepare-socket`: the binary's own rules, never a
+#               followed symlink; a refused folder is replaced by a private
+#               mktemp folder), start the daemon under a supervisor (one per
+#               socket, guarded by a lock; respawn with back-off, but not
+#               after a configuration error), hand the first daemon the
+#               provision-time GITHUB_TOKEN/GH_TOKEN on a pipe, wait up to
 #               ~5 s for its socket to answer, remove GITHUB_TOKEN/GH_TOKEN
 #               from the runtime's environment, put the gh wrapper first on
 #               PATH, exec the runtime.
+#   supervisor  exec'd with GITHUB_TOKEN/GH_TOKEN removed from its
+#               environment (a process's initial environment stays readable
+#               in /proc/PID/environ for its whole life, and this one lives
+#               as long as the container): it passes the token pipe to the
+#               first daemon only and never reads it.
 #
 # Anything missing is one ERROR line on stderr and the runtime still starts
 # (git then falls through to the fallback helper). Idempotent: a second run
@@ -21,8 +30,9 @@
 #   CREDD_GH_WRAPPER_DIR   folder holding the gh wrapper       [/usr/local/lib/molecule-credd/bin]
 #   CREDD_AGENT_USER       account the runtime runs as (root phase) [agent]
 #   CREDD_FALLBACK_HELPER  git credential helper asked after credd
-#   CREDD_ENTRYPOINT_STAGE `user` skips the root phase (set by this script
-#                          itself when it re-executes after the privilege drop)
+#   CREDD_ENTRYPOINT_STAGE `user` skips the root phase, `supervise` runs the
+#                          supervisor (both set by this script itself when it
+#                          re-executes)
 #   CREDD_SOCKET, CREDD_HOSTS, CONFIGS_DIR, PLATFORM_URL, WORKSPACE_ID: see credd
 set -u
 
@@ -40,9 +50,61 @@ CONFIGS=${CONFIGS_DIR:-/configs}
 BACKOFF_INITIAL=1
 BACKOFF_MAX=30
 HEALTHY_RUN=60
-# The daemon serves the bootstrap token at most this long after the *first*
-# start (its --bootstrap-max-age default); respawns get what is left of it.
-BOOTSTRAP_MAX_AGE=3000
+# molecule-credd's exit code for a configuration it refuses (bad variable,
+# unsafe socket folder): restarting cannot help.
+CONFIG_ERROR=2
+# molecule-credd --prepare-socket's exit code for a socket folder it refuses.
+FOLDER_REFUSED=3
+
+# sleep_backoff SECONDS: sleeps between SECONDS/2 and SECONDS (full jitter on
+# the upper half), so respawning workspaces do not move in step.
+sleep_backoff() {
+    rnd=$(od -An -N2 -tu2 /dev/urandom 2>/dev/null | tr -d ' ') || rnd=0
+    ms=$(($1 * 500 + ${rnd:-0} % ($1 * 500 + 1)))
+    sleep "$((ms / 1000)).$(printf '%03d' $((ms % 1000)))"
+}
+
+# The supervisor (stage `supervise`): runs in the background with the lock on
+# fd 9 for its whole life. Its stdin is the bootstrap token pipe, handed to
+# the first daemon only; later daemons get an empty stdin (the provision-time
+# token is never handed out twice, and respawns do not need it).
+supervise() {
+    exec 3<&0 </dev/null
+    delay=$BACKOFF_INITIAL
+    daemon_pid=
+    trap 'if [ -n "$daemon_pid" ]; then kill -TERM "$daemon_pid" 2>/dev/null; wait "$daemon_pid"; fi; rm -f "$RUN_DIR/molecule-credd.pid" "$RUN_DIR/supervisor.pid"; exit 0' TERM INT HUP
+    echo "$$" >"$RUN_DIR/supervisor.pid"
+    while :; do
+        started=$(date +%s)
+        "$DAEMON" --bootstrap-from-stdin <&3 3<&- 9>&- &
+        daemon_pid=$!
+        exec 3</dev/null
+        echo "$daemon_pid" >"$RUN_DIR/molecule-credd.pid"
+        wait "$daemon_pid"
+        status=$?
+        daemon_pid=
+        if [ "$status" -eq "$CONFIG_ERROR" ]; then
+            error "molecule-credd refused its configuration (exit $status, reason above); not restarting it"
+            rm -f "$RUN_DIR/molecule-credd.pid" "$RUN_DIR/supervisor.pid"
+            exit 0
+        fi
+        if [ $(($(date +%s) - started)) -ge "$HEALTHY_RUN" ]; then
+            delay=$BACKOFF_INITIAL
+        fi
+        log "molecule-credd exited (status $status); restarting in about ${delay}s"
+        sleep_backoff "$delay"
+        delay=$((delay * 2))
+        if [ "$delay" -gt "$BACKOFF_MAX" ]; then
+            delay=$BACKOFF_MAX
+        fi
+    done
+}
+
+if [ "${CREDD_ENTRYPOINT_STAGE:-}" = supervise ]; then
+    unset CREDD_ENTRYPOINT_STAGE
+    supervise
+    exit 0
+fi
 
 if [ "$#" -eq 0 ]; then
     error "no runtime command given: usage: entrypoint.sh COMMAND [ARGS...]"
@@ -112,61 +174,56 @@ if [ "${CREDD_GIT_CONFIGURED:-}" != 1 ]; then
 fi
 unset CREDD_ENTRYPOINT_STAGE CREDD_GIT_CONFIGURED
 
-# The socket: the same default credd and molecule-credd compute, made
-# explicit so every process of the workspace agrees.
-if [ -z "${CREDD_SOCKET:-}" ]; then
-    case "${XDG_RUNTIME_DIR:-}" in
-    /*) CREDD_SOCKET=$XDG_RUNTIME_DIR/molecule-credd/credd.sock ;;
-    *) CREDD_SOCKET=/tmp/molecule-credd-$(id -u)/credd.sock ;;
-    esac
+# The socket: asked of molecule-credd itself (`--prepare-socket` applies the
+# daemon's path and folder rules and creates the folder), made explicit so
+# every process of the workspace agrees. A folder it refuses (another user
+# created it first, a planted symlink) is never used or exported: a fresh
+# private folder from mktemp takes its place.
+prepare_socket() {
+    "$DAEMON" --prepare-socket 2>"${1:-/dev/null}"
+}
+
+resolve_socket() {
+    if [ ! -x "$DAEMON" ]; then
+        return 1
+    fi
+    reason_file=$(mktemp) || return 1
+    path=$(prepare_socket "$reason_file")
+    prepared=$?
+    reason=$(head -c 600 "$reason_file" | tr '\n' ' ')
+    rm -f "$reason_file"
+    if [ "$prepared" -eq 0 ]; then
+        CREDD_SOCKET=$path
+        return 0
+    fi
+    error "molecule-credd --prepare-socket: $reason"
+    # 3: the folder is refused; anything else is a configuration error that
+    # another folder cannot fix.
+    if [ "$prepared" -ne "$FOLDER_REFUSED" ] || [ -n "${CREDD_SOCKET:-}" ]; then
+        # An operator's explicit choice is theirs to fix.
+        unset CREDD_SOCKET
+        return 1
+    fi
+    if private=$(mktemp -d "${TMPDIR:-/tmp}/molecule-credd-$(id -u).XXXXXXXX") &&
+        path=$(CREDD_SOCKET=$private/credd.sock prepare_socket); then
+        log "using the private socket folder $private instead"
+        CREDD_SOCKET=$path
+        return 0
+    fi
+    unset CREDD_SOCKET
+    return 1
+}
+
+if resolve_socket; then
+    export CREDD_SOCKET
+    RUN_DIR=$(dirname "$CREDD_SOCKET")
+else
+    RUN_DIR=
 fi
-export CREDD_SOCKET CREDD_BIN_DIR="$BIN_DIR"
-RUN_DIR=$(dirname "$CREDD_SOCKET")
+export CREDD_BIN_DIR="$BIN_DIR"
 
 daemon_answers() {
     "$CREDD" status >/dev/null 2>&1
-}
-
-# sleep_backoff SECONDS: sleeps between SECONDS/2 and SECONDS (full jitter on
-# the upper half), so respawning workspaces do not move in step.
-sleep_backoff() {
-    rnd=$(od -An -N2 -tu2 /dev/urandom 2>/dev/null | tr -d ' ') || rnd=0
-    ms=$(($1 * 500 + ${rnd:-0} % ($1 * 500 + 1)))
-    sleep "$((ms / 1000)).$(printf '%03d' $((ms % 1000)))"
-}
-
-# The supervisor: runs in the background with the lock on fd 9 for its whole
-# life; the daemon gets the bootstrap token through its environment only.
-supervise() {
-    first_start=$(date +%s)
-    delay=$BACKOFF_INITIAL
-    daemon_pid=
-    trap 'if [ -n "$daemon_pid" ]; then kill -TERM "$daemon_pid" 2>/dev/null; wait "$daemon_pid"; fi; rm -f "$RUN_DIR/molecule-credd.pid" "$RUN_DIR/supervisor.pid"; exit 0' TERM INT HUP
-    sh -c 'echo "$PPID"' >"$RUN_DIR/supervisor.pid"
-    while :; do
-        started=$(date +%s)
-        left=$((BOOTSTRAP_MAX_AGE - (started - first_start)))
-        if [ "$left" -le 0 ]; then
-            # The provision-time token is dead by now: never hand it out again.
-            unset GITHUB_TOKEN GH_TOKEN
-            left=1
-        fi
-        "$DAEMON" --bootstrap-max-age "${left}s" </dev/null 9>&- &
-        daemon_pid=$!
-        echo "$daemon_pid" >"$RUN_DIR/molecule-credd.pid"
-        wait "$daemon_pid"
-        status=$?
-        daemon_pid=
-        if [ $(($(date +%s) - started)) -ge "$HEALTHY_RUN" ]; then
-            delay=$BACKOFF_INITIAL
-        fi
-        log "molecule-credd exited (status $status); restarting in about ${delay}s"
-        sleep_backoff "$delay"
-        delay=$((delay * 2))
-        if [ "$delay" -gt "$BACKOFF_MAX" ]; then
-            delay=$BACKOFF_MAX
-        fi
-    done
 }
 
 start_daemon() {
@@ -174,25 +231,27 @@ start_daemon() {
         error "molecule-credd not found at $DAEMON (set CREDD_BIN_DIR): git falls back to the next helper"
         return 1
     fi
-    # Created 0700 (umask 077); the daemon itself refuses a folder that is
-    # someone else's or open to others, so it is not chmod'ed here.
-    if ! mkdir -p "$RUN_DIR" 2>/dev/null || [ ! -O "$RUN_DIR" ]; then
-        error "cannot use $RUN_DIR for the daemon's socket (not creatable, or owned by someone else): set CREDD_SOCKET"
+    if [ -z "$RUN_DIR" ]; then
+        error "no usable folder for the daemon's socket (see above): git falls back to the platform, then the next helper"
         return 1
     fi
     if ! command -v flock >/dev/null 2>&1; then
         error "flock is not installed: cannot guard the daemon against a second instance; not starting it"
         return 1
     fi
-    (
+    # The token goes down a pipe (printf is a shell builtin: no argv); the
+    # supervisor is exec'd without it in its environment.
+    printf '%s\n' "${GITHUB_TOKEN:-${GH_TOKEN:-}}" | (
         # Lock held until the supervisor exits; busy = another one runs.
+        # The folder was checked by --prepare-socket: ours, 0700, no symlink.
         exec 9>>"$RUN_DIR/supervisor.lock"
         if ! flock -n 9; then
             log "molecule-credd is already supervised for $CREDD_SOCKET"
             exit 0
         fi
-        supervise
-    ) </dev/null &
+        exec env -u GITHUB_TOKEN -u GH_TOKEN CREDD_ENTRYPOINT_STAGE=supervise \
+            RUN_DIR="$RUN_DIR" /bin/sh "$script" supervise
+    ) &
 }
 
 wait_for_daemon() {

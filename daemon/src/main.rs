@@ -17,7 +17,9 @@
 //! and cleaning its variables, the umask, binding) happens before the async
 //! runtime starts.
 
+mod bootstrap;
 mod cache;
+mod clock;
 mod on_refresh;
 mod server;
 mod socket;
@@ -106,8 +108,17 @@ struct Cli {
     on_refresh: Option<String>,
     /// Make one platform call, print the answer as one credd protocol line on stdout and exit
     /// (what `credd` runs when no daemon answers); no socket, no logs
-    #[arg(long)]
+    #[arg(long, conflicts_with = "prepare_socket")]
     fetch_once: bool,
+    /// Create (or check) the socket's folder as the daemon would, print the socket path and
+    /// exit: 0 when usable, 3 when the folder is refused, 2 for any other configuration error
+    /// (for entrypoints and scripts)
+    #[arg(long)]
+    prepare_socket: bool,
+    /// Read the provision-time token from stdin (until end of file, at most 2 s) instead of
+    /// GITHUB_TOKEN/GH_TOKEN, so it is in no process's environment
+    #[arg(long)]
+    bootstrap_from_stdin: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -140,13 +151,20 @@ fn main() -> ExitCode {
     if cli.fetch_once {
         return fetch_once(&cli);
     }
+    if cli.prepare_socket {
+        return prepare_socket(&cli);
+    }
     // Single-threaded work first (see the module docs).
     let activated = systemd::take_activated_listener();
     // Everything the daemon creates (socket folder, socket) is owner-only.
     nix::sys::stat::umask(Mode::from_bits_truncate(0o077));
     init_logging(cli.log_format);
     let result = harden().and_then(|()| {
-        let bootstrap = take_bootstrap_token();
+        let bootstrap = if cli.bootstrap_from_stdin {
+            bootstrap::from_stdin()
+        } else {
+            bootstrap::from_env()
+        };
         run(cli, activated, bootstrap)
     });
     match result {
@@ -220,10 +238,45 @@ fn fetch_once(cli: &Cli) -> ExitCode {
     }
 }
 
+/// `--prepare-socket`: the socket folder checked (and created) by the same
+/// code the daemon binds with, so a shell entrypoint never re-implements the
+/// path rule or the folder rule (and never follows a planted symlink).
+fn prepare_socket(cli: &Cli) -> ExitCode {
+    let prepared = config_from(cli)
+        .context("invalid configuration")
+        .and_then(|config| {
+            socket::prepare_folder(&config.socket_path)?;
+            Ok(config.socket_path)
+        });
+    match prepared {
+        Ok(path) => {
+            let mut out = std::io::stdout().lock();
+            match writeln!(out, "{}", path.display()).and_then(|()| out.flush()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(_) => ExitCode::FAILURE,
+            }
+        }
+        Err(error) => {
+            let chain: Vec<String> = error.chain().map(ToString::to_string).collect();
+            eprintln!("error: {}", chain.join(" -> "));
+            if error.downcast_ref::<socket::SocketError>().is_some() {
+                ExitCode::from(FOLDER_REFUSED)
+            } else {
+                ExitCode::from(2)
+            }
+        }
+    }
+}
+
+/// `--prepare-socket`'s exit code for a socket folder it will not use.
+const FOLDER_REFUSED: u8 = 3;
+
 fn is_configuration_error(error: &anyhow::Error) -> bool {
     error.chain().any(|e| {
         e.is::<ConfigError>()
             || e.is::<UsageError>()
+            || e.downcast_ref::<socket::SocketError>()
+                .is_some_and(socket::SocketError::is_configuration)
             || matches!(
                 e.downcast_ref::<PlatformError>(),
                 Some(PlatformError::InvalidUrl { .. })
@@ -260,47 +313,6 @@ fn init_logging(format: LogFormat) {
         }
         LogFormat::Text => builder.init(),
     }
-}
-
-/// Reads the provision-time token once, from `GITHUB_TOKEN` or else `GH_TOKEN`.
-///
-/// The variables stay in this process's environment: removing them needs
-/// `unsafe` (`std::env::remove_var`), which this crate allows only once, for
-/// systemd's socket, and would not scrub `/proc/PID/environ` anyway (the
-/// kernel shows the original block). Instead the process is non-dumpable (its
-/// `/proc` files belong to root), the token is never passed on (the
-/// `--on-refresh` child has both removed), and it is served for at most
-/// `--bootstrap-max-age`.
-fn take_bootstrap_token() -> Option<Token> {
-    for name in ["GITHUB_TOKEN", "GH_TOKEN"] {
-        let Some(raw) = std::env::var_os(name) else {
-            continue;
-        };
-        let Ok(value) = raw.into_string() else {
-            tracing::warn!(
-                variable = name,
-                "ignoring a bootstrap token that is not UTF-8"
-            );
-            continue;
-        };
-        if value.trim().is_empty() {
-            continue;
-        }
-        match Token::new(value.trim().to_owned()) {
-            Ok(token) => {
-                tracing::info!(
-                    variable = name,
-                    fingerprint = token.fingerprint(),
-                    "bootstrap token from the environment, served until the platform answers"
-                );
-                return Some(token);
-            }
-            Err(error) => {
-                tracing::warn!(variable = name, %error, "ignoring an unusable bootstrap token");
-            }
-        }
-    }
-    None
 }
 
 fn harden() -> anyhow::Result<()> {

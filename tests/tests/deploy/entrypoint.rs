@@ -328,7 +328,8 @@ fn missing_binaries_are_an_error_line_and_the_runtime_still_runs() {
 fn a_daemon_that_will_not_come_up_is_an_error_line_and_the_runtime_still_runs() {
     let mut ws = Workspace::new();
     let mut command = ws.command(&debug_dir(), 0);
-    // A configuration error: the daemon exits 2 every time it is started.
+    // A configuration error: molecule-credd refuses it (exit 2) already when
+    // asked for the socket, so no daemon is started at all.
     command.env("PLATFORM_URL", "ftp://nowhere");
     let result = ws.run(&mut command);
     let transcript = result.transcript();
@@ -337,10 +338,136 @@ fn a_daemon_that_will_not_come_up_is_an_error_line_and_the_runtime_still_runs() 
         result
             .stderr
             .lines()
-            .any(|l| l.contains("ERROR") && l.contains("did not answer")),
+            .any(|l| l.contains("ERROR") && l.contains("PLATFORM_URL")),
         "{transcript}"
     );
     assert_eq!(result.value("runtime-gh-token"), "unset", "{transcript}");
+    assert_eq!(
+        result.value("runtime-credd-socket"),
+        "unset",
+        "a path molecule-credd refused is never exported: {transcript}"
+    );
+    assert!(ws.daemons().is_empty(), "{transcript}");
+}
+
+#[test]
+fn a_daemon_exiting_with_a_configuration_error_is_not_restarted() {
+    let mut ws = Workspace::new();
+    // molecule-credd answers --prepare-socket for real, then exits 2 (a
+    // configuration error) whenever it is started as a daemon.
+    let bin = ws.dir.path().join("bin");
+    std::fs::create_dir(&bin).expect("bin");
+    std::os::unix::fs::symlink(binary("credd"), bin.join("credd")).expect("symlink credd");
+    let starts = ws.dir.path().join("starts");
+    let script = format!(
+        "#!/bin/sh\ncase \"$1\" in --prepare-socket) exec {} \"$@\" ;; esac\necho start >>{}\necho 'error: refused' >&2\nexit 2\n",
+        binary("molecule-credd").display(),
+        starts.display()
+    );
+    std::fs::write(bin.join("molecule-credd"), script).expect("script");
+    std::fs::set_permissions(bin.join("molecule-credd"), PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    let result = ws.run(&mut ws.command(&bin, 0));
+    let transcript = result.transcript();
+    assert!(result.status.success(), "{transcript}");
+    // The supervisor gives up after the first exit 2 and removes its pid file.
+    eventually("the supervisor to give up", || {
+        ws.pid_file("supervisor.pid").is_none().then_some(())
+    });
+    let started = std::fs::read_to_string(&starts).unwrap_or_default();
+    assert_eq!(
+        started.lines().count(),
+        1,
+        "started once only: {transcript}"
+    );
+    let supervisors = processes_with(None, "CREDD_SOCKET", ws.socket.as_os_str());
+    assert!(
+        supervisors.is_empty(),
+        "nothing left running: {supervisors:?}"
+    );
+}
+
+#[test]
+fn no_process_but_the_daemon_holds_the_provision_time_token() {
+    let mut ws = Workspace::new();
+    let mut command = ws.command(&debug_dir(), 0);
+    // The platform is unreachable: the daemon must serve the bootstrap token.
+    command.env("PLATFORM_URL", "http://127.0.0.1:9");
+    let result = ws.run(&mut command);
+    let transcript = result.transcript();
+    assert!(result.status.success(), "{transcript}");
+    assert_eq!(
+        result.value("git-token-sha"),
+        sha256_hex(BOOTSTRAP.as_bytes()),
+        "the daemon has it: {transcript}"
+    );
+    // Everything the entrypoint left running: the supervisor and the daemon.
+    let left = processes_with(None, "CREDD_SOCKET", ws.socket.as_os_str());
+    assert!(left.len() >= 2, "supervisor and daemon: {left:?}");
+    for pid in left {
+        // Root reads even a non-dumpable process's environment.
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        let text = String::from_utf8_lossy(&environ);
+        assert!(
+            !text.contains(BOOTSTRAP),
+            "pid {pid} keeps the provision-time token in its environment"
+        );
+        assert!(
+            !text
+                .split('\0')
+                .any(|v| v.starts_with("GITHUB_TOKEN=") || v.starts_with("GH_TOKEN=")),
+            "pid {pid} has a token variable"
+        );
+    }
+}
+
+#[test]
+fn a_symlinked_socket_folder_is_refused_and_a_private_one_used_instead() {
+    let mut ws = Workspace::new();
+    // Another user planted the default socket folder as a symlink into the
+    // agent's home, hoping the entrypoint writes through it.
+    let runtime_dir = ws.dir.path().join("xdg");
+    std::fs::create_dir(&runtime_dir).expect("xdg");
+    std::fs::set_permissions(&runtime_dir, PermissionsExt::from_mode(0o700)).expect("chmod");
+    let planted = runtime_dir.join("molecule-credd");
+    std::os::unix::fs::symlink(&ws.home, &planted).expect("plant the symlink");
+    let tmp = ws.dir.path().join("tmp");
+    std::fs::create_dir(&tmp).expect("tmp");
+    let mut command = ws.command(&debug_dir(), 0);
+    command
+        .env_remove("CREDD_SOCKET")
+        .env("XDG_RUNTIME_DIR", &runtime_dir)
+        .env("TMPDIR", &tmp);
+    let result = ws.run(&mut command);
+    let transcript = result.transcript();
+    assert!(result.status.success(), "{transcript}");
+    assert!(
+        result
+            .stderr
+            .lines()
+            .any(|l| l.contains("ERROR") && l.contains("symbolic link")),
+        "{transcript}"
+    );
+    let exported = PathBuf::from(result.value("runtime-credd-socket"));
+    // Cleanup and `credd` calls follow the socket the runtime was given.
+    ws.socket.clone_from(&exported);
+    assert!(
+        exported.starts_with(&tmp),
+        "a private mktemp folder: {transcript}"
+    );
+    for name in [
+        "supervisor.lock",
+        "supervisor.pid",
+        "molecule-credd.pid",
+        "credd.sock",
+    ] {
+        assert!(
+            !ws.home.join(name).exists(),
+            "{name} written through the planted symlink"
+        );
+    }
+    assert_ne!(result.value("git-token-sha"), "none", "{transcript}");
+    assert_eq!(result.value("credd-status"), "ok", "{transcript}");
 }
 
 const TEST_AGENT: &str = "credd-deploy-agent";

@@ -10,6 +10,7 @@ if [ -n "${GH_TOKEN+set}" ]; then echo "runtime-gh-token=set"; else echo "runtim
 if [ -n "${GITHUB_TOKEN+set}" ]; then echo "runtime-github-token=set"; else echo "runtime-github-token=unset"; fi
 echo "runtime-uid=$(id -u)"
 echo "runtime-home=$HOME"
+echo "runtime-credd-socket=${CREDD_SOCKET:-unset}"
 
 password=$(printf 'protocol=https\nhost=github.com\n\n' | git credential fill 2>/dev/null |
     sed -n 's/^password=//p')
