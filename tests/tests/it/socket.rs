@@ -146,12 +146,8 @@ fn callers_with_another_uid_are_refused_and_logged() {
 
     // `credd get` as root, told to trust the daemon's uid: refused by the
     // daemon, nothing printed, git moves on (no platform call on top).
-    let mut get = sandbox
-        .credd(&["get"])
-        .stdin("protocol=https\nhost=github.com\n\n")
-        .stdout_holds_secret();
-    get.command().env("CREDD_DAEMON_UID", OTHER_UID.to_string());
-    let get = get.run();
+    let uid = OTHER_UID.to_string();
+    let get = sandbox.credd_get_with("https", "github.com", &[("CREDD_DAEMON_UID", &uid)]);
     get.assert_success("credd get refused by the daemon");
     assert_eq!(get.stdout, "");
     // Not told: credd does not trust a daemon of another uid in the first

@@ -174,12 +174,8 @@ fn the_configured_daemon_uid_is_trusted() {
         OTHER_UID,
         &forged_token(),
     );
-    let mut get = sandbox
-        .credd(&["get"])
-        .stdin("protocol=https\nhost=github.com\n\n")
-        .stdout_holds_secret();
-    get.command().env("CREDD_DAEMON_UID", OTHER_UID.to_string());
-    let get = get.run();
+    let uid = OTHER_UID.to_string();
+    let get = sandbox.credd_get_with("https", "github.com", &[("CREDD_DAEMON_UID", &uid)]);
     get.assert_password(ATTACKER_TOKEN, "the configured daemon's token");
     assert_eq!(forged.requests().len(), 1);
     assert!(forged.requests()[0] > 0, "the request was sent");

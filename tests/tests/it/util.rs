@@ -631,10 +631,22 @@ impl Sandbox {
 
     /// `credd get` for `host` over `protocol`, as git would call it.
     pub(crate) fn credd_get(&self, protocol: &str, host: &str) -> CmdOutput {
-        self.credd(&["get"])
+        self.credd_get_with(protocol, host, &[])
+    }
+
+    /// [`Self::credd_get`] with extra environment variables.
+    pub(crate) fn credd_get_with(
+        &self,
+        protocol: &str,
+        host: &str,
+        env: &[(&str, &str)],
+    ) -> CmdOutput {
+        let mut get = self
+            .credd(&["get"])
             .stdin(format!("protocol={protocol}\nhost={host}\n\n"))
-            .stdout_holds_secret()
-            .run()
+            .stdout_holds_secret();
+        get.command().envs(env.iter().copied());
+        get.run()
     }
 
     /// Writes the global git config: identity, and for `url` the helper list
