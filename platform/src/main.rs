@@ -19,6 +19,7 @@ use molecule_platform::config::{Args, Config, LogFormat, ProviderChoice};
 use molecule_platform::{
     AppState, Auth, DevProvider, GitHubAppProvider, Registry, WorkspaceTokens,
 };
+use nix::sys::resource::{Resource, getrlimit, setrlimit};
 use rand::Rng;
 use rand::distr::Alphanumeric;
 use secrecy::{ExposeSecret, SecretString};
@@ -30,6 +31,7 @@ fn main() -> std::process::ExitCode {
     let admin_token = std::env::var("ADMIN_TOKEN").ok();
     let log_format = args.log_format;
     init_tracing(log_format);
+    raise_open_file_limit();
     match run(args, admin_token) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
@@ -37,6 +39,21 @@ fn main() -> std::process::ExitCode {
             eprintln!("error: {}", chain.join(" -> "));
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// One descriptor per connection: use what the hard limit allows (the
+/// service's connection cap is 4096; a soft limit of 1024 is common). The
+/// server evicts slow connections when it runs out anyway.
+fn raise_open_file_limit() {
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(error) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::debug!(%error, soft, hard, "could not raise the open-file limit");
+            }
+        }
+        Ok(_) => {}
+        Err(error) => tracing::debug!(%error, "could not read the open-file limit"),
     }
 }
 
@@ -125,10 +142,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let limits = state.limits().clone();
     let auth = Arc::clone(state.auth());
 
-    let std_listener = std::net::TcpListener::bind(config.listen)
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
-    std_listener.set_nonblocking(true).context("listener")?;
-    let listener = tokio::net::TcpListener::from_std(std_listener).context("listener")?;
+    let listener =
+        listen(config.listen).with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr().context("listener address")?;
 
     announce(&format!("http://{addr}"), dev_bearer_file.as_deref())?;
@@ -161,6 +176,26 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .context("server")?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Connections the kernel queues for `accept` (it caps this at
+/// `net.core.somaxconn`, 4096 by default): as many as the service's
+/// connection cap. With the standard library's 128, clients that reconnect
+/// as soon as they are evicted keep the queue full, and the kernel drops a
+/// real client's handshake, which it then retries only a second later.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// A listening socket on `addr` (with `SO_REUSEADDR`, as the standard
+/// library sets it) and a backlog of [`LISTEN_BACKLOG`].
+fn listen(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {

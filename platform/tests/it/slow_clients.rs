@@ -9,6 +9,9 @@
 //! connection that has waited longest for one, so a real client — whose head
 //! arrives microseconds after it connects — always gets in.
 //!
+//! Most tests run the service in-process; two run the real binary (its
+//! defaults, and an open-file limit below the connection cap).
+//!
 //! Timeouts here are the subject under test; everything else waits on a
 //! signal (a counter on a watch channel) with [`WAIT`] as the deadline.
 
@@ -23,7 +26,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use crate::support::{Logs, WAIT};
+use nix::sys::signal::Signal;
+
+use crate::support::{
+    Logs, PlatformProcess, WAIT, assert_no_secrets, platform_command_with_nofile,
+};
 
 const ADMIN: &str = "admin-bearer-for-slow-client-tests";
 /// A header name no log line may contain: the service logs no request content.
@@ -243,15 +250,120 @@ where
     out
 }
 
-/// Connects, starts a head, trickles it and reconnects when closed, until
-/// `stop`; counts connects and closes.
+/// Slow clients and what they saw.
+struct Slowloris {
+    stop: watch::Sender<bool>,
+    connects: watch::Sender<u64>,
+    closes: watch::Sender<u64>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Slowloris {
+    /// Starts `n` slow clients sending a byte every `trickle`, and waits
+    /// until each has connected and begun its head.
+    ///
+    /// First connections are made [`CONNECTING_AT_ONCE`] at a time: thousands
+    /// of simultaneous handshakes overflow the kernel's queues, and a client
+    /// whose handshake the server dropped believes it is connected while the
+    /// server has not seen it, which would make the server look less full
+    /// than it is. Reconnections are not held back.
+    async fn start(addr: SocketAddr, n: usize, trickle: Duration) -> Self {
+        const CONNECTING_AT_ONCE: usize = 64;
+        let (stop, stop_rx) = watch::channel(false);
+        let connects = watch::Sender::new(0u64);
+        let closes = watch::Sender::new(0u64);
+        let connecting = Arc::new(tokio::sync::Semaphore::new(CONNECTING_AT_ONCE));
+        let tasks = (0..n)
+            .map(|_| {
+                tokio::spawn(slowloris(
+                    addr,
+                    trickle,
+                    Arc::clone(&connecting),
+                    stop_rx.clone(),
+                    connects.clone(),
+                    closes.clone(),
+                ))
+            })
+            .collect();
+        tokio::time::timeout(WAIT, connects.subscribe().wait_for(|c| *c >= n as u64))
+            .await
+            .expect("every slow client connected")
+            .expect("counter");
+        Self {
+            stop,
+            connects,
+            closes,
+            tasks,
+        }
+    }
+
+    /// (connects, connections closed by the server) so far.
+    fn counts(&self) -> (u64, u64) {
+        (*self.connects.borrow(), *self.closes.borrow())
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        for task in self.tasks {
+            tokio::time::timeout(WAIT, task)
+                .await
+                .expect("slow client stops")
+                .expect("slow client task");
+        }
+    }
+}
+
+/// `/healthz` `probes` times in a row on fresh connections, each within
+/// [`ANSWER_WITHIN`]: the sorted latencies, or what went wrong.
+async fn probe_healthz(
+    addr: SocketAddr,
+    probes: usize,
+    slow: &Slowloris,
+) -> Result<Vec<Duration>, String> {
+    let mut latencies = Vec::with_capacity(probes);
+    for probe in 0..probes {
+        let start = Instant::now();
+        let answer = tokio::time::timeout(ANSWER_WITHIN, healthz(addr)).await;
+        let (connects, closes) = slow.counts();
+        let context = || {
+            format!(
+                "{} slow clients, {connects} connects and {closes} closes so far",
+                slow.tasks.len()
+            )
+        };
+        match answer {
+            Ok(answer) if answer.starts_with("HTTP/1.1 200") => latencies.push(start.elapsed()),
+            Ok(answer) => {
+                return Err(format!(
+                    "probe {probe}: /healthz answered {answer:?} after {:?} ({})",
+                    start.elapsed(),
+                    context()
+                ));
+            }
+            Err(_) => {
+                return Err(format!(
+                    "probe {probe}: /healthz unanswered after {ANSWER_WITHIN:?} ({})",
+                    context()
+                ));
+            }
+        }
+    }
+    latencies.sort();
+    Ok(latencies)
+}
+
+/// Connects, starts a head, sends a byte every `trickle` and reconnects at
+/// once when closed, until `stop`; counts connects and closes.
 async fn slowloris(
     addr: SocketAddr,
+    trickle: Duration,
+    connecting: Arc<tokio::sync::Semaphore>,
     mut stop: watch::Receiver<bool>,
     connects: watch::Sender<u64>,
     closes: watch::Sender<u64>,
 ) {
     const MAX_RECONNECTS: usize = 100_000;
+    let mut first = Some(connecting.acquire_owned().await.expect("semaphore"));
     for _ in 0..MAX_RECONNECTS {
         if *stop.borrow() {
             return;
@@ -268,6 +380,7 @@ async fn slowloris(
             continue;
         }
         connects.send_modify(|n| *n += 1);
+        first.take();
         let mut buf = [0u8; 64];
         loop {
             tokio::select! {
@@ -276,7 +389,7 @@ async fn slowloris(
                     assert!(closed(&read), "an answer to half a head");
                     break;
                 }
-                () = tokio::time::sleep(TRICKLE) => {
+                () = tokio::time::sleep(trickle) => {
                     if stream.write_all(b"x").await.is_err() {
                         break;
                     }
@@ -299,59 +412,124 @@ async fn real_requests_get_in_while_slow_clients_overfill_the_connection_cap() {
         ..Default::default()
     };
     let server = Server::start(dev_app(), limits).await;
-    let (stop, stop_rx) = watch::channel(false);
-    let connects = watch::Sender::new(0u64);
-    let closes = watch::Sender::new(0u64);
-    let attackers: Vec<_> = (0..SLOW)
-        .map(|_| {
-            tokio::spawn(slowloris(
-                server.addr,
-                stop_rx.clone(),
-                connects.clone(),
-                closes.clone(),
-            ))
-        })
-        .collect();
-    tokio::time::timeout(WAIT, connects.subscribe().wait_for(|n| *n >= SLOW as u64))
+    let slow = Slowloris::start(server.addr, SLOW, TRICKLE).await;
+    let latencies = probe_healthz(server.addr, PROBES, &slow)
         .await
-        .expect("every slow client connected")
-        .expect("counter");
-
-    let mut latencies = Vec::with_capacity(PROBES);
-    for probe in 0..PROBES {
-        let start = Instant::now();
-        let answer = tokio::time::timeout(ANSWER_WITHIN, healthz(server.addr))
-            .await
-            .unwrap_or_else(|_| {
-                panic!(
-                    "probe {probe}: /healthz unanswered after {ANSWER_WITHIN:?} with {SLOW} slow clients (cap {CAP}); {} connects, {} closes so far",
-                    *connects.borrow(),
-                    *closes.borrow()
-                )
-            });
-        latencies.push(start.elapsed());
-        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    }
-    let (closed_by_server, connected) = (*closes.borrow(), *connects.borrow());
-    let _ = stop.send(true);
-    for attacker in attackers {
-        tokio::time::timeout(WAIT, attacker)
-            .await
-            .expect("slow client stops")
-            .expect("slow client task");
-    }
+        .unwrap_or_else(|failure| panic!("{failure}"));
+    let (connects, closes) = slow.counts();
+    slow.stop().await;
     server.stop().await;
-
-    latencies.sort();
     eprintln!(
-        "/healthz with {SLOW} slow clients over a cap of {CAP}: median {:?}, max {:?}; {connected} slow connects, {closed_by_server} closed by the server",
+        "/healthz with {SLOW} slow clients over a cap of {CAP}: median {:?}, max {:?}; {connects} slow connects, {closes} closed by the server",
         latencies[PROBES / 2],
         latencies[PROBES - 1]
     );
     assert!(
-        closed_by_server >= (SLOW - CAP) as u64,
-        "slow connections beyond the cap were evicted ({closed_by_server} closed)"
+        closes >= (SLOW - CAP) as u64,
+        "slow connections beyond the cap were evicted ({closes} closed)"
     );
+}
+
+/// The incident: 4,200 slow clients against the real binary with its
+/// default limits (4,096 connections, 5 s header timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_binary_answers_while_4200_slow_clients_are_connected() {
+    const SLOW: usize = 4200;
+    const PROBES: usize = 20;
+    ensure_open_files(SLOW as u64 + 256);
+    let mut platform = PlatformProcess::spawn(
+        &["--dev", "--listen", "127.0.0.1:0"],
+        &[
+            ("ADMIN_TOKEN", ADMIN),
+            ("RUST_LOG", "warn"),
+            ("NO_COLOR", "1"),
+        ],
+    )
+    .await;
+    let addr = platform_addr(&platform);
+    // A byte every second: the idle timer of old restarted on each.
+    let slow = Slowloris::start(addr, SLOW, Duration::from_secs(1)).await;
+    let probed = probe_healthz(addr, PROBES, &slow).await;
+    let (connects, closes) = slow.counts();
+    slow.stop().await;
+    assert!(platform.signal_and_wait(Signal::SIGTERM).await.success());
+    let latencies = probed.unwrap_or_else(|failure| {
+        panic!("{failure}; the platform's stderr:\n{}", platform.stderr())
+    });
+    eprintln!(
+        "real binary, /healthz with {SLOW} slow clients: median {:?}, max {:?}; {connects} slow connects, {closes} closed by the server",
+        latencies[PROBES / 2],
+        latencies[PROBES - 1]
+    );
+    let stderr = platform.stderr();
+    assert!(
+        stderr.contains("slow clients"),
+        "a summary warning:\n{stderr}"
+    );
+    assert_no_secrets("stderr", &stderr, &[ADMIN.into()]);
+}
+
+/// Out of file descriptors before the cap: `accept` fails with EMFILE, and
+/// the connection that waited longest for a head is closed to make room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_binary_answers_when_slow_clients_exhaust_its_open_file_limit() {
+    const NOFILE: u32 = 64;
+    // Fewer than the descriptors plus the standard library's listen backlog
+    // of 128, so that all of them connect even where the server stops
+    // accepting.
+    const SLOW: usize = 150;
+    const PROBES: usize = 20;
+    let mut platform = PlatformProcess::spawn_command(platform_command_with_nofile(
+        NOFILE,
+        &["--dev", "--listen", "127.0.0.1:0"],
+        &[("ADMIN_TOKEN", ADMIN), ("NO_COLOR", "1")],
+    ))
+    .await;
+    let addr = platform_addr(&platform);
+    let slow = Slowloris::start(addr, SLOW, TRICKLE).await;
+    let probed = probe_healthz(addr, PROBES, &slow).await;
+    let (connects, closes) = slow.counts();
+    slow.stop().await;
+    assert!(platform.signal_and_wait(Signal::SIGTERM).await.success());
+    let latencies = probed.unwrap_or_else(|failure| {
+        panic!("{failure}; the platform's stderr:\n{}", platform.stderr())
+    });
+    eprintln!(
+        "real binary under `ulimit -n {NOFILE}`, /healthz with {SLOW} slow clients: median {:?}, max {:?}; {connects} slow connects, {closes} closed by the server",
+        latencies[PROBES / 2],
+        latencies[PROBES - 1]
+    );
+    let stderr = platform.stderr();
+    assert!(
+        summed(&stderr, "fd_exhausted") > 0 && summed(&stderr, "evicted") > 0,
+        "accept hit the open-file limit and evicted slow connections:\n{stderr}"
+    );
+    assert!(
+        !stderr.contains("accept failed"),
+        "no error line per failed accept:\n{stderr}"
+    );
+}
+
+/// Raises this test process's open-file limit to its hard limit, which must
+/// allow `needed` descriptors (one per slow client, and some).
+fn ensure_open_files(needed: u64) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+    assert!(
+        hard >= needed,
+        "this test opens {needed} descriptors; the hard open-file limit is {hard} (raise it: ulimit -Hn)"
+    );
+    if soft < needed {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).expect("setrlimit");
+    }
+}
+
+fn platform_addr(platform: &PlatformProcess) -> SocketAddr {
+    platform
+        .url()
+        .trim_start_matches("http://")
+        .parse()
+        .expect("IP:PORT")
 }
 
 /// A provider whose answers wait until the gate opens; counts calls.

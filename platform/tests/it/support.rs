@@ -631,7 +631,30 @@ const PLATFORM_VARS: &[&str] = &[
 
 /// `molecule-platform` with `args` and `env`, output piped.
 pub(crate) fn platform_command(args: &[&str], env: &[(&str, &str)]) -> tokio::process::Command {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_molecule-platform"));
+    let cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_molecule-platform"));
+    configure(cmd, args, env)
+}
+
+/// Like [`platform_command`], started by `sh` under an open-file limit of
+/// `nofile` (soft and hard: `ulimit -n`, then `exec`, so the pid is the
+/// platform's).
+pub(crate) fn platform_command_with_nofile(
+    nofile: u32,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new("sh");
+    cmd.arg("-c")
+        .arg(format!("ulimit -n {nofile} && exec \"$0\" \"$@\""))
+        .arg(env!("CARGO_BIN_EXE_molecule-platform"));
+    configure(cmd, args, env)
+}
+
+fn configure(
+    mut cmd: tokio::process::Command,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> tokio::process::Command {
     for var in PLATFORM_VARS {
         cmd.env_remove(var);
     }
@@ -648,9 +671,13 @@ impl PlatformProcess {
     /// Spawns and waits for the `listening on` line (failing with stderr
     /// when the process exits first).
     pub(crate) async fn spawn(args: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut child = platform_command(args, env)
-            .spawn()
-            .expect("spawn molecule-platform");
+        Self::spawn_command(platform_command(args, env)).await
+    }
+
+    /// Like [`PlatformProcess::spawn`], for a command from
+    /// [`platform_command`] the caller adjusted (another uid, say).
+    pub(crate) async fn spawn_command(mut command: tokio::process::Command) -> Self {
+        let mut child = command.spawn().expect("spawn molecule-platform");
         let stderr_tx = tokio::sync::watch::Sender::new(String::new());
         let mut err_lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
         let tx = stderr_tx.clone();
