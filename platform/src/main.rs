@@ -4,13 +4,20 @@
 //! stdout once bound (scripts and tests read the port from it), then how to
 //! point a daemon at it. Logs go to stderr. SIGTERM/SIGINT drain and exit 0;
 //! SIGHUP re-reads the workspace tokens file.
+//!
+//! Before anything else, while the process is still one thread, `main`
+//! makes the process non-dumpable and takes `ADMIN_TOKEN` out of the
+//! environment (the crate's one reviewed `unsafe`, in `take_admin_token`).
 
-#![forbid(unsafe_code)]
+// `deny` rather than `forbid`: `take_admin_token` carries the crate's one
+// reviewed exception (`std::env::remove_var`).
+#![deny(unsafe_code)]
 
 use std::fs::{DirBuilder, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
@@ -26,20 +33,90 @@ use secrecy::{ExposeSecret, SecretString};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 
-fn main() -> std::process::ExitCode {
+/// The variable holding the admin bearer.
+const ADMIN_TOKEN: &str = "ADMIN_TOKEN";
+
+fn main() -> ExitCode {
+    // No core dumps, and no ptrace or /proc/PID/{environ,mem} for other
+    // processes of our uid: the admin bearer and GitHub tokens live in this
+    // process's memory, and /proc/PID/environ keeps showing ADMIN_TOKEN
+    // however it is removed from the environment below.
+    if let Err(error) = nix::sys::prctl::set_dumpable(false) {
+        eprintln!("error: cannot mark the process non-dumpable: {error}");
+        return ExitCode::FAILURE;
+    }
+    let admin_token = take_admin_token();
     let args = Args::parse();
-    let admin_token = std::env::var("ADMIN_TOKEN").ok();
     let log_format = args.log_format;
     init_tracing(log_format);
+    if admin_token.left_in_environment {
+        tracing::warn!(
+            "ADMIN_TOKEN could not be removed from the environment (the process was not single-threaded at start)"
+        );
+    }
     raise_open_file_limit();
-    match run(args, admin_token) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+    match run(args, admin_token.value) {
+        Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             let chain: Vec<String> = error.chain().map(ToString::to_string).collect();
             eprintln!("error: {}", chain.join(" -> "));
-            std::process::ExitCode::FAILURE
+            ExitCode::FAILURE
         }
     }
+}
+
+/// `ADMIN_TOKEN` as read at start.
+struct AdminToken {
+    value: Option<String>,
+    /// Whether it had to stay in the environment.
+    left_in_environment: bool,
+}
+
+/// Reads `ADMIN_TOKEN` once and removes it from the environment, so no
+/// child process and no later reader of the environment in this process sees
+/// it. Call first thing in `main`.
+///
+/// Removing it does not scrub `/proc/PID/environ`: the kernel shows the
+/// environment block the process was started with, whatever `unsetenv` does
+/// to the C library's copy. That file is protected by the process being
+/// non-dumpable (root-only `/proc` files), which `main` arranges first.
+#[allow(unsafe_code)]
+fn take_admin_token() -> AdminToken {
+    let present = std::env::var_os(ADMIN_TOKEN).is_some();
+    let value = std::env::var(ADMIN_TOKEN).ok();
+    if !present {
+        return AdminToken {
+            value,
+            left_in_environment: false,
+        };
+    }
+    if !is_single_threaded() {
+        return AdminToken {
+            value,
+            left_in_environment: true,
+        };
+    }
+    // SAFETY: `remove_var` changes the environment, which is only sound while
+    // no other thread can read or write it concurrently (the C library's
+    // getenv/setenv are not synchronised with Rust's environment lock).
+    // `is_single_threaded` just counted the threads of this process in
+    // /proc/self/task and found one — this one, busy here at the start of
+    // `main`, before the async runtime, tracing or anything else could start
+    // a thread — so nothing else can touch the environment.
+    unsafe {
+        std::env::remove_var(ADMIN_TOKEN);
+    }
+    AdminToken {
+        value,
+        left_in_environment: false,
+    }
+}
+
+/// Whether the process has exactly one thread (Linux: entries of
+/// /proc/self/task), as the daemon checks before its one environment change.
+/// Unknown (no /proc) counts as "no": the variable then stays.
+fn is_single_threaded() -> bool {
+    std::fs::read_dir("/proc/self/task").is_ok_and(|tasks| tasks.count() == 1)
 }
 
 /// One descriptor per connection: use what the hard limit allows (the

@@ -1,5 +1,6 @@
 //! The real `molecule-platform` binary: start-up lines, dev mode, GitHub
-//! mode against the stand-in, refusing bad configuration, signals.
+//! mode against the stand-in, refusing bad configuration, signals, process
+//! hardening (non-dumpable, `ADMIN_TOKEN` out of the environment).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -8,7 +9,7 @@ use nix::sys::signal::Signal;
 
 use crate::support::{
     GitHubStandIn, INSTALLATION_ID, Mode, PlatformProcess, assert_no_secrets, http, keys,
-    run_to_exit, sha256_hex,
+    platform_command, run_to_exit, sha256_hex,
 };
 
 const ADMIN_ROUTE: &str = "/admin/github-installation-token";
@@ -349,4 +350,66 @@ async fn refuses_to_start_on_bad_configuration() {
         assert!(!stdout.contains("listening on"), "{env:?}: {stdout}");
         assert_no_secrets("stderr", &stderr, &[]);
     }
+}
+
+/// The uid the hardening test runs the platform (and its would-be reader)
+/// as: `nobody` when the tests run as root, else our own.
+fn unprivileged_uid() -> Option<u32> {
+    nix::unistd::getuid().is_root().then_some(65534)
+}
+
+/// Why: the platform holds the admin bearer and GitHub tokens in memory,
+/// and `/proc/PID/environ` shows the environment it was started with —
+/// `ADMIN_TOKEN` included — even after the variable is removed. Another
+/// process of the same uid could read that file (or the memory) unless the
+/// process is non-dumpable, which makes its `/proc` files root's.
+///
+/// That `ADMIN_TOKEN` is also gone from the process's own environment (what a
+/// child would inherit) cannot be observed from outside, since the platform
+/// starts no child; what is checked is that it is still honoured after being
+/// taken out.
+#[tokio::test]
+async fn admin_token_is_honoured_but_unreadable_to_other_processes_of_its_uid() {
+    const ADMIN: &str = "admin-for-the-hardening-test-0123456789";
+    let mut command = platform_command(
+        &["--dev", "--listen", "127.0.0.1:0"],
+        &[("ADMIN_TOKEN", ADMIN)],
+    );
+    if let Some(uid) = unprivileged_uid() {
+        command.uid(uid).gid(uid);
+    }
+    let mut platform = PlatformProcess::spawn_command(command).await;
+    let (status, body) = get(&format!("{}{ADMIN_ROUTE}", platform.url()), Some(ADMIN)).await;
+    assert_eq!(
+        status, 200,
+        "ADMIN_TOKEN read before it was removed: {body}"
+    );
+
+    let environ = format!("/proc/{}/environ", platform.pid());
+    let mut reader = std::process::Command::new("cat");
+    reader.arg(&environ);
+    if let Some(uid) = unprivileged_uid() {
+        std::os::unix::process::CommandExt::uid(&mut reader, uid);
+        std::os::unix::process::CommandExt::gid(&mut reader, uid);
+    }
+    let read = reader.output().expect("run cat");
+    let stdout = String::from_utf8_lossy(&read.stdout);
+    assert!(
+        !read.status.success() && !stdout.contains(ADMIN),
+        "a process of the platform's uid read {environ} ({} bytes{}): the platform is dumpable",
+        read.stdout.len(),
+        if stdout.contains(ADMIN) {
+            ", ADMIN_TOKEN among them"
+        } else {
+            ""
+        }
+    );
+    let stderr = String::from_utf8_lossy(&read.stderr);
+    assert!(stderr.contains("Permission denied"), "{stderr}");
+    let owner =
+        std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&environ).expect("stat environ"));
+    assert_eq!(owner, 0, "a non-dumpable process's /proc files are root's");
+
+    assert!(platform.signal_and_wait(Signal::SIGTERM).await.success());
+    assert_no_secrets("stderr", &platform.stderr(), &[ADMIN.into()]);
 }
