@@ -395,10 +395,22 @@ pub async fn serve_with_limits(
                     };
                     let io = TokioIo::new(ConnIo::new(stream, Arc::clone(&handle)));
                     let conn = http.serve_connection(io, service);
-                    tasks.spawn(drive(conn, handle, stopping.clone()));
-                    // Let the new connection read its head before accepting
-                    // more: a real client's head is already there, and once
-                    // read it is no longer a candidate for eviction.
+                    let mut task = Box::pin(drive(conn, handle, stopping.clone()));
+                    // Poll it once here, before accepting more: a real
+                    // client's head is usually waiting already, and once it
+                    // is read the connection is busy and cannot be evicted,
+                    // however late its task is scheduled. (Its wakers move to
+                    // the task when the task polls it.)
+                    let finished = std::future::poll_fn(|cx| {
+                        std::task::Poll::Ready(task.as_mut().poll(cx).is_ready())
+                    })
+                    .await;
+                    if !finished {
+                        tasks.spawn(task);
+                    }
+                    // Then let other tasks run — a head that arrives a moment
+                    // after the connection must be read before the accepts
+                    // that follow could evict it.
                     tokio::task::yield_now().await;
                 }
                 Err(error) if is_fd_exhaustion(&error) => {
