@@ -46,7 +46,10 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     let admin_token = take_admin_token();
-    let args = Args::parse();
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(error) => return exit_for(&error),
+    };
     let log_format = args.log_format;
     init_tracing(log_format);
     if admin_token.left_in_environment {
@@ -117,6 +120,25 @@ fn take_admin_token() -> AdminToken {
 /// Unknown (no /proc) counts as "no": the variable then stays.
 fn is_single_threaded() -> bool {
     std::fs::read_dir("/proc/self/task").is_ok_and(|tasks| tasks.count() == 1)
+}
+
+/// Prints clap's help, version or usage error as clap would (help and
+/// version on stdout, exit 0; errors on stderr, exit 2), but exits 1 quietly
+/// when that output cannot be written — `molecule-platform --help | true`
+/// closes stdout first — instead of reporting success.
+fn exit_for(error: &clap::Error) -> ExitCode {
+    let text = error.render().to_string();
+    let written = if error.use_stderr() {
+        let mut err = std::io::stderr().lock();
+        err.write_all(text.as_bytes()).and_then(|()| err.flush())
+    } else {
+        let mut out = std::io::stdout().lock();
+        out.write_all(text.as_bytes()).and_then(|()| out.flush())
+    };
+    match written {
+        Ok(()) => ExitCode::from(u8::try_from(error.exit_code()).unwrap_or(2)),
+        Err(_) => ExitCode::FAILURE,
+    }
 }
 
 /// One descriptor per connection: use what the hard limit allows (the

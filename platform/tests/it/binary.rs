@@ -1,6 +1,7 @@
 //! The real `molecule-platform` binary: start-up lines, dev mode, GitHub
 //! mode against the stand-in, refusing bad configuration, signals, process
-//! hardening (non-dumpable, `ADMIN_TOKEN` out of the environment).
+//! hardening (non-dumpable, `ADMIN_TOKEN` out of the environment) and clap's
+//! output on a closed stdout.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -8,7 +9,7 @@ use std::path::Path;
 use nix::sys::signal::Signal;
 
 use crate::support::{
-    GitHubStandIn, INSTALLATION_ID, Mode, PlatformProcess, assert_no_secrets, http, keys,
+    GitHubStandIn, INSTALLATION_ID, Mode, PlatformProcess, WAIT, assert_no_secrets, http, keys,
     platform_command, run_to_exit, sha256_hex,
 };
 
@@ -412,4 +413,44 @@ async fn admin_token_is_honoured_but_unreadable_to_other_processes_of_its_uid() 
 
     assert!(platform.signal_and_wait(Signal::SIGTERM).await.success());
     assert_no_secrets("stderr", &platform.stderr(), &[ADMIN.into()]);
+}
+
+/// Why: `molecule-platform --help | head -1` and the like close the pipe
+/// early; the binary must neither panic nor claim success for output that
+/// was never written, and must keep clap's exit codes otherwise (0 for help
+/// and version, 2 for usage errors).
+#[tokio::test]
+async fn help_and_version_exit_1_quietly_when_stdout_is_closed() {
+    for flag in ["--help", "--version"] {
+        let (status, stdout, stderr) = run_to_exit(&[flag], &[]).await;
+        assert_eq!(status.code(), Some(0), "{flag}: {stderr}");
+        assert!(stdout.contains("molecule-platform"), "{flag}: {stdout}");
+        assert!(stderr.is_empty(), "{flag}: {stderr}");
+
+        // `molecule-platform --help | true`: the reader is gone first.
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        drop(reader);
+        let mut command = platform_command(&[flag], &[]);
+        command.stdout(writer);
+        let child = command.spawn().expect("spawn");
+        drop(command);
+        let out = tokio::time::timeout(WAIT, child.wait_with_output())
+            .await
+            .expect("exits")
+            .expect("wait");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{flag} with stdout closed: not a success; stderr: {stderr}"
+        );
+        assert!(stderr.is_empty(), "{flag}: quietly, no panic: {stderr}");
+    }
+    let (status, stdout, stderr) = run_to_exit(&["--no-such-flag"], &[]).await;
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("unexpected argument '--no-such-flag'"),
+        "{stderr}"
+    );
+    assert!(stdout.is_empty(), "{stdout}");
 }
