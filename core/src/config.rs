@@ -42,7 +42,8 @@ const MAX_VALUE_LEN: usize = 4096;
 /// `sun_path` is 108 bytes including the terminating NUL.
 const MAX_SOCKET_PATH_LEN: usize = 107;
 const MAX_HOSTS: usize = 64;
-const MAX_WORKSPACE_ID_LEN: usize = 128;
+/// Longest workspace id.
+pub const MAX_WORKSPACE_ID_LEN: usize = 128;
 
 /// Validated configuration shared by the daemon and the helper.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -186,6 +187,12 @@ impl Config {
     }
 }
 
+/// [`default_socket_path`] for this process's `XDG_RUNTIME_DIR`.
+pub fn default_socket_path_from_env() -> PathBuf {
+    let xdg = std::env::var(vars::XDG_RUNTIME_DIR).ok();
+    default_socket_path(xdg.as_deref())
+}
+
 /// `$XDG_RUNTIME_DIR/molecule-credd/credd.sock`, else `/tmp/molecule-credd-$UID/credd.sock`.
 ///
 /// The home folder is not used: it is read-only in locked-down workspaces.
@@ -234,13 +241,21 @@ fn absolute_path(var: &'static str, value: &str) -> Result<PathBuf, ConfigError>
     Ok(PathBuf::from(value))
 }
 
-fn parse_workspace_id(value: &str) -> Result<String, ConfigError> {
-    let ok = value.len() <= MAX_WORKSPACE_ID_LEN
-        && value
+/// Whether `id` is a workspace id: 1 to [`MAX_WORKSPACE_ID_LEN`] of
+/// `A-Z a-z 0-9 - _ .`, not starting with `.`. It becomes a segment of a URL
+/// path (`/workspaces/{id}/…`), so `.` and `..` must never pass. The one rule
+/// for the daemon, the helper and the platform.
+pub fn is_valid_workspace_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_WORKSPACE_ID_LEN
+        && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-        && !value.starts_with('.');
-    if ok {
+        && !id.starts_with('.')
+}
+
+fn parse_workspace_id(value: &str) -> Result<String, ConfigError> {
+    if is_valid_workspace_id(value) {
         Ok(value.to_owned())
     } else {
         Err(ConfigError::new(

@@ -1,17 +1,23 @@
-//! What `molecule-credd` (the daemon) and `credd` (the helper) share.
+//! The contract between `molecule-credd` (the daemon) and `credd` (the
+//! helper), and nothing else.
 //!
-//! Both sides must agree byte for byte on three things, so they are defined
+//! Both sides must agree byte for byte on a few things, so they are defined
 //! once, here: how configuration is read from the environment ([`config`]),
-//! what travels over the Unix socket ([`protocol`]), and how the platform's
-//! token endpoint is called and its answer judged ([`platform`]). The token
-//! itself is a [`secret::Token`], which cannot be printed by accident.
+//! what travels over the Unix socket ([`protocol`]), which socket folder is
+//! safe ([`socket_folder`]), the time limits that span both processes
+//! ([`deadlines`]) and how text from another process is printed ([`text`]).
+//! The token itself is a [`secret::Token`], which cannot be printed by
+//! accident.
 //!
-//! The helper's fast path (`credd get` answered by the daemon) touches only
-//! [`config`], [`protocol`] and [`secret`]; [`platform`] is its slow path.
+//! Everything here is on the helper's hot path, so the crate stays small:
+//! no async runtime and no HTTP stack (the platform client lives in the
+//! daemon; the helper reaches the platform through `molecule-credd
+//! --fetch-once`).
 #![forbid(unsafe_code)]
 
 pub mod config;
-pub mod platform;
+pub mod deadlines;
 pub mod protocol;
 pub mod secret;
 pub mod socket_folder;
+pub mod text;

@@ -6,9 +6,65 @@
 //! other. Lines are capped at [`MAX_LINE`]: tokens are growing (GitHub's
 //! JWT-shaped `ghs_` tokens), so no length is assumed beyond that.
 
+use std::fmt;
+
 use serde::{Deserialize, Serialize};
 
 use crate::secret::Token;
+
+/// An enum whose wire name is written once: serde, `as_str` (status output,
+/// logs, metrics) and `Display` all use it.
+macro_rules! wire_enum {
+    (
+        $(#[$meta:meta])*
+        pub enum $name:ident {
+            $( $(#[$vmeta:meta])* $variant:ident = $wire:literal, )+
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $( $(#[$vmeta])* $variant, )+
+        }
+
+        impl $name {
+            /// Every value, in declaration order.
+            pub const ALL: &'static [Self] = &[$(Self::$variant),+];
+
+            /// The name on the wire.
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $( Self::$variant => $wire, )+
+                }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let name = std::borrow::Cow::<'de, str>::deserialize(d)?;
+                Self::ALL
+                    .iter()
+                    .copied()
+                    .find(|v| v.as_str() == name)
+                    .ok_or_else(|| {
+                        serde::de::Error::unknown_variant(&name, &[$($wire),+])
+                    })
+            }
+        }
+    };
+}
 
 /// Protocol version spoken by this build.
 pub const VERSION: u32 = 1;
@@ -32,31 +88,57 @@ pub enum Request {
     Status,
 }
 
-/// Where the served token came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Source {
-    /// Fetched from the platform's token endpoint.
-    Platform,
-    /// The provision-time `GITHUB_TOKEN`/`GH_TOKEN`, served while the platform
-    /// could not be reached at start.
-    Env,
+wire_enum! {
+    /// Where the served token came from.
+    pub enum Source {
+        /// Fetched from the platform's token endpoint.
+        Platform = "platform",
+        /// The provision-time `GITHUB_TOKEN`/`GH_TOKEN`, served while the
+        /// platform could not be reached at start.
+        Env = "env",
+    }
 }
 
-/// Machine-readable reason attached to [`Response::Error`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ErrorCode {
-    /// No usable token could be had in time; the message says why.
-    Unavailable,
-    /// The caller's uid may not have tokens.
-    Forbidden,
-    /// The request line was not understood.
-    BadRequest,
-    /// The request used another protocol version.
-    UnsupportedVersion,
-    /// The daemon is at its connection limit or shutting down.
-    Busy,
+wire_enum! {
+    /// Machine-readable reason attached to [`Response::Error`].
+    pub enum ErrorCode {
+        /// No usable token could be had in time; the message says why.
+        Unavailable = "unavailable",
+        /// The caller's uid may not have tokens.
+        Forbidden = "forbidden",
+        /// The request line was not understood.
+        BadRequest = "bad_request",
+        /// The request used another protocol version.
+        UnsupportedVersion = "unsupported_version",
+        /// The daemon is at its connection limit or shutting down.
+        Busy = "busy",
+    }
+}
+
+wire_enum! {
+    /// The platform's health as the daemon last saw it.
+    pub enum PlatformHealth {
+        /// No call has completed yet.
+        Unknown = "unknown",
+        /// The last call succeeded.
+        Ok = "ok",
+        /// The last call failed in a way worth retrying.
+        Failing = "failing",
+        /// The bearer is missing or refused.
+        Unauthorized = "unauthorized",
+        /// The platform has no GitHub App (404).
+        NotConfigured = "not_configured",
+        /// The platform answers, but with tokens barely above `--min-lifetime`.
+        ShortLived = "short_lived",
+    }
+}
+
+// Not derivable here: `wire_enum!` owns the derive list.
+#[allow(clippy::derivable_impls)]
+impl Default for PlatformHealth {
+    fn default() -> Self {
+        Self::Unknown
+    }
 }
 
 /// What the daemon answers.
@@ -92,14 +174,14 @@ pub enum Response {
     },
 }
 
-/// The cached token's state as `credd status` shows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TokenState {
-    /// A usable token is cached.
-    Valid,
-    /// No usable token is cached (none fetched yet, expired or erased).
-    Missing,
+wire_enum! {
+    /// The cached token's state as `credd status` shows it.
+    pub enum TokenState {
+        /// A usable token is cached.
+        Valid = "valid",
+        /// No usable token is cached (none fetched yet, expired or erased).
+        Missing = "missing",
+    }
 }
 
 /// Daemon state reported by [`Request::Status`]. Holds no secret.
@@ -127,9 +209,8 @@ pub struct Status {
     pub last_refresh_at: Option<u64>,
     /// The last platform error, if the last call failed.
     pub last_error: Option<String>,
-    /// Platform health in a word: `ok`, `failing`, `unauthorized`,
-    /// `not_configured`, `short_lived`, `unknown`.
-    pub platform: String,
+    /// Platform health in a word.
+    pub platform: PlatformHealth,
     /// Platform calls made since start.
     pub platform_calls: u64,
     /// Tokens served since start.
@@ -227,6 +308,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn wire_names_round_trip_and_unknown_names_are_refused() {
+        for code in ErrorCode::ALL {
+            let json = serde_json::to_string(code).expect("serialise");
+            assert_eq!(json, format!("\"{code}\""));
+            assert_eq!(
+                serde_json::from_str::<ErrorCode>(&json).expect("parse"),
+                *code
+            );
+        }
+        for health in PlatformHealth::ALL {
+            let json = serde_json::to_string(health).expect("serialise");
+            assert_eq!(
+                serde_json::from_str::<PlatformHealth>(&json).expect("parse"),
+                *health
+            );
+        }
+        assert_eq!(ErrorCode::BadRequest.as_str(), "bad_request");
+        assert!(serde_json::from_str::<ErrorCode>("\"teleport\"").is_err());
+    }
+
+    #[test]
     fn requests_round_trip_with_a_version() {
         for request in [
             Request::Get,
@@ -289,7 +391,7 @@ mod tests {
     fn status_survives_the_wire() {
         let status = Response::Status(Box::new(Status {
             version: "0.1.0".into(),
-            platform: "ok".into(),
+            platform: PlatformHealth::Ok,
             state: Some(TokenState::Valid),
             source: Some(Source::Env),
             served: 3,

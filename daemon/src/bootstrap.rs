@@ -27,12 +27,12 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use zeroize::Zeroizing;
 
 /// The variables the provision-time token may be in, in order of preference.
-pub(crate) const TOKEN_VARIABLES: [&str; 2] = ["GITHUB_TOKEN", "GH_TOKEN"];
+pub const TOKEN_VARIABLES: [&str; 2] = ["GITHUB_TOKEN", "GH_TOKEN"];
 /// How long the writer of stdin has to deliver the token and close.
-pub(crate) const STDIN_DEADLINE: Duration = Duration::from_secs(2);
+pub const STDIN_DEADLINE: Duration = Duration::from_secs(2);
 
 /// Reads the token from `GITHUB_TOKEN`, else `GH_TOKEN`.
-pub(crate) fn from_env() -> Option<Token> {
+pub fn from_env() -> Option<Token> {
     for name in TOKEN_VARIABLES {
         let Some(raw) = std::env::var_os(name) else {
             continue;
@@ -54,7 +54,7 @@ pub(crate) fn from_env() -> Option<Token> {
 /// Reads the token from stdin: everything up to end of file (or
 /// [`STDIN_DEADLINE`]), at most [`MAX_TOKEN_LEN`] bytes, trimmed. Empty
 /// input means no bootstrap token.
-pub(crate) fn from_stdin() -> Option<Token> {
+pub fn from_stdin() -> Option<Token> {
     let input = match read_bounded(std::io::stdin().lock(), STDIN_DEADLINE) {
         Ok(input) => input,
         Err(problem) => {

@@ -17,6 +17,8 @@ use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use credd_core::secret::Token;
+
+use crate::cache::RefreshHook;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::io::AsyncWriteExt;
@@ -45,6 +47,27 @@ enum Outcome {
     TimedOut,
     /// `/bin/sh` could not be started or waited for.
     Failed(io::Error),
+}
+
+/// How long one `--on-refresh` run may take before it is killed.
+pub(crate) const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The cache's hook for `--on-refresh COMMAND`: runs it with the newest
+/// token, one run at a time; tokens that arrive while it runs are coalesced
+/// into the next run.
+pub(crate) fn hook(command: String) -> RefreshHook {
+    let (latest, mut updates) = tokio::sync::watch::channel::<Option<Token>>(None);
+    tokio::spawn(async move {
+        while updates.changed().await.is_ok() {
+            let token = updates.borrow_and_update().clone();
+            if let Some(token) = token {
+                run(&command, &token, TIMEOUT).await;
+            }
+        }
+    });
+    Box::new(move |token: &Token| {
+        latest.send_replace(Some(token.clone()));
+    })
 }
 
 /// Runs `command` through `/bin/sh -c` with `token` and a newline on stdin.

@@ -28,6 +28,8 @@ use zeroize::Zeroizing;
 
 use crate::cache::{Fetch, TokenCache};
 
+/// `--max-connections` by default.
+pub(crate) const DEFAULT_MAX_CONNECTIONS: u32 = 1024;
 /// How long a client has to send its request line.
 pub(crate) const READ_DEADLINE: Duration = Duration::from_secs(2);
 /// Refused callers are logged at most once per this interval.
@@ -325,13 +327,7 @@ fn answer_kind(answer: &Response) -> &'static str {
         Response::Erased { dropped: true } => "erased",
         Response::Erased { dropped: false } => "kept",
         Response::Status(_) => "status",
-        Response::Error { code, .. } => match code {
-            ErrorCode::Unavailable => "unavailable",
-            ErrorCode::Forbidden => "forbidden",
-            ErrorCode::BadRequest => "bad_request",
-            ErrorCode::UnsupportedVersion => "unsupported_version",
-            ErrorCode::Busy => "busy",
-        },
+        Response::Error { code, .. } => code.as_str(),
     }
 }
 
@@ -365,7 +361,7 @@ async fn dispatch<F: Fetch>(line: &[u8], cache: &TokenCache<F>) -> Response {
 mod tests {
     use super::*;
     use crate::cache::CachePolicy;
-    use credd_core::platform::{Grant, PlatformError};
+    use crate::platform::{Grant, PlatformError};
     use credd_core::secret::Token;
     use std::time::SystemTime;
 

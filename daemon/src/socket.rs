@@ -29,9 +29,12 @@ use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket};
 
+/// `--prepare-socket`'s exit code for a socket folder it will not use.
+pub const EXIT_FOLDER_REFUSED: u8 = 3;
+
 /// Why the socket could not be set up. Each says what to do about it.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum SocketError {
+pub enum SocketError {
     /// The socket path has no parent folder.
     #[error(
         "socket path {0} has no parent folder; set CREDD_SOCKET to a path like /run/user/1000/molecule-credd/credd.sock"
@@ -84,7 +87,7 @@ pub(crate) enum SocketError {
 impl SocketError {
     /// Whether only a change of configuration or of the filesystem can fix
     /// it (so a supervisor should stop restarting), rather than time.
-    pub(crate) fn is_configuration(&self) -> bool {
+    pub fn is_configuration(&self) -> bool {
         matches!(
             self,
             Self::NoFolder(_)
@@ -98,7 +101,7 @@ impl SocketError {
 /// The socket file we bound; removes it on [`remove`](Self::remove) or drop,
 /// but only while it is still the same file (inode).
 #[derive(Debug)]
-pub(crate) struct SocketFile {
+pub struct SocketFile {
     /// Exclusive `flock` on the socket folder, held until the socket is
     /// removed: two daemons starting at once cannot both take over.
     lock: Option<Flock<std::fs::File>>,
@@ -151,7 +154,7 @@ impl Drop for SocketFile {
 }
 
 /// Creates (or checks) the private folder `path` is to be bound in; returns it.
-pub(crate) fn prepare_folder(path: &Path) -> Result<&Path, SocketError> {
+pub fn prepare_folder(path: &Path) -> Result<&Path, SocketError> {
     let folder =
         socket_folder::folder_of(path).map_err(|_| SocketError::NoFolder(path.to_owned()))?;
     ensure_private_folder(folder, nix::unistd::geteuid().as_raw())?;

@@ -30,7 +30,12 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram, UnixListener};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::cache::{Fetch, TokenCache};
 
 use nix::sys::socket::{
     AddressFamily, SockType, SockaddrLike, SockaddrStorage, getsockname, getsockopt, sockopt,
@@ -61,7 +66,7 @@ const MAX_STATUS_LEN: usize = 200;
 /// not a listening `AF_UNIX` stream socket (fix the `.socket` unit: one
 /// `ListenStream=` with a path).
 #[allow(unsafe_code)]
-pub(crate) fn take_activated_listener() -> io::Result<Option<UnixListener>> {
+pub fn take_activated_listener() -> io::Result<Option<UnixListener>> {
     let fds: Vec<RawFd> = if is_single_threaded() {
         // SAFETY: `listen_fds_and_unset_env` and `remove_var` change the
         // environment, which is only sound while no other thread can read or
@@ -304,15 +309,51 @@ fn watchdog_interval_from(usec: Option<&str>, pid: Option<&str>, own_pid: u32) -
 
 /// One printable line of at most [`MAX_STATUS_LEN`] bytes.
 fn status_text(text: &str) -> String {
-    let mut line = String::with_capacity(text.len().min(MAX_STATUS_LEN));
-    for c in text.chars() {
-        let c = if c.is_control() { ' ' } else { c };
-        if line.len() + c.len_utf8() > MAX_STATUS_LEN {
-            break;
-        }
-        line.push(c);
+    credd_core::text::one_line(text, MAX_STATUS_LEN)
+}
+
+/// Subscribes systemd to the cache: a `STATUS=` line whenever the cache's
+/// state changes, and watchdog pings while it can serve. Nothing without
+/// `NOTIFY_SOCKET`.
+pub(crate) fn follow<F: Fetch>(
+    cache: &Arc<TokenCache<F>>,
+    notifier: &Notifier,
+    stop: &CancellationToken,
+) {
+    if !notifier.is_enabled() {
+        return;
     }
-    line
+    if let Some(interval) = notifier.watchdog_interval() {
+        tracing::info!(
+            interval_ms = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX),
+            "systemd watchdog enabled"
+        );
+    }
+    {
+        let (cache, notifier, stop) = (Arc::clone(cache), notifier.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut changes = cache.subscribe();
+            let mut last = String::new();
+            loop {
+                let line = cache.status_line();
+                if line != last {
+                    notifier.status(&line);
+                    last = line;
+                }
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    changed = changes.changed() => if changed.is_err() { return },
+                }
+            }
+        });
+    }
+    let (cache, notifier, stop) = (Arc::clone(cache), notifier.clone(), stop.clone());
+    tokio::spawn(async move {
+        tokio::select! {
+            () = stop.cancelled() => {}
+            () = notifier.run_watchdog(|| cache.is_healthy()) => {}
+        }
+    });
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@
 //! Each step that fails writes one `credd: ` line to stderr so a person can see
 //! why git fell through to its next helper; none of them contains a secret
 //! (daemon messages are secret-free by contract, platform errors are built
-//! without the token, bearer or body by `credd_core::platform`).
+//! without the token, bearer or body by the daemon's platform client).
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -88,7 +88,7 @@ const DAEMON_BINARY: &str = "molecule-credd";
 /// it. That process bounds itself (2 s for the bearer file, 8 s for the HTTP
 /// call); this is the hard stop for when it cannot (a stalled filesystem
 /// under its executable, a wedged process), so git is never held longer.
-pub(crate) const FETCH_ONCE_DEADLINE: Duration = Duration::from_secs(12);
+pub(crate) const FETCH_ONCE_DEADLINE: Duration = credd_core::deadlines::HELPER_FETCH_ONCE;
 
 /// One platform call through `molecule-credd --fetch-once`, which inherits
 /// this process's environment (the same configuration). Its answer is one

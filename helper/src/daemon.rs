@@ -9,7 +9,8 @@
 //! bounds that wait by the socket's send timeout and then fails with `EAGAIN`,
 //! so one deadline ([`CONNECT_DEADLINE`]) covers connect and the request write.
 //! The answer then has [`READ_DEADLINE`] in total — longer than the daemon's
-//! own `--wait-timeout` (4 s) for an in-flight refresh, so a slow platform
+//! own `--wait-timeout` for an in-flight refresh (`credd_core::deadlines`
+//! checks that at compile time), so a slow platform
 //! shows up as the daemon's `unavailable` answer rather than as a timeout here.
 //! A daemon that misses either deadline counts as unreachable.
 //!
@@ -37,6 +38,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use credd_core::config::Config;
+use credd_core::deadlines;
 use credd_core::protocol::{self, ErrorCode, MAX_LINE, Request, Response};
 use credd_core::socket_folder;
 use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, UnixAddr, sockopt};
@@ -44,9 +46,9 @@ use nix::sys::time::TimeVal;
 use zeroize::Zeroizing;
 
 /// Connect plus writing the request.
-pub(crate) const CONNECT_DEADLINE: Duration = Duration::from_millis(250);
+pub(crate) const CONNECT_DEADLINE: Duration = deadlines::HELPER_CONNECT;
 /// Reading the whole answer.
-pub(crate) const READ_DEADLINE: Duration = Duration::from_secs(6);
+pub(crate) const READ_DEADLINE: Duration = deadlines::HELPER_READ;
 
 /// Why the daemon gave no usable answer.
 #[derive(Debug)]
@@ -97,22 +99,9 @@ impl DaemonError {
                 format!("molecule-credd at {socket} gave an answer credd cannot use ({reason})")
             }
             Self::Refused { code, message } => {
-                format!(
-                    "molecule-credd at {socket} has no token for us ({}: {message})",
-                    code_name(*code)
-                )
+                format!("molecule-credd at {socket} has no token for us ({code}: {message})")
             }
         }
-    }
-}
-
-fn code_name(code: ErrorCode) -> &'static str {
-    match code {
-        ErrorCode::Unavailable => "unavailable",
-        ErrorCode::Forbidden => "forbidden",
-        ErrorCode::BadRequest => "bad request",
-        ErrorCode::UnsupportedVersion => "unsupported version",
-        ErrorCode::Busy => "busy",
     }
 }
 
@@ -306,13 +295,13 @@ fn timed_out(deadline: Duration) -> DaemonError {
     DaemonError::Unreachable(format!("no answer within {} s", deadline.as_secs()))
 }
 
-/// `text` limited to one printable line of at most 300 characters: the
+/// Longest daemon message passed on to a terminal or log.
+const MAX_MESSAGE: usize = 300;
+
+/// `text` as one printable line of at most [`MAX_MESSAGE`] bytes: the
 /// daemon's message goes to a terminal or a log.
 pub(crate) fn printable(text: &str) -> String {
-    text.chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .take(300)
-        .collect()
+    credd_core::text::one_line(text, MAX_MESSAGE)
 }
 
 #[cfg(test)]

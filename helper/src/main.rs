@@ -112,20 +112,11 @@ pub(crate) fn print_stdout(text: &str) -> ExitCode {
 
 /// Prints `credd: error: a -> b -> c` for an error and its causes.
 fn report(error: &anyhow::Error) -> ExitCode {
-    eprintln!("credd: error: {}", error_chain(error.as_ref()));
+    eprintln!(
+        "credd: error: {}",
+        credd_core::text::error_chain(error.as_ref())
+    );
     ExitCode::FAILURE
-}
-
-/// An error and its sources joined with ` -> `.
-pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(" -> ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 fn token(args: Vec<OsString>) -> ExitCode {

@@ -94,7 +94,7 @@ pub(crate) fn render(status: &Status, config: &Config, now: SystemTime) -> Strin
             .as_deref()
             .map_or_else(|| "none".to_owned(), daemon::printable),
     );
-    line("platform:", &daemon::printable(&status.platform));
+    line("platform:", status.platform.as_str());
     line("platform calls:", &status.platform_calls.to_string());
     line("served:", &status.served.to_string());
     line("uptime:", &secs(status.uptime_secs));
@@ -132,7 +132,7 @@ mod tests {
             next_refresh_in_secs: Some(2_530),
             last_refresh_at: Some(1_799_999_880),
             last_error: Some("the platform failed (HTTP 500)\nsecond line".into()),
-            platform: "ok".into(),
+            platform: credd_core::protocol::PlatformHealth::Ok,
             platform_calls: 7,
             served: 99,
         };

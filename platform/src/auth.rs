@@ -22,7 +22,7 @@ pub const MAX_TOKENS_FILE_BYTES: u64 = 8 * 1024 * 1024;
 /// Most entries accepted in a workspace tokens file.
 pub const MAX_TOKENS_FILE_ENTRIES: usize = 100_000;
 /// Longest workspace ID accepted.
-pub const MAX_WORKSPACE_ID_CHARS: usize = 128;
+pub const MAX_WORKSPACE_ID_CHARS: usize = credd_core::config::MAX_WORKSPACE_ID_LEN;
 /// Longest bearer accepted in an `Authorization` header.
 pub const MAX_BEARER_BYTES: usize = 4096;
 
@@ -32,13 +32,10 @@ fn digest(bearer: &str) -> Digest32 {
     Sha256::digest(bearer.as_bytes()).into()
 }
 
-/// Whether `id` is a plausible workspace ID: 1-128 of `[A-Za-z0-9._-]`.
+/// Whether `id` is a workspace ID: the one rule the daemon and the helper
+/// apply too ([`credd_core::config::is_valid_workspace_id`]).
 pub fn valid_workspace_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= MAX_WORKSPACE_ID_CHARS
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+    credd_core::config::is_valid_workspace_id(id)
 }
 
 /// A workspace tokens file could not be used.
@@ -100,7 +97,7 @@ impl TokenTable {
             };
             if !valid_workspace_id(id) {
                 return Err(fail(format!(
-                    "the workspace ID must be 1-{MAX_WORKSPACE_ID_CHARS} characters of letters, digits, '.', '_' or '-'"
+                    "the workspace ID must be 1-{MAX_WORKSPACE_ID_CHARS} characters of letters, digits, '.', '_' or '-', not starting with '.'"
                 )));
             }
             let hash = parse_hex_digest(hex).ok_or_else(|| {

@@ -131,7 +131,7 @@ fn sample_status() -> Status {
         next_refresh_in_secs: Some(60),
         last_refresh_at: None,
         last_error: Some("cannot reach the platform".into()),
-        platform: "failing".into(),
+        platform: credd_core::protocol::PlatformHealth::Failing,
         platform_calls: 3,
         served: 17,
     }

@@ -187,7 +187,7 @@ fn server_errors_back_off_instead_of_looping_or_following_clients() {
         seen.len()
     );
     let status = sandbox.status();
-    assert_eq!(status.platform, "failing", "{status:?}");
+    assert_eq!(status.platform.as_str(), "failing", "{status:?}");
     assert!(status.last_error.is_some(), "{status:?}");
     assert_eq!(status.state, Some(TokenState::Missing));
 
@@ -256,7 +256,7 @@ fn unauthorized_twice_then_backs_off() {
         "after a 401 the daemon retries once, then backs off"
     );
     let status = sandbox.status();
-    assert_eq!(status.platform, "unauthorized", "{status:?}");
+    assert_eq!(status.platform.as_str(), "unauthorized", "{status:?}");
     daemon.stop();
 }
 
@@ -273,7 +273,7 @@ fn not_found_means_not_configured() {
         .start();
     platform.wait_for_requests(1, WAIT);
     let status = sandbox.wait_for_status("platform not_configured", |s| {
-        s.platform == "not_configured"
+        s.platform.as_str() == "not_configured"
     });
     assert_eq!(status.state, Some(TokenState::Missing));
     sandbox.assert_get_fails(ErrorCode::Unavailable);
@@ -391,7 +391,7 @@ fn non_json_answer_is_transient_and_never_logged() {
     platform.wait_for_requests(2, WAIT);
     sandbox.assert_get_fails(ErrorCode::Unavailable);
     let status = sandbox.status();
-    assert_eq!(status.platform, "failing", "{status:?}");
+    assert_eq!(status.platform.as_str(), "failing", "{status:?}");
     assert!(
         !status
             .last_error
@@ -619,7 +619,7 @@ fn status_shows_state_without_the_token() {
     assert_eq!(status.state, Some(TokenState::Valid));
     assert_eq!(status.source, Some(Source::Platform));
     assert_eq!(status.expires_at, Some(expires_at));
-    assert_eq!(status.platform, "ok");
+    assert_eq!(status.platform.as_str(), "ok");
     assert_eq!(status.platform_calls, 1);
     assert!(status.served >= 1);
     assert_eq!(

@@ -222,7 +222,7 @@ fn a_bearer_file_that_blocks_on_open_freezes_nothing() {
             .as_deref()
             .is_some_and(|e| e.contains("not a regular file"))
     });
-    assert_eq!(status.platform, "unauthorized", "{status:?}");
+    assert_eq!(status.platform.as_str(), "unauthorized", "{status:?}");
     assert_eq!(platform.requests(), 0, "no call without a bearer");
     daemon.stop();
 }

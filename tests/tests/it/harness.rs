@@ -8,7 +8,7 @@ use std::ffi::OsString;
 use std::time::Duration;
 
 use credd_core::config::Config;
-use credd_core::platform::{ErrorClass, PlatformClient, PlatformError, Timeouts};
+use molecule_credd::platform::{ErrorClass, PlatformClient, PlatformError, Timeouts};
 
 use crate::util::{Fault, GitServer, Sandbox, TestPlatform, WAIT, assert_secret, write_file};
 

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use credd_core::config::Config;
-use credd_core::platform::{ErrorClass, PlatformClient, PlatformError, Timeouts};
+use molecule_credd::platform::{ErrorClass, PlatformClient, PlatformError, Timeouts};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -199,7 +199,7 @@ async fn classifies_statuses_and_honours_retry_after() {
     assert_eq!(errors[3].class(), ErrorClass::Transient);
     assert_eq!(
         errors[4].retry_after(),
-        Some(credd_core::platform::MAX_RETRY_AFTER)
+        Some(molecule_credd::platform::MAX_RETRY_AFTER)
     );
     assert!(matches!(
         errors[5],

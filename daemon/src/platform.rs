@@ -1,4 +1,5 @@
-//! The platform's token endpoint, called the same way by daemon and helper.
+//! The platform's token endpoint: the daemon's one client of it (the
+//! refresher's calls and `--fetch-once`).
 //!
 //! `GET {PLATFORM_URL}/workspaces/{id}/github-installation-token` (or the admin
 //! route) with `Authorization: Bearer <.auth_token>` answers
@@ -24,8 +25,9 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
-use crate::config::Config;
-use crate::secret::Token;
+use credd_core::config::Config;
+use credd_core::deadlines;
+use credd_core::secret::Token;
 
 /// Largest response body read from the platform.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -34,7 +36,7 @@ pub const MAX_BEARER_FILE: u64 = 8 * 1024;
 /// How long reading `.auth_token` may take. It lives on whatever filesystem
 /// `CONFIGS_DIR` is (a network mount, a secret volume); a stalled one must
 /// cost a failed call, not a frozen daemon or a hung `git fetch`.
-pub const BEARER_READ_TIMEOUT: Duration = Duration::from_secs(2);
+pub const BEARER_READ_TIMEOUT: Duration = deadlines::BEARER_READ;
 /// Longest `Retry-After` honoured; anything longer is treated as this.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 

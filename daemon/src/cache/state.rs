@@ -1,0 +1,376 @@
+//! The cache's state and its transitions, as plain functions.
+//!
+//! Everything the refresher decides — what a grant or a failure does to the
+//! schedule, which token may be served, when a client may bring a call
+//! forward — is a method on [`State`] that takes the policy, the clocks and
+//! the random draw as arguments. So each rule is tested directly, without a
+//! runtime or a platform double, and the async code around it only locks,
+//! calls and notifies.
+
+use std::collections::VecDeque;
+use std::time::{Duration, SystemTime};
+
+use credd_core::protocol::{PlatformHealth, Source};
+use credd_core::secret::Token;
+use credd_core::text::error_chain;
+use tokio::time::Instant;
+
+use super::policy::{
+    CLIENT_CALL_WINDOW, CLIENT_CALLS_PER_WINDOW, CachePolicy, MAX_ERROR_TEXT, MAX_TRUSTED_LIFETIME,
+    MIN_REFRESH_DELAY,
+};
+use super::schedule::{backoff_delay, refresh_delay};
+use super::unix_secs;
+use crate::platform::{ErrorClass, Grant, PlatformError};
+
+/// Both clocks at one moment (see the cache's docs): the monotonic clock
+/// drives timers, `CLOCK_BOOTTIME` counts suspend.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Now {
+    /// The monotonic clock (tokio's, so tests can pause it).
+    pub(super) mono: Instant,
+    /// [`crate::clock::boottime`].
+    pub(super) boot: Duration,
+}
+
+/// Who asked for a refresh outside the schedule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) enum Requester {
+    /// A client found no usable token (rate limited, never overrides back-off).
+    Client,
+    /// SIGHUP: always calls.
+    Operator,
+}
+
+/// When a token stops living, on both clocks.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Deadline {
+    /// On the monotonic clock (drives timers; stops during suspend).
+    pub(super) mono: Instant,
+    /// On [`crate::clock::boottime`] (counts suspend).
+    pub(super) boot: Duration,
+}
+
+pub(super) struct CachedToken {
+    pub(super) token: Token,
+    pub(super) deadline: Deadline,
+}
+
+pub(super) struct BootstrapToken {
+    pub(super) token: Token,
+    pub(super) deadline: Deadline,
+}
+
+pub(super) struct State {
+    pub(super) cached: Option<CachedToken>,
+    /// Dropped (and zeroed) once a platform token arrives or its age is up.
+    pub(super) bootstrap: Option<BootstrapToken>,
+    pub(super) health: PlatformHealth,
+    pub(super) last_error: Option<String>,
+    pub(super) last_refresh_at: Option<u64>,
+    pub(super) next_attempt: Instant,
+    pub(super) backing_off: bool,
+    pub(super) in_flight: bool,
+    pub(super) requested: Option<Requester>,
+    pub(super) failures: u32,
+    /// Tokens in a row that were servable for less than `--min-lifetime`.
+    pub(super) short_streak: u32,
+    pub(super) unauthorized_retried: bool,
+    pub(super) client_calls: VecDeque<Instant>,
+    pub(super) platform_calls: u64,
+    pub(super) served: u64,
+}
+
+/// Life left until `deadline` at `now`: the lesser of the two clocks' answers.
+pub(super) fn life_left(deadline: Deadline, now: Now) -> Duration {
+    deadline
+        .mono
+        .saturating_duration_since(now.mono)
+        .min(deadline.boot.saturating_sub(now.boot))
+}
+
+impl State {
+    /// The state at start: nothing cached, the first call due at once.
+    pub(super) fn new(started: Instant, bootstrap: Option<BootstrapToken>) -> Self {
+        Self {
+            cached: None,
+            bootstrap,
+            health: PlatformHealth::Unknown,
+            last_error: None,
+            last_refresh_at: None,
+            next_attempt: started,
+            backing_off: false,
+            in_flight: false,
+            requested: None,
+            failures: 0,
+            short_streak: 0,
+            unauthorized_retried: false,
+            client_calls: VecDeque::new(),
+            platform_calls: 0,
+            served: 0,
+        }
+    }
+
+    /// The token to serve now, if any, with its life left: the platform's
+    /// while it has at least `min_lifetime` left, else the bootstrap token
+    /// while it may be served.
+    pub(super) fn usable(
+        &self,
+        policy: &CachePolicy,
+        now: Now,
+    ) -> Option<(Token, Duration, Source)> {
+        if let Some(c) = &self.cached {
+            let left = life_left(c.deadline, now);
+            if left >= policy.min_lifetime {
+                return Some((c.token.clone(), left, Source::Platform));
+            }
+        }
+        let b = self.bootstrap.as_ref()?;
+        let left = life_left(b.deadline, now);
+        (!left.is_zero()).then(|| (b.token.clone(), left, Source::Env))
+    }
+
+    /// Caches `grant` (or refuses it if it has too little life); returns the
+    /// token when it is a new one.
+    pub(super) fn accept(
+        &mut self,
+        policy: &CachePolicy,
+        grant: Grant,
+        sent_at: Deadline,
+        now: Now,
+        unit: f64,
+    ) -> Option<Token> {
+        // Counted from when the request left: the answer cannot be older.
+        let lifetime = grant.lifetime.min(MAX_TRUSTED_LIFETIME);
+        let deadline = Deadline {
+            mono: sent_at.mono + lifetime,
+            boot: sent_at.boot + lifetime,
+        };
+        let life = life_left(deadline, now);
+        if life < policy.min_lifetime.max(MIN_REFRESH_DELAY) {
+            self.fail(
+                policy,
+                &Failure::TooShort {
+                    life,
+                    min: policy.min_lifetime,
+                },
+                now,
+                unit,
+            );
+            return None;
+        }
+        let unchanged = self.cached.as_ref().is_some_and(|c| c.token == grant.token);
+        let mut delay = refresh_delay(
+            life,
+            policy.refresh_margin,
+            policy.min_lifetime,
+            unit,
+            unchanged,
+        );
+        // Servable for less than the minimum itself: the platform is handing
+        // out nearly dead tokens. Bounded like failures from the second on.
+        if life.saturating_sub(policy.min_lifetime) < policy.min_lifetime {
+            self.short_streak = self.short_streak.saturating_add(1);
+        } else {
+            self.short_streak = 0;
+        }
+        let short_lived = self.short_streak >= 2;
+        if short_lived {
+            delay = delay.max(backoff_delay(
+                policy.backoff_initial,
+                policy.backoff_max,
+                self.short_streak - 2,
+                unit,
+            ));
+        }
+        let fingerprint = grant.token.fingerprint();
+        tracing::info!(
+            fingerprint,
+            expires_at = unix_secs(grant.expires_at),
+            expires_in_secs = life.as_secs(),
+            next_refresh_in_secs = delay.as_secs(),
+            "{}",
+            if unchanged {
+                "the platform has not rotated the token yet"
+            } else {
+                "token refreshed from the platform"
+            }
+        );
+        // The hook hears about new tokens only.
+        let token = (!unchanged).then(|| grant.token.clone());
+        self.cached = Some(CachedToken {
+            token: grant.token,
+            deadline,
+        });
+        if self.bootstrap.take().is_some() {
+            tracing::info!(
+                "the platform's token replaces the bootstrap token from the environment"
+            );
+        }
+        if short_lived {
+            let text = format!(
+                "the platform handed out {} tokens in a row with only {}s of life (--min-lifetime {}s); next call in {}s",
+                self.short_streak,
+                life.as_secs(),
+                policy.min_lifetime.as_secs(),
+                delay.as_secs()
+            );
+            tracing::warn!(error = %text, "platform tokens are too short-lived; backing off");
+            self.health = PlatformHealth::ShortLived;
+            self.last_error = Some(text);
+        } else {
+            self.health = PlatformHealth::Ok;
+            self.last_error = None;
+        }
+        self.last_refresh_at = Some(unix_secs(SystemTime::now()));
+        self.failures = 0;
+        self.unauthorized_retried = false;
+        // While short-lived, clients must not bring calls forward either.
+        self.backing_off = short_lived;
+        self.next_attempt = now.mono + delay;
+        token
+    }
+
+    /// Records a failed call (or an unservable grant) and schedules the
+    /// retry: back-off, `Retry-After`, one immediate retry after a first
+    /// 401/403, the longest wait after a 404.
+    pub(super) fn fail(
+        &mut self,
+        policy: &CachePolicy,
+        failure: &Failure<'_>,
+        now: Now,
+        unit: f64,
+    ) {
+        let text = failure.describe();
+        let class = failure.class();
+        let backoff = |state: &mut Self| {
+            let d = backoff_delay(
+                policy.backoff_initial,
+                policy.backoff_max,
+                state.failures,
+                unit,
+            );
+            state.failures = state.failures.saturating_add(1);
+            d
+        };
+        let delay = match class {
+            ErrorClass::Unauthorized if !self.unauthorized_retried => {
+                // The bearer may have rotated under us: one immediate retry
+                // (the next call re-reads the file).
+                self.unauthorized_retried = true;
+                Duration::ZERO
+            }
+            ErrorClass::NotConfigured => {
+                self.unauthorized_retried = false;
+                policy.backoff_max.mul_f64(0.75 + unit / 4.0)
+            }
+            ErrorClass::Unauthorized => backoff(self),
+            ErrorClass::Bearer | ErrorClass::Transient => {
+                self.unauthorized_retried = false;
+                let d = backoff(self);
+                d.max(failure.retry_after().unwrap_or_default())
+            }
+        };
+        self.health = match class {
+            ErrorClass::Unauthorized | ErrorClass::Bearer => PlatformHealth::Unauthorized,
+            ErrorClass::NotConfigured => PlatformHealth::NotConfigured,
+            ErrorClass::Transient => PlatformHealth::Failing,
+        };
+        self.backing_off = true;
+        self.next_attempt = now.mono + delay;
+        let serving = self.usable(policy, now).map(|(_, _, source)| source);
+        tracing::warn!(
+            error = %text,
+            platform = self.health.as_str(),
+            retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+            still_serving = serving.map_or("nothing", |s| match s {
+                Source::Platform => "cached platform token",
+                Source::Env => "bootstrap token",
+            }),
+            "platform call failed"
+        );
+        self.last_error = Some(text);
+    }
+
+    /// Whether an out-of-schedule request (taken from `requested`) leads to
+    /// a call now; clients are rate limited and never cut a back-off short.
+    pub(super) fn take_request(&mut self, policy: &CachePolicy, now: Now) -> bool {
+        let Some(requester) = self.requested.take() else {
+            return false;
+        };
+        let now_mono = now.mono;
+        match requester {
+            Requester::Operator => true,
+            // Someone else's call already produced a token, or the platform
+            // is failing and the back-off decides.
+            Requester::Client if self.usable(policy, now).is_some() || self.backing_off => false,
+            // Due anyway (the first call at start): not the client's doing.
+            Requester::Client if now.mono >= self.next_attempt => true,
+            Requester::Client => {
+                while self
+                    .client_calls
+                    .front()
+                    .is_some_and(|&t| now_mono.duration_since(t) >= CLIENT_CALL_WINDOW)
+                {
+                    self.client_calls.pop_front();
+                }
+                if self.client_calls.len() < CLIENT_CALLS_PER_WINDOW {
+                    self.client_calls.push_back(now_mono);
+                    true
+                } else {
+                    let free_at =
+                        self.client_calls.front().copied().unwrap_or(now_mono) + CLIENT_CALL_WINDOW;
+                    self.next_attempt = self.next_attempt.min(free_at);
+                    tracing::debug!(
+                        "clients asked for more than {CLIENT_CALLS_PER_WINDOW} platform calls a minute; next call when the window frees"
+                    );
+                    false
+                }
+            }
+        }
+    }
+}
+
+/// Why a call did not produce a servable token.
+pub(super) enum Failure<'a> {
+    Platform(&'a PlatformError),
+    TooShort { life: Duration, min: Duration },
+}
+
+impl Failure<'_> {
+    pub(super) fn class(&self) -> ErrorClass {
+        match self {
+            Self::Platform(e) => e.class(),
+            Self::TooShort { .. } => ErrorClass::Transient,
+        }
+    }
+
+    pub(super) fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Platform(e) => e.retry_after(),
+            Self::TooShort { .. } => None,
+        }
+    }
+
+    /// The error chain `a -> b -> c`, bounded. Platform errors never carry
+    /// the token, the bearer or the body (credd-core guarantees it).
+    pub(super) fn describe(&self) -> String {
+        let mut text = match self {
+            Self::Platform(e) => error_chain(*e),
+            Self::TooShort { life, min } => format!(
+                "the platform handed out a token with {}s of life left, less than --min-lifetime {}s",
+                life.as_secs(),
+                min.as_secs()
+            ),
+        };
+        if text.len() > MAX_ERROR_TEXT {
+            let mut cut = MAX_ERROR_TEXT;
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            text.truncate(cut);
+            text.push('…');
+        }
+        text
+    }
+}

@@ -1,0 +1,542 @@
+//! The cache as a whole, on tokio's paused clock, against platform doubles:
+//! single flight, the schedule over whole lifetimes, back-off, bootstrap,
+//! erase, status, suspend.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use credd_core::protocol::{Response, Source, TokenState};
+use credd_core::secret::Token;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::policy::{CLIENT_CALL_WINDOW, CLIENT_CALLS_PER_WINDOW};
+use super::*;
+use crate::clock::BootClock;
+
+const M: Duration = Duration::from_secs(600);
+const MIN: Duration = Duration::from_secs(60);
+
+/// A platform double: answers from a script, counts calls, and can hold
+/// a call until released.
+struct FakePlatform {
+    calls: AtomicUsize,
+    script: Mutex<VecDeque<Result<Duration, PlatformError>>>,
+    gate: tokio::sync::Semaphore,
+}
+
+impl FakePlatform {
+    fn new(script: Vec<Result<Duration, PlatformError>>, open: bool) -> Arc<Self> {
+        Arc::new(Self {
+            calls: AtomicUsize::new(0),
+            script: Mutex::new(script.into()),
+            gate: tokio::sync::Semaphore::new(if open {
+                tokio::sync::Semaphore::MAX_PERMITS
+            } else {
+                0
+            }),
+        })
+    }
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+impl Fetch for Arc<FakePlatform> {
+    async fn fetch(&self) -> Result<Grant, PlatformError> {
+        let n = self.calls.fetch_add(1, Ordering::SeqCst);
+        // Each call consumes a permit: a test can let calls through one by one.
+        self.gate.acquire().await.expect("gate open").forget();
+        let next = self
+            .script
+            .lock()
+            .unwrap()
+            .pop_front()
+            .unwrap_or(Ok(Duration::from_secs(3600)));
+        next.map(|lifetime| Grant {
+            token: Token::new(format!("ghs_fake{n}")).unwrap(),
+            expires_at: SystemTime::now() + lifetime,
+            lifetime,
+        })
+    }
+}
+
+/// Like the real platform: caches a 60-min token and rotates it only
+/// when less than 5 min are left.
+#[derive(Default)]
+struct RotatingPlatform {
+    calls: AtomicUsize,
+    minted: AtomicUsize,
+    current: Mutex<Option<(Token, Instant)>>,
+}
+
+impl Fetch for Arc<RotatingPlatform> {
+    async fn fetch(&self) -> Result<Grant, PlatformError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let now = Instant::now();
+        let mut current = self.current.lock().unwrap();
+        let stale = current.as_ref().is_none_or(|(_, expiry)| {
+            expiry.saturating_duration_since(now) <= Duration::from_secs(300)
+        });
+        if stale {
+            let n = self.minted.fetch_add(1, Ordering::SeqCst);
+            let token = Token::new(format!("ghs_rotated{n}")).unwrap();
+            *current = Some((token, now + Duration::from_secs(3600)));
+        }
+        let (token, expiry) = current.clone().expect("minted");
+        let lifetime = expiry.saturating_duration_since(now);
+        Ok(Grant {
+            token,
+            expires_at: SystemTime::now() + lifetime,
+            lifetime,
+        })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_calls_per_token_lifetime_against_a_platform_that_rotates_late() {
+    let platform = Arc::new(RotatingPlatform::default());
+    let cache = Arc::new(TokenCache::new(Arc::clone(&platform), policy(), None));
+    let cancel = CancellationToken::new();
+    let refresher = Arc::clone(&cache);
+    let c = cancel.clone();
+    tokio::spawn(async move { refresher.run_refresher(c).await });
+    // Ten hours of clients asking every minute: never without a token.
+    for _ in 0..600 {
+        let answer = cache.get().await;
+        assert!(matches!(answer, Response::Token { .. }), "{answer:?}");
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    }
+    let minted = platform.minted.load(Ordering::SeqCst);
+    let calls = platform.calls.load(Ordering::SeqCst);
+    assert!(minted >= 10, "{minted} tokens in 10 h");
+    assert!(calls <= 2 * minted, "{calls} calls for {minted} tokens");
+    cancel.cancel();
+}
+
+fn policy() -> CachePolicy {
+    CachePolicy {
+        refresh_margin: M,
+        min_lifetime: MIN,
+        wait_timeout: Duration::from_secs(4),
+        bootstrap_max_age: Duration::from_secs(3000),
+        backoff_initial: Duration::from_secs(1),
+        backoff_max: Duration::from_secs(300),
+    }
+}
+
+fn start(
+    platform: &Arc<FakePlatform>,
+    policy: CachePolicy,
+    bootstrap: Option<&str>,
+) -> (Arc<TokenCache<Arc<FakePlatform>>>, CancellationToken) {
+    // tokio's paused clock drives these tests; a boot clock that stands
+    // still leaves every deadline to it (suspend has its own test).
+    start_with_boot_clock(platform, policy, bootstrap, || Duration::ZERO)
+}
+
+fn start_with_boot_clock(
+    platform: &Arc<FakePlatform>,
+    policy: CachePolicy,
+    bootstrap: Option<&str>,
+    boot_clock: BootClock,
+) -> (Arc<TokenCache<Arc<FakePlatform>>>, CancellationToken) {
+    let cache = Arc::new(
+        TokenCache::new(
+            Arc::clone(platform),
+            policy,
+            bootstrap.map(|b| Token::new(b.into()).unwrap()),
+        )
+        .with_boot_clock(boot_clock),
+    );
+    let cancel = CancellationToken::new();
+    let refresher = Arc::clone(&cache);
+    let c = cancel.clone();
+    tokio::spawn(async move { refresher.run_refresher(c).await });
+    (cache, cancel)
+}
+
+fn token_of(r: &Response) -> (String, Source) {
+    match r {
+        Response::Token { token, source, .. } => (token.expose().to_owned(), *source),
+        other => panic!("expected a token, got {other:?}"),
+    }
+}
+
+fn server_error() -> PlatformError {
+    PlatformError::Server {
+        status: 500,
+        retry_after: None,
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn concurrent_gets_on_an_empty_cache_share_one_call() {
+    let platform = FakePlatform::new(vec![], false);
+    let (cache, cancel) = start(&platform, policy(), None);
+    let gets: Vec<_> = (0..100)
+        .map(|_| {
+            let cache = Arc::clone(&cache);
+            tokio::spawn(async move { cache.get().await })
+        })
+        .collect();
+    tokio::task::yield_now().await;
+    platform.gate.add_permits(1000);
+    for get in gets {
+        assert_eq!(token_of(&get.await.unwrap()).0, "ghs_fake0");
+    }
+    assert_eq!(platform.calls(), 1);
+    assert_eq!(cache.status().served, 100);
+    cancel.cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn refreshes_ahead_of_expiry_once_per_lifetime() {
+    let platform = FakePlatform::new(vec![], true);
+    let (cache, cancel) = start(&platform, policy(), None);
+    assert_eq!(token_of(&cache.get().await).0, "ghs_fake0");
+    // 50 minutes later, no second call yet (refresh at 47.5..50 min).
+    tokio::time::sleep(Duration::from_secs(47 * 60)).await;
+    assert_eq!(platform.calls(), 1);
+    tokio::time::sleep(Duration::from_secs(3 * 60 + 1)).await;
+    assert_eq!(platform.calls(), 2);
+    assert_eq!(token_of(&cache.get().await).0, "ghs_fake1");
+    cancel.cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn failures_back_off_and_keep_serving_the_cached_token() {
+    let platform = FakePlatform::new(
+        vec![
+            Ok(Duration::from_secs(3600)),
+            Err(server_error()),
+            Err(server_error()),
+            Err(server_error()),
+        ],
+        true,
+    );
+    let (cache, cancel) = start(&platform, policy(), None);
+    cache.get().await;
+    cache.refresh_now();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(platform.calls(), 2);
+    // While failing: served from cache, no call per client.
+    for _ in 0..50 {
+        assert_eq!(token_of(&cache.get().await).0, "ghs_fake0");
+    }
+    assert_eq!(platform.calls(), 2);
+    let status = cache.status();
+    assert_eq!(status.platform.as_str(), "failing");
+    assert!(status.last_error.as_deref().unwrap().contains("500"));
+    // Back-off: the next calls come after ≥0.5 s, then ≥1 s, then ≥2 s.
+    tokio::time::sleep(Duration::from_millis(499)).await;
+    assert_eq!(platform.calls(), 2);
+    tokio::time::sleep(Duration::from_millis(502)).await;
+    assert_eq!(platform.calls(), 3);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(platform.calls() >= 4);
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    assert_eq!(cache.status().platform.as_str(), "ok");
+    cancel.cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn unauthorized_is_retried_once_then_backs_off() {
+    let unauthorized = || PlatformError::Unauthorized {
+        status: 401,
+        path: "/configs/.auth_token".into(),
+    };
+    let platform = FakePlatform::new((0..10).map(|_| Err(unauthorized())).collect(), true);
+    let mut p = policy();
+    p.backoff_initial = Duration::from_secs(3600);
+    p.backoff_max = Duration::from_secs(3600);
+    let (cache, cancel) = start(&platform, p, None);
+    let answer = cache.get().await;
+    assert!(
+        matches!(answer, Response::Error { code: ErrorCode::Unavailable, ref message } if message.contains("401")),
+        "{answer:?}"
+    );
+    assert_eq!(platform.calls(), 2, "one immediate retry");
+    assert_eq!(cache.status().platform.as_str(), "unauthorized");
+    // Clients cannot override the back-off.
+    for _ in 0..10 {
+        cache.get().await;
+    }
+    assert_eq!(platform.calls(), 2);
+    cancel.cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_and_not_configured_wait_long() {
+    let platform = FakePlatform::new(
+        vec![
+            Err(PlatformError::RateLimited {
+                retry_after: Some(Duration::from_secs(30)),
+            }),
+            Err(PlatformError::NotConfigured),
+        ],
+        true,
+    );
+    let (cache, cancel) = start(&platform, policy(), None);
+    tokio::time::sleep(Duration::from_secs(29)).await;
+    assert_eq!(platform.calls(), 1, "Retry-After: 30 honoured");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(platform.calls(), 2);
+    assert_eq!(cache.status().platform.as_str(), "not_configured");
+    // 404: at least 3/4 of the 5 min cap.
+    tokio::time::sleep(Duration::from_secs(223)).await;
+    assert_eq!(platform.calls(), 2);
+    tokio::time::sleep(Duration::from_secs(80)).await;
+    assert_eq!(platform.calls(), 3);
+    cancel.cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn bootstrap_is_served_until_the_platform_answers_or_its_age_is_up() {
+    let platform = FakePlatform::new((0..10_000).map(|_| Err(server_error())).collect(), true);
+    let mut p = policy();
+    p.bootstrap_max_age = Duration::from_secs(600);
+    let (cache, cancel) = start(&platform, p, Some("ghs_bootstrap"));
+    let (token, source) = token_of(&cache.get().await);
+    assert_eq!((token.as_str(), source), ("ghs_bootstrap", Source::Env));
+    assert_eq!(cache.status().source, Some(Source::Env));
+    tokio::time::sleep(Duration::from_secs(601)).await;
+    assert!(matches!(
+        cache.get().await,
+        Response::Error {
+            code: ErrorCode::Unavailable,
+            ..
+        }
+    ));
+    cancel.cancel();
+
+    let platform = FakePlatform::new(vec![], true);
+    let (cache, cancel) = start(&platform, policy(), Some("ghs_bootstrap"));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(
+        token_of(&cache.get().await),
+        ("ghs_fake0".into(), Source::Platform)
+    );
+    cancel.cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn erase_drops_only_a_matching_token_and_clients_are_rate_limited() {
+    let platform = FakePlatform::new(vec![], true);
+    let (cache, cancel) = start(&platform, policy(), None);
+    let (first, _) = token_of(&cache.get().await);
+    let other = credd_core::secret::sha256_hex(b"something else");
+    assert_eq!(cache.erase(&other), Response::Erased { dropped: false });
+    assert!(matches!(
+        cache.erase("not-hex"),
+        Response::Error {
+            code: ErrorCode::BadRequest,
+            ..
+        }
+    ));
+    // Erase after erase: only CLIENT_CALLS_PER_WINDOW client-caused calls a minute.
+    let mut current = first;
+    for _ in 0..(CLIENT_CALLS_PER_WINDOW + 3) {
+        let hash = credd_core::secret::sha256_hex(current.as_bytes());
+        assert_eq!(cache.erase(&hash), Response::Erased { dropped: true });
+        assert_eq!(cache.status().state, Some(TokenState::Missing));
+        match cache.get().await {
+            Response::Token { token, .. } => current = token.expose().to_owned(),
+            Response::Error { .. } => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(platform.calls(), 1 + CLIENT_CALLS_PER_WINDOW);
+    // The window frees up: the next call happens without a client.
+    tokio::time::sleep(CLIENT_CALL_WINDOW + Duration::from_secs(1)).await;
+    assert_eq!(platform.calls(), 2 + CLIENT_CALLS_PER_WINDOW);
+    cancel.cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_token_below_the_minimum_life_is_never_served() {
+    let platform = FakePlatform::new(
+        (0..1000).map(|_| Ok(Duration::from_secs(20))).collect(),
+        true,
+    );
+    let (cache, cancel) = start(&platform, policy(), None);
+    let answer = cache.get().await;
+    assert!(
+        matches!(answer, Response::Error { code: ErrorCode::Unavailable, ref message } if message.contains("min-lifetime")),
+        "{answer:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    // Backed off (≥0.5 s, ≥1 s, ≥2 s, …) rather than looping.
+    assert!(platform.calls() < 10, "{}", platform.calls());
+    cancel.cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn sighup_overrides_the_back_off_and_many_make_one_follow_up_call() {
+    let platform = FakePlatform::new(vec![Err(server_error())], false);
+    let mut p = policy();
+    p.backoff_initial = Duration::from_secs(3600);
+    p.backoff_max = Duration::from_secs(3600);
+    let (cache, cancel) = start(&platform, p, None);
+    platform.gate.add_permits(1);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(platform.calls(), 1);
+    assert!(cache.status().next_refresh_in_secs.unwrap() >= 1800);
+    // The operator's override: a call now, whatever the back-off says.
+    cache.refresh_now();
+    platform.gate.add_permits(1);
+    assert_eq!(token_of(&cache.get().await).0, "ghs_fake1");
+    assert_eq!(platform.calls(), 2);
+    // SIGHUPs during a call (it may have read the old bearer) lead to one
+    // more call after it, not one each.
+    cache.refresh_now();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(platform.calls(), 3, "in flight");
+    for _ in 0..5 {
+        cache.refresh_now();
+    }
+    platform.gate.add_permits(10);
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(platform.calls(), 4);
+    cancel.cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn status_and_health_follow_the_token() {
+    let platform = FakePlatform::new(
+        std::iter::once(Ok(Duration::from_secs(3600)))
+            .chain((0..1000).map(|_| Err(server_error())))
+            .collect(),
+        true,
+    );
+    let (cache, cancel) = start(&platform, policy(), None);
+    cache.get().await;
+    let status = cache.status();
+    assert_eq!(status.state, Some(TokenState::Valid));
+    assert_eq!(status.source, Some(Source::Platform));
+    assert_eq!(status.expires_in_secs, Some(3600));
+    assert_eq!(status.platform.as_str(), "ok");
+    assert_eq!((status.platform_calls, status.served), (1, 1));
+    let next = status.next_refresh_in_secs.expect("scheduled");
+    assert!((2850..=3000).contains(&next), "{next}");
+    let line = cache.status_line();
+    assert!(
+        line.starts_with("token from platform, expires in 1h"),
+        "{line}"
+    );
+    assert!(!line.contains("ghs_"), "{line}");
+    assert!(cache.is_healthy());
+
+    // The refresh fails from then on: healthy while the token is
+    // servable, not once it is gone.
+    tokio::time::sleep(Duration::from_secs(3600 - 59)).await;
+    let status = cache.status();
+    assert_eq!(status.state, Some(TokenState::Missing));
+    assert_eq!(status.platform.as_str(), "failing");
+    assert!(!cache.is_healthy());
+    let line = cache.status_line();
+    assert!(
+        line.starts_with("no usable token; platform failing: "),
+        "{line}"
+    );
+    cancel.cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_get_waits_at_most_the_wait_timeout() {
+    let platform = FakePlatform::new(vec![], false);
+    let (cache, cancel) = start(&platform, policy(), None);
+    let started = Instant::now();
+    let answer = cache.get().await;
+    assert!(matches!(
+        answer,
+        Response::Error {
+            code: ErrorCode::Unavailable,
+            ..
+        }
+    ));
+    assert_eq!(started.elapsed(), policy().wait_timeout);
+    assert_eq!(platform.calls(), 1);
+    assert_eq!(cache.status().next_refresh_in_secs, Some(0));
+    cancel.cancel();
+}
+
+/// Seconds the simulated machine has been suspended (read by
+/// [`suspended_clock`]); only the suspend test moves it.
+static SUSPENDED_SECS: AtomicU64 = AtomicU64::new(0);
+
+fn suspended_clock() -> Duration {
+    Duration::from_secs(SUSPENDED_SECS.load(Ordering::SeqCst))
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_suspend_longer_than_the_life_left_makes_the_token_unservable() {
+    let platform = FakePlatform::new(
+        (0..4).map(|_| Ok(Duration::from_secs(3600))).collect(),
+        true,
+    );
+    let (cache, cancel) = start_with_boot_clock(&platform, policy(), None, suspended_clock);
+    let (first, _) = token_of(&cache.get().await);
+    assert_eq!(platform.calls(), 1);
+    // The machine sleeps 70 minutes; the monotonic (paused) clock does
+    // not move, exactly as CLOCK_MONOTONIC does not during suspend.
+    SUSPENDED_SECS.store(70 * 60, Ordering::SeqCst);
+    assert_eq!(cache.status().state, Some(TokenState::Missing));
+    let (second, _) = token_of(&cache.get().await);
+    assert_ne!(
+        first, second,
+        "the dead token is never served after the wake"
+    );
+    assert_eq!(platform.calls(), 2);
+    cancel.cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn served_expiry_is_this_machines_clock_plus_the_life_left() {
+    let platform = FakePlatform::new(vec![Ok(Duration::from_secs(3600))], true);
+    let (cache, cancel) = start(&platform, policy(), None);
+    let Response::Token { expires_at, .. } = cache.get().await else {
+        panic!("a token");
+    };
+    let expected = unix_secs(SystemTime::now() + Duration::from_secs(3600));
+    assert!(
+        expires_at.abs_diff(expected) <= 2,
+        "{expires_at} vs local now + 3600 s = {expected}"
+    );
+    assert_eq!(
+        cache.status().expires_at.map(|e| e.abs_diff(expected) <= 2),
+        Some(true)
+    );
+    cancel.cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn tokens_barely_above_the_minimum_life_are_fetched_at_a_bounded_rate() {
+    // A platform that hands out fresh 61-s tokens forever (min 60 s).
+    let platform = FakePlatform::new(
+        (0..2000)
+            .map(|_| Ok(MIN + Duration::from_secs(1)))
+            .collect(),
+        true,
+    );
+    let (cache, cancel) = start(&platform, policy(), None);
+    cache.get().await;
+    tokio::time::sleep(Duration::from_secs(20 * 60)).await;
+    let calls = platform.calls();
+    // Unbounded, that is one call a second (1,200); with the back-off
+    // (initial 1 s doubling to the 5-min cap) it is a few dozen at most.
+    assert!(calls <= 30, "{calls} platform calls in 20 minutes");
+    assert!(calls >= 5, "still asks: {calls}");
+    let status = cache.status();
+    assert_eq!(status.platform.as_str(), "short_lived", "{status:?}");
+    assert!(
+        status
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("in a row")),
+        "{status:?}"
+    );
+    cancel.cancel();
+}

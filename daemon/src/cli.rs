@@ -1,0 +1,267 @@
+//! The command line, and its mapping onto the configuration.
+//!
+//! Flags are layered over the environment (clap reads each flag's variable),
+//! then validated by credd-core exactly as the helper validates the same
+//! variables, so the two binaries can never disagree about a value. Every
+//! default shown in `--help` is the constant that defines it, not a copy.
+
+use std::ffi::OsString;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use credd_core::config::{self, Config, ConfigError, vars};
+use credd_core::deadlines;
+
+use crate::cache::CachePolicy;
+use crate::platform::PlatformError;
+use crate::server;
+use crate::socket::SocketError;
+
+/// Longest value any duration flag accepts; keeps monotonic-clock arithmetic
+/// far from overflow and catches unit typos (`10y`).
+pub const MAX_FLAG_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Exit code for a configuration the daemon refuses: restarting cannot help.
+pub const EXIT_CONFIGURATION: u8 = 2;
+
+/// Keeps a fresh GitHub installation token in memory and serves it to `credd`
+/// over a Unix socket.
+#[derive(Debug, Parser)]
+#[command(name = "molecule-credd", version, about, long_about = None)]
+pub struct Cli {
+    /// Platform base URL
+    #[arg(long, env = vars::PLATFORM_URL, value_name = "URL",
+          default_value = config::DEFAULT_PLATFORM_URL)]
+    pub platform_url: OsString,
+    /// Folder holding .auth_token, the platform bearer (re-read on every call)
+    #[arg(long, env = vars::CONFIGS_DIR, value_name = "DIR",
+          default_value = config::DEFAULT_CONFIGS_DIR)]
+    pub configs_dir: OsString,
+    /// Workspace id; selects the workspace route instead of the admin route
+    #[arg(long, env = vars::WORKSPACE_ID, value_name = "ID")]
+    pub workspace_id: Option<OsString>,
+    /// Socket path (the default follows XDG_RUNTIME_DIR, else /tmp/molecule-credd-$UID)
+    #[arg(long, env = vars::CREDD_SOCKET, value_name = "PATH",
+          default_value_os_t = config::default_socket_path_from_env().into_os_string())]
+    pub socket: OsString,
+    /// Refresh this long before expiry (plus up to a quarter of it as jitter)
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration,
+          default_value_t = CachePolicy::DEFAULT.refresh_margin.into())]
+    pub refresh_margin: humantime::Duration,
+    /// Never serve a token with less life left
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration,
+          default_value_t = CachePolicy::DEFAULT.min_lifetime.into())]
+    pub min_lifetime: humantime::Duration,
+    /// How long a `get` waits for a refresh in flight before answering unavailable
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration,
+          default_value_t = CachePolicy::DEFAULT.wait_timeout.into())]
+    pub wait_timeout: humantime::Duration,
+    /// How long after start the provision-time token may be served
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration,
+          default_value_t = CachePolicy::DEFAULT.bootstrap_max_age.into())]
+    pub bootstrap_max_age: humantime::Duration,
+    /// First retry delay after a failed platform call
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration,
+          default_value_t = CachePolicy::DEFAULT.backoff_initial.into())]
+    pub backoff_initial: humantime::Duration,
+    /// Longest retry delay (also the wait after a 404)
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration,
+          default_value_t = CachePolicy::DEFAULT.backoff_max.into())]
+    pub backoff_max: humantime::Duration,
+    /// Another uid allowed to use the socket (repeatable); the daemon's own uid always is
+    #[arg(long = "allow-uid", value_name = "UID")]
+    pub allow_uid: Vec<u32>,
+    /// Connections served at once; more are answered `busy`
+    #[arg(long, value_name = "N", default_value_t = server::DEFAULT_MAX_CONNECTIONS,
+          value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    pub max_connections: u32,
+    /// Log format on stderr
+    #[arg(long, value_enum, value_name = "FORMAT", default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Run this shell command (`sh -c`) after each refresh that brings a new token, token on its stdin
+    #[arg(long, value_name = "CMD")]
+    pub on_refresh: Option<String>,
+    /// Make one platform call, print the answer as one credd protocol line on stdout and exit
+    /// (what `credd` runs when no daemon answers); no socket, no logs
+    #[arg(long, conflicts_with = "prepare_socket")]
+    pub fetch_once: bool,
+    /// Create (or check) the socket's folder as the daemon would, print the socket path and
+    /// exit: 0 when usable, 3 when the folder is refused, 2 for any other configuration error
+    /// (for entrypoints and scripts)
+    #[arg(long)]
+    pub prepare_socket: bool,
+    /// Read the provision-time token from stdin (until end of file, at most 2 s) instead of
+    /// GITHUB_TOKEN/GH_TOKEN, so it is in no process's environment
+    #[arg(long)]
+    pub bootstrap_from_stdin: bool,
+}
+
+/// How log lines are written on stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines (no timestamps under journald).
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+fn parse_duration(value: &str) -> Result<humantime::Duration, String> {
+    let d: humantime::Duration = value
+        .parse()
+        .map_err(|e| format!("{e}; use a duration like 90s, 10m or 1h"))?;
+    if *d > MAX_FLAG_DURATION {
+        return Err(format!(
+            "{value} is longer than the {} this daemon accepts",
+            humantime::format_duration(MAX_FLAG_DURATION)
+        ));
+    }
+    Ok(d)
+}
+
+/// A bad flag value or combination.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(String);
+
+impl Cli {
+    /// The shared configuration: these flags over the rest of the environment.
+    pub fn config(&self) -> Result<Config, ConfigError> {
+        Config::from_lookup(|name| match name {
+            vars::PLATFORM_URL => Some(self.platform_url.clone()),
+            vars::CONFIGS_DIR => Some(self.configs_dir.clone()),
+            vars::WORKSPACE_ID => self.workspace_id.clone(),
+            vars::CREDD_SOCKET => Some(self.socket.clone()),
+            other => std::env::var_os(other),
+        })
+    }
+
+    /// The cache's timing, checked for combinations that cannot work.
+    pub(crate) fn policy(&self) -> Result<CachePolicy, UsageError> {
+        let show = |d: Duration| humantime::format_duration(d).to_string();
+        let policy = CachePolicy {
+            refresh_margin: *self.refresh_margin,
+            min_lifetime: *self.min_lifetime,
+            wait_timeout: *self.wait_timeout,
+            bootstrap_max_age: *self.bootstrap_max_age,
+            backoff_initial: *self.backoff_initial,
+            backoff_max: *self.backoff_max,
+        };
+        if policy.refresh_margin <= policy.min_lifetime {
+            return Err(UsageError(format!(
+                "--refresh-margin ({}) must be longer than --min-lifetime ({}): a token must be refreshed before it is too old to serve",
+                show(policy.refresh_margin),
+                show(policy.min_lifetime)
+            )));
+        }
+        if policy.wait_timeout > deadlines::DAEMON_WAIT_MAX {
+            return Err(UsageError(format!(
+                "--wait-timeout ({}) is longer than {}: credd stops reading after {}",
+                show(policy.wait_timeout),
+                show(deadlines::DAEMON_WAIT_MAX),
+                show(deadlines::HELPER_READ)
+            )));
+        }
+        if policy.backoff_initial.is_zero() || policy.backoff_initial > policy.backoff_max {
+            return Err(UsageError(format!(
+                "--backoff-initial ({}) must be above zero and at most --backoff-max ({})",
+                show(policy.backoff_initial),
+                show(policy.backoff_max)
+            )));
+        }
+        Ok(policy)
+    }
+}
+
+/// The exit code for a failed run: [`EXIT_CONFIGURATION`] when only a change
+/// of configuration can fix it (supervisors stop restarting), else 1.
+pub fn exit_code(error: &anyhow::Error) -> ExitCode {
+    let configuration = error.chain().any(|e| {
+        e.is::<ConfigError>()
+            || e.is::<UsageError>()
+            || e.downcast_ref::<SocketError>()
+                .is_some_and(SocketError::is_configuration)
+            || matches!(
+                e.downcast_ref::<PlatformError>(),
+                Some(PlatformError::InvalidUrl { .. })
+            )
+    });
+    if configuration {
+        ExitCode::from(EXIT_CONFIGURATION)
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("molecule-credd").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let c = cli(&[]).expect("defaults parse");
+        assert_eq!(*c.refresh_margin, Duration::from_secs(600));
+        assert_eq!(*c.min_lifetime, Duration::from_secs(60));
+        assert_eq!(*c.wait_timeout, Duration::from_secs(4));
+        assert_eq!(*c.bootstrap_max_age, Duration::from_secs(3000));
+        assert_eq!(*c.backoff_initial, Duration::from_secs(1));
+        assert_eq!(*c.backoff_max, Duration::from_secs(300));
+        assert_eq!(c.max_connections, 1024);
+        assert_eq!(c.log_format, LogFormat::Text);
+        assert_eq!(c.policy().expect("valid"), CachePolicy::DEFAULT);
+    }
+
+    #[test]
+    fn help_shows_the_defaults_the_constants_define() {
+        let help = <Cli as clap::CommandFactory>::command()
+            .render_help()
+            .to_string();
+        for shown in [
+            "[default: 10m]",
+            "[default: 1m]",
+            "[default: 4s]",
+            "[default: 50m]",
+            "[default: 1024]",
+        ] {
+            assert!(help.contains(shown), "{shown} in\n{help}");
+        }
+        assert!(help.contains(config::DEFAULT_PLATFORM_URL), "{help}");
+    }
+
+    #[test]
+    fn flags_parse_and_bad_combinations_are_usage_errors() {
+        let c = cli(&[
+            "--allow-uid",
+            "0",
+            "--allow-uid",
+            "1000",
+            "--refresh-margin",
+            "3s",
+            "--min-lifetime",
+            "1s",
+            "--log-format",
+            "json",
+            "--socket",
+            "/tmp/x/credd.sock",
+        ])
+        .expect("parses");
+        assert_eq!(c.allow_uid, [0, 1000]);
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert!(c.policy().is_ok());
+
+        let c = cli(&["--refresh-margin", "30s", "--min-lifetime", "1m"]).expect("parses");
+        let err = anyhow::Error::new(c.policy().expect_err("margin below minimum"));
+        assert_eq!(exit_code(&err), ExitCode::from(EXIT_CONFIGURATION));
+        let c = cli(&["--backoff-initial", "10m", "--backoff-max", "1m"]).expect("parses");
+        assert!(c.policy().is_err());
+        assert!(cli(&["--wait-timeout", "soon"]).is_err());
+        let c = cli(&["--wait-timeout", "10m"]).expect("parses");
+        assert!(c.policy().is_err());
+        assert!(cli(&["--backoff-max", "30d"]).is_err());
+        assert!(cli(&["--max-connections", "0"]).is_err());
+        assert!(cli(&["--log-format", "xml"]).is_err());
+    }
+}

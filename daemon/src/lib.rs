@@ -1,0 +1,206 @@
+//! molecule-credd: the per-workspace token daemon, as a library.
+//!
+//! GitHub installation tokens live about an hour, but a workspace lives for
+//! days and its environment is never updated. The daemon keeps a fresh token
+//! in memory, refreshes it ahead of expiry from the platform, and hands it to
+//! `credd` (git's credential helper, `gh`, scripts) over a private Unix socket
+//! in well under a millisecond. The binary (`main.rs`) only parses, starts
+//! logging, hardens and dispatches to [`start`] or a one-shot command.
+//!
+//! Data flows one way: command line and environment ([`cli`]) → the platform
+//! client ([`platform`]) → the token cache (`cache`, which owns every platform
+//! call) → the socket server (`server`, which owns every connection).
+//! [`socket`] sets the socket up safely, [`systemd`] adopts a socket-activated
+//! listener and talks `sd_notify`, `on_refresh` runs the operator's hook;
+//! both are subscribers of the cache's changes.
+//!
+//! Everything that needs a single-threaded process (adopting systemd's
+//! socket, the umask) happens before the async runtime starts.
+
+pub mod bootstrap;
+mod cache;
+pub mod cli;
+mod clock;
+pub mod fetch_once;
+mod on_refresh;
+pub mod platform;
+pub mod process;
+mod server;
+pub mod socket;
+pub mod systemd;
+
+use std::os::unix::net::UnixListener as StdUnixListener;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use credd_core::secret::Token;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::cache::{CachePolicy, TokenCache};
+use crate::cli::Cli;
+use crate::platform::{PlatformClient, Timeouts};
+use crate::process::{Command, SignalThread};
+use crate::server::{PeerCheck, ServerSettings};
+use crate::socket::SocketFile;
+
+/// What [`run`] needs besides its socket.
+pub struct Settings {
+    /// The platform client every call goes through.
+    client: PlatformClient,
+    /// The cache's timing.
+    policy: CachePolicy,
+    /// The socket server's limits and peer check.
+    server: ServerSettings,
+    /// The provision-time token, served until the platform answers.
+    bootstrap: Option<Token>,
+    /// `--on-refresh`.
+    on_refresh: Option<String>,
+}
+
+/// The socket the daemon serves: adopted from systemd or bound by us.
+pub struct Listener {
+    /// The listening socket.
+    pub listener: StdUnixListener,
+    /// The file we bound (removed at shutdown); `None` when systemd owns it.
+    pub file: Option<SocketFile>,
+    /// Its path, for the log.
+    pub path: PathBuf,
+}
+
+/// The daemon's life: checks the configuration, binds (unless systemd
+/// passed a socket), runs [`run`] on a two-thread runtime until SIGTERM.
+pub fn start(
+    cli: &Cli,
+    activated: std::io::Result<Option<StdUnixListener>>,
+    bootstrap: Option<Token>,
+) -> anyhow::Result<()> {
+    let config = cli.config().context("invalid configuration")?;
+    let policy = cli.policy().context("invalid configuration")?;
+    let client = PlatformClient::new(&config, Timeouts::default())
+        .context("cannot set up the platform client")?;
+    // Before the socket exists, so a SIGTERM from now on is a clean shutdown
+    // (queued until the runtime runs) rather than a death that leaves it behind.
+    let (signals, commands) = SignalThread::start()?;
+    let listener = match activated.context("cannot adopt the socket systemd passed")? {
+        Some(listener) => {
+            let path = listener
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(PathBuf::from))
+                .unwrap_or_else(|| config.socket_path.clone());
+            Listener {
+                listener,
+                file: None,
+                path,
+            }
+        }
+        None => {
+            let (listener, file) = socket::bind(&config.socket_path)?;
+            Listener {
+                listener,
+                file: Some(file),
+                path: config.socket_path.clone(),
+            }
+        }
+    };
+    let settings = Settings {
+        client,
+        policy,
+        server: ServerSettings {
+            max_connections: cli.max_connections as usize,
+            peer_check: PeerCheck::new(nix::unistd::geteuid().as_raw(), &cli.allow_uid),
+            shutdown_grace: policy.wait_timeout + server::READ_DEADLINE,
+        },
+        bootstrap,
+        on_refresh: cli.on_refresh.clone(),
+    };
+    if !cli.allow_uid.is_empty() {
+        tracing::info!(uids = ?cli.allow_uid, "also serving these uids");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("credd-worker")
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let result = runtime.block_on(run(settings, listener, commands));
+    signals.stop();
+    drop(runtime);
+    result
+}
+
+/// Serves `listener` until a [`Command::Shutdown`] arrives on `commands`.
+pub async fn run(
+    settings: Settings,
+    listener: Listener,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+) -> anyhow::Result<()> {
+    let Listener {
+        listener,
+        file: mut socket_file,
+        path,
+    } = listener;
+    let listener = tokio::net::UnixListener::from_std(listener)
+        .context("cannot register the socket with the async runtime")?;
+    let mut cache = TokenCache::new(settings.client, settings.policy, settings.bootstrap);
+    if let Some(command) = settings.on_refresh {
+        cache = cache.with_refresh_hook(on_refresh::hook(command));
+    }
+    let cache = Arc::new(cache);
+    let notifier = systemd::Notifier::from_env();
+    let stop = CancellationToken::new();
+
+    tracing::info!("listening on {}", path.display());
+    let refresher = {
+        let cache = Arc::clone(&cache);
+        let stop = stop.clone();
+        tokio::spawn(async move { cache.run_refresher(stop).await })
+    };
+    notifier.ready();
+    systemd::follow(&cache, &notifier, &stop);
+    {
+        let cache = Arc::clone(&cache);
+        let notifier = notifier.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            while let Some(command) = commands.recv().await {
+                match command {
+                    Command::Refresh => {
+                        // Flags and environment are fixed for the process;
+                        // what can change (the bearer file) is re-read on
+                        // every call.
+                        tracing::info!("SIGHUP: refreshing the token now");
+                        cache.refresh_now();
+                    }
+                    Command::Shutdown { signal } => {
+                        tracing::info!("{signal}: shutting down");
+                        notifier.stopping();
+                        // Unlinked while our listener still holds the
+                        // address, so a daemon starting meanwhile never sees
+                        // a socket that is ours but dead and takes it over
+                        // (we would then remove its socket instead of ours).
+                        if let Some(file) = socket_file.take() {
+                            file.remove();
+                        }
+                        stop.cancel();
+                        return;
+                    }
+                }
+            }
+        });
+    }
+
+    let stopped = stop.clone();
+    server::run(listener, Arc::clone(&cache), settings.server, async move {
+        stopped.cancelled().await;
+    })
+    .await;
+    stop.cancel();
+    if refresher.await.is_err() {
+        bail!("the refresher task failed");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}

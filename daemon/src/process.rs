@@ -1,0 +1,127 @@
+//! Setting the process up: umask, logging, hardening, signals.
+//!
+//! The token lives in this process's memory, so before anything else the
+//! process is made non-dumpable (no core dumps, no ptrace or `/proc/PID/mem`
+//! for same-uid processes; its `/proc` files belong to root). Everything the
+//! daemon creates is owner-only (umask 077, set while single-threaded:
+//! changing it later would race other threads). Signals are received on a
+//! thread of their own (signal-hook) and handed to the async side as
+//! [`Command`]s, so a SIGTERM that arrives before the runtime runs is queued,
+//! not lost.
+
+use std::io::IsTerminal;
+use std::thread::JoinHandle;
+
+use anyhow::Context;
+use nix::sys::resource::{Resource, getrlimit, setrlimit};
+use nix::sys::stat::Mode;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::iterator::{Handle, Signals};
+use tokio::sync::mpsc;
+
+use crate::cli::LogFormat;
+
+/// What the outside world tells a running daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// SIGHUP: call the platform now, whatever the schedule.
+    Refresh,
+    /// SIGTERM or SIGINT: stop accepting, finish, remove the socket.
+    Shutdown {
+        /// The signal's name, for the log.
+        signal: &'static str,
+    },
+}
+
+/// Everything the daemon creates is owner-only. Call while single-threaded.
+pub fn restrict_umask() {
+    nix::sys::stat::umask(Mode::from_bits_truncate(0o077));
+}
+
+/// Logs to stderr in `format`, at `RUST_LOG` (default `info`).
+pub fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // The HTTP stack's own trace output describes connections and frames; it
+    // is noise for operators and not ours to vouch for, so it stays at info
+    // whatever RUST_LOG says. Our own logs carry no secret at any level.
+    for quiet in [
+        "hyper=info",
+        "hyper_util=info",
+        "reqwest=info",
+        "h2=info",
+        "rustls=info",
+    ] {
+        if let Ok(directive) = quiet.parse() {
+            filter = filter.add_directive(directive);
+        }
+    }
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match format {
+        LogFormat::Json => builder.json().init(),
+        // journald stamps every line itself.
+        LogFormat::Text if std::env::var_os("JOURNAL_STREAM").is_some() => {
+            builder.without_time().init();
+        }
+        LogFormat::Text => builder.init(),
+    }
+}
+
+/// Non-dumpable, and as many descriptors as the hard limit allows (one per
+/// waiting client).
+pub fn harden() -> anyhow::Result<()> {
+    nix::sys::prctl::set_dumpable(false).context("cannot mark the process non-dumpable")?;
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(error) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::debug!(%error, soft, hard, "could not raise the open-file limit");
+            }
+        }
+        Ok(_) => {}
+        Err(error) => tracing::debug!(%error, "could not read the open-file limit"),
+    }
+    Ok(())
+}
+
+/// The signal thread: SIGTERM, SIGINT and SIGHUP become [`Command`]s.
+pub struct SignalThread {
+    handle: Handle,
+    thread: JoinHandle<()>,
+}
+
+impl SignalThread {
+    /// Installs the handlers and starts the thread; the commands arrive on
+    /// the returned receiver.
+    pub fn start() -> anyhow::Result<(Self, mpsc::UnboundedReceiver<Command>)> {
+        let signals =
+            Signals::new([SIGTERM, SIGINT, SIGHUP]).context("cannot install signal handlers")?;
+        let handle = signals.handle();
+        let (commands, received) = mpsc::unbounded_channel();
+        let thread = std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                let mut signals = signals;
+                for signal in signals.forever() {
+                    let command = match signal {
+                        SIGHUP => Command::Refresh,
+                        SIGINT => Command::Shutdown { signal: "SIGINT" },
+                        _ => Command::Shutdown { signal: "SIGTERM" },
+                    };
+                    if commands.send(command).is_err() {
+                        break;
+                    }
+                }
+            })
+            .context("cannot start the signal thread")?;
+        Ok((Self { handle, thread }, received))
+    }
+
+    /// Stops the thread.
+    pub fn stop(self) {
+        self.handle.close();
+        let _ = self.thread.join();
+    }
+}
