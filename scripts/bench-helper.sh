@@ -7,7 +7,7 @@
 #   credd get (static, non-PIE)  the same, without start-up self-relocation
 #   git credential-cache get     git's own in-memory helper, daemon running
 #   seed helper                  the bash + curl helper credd replaces
-# Targets (issue 2): within 1.5x of /bin/true, faster than credential-cache,
+# Targets: within 1.5x of /bin/true, faster than credential-cache,
 # at least 10x faster than the seed helper.
 #
 #   scripts/bench-helper.sh     # needs hyperfine (apt-get install hyperfine), git, curl

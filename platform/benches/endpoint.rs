@@ -1,7 +1,7 @@
 //! Token endpoint cost with a warm cache, next to a trivial static handler
 //! (`/healthz`) on the same stack, and upstream calls under load.
 //!
-//! Issue 3's targets: the token endpoint within 2x of the static handler,
+//! The targets: the token endpoint within 2x of the static handler,
 //! and one upstream call per token lifetime whatever the request rate. Run:
 //! `cargo bench -p molecule-platform --bench endpoint`.
 //!

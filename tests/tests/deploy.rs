@@ -1,4 +1,4 @@
-//! Deployment tests (issue 4): the systemd units, socket activation and
+//! Deployment tests: the systemd units, socket activation and
 //! `sd_notify` as systemd's own tools see them, and the workspace entrypoint
 //! run for real (no Docker: the pieces the image is made of).
 //!
