@@ -5,8 +5,6 @@
 //! in minutes: what a daemon sees from it is what it would see from GitHub,
 //! minus GitHub.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -16,7 +14,6 @@ use rand::distr::Alphanumeric;
 use secrecy::SecretString;
 
 use crate::provider::{Clock, IssuedToken, REFRESH_WINDOW, TokenCache, TokenFuture, TokenProvider};
-use crate::registry::{EnvFuture, ProvisionPlugin, set_github_token_env};
 
 /// Characters after the `ghs_` prefix (GitHub's classic installation tokens
 /// have 36).
@@ -91,23 +88,12 @@ impl TokenProvider for DevProvider {
     }
 }
 
-impl ProvisionPlugin for DevProvider {
-    fn name(&self) -> &str {
-        "dev-github-token"
-    }
-
-    fn mutate_env<'a>(&'a self, env: &'a mut BTreeMap<String, String>) -> EnvFuture<'a> {
-        set_github_token_env(self, env)
-    }
-
-    fn as_token_provider(self: Arc<Self>) -> Option<Arc<dyn TokenProvider>> {
-        Some(self)
-    }
-}
+crate::registry::github_token_plugin!(DevProvider, "dev-github-token");
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
     use secrecy::ExposeSecret;
     use std::sync::atomic::AtomicI64;
 

@@ -13,9 +13,7 @@
 //! Signing uses jsonwebtoken's `aws_lc_rs` backend: the `rust_crypto` one
 //! pulls in the `rsa` crate (RUSTSEC-2023-0071).
 
-use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -28,7 +26,6 @@ use zeroize::Zeroizing;
 use crate::provider::{
     Clock, IssuedToken, ProviderError, REFRESH_WINDOW, TokenCache, TokenFuture, TokenProvider,
 };
-use crate::registry::{EnvFuture, ProvisionPlugin, set_github_token_env};
 
 /// GitHub's public API.
 pub const DEFAULT_API_URL: &str = "https://api.github.com";
@@ -386,19 +383,7 @@ impl TokenProvider for GitHubAppProvider {
     }
 }
 
-impl ProvisionPlugin for GitHubAppProvider {
-    fn name(&self) -> &str {
-        "github-app-auth"
-    }
-
-    fn mutate_env<'a>(&'a self, env: &'a mut BTreeMap<String, String>) -> EnvFuture<'a> {
-        set_github_token_env(self, env)
-    }
-
-    fn as_token_provider(self: Arc<Self>) -> Option<Arc<dyn TokenProvider>> {
-        Some(self)
-    }
-}
+crate::registry::github_token_plugin!(GitHubAppProvider, "github-app-auth");
 
 #[cfg(test)]
 mod tests {

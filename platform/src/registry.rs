@@ -51,6 +51,33 @@ pub trait ProvisionPlugin: Send + Sync {
     }
 }
 
+/// Implements [`ProvisionPlugin`] for a GitHub [`TokenProvider`] named
+/// `$name`: it sets the token env ([`set_github_token_env`]) and is its own
+/// token provider. One definition for every such provider.
+macro_rules! github_token_plugin {
+    ($provider:ty, $name:literal) => {
+        impl $crate::registry::ProvisionPlugin for $provider {
+            fn name(&self) -> &str {
+                $name
+            }
+
+            fn mutate_env<'a>(
+                &'a self,
+                env: &'a mut std::collections::BTreeMap<String, String>,
+            ) -> $crate::registry::EnvFuture<'a> {
+                $crate::registry::set_github_token_env(self, env)
+            }
+
+            fn as_token_provider(
+                self: std::sync::Arc<Self>,
+            ) -> Option<std::sync::Arc<dyn $crate::provider::TokenProvider>> {
+                Some(self)
+            }
+        }
+    };
+}
+pub(crate) use github_token_plugin;
+
 /// A plugin failed while provisioning.
 #[derive(Debug, thiserror::Error)]
 #[error("provision plugin {plugin}")]
