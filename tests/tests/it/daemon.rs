@@ -12,21 +12,21 @@ use std::time::Duration;
 use credd_core::protocol::{ErrorCode, Request, Response, Source, TokenState};
 use credd_core::secret::sha256_hex;
 
-use crate::util::{FAST_BACKOFF, Fault, Sandbox, TestPlatform, WAIT, assert_secret, write_file};
+use testkit::{
+    CmdOutput, FAST_BACKOFF, Fault, Running, Sandbox, TestPlatform, WAIT, assert_secret,
+    wait_until_time, write_file,
+};
 
 /// Back-off long enough that no retry falls inside a test's window.
 const NO_RETRY: [&str; 4] = ["--backoff-initial", "1h", "--backoff-max", "1h"];
 
 #[test]
 fn platform_down_at_start_daemon_binds_and_get_is_unavailable_until_it_returns() {
-    let sandbox = Sandbox::new();
-    let platform = TestPlatform::start_down();
-    sandbox.use_platform(&platform);
-    let daemon = sandbox
-        .daemon()
-        .args(FAST_BACKOFF)
-        .args(["--wait-timeout", "500ms"])
-        .start();
+    let Running {
+        sandbox,
+        platform,
+        daemon,
+    } = Running::start(TestPlatform::start_down(), &["--wait-timeout", "500ms"]);
 
     let message = sandbox.assert_get_fails(ErrorCode::Unavailable);
     assert!(!message.is_empty(), "Unavailable needs a reason for people");
@@ -64,16 +64,15 @@ fn platform_down_at_start_daemon_binds_and_get_is_unavailable_until_it_returns()
 
 #[test]
 fn platform_down_at_start_serves_the_provision_time_env_token() {
-    let sandbox = Sandbox::new();
-    let platform = TestPlatform::start_down();
-    sandbox.use_platform(&platform);
     let env_token = "ghs_ProvisionTimeBootstrapToken0123456789";
+    let Running {
+        sandbox,
+        platform,
+        daemon,
+    } = Running::start_with(TestPlatform::start_down(), |daemon| {
+        daemon.env("GITHUB_TOKEN", env_token)
+    });
     sandbox.add_secret("the bootstrap GITHUB_TOKEN", env_token);
-    let daemon = sandbox
-        .daemon()
-        .args(FAST_BACKOFF)
-        .env("GITHUB_TOKEN", env_token)
-        .start();
 
     let get = sandbox.credd_get("https", "github.com");
     get.assert_success("credd get with a bootstrap token");
@@ -100,16 +99,15 @@ fn platform_down_at_start_serves_the_provision_time_env_token() {
 
 #[test]
 fn gh_token_is_a_bootstrap_too() {
-    let sandbox = Sandbox::new();
-    let platform = TestPlatform::start_down();
-    sandbox.use_platform(&platform);
     let env_token = "ghs_GhTokenBootstrapValue0123456789abcd";
+    let Running {
+        sandbox,
+        platform: _platform,
+        daemon,
+    } = Running::start_with(TestPlatform::start_down(), |daemon| {
+        daemon.env("GH_TOKEN", env_token)
+    });
     sandbox.add_secret("the bootstrap GH_TOKEN", env_token);
-    let daemon = sandbox
-        .daemon()
-        .args(FAST_BACKOFF)
-        .env("GH_TOKEN", env_token)
-        .start();
     let (token, _, source) = sandbox.get().expect("bootstrap token served");
     assert_secret(Some(&token), env_token, true, "bootstrap token");
     assert_eq!(source, Source::Env);
@@ -118,10 +116,11 @@ fn gh_token_is_a_bootstrap_too() {
 
 #[test]
 fn platform_down_mid_life_keeps_serving_the_cached_token() {
-    let sandbox = Sandbox::new();
-    let platform = TestPlatform::start();
-    sandbox.use_platform(&platform);
-    let daemon = sandbox.daemon().args(FAST_BACKOFF).start();
+    let Running {
+        sandbox,
+        platform,
+        daemon,
+    } = Running::start(TestPlatform::start(), &[]);
     let (first, expires_at, _) = sandbox.wait_for_token();
 
     platform.set_fault(Fault::Down);
@@ -141,15 +140,21 @@ fn platform_down_mid_life_keeps_serving_the_cached_token() {
 
 #[test]
 fn server_errors_back_off_instead_of_looping_or_following_clients() {
-    let sandbox = Sandbox::new();
-    let platform = TestPlatform::start();
-    platform.set_fault(Fault::Status(500));
-    sandbox.use_platform(&platform);
-    let daemon = sandbox
-        .daemon()
-        .args(["--backoff-initial", "200ms", "--backoff-max", "1s"])
-        .args(["--wait-timeout", "300ms"])
-        .start();
+    let Running {
+        sandbox,
+        platform,
+        daemon,
+    } = Running::start(
+        TestPlatform::start().with_fault(Fault::Status(500)),
+        &[
+            "--backoff-initial",
+            "200ms",
+            "--backoff-max",
+            "1s",
+            "--wait-timeout",
+            "300ms",
+        ],
+    );
 
     platform.wait_for_requests(4, WAIT);
     // 40 clients at once while the platform fails: they get Unavailable and
@@ -238,15 +243,14 @@ fn unauthorized_rereads_the_bearer_and_retries_once() {
 
 #[test]
 fn unauthorized_twice_then_backs_off() {
-    let sandbox = Sandbox::new();
-    let platform = TestPlatform::start();
-    platform.set_fault(Fault::Status(401));
-    sandbox.use_platform(&platform);
-    let daemon = sandbox
-        .daemon()
-        .args(NO_RETRY)
-        .args(["--wait-timeout", "500ms"])
-        .start();
+    let Running {
+        sandbox,
+        platform,
+        daemon,
+    } = Running::start_with(
+        TestPlatform::start().with_fault(Fault::Status(401)),
+        |daemon| daemon.args(NO_RETRY).args(["--wait-timeout", "500ms"]),
+    );
     platform.wait_for_requests(2, WAIT);
     sandbox.assert_get_fails(ErrorCode::Unavailable);
     concurrent_gets(&sandbox, 10);
@@ -262,15 +266,14 @@ fn unauthorized_twice_then_backs_off() {
 
 #[test]
 fn not_found_means_not_configured() {
-    let sandbox = Sandbox::new();
-    let platform = TestPlatform::start();
-    platform.set_fault(Fault::Status(404));
-    sandbox.use_platform(&platform);
-    let daemon = sandbox
-        .daemon()
-        .args(FAST_BACKOFF)
-        .args(["--wait-timeout", "300ms"])
-        .start();
+    let Running {
+        sandbox,
+        platform,
+        daemon,
+    } = Running::start(
+        TestPlatform::start().with_fault(Fault::Status(404)),
+        &["--wait-timeout", "300ms"],
+    );
     platform.wait_for_requests(1, WAIT);
     let status = sandbox.wait_for_status("platform not_configured", |s| {
         s.platform.as_str() == "not_configured"
@@ -296,19 +299,18 @@ fn not_found_means_not_configured() {
 
 #[test]
 fn rate_limit_retry_after_is_honoured() {
-    let sandbox = Sandbox::new();
-    let platform = TestPlatform::start();
     let retry_after = 3;
-    platform.set_fault(Fault::RateLimited {
-        retry_after_secs: retry_after,
-    });
-    sandbox.use_platform(&platform);
     // Back-off alone would retry within 100 ms.
-    let daemon = sandbox
-        .daemon()
-        .args(FAST_BACKOFF)
-        .args(["--wait-timeout", "300ms"])
-        .start();
+    let Running {
+        sandbox,
+        platform,
+        daemon,
+    } = Running::start(
+        TestPlatform::start().with_fault(Fault::RateLimited {
+            retry_after_secs: retry_after,
+        }),
+        &["--wait-timeout", "300ms"],
+    );
     platform.wait_for_requests(1, WAIT);
     platform.set_fault(Fault::PassThrough);
     // Clients asking in the meantime do not bring the call forward.
@@ -328,15 +330,14 @@ fn rate_limit_retry_after_is_honoured() {
 
 #[test]
 fn hanging_platform_call_is_single_and_clients_get_unavailable() {
-    let sandbox = Sandbox::new();
-    let platform = TestPlatform::start();
-    platform.set_fault(Fault::Hang);
-    sandbox.use_platform(&platform);
-    let daemon = sandbox
-        .daemon()
-        .args(FAST_BACKOFF)
-        .args(["--wait-timeout", "500ms"])
-        .start();
+    let Running {
+        sandbox,
+        platform,
+        daemon,
+    } = Running::start(
+        TestPlatform::start().with_fault(Fault::Hang),
+        &["--wait-timeout", "500ms"],
+    );
     platform.wait_for_requests(1, WAIT);
     for answer in concurrent_gets(&sandbox, 20) {
         assert!(
@@ -374,20 +375,19 @@ fn hanging_platform_call_is_single_and_clients_get_unavailable() {
 
 #[test]
 fn non_json_answer_is_transient_and_never_logged() {
-    let sandbox = Sandbox::new();
-    let platform = TestPlatform::start();
-    platform.set_fault(Fault::NotJson);
-    sandbox.use_platform(&platform);
+    let Running {
+        sandbox,
+        platform,
+        daemon,
+    } = Running::start(
+        TestPlatform::start().with_fault(Fault::NotJson),
+        &["--wait-timeout", "300ms"],
+    );
     // The body is not a secret, but "no platform response body in a log".
     sandbox.add_secret(
         "the platform's response body",
         "502 Bad Gateway (from a proxy)",
     );
-    let daemon = sandbox
-        .daemon()
-        .args(FAST_BACKOFF)
-        .args(["--wait-timeout", "300ms"])
-        .start();
     platform.wait_for_requests(2, WAIT);
     sandbox.assert_get_fails(ErrorCode::Unavailable);
     let status = sandbox.status();
@@ -407,12 +407,15 @@ fn non_json_answer_is_transient_and_never_logged() {
 
 #[test]
 fn token_with_little_life_left_is_served_without_a_refresh_loop() {
-    let sandbox = Sandbox::new();
-    let platform = TestPlatform::start();
     // 90 s of life, under the default 10 min margin but above 60 s minimum.
-    platform.set_fault(Fault::ShortLife(Duration::from_secs(90)));
-    sandbox.use_platform(&platform);
-    let daemon = sandbox.daemon().args(FAST_BACKOFF).start();
+    let Running {
+        sandbox,
+        platform,
+        daemon,
+    } = Running::start(
+        TestPlatform::start().with_fault(Fault::ShortLife(Duration::from_secs(90))),
+        &[],
+    );
     let (token, _, _) = sandbox.wait_for_token();
     assert_secret(
         platform.last_issued().as_deref(),
@@ -435,51 +438,16 @@ fn token_with_little_life_left_is_served_without_a_refresh_loop() {
 }
 
 #[test]
-fn token_below_the_minimum_life_is_never_served() {
-    let sandbox = Sandbox::new();
-    let platform = TestPlatform::start();
-    platform.set_fault(Fault::ShortLife(Duration::from_secs(20)));
-    sandbox.use_platform(&platform);
-    let daemon = sandbox
-        .daemon()
-        .args(FAST_BACKOFF)
-        .args(["--min-lifetime", "60s", "--wait-timeout", "500ms"])
-        .start();
-    platform.wait_for_requests(1, WAIT);
-    let started = std::time::Instant::now();
-    for answer in concurrent_gets(&sandbox, 10) {
-        assert!(
-            matches!(
-                answer,
-                Response::Error {
-                    code: ErrorCode::Unavailable,
-                    ..
-                }
-            ),
-            "a token with 20 s left must not be served under --min-lifetime 60s: {answer:?}"
-        );
-    }
-    let bound = 4 + (started.elapsed().as_secs_f64() * 4.0).ceil() as usize;
-    assert!(
-        platform.requests() <= bound,
-        "{} platform calls: refresh loop on short-lived tokens",
-        platform.requests()
-    );
-    daemon.stop();
-}
-
-#[test]
 fn fifty_concurrent_gets_on_an_empty_cache_make_one_platform_call() {
-    let sandbox = Sandbox::new();
-    let platform = TestPlatform::start();
     // Hold the start-up call so the cache stays empty while clients arrive.
-    platform.set_fault(Fault::Hang);
-    sandbox.use_platform(&platform);
-    let daemon = sandbox
-        .daemon()
-        .args(FAST_BACKOFF)
-        .args(["--wait-timeout", "20s"])
-        .start();
+    let Running {
+        sandbox,
+        platform,
+        daemon,
+    } = Running::start(
+        TestPlatform::start().with_fault(Fault::Hang),
+        &["--wait-timeout", "20s"],
+    );
     platform.wait_for_requests(1, WAIT);
     let outputs: Vec<_> = std::thread::scope(|scope| {
         let clients: Vec<_> = (0..50)
@@ -530,10 +498,11 @@ fn fifty_concurrent_gets_on_an_empty_cache_make_one_platform_call() {
 
 #[test]
 fn erase_drops_only_the_cached_token() {
-    let sandbox = Sandbox::new();
-    let platform = TestPlatform::start();
-    sandbox.use_platform(&platform);
-    let daemon = sandbox.daemon().args(FAST_BACKOFF).start();
+    let Running {
+        sandbox,
+        platform,
+        daemon,
+    } = Running::start(TestPlatform::start(), &[]);
     let (token, _, _) = sandbox.wait_for_token();
     let calls = platform.requests();
 
@@ -595,10 +564,11 @@ fn erase_drops_only_the_cached_token() {
 
 #[test]
 fn sighup_refreshes_now() {
-    let sandbox = Sandbox::new();
-    let platform = TestPlatform::start();
-    sandbox.use_platform(&platform);
-    let daemon = sandbox.daemon().args(FAST_BACKOFF).start();
+    let Running {
+        sandbox,
+        platform,
+        daemon,
+    } = Running::start(TestPlatform::start(), &[]);
     sandbox.wait_for_token();
     assert_eq!(platform.requests(), 1);
     daemon.signal(nix::sys::signal::Signal::SIGHUP);
@@ -609,10 +579,11 @@ fn sighup_refreshes_now() {
 
 #[test]
 fn status_shows_state_without_the_token() {
-    let sandbox = Sandbox::new();
-    let platform = TestPlatform::start();
-    sandbox.use_platform(&platform);
-    let daemon = sandbox.daemon().args(FAST_BACKOFF).start();
+    let Running {
+        sandbox,
+        platform: _platform,
+        daemon,
+    } = Running::start(TestPlatform::start(), &[]);
     let (token, expires_at, _) = sandbox.wait_for_token();
     let status = sandbox.status();
     assert_eq!(status.pid, daemon.pid());
@@ -655,7 +626,7 @@ fn bootstrap_token_is_served_only_for_the_bootstrap_max_age() {
     assert_secret(Some(&token), env_token, true, "bootstrap token");
     assert_eq!(source, Source::Env);
     // Its allowed age running out is the behaviour under test.
-    crate::util::wait_until_time(started + Duration::from_millis(2500));
+    wait_until_time(started + Duration::from_millis(2500));
     sandbox.assert_get_fails(ErrorCode::Unavailable);
     let get = sandbox.credd_get("https", "github.com");
     assert_eq!(
@@ -667,13 +638,16 @@ fn bootstrap_token_is_served_only_for_the_bootstrap_max_age() {
 
 #[test]
 fn wrong_wall_clock_on_the_platform_does_not_make_a_valid_token_look_dead() {
-    let sandbox = Sandbox::new();
-    let platform = TestPlatform::start();
     // The platform's clock is two hours behind ours: its stated expiry is in
     // our past, yet the token has an hour to live by the platform's Date.
-    platform.set_fault(Fault::ClockSkew(7200));
-    sandbox.use_platform(&platform);
-    let daemon = sandbox.daemon().args(FAST_BACKOFF).start();
+    let Running {
+        sandbox,
+        platform,
+        daemon,
+    } = Running::start(
+        TestPlatform::start().with_fault(Fault::ClockSkew(7200)),
+        &[],
+    );
     let (token, expires_at, _) = sandbox.wait_for_token();
     assert_secret(
         platform.last_issued().as_deref(),
@@ -749,7 +723,7 @@ pub(crate) fn concurrent_gets(sandbox: &Sandbox, n: usize) -> Vec<Response> {
 }
 
 /// `n` `credd get` processes at once.
-pub(crate) fn concurrent_credd_gets(sandbox: &Sandbox, n: usize) -> Vec<crate::util::CmdOutput> {
+pub(crate) fn concurrent_credd_gets(sandbox: &Sandbox, n: usize) -> Vec<CmdOutput> {
     std::thread::scope(|scope| {
         let handles: Vec<_> = (0..n)
             .map(|_| scope.spawn(|| sandbox.credd_get("https", "github.com")))

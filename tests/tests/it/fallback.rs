@@ -5,8 +5,9 @@ use std::os::unix::net::UnixListener;
 
 use std::time::Instant;
 
-use crate::util::{
-    FAST_BACKOFF, Fault, Sandbox, TestPlatform, WAIT, assert_secret, closed_port, write_file,
+use testkit::http::closed_port;
+use testkit::{
+    CmdOutput, FAST_BACKOFF, Fault, Running, Sandbox, TestPlatform, WAIT, assert_secret, write_file,
 };
 
 const FALLBACK_PASSWORD: &str = "fallback-pat-0123456789abcdef";
@@ -24,7 +25,7 @@ fn fallback_helper(sandbox: &Sandbox) -> String {
     path.to_str().expect("UTF-8 path").to_owned()
 }
 
-fn fill(sandbox: &Sandbox) -> crate::util::CmdOutput {
+fn fill(sandbox: &Sandbox) -> CmdOutput {
     let out = sandbox
         .git(sandbox.path(), &["credential", "fill"])
         .stdin("protocol=https\nhost=github.com\n\n")
@@ -167,10 +168,11 @@ fn daemon_without_a_token_makes_the_helper_fall_through_without_calling_the_plat
 
 #[test]
 fn exec_sets_both_variables_and_passes_the_exit_code_through() {
-    let sandbox = Sandbox::new();
-    let platform = TestPlatform::start();
-    sandbox.use_platform(&platform);
-    let daemon = sandbox.daemon().start();
+    let Running {
+        sandbox,
+        platform: _platform,
+        daemon,
+    } = Running::start(TestPlatform::start(), &[]);
     let (token, _, _) = sandbox.wait_for_token();
     // The child proves it saw the token by printing its hash, never the token.
     let out = sandbox

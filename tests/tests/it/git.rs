@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use credd_core::protocol::Source;
 
-use crate::util::{FAST_BACKOFF, GitServer, Sandbox, TestPlatform, assert_secret, wait_until_time};
+use testkit::{FAST_BACKOFF, GitServer, Sandbox, TestPlatform, assert_secret, wait_until_time};
 
 #[test]
 fn credential_fill_is_served_from_the_daemon() {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use credd_core::config::Config;
 use molecule_credd::platform::{ErrorClass, PlatformClient, PlatformError, Timeouts};
 
-use crate::util::{Fault, GitServer, Sandbox, TestPlatform, WAIT, assert_secret, write_file};
+use testkit::{Fault, GitServer, Sandbox, TestPlatform, WAIT, assert_secret, write_file};
 
 fn client(sandbox: &Sandbox, url: &str) -> PlatformClient {
     let env: HashMap<&str, OsString> = HashMap::from([

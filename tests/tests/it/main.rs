@@ -1,13 +1,11 @@
 //! Cross-crate integration tests for molecule-credd and credd.
 //!
-//! One test binary (so the harness in [`util`] is compiled once and shared),
-//! one module per area. Every test runs the real binaries from
-//! `target/debug` — run `cargo build --workspace` first — against real git,
-//! real Unix sockets and the platform service on loopback, and every test's
-//! captured output is scanned for tokens and bearers.
+//! One test binary, one module per area, on the workspace's `testkit`. Every
+//! test runs the real binaries from `target/debug` — run `cargo build
+//! --workspace` first — against real git, real Unix sockets and the platform
+//! service on loopback, and every test's captured output is scanned for
+//! tokens and bearers.
 #![forbid(unsafe_code)]
-
-mod util;
 
 mod daemon;
 mod fallback;

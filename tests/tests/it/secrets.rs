@@ -1,12 +1,12 @@
-//! Secrets are radioactive: the harness scans every captured output of every
-//! test (see `util::Sandbox`'s `Drop`); these tests make sure the scan itself
+//! Secrets are radioactive: the test kit scans every captured output of every
+//! test (see `testkit::Sandbox`'s `Drop`); these tests make sure the scan itself
 //! can fail, and push the daemon through every failure path with the most
 //! verbose logging while watching its output.
 
 use std::os::unix::fs::MetadataExt;
 use std::panic::AssertUnwindSafe;
 
-use crate::util::{FAST_BACKOFF, Fault, Sandbox, TestPlatform, WAIT};
+use testkit::{FAST_BACKOFF, Fault, Sandbox, TestPlatform, WAIT};
 
 #[test]
 fn the_scan_catches_a_leak() {
@@ -91,12 +91,7 @@ fn daemon_is_not_dumpable() {
     let platform = TestPlatform::start();
     sandbox.use_platform(&platform);
     crate::socket::prepare_for_other_uid(&sandbox);
-    let daemon = sandbox
-        .daemon()
-        .args(FAST_BACKOFF)
-        .args(["--allow-uid", "0"])
-        .uid(crate::socket::OTHER_UID)
-        .start();
+    let daemon = crate::socket::daemon_as_other_uid(&sandbox);
     sandbox.wait_for_token();
     let environ = std::fs::metadata(format!("/proc/{}/environ", daemon.pid())).expect("stat");
     assert_eq!(

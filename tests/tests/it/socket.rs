@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use credd_core::protocol::{ErrorCode, Request, Response, decode, encode};
 
-use crate::util::{
-    FAST_BACKOFF, Sandbox, TestPlatform, WAIT, assert_secret, exchange_raw, has_word, request_over,
+use testkit::client::{exchange_raw, request_over};
+use testkit::{
+    Daemon, FAST_BACKOFF, Running, Sandbox, TestPlatform, WAIT, assert_secret, has_word,
 };
 
 /// An unprivileged uid present on Debian (`nobody`).
@@ -25,10 +26,11 @@ fn mode(path: &std::path::Path) -> u32 {
 
 #[test]
 fn socket_folder_is_0700_and_socket_0600() {
-    let sandbox = Sandbox::new();
-    let platform = TestPlatform::start();
-    sandbox.use_platform(&platform);
-    let daemon = sandbox.daemon().args(FAST_BACKOFF).start();
+    let Running {
+        sandbox,
+        platform: _platform,
+        daemon,
+    } = Running::start(TestPlatform::start(), &[]);
     assert_eq!(mode(&sandbox.run_dir()), 0o700, "socket folder mode");
     assert_eq!(mode(&sandbox.socket()), 0o600, "socket mode");
     let meta = std::fs::metadata(sandbox.socket()).expect("stat socket");
@@ -55,8 +57,7 @@ fn assert_refuses_to_start(sandbox: &Sandbox, why: &str) {
 #[test]
 fn refuses_a_socket_folder_owned_by_another_user() {
     let sandbox = Sandbox::new();
-    std::fs::create_dir(sandbox.run_dir()).expect("mkdir");
-    std::fs::set_permissions(sandbox.run_dir(), PermissionsExt::from_mode(0o700)).expect("chmod");
+    sandbox.create_run_dir(0o700);
     nix::unistd::chown(
         &sandbox.run_dir(),
         Some(nix::unistd::Uid::from_raw(OTHER_UID)),
@@ -70,9 +71,7 @@ fn refuses_a_socket_folder_owned_by_another_user() {
 fn refuses_a_socket_folder_open_to_group_or_others() {
     for open_mode in [0o750, 0o705, 0o777] {
         let sandbox = Sandbox::new();
-        std::fs::create_dir(sandbox.run_dir()).expect("mkdir");
-        std::fs::set_permissions(sandbox.run_dir(), PermissionsExt::from_mode(open_mode))
-            .expect("chmod");
+        sandbox.create_run_dir(open_mode);
         assert_refuses_to_start(&sandbox, &format!("the socket folder is {open_mode:o}"));
         assert_eq!(
             mode(&sandbox.run_dir()),
@@ -88,8 +87,7 @@ pub(crate) fn prepare_for_other_uid(sandbox: &Sandbox) {
     std::fs::set_permissions(sandbox.path(), PermissionsExt::from_mode(0o755)).expect("chmod");
     let uid = Some(nix::unistd::Uid::from_raw(OTHER_UID));
     let gid = Some(nix::unistd::Gid::from_raw(OTHER_UID));
-    std::fs::create_dir(sandbox.run_dir()).expect("mkdir");
-    std::fs::set_permissions(sandbox.run_dir(), PermissionsExt::from_mode(0o700)).expect("chmod");
+    sandbox.create_run_dir(0o700);
     for path in [
         sandbox.run_dir(),
         sandbox.configs_dir(),
@@ -97,6 +95,17 @@ pub(crate) fn prepare_for_other_uid(sandbox: &Sandbox) {
     ] {
         nix::unistd::chown(&path, uid, gid).expect("chown (tests run as root)");
     }
+}
+
+/// A daemon running as [`OTHER_UID`] that admits this test process (root),
+/// started and ready; the sandbox is [`prepare_for_other_uid`]'d.
+pub(crate) fn daemon_as_other_uid(sandbox: &Sandbox) -> Daemon {
+    sandbox
+        .daemon()
+        .args(FAST_BACKOFF)
+        .args(["--allow-uid", "0"])
+        .uid(OTHER_UID)
+        .start()
 }
 
 /// The daemon runs as another user (a child dropped to uid 65534) and this
@@ -163,12 +172,7 @@ fn allow_uid_admits_another_caller() {
     let platform = TestPlatform::start();
     sandbox.use_platform(&platform);
     prepare_for_other_uid(&sandbox);
-    let daemon = sandbox
-        .daemon()
-        .args(FAST_BACKOFF)
-        .args(["--allow-uid", "0"])
-        .uid(OTHER_UID)
-        .start();
+    let daemon = daemon_as_other_uid(&sandbox);
     let (token, _, _) = sandbox.wait_for_token();
     assert_secret(
         platform.last_issued().as_deref(),
@@ -181,10 +185,11 @@ fn allow_uid_admits_another_caller() {
 
 #[test]
 fn garbage_oversized_and_foreign_version_lines_get_errors() {
-    let sandbox = Sandbox::new();
-    let platform = TestPlatform::start();
-    sandbox.use_platform(&platform);
-    let daemon = sandbox.daemon().args(FAST_BACKOFF).start();
+    let Running {
+        sandbox,
+        platform: _platform,
+        daemon,
+    } = Running::start(TestPlatform::start(), &[]);
     let socket = sandbox.socket();
 
     let answer = exchange_raw(&socket, b"password=hello\n").expect("answer");
@@ -250,10 +255,11 @@ fn garbage_oversized_and_foreign_version_lines_get_errors() {
 
 #[test]
 fn two_hundred_idle_clients_do_not_delay_a_real_get() {
-    let sandbox = Sandbox::new();
-    let platform = TestPlatform::start();
-    sandbox.use_platform(&platform);
-    let daemon = sandbox.daemon().args(FAST_BACKOFF).start();
+    let Running {
+        sandbox,
+        platform: _platform,
+        daemon,
+    } = Running::start(TestPlatform::start(), &[]);
     sandbox.wait_for_token();
     let idle: Vec<UnixStream> = (0..200)
         .map(|_| UnixStream::connect(sandbox.socket()).expect("connect idle client"))
@@ -296,14 +302,11 @@ fn two_hundred_idle_clients_do_not_delay_a_real_get() {
 
 #[test]
 fn connections_beyond_the_cap_are_turned_away_not_queued() {
-    let sandbox = Sandbox::new();
-    let platform = TestPlatform::start();
-    sandbox.use_platform(&platform);
-    let daemon = sandbox
-        .daemon()
-        .args(FAST_BACKOFF)
-        .args(["--max-connections", "8"])
-        .start();
+    let Running {
+        sandbox,
+        platform: _platform,
+        daemon,
+    } = Running::start(TestPlatform::start(), &["--max-connections", "8"]);
     sandbox.wait_for_token();
     let idle: Vec<UnixStream> = (0..8)
         .map(|_| UnixStream::connect(sandbox.socket()).expect("connect idle client"))
@@ -335,10 +338,11 @@ fn sigterm_and_sigint_exit_zero_and_remove_the_socket() {
         nix::sys::signal::Signal::SIGTERM,
         nix::sys::signal::Signal::SIGINT,
     ] {
-        let sandbox = Sandbox::new();
-        let platform = TestPlatform::start();
-        sandbox.use_platform(&platform);
-        let daemon = sandbox.daemon().args(FAST_BACKOFF).start();
+        let Running {
+            sandbox,
+            platform: _platform,
+            daemon,
+        } = Running::start(TestPlatform::start(), &[]);
         sandbox.wait_for_token();
         daemon.signal(signal);
         let (status, log) = daemon.wait_exit();
@@ -352,8 +356,7 @@ fn stale_socket_is_taken_over() {
     let sandbox = Sandbox::new();
     let platform = TestPlatform::start();
     sandbox.use_platform(&platform);
-    std::fs::create_dir(sandbox.run_dir()).expect("mkdir");
-    std::fs::set_permissions(sandbox.run_dir(), PermissionsExt::from_mode(0o700)).expect("chmod");
+    sandbox.create_run_dir(0o700);
     // A crashed daemon's socket: the file exists, nobody listens.
     drop(UnixListener::bind(sandbox.socket()).expect("bind"));
     assert!(sandbox.socket().exists());
@@ -384,10 +387,11 @@ fn second_daemon_refuses_a_live_socket() {
 
 #[test]
 fn protocol_answers_are_single_lines_then_close() {
-    let sandbox = Sandbox::new();
-    let platform = TestPlatform::start();
-    sandbox.use_platform(&platform);
-    let daemon = sandbox.daemon().args(FAST_BACKOFF).start();
+    let Running {
+        sandbox,
+        platform: _platform,
+        daemon,
+    } = Running::start(TestPlatform::start(), &[]);
     sandbox.wait_for_token();
     let mut stream = UnixStream::connect(sandbox.socket()).expect("connect");
     std::io::Write::write_all(&mut stream, &encode(&Request::Status)).expect("write");
@@ -412,14 +416,11 @@ fn protocol_answers_are_single_lines_then_close() {
 /// and must not turn it into a platform call.
 #[test]
 fn busy_reaches_the_client_and_never_becomes_a_platform_call() {
-    let sandbox = Sandbox::new();
-    let platform = TestPlatform::start();
-    sandbox.use_platform(&platform);
-    let daemon = sandbox
-        .daemon()
-        .args(FAST_BACKOFF)
-        .args(["--max-connections", "1"])
-        .start();
+    let Running {
+        sandbox,
+        platform,
+        daemon,
+    } = Running::start(TestPlatform::start(), &["--max-connections", "1"]);
     sandbox.wait_for_token();
     let calls_before = platform.requests();
     let mut busy = 0;

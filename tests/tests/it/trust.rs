@@ -4,59 +4,46 @@
 //! The squatter is a real process under another uid (`forged-daemon`).
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 use credd_core::protocol::{self, ErrorCode, Response, Source};
 use credd_core::secret::Token;
 
 use crate::socket::OTHER_UID;
-use crate::util::{Captured, Sandbox, TestPlatform, WAIT, assert_secret};
+use testkit::{Process, Sandbox, TestPlatform, WAIT, assert_secret};
 
 /// What the forged daemon hands out.
 const ATTACKER_TOKEN: &str = "ghs_ATTACKERforgedToken0123456789abcdefXYZ";
 
 /// A forged daemon; killed on drop.
-struct Forged {
-    child: Child,
-    stdout: Captured,
-}
+struct Forged(Process);
 
 impl Forged {
     /// Creates `socket`'s folder with `mode` owned by `owner`, binds there,
     /// drops to `listen_uid` before listening, and answers `answer`.
     fn start(socket: &Path, mode: u32, owner: u32, listen_uid: u32, answer: &Response) -> Self {
         let line = String::from_utf8(protocol::encode(answer)).expect("utf-8");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_forged-daemon"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_forged-daemon"));
+        command
             .arg(socket)
             .arg(format!("{mode:o}"))
             .arg(owner.to_string())
             .arg(listen_uid.to_string())
-            .arg(line.trim_end())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start forged-daemon");
-        let stdout = Captured::spawn(child.stdout.take().expect("piped"));
-        stdout.wait_for_line("ready", WAIT);
-        Self { child, stdout }
+            .arg(line.trim_end());
+        let forged = Process::spawn(command, "forged-daemon");
+        forged.stdout().wait_for_line("ready", WAIT);
+        Self(forged)
     }
 
     /// Bytes received on each connection so far.
     fn requests(&self) -> Vec<usize> {
-        self.stdout
+        self.0
+            .stdout()
             .text()
             .lines()
             .filter_map(|l| l.strip_prefix("request-bytes="))
             .map(|n| n.parse().expect("a count"))
             .collect()
-    }
-}
-
-impl Drop for Forged {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

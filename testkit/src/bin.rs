@@ -1,0 +1,81 @@
+//! The workspace's binaries, and other programs on `PATH`.
+//!
+//! Why: the suites run the real `molecule-credd`, `credd` and
+//! `molecule-platform` from `target/debug`. `cargo test` builds only the
+//! tested package's own binaries, so a suite can find another package's
+//! binary missing (or stale); the README's `cargo build --workspace && cargo
+//! test --workspace` is the cure, and a missing binary says so instead of
+//! failing somewhere obscure.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+/// The workspace root (the folder holding this crate).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the testkit crate lives inside the workspace")
+        .to_owned()
+}
+
+/// The cargo target folder: `CARGO_TARGET_DIR`, else the workspace's `target/`.
+pub fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) if !dir.is_empty() => {
+            let dir = PathBuf::from(dir);
+            if dir.is_absolute() {
+                dir
+            } else {
+                workspace_root().join(dir)
+            }
+        }
+        _ => workspace_root().join("target"),
+    }
+}
+
+/// `target/debug`.
+pub fn debug_dir() -> PathBuf {
+    target_dir().join("debug")
+}
+
+/// A workspace binary in `target/debug`, failing clearly when it is absent.
+pub fn binary(name: &str) -> PathBuf {
+    let path = debug_dir().join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo build --workspace` first (the tests run the real binaries)",
+        path.display()
+    );
+    path
+}
+
+/// `target/debug/molecule-credd`.
+pub fn daemon() -> PathBuf {
+    binary("molecule-credd")
+}
+
+/// `target/debug/credd`.
+pub fn credd() -> PathBuf {
+    binary("credd")
+}
+
+/// `target/debug/molecule-platform`.
+pub fn platform() -> PathBuf {
+    binary("molecule-platform")
+}
+
+/// Whether `program` is an executable on `PATH`; a test needing a tool the
+/// machine lacks says so ([`skip`]) and passes.
+pub fn have_tool(program: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|dir| {
+            std::fs::metadata(dir.join(program))
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+    })
+}
+
+/// Prints why a test does not run here (the caller then returns).
+pub fn skip(test: &str, why: &str) {
+    eprintln!("SKIPPED {test}: {why}");
+}

@@ -1,0 +1,444 @@
+//! The platform service in-process, behind a fault switch.
+//!
+//! Why: the daemon's and the helper's behaviour against a failing platform
+//! (down, hanging, refusing, rate limiting, lying about the time) is most of
+//! what they are for. This double is the real service (`molecule_platform`'s
+//! router with the dev provider) behind a middleware a test flips at run
+//! time; it counts requests and lets a test block until "N requests seen".
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use crate::http::HttpServer;
+use crate::lock;
+use crate::secrets::{Secrets, random_secret};
+
+/// The workspace id the test platform knows (see
+/// [`Sandbox::use_platform_as_workspace`](crate::Sandbox::use_platform_as_workspace)).
+pub const WORKSPACE_ID: &str = "ws-credd-test";
+
+/// What the platform does with the next request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    /// Served by the real platform service.
+    PassThrough,
+    /// Listener closed and every open connection dropped: connection refused.
+    Down,
+    /// Answer this status with a JSON error body (500, 401, 404, 503…).
+    Status(u16),
+    /// 429 with `Retry-After: <seconds>`.
+    RateLimited {
+        /// Seconds sent in `Retry-After`.
+        retry_after_secs: u64,
+    },
+    /// Hold the request until the fault changes, then answer per the new one.
+    Hang,
+    /// 200 with an HTML body.
+    NotJson,
+    /// Pass through, but state an expiry only this far away.
+    ShortLife(Duration),
+    /// Pass through from a platform whose clock is this many seconds behind
+    /// (negative: ahead): `Date` and `expires_at` both shifted, so the real
+    /// remaining life is unchanged.
+    ClockSkew(i64),
+}
+
+/// One request the platform saw.
+#[derive(Debug, Clone)]
+pub struct SeenRequest {
+    /// When it arrived.
+    pub at: Instant,
+    /// Request path.
+    pub path: String,
+    /// The fault in force when it arrived.
+    pub fault: Fault,
+}
+
+/// A token the platform handed out, with the expiry it stated.
+#[derive(Debug, Clone)]
+pub struct IssuedToken {
+    /// The token.
+    pub token: String,
+    /// Stated expiry.
+    pub expires_at: SystemTime,
+}
+
+impl IssuedToken {
+    /// The stated expiry in whole Unix seconds (as `password_expiry_utc`).
+    pub fn expires_at_secs(&self) -> u64 {
+        self.expires_at
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .expect("after the epoch")
+            .as_secs()
+    }
+}
+
+/// Lets other doubles ask whether a token is one the platform issued and
+/// that has not expired.
+#[derive(Clone)]
+pub struct TokenAuthority {
+    issued: Arc<Mutex<Vec<IssuedToken>>>,
+    revoked: Arc<Mutex<Vec<String>>>,
+}
+
+impl TokenAuthority {
+    /// Whether `token` was issued and its stated expiry is still ahead.
+    pub fn is_current(&self, token: &str) -> bool {
+        let now = SystemTime::now();
+        !lock(&self.revoked).iter().any(|t| t == token)
+            && lock(&self.issued)
+                .iter()
+                .any(|t| t.token == token && t.expires_at > now)
+    }
+
+    /// Makes the git server refuse `token` from now on (as GitHub would a
+    /// revoked installation token).
+    pub fn revoke(&self, token: &str) {
+        lock(&self.revoked).push(token.to_owned());
+    }
+}
+
+struct PlatformShared {
+    fault: tokio::sync::watch::Sender<Fault>,
+    seen: Mutex<Vec<SeenRequest>>,
+    seen_cv: Condvar,
+    issued: Arc<Mutex<Vec<IssuedToken>>>,
+    revoked: Arc<Mutex<Vec<String>>>,
+    secrets: Secrets,
+}
+
+/// Options for [`TestPlatform::with_options`].
+#[derive(Debug, Clone)]
+pub struct PlatformOptions {
+    /// Lifetime of the dev tokens.
+    pub token_ttl: Duration,
+}
+
+impl Default for PlatformOptions {
+    fn default() -> Self {
+        Self {
+            token_ttl: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// The bearers the test platform accepts.
+#[derive(Clone)]
+struct Bearers {
+    admin: String,
+    workspace: String,
+}
+
+/// The platform service in-process, behind a [`Fault`] switch.
+pub struct TestPlatform {
+    shared: Arc<PlatformShared>,
+    app: Router,
+    addr: SocketAddr,
+    bearers: Bearers,
+    server: Mutex<Option<HttpServer>>,
+}
+
+impl TestPlatform {
+    /// Starts a platform with default options, serving.
+    pub fn start() -> Self {
+        Self::with_options(PlatformOptions::default())
+    }
+
+    /// Starts a platform whose dev tokens live `ttl`.
+    pub fn with_ttl(ttl: Duration) -> Self {
+        Self::with_options(PlatformOptions { token_ttl: ttl })
+    }
+
+    /// Starts a platform with `options`, serving on a fresh loopback port.
+    pub fn with_options(options: PlatformOptions) -> Self {
+        let (app, bearers) = platform_service(&options);
+        let secrets = Secrets::new();
+        secrets.add("a platform bearer", bearers.admin.clone());
+        secrets.add("a platform bearer", bearers.workspace.clone());
+        let shared = Arc::new(PlatformShared {
+            fault: tokio::sync::watch::Sender::new(Fault::PassThrough),
+            seen: Mutex::default(),
+            seen_cv: Condvar::new(),
+            issued: Arc::default(),
+            revoked: Arc::default(),
+            secrets,
+        });
+        let app = app.layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&shared),
+            fault_layer,
+        ));
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind platform");
+        let addr = listener.local_addr().expect("platform addr");
+        let platform = Self {
+            shared,
+            app,
+            addr,
+            bearers,
+            server: Mutex::default(),
+        };
+        platform.serve(listener);
+        platform
+    }
+
+    /// Starts a platform that is down from the start (port reserved, closed).
+    pub fn start_down() -> Self {
+        Self::start().with_fault(Fault::Down)
+    }
+
+    /// This platform with `fault` in force (see [`Self::set_fault`]).
+    pub fn with_fault(self, fault: Fault) -> Self {
+        self.set_fault(fault);
+        self
+    }
+
+    fn serve(&self, listener: TcpListener) {
+        *lock(&self.server) = Some(HttpServer::serve(listener, self.app.clone()));
+    }
+
+    fn shut_down_server(&self) {
+        let server = lock(&self.server).take();
+        if let Some(server) = server {
+            server.stop();
+        }
+    }
+
+    /// Base URL (`http://127.0.0.1:PORT`).
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The admin bearer (written to `.auth_token` by
+    /// [`Sandbox::use_platform`](crate::Sandbox::use_platform)).
+    pub fn bearer(&self) -> &str {
+        &self.bearers.admin
+    }
+
+    /// The bearer of workspace [`WORKSPACE_ID`].
+    pub fn workspace_bearer(&self) -> &str {
+        &self.bearers.workspace
+    }
+
+    /// Switches behaviour. `Down` closes the listener and drops open
+    /// connections; leaving `Down` listens again on the same port.
+    pub fn set_fault(&self, fault: Fault) {
+        let was_down = *self.shared.fault.borrow() == Fault::Down;
+        if fault == Fault::Down && !was_down {
+            // Flip first so a hung request released by the change does not
+            // get answered on its way out.
+            self.shared.fault.send_replace(fault);
+            self.shut_down_server();
+            return;
+        }
+        self.shared.fault.send_replace(fault.clone());
+        if was_down && fault != Fault::Down {
+            let listener = TcpListener::bind(self.addr)
+                .unwrap_or_else(|e| panic!("platform: cannot listen again on {}: {e}", self.addr));
+            self.serve(listener);
+        }
+    }
+
+    /// Requests seen so far (any fault but `Down`, which sees none).
+    pub fn requests(&self) -> usize {
+        lock(&self.shared.seen).len()
+    }
+
+    /// Every request seen so far.
+    pub fn seen(&self) -> Vec<SeenRequest> {
+        lock(&self.shared.seen).clone()
+    }
+
+    /// Blocks until at least `n` requests were seen; panics after `timeout`.
+    #[track_caller]
+    pub fn wait_for_requests(&self, n: usize, timeout: Duration) -> usize {
+        let guard = lock(&self.shared.seen);
+        let (guard, result) = self
+            .shared
+            .seen_cv
+            .wait_timeout_while(guard, timeout, |seen| seen.len() < n)
+            .unwrap_or_else(|e| e.into_inner());
+        assert!(
+            !result.timed_out(),
+            "platform: waited {timeout:?} for {n} requests, saw {}",
+            guard.len()
+        );
+        guard.len()
+    }
+
+    /// Tokens handed out so far, oldest first.
+    pub fn issued(&self) -> Vec<IssuedToken> {
+        lock(&self.shared.issued).clone()
+    }
+
+    /// The token most recently handed out.
+    pub fn last_issued(&self) -> Option<String> {
+        lock(&self.shared.issued).last().map(|t| t.token.clone())
+    }
+
+    /// A handle deciding which tokens are current (for the git server).
+    pub fn authority(&self) -> TokenAuthority {
+        TokenAuthority {
+            issued: Arc::clone(&self.shared.issued),
+            revoked: Arc::clone(&self.shared.revoked),
+        }
+    }
+
+    /// Its bearers and every token it issued (and will issue).
+    pub fn secrets(&self) -> &Secrets {
+        &self.shared.secrets
+    }
+}
+
+impl Drop for TestPlatform {
+    fn drop(&mut self) {
+        // Release hung requests so the server thread can finish.
+        self.shared.fault.send_replace(Fault::Down);
+        self.shut_down_server();
+    }
+}
+
+async fn fault_layer(
+    State(shared): State<Arc<PlatformShared>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let mut fault_rx = shared.fault.subscribe();
+    let fault = fault_rx.borrow_and_update().clone();
+    {
+        let mut seen = lock(&shared.seen);
+        seen.push(SeenRequest {
+            at: Instant::now(),
+            path: request.uri().path().to_owned(),
+            fault: fault.clone(),
+        });
+        shared.seen_cv.notify_all();
+    }
+    let mut fault = fault;
+    while fault == Fault::Hang {
+        if fault_rx.changed().await.is_err() {
+            return StatusCode::SERVICE_UNAVAILABLE.into_response();
+        }
+        fault = fault_rx.borrow_and_update().clone();
+    }
+    let error = |status: StatusCode, headers: HeaderMap| {
+        let mut response = (
+            status,
+            headers,
+            axum::Json(serde_json::json!({"error": "injected fault"})),
+        )
+            .into_response();
+        response
+            .headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        response
+    };
+    match fault {
+        // A request that was in flight when the platform went down.
+        Fault::Down => StatusCode::SERVICE_UNAVAILABLE.into_response(),
+        Fault::Hang => unreachable!("waited out above"),
+        Fault::Status(code) => error(
+            StatusCode::from_u16(code).expect("valid status"),
+            HeaderMap::new(),
+        ),
+        Fault::RateLimited { retry_after_secs } => {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+            error(StatusCode::TOO_MANY_REQUESTS, headers)
+        }
+        Fault::NotJson => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "text/html")],
+            "<html><body>502 Bad Gateway (from a proxy)</body></html>",
+        )
+            .into_response(),
+        Fault::PassThrough => record_issued(&shared, next.run(request).await, None, 0).await,
+        Fault::ShortLife(life) => {
+            record_issued(&shared, next.run(request).await, Some(life), 0).await
+        }
+        Fault::ClockSkew(behind) => {
+            record_issued(&shared, next.run(request).await, None, behind).await
+        }
+    }
+}
+
+/// Reads a 200 token answer, remembers the token (so the git server accepts
+/// it and the secret scan looks for it), optionally rewrites its expiry.
+async fn record_issued(
+    shared: &PlatformShared,
+    response: Response,
+    short_life: Option<Duration>,
+    behind_secs: i64,
+) -> Response {
+    if response.status() != StatusCode::OK {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let bytes = axum::body::to_bytes(body, 1 << 20)
+        .await
+        .expect("platform body");
+    let mut json: serde_json::Value = serde_json::from_slice(&bytes).expect("platform JSON");
+    let token = json["token"].as_str().expect("token field").to_owned();
+    let mut expires_at: jiff::Timestamp = json["expires_at"]
+        .as_str()
+        .expect("expires_at field")
+        .parse()
+        .expect("RFC 3339 expires_at");
+    if let Some(life) = short_life {
+        expires_at = jiff::Timestamp::try_from(SystemTime::now() + life).expect("in range");
+        json["expires_at"] = expires_at.to_string().into();
+    }
+    shared.secrets.add("an issued token", token.clone());
+    lock(&shared.issued).push(IssuedToken {
+        token,
+        expires_at: SystemTime::UNIX_EPOCH
+            + Duration::from_millis(expires_at.as_millisecond().max(0) as u64),
+    });
+    if behind_secs != 0 {
+        let shift = jiff::SignedDuration::from_secs(behind_secs);
+        let stated = expires_at.checked_sub(shift).expect("in range");
+        json["expires_at"] = stated.to_string().into();
+        let skewed_now = jiff::Timestamp::now().checked_sub(shift).expect("in range");
+        let date = httpdate::fmt_http_date(
+            SystemTime::UNIX_EPOCH + Duration::from_secs(skewed_now.as_second().max(0) as u64),
+        );
+        parts.headers.insert(
+            header::DATE,
+            HeaderValue::from_str(&date).expect("HTTP date"),
+        );
+    }
+    let bytes = serde_json::to_vec(&json).expect("serialise");
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, Body::from(bytes))
+}
+
+/// The platform's own HTTP service (`molecule_platform::app`) with the dev
+/// provider, an admin bearer and one workspace bearer.
+fn platform_service(options: &PlatformOptions) -> (Router, Bearers) {
+    use molecule_platform::{AppState, Auth, DevProvider, Registry, WorkspaceTokens};
+    use secrecy::SecretString;
+
+    let bearers = Bearers {
+        admin: random_secret("admin-bearer"),
+        workspace: random_secret("workspace-bearer"),
+    };
+    let registry = Arc::new(Registry::new());
+    registry.register(Arc::new(DevProvider::new(options.token_ttl)));
+    let auth = Auth::new(
+        Some(SecretString::from(bearers.admin.clone())),
+        WorkspaceTokens::from_bearers([(
+            WORKSPACE_ID,
+            SecretString::from(bearers.workspace.clone()),
+        )]),
+    );
+    (
+        molecule_platform::app(AppState::new(registry, auth)),
+        bearers,
+    )
+}
