@@ -30,7 +30,8 @@ usage:
   credd get | store | erase     git credential helper (git calls these; reads stdin)
   credd token                   print a token and a newline (exit 1 with a reason if none)
   credd status [--json]         what the daemon holds, never the token (exit 1 if unreachable)
-  credd exec -- CMD [ARGS...]   run CMD with GH_TOKEN and GITHUB_TOKEN set; its exit code is credd's
+  credd exec -- CMD [ARGS...]   run CMD with GH_TOKEN and GITHUB_TOKEN set (and GH_ENTERPRISE_TOKEN,
+                                GH_HOST for an Enterprise host); its exit code is credd's
   credd configure-git [--fallback-helper HELPER] [--file PATH]
                                 make git ask credd first for every host in CREDD_HOSTS
   credd --help | --version
