@@ -20,7 +20,7 @@ esac
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-cargo build --release --workspace --quiet
+scripts/build-release.sh --quiet
 bin="$root/target/release"
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/credd-dev.XXXXXX")
