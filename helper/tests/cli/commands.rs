@@ -5,16 +5,16 @@ use std::process::Command;
 
 use credd_core::protocol::{ErrorCode, Request, Response, Source, Status, TokenState};
 
-use crate::support::{
-    DAEMON_TOKEN, FakeDaemon, FakePlatform, PLATFORM_TOKEN, PlatformMode, Sandbox,
-};
+use testkit::{Cmd, TestPlatform};
+
+use crate::support::{Credd, DAEMON_TOKEN, FakeDaemon, credd_sandbox};
 
 #[test]
 fn token_prints_the_token_and_a_newline() {
-    let sandbox = Sandbox::new();
+    let sandbox = credd_sandbox();
     let daemon = FakeDaemon::with_token(&sandbox.socket());
     let run = sandbox.run(&["token"], "");
-    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_eq!(run.code(), Some(0), "{run:?}");
     assert_eq!(run.stdout, format!("{DAEMON_TOKEN}\n"));
     assert_eq!(run.stderr, "");
     assert_eq!(daemon.requests(), [Request::Get]);
@@ -22,20 +22,24 @@ fn token_prints_the_token_and_a_newline() {
 
 #[test]
 fn token_falls_back_to_the_platform_when_the_daemon_is_down() {
-    let mut sandbox = Sandbox::new();
-    let platform = FakePlatform::start(PlatformMode::Token);
+    let sandbox = credd_sandbox();
+    let platform = TestPlatform::start();
     sandbox.use_platform(&platform);
     let run = sandbox.run(&["token"], "");
-    assert_eq!(run.code, Some(0), "{run:?}");
-    assert_eq!(run.stdout, format!("{PLATFORM_TOKEN}\n"));
+    assert_eq!(run.code(), Some(0), "{run:?}");
+    let token = platform.last_issued().expect("the platform was asked");
+    assert!(
+        run.stdout == format!("{token}\n"),
+        "the platform's token and a newline: {run:?}"
+    );
     assert_eq!(run.stderr_lines().len(), 1, "{run:?}");
-    run.assert_stderr_clean();
+    sandbox.assert_no_secrets();
 }
 
 #[test]
 fn token_exits_1_with_a_reason_when_none_can_be_had() {
-    let mut sandbox = Sandbox::new();
-    let platform = FakePlatform::start(PlatformMode::Token);
+    let sandbox = credd_sandbox();
+    let platform = TestPlatform::start();
     sandbox.use_platform(&platform);
     let _daemon = FakeDaemon::answering(
         &sandbox.socket(),
@@ -45,63 +49,63 @@ fn token_exits_1_with_a_reason_when_none_can_be_had() {
         },
     );
     let run = sandbox.run(&["token"], "");
-    assert_eq!(run.code, Some(1), "{run:?}");
+    assert_eq!(run.code(), Some(1), "{run:?}");
     assert_eq!(run.stdout, "");
     assert!(run.stderr.contains("HTTP 401"), "{run:?}");
     assert!(
         run.stderr.contains("credd: error: no token available"),
         "{run:?}"
     );
-    run.assert_stderr_clean();
+    sandbox.assert_no_secrets();
     assert_eq!(platform.requests(), 0);
 
-    let down = Sandbox::new(); // no daemon, platform unreachable
+    let down = credd_sandbox(); // no daemon, platform unreachable
     let run = down.run(&["token"], "");
-    assert_eq!(run.code, Some(1), "{run:?}");
+    assert_eq!(run.code(), Some(1), "{run:?}");
     assert_eq!(run.stdout, "");
-    run.assert_stderr_clean();
+    down.assert_no_secrets();
 }
 
 #[test]
 fn exec_passes_the_token_in_the_environment_and_the_exit_code_back() {
-    let sandbox = Sandbox::new();
+    let sandbox = credd_sandbox();
     let _daemon = FakeDaemon::with_token(&sandbox.socket());
     // The child prints its token variables and its own argv (from /proc), then
     // exits 7: credd must put the token in the environment and nowhere else.
     let script = r#"printf '%s\n%s\n' "$GH_TOKEN" "$GITHUB_TOKEN"; tr '\0' ' ' < /proc/$$/cmdline >&2; exit 7"#;
     let run = sandbox.run(&["exec", "--", "sh", "-c", script], "");
-    assert_eq!(run.code, Some(7), "{run:?}");
+    assert_eq!(run.code(), Some(7), "{run:?}");
     assert_eq!(run.stdout, format!("{DAEMON_TOKEN}\n{DAEMON_TOKEN}\n"));
     assert!(
         run.stderr.starts_with("sh -c "),
         "the child's argv: {run:?}"
     );
-    run.assert_stderr_clean();
+    sandbox.assert_no_secrets();
 
     let ok = sandbox.run(&["exec", "true"], "");
-    assert_eq!(ok.code, Some(0), "{ok:?}");
+    assert_eq!(ok.code(), Some(0), "{ok:?}");
 }
 
 #[test]
 fn exec_of_a_missing_command_exits_127() {
-    let sandbox = Sandbox::new();
+    let sandbox = credd_sandbox();
     let _daemon = FakeDaemon::with_token(&sandbox.socket());
     let run = sandbox.run(&["exec", "--", "credd-no-such-command-xyz", "arg"], "");
-    assert_eq!(run.code, Some(127), "{run:?}");
+    assert_eq!(run.code(), Some(127), "{run:?}");
     assert!(
         run.stderr
             .contains("credd-no-such-command-xyz: command not found"),
         "{run:?}"
     );
-    run.assert_stderr_clean();
+    sandbox.assert_no_secrets();
 
     let usage = sandbox.run(&["exec", "--"], "");
-    assert_eq!(usage.code, Some(2), "{usage:?}");
+    assert_eq!(usage.code(), Some(2), "{usage:?}");
 }
 
 #[test]
 fn exec_without_a_token_does_not_run_the_command() {
-    let sandbox = Sandbox::new();
+    let sandbox = credd_sandbox();
     let _daemon = FakeDaemon::answering(
         &sandbox.socket(),
         Response::Error {
@@ -114,7 +118,7 @@ fn exec_without_a_token_does_not_run_the_command() {
         &["exec", "--", "touch", marker.to_str().expect("UTF-8")],
         "",
     );
-    assert_eq!(run.code, Some(1), "{run:?}");
+    assert_eq!(run.code(), Some(1), "{run:?}");
     assert!(!marker.exists(), "the command must not run without a token");
 }
 
@@ -139,14 +143,14 @@ fn sample_status() -> Status {
 
 #[test]
 fn status_shows_the_daemon_state_for_people_and_scripts() {
-    let sandbox = Sandbox::new();
+    let sandbox = credd_sandbox();
     let daemon = FakeDaemon::answering(
         &sandbox.socket(),
         Response::Status(Box::new(sample_status())),
     );
 
     let human = sandbox.run(&["status"], "");
-    assert_eq!(human.code, Some(0), "{human:?}");
+    assert_eq!(human.code(), Some(0), "{human:?}");
     for expected in [
         "state:          valid",
         "source:         env",
@@ -169,7 +173,7 @@ fn status_shows_the_daemon_state_for_people_and_scripts() {
     }
 
     let json = sandbox.run(&["status", "--json"], "");
-    assert_eq!(json.code, Some(0), "{json:?}");
+    assert_eq!(json.code(), Some(0), "{json:?}");
     let parsed: Status = serde_json::from_str(&json.stdout).expect("status --json is a Status");
     assert_eq!(parsed, sample_status());
     assert_eq!(daemon.requests(), [Request::Status, Request::Status]);
@@ -177,9 +181,9 @@ fn status_shows_the_daemon_state_for_people_and_scripts() {
 
 #[test]
 fn status_exits_1_when_the_daemon_is_unreachable() {
-    let sandbox = Sandbox::new();
+    let sandbox = credd_sandbox();
     let run = sandbox.run(&["status"], "");
-    assert_eq!(run.code, Some(1), "{run:?}");
+    assert_eq!(run.code(), Some(1), "{run:?}");
     assert_eq!(run.stdout, "");
     assert!(
         run.stderr
@@ -187,7 +191,7 @@ fn status_exits_1_when_the_daemon_is_unreachable() {
         "{run:?}"
     );
     let usage = sandbox.run(&["status", "--yaml"], "");
-    assert_eq!(usage.code, Some(2), "{usage:?}");
+    assert_eq!(usage.code(), Some(2), "{usage:?}");
 }
 
 fn helpers(git_config: &[&str], key: &str, home: &Path) -> Vec<String> {
@@ -212,7 +216,7 @@ fn helpers(git_config: &[&str], key: &str, home: &Path) -> Vec<String> {
 
 #[test]
 fn configure_git_writes_the_helper_list_idempotently() {
-    let mut sandbox = Sandbox::new();
+    let sandbox = credd_sandbox();
     sandbox.set_hosts("github.com,ghe.example.com:8443");
     let file = sandbox.path().join("gitconfig");
     let file_arg = file.to_str().expect("UTF-8");
@@ -250,7 +254,7 @@ fn configure_git_writes_the_helper_list_idempotently() {
     ];
     for (round, args) in rounds.iter().enumerate() {
         let run = sandbox.run(args, "");
-        assert_eq!(run.code, Some(0), "round {round}: {run:?}");
+        assert_eq!(run.code(), Some(0), "round {round}: {run:?}");
         for host in ["github.com", "ghe.example.com:8443"] {
             let key = format!("credential.https://{host}.helper");
             assert_eq!(
@@ -268,7 +272,7 @@ fn configure_git_writes_the_helper_list_idempotently() {
     // Without --file: the global config in $HOME, without a fallback.
     for _ in 0..2 {
         let run = sandbox.run(&["configure-git"], "");
-        assert_eq!(run.code, Some(0), "{run:?}");
+        assert_eq!(run.code(), Some(0), "{run:?}");
     }
     assert_eq!(
         helpers(&["--global"], "credential.https://github.com.helper", &home),
@@ -278,7 +282,7 @@ fn configure_git_writes_the_helper_list_idempotently() {
 
 #[test]
 fn configure_git_failures_say_what_to_do() {
-    let sandbox = Sandbox::new();
+    let sandbox = credd_sandbox();
     let not_a_file = sandbox.path().join("no/such/dir/gitconfig");
     let run = sandbox.run(
         &[
@@ -288,19 +292,19 @@ fn configure_git_failures_say_what_to_do() {
         ],
         "",
     );
-    assert_eq!(run.code, Some(1), "{run:?}");
+    assert_eq!(run.code(), Some(1), "{run:?}");
     assert!(run.stderr.starts_with("credd: error: "), "{run:?}");
     assert!(run.stderr.contains("pass --file PATH"), "{run:?}");
     let usage = sandbox.run(&["configure-git", "--fallback-helper"], "");
-    assert_eq!(usage.code, Some(2), "{usage:?}");
+    assert_eq!(usage.code(), Some(2), "{usage:?}");
 }
 
 #[test]
 fn help_and_version() {
-    let sandbox = Sandbox::new();
+    let sandbox = credd_sandbox();
     for flag in ["--help", "help", "-h"] {
         let run = sandbox.run(&[flag], "");
-        assert_eq!(run.code, Some(0), "{run:?}");
+        assert_eq!(run.code(), Some(0), "{run:?}");
         assert!(run.stdout.contains("credd configure-git"), "{run:?}");
     }
     let version = sandbox.run(&["--version"], "");
@@ -309,14 +313,14 @@ fn help_and_version() {
         format!("credd {}\n", env!("CARGO_PKG_VERSION"))
     );
     let none = sandbox.run(&[], "");
-    assert_eq!(none.code, Some(2), "{none:?}");
+    assert_eq!(none.code(), Some(2), "{none:?}");
 }
 
 /// A reader that went away (`credd status | head -0`) ends credd with one
 /// exit code and no panic (Rust's `print!` panics on `EPIPE`).
 #[test]
 fn a_closed_stdout_is_exit_1_not_a_panic() {
-    let sandbox = Sandbox::new();
+    let sandbox = credd_sandbox();
     let daemon = FakeDaemon::with_token(&sandbox.socket());
     for args in [
         &["--help"][..],
@@ -326,15 +330,9 @@ fn a_closed_stdout_is_exit_1_not_a_panic() {
     ] {
         let (reader, writer) = std::io::pipe().expect("pipe");
         drop(reader);
-        let output = sandbox
-            .credd(args)
-            .stdin(std::process::Stdio::null())
-            .stdout(writer)
-            .stderr(std::process::Stdio::piped())
-            .output()
-            .expect("run credd");
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(1), "credd {args:?}: {stderr}");
+        let output = sandbox.credd(args).stdout(writer).run();
+        let stderr = &output.stderr;
+        assert_eq!(output.code(), Some(1), "credd {args:?}: {stderr}");
         assert!(!stderr.contains("panicked"), "credd {args:?}: {stderr}");
     }
     drop(daemon);
@@ -344,7 +342,7 @@ fn a_closed_stdout_is_exit_1_not_a_panic() {
 /// under it): credd kills it at its deadline instead of holding git forever.
 #[test]
 fn a_fetch_once_that_never_answers_is_killed_at_the_deadline() {
-    let sandbox = Sandbox::new();
+    let sandbox = credd_sandbox();
     // credd runs the molecule-credd next to itself: a copy of credd beside a
     // stand-in that hangs.
     let bin = sandbox.path().join("bin");
@@ -355,18 +353,15 @@ fn a_fetch_once_that_never_answers_is_killed_at_the_deadline() {
     std::fs::set_permissions(&hang, std::os::unix::fs::PermissionsExt::from_mode(0o755))
         .expect("chmod");
     // No daemon at the sandbox's socket: credd falls back to the stand-in.
-    let mut command = Command::new(bin.join("credd"));
-    command.args(["token"]).env_clear().envs(
-        sandbox
-            .credd(&[])
-            .get_envs()
-            .filter_map(|(k, v)| Some((k.to_owned(), v?.to_owned())))
-            .collect::<Vec<_>>(),
-    );
+    let mut command = sandbox.command(bin.join("credd"));
+    command.arg("token");
     let started = std::time::Instant::now();
-    let run = crate::support::run(command, "");
+    let run = Cmd::new(command, "credd token (copy)")
+        .stdin("")
+        .transcript(sandbox.transcript())
+        .run();
     let took = started.elapsed();
-    assert_eq!(run.code, Some(1), "{run:?}");
+    assert_eq!(run.code(), Some(1), "{run:?}");
     assert!(run.stderr.contains("killed it"), "{}", run.stderr);
     assert!(
         took < std::time::Duration::from_secs(30),

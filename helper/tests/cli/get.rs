@@ -7,19 +7,17 @@ use credd_core::protocol::{ErrorCode, Request, Response};
 use credd_core::secret::sha256_hex;
 use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
 
-use crate::support::{
-    DAEMON_EXPIRY, DAEMON_TOKEN, FakeDaemon, FakePlatform, PLATFORM_TOKEN, PlatformMode, Reply,
-    Sandbox, fill_backlog,
-};
+use testkit::{Fault, TestPlatform};
 
-fn expected_answer(token: &str, expiry: u64) -> String {
-    format!("username=x-access-token\npassword={token}\npassword_expiry_utc={expiry}\n")
-}
+use crate::support::{
+    Credd, DAEMON_EXPIRY, DAEMON_TOKEN, FakeDaemon, Reply, assert_platform_answer, credd_sandbox,
+    expected_answer, fill_backlog,
+};
 
 #[test]
 fn get_is_answered_by_the_daemon() {
-    let mut sandbox = Sandbox::new();
-    let platform = FakePlatform::start(PlatformMode::Token);
+    let sandbox = credd_sandbox();
+    let platform = TestPlatform::start();
     sandbox.use_platform(&platform);
     let daemon = FakeDaemon::with_token(&sandbox.socket());
 
@@ -27,7 +25,7 @@ fn get_is_answered_by_the_daemon() {
         &["get"],
         "capability[]=authtype\nprotocol=https\nhost=github.com\nwwwauth[]=Basic realm=\"x\"\n\n",
     );
-    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_eq!(run.code(), Some(0), "{run:?}");
     assert_eq!(run.stdout, expected_answer(DAEMON_TOKEN, DAEMON_EXPIRY));
     assert_eq!(run.stderr, "", "the hot path is silent");
     assert_eq!(daemon.requests(), [Request::Get]);
@@ -40,7 +38,7 @@ fn get_is_answered_by_the_daemon() {
 
 #[test]
 fn get_answers_without_a_trailing_blank_line() {
-    let sandbox = Sandbox::new();
+    let sandbox = credd_sandbox();
     let daemon = FakeDaemon::with_token(&sandbox.socket());
     let run = sandbox.run(&["get"], "protocol=https\r\nhost=GitHub.com");
     assert_eq!(
@@ -53,7 +51,7 @@ fn get_answers_without_a_trailing_blank_line() {
 
 #[test]
 fn get_stays_silent_for_other_hosts_and_clear_text() {
-    let mut sandbox = Sandbox::new();
+    let sandbox = credd_sandbox();
     sandbox.set_hosts("github.com,127.0.0.1:8080");
     let daemon = FakeDaemon::with_token(&sandbox.socket());
     for (protocol, host) in [
@@ -63,8 +61,8 @@ fn get_stays_silent_for_other_hosts_and_clear_text() {
         ("https", "github.com.evil.com"),
         ("http", "127.0.0.1:9999"),
     ] {
-        let run = sandbox.get(protocol, host);
-        assert_eq!(run.code, Some(0), "{protocol}://{host}: {run:?}");
+        let run = sandbox.credd_get(protocol, host);
+        assert_eq!(run.code(), Some(0), "{protocol}://{host}: {run:?}");
         assert_eq!(run.stdout, "", "{protocol}://{host}");
         assert_eq!(run.stderr, "", "{protocol}://{host}");
     }
@@ -74,7 +72,7 @@ fn get_stays_silent_for_other_hosts_and_clear_text() {
         "no socket traffic for hosts we do not serve"
     );
 
-    let loopback = sandbox.get("http", "127.0.0.1:8080");
+    let loopback = sandbox.credd_get("http", "127.0.0.1:8080");
     assert_eq!(
         loopback.stdout,
         expected_answer(DAEMON_TOKEN, DAEMON_EXPIRY)
@@ -83,7 +81,7 @@ fn get_stays_silent_for_other_hosts_and_clear_text() {
 
 #[test]
 fn malformed_input_gets_one_line_and_no_answer() {
-    let sandbox = Sandbox::new();
+    let sandbox = credd_sandbox();
     let daemon = FakeDaemon::with_token(&sandbox.socket());
     let huge = format!(
         "protocol=https\nhost=github.com\npath={}\n\n",
@@ -95,7 +93,7 @@ fn malformed_input_gets_one_line_and_no_answer() {
         "capability[]=x\n".repeat(101),
     ] {
         let run = sandbox.run(&["get"], &input);
-        assert_eq!(run.code, Some(0), "{run:?}");
+        assert_eq!(run.code(), Some(0), "{run:?}");
         assert_eq!(run.stdout, "");
         let lines = run.stderr_lines();
         assert_eq!(lines.len(), 1, "{run:?}");
@@ -103,23 +101,20 @@ fn malformed_input_gets_one_line_and_no_answer() {
             lines[0].starts_with("credd: ignoring git's input"),
             "{run:?}"
         );
-        run.assert_stderr_clean();
+        sandbox.assert_no_secrets();
     }
     assert_eq!(daemon.connections(), 0);
 }
 
 #[test]
 fn daemon_down_falls_back_to_the_platform() {
-    let mut sandbox = Sandbox::new();
-    let platform = FakePlatform::start(PlatformMode::Token);
+    let sandbox = credd_sandbox();
+    let platform = TestPlatform::start();
     sandbox.use_platform(&platform);
 
-    let run = sandbox.get("https", "github.com");
-    assert_eq!(run.code, Some(0), "{run:?}");
-    assert_eq!(
-        run.stdout,
-        expected_answer(PLATFORM_TOKEN, platform.expires_at)
-    );
+    let run = sandbox.credd_get("https", "github.com");
+    assert_eq!(run.code(), Some(0), "{run:?}");
+    assert_platform_answer(&run, &platform);
     let lines = run.stderr_lines();
     assert_eq!(lines.len(), 1, "{run:?}");
     assert!(
@@ -133,31 +128,28 @@ fn daemon_down_falls_back_to_the_platform() {
         lines[0].ends_with("; asking the platform directly"),
         "{run:?}"
     );
-    run.assert_stderr_clean();
+    sandbox.assert_no_secrets();
     assert_eq!(platform.requests(), 1);
 }
 
 #[test]
 fn stale_socket_with_nobody_listening_falls_back() {
-    let mut sandbox = Sandbox::new();
-    let platform = FakePlatform::start(PlatformMode::Token);
+    let sandbox = credd_sandbox();
+    let platform = TestPlatform::start();
     sandbox.use_platform(&platform);
     drop(UnixListener::bind(sandbox.socket()).expect("bind"));
     assert!(sandbox.socket().exists(), "the socket file stays behind");
 
-    let run = sandbox.get("https", "github.com");
-    assert_eq!(
-        run.stdout,
-        expected_answer(PLATFORM_TOKEN, platform.expires_at)
-    );
+    let run = sandbox.credd_get("https", "github.com");
+    assert_platform_answer(&run, &platform);
     assert!(run.stderr.contains("connection refused"), "{run:?}");
     assert_eq!(platform.requests(), 1);
 }
 
 #[test]
 fn daemon_unavailable_means_no_platform_call() {
-    let mut sandbox = Sandbox::new();
-    let platform = FakePlatform::start(PlatformMode::Token);
+    let sandbox = credd_sandbox();
+    let platform = TestPlatform::start();
     sandbox.use_platform(&platform);
     let daemon = FakeDaemon::answering(
         &sandbox.socket(),
@@ -167,9 +159,9 @@ fn daemon_unavailable_means_no_platform_call() {
         },
     );
 
-    let run = sandbox.get("https", "github.com");
+    let run = sandbox.credd_get("https", "github.com");
     assert_eq!(
-        run.code,
+        run.code(),
         Some(0),
         "get exits 0 so git tries its next helper: {run:?}"
     );
@@ -192,8 +184,8 @@ fn daemon_unavailable_means_no_platform_call() {
 
 #[test]
 fn daemon_with_a_full_backlog_misses_the_connect_deadline_then_falls_back() {
-    let mut sandbox = Sandbox::new();
-    let platform = FakePlatform::start(PlatformMode::Token);
+    let sandbox = credd_sandbox();
+    let platform = TestPlatform::start();
     sandbox.use_platform(&platform);
     // A listener that never accepts, with room for one pending connection,
     // which the test takes: credd's connect(2) then blocks on the backlog.
@@ -212,12 +204,8 @@ fn daemon_with_a_full_backlog_misses_the_connect_deadline_then_falls_back() {
     socket::listen(&listener, Backlog::new(0).expect("backlog")).expect("listen");
     let _pending = fill_backlog(&sandbox.socket());
 
-    let run = sandbox.get("https", "github.com");
-    assert_eq!(
-        run.stdout,
-        expected_answer(PLATFORM_TOKEN, platform.expires_at),
-        "{run:?}"
-    );
+    let run = sandbox.credd_get("https", "github.com");
+    assert_platform_answer(&run, &platform);
     let lines = run.stderr_lines();
     assert_eq!(lines.len(), 1, "{run:?}");
     assert!(
@@ -229,17 +217,13 @@ fn daemon_with_a_full_backlog_misses_the_connect_deadline_then_falls_back() {
 
 #[test]
 fn daemon_that_never_answers_hits_the_read_deadline_then_falls_back() {
-    let mut sandbox = Sandbox::new();
-    let platform = FakePlatform::start(PlatformMode::Token);
+    let sandbox = credd_sandbox();
+    let platform = TestPlatform::start();
     sandbox.use_platform(&platform);
     let daemon = FakeDaemon::start(&sandbox.socket(), |_| Reply::Silence);
 
-    let run = sandbox.get("https", "github.com");
-    assert_eq!(
-        run.stdout,
-        expected_answer(PLATFORM_TOKEN, platform.expires_at),
-        "{run:?}"
-    );
+    let run = sandbox.credd_get("https", "github.com");
+    assert_platform_answer(&run, &platform);
     let lines = run.stderr_lines();
     assert_eq!(lines.len(), 1, "{run:?}");
     assert!(lines[0].contains("no answer within 6 s"), "{run:?}");
@@ -249,8 +233,8 @@ fn daemon_that_never_answers_hits_the_read_deadline_then_falls_back() {
 
 #[test]
 fn garbage_from_the_daemon_is_not_echoed_and_falls_back() {
-    let mut sandbox = Sandbox::new();
-    let platform = FakePlatform::start(PlatformMode::Token);
+    let sandbox = credd_sandbox();
+    let platform = TestPlatform::start();
     sandbox.use_platform(&platform);
     for garbage in [
         b"password=ghs_garbage0123 Bearer x\n".to_vec(),
@@ -262,12 +246,8 @@ fn garbage_from_the_daemon_is_not_echoed_and_falls_back() {
         let socket = sandbox.socket();
         let _ = std::fs::remove_file(&socket);
         let _daemon = FakeDaemon::start(&socket, move |_| Reply::Line(garbage.clone()));
-        let run = sandbox.get("https", "github.com");
-        assert_eq!(
-            run.stdout,
-            expected_answer(PLATFORM_TOKEN, platform.expires_at),
-            "{run:?}"
-        );
+        let run = sandbox.credd_get("https", "github.com");
+        assert_platform_answer(&run, &platform);
         let lines = run.stderr_lines();
         assert_eq!(lines.len(), 1, "{run:?}");
         assert!(
@@ -275,19 +255,19 @@ fn garbage_from_the_daemon_is_not_echoed_and_falls_back() {
             "{run:?}"
         );
         assert!(!run.stderr.contains("garbage"), "{run:?}");
-        run.assert_stderr_clean();
+        sandbox.assert_no_secrets();
     }
     assert_eq!(platform.requests(), 5);
 }
 
 #[test]
 fn daemon_and_platform_both_failing_prints_nothing() {
-    let mut sandbox = Sandbox::new();
-    let platform = FakePlatform::start(PlatformMode::Fail(500));
+    let sandbox = credd_sandbox();
+    let platform = TestPlatform::start().with_fault(Fault::Status(500));
     sandbox.use_platform(&platform);
 
-    let run = sandbox.get("https", "github.com");
-    assert_eq!(run.code, Some(0), "{run:?}");
+    let run = sandbox.credd_get("https", "github.com");
+    assert_eq!(run.code(), Some(0), "{run:?}");
     assert_eq!(run.stdout, "");
     let lines = run.stderr_lines();
     assert_eq!(lines.len(), 2, "{run:?}");
@@ -296,20 +276,20 @@ fn daemon_and_platform_both_failing_prints_nothing() {
         "{run:?}"
     );
     assert!(lines[1].contains("HTTP 500"), "{run:?}");
-    run.assert_stderr_clean();
+    sandbox.assert_no_secrets();
     assert_eq!(platform.requests(), 1);
 
     // Unreachable platform: a refused connection, reported without secrets.
-    let nowhere = Sandbox::new();
-    let run = nowhere.get("https", "github.com");
-    assert_eq!((run.code, run.stdout.as_str()), (Some(0), ""), "{run:?}");
+    let nowhere = credd_sandbox();
+    let run = nowhere.credd_get("https", "github.com");
+    assert_eq!((run.code(), run.stdout.as_str()), (Some(0), ""), "{run:?}");
     assert!(run.stderr.contains("cannot reach the platform"), "{run:?}");
-    run.assert_stderr_clean();
+    nowhere.assert_no_secrets();
 }
 
 #[test]
 fn erase_sends_the_rejected_passwords_hash() {
-    let sandbox = Sandbox::new();
+    let sandbox = credd_sandbox();
     let daemon = FakeDaemon::with_token(&sandbox.socket());
     let rejected = "ghs_rejected0123456789";
 
@@ -320,7 +300,7 @@ fn erase_sends_the_rejected_passwords_hash() {
         ),
     );
     assert_eq!(
-        (run.code, run.stdout.as_str(), run.stderr.as_str()),
+        (run.code(), run.stdout.as_str(), run.stderr.as_str()),
         (Some(0), "", "")
     );
     assert_eq!(
@@ -345,15 +325,15 @@ fn erase_sends_the_rejected_passwords_hash() {
 
 #[test]
 fn erase_with_the_daemon_down_is_silent() {
-    let mut sandbox = Sandbox::new();
-    let platform = FakePlatform::start(PlatformMode::Token);
+    let sandbox = credd_sandbox();
+    let platform = TestPlatform::start();
     sandbox.use_platform(&platform);
     let run = sandbox.run(
         &["erase"],
         "protocol=https\nhost=github.com\npassword=ghs_x\n\n",
     );
     assert_eq!(
-        (run.code, run.stdout.as_str(), run.stderr.as_str()),
+        (run.code(), run.stdout.as_str(), run.stderr.as_str()),
         (Some(0), "", "")
     );
     assert_eq!(platform.requests(), 0, "erase never calls the platform");
@@ -361,11 +341,11 @@ fn erase_with_the_daemon_down_is_silent() {
 
 #[test]
 fn unknown_actions_are_silent() {
-    let sandbox = Sandbox::new();
+    let sandbox = credd_sandbox();
     let daemon = FakeDaemon::with_token(&sandbox.socket());
     let run = sandbox.run(&["frobnicate"], "protocol=https\nhost=github.com\n\n");
     assert_eq!(
-        (run.code, run.stdout.as_str(), run.stderr.as_str()),
+        (run.code(), run.stdout.as_str(), run.stderr.as_str()),
         (Some(0), "", "")
     );
     assert_eq!(daemon.connections(), 0);
@@ -373,8 +353,8 @@ fn unknown_actions_are_silent() {
 
 #[test]
 fn daemon_refusals_decide_whether_the_platform_is_asked() {
-    let mut sandbox = Sandbox::new();
-    let platform = FakePlatform::start(PlatformMode::Token);
+    let sandbox = credd_sandbox();
+    let platform = TestPlatform::start();
     sandbox.use_platform(&platform);
     for (code, falls_back) in [
         (ErrorCode::Forbidden, false),
@@ -392,18 +372,15 @@ fn daemon_refusals_decide_whether_the_platform_is_asked() {
             },
         );
         let before = platform.requests();
-        let run = sandbox.get("https", "github.com");
-        assert_eq!(run.code, Some(0), "{code:?}: {run:?}");
+        let run = sandbox.credd_get("https", "github.com");
+        assert_eq!(run.code(), Some(0), "{code:?}: {run:?}");
         let lines = run.stderr_lines();
         assert!(
             lines[0].contains("refused by the test"),
             "{code:?}: {run:?}"
         );
         if falls_back {
-            assert_eq!(
-                run.stdout,
-                expected_answer(PLATFORM_TOKEN, platform.expires_at)
-            );
+            assert_platform_answer(&run, &platform);
             assert_eq!(platform.requests(), before + 1, "{code:?}");
         } else {
             assert_eq!(
@@ -417,6 +394,6 @@ fn daemon_refusals_decide_whether_the_platform_is_asked() {
                 "{code:?} must not reach the platform"
             );
         }
-        run.assert_stderr_clean();
+        sandbox.assert_no_secrets();
     }
 }
