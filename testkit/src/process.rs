@@ -183,17 +183,15 @@ impl<'a> Cmd<'a> {
         let label = self.label.clone();
         let captures_stdout = self.stdout.is_none();
         let stdout = self.stdout.take().unwrap_or_else(Stdio::piped);
-        let mut child = self
-            .command
+        self.command
             .stdin(if self.stdin.is_some() {
                 Stdio::piped()
             } else {
                 Stdio::null()
             })
             .stdout(stdout)
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {label}: {e}"));
+            .stderr(Stdio::piped());
+        let mut child = spawn(&mut self.command, &label);
         let stdout = child.stdout.take().map(Captured::spawn).unwrap_or_default();
         let stderr = Captured::spawn(child.stderr.take().expect("piped"));
         if let Some(t) = self.transcript {
@@ -242,18 +240,15 @@ impl<'a> Cmd<'a> {
             .stdout
             .take()
             .unwrap_or_else(|| std::fs::File::create(&out).expect("stdout file").into());
-        let child = self
-            .command
+        self.command
             .stdin(if self.stdin.is_some() {
                 Stdio::piped()
             } else {
                 Stdio::null()
             })
             .stdout(stdout)
-            .stderr(std::fs::File::create(&err).expect("stderr file"))
-            .spawn()
-            .unwrap_or_else(|e| panic!("{label}: cannot start: {e}"));
-        let mut child = child;
+            .stderr(std::fs::File::create(&err).expect("stderr file"));
+        let mut child = spawn(&mut self.command, &label);
         if let (Some(mut pipe), Some(input)) = (child.stdin.take(), self.stdin.take()) {
             std::thread::spawn(move || {
                 let _ = pipe.write_all(&input);
@@ -264,6 +259,26 @@ impl<'a> Cmd<'a> {
             status,
             stdout: std::fs::read_to_string(&out).unwrap_or_default(),
             stderr: std::fs::read_to_string(&err).unwrap_or_default(),
+        }
+    }
+}
+
+/// Starts `command`, failing the test when it cannot be.
+///
+/// A program the test has just written (a copied binary, a script) can be
+/// refused as busy (`ETXTBSY`) for a moment: another test's freshly forked
+/// child still holds the writer's descriptor until it execs. Nothing
+/// signals that moment's end, so that one error is retried, briefly.
+fn spawn(command: &mut Command, label: &str) -> Child {
+    let mut busy = 0;
+    loop {
+        match command.spawn() {
+            Ok(child) => return child,
+            Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ETXTBSY as i32) && busy < 100 => {
+                busy += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("cannot start {label}: {e}"),
         }
     }
 }
@@ -297,12 +312,11 @@ impl Process {
     /// Starts `command` with stdin `/dev/null` and stdout/stderr captured.
     pub fn spawn(mut command: Command, label: impl Into<String>) -> Self {
         let label = label.into();
-        let mut child = command
+        command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {label}: {e}"));
+            .stderr(Stdio::piped());
+        let mut child = spawn(&mut command, &label);
         let stdout = Captured::spawn(child.stdout.take().expect("piped"));
         let stderr = Captured::spawn(child.stderr.take().expect("piped"));
         Self {

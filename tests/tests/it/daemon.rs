@@ -221,7 +221,7 @@ fn unauthorized_rereads_the_bearer_and_retries_once() {
     let daemon = sandbox
         .daemon()
         .args(NO_RETRY)
-        .args(["--wait-timeout", "10s"])
+        .args(["--wait-timeout", "5s"])
         .start();
     platform.wait_for_requests(1, WAIT);
     // The bearer rotates while the first call is in flight; that call is then
@@ -446,7 +446,7 @@ fn fifty_concurrent_gets_on_an_empty_cache_make_one_platform_call() {
         daemon,
     } = Running::start(
         TestPlatform::start().with_fault(Fault::Hang),
-        &["--wait-timeout", "20s"],
+        &["--wait-timeout", "5s"],
     );
     platform.wait_for_requests(1, WAIT);
     let outputs: Vec<_> = std::thread::scope(|scope| {
