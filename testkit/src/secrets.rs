@@ -163,8 +163,8 @@ pub fn random_secret(prefix: &str) -> String {
 }
 
 /// Hex SHA-256, as `sha256sum` prints it.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    sha2::Sha256::digest(bytes)
+pub fn sha256_hex(bytes: impl AsRef<[u8]>) -> String {
+    sha2::Sha256::digest(bytes.as_ref())
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()

@@ -4,13 +4,14 @@
 //! output on a closed stdout.
 
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 
 use nix::sys::signal::Signal;
+use testkit::{Cmd, PlatformProcess};
 
 use crate::support::{
-    GitHubStandIn, INSTALLATION_ID, Mode, PlatformProcess, WAIT, assert_no_secrets, http, keys,
-    platform_command, run_to_exit, sha256_hex,
+    GitHubStandIn, INSTALLATION_ID, Mode, assert_no_secrets, http, keys, run_to_exit, sha256_hex,
 };
 
 const ADMIN_ROUTE: &str = "/admin/github-installation-token";
@@ -50,13 +51,12 @@ async fn dev_mode_serves_tokens_and_exits_cleanly_on_sigterm() {
             token_file.to_str().unwrap(),
         ],
         &[],
-    )
-    .await;
+    );
     let url = platform.url();
     let port: u16 = url.rsplit(':').next().unwrap().parse().expect("port");
     assert!(url.starts_with("http://127.0.0.1:") && port != 0, "{url}");
     assert_eq!(
-        platform.second_line,
+        platform.second_line(),
         format!(
             "point a daemon at it: PLATFORM_URL={url} CONFIGS_DIR={} molecule-credd",
             configs.display()
@@ -98,15 +98,11 @@ async fn dev_mode_serves_tokens_and_exits_cleanly_on_sigterm() {
         (401, serde_json::json!({"error": "missing bearer token"}))
     );
 
-    let exit = platform.signal_and_wait(Signal::SIGTERM).await;
+    let exit = platform.stop(Signal::SIGTERM);
     assert!(exit.success(), "{exit:?}");
     let stderr = platform.stderr();
     assert!(stderr.contains("SIGTERM: shutting down"), "{stderr}");
-    let stdout = format!(
-        "{}\n{}\n",
-        platform.first_line,
-        crate::support::lock(&platform.stdout)
-    );
+    let stdout = platform.stdout();
     for (what, text) in [("stderr", &stderr), ("stdout", &stdout)] {
         assert_no_secrets(what, text, &[bearer.clone(), token.clone()]);
     }
@@ -118,17 +114,16 @@ async fn dev_mode_without_a_file_writes_the_bearer_under_tmpdir() {
     let mut platform = PlatformProcess::spawn(
         &["--dev", "--listen", "127.0.0.1:0"],
         &[("TMPDIR", tmp.path().to_str().unwrap())],
-    )
-    .await;
+    );
     let configs = tmp
         .path()
         .join(format!("molecule-platform-dev-{}", nix::unistd::getuid()));
     assert!(
         platform
-            .second_line
+            .second_line()
             .ends_with(&format!("CONFIGS_DIR={} molecule-credd", configs.display())),
         "{}",
-        platform.second_line
+        platform.second_line()
     );
     let bearer = std::fs::read_to_string(configs.join(".auth_token")).expect("bearer");
     let (status, _) = get(
@@ -137,7 +132,7 @@ async fn dev_mode_without_a_file_writes_the_bearer_under_tmpdir() {
     )
     .await;
     assert_eq!(status, 200);
-    assert!(platform.signal_and_wait(Signal::SIGINT).await.success());
+    assert!(platform.stop(Signal::SIGINT).success());
 }
 
 #[tokio::test]
@@ -155,12 +150,11 @@ async fn sighup_reloads_the_workspace_tokens_file() {
             ("ADMIN_TOKEN", "admin-for-the-sighup-test-0123"),
             ("PLATFORM_WORKSPACE_TOKENS_FILE", file.to_str().unwrap()),
         ],
-    )
-    .await;
+    );
     assert!(
-        platform.second_line.contains("$CONFIGS_DIR/.auth_token"),
+        platform.second_line().contains("$CONFIGS_DIR/.auth_token"),
         "ADMIN_TOKEN given, no file written: {}",
-        platform.second_line
+        platform.second_line()
     );
     let ws_b = format!(
         "{}/workspaces/ws-b/github-installation-token",
@@ -176,17 +170,13 @@ async fn sighup_reloads_the_workspace_tokens_file() {
         ),
     )
     .expect("write");
-    nix::sys::signal::kill(platform.pid(), Signal::SIGHUP).expect("SIGHUP");
-    platform
-        .wait_for_stderr("SIGHUP: reloaded workspace tokens (2 entries)", 1)
-        .await;
+    platform.signal(Signal::SIGHUP);
+    platform.wait_for_stderr("SIGHUP: reloaded workspace tokens (2 entries)");
     assert_eq!(get(&ws_b, Some(bearer_b)).await.0, 200);
 
     std::fs::write(&file, "ws-a not-a-hash\n").expect("write");
-    nix::sys::signal::kill(platform.pid(), Signal::SIGHUP).expect("SIGHUP");
-    let stderr = platform
-        .wait_for_stderr("SIGHUP: keeping the previous workspace tokens", 1)
-        .await;
+    platform.signal(Signal::SIGHUP);
+    let stderr = platform.wait_for_stderr("SIGHUP: keeping the previous workspace tokens");
     assert!(
         stderr.contains(":1: the second field must be 64 hex digits"),
         "{stderr}"
@@ -196,7 +186,7 @@ async fn sighup_reloads_the_workspace_tokens_file() {
         200,
         "previous table kept"
     );
-    assert!(platform.signal_and_wait(Signal::SIGTERM).await.success());
+    assert!(platform.stop(Signal::SIGTERM).success());
 }
 
 fn github_env<'a>(
@@ -221,8 +211,7 @@ async fn github_mode_serves_the_installation_token() {
     let mut platform = PlatformProcess::spawn(
         &["--listen", "127.0.0.1:0"],
         &github_env(&github, key, &installation),
-    )
-    .await;
+    );
     let (status, body) = get(
         &format!("{}{ADMIN_ROUTE}", platform.url()),
         Some("admin-for-the-github-binary-test"),
@@ -230,7 +219,7 @@ async fn github_mode_serves_the_installation_token() {
     .await;
     assert_eq!(status, 200, "{body} {:?}", github.rejections());
     assert_eq!(body["token"], github.issued()[0].0.as_str());
-    assert!(platform.signal_and_wait(Signal::SIGTERM).await.success());
+    assert!(platform.stop(Signal::SIGTERM).success());
     let mut secrets = github.secrets();
     secrets.push("admin-for-the-github-binary-test".into());
     assert_no_secrets("stderr", &platform.stderr(), &secrets);
@@ -245,8 +234,7 @@ async fn github_failure_is_a_500_and_a_github_line_on_stderr() {
     let mut platform = PlatformProcess::spawn(
         &["--listen", "127.0.0.1:0"],
         &github_env(&github, key, &installation),
-    )
-    .await;
+    );
     let (status, body) = get(
         &format!("{}{ADMIN_ROUTE}", platform.url()),
         Some("admin-for-the-github-binary-test"),
@@ -256,13 +244,10 @@ async fn github_failure_is_a_500_and_a_github_line_on_stderr() {
         (status, body),
         (500, serde_json::json!({"error": "token refresh failed"}))
     );
-    let stderr = platform
-        .wait_for_stderr(
-            "[github] token refresh failed: upstream answered HTTP 401 (Bad credentials)",
-            1,
-        )
-        .await;
-    assert!(platform.signal_and_wait(Signal::SIGTERM).await.success());
+    let stderr = platform.wait_for_stderr(
+        "[github] token refresh failed: upstream answered HTTP 401 (Bad credentials)",
+    );
+    assert!(platform.stop(Signal::SIGTERM).success());
     let mut secrets = github.secrets();
     secrets.push("admin-for-the-github-binary-test".into());
     assert_no_secrets("stderr", &stderr, &secrets);
@@ -342,7 +327,7 @@ async fn refuses_to_start_on_bad_configuration() {
         ),
     ];
     for (args, env, needle) in cases {
-        let (status, stdout, stderr) = run_to_exit(&args, &env).await;
+        let (status, stdout, stderr) = run_to_exit(&args, &env);
         assert_eq!(status.code(), Some(1), "{env:?}: {stderr}");
         assert!(
             stderr.contains(needle),
@@ -372,14 +357,14 @@ fn unprivileged_uid() -> Option<u32> {
 #[tokio::test]
 async fn admin_token_is_honoured_but_unreadable_to_other_processes_of_its_uid() {
     const ADMIN: &str = "admin-for-the-hardening-test-0123456789";
-    let mut command = platform_command(
+    let mut command = PlatformProcess::command(
         &["--dev", "--listen", "127.0.0.1:0"],
         &[("ADMIN_TOKEN", ADMIN)],
     );
     if let Some(uid) = unprivileged_uid() {
         command.uid(uid).gid(uid);
     }
-    let mut platform = PlatformProcess::spawn_command(command).await;
+    let mut platform = PlatformProcess::spawn_command(command);
     let (status, body) = get(&format!("{}{ADMIN_ROUTE}", platform.url()), Some(ADMIN)).await;
     assert_eq!(
         status, 200,
@@ -411,7 +396,7 @@ async fn admin_token_is_honoured_but_unreadable_to_other_processes_of_its_uid() 
         std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&environ).expect("stat environ"));
     assert_eq!(owner, 0, "a non-dumpable process's /proc files are root's");
 
-    assert!(platform.signal_and_wait(Signal::SIGTERM).await.success());
+    assert!(platform.stop(Signal::SIGTERM).success());
     assert_no_secrets("stderr", &platform.stderr(), &[ADMIN.into()]);
 }
 
@@ -422,7 +407,7 @@ async fn admin_token_is_honoured_but_unreadable_to_other_processes_of_its_uid() 
 #[tokio::test]
 async fn help_and_version_exit_1_quietly_when_stdout_is_closed() {
     for flag in ["--help", "--version"] {
-        let (status, stdout, stderr) = run_to_exit(&[flag], &[]).await;
+        let (status, stdout, stderr) = run_to_exit(&[flag], &[]);
         assert_eq!(status.code(), Some(0), "{flag}: {stderr}");
         assert!(stdout.contains("molecule-platform"), "{flag}: {stdout}");
         assert!(stderr.is_empty(), "{flag}: {stderr}");
@@ -430,15 +415,10 @@ async fn help_and_version_exit_1_quietly_when_stdout_is_closed() {
         // `molecule-platform --help | true`: the reader is gone first.
         let (reader, writer) = std::io::pipe().expect("pipe");
         drop(reader);
-        let mut command = platform_command(&[flag], &[]);
-        command.stdout(writer);
-        let child = command.spawn().expect("spawn");
-        drop(command);
-        let out = tokio::time::timeout(WAIT, child.wait_with_output())
-            .await
-            .expect("exits")
-            .expect("wait");
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        let out = Cmd::new(PlatformProcess::command(&[flag], &[]), "molecule-platform")
+            .stdout(writer)
+            .run();
+        let stderr = &out.stderr;
         assert_eq!(
             out.status.code(),
             Some(1),
@@ -446,7 +426,7 @@ async fn help_and_version_exit_1_quietly_when_stdout_is_closed() {
         );
         assert!(stderr.is_empty(), "{flag}: quietly, no panic: {stderr}");
     }
-    let (status, stdout, stderr) = run_to_exit(&["--no-such-flag"], &[]).await;
+    let (status, stdout, stderr) = run_to_exit(&["--no-such-flag"], &[]);
     assert_eq!(status.code(), Some(2), "{stderr}");
     assert!(
         stderr.contains("unexpected argument '--no-such-flag'"),

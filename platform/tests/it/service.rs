@@ -318,22 +318,8 @@ async fn idle_connections_are_closed_and_free_their_slot() {
         ..Default::default()
     };
     let (app, _) = dev_app(Some(ADMIN));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(async move {
-        molecule_platform::service::serve_with_limits(
-            listener,
-            app,
-            async move {
-                let _ = stop_rx.await;
-            },
-            &limits,
-        )
-        .await
-    });
+    let server = crate::support::Server::start(app, limits).await;
+    let addr = server.addr;
     // A client that connects and says nothing is closed once the idle
     // timeout (here shorter than the header timeout) passed: the read ends
     // with EOF (or a reset).
@@ -350,8 +336,7 @@ async fn idle_connections_are_closed_and_free_their_slot() {
         .await
         .expect("request");
     assert_eq!(response.status(), 200);
-    stop.send(()).expect("server alive");
-    server.await.expect("task").expect("serve");
+    server.stop().await;
 }
 
 /// A provider breaking the contract, to check the service's own guard.

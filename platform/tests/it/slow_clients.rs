@@ -28,9 +28,9 @@ use tokio::sync::watch;
 
 use nix::sys::signal::Signal;
 
-use crate::support::{
-    Logs, PlatformProcess, WAIT, assert_no_secrets, platform_command_with_nofile,
-};
+use testkit::PlatformProcess;
+
+use crate::support::{Logs, Server, WAIT, assert_no_secrets};
 
 const ADMIN: &str = "admin-bearer-for-slow-client-tests";
 /// A header name no log line may contain: the service logs no request content.
@@ -45,48 +45,6 @@ fn dev_app() -> Router {
     registry.register(Arc::new(DevProvider::new(Duration::from_secs(600))));
     let auth = Auth::new(Some(SecretString::from(ADMIN)), WorkspaceTokens::empty());
     molecule_platform::app(AppState::new(registry, auth))
-}
-
-/// The service on the current runtime; `stop` shuts it down.
-struct Server {
-    addr: SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<std::io::Result<()>>,
-}
-
-impl Server {
-    async fn start(app: Router, limits: ServiceLimits) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            molecule_platform::service::serve_with_limits(
-                listener,
-                app,
-                async move {
-                    let _ = stop_rx.await;
-                },
-                &limits,
-            )
-            .await
-        });
-        Self {
-            addr,
-            stop: Some(stop),
-            task,
-        }
-    }
-
-    async fn stop(mut self) {
-        let _ = self.stop.take().expect("running").send(());
-        tokio::time::timeout(WAIT, &mut self.task)
-            .await
-            .expect("the server stops after the shutdown signal")
-            .expect("server task")
-            .expect("serve");
-    }
 }
 
 /// `GET /healthz` on a fresh connection; the whole answer.
@@ -480,15 +438,14 @@ async fn the_real_binary_answers_while_4200_slow_clients_are_connected() {
             ("RUST_LOG", "warn"),
             ("NO_COLOR", "1"),
         ],
-    )
-    .await;
+    );
     let addr = platform_addr(&platform);
     // A byte every second: the idle timer of old restarted on each.
     let slow = Slowloris::start(addr, SLOW, Duration::from_secs(1)).await;
     let probed = probe_healthz(addr, PROBES, &slow).await;
     let (connects, closes) = slow.counts();
     slow.stop().await;
-    assert!(platform.signal_and_wait(Signal::SIGTERM).await.success());
+    assert!(platform.stop(Signal::SIGTERM).success());
     let latencies = probed.unwrap_or_else(|failure| {
         panic!("{failure}; the platform's stderr:\n{}", platform.stderr())
     });
@@ -515,18 +472,17 @@ async fn the_real_binary_answers_when_slow_clients_exhaust_its_open_file_limit()
     // accepting.
     const SLOW: usize = 150;
     const PROBES: usize = 20;
-    let mut platform = PlatformProcess::spawn_command(platform_command_with_nofile(
+    let mut platform = PlatformProcess::spawn_command(PlatformProcess::command_with_nofile(
         NOFILE,
         &["--dev", "--listen", "127.0.0.1:0"],
         &[("ADMIN_TOKEN", ADMIN), ("NO_COLOR", "1")],
-    ))
-    .await;
+    ));
     let addr = platform_addr(&platform);
     let slow = Slowloris::start(addr, SLOW, TRICKLE).await;
     let probed = probe_healthz(addr, PROBES, &slow).await;
     let (connects, closes) = slow.counts();
     slow.stop().await;
-    assert!(platform.signal_and_wait(Signal::SIGTERM).await.success());
+    assert!(platform.stop(Signal::SIGTERM).success());
     let latencies = probed.unwrap_or_else(|failure| {
         panic!("{failure}; the platform's stderr:\n{}", platform.stderr())
     });

@@ -1,13 +1,16 @@
-//! Shared test pieces: App keys generated at test time, a stand-in of
-//! GitHub's installation-token API that verifies the App JWT and fails on
-//! command, captured tracing output, and a spawned `molecule-platform`.
+//! What the platform tests add to the workspace's `testkit`: App keys
+//! generated at test time, a stand-in of GitHub's installation-token API that
+//! verifies the App JWT and fails on command, captured tracing output, the
+//! service in-process on a loopback port, and the secret scan with the keys
+//! registered. The real binary is `testkit::PlatformProcess`.
 //!
 //! Waits block on channels (a call counter, a stderr line), never on sleeps;
 //! each has a deadline that fails the test saying what was awaited.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use axum::Router;
@@ -18,17 +21,13 @@ use axum::response::{IntoResponse, Response};
 use jiff::{SignedDuration, Timestamp};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use molecule_platform::provider::Clock;
-use molecule_platform::{GitHubAppConfig, GitHubAppProvider};
+use molecule_platform::{GitHubAppConfig, GitHubAppProvider, ServiceLimits};
 use secrecy::SecretString;
-use tokio::io::{AsyncBufReadExt, BufReader};
+use testkit::http::HttpServer;
+use testkit::{Cmd, PlatformProcess, Secrets, lock};
 use tower::ServiceExt;
 
-/// How long any wait may take before the test fails (shared, slow CI cores).
-pub(crate) const WAIT: Duration = Duration::from_secs(30);
-
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
+pub(crate) use testkit::{WAIT, sha256_hex};
 
 // ---------------------------------------------------------------------------
 // Keys
@@ -162,8 +161,7 @@ struct StandInState {
 pub(crate) struct GitHubStandIn {
     state: Arc<StandInState>,
     url: String,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    _server: HttpServer,
 }
 
 impl GitHubStandIn {
@@ -191,28 +189,11 @@ impl GitHubStandIn {
                 axum::routing::post(access_tokens),
             )
             .with_state(Arc::clone(&state));
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind stand-in");
-        listener.set_nonblocking(true).expect("nonblocking");
-        let url = format!("http://{}", listener.local_addr().expect("addr"));
-        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
-                tokio::select! {
-                    r = axum::serve(listener, app) => r.expect("stand-in server"),
-                    _ = stop_rx => {}
-                }
-            });
-        });
+        let server = HttpServer::start(app);
         Self {
             state,
-            url,
-            stop: Some(stop),
-            thread: Some(thread),
+            url: server.url(),
+            _server: server,
         }
     }
 
@@ -294,17 +275,6 @@ impl GitHubStandIn {
             self.state.clock.clone(),
         )
         .expect("provider")
-    }
-}
-
-impl Drop for GitHubStandIn {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
     }
 }
 
@@ -574,16 +544,13 @@ impl std::io::Write for ThreadLogWriter {
     }
 }
 
-/// Fails when `text` contains any of `secrets` (or the private key body).
+/// Fails when `text` leaks any of `secrets` or the private keys' material
+/// (their first body lines), under testkit's one rule.
 #[track_caller]
 pub(crate) fn assert_no_secrets(what: &str, text: &str, secrets: &[String]) {
-    for secret in secrets.iter().filter(|s| s.len() >= 8) {
-        assert!(
-            !text.contains(secret.as_str()),
-            "{what} contains a secret ({} characters starting {:?})",
-            secret.len(),
-            &secret[..4]
-        );
+    let known = Secrets::new();
+    for secret in secrets {
+        known.add("a secret of this test", secret.as_str());
     }
     for pem in [
         &keys().pkcs1_pem,
@@ -591,205 +558,24 @@ pub(crate) fn assert_no_secrets(what: &str, text: &str, secrets: &[String]) {
         &keys().other_pkcs8_pem,
     ] {
         for line in pem.lines().filter(|l| !l.starts_with("-----")).take(3) {
-            assert!(!text.contains(line), "{what} contains private key material");
+            known.add("private key material", line);
         }
     }
+    known.assert_clean(what, text);
 }
 
 // ---------------------------------------------------------------------------
-// The real binary
+// The real binary and the in-process server
 // ---------------------------------------------------------------------------
 
-/// A running `molecule-platform` with captured stdout/stderr.
-pub(crate) struct PlatformProcess {
-    child: tokio::process::Child,
-    /// Its first stdout line.
-    pub(crate) first_line: String,
-    /// Its second stdout line (how to point a daemon at it).
-    pub(crate) second_line: String,
-    /// The rest of stdout so far.
-    pub(crate) stdout: Arc<Mutex<String>>,
-    stderr: tokio::sync::watch::Sender<String>,
-    /// The pipe readers; they end at EOF, after the process exits.
-    readers: Vec<tokio::task::JoinHandle<()>>,
-}
-
-/// Environment variables the binary reads; cleared so the caller's
-/// environment cannot leak into a test.
-const PLATFORM_VARS: &[&str] = &[
-    "PLATFORM_LISTEN",
-    "ADMIN_TOKEN",
-    "PLATFORM_WORKSPACE_TOKENS_FILE",
-    "GITHUB_APP_ID",
-    "GITHUB_APP_CLIENT_ID",
-    "GITHUB_APP_INSTALLATION_ID",
-    "GITHUB_APP_PRIVATE_KEY_FILE",
-    "GITHUB_API_URL",
-    "LOG_FORMAT",
-    "RUST_LOG",
-];
-
-/// `molecule-platform` with `args` and `env`, output piped.
-pub(crate) fn platform_command(args: &[&str], env: &[(&str, &str)]) -> tokio::process::Command {
-    let cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_molecule-platform"));
-    configure(cmd, args, env)
-}
-
-/// Like [`platform_command`], started by `sh` under an open-file limit of
-/// `nofile` (soft and hard: `ulimit -n`, then `exec`, so the pid is the
-/// platform's).
-pub(crate) fn platform_command_with_nofile(
-    nofile: u32,
-    args: &[&str],
-    env: &[(&str, &str)],
-) -> tokio::process::Command {
-    let mut cmd = tokio::process::Command::new("sh");
-    cmd.arg("-c")
-        .arg(format!("ulimit -n {nofile} && exec \"$0\" \"$@\""))
-        .arg(env!("CARGO_BIN_EXE_molecule-platform"));
-    configure(cmd, args, env)
-}
-
-fn configure(
-    mut cmd: tokio::process::Command,
-    args: &[&str],
-    env: &[(&str, &str)],
-) -> tokio::process::Command {
-    for var in PLATFORM_VARS {
-        cmd.env_remove(var);
-    }
-    cmd.args(args)
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    cmd
-}
-
-impl PlatformProcess {
-    /// Spawns and waits for the `listening on` line (failing with stderr
-    /// when the process exits first).
-    pub(crate) async fn spawn(args: &[&str], env: &[(&str, &str)]) -> Self {
-        Self::spawn_command(platform_command(args, env)).await
-    }
-
-    /// Like [`PlatformProcess::spawn`], for a command from
-    /// [`platform_command`] the caller adjusted (another uid, say).
-    pub(crate) async fn spawn_command(mut command: tokio::process::Command) -> Self {
-        let mut child = command.spawn().expect("spawn molecule-platform");
-        let stderr_tx = tokio::sync::watch::Sender::new(String::new());
-        let mut err_lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
-        let tx = stderr_tx.clone();
-        let stderr_reader = tokio::spawn(async move {
-            while let Ok(Some(line)) = err_lines.next_line().await {
-                tx.send_modify(|s| {
-                    s.push_str(&line);
-                    s.push('\n');
-                });
-            }
-        });
-        let mut out_lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-        let first_line = match tokio::time::timeout(WAIT, out_lines.next_line()).await {
-            Ok(Ok(Some(line))) => line,
-            other => {
-                let _ = child.wait().await;
-                panic!(
-                    "molecule-platform printed no first line ({other:?}); stderr:\n{}",
-                    stderr_tx.borrow().as_str()
-                )
-            }
-        };
-        let second_line = match tokio::time::timeout(WAIT, out_lines.next_line()).await {
-            Ok(Ok(Some(line))) => line,
-            other => panic!("molecule-platform printed no second line ({other:?})"),
-        };
-        let stdout = Arc::new(Mutex::new(String::new()));
-        let sink = Arc::clone(&stdout);
-        let stdout_reader = tokio::spawn(async move {
-            while let Ok(Some(line)) = out_lines.next_line().await {
-                let mut s = lock(&sink);
-                s.push_str(&line);
-                s.push('\n');
-            }
-        });
-        Self {
-            child,
-            first_line,
-            second_line,
-            stdout,
-            stderr: stderr_tx,
-            readers: vec![stderr_reader, stdout_reader],
-        }
-    }
-
-    /// `http://ADDR` from the first line.
-    pub(crate) fn url(&self) -> String {
-        self.first_line
-            .strip_prefix("molecule-platform listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {:?}", self.first_line))
-            .to_owned()
-    }
-
-    /// The process id.
-    pub(crate) fn pid(&self) -> nix::unistd::Pid {
-        nix::unistd::Pid::from_raw(self.child.id().expect("running") as i32)
-    }
-
-    /// Stderr so far.
-    pub(crate) fn stderr(&self) -> String {
-        self.stderr.borrow().clone()
-    }
-
-    /// Waits until stderr has a line containing `needle` `count` times.
-    pub(crate) async fn wait_for_stderr(&self, needle: &str, count: usize) -> String {
-        let mut rx = self.stderr.subscribe();
-        let found =
-            tokio::time::timeout(WAIT, rx.wait_for(|s| s.matches(needle).count() >= count)).await;
-        match found {
-            Ok(Ok(text)) => text.clone(),
-            _ => panic!(
-                "stderr: no {count}x {needle:?} within {WAIT:?}:\n{}",
-                self.stderr()
-            ),
-        }
-    }
-
-    /// Sends `signal` and waits for the exit.
-    pub(crate) async fn signal_and_wait(
-        &mut self,
-        signal: nix::sys::signal::Signal,
-    ) -> std::process::ExitStatus {
-        nix::sys::signal::kill(self.pid(), signal).expect("kill");
-        let status = tokio::time::timeout(WAIT, self.child.wait())
-            .await
-            .expect("molecule-platform exits after the signal")
-            .expect("wait");
-        // All output read: the pipe readers end at EOF, after the exit.
-        for reader in self.readers.drain(..) {
-            tokio::time::timeout(WAIT, reader)
-                .await
-                .expect("output pipes close after the exit")
-                .expect("reader task");
-        }
-        status
-    }
-}
-
-/// Runs the binary to completion (it is expected to refuse to start).
-pub(crate) async fn run_to_exit(
+/// Runs the binary to completion (it is expected to refuse to start, or to
+/// print and exit): status, stdout, stderr.
+pub(crate) fn run_to_exit(
     args: &[&str],
     env: &[(&str, &str)],
 ) -> (std::process::ExitStatus, String, String) {
-    let out = tokio::time::timeout(WAIT, platform_command(args, env).output())
-        .await
-        .expect("molecule-platform exits")
-        .expect("run molecule-platform");
-    (
-        out.status,
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let out = Cmd::new(PlatformProcess::command(args, env), "molecule-platform").run();
+    (out.status, out.stdout, out.stderr)
 }
 
 /// An HTTP client for the real binary (no proxy, short timeouts).
@@ -800,11 +586,47 @@ pub(crate) fn http() -> reqwest::Client {
         .expect("client")
 }
 
-/// `printf %s BEARER | sha256sum` in hex.
-pub(crate) fn sha256_hex(bearer: &str) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(bearer.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+/// The service (`serve_with_limits`) on the current runtime; `stop` shuts
+/// it down.
+pub(crate) struct Server {
+    pub(crate) addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Server {
+    /// Serves `app` on a fresh loopback port under `limits`.
+    pub(crate) async fn start(app: Router, limits: ServiceLimits) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            molecule_platform::service::serve_with_limits(
+                listener,
+                app,
+                async move {
+                    let _ = stop_rx.await;
+                },
+                &limits,
+            )
+            .await
+        });
+        Self {
+            addr,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    /// Sends the shutdown signal and waits for the server to finish.
+    pub(crate) async fn stop(mut self) {
+        let _ = self.stop.take().expect("running").send(());
+        tokio::time::timeout(WAIT, &mut self.task)
+            .await
+            .expect("the server stops after the shutdown signal")
+            .expect("server task")
+            .expect("serve");
+    }
 }
