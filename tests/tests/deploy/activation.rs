@@ -4,42 +4,65 @@
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
+use testkit::bin::{binary, have_tool, skip};
+use testkit::{CmdOutput, PlatformProcess, Process, Secrets, WAIT};
 
-use crate::support::{
-    Lines, Platform, Secrets, WAIT, binary, have_tool, run_captured, signal, skip,
-    wait_with_deadline,
-};
-
-/// The daemon's environment for these tests: the dev platform, nothing inherited
-/// that could change its behaviour (a developer's GITHUB_TOKEN, RUST_LOG).
-fn daemon_env(command: &mut Command, platform: &Platform, socket: &Path) {
+/// `molecule-credd` (or `program` in front of it) with the environment of
+/// these tests: the dev platform, nothing inherited that could change its
+/// behaviour (a developer's GITHUB_TOKEN, RUST_LOG).
+fn daemon_command(
+    program: impl AsRef<std::ffi::OsStr>,
+    platform: &PlatformProcess,
+    socket: &Path,
+) -> Command {
+    let mut command = Command::new(program);
     command
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("PLATFORM_URL", &platform.url)
-        .env("CONFIGS_DIR", &platform.configs_dir)
+        .env("PLATFORM_URL", platform.url())
+        .env("CONFIGS_DIR", platform.configs_dir())
         .env("CREDD_SOCKET", socket);
+    command
+}
+
+/// `systemd-socket-activate` listening on `sockets` (with `extra` flags)
+/// for a daemon it starts on the first connection; returns once it said it
+/// listens on the last socket.
+fn socket_activate(platform: &PlatformProcess, sockets: &[&Path], extra: &[&str]) -> Process {
+    let mut command = daemon_command("systemd-socket-activate", platform, sockets[0]);
+    command.args(extra);
+    for socket in sockets {
+        command.arg("--listen").arg(socket);
+    }
+    command
+        .args([
+            "-E",
+            "PLATFORM_URL",
+            "-E",
+            "CONFIGS_DIR",
+            "-E",
+            "CREDD_SOCKET",
+        ])
+        .args(["-E", "PATH"])
+        .arg(binary("molecule-credd"));
+    let activator = Process::spawn(command, "systemd-socket-activate");
+    let last = sockets[sockets.len() - 1].to_string_lossy().into_owned();
+    activator.stderr().wait_for_line_matching(
+        "systemd-socket-activate listening on the last socket",
+        WAIT,
+        |l| l.contains("Listening on") && l.contains(&*last),
+    );
+    activator
 }
 
 /// `credd ARGS` against `socket`.
-fn credd(dir: &Path, name: &str, socket: &Path, args: &[&str]) -> crate::support::Finished {
-    run_captured(
-        name,
-        dir,
-        Command::new(binary("credd"))
-            .args(args)
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("CREDD_SOCKET", socket)
-            // Unreachable on purpose: an answer must come from the daemon.
-            .env("PLATFORM_URL", "http://127.0.0.1:9")
-            .env("CONFIGS_DIR", dir),
-    )
+fn credd(dir: &Path, socket: &Path, args: &[&str]) -> CmdOutput {
+    crate::support::credd(socket, dir, args)
 }
 
 fn private_dir(path: PathBuf) -> PathBuf {
@@ -52,24 +75,6 @@ fn exe_of(pid: u32) -> Option<PathBuf> {
     std::fs::read_link(format!("/proc/{pid}/exe")).ok()
 }
 
-/// Kills a child left behind by a failing test.
-struct KillOnDrop(Option<Child>);
-
-impl KillOnDrop {
-    fn take(&mut self) -> Child {
-        self.0.take().expect("child still owned")
-    }
-}
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if let Some(child) = &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 #[test]
 fn socket_activation_through_systemd_socket_activate() {
     if !have_tool("systemd-socket-activate") {
@@ -79,45 +84,15 @@ fn socket_activation_through_systemd_socket_activate() {
         );
     }
     let dir = tempfile::tempdir().expect("tempdir");
-    let secrets = Secrets::default();
-    let platform = Platform::start(&dir.path().join("configs"), "10m", &secrets);
+    let secrets = Secrets::new();
+    let platform = PlatformProcess::dev(&dir.path().join("configs"), "10m", &secrets);
     let socket = private_dir(dir.path().join("run")).join("credd.sock");
     let daemon = binary("molecule-credd");
 
     // systemd-socket-activate binds the socket, waits for the first
     // connection, then execs the daemon in its own process with fd 3.
-    let mut command = Command::new("systemd-socket-activate");
-    daemon_env(&mut command, &platform, &socket);
-    let mut activator = KillOnDrop(Some(
-        command
-            .arg("--listen")
-            .arg(&socket)
-            .args([
-                "-E",
-                "PLATFORM_URL",
-                "-E",
-                "CONFIGS_DIR",
-                "-E",
-                "CREDD_SOCKET",
-                "-E",
-                "PATH",
-            ])
-            .arg(&daemon)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start systemd-socket-activate"),
-    ));
-    let pid = activator.0.as_ref().expect("child").id();
-    let stderr = Lines::spawn(
-        activator
-            .0
-            .as_mut()
-            .and_then(|c| c.stderr.take())
-            .expect("stderr"),
-    );
-    stderr.wait_for("systemd-socket-activate", "Listening on");
+    let mut activator = socket_activate(&platform, &[&socket], &[]);
+    let pid = activator.pid();
     assert_ne!(
         exe_of(pid),
         std::fs::canonicalize(&daemon).ok(),
@@ -125,7 +100,7 @@ fn socket_activation_through_systemd_socket_activate() {
     );
 
     // The first client's connection is queued while the daemon starts.
-    let status = credd(dir.path(), "status", &socket, &["status", "--json"]);
+    let status = credd(dir.path(), &socket, &["status", "--json"]);
     assert!(
         status.status.success(),
         "credd status through the activated socket:\n{}",
@@ -136,22 +111,20 @@ fn socket_activation_through_systemd_socket_activate() {
         std::fs::canonicalize(&daemon).ok(),
         "the daemon now runs in the activated process"
     );
-    let token = credd(dir.path(), "token", &socket, &["token"]);
+    let token = credd(dir.path(), &socket, &["token"]);
     assert!(token.status.success(), "{}", token.stderr);
     let token = token.stdout.trim_end().to_owned();
     assert!(token.starts_with("ghs_"), "a dev token is served");
-    secrets.add(token.clone());
-    let status = credd(dir.path(), "status2", &socket, &["status", "--json"]);
+    secrets.add("the served token", token.clone());
+    let status = credd(dir.path(), &socket, &["status", "--json"]);
     let json: serde_json::Value = serde_json::from_str(&status.stdout)
         .unwrap_or_else(|e| panic!("status --json is JSON ({e}):\n{}", status.transcript()));
     assert_eq!(json["source"], "platform", "{json}");
     assert_eq!(json["pid"], pid, "the daemon is the activated process");
 
     // SIGTERM: exit 0, and the socket systemd created is left alone.
-    signal(pid, Signal::SIGTERM);
-    let exit = wait_with_deadline("activated daemon", activator.take(), WAIT);
-    stderr.wait_closed("daemon stderr");
-    let log = stderr.text();
+    let exit = activator.stop(Signal::SIGTERM, WAIT);
+    let log = activator.stderr().text();
     assert!(exit.success(), "daemon exit after SIGTERM: {exit}\n{log}");
     assert!(
         socket.exists(),
@@ -170,45 +143,16 @@ fn an_activated_socket_that_is_not_a_stream_listener_is_refused() {
         );
     }
     let dir = tempfile::tempdir().expect("tempdir");
-    let secrets = Secrets::default();
-    let platform = Platform::start(&dir.path().join("configs"), "10m", &secrets);
+    let secrets = Secrets::new();
+    let platform = PlatformProcess::dev(&dir.path().join("configs"), "10m", &secrets);
     let socket = private_dir(dir.path().join("run")).join("credd.sock");
-    let mut command = Command::new("systemd-socket-activate");
-    daemon_env(&mut command, &platform, &socket);
-    let mut activator = KillOnDrop(Some(
-        command
-            .args(["--datagram", "--listen"])
-            .arg(&socket)
-            .args([
-                "-E",
-                "PLATFORM_URL",
-                "-E",
-                "CONFIGS_DIR",
-                "-E",
-                "CREDD_SOCKET",
-            ])
-            .arg(binary("molecule-credd"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start systemd-socket-activate"),
-    ));
-    let stderr = Lines::spawn(
-        activator
-            .0
-            .as_mut()
-            .and_then(|c| c.stderr.take())
-            .expect("stderr"),
-    );
-    stderr.wait_for("systemd-socket-activate", "Listening on");
+    let mut activator = socket_activate(&platform, &[&socket], &["--datagram"]);
     UnixDatagram::unbound()
         .expect("datagram socket")
         .send_to(b"wake up", &socket)
         .expect("send a datagram");
-    let exit = wait_with_deadline("daemon on a datagram socket", activator.take(), WAIT);
-    stderr.wait_closed("daemon stderr");
-    let log = stderr.text();
+    let exit = activator.wait(WAIT);
+    let log = activator.stderr().text();
     assert!(
         !exit.success(),
         "the daemon must refuse a datagram socket:\n{log}"
@@ -257,8 +201,8 @@ fn expect(rx: &mpsc::Receiver<(Instant, String)>, prefix: &str, seen: &mut Vec<S
 #[test]
 fn notify_socket_receives_ready_status_watchdog_and_stopping() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let secrets = Secrets::default();
-    let platform = Platform::start(&dir.path().join("configs"), "10m", &secrets);
+    let secrets = Secrets::new();
+    let platform = PlatformProcess::dev(&dir.path().join("configs"), "10m", &secrets);
     let socket = private_dir(dir.path().join("run")).join("credd.sock");
     let notify_path = dir.path().join("notify");
     let systemd = UnixDatagram::bind(&notify_path).expect("bind the notify socket");
@@ -267,31 +211,16 @@ fn notify_socket_receives_ready_status_watchdog_and_stopping() {
     // WATCHDOG_USEC=400ms: the daemon must ping every 200 ms.
     let watchdog_usec: u64 = 400_000;
     let interval = Duration::from_micros(watchdog_usec / 2);
-    let mut command = Command::new(binary("molecule-credd"));
-    daemon_env(&mut command, &platform, &socket);
-    let mut daemon = KillOnDrop(Some(
-        command
-            .env("NOTIFY_SOCKET", &notify_path)
-            .env("WATCHDOG_USEC", watchdog_usec.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start molecule-credd"),
-    ));
-    let pid = daemon.0.as_ref().expect("child").id();
-    let stderr = Lines::spawn(
-        daemon
-            .0
-            .as_mut()
-            .and_then(|c| c.stderr.take())
-            .expect("stderr"),
-    );
+    let mut command = daemon_command(binary("molecule-credd"), &platform, &socket);
+    command
+        .env("NOTIFY_SOCKET", &notify_path)
+        .env("WATCHDOG_USEC", watchdog_usec.to_string());
+    let mut daemon = Process::spawn(command, "molecule-credd");
 
     let mut seen = Vec::new();
     expect(&rx, "READY=1", &mut seen);
     // READY means serving: the socket answers right away.
-    let status = credd(dir.path(), "status", &socket, &["status"]);
+    let status = credd(dir.path(), &socket, &["status"]);
     assert!(
         status.status.success(),
         "READY=1 was sent before the socket answered:\n{}",
@@ -319,11 +248,10 @@ fn notify_socket_receives_ready_status_watchdog_and_stopping() {
         );
     }
 
-    signal(pid, Signal::SIGTERM);
+    daemon.signal(Signal::SIGTERM);
     expect(&rx, "STOPPING=1", &mut seen);
-    let exit = wait_with_deadline("molecule-credd", daemon.take(), WAIT);
-    stderr.wait_closed("daemon stderr");
-    let log = stderr.text();
+    let exit = daemon.wait(WAIT);
+    let log = daemon.stderr().text();
     assert!(exit.success(), "exit after SIGTERM: {exit}\n{log}");
     assert!(!socket.exists(), "the daemon removes the socket it created");
     secrets.assert_clean("daemon log", &log);
@@ -333,34 +261,20 @@ fn notify_socket_receives_ready_status_watchdog_and_stopping() {
 #[test]
 fn watchdog_pings_stop_while_the_token_is_expired_and_unobtainable() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let secrets = Secrets::default();
+    let secrets = Secrets::new();
     // Tokens living 4 s; the daemon may serve them down to 1 s of life.
-    let platform = Platform::start(&dir.path().join("configs"), "4s", &secrets);
+    let platform = PlatformProcess::dev(&dir.path().join("configs"), "4s", &secrets);
     let socket = private_dir(dir.path().join("run")).join("credd.sock");
     let notify_path = dir.path().join("notify");
     let rx = notifications(UnixDatagram::bind(&notify_path).expect("bind the notify socket"));
     let interval = Duration::from_millis(100);
-    let mut command = Command::new(binary("molecule-credd"));
-    daemon_env(&mut command, &platform, &socket);
-    let mut daemon = KillOnDrop(Some(
-        command
-            .args(["--min-lifetime", "1s", "--refresh-margin", "2s"])
-            .args(["--backoff-initial", "100ms", "--backoff-max", "500ms"])
-            .env("NOTIFY_SOCKET", &notify_path)
-            .env("WATCHDOG_USEC", "200000")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start molecule-credd"),
-    ));
-    let stderr = Lines::spawn(
-        daemon
-            .0
-            .as_mut()
-            .and_then(|c| c.stderr.take())
-            .expect("stderr"),
-    );
+    let mut command = daemon_command(binary("molecule-credd"), &platform, &socket);
+    command
+        .args(["--min-lifetime", "1s", "--refresh-margin", "2s"])
+        .args(["--backoff-initial", "100ms", "--backoff-max", "500ms"])
+        .env("NOTIFY_SOCKET", &notify_path)
+        .env("WATCHDOG_USEC", "200000");
+    let daemon = Process::spawn(command, "molecule-credd");
     let mut seen = Vec::new();
     expect(&rx, "READY=1", &mut seen);
     // Healthy: a token is held, pings flow.
@@ -380,29 +294,30 @@ fn watchdog_pings_stop_while_the_token_is_expired_and_unobtainable() {
                 assert!(
                     Instant::now() < deadline,
                     "still pinging {WAIT:?} after the platform went away: {seen:?}\n{}",
-                    stderr.text()
+                    daemon.stderr().text()
                 );
             }
             Err(mpsc::RecvTimeoutError::Timeout) => break,
             Err(mpsc::RecvTimeoutError::Disconnected) => panic!("notify socket closed"),
         }
     }
-    let status = credd(dir.path(), "status", &socket, &["status", "--json"]);
+    let status = credd(dir.path(), &socket, &["status", "--json"]);
     assert!(status.status.success(), "{}", status.transcript());
     let json: serde_json::Value = serde_json::from_str(&status.stdout).expect("status JSON");
     assert_ne!(
         json["state"], "valid",
         "silent watchdog, yet a valid token: {json}"
     );
+    let log = daemon.stderr().text();
     drop(daemon);
-    secrets.assert_clean("daemon log", &stderr.text());
+    secrets.assert_clean("daemon log", &log);
 }
 
 #[test]
 fn the_on_refresh_hook_gets_the_new_token_on_stdin() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let secrets = Secrets::default();
-    let platform = Platform::start(&dir.path().join("configs"), "10m", &secrets);
+    let secrets = Secrets::new();
+    let platform = PlatformProcess::dev(&dir.path().join("configs"), "10m", &secrets);
     let socket = private_dir(dir.path().join("run")).join("credd.sock");
     // The hook records only a hash of what it read (no token on disk), and
     // its argv and environment, which must not hold the token.
@@ -411,42 +326,24 @@ fn the_on_refresh_hook_gets_the_new_token_on_stdin() {
         "sha256sum | cut -d' ' -f1 > '{0}.sha'; {{ echo \"$0 $*\"; env; }} > '{0}.env'; mv '{0}.sha' '{0}.done'",
         seen.display()
     );
-    let mut command = Command::new(binary("molecule-credd"));
-    daemon_env(&mut command, &platform, &socket);
-    let mut daemon = KillOnDrop(Some(
-        command
-            .arg("--on-refresh")
-            .arg(&hook)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start molecule-credd"),
-    ));
-    let stderr = Lines::spawn(
-        daemon
-            .0
-            .as_mut()
-            .and_then(|c| c.stderr.take())
-            .expect("stderr"),
-    );
+    let mut command = daemon_command(binary("molecule-credd"), &platform, &socket);
+    command.arg("--on-refresh").arg(&hook);
+    let daemon = Process::spawn(command, "molecule-credd");
     let done = seen.with_extension("done");
-    let hashed = crate::support::eventually("the on-refresh hook ran", || {
+    let hashed = testkit::process::eventually("the on-refresh hook ran", || {
         std::fs::read_to_string(&done).ok()
     });
-    let token = credd(dir.path(), "token", &socket, &["token"]);
+    let token = credd(dir.path(), &socket, &["token"]);
     assert!(token.status.success(), "{}", token.transcript());
     let token = token.stdout.trim_end().to_owned();
-    secrets.add(token.clone());
+    secrets.add("the served token", token.clone());
     // The hook got the token and a newline, exactly.
-    assert_eq!(
-        hashed.trim(),
-        crate::support::sha256_hex(format!("{token}\n").as_bytes())
-    );
+    assert_eq!(hashed.trim(), testkit::sha256_hex(format!("{token}\n")));
     let env = std::fs::read_to_string(seen.with_extension("env")).expect("hook env dump");
     secrets.assert_clean("the hook's argv and environment", &env);
+    let log = daemon.stderr().text();
     drop(daemon);
-    secrets.assert_clean("daemon log", &stderr.text());
+    secrets.assert_clean("daemon log", &log);
 }
 
 #[test]
@@ -458,46 +355,15 @@ fn two_activated_sockets_are_refused() {
         );
     }
     let dir = tempfile::tempdir().expect("tempdir");
-    let secrets = Secrets::default();
-    let platform = Platform::start(&dir.path().join("configs"), "10m", &secrets);
+    let secrets = Secrets::new();
+    let platform = PlatformProcess::dev(&dir.path().join("configs"), "10m", &secrets);
     let run = private_dir(dir.path().join("run"));
     let (first, second) = (run.join("credd.sock"), run.join("other.sock"));
-    let mut command = Command::new("systemd-socket-activate");
-    daemon_env(&mut command, &platform, &first);
-    let mut activator = KillOnDrop(Some(
-        command
-            .arg("--listen")
-            .arg(&first)
-            .arg("--listen")
-            .arg(&second)
-            .args([
-                "-E",
-                "PLATFORM_URL",
-                "-E",
-                "CONFIGS_DIR",
-                "-E",
-                "CREDD_SOCKET",
-            ])
-            .arg(binary("molecule-credd"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start systemd-socket-activate"),
-    ));
-    let stderr = Lines::spawn(
-        activator
-            .0
-            .as_mut()
-            .and_then(|c| c.stderr.take())
-            .expect("stderr"),
-    );
-    stderr.wait_for("systemd-socket-activate", "other.sock");
+    let mut activator = socket_activate(&platform, &[&first, &second], &[]);
     // The first connection starts the daemon, which must refuse to run.
     let _client = std::os::unix::net::UnixStream::connect(&first).expect("connect");
-    let exit = wait_with_deadline("daemon with two sockets", activator.take(), WAIT);
-    stderr.wait_closed("daemon stderr");
-    let log = stderr.text();
+    let exit = activator.wait(WAIT);
+    let log = activator.stderr().text();
     assert!(!exit.success(), "two sockets must be refused:\n{log}");
     assert!(
         log.contains("error:") && log.contains("2 sockets"),

@@ -12,11 +12,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use nix::sys::signal::Signal;
+use testkit::bin::{binary, debug_dir, skip, workspace_root as repo_root};
+use testkit::process::{eventually, is_alive, processes_with, signal};
+use testkit::{Cmd, CmdOutput, PlatformProcess, Secrets, sha256_hex};
 
-use crate::support::{
-    Finished, Platform, Secrets, binary, debug_dir, eventually, is_alive, open_for_others,
-    processes_with, repo_root, run_captured, sha256_hex, signal, skip,
-};
+use crate::support::open_for_others;
 
 /// The provision-time token the entrypoint receives: stale by design.
 const BOOTSTRAP: &str = "ghs_provisionTimeBootstrapToken0123456789xyz";
@@ -27,7 +27,7 @@ struct Workspace {
     dir: tempfile::TempDir,
     home: PathBuf,
     socket: PathBuf,
-    platform: Option<Platform>,
+    platform: Option<PlatformProcess>,
     secrets: Secrets,
     runs: u32,
 }
@@ -37,9 +37,9 @@ impl Workspace {
         let dir = tempfile::tempdir().expect("tempdir");
         let home = dir.path().join("home");
         std::fs::create_dir(&home).expect("home");
-        let secrets = Secrets::default();
-        secrets.add(BOOTSTRAP);
-        let platform = Platform::start(&dir.path().join("configs"), "10m", &secrets);
+        let secrets = Secrets::new();
+        secrets.add("the provision-time token", BOOTSTRAP);
+        let platform = PlatformProcess::dev(&dir.path().join("configs"), "10m", &secrets);
         let socket = dir.path().join("run").join("credd.sock");
         Self {
             dir,
@@ -55,7 +55,7 @@ impl Workspace {
         self.socket.parent().expect("socket folder").to_owned()
     }
 
-    fn platform(&self) -> &Platform {
+    fn platform(&self) -> &PlatformProcess {
         self.platform.as_ref().expect("platform running")
     }
 
@@ -73,8 +73,8 @@ impl Workspace {
             .env_clear()
             .env("PATH", path)
             .env("HOME", &self.home)
-            .env("CONFIGS_DIR", &self.platform().configs_dir)
-            .env("PLATFORM_URL", &self.platform().url)
+            .env("CONFIGS_DIR", self.platform().configs_dir())
+            .env("PLATFORM_URL", self.platform().url())
             .env("CREDD_SOCKET", &self.socket)
             .env("CREDD_BIN_DIR", bin_dir)
             .env(
@@ -93,13 +93,11 @@ impl Workspace {
     }
 
     /// Runs the entrypoint to completion (the runtime's exit); scans its output.
-    fn run(&mut self, command: &mut Command) -> Finished {
+    fn run(&mut self, command: Command) -> CmdOutput {
         self.runs += 1;
-        let result = run_captured(
-            &format!("entrypoint-{}", self.runs),
-            self.dir.path(),
-            command,
-        );
+        let result = Cmd::new(command, format!("entrypoint-{}", self.runs))
+            .capture_in(self.dir.path())
+            .run();
         self.secrets
             .assert_clean("entrypoint stdout", &result.stdout);
         self.secrets
@@ -108,18 +106,8 @@ impl Workspace {
     }
 
     /// `credd ARGS` against this workspace's daemon, as the current user.
-    fn credd(&self, args: &[&str]) -> Finished {
-        run_captured(
-            &format!("credd-{}", args.join("-")),
-            self.dir.path(),
-            Command::new(binary("credd"))
-                .args(args)
-                .env_clear()
-                .env("CREDD_SOCKET", &self.socket)
-                // Unreachable: answers must come from the daemon.
-                .env("PLATFORM_URL", "http://127.0.0.1:9")
-                .env("CONFIGS_DIR", self.dir.path()),
-        )
+    fn credd(&self, args: &[&str]) -> CmdOutput {
+        crate::support::credd(&self.socket, self.dir.path(), args)
     }
 
     fn pid_file(&self, name: &str) -> Option<u32> {
@@ -187,7 +175,7 @@ fn credd_path() -> String {
 #[test]
 fn git_and_gh_get_the_live_token_and_the_runtime_never_sees_the_env_one() {
     let mut ws = Workspace::new();
-    let result = ws.run(&mut ws.command(&debug_dir(), 7));
+    let result = ws.run(ws.command(&debug_dir(), 7));
     let transcript = result.transcript();
 
     assert_eq!(
@@ -208,7 +196,7 @@ fn git_and_gh_get_the_live_token_and_the_runtime_never_sees_the_env_one() {
     let token = ws.credd(&["token"]);
     assert!(token.status.success(), "{}", token.stderr);
     let live = token.stdout.trim_end().to_owned();
-    ws.secrets.add(live.clone());
+    ws.secrets.add("the live token", live.clone());
     let live_sha = sha256_hex(live.as_bytes());
     assert_ne!(live_sha, sha256_hex(BOOTSTRAP.as_bytes()));
     let status = ws.credd(&["status", "--json"]);
@@ -237,7 +225,7 @@ fn git_and_gh_get_the_live_token_and_the_runtime_never_sees_the_env_one() {
 #[test]
 fn a_second_run_starts_no_second_daemon_and_a_killed_daemon_comes_back() {
     let mut ws = Workspace::new();
-    let first = ws.run(&mut ws.command(&debug_dir(), 0));
+    let first = ws.run(ws.command(&debug_dir(), 0));
     assert!(first.status.success(), "{}", first.transcript());
     assert_eq!(first.value("credd-status"), "ok", "{}", first.transcript());
     let config = std::fs::read(ws.home.join(".gitconfig")).expect("git config written");
@@ -254,7 +242,7 @@ fn a_second_run_starts_no_second_daemon_and_a_killed_daemon_comes_back() {
     assert_eq!(ws.daemons(), [respawned]);
 
     // Second run: same config, same daemon.
-    let second = ws.run(&mut ws.command(&debug_dir(), 0));
+    let second = ws.run(ws.command(&debug_dir(), 0));
     assert!(second.status.success(), "{}", second.transcript());
     assert_eq!(second.value("credd-status"), "ok");
     assert!(
@@ -278,7 +266,7 @@ fn the_provision_time_token_reaches_the_daemon_and_not_the_runtime() {
     let mut command = ws.command(&debug_dir(), 0);
     // The platform is unreachable at start: the daemon serves its bootstrap.
     command.env("PLATFORM_URL", "http://127.0.0.1:9");
-    let result = ws.run(&mut command);
+    let result = ws.run(command);
     let transcript = result.transcript();
     assert!(result.status.success(), "{transcript}");
     assert!(!result.stderr.contains("ERROR"), "{transcript}");
@@ -302,7 +290,7 @@ fn missing_binaries_are_an_error_line_and_the_runtime_still_runs() {
     let mut ws = Workspace::new();
     let empty = ws.dir.path().join("empty-bin");
     std::fs::create_dir(&empty).expect("empty bin dir");
-    let result = ws.run(&mut ws.command(&empty, 3));
+    let result = ws.run(ws.command(&empty, 3));
     let transcript = result.transcript();
     assert_eq!(result.status.code(), Some(3), "{transcript}");
     assert!(
@@ -331,7 +319,7 @@ fn a_daemon_that_will_not_come_up_is_an_error_line_and_the_runtime_still_runs() 
     // A configuration error: molecule-credd refuses it (exit 2) already when
     // asked for the socket, so no daemon is started at all.
     command.env("PLATFORM_URL", "ftp://nowhere");
-    let result = ws.run(&mut command);
+    let result = ws.run(command);
     let transcript = result.transcript();
     assert!(result.status.success(), "{transcript}");
     assert!(
@@ -367,7 +355,7 @@ fn a_daemon_exiting_with_a_configuration_error_is_not_restarted() {
     std::fs::write(bin.join("molecule-credd"), script).expect("script");
     std::fs::set_permissions(bin.join("molecule-credd"), PermissionsExt::from_mode(0o755))
         .expect("chmod");
-    let result = ws.run(&mut ws.command(&bin, 0));
+    let result = ws.run(ws.command(&bin, 0));
     let transcript = result.transcript();
     assert!(result.status.success(), "{transcript}");
     // The supervisor gives up after the first exit 2 and removes its pid file.
@@ -393,7 +381,7 @@ fn no_process_but_the_daemon_holds_the_provision_time_token() {
     let mut command = ws.command(&debug_dir(), 0);
     // The platform is unreachable: the daemon must serve the bootstrap token.
     command.env("PLATFORM_URL", "http://127.0.0.1:9");
-    let result = ws.run(&mut command);
+    let result = ws.run(command);
     let transcript = result.transcript();
     assert!(result.status.success(), "{transcript}");
     assert_eq!(
@@ -438,7 +426,7 @@ fn a_symlinked_socket_folder_is_refused_and_a_private_one_used_instead() {
         .env_remove("CREDD_SOCKET")
         .env("XDG_RUNTIME_DIR", &runtime_dir)
         .env("TMPDIR", &tmp);
-    let result = ws.run(&mut command);
+    let result = ws.run(command);
     let transcript = result.transcript();
     assert!(result.status.success(), "{transcript}");
     assert!(
@@ -500,7 +488,7 @@ fn the_root_phase_drops_to_the_agent_user() {
     if !nix::unistd::geteuid().is_root() {
         return skip("root phase", "needs root (CI runs as root)");
     }
-    if !crate::support::have_tool("setpriv") {
+    if !testkit::bin::have_tool("setpriv") {
         return skip("root phase", "setpriv is not installed");
     }
     let (uid, gid, home) = test_agent();
@@ -521,7 +509,7 @@ fn the_root_phase_drops_to_the_agent_user() {
         .env_remove("CREDD_ENTRYPOINT_STAGE")
         .env("CREDD_AGENT_USER", TEST_AGENT)
         .env("HOME", "/root");
-    let result = ws.run(&mut command);
+    let result = ws.run(command);
     let transcript = result.transcript();
     assert_eq!(result.status.code(), Some(5), "{transcript}");
     assert!(!result.stderr.contains("ERROR"), "{transcript}");
@@ -535,9 +523,9 @@ fn the_root_phase_drops_to_the_agent_user() {
     assert_eq!(result.value("gh-token-sha"), git);
 
     // The root phase's work: configs and git config belong to the agent.
-    let configs = std::fs::metadata(&ws.platform().configs_dir).expect("configs");
+    let configs = std::fs::metadata(ws.platform().configs_dir()).expect("configs");
     assert_eq!(configs.uid(), uid, "CONFIGS_DIR given to the agent");
-    let auth = std::fs::metadata(ws.platform().configs_dir.join(".auth_token")).expect("auth");
+    let auth = std::fs::metadata(ws.platform().configs_dir().join(".auth_token")).expect("auth");
     assert_eq!(auth.uid(), uid, ".auth_token given to the agent");
     let gitconfig = std::fs::metadata(home.join(".gitconfig")).expect("agent's git config");
     assert_eq!(gitconfig.uid(), uid, "git config written as the agent");

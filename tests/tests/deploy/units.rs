@@ -4,7 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::support::{Finished, binary, have_tool, repo_root, run_captured, skip};
+use testkit::bin::{binary, have_tool, skip, workspace_root as repo_root};
+use testkit::{Cmd, CmdOutput};
 
 /// Runs `systemd-analyze ARGS` in the folder `units`, output captured in `logs`.
 fn analyze(
@@ -13,17 +14,17 @@ fn analyze(
     name: &str,
     args: &[&str],
     env: &[(&str, &Path)],
-) -> Finished {
+) -> CmdOutput {
     let mut command = Command::new("systemd-analyze");
     command.args(args).current_dir(units);
     for (key, value) in env {
         command.env(key, value);
     }
-    run_captured(name, logs, &mut command)
+    Cmd::new(command, name).capture_in(logs).run()
 }
 
 /// Asserts a verify run passed and said nothing about our units.
-fn assert_verified(result: &Finished, what: &str) {
+fn assert_verified(result: &CmdOutput, what: &str) {
     assert!(
         result.status.success(),
         "{what}: systemd-analyze verify failed:\n{}",
@@ -241,13 +242,11 @@ fn shellcheck_passes_on_every_script() {
     let dir = tempfile::tempdir().expect("tempdir");
     let scripts = shell_scripts();
     assert!(scripts.iter().all(|s| s.is_file()), "{scripts:?}");
-    let result = run_captured(
-        "shellcheck",
-        dir.path(),
-        Command::new("shellcheck")
-            .args(["--shell=sh", "--severity=style"])
-            .args(&scripts),
-    );
+    let mut command = Command::new("shellcheck");
+    command
+        .args(["--shell=sh", "--severity=style"])
+        .args(&scripts);
+    let result = Cmd::new(command, "shellcheck").capture_in(dir.path()).run();
     assert!(
         result.status.success(),
         "shellcheck found problems:\n{}",
