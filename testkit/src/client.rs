@@ -10,7 +10,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
-use credd_core::protocol::{self, Request, Response};
+use credd_core::protocol::{self, ErrorCode, Request, Response};
 
 /// One request line to the socket at `path`, one response line back.
 pub fn request_over(path: &Path, request: &Request) -> Result<Response, String> {
@@ -30,6 +30,16 @@ pub fn exchange_raw(path: &Path, bytes: &[u8]) -> Result<String, String> {
     // input); a failed write still leaves its answer to read.
     let _ = stream.write_all(bytes);
     read_line(stream)
+}
+
+/// Asserts `answer` is a protocol error of `code`; `what` says why it must
+/// be, in the failure (with the answer).
+#[track_caller]
+pub fn assert_error(answer: &Response, code: ErrorCode, what: &str) {
+    assert!(
+        matches!(answer, Response::Error { code: got, .. } if *got == code),
+        "{what}: expected a {code:?} error, got {answer:?}"
+    );
 }
 
 /// Reads one response line from `stream` (bounded).

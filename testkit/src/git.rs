@@ -7,6 +7,7 @@
 //! GitHub would; it counts what it refused and which tokens it accepted.
 
 use std::collections::HashMap;
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -70,22 +71,28 @@ impl GitServer {
     /// Creates a bare repository `name.git` that accepts pushes; returns its URL.
     pub fn create_repo(&self, name: &str) -> String {
         let path = self.shared.root.join(format!("{name}.git"));
-        let out = Command::new("git")
-            .args(["init", "--bare", "--quiet", "--initial-branch=main"])
-            .arg(&path)
-            .env("GIT_CONFIG_NOSYSTEM", "1")
-            .env("HOME", &self.shared.root)
-            .output()
-            .expect("run git init");
-        assert!(out.status.success(), "git init --bare failed: {out:?}");
-        let out = Command::new("git")
-            .args(["config", "http.receivepack", "true"])
-            .current_dir(&path)
-            .env("GIT_CONFIG_NOSYSTEM", "1")
-            .env("HOME", &self.shared.root)
-            .output()
-            .expect("run git config");
-        assert!(out.status.success(), "git config failed: {out:?}");
+        let git = |cwd: &Path, args: &[&OsStr]| {
+            let out = Command::new("git")
+                .args(args)
+                .current_dir(cwd)
+                .env("GIT_CONFIG_NOSYSTEM", "1")
+                .env("HOME", &self.shared.root)
+                .output()
+                .expect("run git");
+            assert!(out.status.success(), "git {args:?} failed: {out:?}");
+        };
+        git(
+            &self.shared.root,
+            &["init", "--bare", "--quiet", "--initial-branch=main"]
+                .map(OsStr::new)
+                .into_iter()
+                .chain([path.as_os_str()])
+                .collect::<Vec<_>>(),
+        );
+        git(
+            &path,
+            &["config", "http.receivepack", "true"].map(OsStr::new),
+        );
         format!("{}/{name}.git", self.base_url())
     }
 

@@ -43,7 +43,7 @@ pub mod secrets;
 
 pub use capture::{Captured, Transcript, has_word};
 pub use daemon::{Daemon, DaemonBuilder, FAST_BACKOFF};
-pub use fixture::Running;
+pub use fixture::{start_daemon, start_daemon_with, with_platform};
 pub use git::GitServer;
 pub use platform::{Fault, IssuedToken, PlatformProcess, TestPlatform, TokenAuthority};
 pub use process::{Cmd, CmdOutput, Process};

@@ -183,15 +183,7 @@ impl<'a> Cmd<'a> {
         let label = self.label.clone();
         let captures_stdout = self.stdout.is_none();
         let stdout = self.stdout.take().unwrap_or_else(Stdio::piped);
-        self.command
-            .stdin(if self.stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(stdout)
-            .stderr(Stdio::piped());
-        let mut child = spawn(&mut self.command, &label);
+        let mut child = self.start(stdout, Stdio::piped());
         let stdout = child.stdout.take().map(Captured::spawn).unwrap_or_default();
         let stderr = Captured::spawn(child.stderr.take().expect("piped"));
         if let Some(t) = self.transcript {
@@ -199,12 +191,6 @@ impl<'a> Cmd<'a> {
             if captures_stdout && !self.stdout_holds_secret {
                 t.record(format!("{label} (stdout)"), &stdout);
             }
-        }
-        if let (Some(mut pipe), Some(input)) = (child.stdin.take(), self.stdin.take()) {
-            // A separate thread, so a child that never reads cannot block us.
-            std::thread::spawn(move || {
-                let _ = pipe.write_all(&input);
-            });
         }
         let deadline = Instant::now() + self.timeout;
         let closed = |c: &Captured| {
@@ -232,6 +218,24 @@ impl<'a> Cmd<'a> {
         }
     }
 
+    /// Spawns with `stdout` and `stderr`, and feeds stdin from a thread of
+    /// its own, so a child that never reads cannot block the test.
+    fn start(&mut self, stdout: Stdio, stderr: Stdio) -> Child {
+        let stdin = if self.stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        };
+        self.command.stdin(stdin).stdout(stdout).stderr(stderr);
+        let mut child = spawn(&mut self.command, &self.label);
+        if let (Some(mut pipe), Some(input)) = (child.stdin.take(), self.stdin.take()) {
+            std::thread::spawn(move || {
+                let _ = pipe.write_all(&input);
+            });
+        }
+        child
+    }
+
     fn run_with_files(mut self, dir: &Path) -> CmdOutput {
         let label = self.label.clone();
         let out = dir.join(format!("{label}.out"));
@@ -240,20 +244,8 @@ impl<'a> Cmd<'a> {
             .stdout
             .take()
             .unwrap_or_else(|| std::fs::File::create(&out).expect("stdout file").into());
-        self.command
-            .stdin(if self.stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(stdout)
-            .stderr(std::fs::File::create(&err).expect("stderr file"));
-        let mut child = spawn(&mut self.command, &label);
-        if let (Some(mut pipe), Some(input)) = (child.stdin.take(), self.stdin.take()) {
-            std::thread::spawn(move || {
-                let _ = pipe.write_all(&input);
-            });
-        }
+        let stderr = std::fs::File::create(&err).expect("stderr file");
+        let child = self.start(stdout, stderr.into());
         let status = wait_with_deadline(&label, child, self.timeout);
         CmdOutput {
             status,

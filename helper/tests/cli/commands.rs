@@ -7,7 +7,7 @@ use credd_core::protocol::{ErrorCode, Request, Response, Source, Status, TokenSt
 
 use testkit::{Cmd, TestPlatform};
 
-use crate::support::{Credd, DAEMON_TOKEN, FakeDaemon, credd_sandbox};
+use crate::support::{Credd, DAEMON_TOKEN, FakeDaemon, credd_sandbox, credd_sandbox_with};
 
 #[test]
 fn token_prints_the_token_and_a_newline() {
@@ -22,9 +22,7 @@ fn token_prints_the_token_and_a_newline() {
 
 #[test]
 fn token_falls_back_to_the_platform_when_the_daemon_is_down() {
-    let sandbox = credd_sandbox();
-    let platform = TestPlatform::start();
-    sandbox.use_platform(&platform);
+    let (sandbox, platform) = credd_sandbox_with(TestPlatform::start());
     let run = sandbox.run(&["token"], "");
     assert_eq!(run.code(), Some(0), "{run:?}");
     let token = platform.last_issued().expect("the platform was asked");
@@ -38,9 +36,7 @@ fn token_falls_back_to_the_platform_when_the_daemon_is_down() {
 
 #[test]
 fn token_exits_1_with_a_reason_when_none_can_be_had() {
-    let sandbox = credd_sandbox();
-    let platform = TestPlatform::start();
-    sandbox.use_platform(&platform);
+    let (sandbox, platform) = credd_sandbox_with(TestPlatform::start());
     let _daemon = FakeDaemon::answering(
         &sandbox.socket(),
         Response::Error {

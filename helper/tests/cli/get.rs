@@ -11,14 +11,12 @@ use testkit::{Fault, TestPlatform};
 
 use crate::support::{
     Credd, DAEMON_EXPIRY, DAEMON_TOKEN, FakeDaemon, Reply, assert_platform_answer, credd_sandbox,
-    expected_answer, fill_backlog,
+    credd_sandbox_with, expected_answer, fill_backlog,
 };
 
 #[test]
 fn get_is_answered_by_the_daemon() {
-    let sandbox = credd_sandbox();
-    let platform = TestPlatform::start();
-    sandbox.use_platform(&platform);
+    let (sandbox, platform) = credd_sandbox_with(TestPlatform::start());
     let daemon = FakeDaemon::with_token(&sandbox.socket());
 
     let run = sandbox.run(
@@ -108,9 +106,7 @@ fn malformed_input_gets_one_line_and_no_answer() {
 
 #[test]
 fn daemon_down_falls_back_to_the_platform() {
-    let sandbox = credd_sandbox();
-    let platform = TestPlatform::start();
-    sandbox.use_platform(&platform);
+    let (sandbox, platform) = credd_sandbox_with(TestPlatform::start());
 
     let run = sandbox.credd_get("https", "github.com");
     assert_eq!(run.code(), Some(0), "{run:?}");
@@ -134,9 +130,7 @@ fn daemon_down_falls_back_to_the_platform() {
 
 #[test]
 fn stale_socket_with_nobody_listening_falls_back() {
-    let sandbox = credd_sandbox();
-    let platform = TestPlatform::start();
-    sandbox.use_platform(&platform);
+    let (sandbox, platform) = credd_sandbox_with(TestPlatform::start());
     drop(UnixListener::bind(sandbox.socket()).expect("bind"));
     assert!(sandbox.socket().exists(), "the socket file stays behind");
 
@@ -148,9 +142,7 @@ fn stale_socket_with_nobody_listening_falls_back() {
 
 #[test]
 fn daemon_unavailable_means_no_platform_call() {
-    let sandbox = credd_sandbox();
-    let platform = TestPlatform::start();
-    sandbox.use_platform(&platform);
+    let (sandbox, platform) = credd_sandbox_with(TestPlatform::start());
     let daemon = FakeDaemon::answering(
         &sandbox.socket(),
         Response::Error {
@@ -184,9 +176,7 @@ fn daemon_unavailable_means_no_platform_call() {
 
 #[test]
 fn daemon_with_a_full_backlog_misses_the_connect_deadline_then_falls_back() {
-    let sandbox = credd_sandbox();
-    let platform = TestPlatform::start();
-    sandbox.use_platform(&platform);
+    let (sandbox, platform) = credd_sandbox_with(TestPlatform::start());
     // A listener that never accepts, with room for one pending connection,
     // which the test takes: credd's connect(2) then blocks on the backlog.
     let listener = socket::socket(
@@ -217,9 +207,7 @@ fn daemon_with_a_full_backlog_misses_the_connect_deadline_then_falls_back() {
 
 #[test]
 fn daemon_that_never_answers_hits_the_read_deadline_then_falls_back() {
-    let sandbox = credd_sandbox();
-    let platform = TestPlatform::start();
-    sandbox.use_platform(&platform);
+    let (sandbox, platform) = credd_sandbox_with(TestPlatform::start());
     let daemon = FakeDaemon::start(&sandbox.socket(), |_| Reply::Silence);
 
     let run = sandbox.credd_get("https", "github.com");
@@ -233,9 +221,7 @@ fn daemon_that_never_answers_hits_the_read_deadline_then_falls_back() {
 
 #[test]
 fn garbage_from_the_daemon_is_not_echoed_and_falls_back() {
-    let sandbox = credd_sandbox();
-    let platform = TestPlatform::start();
-    sandbox.use_platform(&platform);
+    let (sandbox, platform) = credd_sandbox_with(TestPlatform::start());
     for garbage in [
         b"password=ghs_garbage0123 Bearer x\n".to_vec(),
         b"{\"v\":1,\"type\":\"token\",\"token\":\"ghs_garbage0123\"}\n".to_vec(),
@@ -262,9 +248,8 @@ fn garbage_from_the_daemon_is_not_echoed_and_falls_back() {
 
 #[test]
 fn daemon_and_platform_both_failing_prints_nothing() {
-    let sandbox = credd_sandbox();
-    let platform = TestPlatform::start().with_fault(Fault::Status(500));
-    sandbox.use_platform(&platform);
+    let (sandbox, platform) =
+        credd_sandbox_with(TestPlatform::start().with_fault(Fault::Status(500)));
 
     let run = sandbox.credd_get("https", "github.com");
     assert_eq!(run.code(), Some(0), "{run:?}");
@@ -325,9 +310,7 @@ fn erase_sends_the_rejected_passwords_hash() {
 
 #[test]
 fn erase_with_the_daemon_down_is_silent() {
-    let sandbox = credd_sandbox();
-    let platform = TestPlatform::start();
-    sandbox.use_platform(&platform);
+    let (sandbox, platform) = credd_sandbox_with(TestPlatform::start());
     let run = sandbox.run(
         &["erase"],
         "protocol=https\nhost=github.com\npassword=ghs_x\n\n",
@@ -353,9 +336,7 @@ fn unknown_actions_are_silent() {
 
 #[test]
 fn daemon_refusals_decide_whether_the_platform_is_asked() {
-    let sandbox = credd_sandbox();
-    let platform = TestPlatform::start();
-    sandbox.use_platform(&platform);
+    let (sandbox, platform) = credd_sandbox_with(TestPlatform::start());
     for (code, falls_back) in [
         (ErrorCode::Forbidden, false),
         (ErrorCode::Busy, false),

@@ -31,6 +31,13 @@ pub(crate) fn credd_sandbox() -> Sandbox {
     sandbox
 }
 
+/// A [`credd_sandbox`] using `platform` (the platform drops first).
+pub(crate) fn credd_sandbox_with(platform: TestPlatform) -> (Sandbox, TestPlatform) {
+    let sandbox = credd_sandbox();
+    sandbox.use_platform(&platform);
+    (sandbox, platform)
+}
+
 /// `credd` runs in a [`Sandbox`].
 pub(crate) trait Credd {
     /// Runs `credd ARGS` with `stdin`, to completion (stdout may hold a

@@ -19,7 +19,7 @@ use axum::response::{IntoResponse, Response};
 
 use crate::http::HttpServer;
 use crate::lock;
-use crate::secrets::{Secrets, random_secret};
+use crate::secrets::{Secrets, assert_secret, random_secret};
 
 /// The workspace id the test platform knows (see
 /// [`Sandbox::use_platform_as_workspace`](crate::Sandbox::use_platform_as_workspace)).
@@ -280,6 +280,13 @@ impl TestPlatform {
     /// The token most recently handed out.
     pub fn last_issued(&self) -> Option<String> {
         lock(&self.shared.issued).last().map(|t| t.token.clone())
+    }
+
+    /// Asserts `token` is the one most recently handed out (failures show
+    /// fingerprints); `what` names it.
+    #[track_caller]
+    pub fn assert_last_issued(&self, token: &str, what: &str) {
+        assert_secret(self.last_issued().as_deref(), token, true, what);
     }
 
     /// A handle deciding which tokens are current (for the git server).

@@ -65,6 +65,18 @@ fn credd(dir: &Path, socket: &Path, args: &[&str]) -> CmdOutput {
     crate::support::credd(socket, dir, args)
 }
 
+/// One test's world: a temp folder, its secrets, the dev platform minting
+/// tokens that live `ttl`, and the socket path in a private `run/` folder.
+/// Bound in this order, they drop in reverse: the platform (scanned for
+/// the secrets) before its folder.
+fn world(ttl: &str) -> (tempfile::TempDir, Secrets, PlatformProcess, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secrets = Secrets::new();
+    let platform = PlatformProcess::dev(&dir.path().join("configs"), ttl, &secrets);
+    let socket = private_dir(dir.path().join("run")).join("credd.sock");
+    (dir, secrets, platform, socket)
+}
+
 fn private_dir(path: PathBuf) -> PathBuf {
     std::fs::create_dir_all(&path).expect("create dir");
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700)).expect("chmod 700");
@@ -83,10 +95,7 @@ fn socket_activation_through_systemd_socket_activate() {
             "systemd-socket-activate is not installed",
         );
     }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let secrets = Secrets::new();
-    let platform = PlatformProcess::dev(&dir.path().join("configs"), "10m", &secrets);
-    let socket = private_dir(dir.path().join("run")).join("credd.sock");
+    let (dir, secrets, platform, socket) = world("10m");
     let daemon = binary("molecule-credd");
 
     // systemd-socket-activate binds the socket, waits for the first
@@ -142,10 +151,7 @@ fn an_activated_socket_that_is_not_a_stream_listener_is_refused() {
             "systemd-socket-activate is not installed",
         );
     }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let secrets = Secrets::new();
-    let platform = PlatformProcess::dev(&dir.path().join("configs"), "10m", &secrets);
-    let socket = private_dir(dir.path().join("run")).join("credd.sock");
+    let (_dir, _secrets, platform, socket) = world("10m");
     let mut activator = socket_activate(&platform, &[&socket], &["--datagram"]);
     UnixDatagram::unbound()
         .expect("datagram socket")
@@ -200,10 +206,7 @@ fn expect(rx: &mpsc::Receiver<(Instant, String)>, prefix: &str, seen: &mut Vec<S
 
 #[test]
 fn notify_socket_receives_ready_status_watchdog_and_stopping() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let secrets = Secrets::new();
-    let platform = PlatformProcess::dev(&dir.path().join("configs"), "10m", &secrets);
-    let socket = private_dir(dir.path().join("run")).join("credd.sock");
+    let (dir, secrets, platform, socket) = world("10m");
     let notify_path = dir.path().join("notify");
     let systemd = UnixDatagram::bind(&notify_path).expect("bind the notify socket");
     let rx = notifications(systemd);
@@ -260,11 +263,8 @@ fn notify_socket_receives_ready_status_watchdog_and_stopping() {
 
 #[test]
 fn watchdog_pings_stop_while_the_token_is_expired_and_unobtainable() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let secrets = Secrets::new();
     // Tokens living 4 s; the daemon may serve them down to 1 s of life.
-    let platform = PlatformProcess::dev(&dir.path().join("configs"), "4s", &secrets);
-    let socket = private_dir(dir.path().join("run")).join("credd.sock");
+    let (dir, secrets, platform, socket) = world("4s");
     let notify_path = dir.path().join("notify");
     let rx = notifications(UnixDatagram::bind(&notify_path).expect("bind the notify socket"));
     let interval = Duration::from_millis(100);
@@ -315,10 +315,7 @@ fn watchdog_pings_stop_while_the_token_is_expired_and_unobtainable() {
 
 #[test]
 fn the_on_refresh_hook_gets_the_new_token_on_stdin() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let secrets = Secrets::new();
-    let platform = PlatformProcess::dev(&dir.path().join("configs"), "10m", &secrets);
-    let socket = private_dir(dir.path().join("run")).join("credd.sock");
+    let (dir, secrets, platform, socket) = world("10m");
     // The hook records only a hash of what it read (no token on disk), and
     // its argv and environment, which must not hold the token.
     let seen = dir.path().join("hook");

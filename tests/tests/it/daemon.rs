@@ -12,9 +12,10 @@ use std::time::Duration;
 use credd_core::protocol::{ErrorCode, Request, Response, Source, TokenState};
 use credd_core::secret::sha256_hex;
 
+use testkit::client::assert_error;
 use testkit::{
-    CmdOutput, FAST_BACKOFF, Fault, Running, Sandbox, TestPlatform, WAIT, assert_secret,
-    wait_until_time, write_file,
+    CmdOutput, FAST_BACKOFF, Fault, Sandbox, TestPlatform, WAIT, assert_secret, start_daemon,
+    start_daemon_with, wait_until_time, with_platform, write_file,
 };
 
 /// Back-off long enough that no retry falls inside a test's window.
@@ -22,11 +23,8 @@ const NO_RETRY: [&str; 4] = ["--backoff-initial", "1h", "--backoff-max", "1h"];
 
 #[test]
 fn platform_down_at_start_daemon_binds_and_get_is_unavailable_until_it_returns() {
-    let Running {
-        sandbox,
-        platform,
-        daemon,
-    } = Running::start(TestPlatform::start_down(), &["--wait-timeout", "500ms"]);
+    let (sandbox, platform, daemon) =
+        start_daemon(TestPlatform::start_down(), &["--wait-timeout", "500ms"]);
 
     let message = sandbox.assert_get_fails(ErrorCode::Unavailable);
     assert!(!message.is_empty(), "Unavailable needs a reason for people");
@@ -53,23 +51,14 @@ fn platform_down_at_start_daemon_binds_and_get_is_unavailable_until_it_returns()
     platform.set_fault(Fault::PassThrough);
     let (served, _, source) = sandbox.wait_for_token();
     assert_eq!(source, Source::Platform);
-    assert_secret(
-        platform.last_issued().as_deref(),
-        &served,
-        true,
-        "served the issued token",
-    );
+    platform.assert_last_issued(&served, "served the issued token");
     daemon.stop();
 }
 
 #[test]
 fn platform_down_at_start_serves_the_provision_time_env_token() {
     let env_token = "ghs_ProvisionTimeBootstrapToken0123456789";
-    let Running {
-        sandbox,
-        platform,
-        daemon,
-    } = Running::start_with(TestPlatform::start_down(), |daemon| {
+    let (sandbox, platform, daemon) = start_daemon_with(TestPlatform::start_down(), |daemon| {
         daemon.env("GITHUB_TOKEN", env_token)
     });
     sandbox.add_secret("the bootstrap GITHUB_TOKEN", env_token);
@@ -100,11 +89,7 @@ fn platform_down_at_start_serves_the_provision_time_env_token() {
 #[test]
 fn gh_token_is_a_bootstrap_too() {
     let env_token = "ghs_GhTokenBootstrapValue0123456789abcd";
-    let Running {
-        sandbox,
-        platform: _platform,
-        daemon,
-    } = Running::start_with(TestPlatform::start_down(), |daemon| {
+    let (sandbox, _platform, daemon) = start_daemon_with(TestPlatform::start_down(), |daemon| {
         daemon.env("GH_TOKEN", env_token)
     });
     sandbox.add_secret("the bootstrap GH_TOKEN", env_token);
@@ -116,11 +101,7 @@ fn gh_token_is_a_bootstrap_too() {
 
 #[test]
 fn platform_down_mid_life_keeps_serving_the_cached_token() {
-    let Running {
-        sandbox,
-        platform,
-        daemon,
-    } = Running::start(TestPlatform::start(), &[]);
+    let (sandbox, platform, daemon) = start_daemon(TestPlatform::start(), &[]);
     let (first, expires_at, _) = sandbox.wait_for_token();
 
     platform.set_fault(Fault::Down);
@@ -140,11 +121,7 @@ fn platform_down_mid_life_keeps_serving_the_cached_token() {
 
 #[test]
 fn server_errors_back_off_instead_of_looping_or_following_clients() {
-    let Running {
-        sandbox,
-        platform,
-        daemon,
-    } = Running::start(
+    let (sandbox, platform, daemon) = start_daemon(
         TestPlatform::start().with_fault(Fault::Status(500)),
         &[
             "--backoff-initial",
@@ -165,16 +142,7 @@ fn server_errors_back_off_instead_of_looping_or_following_clients() {
     let elapsed = started.elapsed();
     let during = platform.requests() - before;
     for answer in &answers {
-        assert!(
-            matches!(
-                answer,
-                Response::Error {
-                    code: ErrorCode::Unavailable,
-                    ..
-                }
-            ),
-            "{answer:?}"
-        );
+        assert_error(answer, ErrorCode::Unavailable, "the daemon's answer");
     }
     // With a 1 s cap and full jitter the daemon averages ~2 calls/s; allow 4/s
     // plus slack. A call per client (40) or a retry loop is far above this.
@@ -199,20 +167,13 @@ fn server_errors_back_off_instead_of_looping_or_following_clients() {
     // And it recovers on its own once the platform does.
     platform.set_fault(Fault::PassThrough);
     let (token, _, _) = sandbox.wait_for_token();
-    assert_secret(
-        platform.last_issued().as_deref(),
-        &token,
-        true,
-        "served the issued token",
-    );
+    platform.assert_last_issued(&token, "served the issued token");
     daemon.stop();
 }
 
 #[test]
 fn unauthorized_rereads_the_bearer_and_retries_once() {
-    let sandbox = Sandbox::new();
-    let platform = TestPlatform::start();
-    sandbox.use_platform(&platform);
+    let (sandbox, platform) = with_platform(TestPlatform::start());
     let bearer_file = sandbox.configs_dir().join(".auth_token");
     // A stale bearer: the platform's own auth refuses it.
     write_file(&bearer_file, "stale-bearer-0123456789abcdef\n", 0o600);
@@ -231,23 +192,14 @@ fn unauthorized_rereads_the_bearer_and_retries_once() {
     let (token, _, _) = sandbox
         .get()
         .expect("the retry after 401 uses the re-read bearer, without back-off");
-    assert_secret(
-        platform.last_issued().as_deref(),
-        &token,
-        true,
-        "served the issued token",
-    );
+    platform.assert_last_issued(&token, "served the issued token");
     assert_eq!(platform.requests(), 2, "one refused call, one retry");
     daemon.stop();
 }
 
 #[test]
 fn unauthorized_twice_then_backs_off() {
-    let Running {
-        sandbox,
-        platform,
-        daemon,
-    } = Running::start_with(
+    let (sandbox, platform, daemon) = start_daemon_with(
         TestPlatform::start().with_fault(Fault::Status(401)),
         |daemon| daemon.args(NO_RETRY).args(["--wait-timeout", "500ms"]),
     );
@@ -266,11 +218,7 @@ fn unauthorized_twice_then_backs_off() {
 
 #[test]
 fn not_found_means_not_configured() {
-    let Running {
-        sandbox,
-        platform,
-        daemon,
-    } = Running::start(
+    let (sandbox, platform, daemon) = start_daemon(
         TestPlatform::start().with_fault(Fault::Status(404)),
         &["--wait-timeout", "300ms"],
     );
@@ -301,11 +249,7 @@ fn not_found_means_not_configured() {
 fn rate_limit_retry_after_is_honoured() {
     let retry_after = 3;
     // Back-off alone would retry within 100 ms.
-    let Running {
-        sandbox,
-        platform,
-        daemon,
-    } = Running::start(
+    let (sandbox, platform, daemon) = start_daemon(
         TestPlatform::start().with_fault(Fault::RateLimited {
             retry_after_secs: retry_after,
         }),
@@ -330,26 +274,13 @@ fn rate_limit_retry_after_is_honoured() {
 
 #[test]
 fn hanging_platform_call_is_single_and_clients_get_unavailable() {
-    let Running {
-        sandbox,
-        platform,
-        daemon,
-    } = Running::start(
+    let (sandbox, platform, daemon) = start_daemon(
         TestPlatform::start().with_fault(Fault::Hang),
         &["--wait-timeout", "500ms"],
     );
     platform.wait_for_requests(1, WAIT);
     for answer in concurrent_gets(&sandbox, 20) {
-        assert!(
-            matches!(
-                answer,
-                Response::Error {
-                    code: ErrorCode::Unavailable,
-                    ..
-                }
-            ),
-            "{answer:?}"
-        );
+        assert_error(&answer, ErrorCode::Unavailable, "the daemon's answer");
     }
     let get = sandbox.credd_get("https", "github.com");
     get.assert_success("credd get while the platform hangs");
@@ -364,22 +295,13 @@ fn hanging_platform_call_is_single_and_clients_get_unavailable() {
     // The hung call completes: its token is served.
     platform.set_fault(Fault::PassThrough);
     let (token, _, _) = sandbox.wait_for_token();
-    assert_secret(
-        platform.last_issued().as_deref(),
-        &token,
-        true,
-        "served the issued token",
-    );
+    platform.assert_last_issued(&token, "served the issued token");
     daemon.stop();
 }
 
 #[test]
 fn non_json_answer_is_transient_and_never_logged() {
-    let Running {
-        sandbox,
-        platform,
-        daemon,
-    } = Running::start(
+    let (sandbox, platform, daemon) = start_daemon(
         TestPlatform::start().with_fault(Fault::NotJson),
         &["--wait-timeout", "300ms"],
     );
@@ -408,21 +330,12 @@ fn non_json_answer_is_transient_and_never_logged() {
 #[test]
 fn token_with_little_life_left_is_served_without_a_refresh_loop() {
     // 90 s of life, under the default 10 min margin but above 60 s minimum.
-    let Running {
-        sandbox,
-        platform,
-        daemon,
-    } = Running::start(
+    let (sandbox, platform, daemon) = start_daemon(
         TestPlatform::start().with_fault(Fault::ShortLife(Duration::from_secs(90))),
         &[],
     );
     let (token, _, _) = sandbox.wait_for_token();
-    assert_secret(
-        platform.last_issued().as_deref(),
-        &token,
-        true,
-        "served the issued token",
-    );
+    platform.assert_last_issued(&token, "served the issued token");
     let outputs = concurrent_credd_gets(&sandbox, 20);
     for out in &outputs {
         out.assert_password(&token, "short-lived token");
@@ -440,11 +353,7 @@ fn token_with_little_life_left_is_served_without_a_refresh_loop() {
 #[test]
 fn fifty_concurrent_gets_on_an_empty_cache_make_one_platform_call() {
     // Hold the start-up call so the cache stays empty while clients arrive.
-    let Running {
-        sandbox,
-        platform,
-        daemon,
-    } = Running::start(
+    let (sandbox, platform, daemon) = start_daemon(
         TestPlatform::start().with_fault(Fault::Hang),
         &["--wait-timeout", "5s"],
     );
@@ -498,11 +407,7 @@ fn fifty_concurrent_gets_on_an_empty_cache_make_one_platform_call() {
 
 #[test]
 fn erase_drops_only_the_cached_token() {
-    let Running {
-        sandbox,
-        platform,
-        daemon,
-    } = Running::start(TestPlatform::start(), &[]);
+    let (sandbox, platform, daemon) = start_daemon(TestPlatform::start(), &[]);
     let (token, _, _) = sandbox.wait_for_token();
     let calls = platform.requests();
 
@@ -564,11 +469,7 @@ fn erase_drops_only_the_cached_token() {
 
 #[test]
 fn sighup_refreshes_now() {
-    let Running {
-        sandbox,
-        platform,
-        daemon,
-    } = Running::start(TestPlatform::start(), &[]);
+    let (sandbox, platform, daemon) = start_daemon(TestPlatform::start(), &[]);
     sandbox.wait_for_token();
     assert_eq!(platform.requests(), 1);
     daemon.signal(nix::sys::signal::Signal::SIGHUP);
@@ -579,11 +480,7 @@ fn sighup_refreshes_now() {
 
 #[test]
 fn status_shows_state_without_the_token() {
-    let Running {
-        sandbox,
-        platform: _platform,
-        daemon,
-    } = Running::start(TestPlatform::start(), &[]);
+    let (sandbox, _platform, daemon) = start_daemon(TestPlatform::start(), &[]);
     let (token, expires_at, _) = sandbox.wait_for_token();
     let status = sandbox.status();
     assert_eq!(status.pid, daemon.pid());
@@ -610,9 +507,7 @@ fn status_shows_state_without_the_token() {
 
 #[test]
 fn bootstrap_token_is_served_only_for_the_bootstrap_max_age() {
-    let sandbox = Sandbox::new();
-    let platform = TestPlatform::start_down();
-    sandbox.use_platform(&platform);
+    let (sandbox, _platform) = with_platform(TestPlatform::start_down());
     let env_token = "ghs_ShortLivedBootstrapToken0123456789ab";
     sandbox.add_secret("the bootstrap GITHUB_TOKEN", env_token);
     let started = std::time::SystemTime::now();
@@ -640,21 +535,12 @@ fn bootstrap_token_is_served_only_for_the_bootstrap_max_age() {
 fn wrong_wall_clock_on_the_platform_does_not_make_a_valid_token_look_dead() {
     // The platform's clock is two hours behind ours: its stated expiry is in
     // our past, yet the token has an hour to live by the platform's Date.
-    let Running {
-        sandbox,
-        platform,
-        daemon,
-    } = Running::start(
+    let (sandbox, platform, daemon) = start_daemon(
         TestPlatform::start().with_fault(Fault::ClockSkew(7200)),
         &[],
     );
     let (token, expires_at, _) = sandbox.wait_for_token();
-    assert_secret(
-        platform.last_issued().as_deref(),
-        &token,
-        true,
-        "served the issued token",
-    );
+    platform.assert_last_issued(&token, "served the issued token");
     let status = sandbox.status();
     let left = status.expires_in_secs.expect("expires_in_secs");
     assert!(

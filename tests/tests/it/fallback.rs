@@ -7,7 +7,8 @@ use std::time::Instant;
 
 use testkit::http::closed_port;
 use testkit::{
-    CmdOutput, FAST_BACKOFF, Fault, Running, Sandbox, TestPlatform, WAIT, assert_secret, write_file,
+    CmdOutput, FAST_BACKOFF, Fault, Sandbox, TestPlatform, WAIT, assert_secret, start_daemon,
+    with_platform, write_file,
 };
 
 const FALLBACK_PASSWORD: &str = "fallback-pat-0123456789abcdef";
@@ -44,9 +45,7 @@ fn credd_lines(stderr: &str) -> Vec<&str> {
 
 #[test]
 fn daemon_down_helper_asks_the_platform_itself() {
-    let sandbox = Sandbox::new();
-    let platform = TestPlatform::start();
-    sandbox.use_platform(&platform);
+    let (sandbox, platform) = with_platform(TestPlatform::start());
     // No daemon: the socket path does not exist.
     let get = sandbox.credd_get("https", "github.com");
     get.assert_success("credd get without a daemon");
@@ -168,11 +167,7 @@ fn daemon_without_a_token_makes_the_helper_fall_through_without_calling_the_plat
 
 #[test]
 fn exec_sets_both_variables_and_passes_the_exit_code_through() {
-    let Running {
-        sandbox,
-        platform: _platform,
-        daemon,
-    } = Running::start(TestPlatform::start(), &[]);
+    let (sandbox, _platform, daemon) = start_daemon(TestPlatform::start(), &[]);
     let (token, _, _) = sandbox.wait_for_token();
     // The child proves it saw the token by printing its hash, never the token.
     let out = sandbox
@@ -202,9 +197,7 @@ fn exec_sets_both_variables_and_passes_the_exit_code_through() {
 /// through `molecule-credd --fetch-once` returns at once instead of hanging.
 #[test]
 fn a_bearer_file_that_blocks_on_open_freezes_nothing() {
-    let sandbox = Sandbox::new();
-    let platform = TestPlatform::start();
-    sandbox.use_platform(&platform);
+    let (sandbox, platform) = with_platform(TestPlatform::start());
     let bearer = sandbox.configs_dir().join(".auth_token");
     std::fs::remove_file(&bearer).expect("remove the bearer");
     nix::unistd::mkfifo(&bearer, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");

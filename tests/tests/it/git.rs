@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use credd_core::protocol::Source;
 
-use testkit::{FAST_BACKOFF, GitServer, Sandbox, TestPlatform, assert_secret, wait_until_time};
+use testkit::{
+    FAST_BACKOFF, GitServer, Sandbox, TestPlatform, assert_secret, wait_until_time, with_platform,
+};
 
 #[test]
 fn credential_fill_is_served_from_the_daemon() {
@@ -103,10 +105,8 @@ fn credential_fill_is_served_from_the_daemon() {
 
 #[test]
 fn clone_and_push_keep_working_after_the_token_rotates() {
-    let sandbox = Sandbox::new();
     // Short-lived tokens so the daemon must refresh during the test.
-    let platform = TestPlatform::with_ttl(Duration::from_secs(6));
-    sandbox.use_platform(&platform);
+    let (sandbox, platform) = with_platform(TestPlatform::with_ttl(Duration::from_secs(6)));
     let server = GitServer::start(&sandbox.path().join("repos"), platform.authority());
     let url = server.create_repo("project");
     sandbox.set_hosts(&server.host());
@@ -181,10 +181,8 @@ fn clone_and_push_keep_working_after_the_token_rotates() {
 
 #[test]
 fn a_rejected_token_is_erased_and_the_next_push_gets_a_fresh_one() {
-    let sandbox = Sandbox::new();
     const TTL: Duration = Duration::from_secs(8);
-    let platform = TestPlatform::with_ttl(TTL);
-    sandbox.use_platform(&platform);
+    let (sandbox, platform) = with_platform(TestPlatform::with_ttl(TTL));
     let authority = platform.authority();
     let server = GitServer::start(&sandbox.path().join("repos"), authority.clone());
     let url = server.create_repo("revoked");

@@ -10,7 +10,9 @@ use std::time::Duration;
 use credd_core::config::Config;
 use molecule_credd::platform::{ErrorClass, PlatformClient, PlatformError, Timeouts};
 
-use testkit::{Fault, GitServer, Sandbox, TestPlatform, WAIT, assert_secret, write_file};
+use testkit::{
+    Fault, GitServer, Sandbox, TestPlatform, WAIT, assert_secret, with_platform, write_file,
+};
 
 fn client(sandbox: &Sandbox, url: &str) -> PlatformClient {
     let env: HashMap<&str, OsString> = HashMap::from([
@@ -37,21 +39,14 @@ fn runtime() -> tokio::runtime::Runtime {
 
 #[test]
 fn fault_switch_produces_each_failure() {
-    let sandbox = Sandbox::new();
-    let platform = TestPlatform::start();
-    sandbox.use_platform(&platform);
+    let (sandbox, platform) = with_platform(TestPlatform::start());
     let client = client(&sandbox, &platform.url());
     let rt = runtime();
 
     let grant = rt
         .block_on(client.fetch())
         .expect("pass-through serves a token");
-    assert_secret(
-        platform.last_issued().as_deref(),
-        grant.token.expose(),
-        true,
-        "issued",
-    );
+    platform.assert_last_issued(grant.token.expose(), "issued");
     assert!(grant.lifetime > Duration::from_secs(60));
 
     platform.set_fault(Fault::Status(500));
@@ -133,9 +128,7 @@ fn fault_switch_produces_each_failure() {
 
 #[test]
 fn git_server_accepts_only_current_tokens() {
-    let sandbox = Sandbox::new();
-    let platform = TestPlatform::start();
-    sandbox.use_platform(&platform);
+    let (sandbox, platform) = with_platform(TestPlatform::start());
     let server = GitServer::start(&sandbox.path().join("repos"), platform.authority());
     let url = server.create_repo("solo");
     let rt = runtime();

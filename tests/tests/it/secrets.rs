@@ -6,7 +6,7 @@
 use std::os::unix::fs::MetadataExt;
 use std::panic::AssertUnwindSafe;
 
-use testkit::{FAST_BACKOFF, Fault, Sandbox, TestPlatform, WAIT};
+use testkit::{FAST_BACKOFF, Fault, Sandbox, TestPlatform, WAIT, with_platform};
 
 #[test]
 fn the_scan_catches_a_leak() {
@@ -36,9 +36,7 @@ fn the_scan_catches_a_leak() {
 
 #[test]
 fn every_failure_path_logs_no_secret_even_at_trace_level() {
-    let sandbox = Sandbox::new();
-    let platform = TestPlatform::start();
-    sandbox.use_platform(&platform);
+    let (sandbox, platform) = with_platform(TestPlatform::start());
     for log_format in ["text", "json"] {
         let daemon = sandbox
             .daemon()
@@ -87,9 +85,7 @@ fn every_failure_path_logs_no_secret_even_at_trace_level() {
 /// as another user.
 #[test]
 fn daemon_is_not_dumpable() {
-    let sandbox = Sandbox::new();
-    let platform = TestPlatform::start();
-    sandbox.use_platform(&platform);
+    let (sandbox, _platform) = with_platform(TestPlatform::start());
     crate::socket::prepare_for_other_uid(&sandbox);
     let daemon = crate::socket::daemon_as_other_uid(&sandbox);
     sandbox.wait_for_token();

@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use credd_core::protocol::{ErrorCode, Request, Response, decode, encode};
 
-use testkit::client::{exchange_raw, request_over};
+use testkit::client::{assert_error, exchange_raw, request_over};
 use testkit::{
-    Daemon, FAST_BACKOFF, Running, Sandbox, TestPlatform, WAIT, assert_secret, has_word,
+    Daemon, FAST_BACKOFF, Sandbox, TestPlatform, WAIT, has_word, start_daemon, with_platform,
 };
 
 /// An unprivileged uid present on Debian (`nobody`).
@@ -26,11 +26,7 @@ fn mode(path: &std::path::Path) -> u32 {
 
 #[test]
 fn socket_folder_is_0700_and_socket_0600() {
-    let Running {
-        sandbox,
-        platform: _platform,
-        daemon,
-    } = Running::start(TestPlatform::start(), &[]);
+    let (sandbox, _platform, daemon) = start_daemon(TestPlatform::start(), &[]);
     assert_eq!(mode(&sandbox.run_dir()), 0o700, "socket folder mode");
     assert_eq!(mode(&sandbox.socket()), 0o600, "socket mode");
     let meta = std::fs::metadata(sandbox.socket()).expect("stat socket");
@@ -114,9 +110,7 @@ pub(crate) fn daemon_as_other_uid(sandbox: &Sandbox) -> Daemon {
 /// socket through the daemon's 0700 folder, which is the point of the folder.)
 #[test]
 fn callers_with_another_uid_are_refused_and_logged() {
-    let sandbox = Sandbox::new();
-    let platform = TestPlatform::start();
-    sandbox.use_platform(&platform);
+    let (sandbox, _platform) = with_platform(TestPlatform::start());
     prepare_for_other_uid(&sandbox);
     let daemon = sandbox.daemon().args(FAST_BACKOFF).uid(OTHER_UID).spawn();
     daemon.log().wait_for_line("listening on", WAIT);
@@ -124,26 +118,16 @@ fn callers_with_another_uid_are_refused_and_logged() {
     let answer = sandbox
         .request(&Request::Get)
         .expect("an answer, not a dropped connection");
-    assert!(
-        matches!(
-            answer,
-            Response::Error {
-                code: ErrorCode::Forbidden,
-                ..
-            }
-        ),
-        "root is not the daemon's uid: {answer:?}"
+    assert_error(
+        &answer,
+        ErrorCode::Forbidden,
+        "root is not the daemon's uid",
     );
     let status = sandbox.request(&Request::Status).expect("answer");
-    assert!(
-        matches!(
-            status,
-            Response::Error {
-                code: ErrorCode::Forbidden,
-                ..
-            }
-        ),
-        "status is for the daemon's own uid too: {status:?}"
+    assert_error(
+        &status,
+        ErrorCode::Forbidden,
+        "status is for the daemon's own uid too",
     );
     let pid = std::process::id().to_string();
     let line = daemon.log().wait_for_line_matching(
@@ -168,53 +152,28 @@ fn callers_with_another_uid_are_refused_and_logged() {
 
 #[test]
 fn allow_uid_admits_another_caller() {
-    let sandbox = Sandbox::new();
-    let platform = TestPlatform::start();
-    sandbox.use_platform(&platform);
+    let (sandbox, platform) = with_platform(TestPlatform::start());
     prepare_for_other_uid(&sandbox);
     let daemon = daemon_as_other_uid(&sandbox);
     let (token, _, _) = sandbox.wait_for_token();
-    assert_secret(
-        platform.last_issued().as_deref(),
-        &token,
-        true,
-        "served the issued token",
-    );
+    platform.assert_last_issued(&token, "served the issued token");
     daemon.stop();
 }
 
 #[test]
 fn garbage_oversized_and_foreign_version_lines_get_errors() {
-    let Running {
-        sandbox,
-        platform: _platform,
-        daemon,
-    } = Running::start(TestPlatform::start(), &[]);
+    let (sandbox, _platform, daemon) = start_daemon(TestPlatform::start(), &[]);
     let socket = sandbox.socket();
 
     let answer = exchange_raw(&socket, b"password=hello\n").expect("answer");
     let answer: Response = decode(answer.as_bytes()).expect("a protocol answer");
-    assert!(
-        matches!(
-            answer,
-            Response::Error {
-                code: ErrorCode::BadRequest,
-                ..
-            }
-        ),
-        "{answer:?}"
-    );
+    assert_error(&answer, ErrorCode::BadRequest, "the daemon's answer");
     let answer = exchange_raw(&socket, b"{\"v\":99,\"type\":\"get\"}\n").expect("answer");
     let answer: Response = decode(answer.as_bytes()).expect("a protocol answer");
-    assert!(
-        matches!(
-            answer,
-            Response::Error {
-                code: ErrorCode::UnsupportedVersion,
-                ..
-            }
-        ),
-        "{answer:?}"
+    assert_error(
+        &answer,
+        ErrorCode::UnsupportedVersion,
+        "the daemon's answer",
     );
 
     // More than 64 KiB without a newline: an error or a closed connection,
@@ -223,16 +182,7 @@ fn garbage_oversized_and_foreign_version_lines_get_errors() {
     let answer = exchange_raw(&socket, &oversized).expect("answer or close, not a hang");
     if !answer.is_empty() {
         let answer: Response = decode(answer.as_bytes()).expect("a protocol answer");
-        assert!(
-            matches!(
-                answer,
-                Response::Error {
-                    code: ErrorCode::BadRequest,
-                    ..
-                }
-            ),
-            "{answer:?}"
-        );
+        assert_error(&answer, ErrorCode::BadRequest, "the daemon's answer");
     }
     // A client that sends half a request and goes silent is dropped too.
     let mut half = UnixStream::connect(&socket).expect("connect");
@@ -255,11 +205,7 @@ fn garbage_oversized_and_foreign_version_lines_get_errors() {
 
 #[test]
 fn two_hundred_idle_clients_do_not_delay_a_real_get() {
-    let Running {
-        sandbox,
-        platform: _platform,
-        daemon,
-    } = Running::start(TestPlatform::start(), &[]);
+    let (sandbox, _platform, daemon) = start_daemon(TestPlatform::start(), &[]);
     sandbox.wait_for_token();
     let idle: Vec<UnixStream> = (0..200)
         .map(|_| UnixStream::connect(sandbox.socket()).expect("connect idle client"))
@@ -302,11 +248,8 @@ fn two_hundred_idle_clients_do_not_delay_a_real_get() {
 
 #[test]
 fn connections_beyond_the_cap_are_turned_away_not_queued() {
-    let Running {
-        sandbox,
-        platform: _platform,
-        daemon,
-    } = Running::start(TestPlatform::start(), &["--max-connections", "8"]);
+    let (sandbox, _platform, daemon) =
+        start_daemon(TestPlatform::start(), &["--max-connections", "8"]);
     sandbox.wait_for_token();
     let idle: Vec<UnixStream> = (0..8)
         .map(|_| UnixStream::connect(sandbox.socket()).expect("connect idle client"))
@@ -315,16 +258,7 @@ fn connections_beyond_the_cap_are_turned_away_not_queued() {
     let answer = exchange_raw(&sandbox.socket(), &encode(&Request::Get)).expect("answer");
     if !answer.is_empty() {
         let answer: Response = decode(answer.as_bytes()).expect("a protocol answer");
-        assert!(
-            matches!(
-                answer,
-                Response::Error {
-                    code: ErrorCode::Busy,
-                    ..
-                }
-            ),
-            "over the cap: {answer:?}"
-        );
+        assert_error(&answer, ErrorCode::Busy, "over the cap");
     }
     drop(idle);
     // Freed slots serve again.
@@ -338,11 +272,7 @@ fn sigterm_and_sigint_exit_zero_and_remove_the_socket() {
         nix::sys::signal::Signal::SIGTERM,
         nix::sys::signal::Signal::SIGINT,
     ] {
-        let Running {
-            sandbox,
-            platform: _platform,
-            daemon,
-        } = Running::start(TestPlatform::start(), &[]);
+        let (sandbox, _platform, daemon) = start_daemon(TestPlatform::start(), &[]);
         sandbox.wait_for_token();
         daemon.signal(signal);
         let (status, log) = daemon.wait_exit();
@@ -353,9 +283,7 @@ fn sigterm_and_sigint_exit_zero_and_remove_the_socket() {
 
 #[test]
 fn stale_socket_is_taken_over() {
-    let sandbox = Sandbox::new();
-    let platform = TestPlatform::start();
-    sandbox.use_platform(&platform);
+    let (sandbox, _platform) = with_platform(TestPlatform::start());
     sandbox.create_run_dir(0o700);
     // A crashed daemon's socket: the file exists, nobody listens.
     drop(UnixListener::bind(sandbox.socket()).expect("bind"));
@@ -368,9 +296,7 @@ fn stale_socket_is_taken_over() {
 
 #[test]
 fn second_daemon_refuses_a_live_socket() {
-    let sandbox = Sandbox::new();
-    let platform = TestPlatform::start();
-    sandbox.use_platform(&platform);
+    let (sandbox, _platform) = with_platform(TestPlatform::start());
     let first = sandbox.daemon().args(FAST_BACKOFF).start();
     let second = sandbox.daemon().args(FAST_BACKOFF).spawn();
     let (status, log) = second.wait_exit();
@@ -387,11 +313,7 @@ fn second_daemon_refuses_a_live_socket() {
 
 #[test]
 fn protocol_answers_are_single_lines_then_close() {
-    let Running {
-        sandbox,
-        platform: _platform,
-        daemon,
-    } = Running::start(TestPlatform::start(), &[]);
+    let (sandbox, _platform, daemon) = start_daemon(TestPlatform::start(), &[]);
     sandbox.wait_for_token();
     let mut stream = UnixStream::connect(sandbox.socket()).expect("connect");
     std::io::Write::write_all(&mut stream, &encode(&Request::Status)).expect("write");
@@ -416,11 +338,8 @@ fn protocol_answers_are_single_lines_then_close() {
 /// and must not turn it into a platform call.
 #[test]
 fn busy_reaches_the_client_and_never_becomes_a_platform_call() {
-    let Running {
-        sandbox,
-        platform,
-        daemon,
-    } = Running::start(TestPlatform::start(), &["--max-connections", "1"]);
+    let (sandbox, platform, daemon) =
+        start_daemon(TestPlatform::start(), &["--max-connections", "1"]);
     sandbox.wait_for_token();
     let calls_before = platform.requests();
     let mut busy = 0;

@@ -10,7 +10,7 @@ use credd_core::protocol::{self, ErrorCode, Response, Source};
 use credd_core::secret::Token;
 
 use crate::socket::OTHER_UID;
-use testkit::{Process, Sandbox, TestPlatform, WAIT, assert_secret};
+use testkit::{Process, Sandbox, TestPlatform, WAIT, assert_secret, with_platform};
 
 /// What the forged daemon hands out.
 const ATTACKER_TOKEN: &str = "ghs_ATTACKERforgedToken0123456789abcdefXYZ";
@@ -57,9 +57,7 @@ fn forged_token() -> Response {
 
 #[test]
 fn a_squatted_socket_folder_is_never_trusted_and_the_platform_answers_instead() {
-    let sandbox = Sandbox::new();
-    let platform = TestPlatform::start();
-    sandbox.use_platform(&platform);
+    let (sandbox, platform) = with_platform(TestPlatform::start());
     // Another user created the folder first, open to all, and listens there.
     let forged = Forged::start(
         &sandbox.socket(),
@@ -118,9 +116,7 @@ fn a_squatted_socket_folder_is_never_trusted_and_the_platform_answers_instead() 
 
 #[test]
 fn a_listener_of_another_uid_is_refused_before_anything_is_sent() {
-    let sandbox = Sandbox::new();
-    let platform = TestPlatform::start();
-    sandbox.use_platform(&platform);
+    let (sandbox, platform) = with_platform(TestPlatform::start());
     // The folder looks right (private, root's), but whoever listens is not
     // a trusted uid; it answers `unavailable` to suppress every fallback.
     let unavailable = Response::Error {
@@ -152,12 +148,12 @@ fn a_listener_of_another_uid_is_refused_before_anything_is_sent() {
 #[test]
 fn the_configured_daemon_uid_is_trusted() {
     let sandbox = Sandbox::new();
-    // The system-unit layout: the daemon runs as its own user, and the
-    // operator says so with CREDD_DAEMON_UID.
+    // A daemon that listens as its own user on a socket in a trusted folder
+    // (here root's), which the operator names with CREDD_DAEMON_UID.
     let forged = Forged::start(
         &sandbox.socket(),
         0o700,
-        OTHER_UID,
+        0,
         OTHER_UID,
         &forged_token(),
     );
