@@ -356,20 +356,7 @@ impl molecule_platform::TokenProvider for BrokenProvider {
     }
 }
 
-impl molecule_platform::ProvisionPlugin for BrokenProvider {
-    fn name(&self) -> &str {
-        "broken"
-    }
-    fn mutate_env<'a>(
-        &'a self,
-        _env: &'a mut std::collections::BTreeMap<String, String>,
-    ) -> molecule_platform::registry::EnvFuture<'a> {
-        Box::pin(async { Ok(()) })
-    }
-    fn as_token_provider(self: Arc<Self>) -> Option<Arc<dyn molecule_platform::TokenProvider>> {
-        Some(self)
-    }
-}
+crate::support::token_plugin!(BrokenProvider, "broken");
 
 #[tokio::test]
 async fn empty_or_expired_tokens_from_a_provider_are_a_500() {

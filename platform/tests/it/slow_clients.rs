@@ -439,16 +439,9 @@ async fn the_real_binary_answers_while_4200_slow_clients_are_connected() {
             ("NO_COLOR", "1"),
         ],
     );
-    let addr = platform_addr(&platform);
     // A byte every second: the idle timer of old restarted on each.
-    let slow = Slowloris::start(addr, SLOW, Duration::from_secs(1)).await;
-    let probed = probe_healthz(addr, PROBES, &slow).await;
-    let (connects, closes) = slow.counts();
-    slow.stop().await;
-    assert!(platform.stop(Signal::SIGTERM).success());
-    let latencies = probed.unwrap_or_else(|failure| {
-        panic!("{failure}; the platform's stderr:\n{}", platform.stderr())
-    });
+    let (latencies, connects, closes) =
+        probe_the_binary(&mut platform, SLOW, Duration::from_secs(1), PROBES).await;
     eprintln!(
         "real binary, /healthz with {SLOW} slow clients: median {:?}, max {:?}; {connects} slow connects, {closes} closed by the server",
         latencies[PROBES / 2],
@@ -477,15 +470,8 @@ async fn the_real_binary_answers_when_slow_clients_exhaust_its_open_file_limit()
         &["--dev", "--listen", "127.0.0.1:0"],
         &[("ADMIN_TOKEN", ADMIN), ("NO_COLOR", "1")],
     ));
-    let addr = platform_addr(&platform);
-    let slow = Slowloris::start(addr, SLOW, TRICKLE).await;
-    let probed = probe_healthz(addr, PROBES, &slow).await;
-    let (connects, closes) = slow.counts();
-    slow.stop().await;
-    assert!(platform.stop(Signal::SIGTERM).success());
-    let latencies = probed.unwrap_or_else(|failure| {
-        panic!("{failure}; the platform's stderr:\n{}", platform.stderr())
-    });
+    let (latencies, connects, closes) =
+        probe_the_binary(&mut platform, SLOW, TRICKLE, PROBES).await;
     eprintln!(
         "real binary under `ulimit -n {NOFILE}`, /healthz with {SLOW} slow clients: median {:?}, max {:?}; {connects} slow connects, {closes} closed by the server",
         latencies[PROBES / 2],
@@ -516,12 +502,30 @@ fn ensure_open_files(needed: u64) {
     }
 }
 
-fn platform_addr(platform: &PlatformProcess) -> SocketAddr {
-    platform
+/// `slow` slow clients trickling a byte every `trickle` at the real binary
+/// while `/healthz` is probed `probes` times, then SIGTERM (exit 0): the
+/// sorted latencies (failing with the platform's stderr when a probe
+/// failed) and the slow clients' connects and closes.
+async fn probe_the_binary(
+    platform: &mut PlatformProcess,
+    slow: usize,
+    trickle: Duration,
+    probes: usize,
+) -> (Vec<Duration>, u64, u64) {
+    let addr: SocketAddr = platform
         .url()
         .trim_start_matches("http://")
         .parse()
-        .expect("IP:PORT")
+        .expect("IP:PORT");
+    let slow = Slowloris::start(addr, slow, trickle).await;
+    let probed = probe_healthz(addr, probes, &slow).await;
+    let (connects, closes) = slow.counts();
+    slow.stop().await;
+    assert!(platform.stop(Signal::SIGTERM).success());
+    let latencies = probed.unwrap_or_else(|failure| {
+        panic!("{failure}; the platform's stderr:\n{}", platform.stderr())
+    });
+    (latencies, connects, closes)
 }
 
 /// A provider whose answers wait until the gate opens; counts calls.
@@ -543,20 +547,7 @@ impl molecule_platform::TokenProvider for GatedProvider {
     }
 }
 
-impl molecule_platform::ProvisionPlugin for GatedProvider {
-    fn name(&self) -> &str {
-        "gated"
-    }
-    fn mutate_env<'a>(
-        &'a self,
-        _env: &'a mut std::collections::BTreeMap<String, String>,
-    ) -> molecule_platform::registry::EnvFuture<'a> {
-        Box::pin(async { Ok(()) })
-    }
-    fn as_token_provider(self: Arc<Self>) -> Option<Arc<dyn molecule_platform::TokenProvider>> {
-        Some(self)
-    }
-}
+crate::support::token_plugin!(GatedProvider, "gated");
 
 /// `GET /admin/github-installation-token` on a fresh connection; the status line.
 async fn admin_request(addr: SocketAddr) -> String {
