@@ -250,6 +250,15 @@ impl Sandbox {
         Cmd::new(command, format!("git {}", args.join(" "))).transcript(&self.transcript)
     }
 
+    /// `git credential fill` for `https://github.com`, as git asks before a
+    /// fetch (stdout holds the token); not checked for success.
+    pub fn credential_fill(&self) -> CmdOutput {
+        self.git(self.path(), &["credential", "fill"])
+            .stdin("protocol=https\nhost=github.com\n\n")
+            .stdout_holds_secret()
+            .run()
+    }
+
     /// A protocol request straight to the daemon's socket, as the test process.
     pub fn request(&self, request: &Request) -> Result<Response, String> {
         request_over(&self.socket(), request)

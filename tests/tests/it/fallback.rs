@@ -27,11 +27,7 @@ fn fallback_helper(sandbox: &Sandbox) -> String {
 }
 
 fn fill(sandbox: &Sandbox) -> CmdOutput {
-    let out = sandbox
-        .git(sandbox.path(), &["credential", "fill"])
-        .stdin("protocol=https\nhost=github.com\n\n")
-        .stdout_holds_secret()
-        .run();
+    let out = sandbox.credential_fill();
     out.assert_success("git credential fill");
     out
 }

@@ -19,11 +19,7 @@ fn credential_fill_is_served_from_the_daemon() {
     sandbox.configure_git("https://github.com", &[]);
     let daemon = sandbox.daemon().args(FAST_BACKOFF).start();
 
-    let fill = sandbox
-        .git(sandbox.path(), &["credential", "fill"])
-        .stdin("protocol=https\nhost=github.com\n\n")
-        .stdout_holds_secret()
-        .run();
+    let fill = sandbox.credential_fill();
     fill.assert_success("git credential fill");
     let issued = platform.issued();
     assert_eq!(
@@ -57,11 +53,7 @@ fn credential_fill_is_served_from_the_daemon() {
     );
 
     // The answer came from the daemon's cache: a second fill makes no call.
-    let again = sandbox
-        .git(sandbox.path(), &["credential", "fill"])
-        .stdin("protocol=https\nhost=github.com\n\n")
-        .stdout_holds_secret()
-        .run();
+    let again = sandbox.credential_fill();
     again.assert_success("second git credential fill");
     again.assert_password(&issued[0].token, "second fill, from the cache");
     assert_eq!(

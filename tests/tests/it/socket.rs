@@ -34,6 +34,22 @@ fn socket_folder_is_0700_and_socket_0600() {
     daemon.stop();
 }
 
+/// Reads `stream` to its end within [`WAIT`]: the daemon must close it
+/// (EOF or a reset), with `what` in the failure.
+#[track_caller]
+fn assert_dropped(mut stream: UnixStream, what: &str) {
+    stream.set_read_timeout(Some(WAIT)).expect("timeout");
+    let mut rest = Vec::new();
+    let read = stream.read_to_end(&mut rest);
+    assert!(
+        read.is_ok()
+            || read
+                .as_ref()
+                .is_err_and(|e| e.kind() == ErrorKind::ConnectionReset),
+        "{what}: {read:?}"
+    );
+}
+
 fn assert_refuses_to_start(sandbox: &Sandbox, why: &str) {
     let daemon = sandbox.daemon().args(FAST_BACKOFF).spawn();
     let (status, log) = daemon.wait_exit();
@@ -187,15 +203,9 @@ fn garbage_oversized_and_foreign_version_lines_get_errors() {
     // A client that sends half a request and goes silent is dropped too.
     let mut half = UnixStream::connect(&socket).expect("connect");
     std::io::Write::write_all(&mut half, br#"{"v":1,"type""#).expect("write");
-    half.set_read_timeout(Some(WAIT)).expect("timeout");
-    let mut rest = Vec::new();
-    let read = half.read_to_end(&mut rest);
-    assert!(
-        read.is_ok()
-            || read
-                .as_ref()
-                .is_err_and(|e| e.kind() == ErrorKind::ConnectionReset),
-        "a silent client must be dropped within the read deadline: {read:?}"
+    assert_dropped(
+        half,
+        "a silent client must be dropped within the read deadline",
     );
 
     // The daemon is unharmed.
@@ -230,18 +240,9 @@ fn two_hundred_idle_clients_do_not_delay_a_real_get() {
         "every idle client was dropped before the get was answered: the get waited for them"
     );
     // And idle clients do not stay forever.
-    for mut stream in idle {
+    for stream in idle {
         stream.set_nonblocking(false).expect("blocking");
-        stream.set_read_timeout(Some(WAIT)).expect("timeout");
-        let mut rest = Vec::new();
-        let read = stream.read_to_end(&mut rest);
-        assert!(
-            read.is_ok()
-                || read
-                    .as_ref()
-                    .is_err_and(|e| e.kind() == ErrorKind::ConnectionReset),
-            "idle client not dropped within {WAIT:?}: {read:?}"
-        );
+        assert_dropped(stream, &format!("idle client not dropped within {WAIT:?}"));
     }
     daemon.stop();
 }

@@ -150,13 +150,7 @@ fn the_configured_daemon_uid_is_trusted() {
     let sandbox = Sandbox::new();
     // A daemon that listens as its own user on a socket in a trusted folder
     // (here root's), which the operator names with CREDD_DAEMON_UID.
-    let forged = Forged::start(
-        &sandbox.socket(),
-        0o700,
-        0,
-        OTHER_UID,
-        &forged_token(),
-    );
+    let forged = Forged::start(&sandbox.socket(), 0o700, 0, OTHER_UID, &forged_token());
     let uid = OTHER_UID.to_string();
     let get = sandbox.credd_get_with("https", "github.com", &[("CREDD_DAEMON_UID", &uid)]);
     get.assert_password(ATTACKER_TOKEN, "the configured daemon's token");
