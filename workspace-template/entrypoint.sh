@@ -72,7 +72,9 @@ supervise() {
     exec 3<&0 </dev/null
     delay=$BACKOFF_INITIAL
     daemon_pid=
-    trap 'if [ -n "$daemon_pid" ]; then kill -TERM "$daemon_pid" 2>/dev/null; wait "$daemon_pid"; fi; rm -f "$RUN_DIR/molecule-credd.pid" "$RUN_DIR/supervisor.pid"; exit 0' TERM INT HUP
+    trap 'if [ -n "$daemon_pid" ]; then kill -TERM "$daemon_pid" 2>/dev/null; wait "$daemon_pid"; fi; rm -f "$RUN_DIR/molecule-credd.pid" "$RUN_DIR/supervisor.pid"; exit 0' TERM INT
+    # SIGHUP is the daemon's "refresh now": passed on, never an exit.
+    trap 'if [ -n "$daemon_pid" ]; then kill -HUP "$daemon_pid" 2>/dev/null; fi' HUP
     echo "$$" >"$RUN_DIR/supervisor.pid"
     while :; do
         started=$(date +%s)
@@ -80,8 +82,12 @@ supervise() {
         daemon_pid=$!
         exec 3</dev/null
         echo "$daemon_pid" >"$RUN_DIR/molecule-credd.pid"
-        wait "$daemon_pid"
-        status=$?
+        # A trapped SIGHUP interrupts `wait` while the daemon lives on.
+        while :; do
+            wait "$daemon_pid"
+            status=$?
+            kill -0 "$daemon_pid" 2>/dev/null || break
+        done
         daemon_pid=
         if [ "$status" -eq "$CONFIG_ERROR" ]; then
             error "molecule-credd refused its configuration (exit $status, reason above); not restarting it"

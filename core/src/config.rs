@@ -171,11 +171,20 @@ impl Config {
         }
     }
 
-    /// The uids whose socket `credd` may talk to: its own; root (the system
-    /// service manager listens on socket-activated sockets, and root can read
-    /// this process's memory anyway); and [`Self::daemon_uid`].
-    pub fn trusted_daemon_uids(&self) -> Vec<u32> {
+    /// The uids that may own the socket's folder: our own and root's (a
+    /// private folder of anyone else could not even be entered).
+    pub fn trusted_folder_owners(&self) -> Vec<u32> {
         let mut uids = vec![nix::unistd::geteuid().as_raw(), 0];
+        uids.dedup();
+        uids
+    }
+
+    /// The uids a listener on the socket may have for `credd` to talk to it:
+    /// its own; root (the system service manager listens on
+    /// socket-activated sockets, and root can read this process's memory
+    /// anyway); and [`Self::daemon_uid`].
+    pub fn trusted_daemon_uids(&self) -> Vec<u32> {
+        let mut uids = self.trusted_folder_owners();
         uids.extend(self.daemon_uid);
         uids.dedup();
         uids
@@ -422,6 +431,10 @@ mod tests {
         assert!(!c.trusted_daemon_uids().contains(&65_534));
         let c = config(&[("CREDD_DAEMON_UID", "998")]).expect("valid");
         assert!(c.trusted_daemon_uids().contains(&998));
+        assert!(
+            !c.trusted_folder_owners().contains(&998),
+            "a listener, not a folder owner"
+        );
     }
 
     #[test]

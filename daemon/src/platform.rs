@@ -357,9 +357,9 @@ impl PlatformClient {
         let spawned = std::thread::Builder::new()
             .name("bearer-read".into())
             .spawn(move || {
-                let read = read_bearer(&path);
-                running.store(false, Ordering::Release);
-                let _ = done.send(read);
+                // Cleared however the read ends, a panic included.
+                let _clear = ClearOnDrop(running);
+                let _ = done.send(read_bearer(&path));
             });
         if let Err(source) = spawned {
             self.bearer_read_running.store(false, Ordering::Release);
@@ -384,6 +384,15 @@ impl PlatformClient {
                 source: e.without_url(),
             }
         }
+    }
+}
+
+/// Clears the bearer-read-in-flight flag when dropped.
+struct ClearOnDrop(Arc<AtomicBool>);
+
+impl Drop for ClearOnDrop {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
     }
 }
 

@@ -175,8 +175,10 @@ pub(crate) async fn run<F: Fetch>(
 /// close does not flag the connection as reset. A client whose request write
 /// then fails still finds this answer in its buffer (credd reads it).
 fn answer_unread(stream: &UnixStream, response: &Response) {
-    let mut sink = [0u8; 1024];
-    while matches!(stream.try_read(&mut sink), Ok(n) if n > 0) {}
+    // One bounded read: a client writing without pause must not hold the
+    // accept loop.
+    let mut sink = [0u8; 4096];
+    let _ = stream.try_read(&mut sink);
     let _ = stream.try_write(&protocol::encode(response));
 }
 

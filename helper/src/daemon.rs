@@ -17,10 +17,10 @@
 //! Trust. Before anything is sent, the server is verified, because whoever
 //! listens at the socket path is handed git's request and could answer with
 //! an attacker's token: the socket's folder must pass the same rule the
-//! daemon applies ([`credd_core::socket_folder`]), and once connected the
-//! listening process's uid (`SO_PEERCRED`) must be ours, root's (the service
-//! manager listens on socket-activated sockets) or the configured
-//! `CREDD_DAEMON_UID`. A server that fails either check is
+//! daemon applies ([`credd_core::socket_folder`]; owned by us or root), and
+//! once connected the listening process's uid (`SO_PEERCRED`) must be ours,
+//! root's (the service manager listens on socket-activated sockets) or the
+//! configured `CREDD_DAEMON_UID`. A server that fails either check is
 //! [`DaemonError::Untrusted`]: nothing was sent to it and nothing it says is
 //! read. It is treated like an absent daemon for the platform fallback —
 //! that path does not go through the socket, so a squatter gains nothing
@@ -113,6 +113,8 @@ pub(crate) struct Endpoint {
     pub(crate) path: PathBuf,
     /// Uids the listening process may have (see the module docs).
     pub(crate) trusted_uids: Vec<u32>,
+    /// Uids the socket's folder may belong to.
+    pub(crate) folder_owners: Vec<u32>,
 }
 
 impl Endpoint {
@@ -121,6 +123,7 @@ impl Endpoint {
         Self {
             path: config.socket_path.clone(),
             trusted_uids: config.trusted_daemon_uids(),
+            folder_owners: config.trusted_folder_owners(),
         }
     }
 }
@@ -186,7 +189,7 @@ pub(crate) fn round_trip(endpoint: &Endpoint, request: &Request) -> Result<Respo
 fn verify_folder(endpoint: &Endpoint) -> Result<(), DaemonError> {
     let folder = socket_folder::folder_of(&endpoint.path)
         .map_err(|problem| DaemonError::Untrusted(problem.to_string()))?;
-    match socket_folder::check(folder, &endpoint.trusted_uids) {
+    match socket_folder::check(folder, &endpoint.folder_owners) {
         Ok(()) => Ok(()),
         Err(socket_folder::FolderProblem::Uninspectable(io::ErrorKind::NotFound)) => Err(
             DaemonError::Unreachable("no socket there; is molecule-credd running?".to_owned()),
@@ -340,6 +343,7 @@ mod tests {
         let endpoint = Endpoint {
             path: dir.path().join("none.sock"),
             trusted_uids: vec![nix::unistd::geteuid().as_raw()],
+            folder_owners: vec![nix::unistd::geteuid().as_raw()],
         };
         let err = round_trip(&endpoint, &Request::Get).expect_err("no socket");
         assert!(matches!(err, DaemonError::Unreachable(_)), "{err:?}");

@@ -4,9 +4,9 @@
 //! The token goes into `GH_TOKEN` and `GITHUB_TOKEN` of the child only — never
 //! its argv (visible to every user in `ps`) and never credd's own environment.
 //! For a GitHub Enterprise host gh reads only `GH_ENTERPRISE_TOKEN` (with
-//! `GH_HOST` naming the host), so when the host is an Enterprise one — the
-//! caller's `GH_HOST`, or the only host in `CREDD_HOSTS` when that is not
-//! github.com — the child also gets `GH_HOST`, `GH_ENTERPRISE_TOKEN` and
+//! `GH_HOST` naming the host), so when the host is an Enterprise one credd
+//! answers for — the caller's `GH_HOST` if it is in `CREDD_HOSTS`, or the
+//! only host in `CREDD_HOSTS` when that is not github.com — the child also gets `GH_HOST`, `GH_ENTERPRISE_TOKEN` and
 //! `GITHUB_ENTERPRISE_TOKEN`. Inherited token variables never win: each is
 //! set to the live token or removed.
 //! `exec(2)` rather than spawn-and-wait: CMD gets credd's pid, signals and
@@ -38,8 +38,11 @@ enum TokenVar {
 /// The token variables of the child's environment. `gh_host` is the
 /// caller's `GH_HOST`.
 fn token_env(config: &Config, gh_host: Option<&str>) -> Vec<(&'static str, TokenVar)> {
+    // Only a host credd answers for: the token must never go to a GH_HOST
+    // that merely happens to be set.
     let enterprise = match gh_host.map(str::trim).filter(|h| !h.is_empty()) {
-        Some(host) => (!host.eq_ignore_ascii_case(GITHUB_COM)).then(|| host.to_owned()),
+        Some(host) => (!host.eq_ignore_ascii_case(GITHUB_COM) && config.serves_host(host))
+            .then(|| host.to_ascii_lowercase()),
         None => match config.hosts.as_slice() {
             [only] if only != GITHUB_COM => Some(only.clone()),
             _ => None,
@@ -136,6 +139,10 @@ mod tests {
         );
         let vars = token_env(&config("github.com,ghe.example.com"), Some("github.com"));
         assert_eq!(value(&vars, "GH_ENTERPRISE_TOKEN"), Some(&TokenVar::Unset));
+        // A GH_HOST credd does not answer for never gets the token.
+        let vars = token_env(&config("github.com"), Some("other-ghes.example"));
+        assert_eq!(value(&vars, "GH_ENTERPRISE_TOKEN"), Some(&TokenVar::Unset));
+        assert_eq!(value(&vars, "GH_HOST"), None);
     }
 
     #[test]

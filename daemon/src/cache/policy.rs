@@ -10,6 +10,9 @@ use credd_core::deadlines;
 /// Never schedule a refresh sooner than this after the previous one, whatever
 /// the platform hands out: the bound that rules out a refresh loop.
 pub(crate) const MIN_REFRESH_DELAY: Duration = Duration::from_secs(1);
+/// A grant whose schedule calls again sooner than this is "short-lived";
+/// from the second in a row the next call waits at least the back-off.
+pub(crate) const SHORT_LIVED_DELAY: Duration = Duration::from_secs(10);
 /// Platform calls that clients may cause per [`CLIENT_CALL_WINDOW`].
 pub(crate) const CLIENT_CALLS_PER_WINDOW: usize = 4;
 /// The sliding window of [`CLIENT_CALLS_PER_WINDOW`].

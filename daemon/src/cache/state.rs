@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 use super::policy::{
     CLIENT_CALL_WINDOW, CLIENT_CALLS_PER_WINDOW, CachePolicy, MAX_ERROR_TEXT, MAX_TRUSTED_LIFETIME,
-    MIN_REFRESH_DELAY,
+    MIN_REFRESH_DELAY, SHORT_LIVED_DELAY,
 };
 use super::schedule::{backoff_delay, refresh_delay};
 use super::unix_secs;
@@ -167,9 +167,12 @@ impl State {
             unit,
             unchanged,
         );
-        // Servable for less than the minimum itself: the platform is handing
-        // out nearly dead tokens. Bounded like failures from the second on.
-        if life.saturating_sub(policy.min_lifetime) < policy.min_lifetime {
+        // So little servable life that the schedule would call again within
+        // seconds: the platform is handing out nearly dead tokens. From the
+        // second such token in a row, calls are bounded like failures. (A
+        // deployment with short tokens, say 2 minutes, schedules tens of
+        // seconds apart and never gets here.)
+        if delay < SHORT_LIVED_DELAY {
             self.short_streak = self.short_streak.saturating_add(1);
         } else {
             self.short_streak = 0;
@@ -225,8 +228,9 @@ impl State {
         self.last_refresh_at = Some(unix_secs(SystemTime::now()));
         self.failures = 0;
         self.unauthorized_retried = false;
-        // While short-lived, clients must not bring calls forward either.
-        self.backing_off = short_lived;
+        // Clients may still bring a call forward (rate limited): a token
+        // that is no longer servable must not wait out the whole back-off.
+        self.backing_off = false;
         self.next_attempt = now.mono + delay;
         token
     }

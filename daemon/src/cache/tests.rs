@@ -63,13 +63,35 @@ impl Fetch for Arc<FakePlatform> {
     }
 }
 
-/// Like the real platform: caches a 60-min token and rotates it only
-/// when less than 5 min are left.
-#[derive(Default)]
+/// Like the real platform: caches a token (60 min by default) and rotates
+/// it only when little life is left (5 min by default).
 struct RotatingPlatform {
     calls: AtomicUsize,
     minted: AtomicUsize,
     current: Mutex<Option<(Token, Instant)>>,
+    /// Life of a minted token.
+    lifetime: Duration,
+    /// The cached token is handed out until it has this little life left.
+    rotate_within: Duration,
+}
+
+impl Default for RotatingPlatform {
+    /// GitHub's hour and the platform's 5-minute rotation window.
+    fn default() -> Self {
+        Self::new(Duration::from_secs(3600), Duration::from_secs(300))
+    }
+}
+
+impl RotatingPlatform {
+    fn new(lifetime: Duration, rotate_within: Duration) -> Self {
+        Self {
+            calls: AtomicUsize::new(0),
+            minted: AtomicUsize::new(0),
+            current: Mutex::new(None),
+            lifetime,
+            rotate_within,
+        }
+    }
 }
 
 impl Fetch for Arc<RotatingPlatform> {
@@ -77,13 +99,13 @@ impl Fetch for Arc<RotatingPlatform> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         let now = Instant::now();
         let mut current = self.current.lock().unwrap();
-        let stale = current.as_ref().is_none_or(|(_, expiry)| {
-            expiry.saturating_duration_since(now) <= Duration::from_secs(300)
-        });
+        let stale = current
+            .as_ref()
+            .is_none_or(|(_, expiry)| expiry.saturating_duration_since(now) <= self.rotate_within);
         if stale {
             let n = self.minted.fetch_add(1, Ordering::SeqCst);
             let token = Token::new(format!("ghs_rotated{n}")).unwrap();
-            *current = Some((token, now + Duration::from_secs(3600)));
+            *current = Some((token, now + self.lifetime));
         }
         let (token, expiry) = current.clone().expect("minted");
         let lifetime = expiry.saturating_duration_since(now);
@@ -537,6 +559,40 @@ async fn tokens_barely_above_the_minimum_life_are_fetched_at_a_bounded_rate() {
             .as_deref()
             .is_some_and(|e| e.contains("in a row")),
         "{status:?}"
+    );
+    cancel.cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_minute_tokens_stay_servable_however_the_short_lived_back_off_counts() {
+    // A platform that hands out its cached token while more than half its
+    // life is left, then mints: grants of 60-120 s with a 2-minute token.
+    let platform = Arc::new(RotatingPlatform::new(
+        Duration::from_secs(120),
+        Duration::from_secs(60),
+    ));
+    let cache = Arc::new(
+        TokenCache::new(Arc::clone(&platform), policy(), None).with_boot_clock(|| Duration::ZERO),
+    );
+    let cancel = CancellationToken::new();
+    let refresher = Arc::clone(&cache);
+    let c = cancel.clone();
+    tokio::spawn(async move { refresher.run_refresher(c).await });
+    cache.get().await;
+    let samples = 20 * 60 / 5;
+    let mut unserved = 0;
+    for _ in 0..samples {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        if cache.status().state != Some(TokenState::Valid) {
+            unserved += 1;
+        }
+    }
+    // The platform hands out its token until it has exactly the daemon's
+    // --min-lifetime left, so a second or two between tokens is inherent;
+    // a back-off that kept growing would leave most samples without one.
+    assert!(
+        unserved * 20 <= samples,
+        "{unserved} of {samples} samples without a servable token"
     );
     cancel.cancel();
 }
