@@ -9,6 +9,17 @@ use testkit::{
     FAST_BACKOFF, GitServer, Sandbox, TestPlatform, assert_secret, wait_until_time, with_platform,
 };
 
+/// A git server in `sandbox` taking `platform`'s current tokens, with the
+/// repository `name`, and git set to ask credd for it: the server and the
+/// repository's URL.
+fn serve_repo(sandbox: &Sandbox, platform: &TestPlatform, name: &str) -> (GitServer, String) {
+    let server = GitServer::start(&sandbox.path().join("repos"), platform.authority());
+    let url = server.create_repo(name);
+    sandbox.set_hosts(&server.host());
+    sandbox.configure_git(&server.base_url(), &[]);
+    (server, url)
+}
+
 #[test]
 fn credential_fill_is_served_from_the_daemon() {
     let sandbox = Sandbox::new();
@@ -99,10 +110,7 @@ fn credential_fill_is_served_from_the_daemon() {
 fn clone_and_push_keep_working_after_the_token_rotates() {
     // Short-lived tokens so the daemon must refresh during the test.
     let (sandbox, platform) = with_platform(TestPlatform::with_ttl(Duration::from_secs(6)));
-    let server = GitServer::start(&sandbox.path().join("repos"), platform.authority());
-    let url = server.create_repo("project");
-    sandbox.set_hosts(&server.host());
-    sandbox.configure_git(&server.base_url(), &[]);
+    let (server, url) = serve_repo(&sandbox, &platform, "project");
     let daemon = sandbox
         .daemon()
         .args(FAST_BACKOFF)
@@ -176,10 +184,7 @@ fn a_rejected_token_is_erased_and_the_next_push_gets_a_fresh_one() {
     const TTL: Duration = Duration::from_secs(8);
     let (sandbox, platform) = with_platform(TestPlatform::with_ttl(TTL));
     let authority = platform.authority();
-    let server = GitServer::start(&sandbox.path().join("repos"), authority.clone());
-    let url = server.create_repo("revoked");
-    sandbox.set_hosts(&server.host());
-    sandbox.configure_git(&server.base_url(), &[]);
+    let (server, url) = serve_repo(&sandbox, &platform, "revoked");
     // Refresh only in the last seconds of the token's life.
     let daemon = sandbox
         .daemon()
