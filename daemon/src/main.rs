@@ -45,7 +45,7 @@ fn main() -> ExitCode {
 /// closed stdout (exit 1 then, quietly).
 fn clap_exit(error: &clap::Error) -> ExitCode {
     let code = u8::try_from(error.exit_code()).unwrap_or(2);
-    let text = error.render().ansi().to_string();
+    let text = error.render().to_string();
     let written = if error.use_stderr() {
         std::io::stderr().lock().write_all(text.as_bytes())
     } else {

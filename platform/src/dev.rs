@@ -93,8 +93,8 @@ crate::registry::github_token_plugin!(DevProvider, "dev-github-token");
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
     use secrecy::ExposeSecret;
+    use std::sync::Arc;
     use std::sync::atomic::AtomicI64;
 
     #[tokio::test]

@@ -153,16 +153,21 @@ fn callers_with_another_uid_are_refused_and_logged() {
     );
     assert!(!line.is_empty());
 
-    // `credd get` as root, told to trust the daemon's uid: refused by the
-    // daemon, nothing printed, git moves on (no platform call on top).
+    // `credd get` as root: it does not trust a socket in another uid's
+    // folder in the first place (even with CREDD_DAEMON_UID, which names a
+    // listener, not a folder owner), sends it nothing and asks the platform
+    // itself.
     let uid = OTHER_UID.to_string();
-    let get = sandbox.credd_get_with("https", "github.com", &[("CREDD_DAEMON_UID", &uid)]);
-    get.assert_success("credd get refused by the daemon");
-    assert_eq!(get.stdout, "");
-    // Not told: credd does not trust a daemon of another uid in the first
-    // place, and asks the platform itself (nothing is sent to the socket).
-    let get = sandbox.credd_get("https", "github.com");
-    assert!(get.stderr.contains("refusing the socket"), "{}", get.stderr);
+    for env in [&[][..], &[("CREDD_DAEMON_UID", uid.as_str())]] {
+        let get = sandbox.credd_get_with("https", "github.com", env);
+        get.assert_success("credd get");
+        assert!(get.stderr.contains("refusing the socket"), "{}", get.stderr);
+        assert!(
+            get.stderr.contains(&format!("owned by uid {OTHER_UID}")),
+            "{}",
+            get.stderr
+        );
+    }
     drop(daemon);
 }
 
