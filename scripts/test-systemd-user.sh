@@ -380,6 +380,7 @@ for path in /usr /etc /var "$home" "$runtime" /proc/sys /sys/fs/cgroup; do
 done
 in_ns test -w "$runtime/molecule-credd" || fail "the RuntimeDirectory is not writable inside the service"
 [ "$(in_ns stat -c %d:%i /tmp)" != "$(stat -c %d:%i /tmp)" ] || fail "/tmp is not private (PrivateTmp=)"
+[ "$(in_ns stat -c %a /proc/kmsg)" = 0 ] || fail "/proc/kmsg is accessible inside the service (ProtectKernelLogs=)"
 # (stat, not find -type: the nodes are bind mounts over plain files.)
 # shellcheck disable=SC2016  # expanded by that sh
 devices=$(in_ns find /dev -exec sh -c 'for f; do
@@ -391,7 +392,7 @@ for dev in $devices; do
     *) fail "/dev/$dev is visible inside the service (PrivateDevices=): $devices" ;;
   esac
 done
-ok "sandbox on pid $main_pid: NoNewPrivs 1, Seccomp 2, CapBnd 0, uid_map '$uid_map', own mount and UTS namespaces, / $root_opts; /usr /etc /var ~ \$XDG_RUNTIME_DIR /proc/sys /sys/fs/cgroup read-only, RuntimeDirectory writable, private /tmp, /dev only: $devices"
+ok "sandbox on pid $main_pid: NoNewPrivs 1, Seccomp 2, CapBnd 0, uid_map '$uid_map', own mount and UTS namespaces, / $root_opts; /usr /etc /var ~ \$XDG_RUNTIME_DIR /proc/sys /sys/fs/cgroup read-only, RuntimeDirectory writable, private /tmp, /proc/kmsg mode 0, /dev only: $devices"
 
 # ---- another uid -----------------------------------------------------------
 
