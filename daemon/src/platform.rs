@@ -357,9 +357,14 @@ impl PlatformClient {
         let spawned = std::thread::Builder::new()
             .name("bearer-read".into())
             .spawn(move || {
-                // Cleared however the read ends, a panic included.
-                let _clear = ClearOnDrop(running);
-                let _ = done.send(read_bearer(&path));
+                // Cleared however the read ends (a panic included), and
+                // before the answer is sent: the caller's next call must not
+                // find the flag still set.
+                let read = {
+                    let _clear = ClearOnDrop(running);
+                    read_bearer(&path)
+                };
+                let _ = done.send(read);
             });
         if let Err(source) = spawned {
             self.bearer_read_running.store(false, Ordering::Release);
