@@ -9,7 +9,9 @@
 
 mod daemon;
 mod fallback;
+mod gh;
 mod git;
+mod git_versions;
 mod harness;
 mod secrets;
 mod socket;
