@@ -240,14 +240,19 @@ impl Sandbox {
     /// `git ARGS` in `cwd` with an isolated configuration (no system config,
     /// temp HOME, no prompts), output recorded.
     pub fn git(&self, cwd: &Path, args: &[&str]) -> Cmd<'_> {
-        let mut command = self.command("git");
+        self.git_binary("git", cwd, args)
+    }
+
+    /// [`Self::git`] with the git binary at `git` (another version, say).
+    pub fn git_binary(&self, git: &str, cwd: &Path, args: &[&str]) -> Cmd<'_> {
+        let mut command = self.command(git);
         command
             .args(args)
             .env("GIT_CONFIG_NOSYSTEM", "1")
             .env("GIT_TERMINAL_PROMPT", "0")
             .env("GIT_ASKPASS", "/bin/false")
             .current_dir(cwd);
-        Cmd::new(command, format!("git {}", args.join(" "))).transcript(&self.transcript)
+        Cmd::new(command, format!("{git} {}", args.join(" "))).transcript(&self.transcript)
     }
 
     /// `git credential fill` for `https://github.com`, as git asks before a

@@ -17,14 +17,7 @@ const SUPPORTED_GITS: [&str; 2] = ["/usr/bin/git", "/usr/local/bin/git"];
 
 /// `git ARGS` with the binary at `git`, configured like [`Sandbox::git`].
 fn git<'a>(sandbox: &'a Sandbox, git: &str, cwd: &Path, args: &[&str]) -> Cmd<'a> {
-    let mut command = sandbox.command(git);
-    command
-        .args(args)
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("GIT_TERMINAL_PROMPT", "0")
-        .env("GIT_ASKPASS", "/bin/false")
-        .current_dir(cwd);
-    Cmd::new(command, format!("{git} {}", args.join(" "))).transcript(sandbox.transcript())
+    sandbox.git_binary(git, cwd, args)
 }
 
 #[test]
