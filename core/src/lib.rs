@@ -5,7 +5,8 @@
 //! once, here: how configuration is read from the environment ([`config`]),
 //! what travels over the Unix socket ([`protocol`]), which socket folder is
 //! safe ([`socket_folder`]), the time limits that span both processes
-//! ([`deadlines`]) and how text from another process is printed ([`text`]).
+//! ([`deadlines`]) and how text from another process is printed ([`text`]);
+//! plus the one process limit both long-running binaries raise ([`limits`]).
 //! The token itself is a [`secret::Token`], which cannot be printed by
 //! accident.
 //!
@@ -17,6 +18,7 @@
 
 pub mod config;
 pub mod deadlines;
+pub mod limits;
 pub mod protocol;
 pub mod secret;
 pub mod socket_folder;

@@ -13,7 +13,6 @@ use std::io::IsTerminal;
 use std::thread::JoinHandle;
 
 use anyhow::Context;
-use nix::sys::resource::{Resource, getrlimit, setrlimit};
 use nix::sys::stat::Mode;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::{Handle, Signals};
@@ -74,14 +73,8 @@ pub fn init_logging(format: LogFormat) {
 /// waiting client).
 pub fn harden() -> anyhow::Result<()> {
     nix::sys::prctl::set_dumpable(false).context("cannot mark the process non-dumpable")?;
-    match getrlimit(Resource::RLIMIT_NOFILE) {
-        Ok((soft, hard)) if soft < hard => {
-            if let Err(error) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-                tracing::debug!(%error, soft, hard, "could not raise the open-file limit");
-            }
-        }
-        Ok(_) => {}
-        Err(error) => tracing::debug!(%error, "could not read the open-file limit"),
+    if let Err(error) = credd_core::limits::raise_open_file_limit() {
+        tracing::debug!(%error, "could not raise the open-file limit");
     }
     Ok(())
 }

@@ -26,7 +26,6 @@ use molecule_platform::config::{Args, Config, LogFormat, ProviderChoice};
 use molecule_platform::{
     AppState, Auth, DevProvider, GitHubAppProvider, Registry, WorkspaceTokens,
 };
-use nix::sys::resource::{Resource, getrlimit, setrlimit};
 use rand::Rng;
 use rand::distr::Alphanumeric;
 use secrecy::{ExposeSecret, SecretString};
@@ -145,14 +144,8 @@ fn exit_for(error: &clap::Error) -> ExitCode {
 /// service's connection cap is 4096; a soft limit of 1024 is common). The
 /// server evicts slow connections when it runs out anyway.
 fn raise_open_file_limit() {
-    match getrlimit(Resource::RLIMIT_NOFILE) {
-        Ok((soft, hard)) if soft < hard => {
-            if let Err(error) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-                tracing::debug!(%error, soft, hard, "could not raise the open-file limit");
-            }
-        }
-        Ok(_) => {}
-        Err(error) => tracing::debug!(%error, "could not read the open-file limit"),
+    if let Err(error) = credd_core::limits::raise_open_file_limit() {
+        tracing::debug!(%error, "could not raise the open-file limit");
     }
 }
 
