@@ -293,9 +293,10 @@ impl PlatformClient {
         let date = headers
             .get(DATE)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| httpdate::parse_http_date(v).ok());
+            .and_then(parse_date);
         let retry_after = headers
             .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
             .and_then(|v| parse_retry_after(v, date.unwrap_or_else(SystemTime::now)));
         let declared_len = headers
             .get(CONTENT_LENGTH)
@@ -498,8 +499,15 @@ pub fn parse_grant(body: &[u8], now: SystemTime) -> Result<Grant, PlatformError>
     })
 }
 
-fn parse_retry_after(value: &HeaderValue, now: SystemTime) -> Option<Duration> {
-    let value = value.to_str().ok()?.trim();
+/// The platform's clock from a `Date` header value, if it parses.
+pub fn parse_date(value: &str) -> Option<SystemTime> {
+    httpdate::parse_http_date(value).ok()
+}
+
+/// A `Retry-After` value (seconds or an HTTP date, relative to `now`),
+/// capped at [`MAX_RETRY_AFTER`].
+pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
     let wait = match value.parse::<u64>() {
         Ok(secs) => Duration::from_secs(secs),
         Err(_) => httpdate::parse_http_date(value)
