@@ -34,6 +34,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use axum::error_handling::HandleErrorLayer;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -45,6 +46,7 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tower::limit::GlobalConcurrencyLimitLayer;
+use tower::load_shed::LoadShedLayer;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
@@ -184,6 +186,14 @@ pub fn app(state: AppState) -> Router {
                     StatusCode::SERVICE_UNAVAILABLE,
                     limits.request_timeout,
                 ))
+                // At the limit a request is answered 503 at once instead of
+                // queueing for a slot: a queued request is past its head, so
+                // its connection could no longer be evicted, and enough of
+                // them (with the upstream stalled) would refuse everyone.
+                .layer(HandleErrorLayer::new(|_: tower::BoxError| async {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }))
+                .layer(LoadShedLayer::new())
                 .layer(GlobalConcurrencyLimitLayer::new(
                     limits.max_concurrent_requests.max(1),
                 )),

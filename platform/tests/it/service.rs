@@ -394,3 +394,44 @@ async fn empty_or_expired_tokens_from_a_provider_are_a_500() {
         assert_no_secrets("logs", &text, &["ghs_expiredexpiredexpired".into()]);
     }
 }
+
+/// A provider that never answers (every token request holds its slot) and
+/// says when it has been called.
+#[derive(Default)]
+struct StalledProvider {
+    called: tokio::sync::Notify,
+}
+
+impl molecule_platform::TokenProvider for StalledProvider {
+    fn token(&self) -> molecule_platform::provider::TokenFuture<'_> {
+        self.called.notify_one();
+        Box::pin(std::future::pending())
+    }
+}
+
+crate::support::token_plugin!(StalledProvider, "stalled");
+
+#[tokio::test]
+async fn at_the_concurrency_limit_requests_are_refused_at_once_not_queued() {
+    let provider = Arc::new(StalledProvider::default());
+    let registry = Arc::new(Registry::new());
+    registry.register(Arc::clone(&provider) as _);
+    let auth = Auth::new(Some(SecretString::from(ADMIN)), workspaces());
+    let limits = molecule_platform::ServiceLimits {
+        max_concurrent_requests: 1,
+        ..Default::default()
+    };
+    let app = app(AppState::new(registry, auth).with_limits(limits));
+    // The one slot: a token request stuck on the stalled upstream.
+    let held = {
+        let app = app.clone();
+        tokio::spawn(async move { get(&app, ADMIN_ROUTE, Some(ADMIN)).await })
+    };
+    provider.called.notified().await;
+    // Everyone else is answered at once, health checks included.
+    let answer = tokio::time::timeout(Duration::from_secs(5), get(&app, "/healthz", None))
+        .await
+        .expect("answered, not queued behind the stalled request");
+    assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+    held.abort();
+}
