@@ -44,32 +44,12 @@ service=molecule-credd.service
 socket=/run/molecule-credd/credd.sock
 client_uid=1000
 
-fail() {
-  printf 'FAIL: %s\n' "$*" >&2
-  exit 1
-}
-ok() { printf 'ok: %s\n' "$*"; }
-now_ms() { echo $(($(date +%s%N) / 1000000)); }
+# shellcheck source=scripts/lib/systemd-test.sh
+. "$root/scripts/lib/systemd-test.sh"
 
-# Is PID alive (a zombie child is not)?
-alive() {
-  local stat
-  stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
-  stat=${stat##*) }
-  [ "${stat:0:1}" != Z ]
-}
-
-# The cgroup hierarchies systemd-nspawn uses: hybrid (name=systemd v1 plus
-# unified v2) or pure cgroup v2.
-cgroup_roots() {
-  if [ -d /sys/fs/cgroup/systemd ] || [ -d /sys/fs/cgroup/unified ]; then
-    local h
-    for h in /sys/fs/cgroup/systemd /sys/fs/cgroup/unified; do
-      if [ -d "$h" ]; then echo "$h"; fi
-    done
-  elif [ "$(stat -f -c %T /sys/fs/cgroup)" = cgroup2fs ]; then
-    echo /sys/fs/cgroup
-  fi
+# Fails a wait once the systemd under test is gone.
+check_alive() {
+  if [ -n "$nspawn_pid" ] && ! alive "$nspawn_pid"; then fail "$1: the container exited"; fi
 }
 # This shell's cgroup in hierarchy H.
 cgroup_of_self() {
@@ -241,16 +221,6 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # wait_for SECONDS WHAT CMD...: polls CMD every 50 ms until it succeeds.
-wait_for() {
-  local seconds=$1 what=$2 deadline
-  shift 2
-  deadline=$(($(now_ms) + seconds * 1000))
-  until "$@"; do
-    if [ -n "$nspawn_pid" ] && ! alive "$nspawn_pid"; then fail "$what: the container exited"; fi
-    [ "$(now_ms)" -lt "$deadline" ] || fail "$what: not within ${seconds}s"
-    sleep 0.05
-  done
-}
 
 mount -t overlay credd-systest \
   -o "lowerdir=$cache,upperdir=$run/upper,workdir=$run/work" "$run/merged" ||

@@ -26,32 +26,12 @@ bin=$root/target/debug
 test_user='credd-sdtest'
 cgroup_top='credd-sdtest.slice'
 
-fail() {
-  printf 'FAIL: %s\n' "$*" >&2
-  exit 1
-}
-ok() { printf 'ok: %s\n' "$*"; }
-now_ms() { echo $(($(date +%s%N) / 1000000)); }
+# shellcheck source=scripts/lib/systemd-test.sh
+. "$root/scripts/lib/systemd-test.sh"
 
-# Is PID alive (a zombie child is not)?
-alive() {
-  local stat
-  stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
-  stat=${stat##*) }
-  [ "${stat:0:1}" != Z ]
-}
-
-# The cgroup hierarchies the user manager needs delegated: hybrid (name=systemd
-# v1 plus unified v2) or pure cgroup v2.
-cgroup_roots() {
-  if [ -d /sys/fs/cgroup/systemd ] || [ -d /sys/fs/cgroup/unified ]; then
-    local h
-    for h in /sys/fs/cgroup/systemd /sys/fs/cgroup/unified; do
-      if [ -d "$h" ]; then echo "$h"; fi
-    done
-  elif [ "$(stat -f -c %T /sys/fs/cgroup)" = cgroup2fs ]; then
-    echo /sys/fs/cgroup
-  fi
+# Fails a wait once the systemd under test is gone.
+check_alive() {
+  if [ -n "$manager_pid" ] && ! alive "$manager_pid"; then fail "$1: systemd --user exited"; fi
 }
 
 # Kills every process left in our cgroups and removes them, deepest first.
@@ -202,16 +182,6 @@ uctl() { as_user systemctl --user "$@"; }
 prop() { uctl show --value -p "$1" "$service"; }
 
 # wait_for SECONDS WHAT CMD...: polls CMD every 50 ms until it succeeds.
-wait_for() {
-  local seconds=$1 what=$2 deadline
-  shift 2
-  deadline=$(($(now_ms) + seconds * 1000))
-  until "$@"; do
-    if [ -n "$manager_pid" ] && ! alive "$manager_pid"; then fail "$what: systemd --user exited"; fi
-    [ "$(now_ms)" -lt "$deadline" ] || fail "$what: not within ${seconds}s"
-    sleep 0.05
-  done
-}
 
 # tmpfs of our own on /run, /home, /tmp, /var/tmp and the journal: the test
 # user's home and runtime folder, this script's files, journald's sockets and
