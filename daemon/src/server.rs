@@ -32,8 +32,8 @@ use crate::cache::{Fetch, TokenCache};
 pub(crate) const DEFAULT_MAX_CONNECTIONS: u32 = 1024;
 /// How long a client has to send its request line.
 pub(crate) const READ_DEADLINE: Duration = Duration::from_secs(2);
-/// Refused callers are logged at most once per this interval.
-const REFUSED_LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// Refused and busy answers are logged at most once per this interval each.
+const LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// How long writing the answer may take.
 const WRITE_DEADLINE: Duration = Duration::from_secs(2);
 /// After an oversized request, how much of the rest is read and discarded
@@ -84,11 +84,11 @@ pub(crate) async fn run<F: Fetch>(
     shutdown: impl Future<Output = ()>,
 ) {
     let permits = Arc::new(Semaphore::new(settings.max_connections));
-    let peer_check = settings.peer_check.clone();
+    let peer_check = settings.peer_check;
     let tracker = TaskTracker::new();
     let stop_reading = CancellationToken::new();
-    let mut busy_logged = false;
-    let mut refused_log = RateLimitedLog::new(REFUSED_LOG_INTERVAL);
+    let mut refused_log = RateLimitedLog::new(LOG_INTERVAL);
+    let mut busy_log = RateLimitedLog::new(LOG_INTERVAL);
     tokio::pin!(shutdown);
     loop {
         let stream = tokio::select! {
@@ -136,18 +136,15 @@ pub(crate) async fn run<F: Fetch>(
                     ),
                 },
             );
-            if !busy_logged {
+            busy_log.note(|suppressed| {
                 tracing::warn!(
                     max_connections = settings.max_connections,
+                    suppressed,
                     "connection limit reached; answering busy"
                 );
-                busy_logged = true;
-            }
+            });
             continue;
         };
-        if permits.available_permits() > settings.max_connections / 2 {
-            busy_logged = false;
-        }
         let cache = Arc::clone(&cache);
         let stop_reading = stop_reading.clone();
         tracker.spawn(async move {
@@ -171,12 +168,12 @@ pub(crate) async fn run<F: Fetch>(
 
 /// Answers `response` on a connection whose request is not read (busy,
 /// forbidden), without waiting. The line is tiny, so a fresh socket's buffer
-/// always takes it; whatever the client already sent is drained first so the
-/// close does not flag the connection as reset. A client whose request write
-/// then fails still finds this answer in its buffer (credd reads it).
+/// always takes it. One bounded read of what the client already sent comes
+/// first (so a short request does not make the close a reset; a client
+/// writing without pause must not hold the accept loop). A client whose
+/// request write then fails still finds this answer in its buffer (credd
+/// reads it).
 fn answer_unread(stream: &UnixStream, response: &Response) {
-    // One bounded read: a client writing without pause must not hold the
-    // accept loop.
     let mut sink = [0u8; 4096];
     let _ = stream.try_read(&mut sink);
     let _ = stream.try_write(&protocol::encode(response));
