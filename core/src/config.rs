@@ -23,8 +23,8 @@ pub mod vars {
     pub const CREDD_HOSTS: &str = "CREDD_HOSTS";
     /// Per-user runtime folder (systemd's `/run/user/$UID`).
     pub const XDG_RUNTIME_DIR: &str = "XDG_RUNTIME_DIR";
-    /// The uid the daemon runs as when it is not the client's own (the
-    /// system-unit layout); `credd` trusts a socket served by that uid.
+    /// A uid `credd` trusts as the socket's listener besides its own and
+    /// root's (a daemon running as its own user on a socket it was handed).
     pub const CREDD_DAEMON_UID: &str = "CREDD_DAEMON_UID";
 }
 
@@ -58,7 +58,7 @@ pub struct Config {
     pub socket_path: PathBuf,
     /// Hosts (lower case, optionally `host:port`) the helper answers for.
     pub hosts: Vec<String>,
-    /// A daemon uid to trust besides our own and root's ([`vars::CREDD_DAEMON_UID`]).
+    /// A listener uid to trust besides our own and root's ([`vars::CREDD_DAEMON_UID`]).
     pub daemon_uid: Option<u32>,
 }
 
@@ -173,10 +173,8 @@ impl Config {
 
     /// The uids that may own the socket's folder: our own and root's (a
     /// private folder of anyone else could not even be entered).
-    pub fn trusted_folder_owners(&self) -> Vec<u32> {
-        let mut uids = vec![nix::unistd::geteuid().as_raw(), 0];
-        uids.dedup();
-        uids
+    pub fn trusted_folder_owners(&self) -> [u32; 2] {
+        [nix::unistd::geteuid().as_raw(), 0]
     }
 
     /// The uids a listener on the socket may have for `credd` to talk to it:
@@ -184,9 +182,8 @@ impl Config {
     /// socket-activated sockets, and root can read this process's memory
     /// anyway); and [`Self::daemon_uid`].
     pub fn trusted_daemon_uids(&self) -> Vec<u32> {
-        let mut uids = self.trusted_folder_owners();
+        let mut uids = self.trusted_folder_owners().to_vec();
         uids.extend(self.daemon_uid);
-        uids.dedup();
         uids
     }
 

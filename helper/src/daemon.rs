@@ -114,7 +114,7 @@ pub(crate) struct Endpoint {
     /// Uids the listening process may have (see the module docs).
     pub(crate) trusted_uids: Vec<u32>,
     /// Uids the socket's folder may belong to.
-    pub(crate) folder_owners: Vec<u32>,
+    pub(crate) folder_owners: [u32; 2],
 }
 
 impl Endpoint {
@@ -343,7 +343,7 @@ mod tests {
         let endpoint = Endpoint {
             path: dir.path().join("none.sock"),
             trusted_uids: vec![nix::unistd::geteuid().as_raw()],
-            folder_owners: vec![nix::unistd::geteuid().as_raw()],
+            folder_owners: [nix::unistd::geteuid().as_raw(), 0],
         };
         let err = round_trip(&endpoint, &Request::Get).expect_err("no socket");
         assert!(matches!(err, DaemonError::Unreachable(_)), "{err:?}");

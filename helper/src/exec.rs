@@ -6,9 +6,10 @@
 //! For a GitHub Enterprise host gh reads only `GH_ENTERPRISE_TOKEN` (with
 //! `GH_HOST` naming the host), so when the host is an Enterprise one credd
 //! answers for — the caller's `GH_HOST` if it is in `CREDD_HOSTS`, or the
-//! only host in `CREDD_HOSTS` when that is not github.com — the child also gets `GH_HOST`, `GH_ENTERPRISE_TOKEN` and
-//! `GITHUB_ENTERPRISE_TOKEN`. Inherited token variables never win: each is
-//! set to the live token or removed.
+//! only host in `CREDD_HOSTS` when that is not github.com — the child also
+//! gets `GH_HOST`, `GH_ENTERPRISE_TOKEN` and `GITHUB_ENTERPRISE_TOKEN`.
+//! Inherited token variables never win: each is set to the live token or
+//! removed.
 //! `exec(2)` rather than spawn-and-wait: CMD gets credd's pid, signals and
 //! terminal, and its exit code is the caller's without any forwarding.
 

@@ -130,13 +130,8 @@ fn token(args: Vec<OsString>) -> ExitCode {
     };
     match chain::obtain_token(&config, chain::Progress::OneLine) {
         Ok(issued) => {
-            use std::io::Write;
             let line = zeroize::Zeroizing::new(format!("{}\n", issued.token.expose()));
-            let mut out = std::io::stdout().lock();
-            match out.write_all(line.as_bytes()).and_then(|()| out.flush()) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => report(&anyhow::Error::new(e).context("writing the token to stdout")),
-            }
+            print_stdout(&line)
         }
         Err(reason) => {
             eprintln!("credd: error: no token available: {reason}");
