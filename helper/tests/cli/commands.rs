@@ -364,3 +364,32 @@ fn a_fetch_once_that_never_answers_is_killed_at_the_deadline() {
         "returned after {took:?}"
     );
 }
+
+/// The real binary's environment for an Enterprise host (gh reads only
+/// `GH_ENTERPRISE_TOKEN` there): given to a `GH_HOST` in `CREDD_HOSTS`,
+/// never to one outside it, and a stale inherited value never survives.
+#[test]
+fn exec_gives_the_enterprise_token_only_to_a_host_credd_serves() {
+    let sandbox = credd_sandbox();
+    sandbox.set_hosts("github.com,ghe.example.com");
+    let _daemon = FakeDaemon::with_token(&sandbox.socket());
+    let script = r#"printf '%s|%s|%s\n' "${GH_HOST-}" "${GH_ENTERPRISE_TOKEN-unset}" "${GITHUB_ENTERPRISE_TOKEN-unset}""#;
+    let exec = |gh_host: &str| {
+        let mut cmd = sandbox
+            .credd(&["exec", "--", "sh", "-c", script])
+            .stdout_holds_secret();
+        cmd.command()
+            .env("GH_HOST", gh_host)
+            .env("GH_ENTERPRISE_TOKEN", "stale-inherited-value");
+        cmd.run()
+    };
+    let served = exec("ghe.example.com");
+    served.assert_success("credd exec for a served Enterprise host");
+    assert_eq!(
+        served.stdout,
+        format!("ghe.example.com|{DAEMON_TOKEN}|{DAEMON_TOKEN}\n")
+    );
+    let stray = exec("other-ghes.example");
+    stray.assert_success("credd exec for a host credd does not serve");
+    assert_eq!(stray.stdout, "other-ghes.example|unset|unset\n");
+}
