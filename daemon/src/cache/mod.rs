@@ -58,7 +58,7 @@ use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 pub(crate) use self::policy::CachePolicy;
-use self::state::{BootstrapToken, Deadline, Now, Requester, State};
+use self::state::{Deadline, HeldToken, Now, Requester, State};
 use crate::clock::{self, BootClock};
 use crate::platform::{Grant, PlatformClient, PlatformError};
 
@@ -96,7 +96,7 @@ impl<F: Fetch> TokenCache<F> {
     pub(crate) fn new(fetcher: F, policy: CachePolicy, bootstrap: Option<Token>) -> Self {
         let started = Instant::now();
         let boot_clock: BootClock = clock::boottime;
-        let bootstrap = bootstrap.map(|token| BootstrapToken {
+        let bootstrap = bootstrap.map(|token| HeldToken {
             token,
             deadline: Deadline {
                 mono: started + policy.bootstrap_max_age,
@@ -229,34 +229,7 @@ impl<F: Fetch> TokenCache<F> {
                 message: "erase needs the 64-hex-digit SHA-256 of the rejected password".into(),
             };
         }
-        let mut st = self.lock();
-        let dropped = if st
-            .cached
-            .as_ref()
-            .is_some_and(|c| c.token.matches_sha256_hex(sha256))
-        {
-            let gone = st.cached.take().map(|c| c.token.fingerprint());
-            tracing::info!(
-                fingerprint = gone.as_deref().unwrap_or(""),
-                "dropped the cached token: a client reported it was refused"
-            );
-            true
-        } else if st
-            .bootstrap
-            .as_ref()
-            .is_some_and(|b| b.token.matches_sha256_hex(sha256))
-        {
-            let gone = st.bootstrap.take().map(|b| b.token.fingerprint());
-            tracing::info!(
-                fingerprint = gone.as_deref().unwrap_or(""),
-                "dropped the bootstrap token: a client reported it was refused"
-            );
-            true
-        } else {
-            tracing::debug!("erase for a token that is not cached: kept the cached one");
-            false
-        };
-        drop(st);
+        let dropped = self.lock().erase(sha256);
         if dropped {
             self.bump();
         }

@@ -51,20 +51,23 @@ pub(super) struct Deadline {
     pub(super) boot: Duration,
 }
 
-pub(super) struct CachedToken {
+/// A token the cache holds (the platform's or the bootstrap one) and when it
+/// stops living.
+pub(super) struct HeldToken {
     pub(super) token: Token,
     pub(super) deadline: Deadline,
 }
 
-pub(super) struct BootstrapToken {
-    pub(super) token: Token,
-    pub(super) deadline: Deadline,
+/// Drops `held` if its SHA-256 is `sha256`; its fingerprint when it did.
+fn take_matching(held: &mut Option<HeldToken>, sha256: &str) -> Option<String> {
+    held.take_if(|h| h.token.matches_sha256_hex(sha256))
+        .map(|h| h.token.fingerprint())
 }
 
 pub(super) struct State {
-    pub(super) cached: Option<CachedToken>,
+    pub(super) cached: Option<HeldToken>,
     /// Dropped (and zeroed) once a platform token arrives or its age is up.
-    pub(super) bootstrap: Option<BootstrapToken>,
+    pub(super) bootstrap: Option<HeldToken>,
     pub(super) health: PlatformHealth,
     pub(super) last_error: Option<String>,
     pub(super) last_refresh_at: Option<u64>,
@@ -91,7 +94,7 @@ pub(super) fn life_left(deadline: Deadline, now: Now) -> Duration {
 
 impl State {
     /// The state at start: nothing cached, the first call due at once.
-    pub(super) fn new(started: Instant, bootstrap: Option<BootstrapToken>) -> Self {
+    pub(super) fn new(started: Instant, bootstrap: Option<HeldToken>) -> Self {
         Self {
             cached: None,
             bootstrap,
@@ -201,7 +204,7 @@ impl State {
         );
         // The hook hears about new tokens only.
         let token = (!unchanged).then(|| grant.token.clone());
-        self.cached = Some(CachedToken {
+        self.cached = Some(HeldToken {
             token: grant.token,
             deadline,
         });
@@ -294,6 +297,27 @@ impl State {
             "platform call failed"
         );
         self.last_error = Some(text);
+    }
+
+    /// Drops the cached or bootstrap token whose SHA-256 is `sha256` (a
+    /// client was refused with it); whether one was dropped.
+    pub(super) fn erase(&mut self, sha256: &str) -> bool {
+        if let Some(gone) = take_matching(&mut self.cached, sha256) {
+            tracing::info!(
+                fingerprint = gone,
+                "dropped the cached token: a client reported it was refused"
+            );
+            true
+        } else if let Some(gone) = take_matching(&mut self.bootstrap, sha256) {
+            tracing::info!(
+                fingerprint = gone,
+                "dropped the bootstrap token: a client reported it was refused"
+            );
+            true
+        } else {
+            tracing::debug!("erase for a token that is not cached: kept the cached one");
+            false
+        }
     }
 
     /// Whether an out-of-schedule request (taken from `requested`) leads to
