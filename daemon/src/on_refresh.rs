@@ -18,18 +18,18 @@ use std::time::{Duration, Instant};
 
 use credd_core::secret::Token;
 
+use crate::bootstrap;
 use crate::cache::RefreshHook;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::io::AsyncWriteExt;
 use tokio::process::{Child, Command};
 
-/// Variables the hook must not inherit: the token the daemon was started with
-/// (it dies within the hour) and systemd's per-process handshakes, which would
-/// let the hook impersonate the daemon towards systemd.
-const REMOVED_ENV: [&str; 8] = [
-    "GITHUB_TOKEN",
-    "GH_TOKEN",
+/// Variables the hook must not inherit besides the provision-time token's
+/// ([`bootstrap::TOKEN_VARIABLES`]: it dies within the hour): systemd's
+/// per-process handshakes, which would let the hook impersonate the daemon
+/// towards systemd.
+const SYSTEMD_HANDSHAKES: [&str; 6] = [
     "NOTIFY_SOCKET",
     "WATCHDOG_USEC",
     "WATCHDOG_PID",
@@ -110,7 +110,10 @@ async fn execute(command: &str, token: &Token, timeout: Duration) -> Outcome {
         // Its own process group, so a timeout kills what the script started too.
         .process_group(0)
         .kill_on_drop(true);
-    for name in REMOVED_ENV {
+    for name in bootstrap::TOKEN_VARIABLES
+        .into_iter()
+        .chain(SYSTEMD_HANDSHAKES)
+    {
         shell.env_remove(name);
     }
     let mut child = match shell.spawn() {
