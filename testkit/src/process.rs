@@ -104,6 +104,13 @@ impl CmdOutput {
             .unwrap_or_else(|| panic!("no `{key}=` line in:\n{}", self.transcript()))
             .to_owned()
     }
+    /// Whether stderr has a line saying `ERROR` and `needle` (the
+    /// entrypoint's error lines).
+    pub fn has_error_line(&self, needle: &str) -> bool {
+        self.stderr
+            .lines()
+            .any(|l| l.contains("ERROR") && l.contains(needle))
+    }
 }
 
 /// A command about to be run with a deadline and captured output.

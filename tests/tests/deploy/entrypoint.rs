@@ -294,19 +294,10 @@ fn missing_binaries_are_an_error_line_and_the_runtime_still_runs() {
     let transcript = result.transcript();
     assert_eq!(result.status.code(), Some(3), "{transcript}");
     assert!(
-        result
-            .stderr
-            .lines()
-            .any(|l| l.contains("ERROR") && l.contains("molecule-credd not found at")),
+        result.has_error_line("molecule-credd not found at"),
         "{transcript}"
     );
-    assert!(
-        result
-            .stderr
-            .lines()
-            .any(|l| l.contains("ERROR") && l.contains("credd not found at")),
-        "{transcript}"
-    );
+    assert!(result.has_error_line("credd not found at"), "{transcript}");
     assert_eq!(result.value("runtime-gh-token"), "unset", "{transcript}");
     assert_eq!(result.value("git-token-sha"), "none");
     assert!(ws.daemons().is_empty());
@@ -322,13 +313,7 @@ fn a_daemon_that_will_not_come_up_is_an_error_line_and_the_runtime_still_runs() 
     let result = ws.run(command);
     let transcript = result.transcript();
     assert!(result.status.success(), "{transcript}");
-    assert!(
-        result
-            .stderr
-            .lines()
-            .any(|l| l.contains("ERROR") && l.contains("PLATFORM_URL")),
-        "{transcript}"
-    );
+    assert!(result.has_error_line("PLATFORM_URL"), "{transcript}");
     assert_eq!(result.value("runtime-gh-token"), "unset", "{transcript}");
     assert_eq!(
         result.value("runtime-credd-socket"),
@@ -429,13 +414,7 @@ fn a_symlinked_socket_folder_is_refused_and_a_private_one_used_instead() {
     let result = ws.run(command);
     let transcript = result.transcript();
     assert!(result.status.success(), "{transcript}");
-    assert!(
-        result
-            .stderr
-            .lines()
-            .any(|l| l.contains("ERROR") && l.contains("symbolic link")),
-        "{transcript}"
-    );
+    assert!(result.has_error_line("symbolic link"), "{transcript}");
     let exported = PathBuf::from(result.value("runtime-credd-socket"));
     // Cleanup and `credd` calls follow the socket the runtime was given.
     ws.socket.clone_from(&exported);
