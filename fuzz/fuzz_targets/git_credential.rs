@@ -1,5 +1,6 @@
 //! git's credential input as `credd get` reads it from stdin: any bytes,
-//! never a panic, and whatever is accepted stays within the parser's bounds.
+//! never a panic; every accepted attribute came from the input, and the
+//! request's `Debug` does not depend on the password.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -11,8 +12,37 @@ use libfuzzer_sys::fuzz_target;
 mod credential;
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(request) = credential::read_request(data) {
-        // Nothing accepted is larger than what was read.
-        let _ = format!("{request:?}");
+    let Ok(request) = credential::read_request(data) else {
+        return;
+    };
+    for value in [
+        &request.protocol,
+        &request.host,
+        &request.path,
+        &request.username,
+    ]
+    .into_iter()
+    .flatten()
+    {
+        assert!(
+            value.len() <= data.len(),
+            "an attribute longer than the input"
+        );
+    }
+    // Debug must not depend on the password: the same request with another
+    // password prints the same.
+    if request.password.is_some() {
+        let other = credential::GitRequest {
+            protocol: request.protocol.clone(),
+            host: request.host.clone(),
+            path: request.path.clone(),
+            username: request.username.clone(),
+            password: Some(zeroize::Zeroizing::new("another".to_owned())),
+        };
+        assert_eq!(
+            format!("{request:?}"),
+            format!("{other:?}"),
+            "Debug shows the password"
+        );
     }
 });
