@@ -3,7 +3,8 @@
 //!
 //! Both sides must agree byte for byte on a few things, so they are defined
 //! once, here: how configuration is read from the environment ([`config`]),
-//! what travels over the Unix socket ([`protocol`]), which socket folder is
+//! what travels over the Unix socket ([`protocol`]), what a repository or
+//! owner name may be ([`repository`]), which socket folder is
 //! safe ([`socket_folder`]), the time limits that span both processes
 //! ([`deadlines`]) and how text from another process is printed ([`text`]);
 //! plus the one process limit both long-running binaries raise ([`limits`]).
@@ -20,6 +21,7 @@ pub mod config;
 pub mod deadlines;
 pub mod limits;
 pub mod protocol;
+pub mod repository;
 pub mod secret;
 pub mod socket_folder;
 pub mod text;

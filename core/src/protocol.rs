@@ -6,6 +6,7 @@
 //! other. Lines are capped at [`MAX_LINE`]: tokens are growing (GitHub's
 //! JWT-shaped `ghs_` tokens), so no length is assumed beyond that.
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -76,8 +77,18 @@ pub const MAX_LINE: usize = 64 * 1024;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Request {
-    /// A usable token, waiting for a refresh if none is cached.
-    Get,
+    /// A usable token, waiting for a refresh if none is cached: for
+    /// `repository` (`OWNER/NAME`) or `owner` when given (at most one), else
+    /// the workspace's default token. A daemon without per-owner tokens
+    /// ignores both and answers with the default token and no scope.
+    Get {
+        /// The repository the token is for.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        repository: Option<String>,
+        /// The account the token is for.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        owner: Option<String>,
+    },
     /// git was refused with the token whose SHA-256 is `sha256`: drop it if it
     /// is the cached one, so the next `get` fetches a fresh one.
     Erase {
@@ -86,6 +97,46 @@ pub enum Request {
     },
     /// Daemon state, never including the token.
     Status,
+}
+
+impl Request {
+    /// `get` for the workspace's default token.
+    pub const GET_DEFAULT: Self = Self::Get {
+        repository: None,
+        owner: None,
+    };
+}
+
+/// What a token may reach, as the platform stated it. Every field is absent
+/// when the platform did not say (an older platform, the bootstrap token).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Scope {
+    /// The account (user or organisation) whose installation issued it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// The repositories (`OWNER/NAME`) it is limited to; absent means every
+    /// repository of the installation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repositories: Option<Vec<String>>,
+    /// Its permissions (`contents` → `write`, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub permissions: Option<BTreeMap<String, String>>,
+}
+
+impl Scope {
+    /// Whether a token of this scope may be offered for `repository`: its
+    /// owner (when stated) is the repository's, and its repositories (when
+    /// limited) include it.
+    pub fn covers(&self, repository: &crate::repository::RepositoryRef) -> bool {
+        use crate::repository::same_name;
+        self.owner
+            .as_deref()
+            .is_none_or(|owner| same_name(owner, repository.owner()))
+            && self
+                .repositories
+                .as_ref()
+                .is_none_or(|list| list.iter().any(|full| repository.is(full)))
+    }
 }
 
 wire_enum! {
@@ -112,6 +163,10 @@ wire_enum! {
         UnsupportedVersion = "unsupported_version",
         /// The daemon is at its connection limit or shutting down.
         Busy = "busy",
+        /// The workspace may not have a token for that repository or owner
+        /// (outside its grant, or the GitHub App is not installed there):
+        /// a definite answer, so no fallback asks the platform again.
+        NotGranted = "not_granted",
     }
 }
 
@@ -130,6 +185,9 @@ wire_enum! {
         NotConfigured = "not_configured",
         /// The platform answers, but with tokens barely above `--min-lifetime`.
         ShortLived = "short_lived",
+        /// The platform refuses this owner: outside the workspace's grant,
+        /// or the GitHub App is not installed on that account.
+        NotGranted = "not_granted",
     }
 }
 
@@ -157,6 +215,9 @@ pub enum Response {
         expires_at: u64,
         /// Where it came from.
         source: Source,
+        /// What it may reach.
+        #[serde(flatten)]
+        scope: Scope,
     },
     /// Answer to [`Request::Erase`].
     Erased {
@@ -193,6 +254,17 @@ pub struct Status {
     pub pid: u32,
     /// Seconds since the daemon started.
     pub uptime_secs: u64,
+    /// The default token (flattened: the fields a v1 helper reads).
+    #[serde(flatten)]
+    pub token: TokenStatus,
+    /// Every per-owner token the daemon holds besides the default one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub owners: Vec<TokenStatus>,
+}
+
+/// One held token's state, never the token.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenStatus {
     /// Whether a usable token is cached.
     pub state: Option<TokenState>,
     /// Where the cached token came from.
@@ -211,10 +283,13 @@ pub struct Status {
     pub last_error: Option<String>,
     /// Platform health in a word.
     pub platform: PlatformHealth,
-    /// Platform calls made since start.
+    /// Platform calls made for this token since start.
     pub platform_calls: u64,
-    /// Tokens served since start.
+    /// Times this token was served since start.
     pub served: u64,
+    /// What the token may reach (for a per-owner token, at least its owner).
+    #[serde(flatten)]
+    pub scope: Scope,
 }
 
 /// Why a protocol line was refused.
@@ -331,7 +406,15 @@ mod tests {
     #[test]
     fn requests_round_trip_with_a_version() {
         for request in [
-            Request::Get,
+            Request::GET_DEFAULT,
+            Request::Get {
+                repository: Some("acme/api".into()),
+                owner: None,
+            },
+            Request::Get {
+                repository: None,
+                owner: Some("acme-labs".into()),
+            },
             Request::Status,
             Request::Erase {
                 sha256: "ab".repeat(32),
@@ -345,23 +428,63 @@ mod tests {
         assert_eq!(
             decode::<Request>(br#"{"type":"get","v":1,"extra":true}"#)
                 .expect("extra keys are fine"),
-            Request::Get
+            Request::GET_DEFAULT
+        );
+        assert_eq!(
+            encode(&Request::GET_DEFAULT),
+            b"{\"v\":1,\"type\":\"get\"}\n",
+            "a v1 daemon reads the default get exactly as before"
         );
     }
 
     #[test]
     fn token_response_round_trips_and_debug_redacts() {
         let token = Token::new("ghs_roundtrip0123456789".into()).expect("valid");
-        let response = Response::Token {
-            token,
-            expires_at: 1_900_000_000,
-            source: Source::Platform,
+        let scoped = Scope {
+            owner: Some("acme".into()),
+            repositories: Some(vec!["acme/api".into()]),
+            permissions: Some(BTreeMap::from([("contents".into(), "write".into())])),
         };
-        let line = encode(&response);
-        assert!(String::from_utf8_lossy(&line).contains("ghs_roundtrip0123456789"));
-        let back: Response = decode(&line).expect("round trip");
-        assert_eq!(back, response);
-        assert!(!format!("{back:?}").contains("ghs_roundtrip"));
+        for scope in [Scope::default(), scoped] {
+            let response = Response::Token {
+                token: token.clone(),
+                expires_at: 1_900_000_000,
+                source: Source::Platform,
+                scope,
+            };
+            let line = encode(&response);
+            assert!(String::from_utf8_lossy(&line).contains("ghs_roundtrip0123456789"));
+            let back: Response = decode(&line).expect("round trip");
+            assert_eq!(back, response);
+            assert!(!format!("{back:?}").contains("ghs_roundtrip"));
+        }
+        // A v1 daemon's answer (no scope) still reads.
+        let v1 = br#"{"v":1,"type":"token","token":"ghs_roundtrip0123456789","expires_at":5,"source":"env"}"#;
+        assert!(matches!(
+            decode::<Response>(v1),
+            Ok(Response::Token { scope, .. }) if scope == Scope::default()
+        ));
+    }
+
+    #[test]
+    fn a_scope_covers_its_owners_listed_repositories_only() {
+        use crate::repository::RepositoryRef;
+        let repo = |s| RepositoryRef::parse(s).expect("valid");
+        let listed = Scope {
+            owner: Some("Acme".into()),
+            repositories: Some(vec!["acme/api".into(), "acme/web".into()]),
+            permissions: None,
+        };
+        assert!(listed.covers(&repo("acme/API")));
+        assert!(!listed.covers(&repo("acme/other")));
+        assert!(!listed.covers(&repo("evil/api")));
+        let whole_owner = Scope {
+            owner: Some("acme".into()),
+            ..Scope::default()
+        };
+        assert!(whole_owner.covers(&repo("acme/other")));
+        assert!(!whole_owner.covers(&repo("acme-labs/api")));
+        assert!(Scope::default().covers(&repo("anyone/anything")));
     }
 
     #[test]
@@ -391,15 +514,28 @@ mod tests {
     fn status_survives_the_wire() {
         let status = Response::Status(Box::new(Status {
             version: "0.1.0".into(),
-            platform: PlatformHealth::Ok,
-            state: Some(TokenState::Valid),
-            source: Some(Source::Env),
-            served: 3,
+            token: TokenStatus {
+                platform: PlatformHealth::Ok,
+                state: Some(TokenState::Valid),
+                source: Some(Source::Env),
+                served: 3,
+                ..TokenStatus::default()
+            },
+            owners: vec![TokenStatus {
+                state: Some(TokenState::Missing),
+                platform: PlatformHealth::NotGranted,
+                scope: Scope {
+                    owner: Some("acme-labs".into()),
+                    ..Scope::default()
+                },
+                ..TokenStatus::default()
+            }],
             ..Status::default()
         }));
-        assert_eq!(
-            decode::<Response>(&encode(&status)).expect("round trip"),
-            status
-        );
+        let line = encode(&status);
+        assert_eq!(decode::<Response>(&line).expect("round trip"), status);
+        // The default token's fields stay where a v1 helper reads them.
+        let text = String::from_utf8_lossy(&line);
+        assert!(text.contains(r#""state":"valid","source":"env""#), "{text}");
     }
 }
