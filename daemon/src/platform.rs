@@ -3,7 +3,13 @@
 //!
 //! `GET {PLATFORM_URL}/workspaces/{id}/github-installation-token` (or the admin
 //! route) with `Authorization: Bearer <.auth_token>` answers
-//! `{"token": "...", "expires_at": "<RFC3339>"}`. This module owns everything
+//! `{"token": "...", "expires_at": "<RFC3339>"}`, plus the token's scope
+//! (`owner`, `repositories`, `permissions`) from a platform with grants.
+//! `?owner=`/`?repository=` choose the account, `min_remaining_secs` says how
+//! much life a cached token must still have to be worth handing out (so the
+//! daemon's refresh gets a new token, not the one it holds), and
+//! `POST …/refusals` reports a token git was refused with, by its SHA-256
+//! (see [`PlatformClient::report_refusal`]). This module owns everything
 //! about that exchange: the bearer is re-read on every call (the platform
 //! rotates it), the body is capped and parsed as real JSON (any field order,
 //! extra fields), and each failure is classified so callers can choose between
@@ -27,6 +33,8 @@ use zeroize::Zeroizing;
 
 use credd_core::config::Config;
 use credd_core::deadlines;
+use credd_core::protocol::Scope;
+use credd_core::repository::{RepositoryRef, is_valid_owner};
 use credd_core::secret::Token;
 
 /// Largest response body read from the platform.
@@ -58,6 +66,34 @@ impl Default for Timeouts {
     }
 }
 
+/// Most repositories a token's stated scope may list (GitHub mints with at
+/// most 500).
+pub const MAX_SCOPE_REPOSITORIES: usize = 500;
+/// Most permissions a token's stated scope may list.
+pub const MAX_SCOPE_PERMISSIONS: usize = 100;
+/// Longest permission name or level accepted in a stated scope.
+pub const MAX_PERMISSION_TEXT: usize = 64;
+
+/// What a call asks the platform for.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Ask<'a> {
+    /// The account the token is for (`?owner=`); the default token when
+    /// neither this nor `repository` is given.
+    pub owner: Option<&'a str>,
+    /// The repository the token is for (`?repository=`).
+    pub repository: Option<&'a RepositoryRef>,
+    /// The least life a cached token must have for the platform to hand it
+    /// out rather than mint a new one (`min_remaining_secs`).
+    pub min_remaining: Option<Duration>,
+}
+
+impl Ask<'_> {
+    /// Whether a particular account was asked for.
+    fn names_an_account(&self) -> bool {
+        self.owner.is_some() || self.repository.is_some()
+    }
+}
+
 /// A token as granted by the platform.
 #[derive(Debug, Clone)]
 pub struct Grant {
@@ -68,6 +104,8 @@ pub struct Grant {
     /// Life left when the response was sent: `expires_at` minus the response's
     /// `Date` (or the local clock when the platform sent none).
     pub lifetime: Duration,
+    /// What the token may reach, as the platform stated it.
+    pub scope: Scope,
 }
 
 /// Broad classes of [`PlatformError`], for retry decisions.
@@ -75,10 +113,13 @@ pub struct Grant {
 pub enum ErrorClass {
     /// The local bearer file is missing or unusable.
     Bearer,
-    /// The platform refused the bearer (401/403).
+    /// The platform refused the bearer (401).
     Unauthorized,
     /// No GitHub App is configured on the platform (404).
     NotConfigured,
+    /// The workspace may not have this token (403, or 404 for an account
+    /// the App is not installed on): only a grant change will help.
+    NotGranted,
     /// Worth retrying later: network, timeout, 5xx, 429, garbage.
     Transient,
 }
@@ -126,7 +167,7 @@ pub enum PlatformError {
         /// What is wrong with it.
         problem: &'static str,
     },
-    /// 401 or 403.
+    /// 401.
     #[error(
         "the platform refused the workspace bearer (HTTP {status}); check that {path} holds this workspace's current token"
     )]
@@ -135,6 +176,22 @@ pub enum PlatformError {
         status: u16,
         /// The bearer file used.
         path: PathBuf,
+    },
+    /// 403: outside the workspace's grant (or no grant at all).
+    #[error(
+        "the platform's grants do not give this workspace a token for {what} (HTTP 403); ask the platform's operator to add it to the workspace's grant"
+    )]
+    NotGranted {
+        /// What was asked for: `acme/api`, `owner acme`, `its default account`.
+        what: String,
+    },
+    /// 404 for a named account: the GitHub App is not installed there.
+    #[error(
+        "the platform's GitHub App is not installed on the account of {what} (HTTP 404); install the App on that account"
+    )]
+    NotInstalled {
+        /// What was asked for.
+        what: String,
     },
     /// 404: the platform has no GitHub App configured.
     #[error("the platform has no GitHub App configured (HTTP 404)")]
@@ -200,6 +257,7 @@ impl PlatformError {
             | Self::BearerInvalid { .. } => ErrorClass::Bearer,
             Self::Unauthorized { .. } => ErrorClass::Unauthorized,
             Self::NotConfigured => ErrorClass::NotConfigured,
+            Self::NotGranted { .. } | Self::NotInstalled { .. } => ErrorClass::NotGranted,
             Self::Client(_)
             | Self::InvalidUrl { .. }
             | Self::RateLimited { .. }
@@ -268,8 +326,8 @@ impl PlatformClient {
         self.endpoint.as_str()
     }
 
-    /// Fetches a token, reading the bearer file afresh.
-    pub async fn fetch(&self) -> Result<Grant, PlatformError> {
+    /// The `Authorization` header, from the bearer file read afresh.
+    async fn authorization(&self) -> Result<HeaderValue, PlatformError> {
         let bearer = self.read_bearer_bounded().await?;
         let mut auth = {
             let value = Zeroizing::new(format!("Bearer {}", bearer.expose_secret()));
@@ -279,10 +337,32 @@ impl PlatformClient {
             })?
         };
         auth.set_sensitive(true);
+        Ok(auth)
+    }
 
+    /// The token URL for `ask`.
+    fn url_for(&self, ask: &Ask<'_>) -> reqwest::Url {
+        let mut url = self.endpoint.clone();
+        if ask.names_an_account() || ask.min_remaining.is_some() {
+            let mut query = url.query_pairs_mut();
+            if let Some(repository) = ask.repository {
+                query.append_pair("repository", &repository.to_string());
+            } else if let Some(owner) = ask.owner {
+                query.append_pair("owner", owner);
+            }
+            if let Some(min) = ask.min_remaining {
+                query.append_pair("min_remaining_secs", &min.as_secs().to_string());
+            }
+        }
+        url
+    }
+
+    /// Fetches a token for `ask`, reading the bearer file afresh.
+    pub async fn fetch(&self, ask: &Ask<'_>) -> Result<Grant, PlatformError> {
+        let auth = self.authorization().await?;
         let mut response = self
             .http
-            .get(self.endpoint.clone())
+            .get(self.url_for(ask))
             .header(AUTHORIZATION, auth)
             .header(ACCEPT, "application/json")
             .send()
@@ -305,11 +385,15 @@ impl PlatformClient {
         let status = response.status().as_u16();
         match status {
             200 => {}
-            401 | 403 => {
+            401 => {
                 return Err(PlatformError::Unauthorized {
                     status,
                     path: self.bearer_path.clone(),
                 });
+            }
+            403 => return Err(PlatformError::NotGranted { what: asked(ask) }),
+            404 if ask.names_an_account() => {
+                return Err(PlatformError::NotInstalled { what: asked(ask) });
             }
             404 => return Err(PlatformError::NotConfigured),
             429 => return Err(PlatformError::RateLimited { retry_after }),
@@ -337,6 +421,37 @@ impl PlatformClient {
             body.extend_from_slice(&chunk);
         }
         parse_grant(&body, date.unwrap_or_else(SystemTime::now))
+    }
+
+    /// Tells the platform that git was refused with the token whose SHA-256
+    /// is `sha256` (lower-case hex), so it drops that token from its cache
+    /// and the next call mints a fresh one instead of handing it out again.
+    /// The platform rate-limits these per installation; a 429 or a platform
+    /// without the route is not an error worth more than a log line.
+    pub async fn report_refusal(&self, sha256: &str) -> Result<RefusalOutcome, PlatformError> {
+        let auth = self.authorization().await?;
+        let mut url = self.endpoint.clone();
+        url.path_segments_mut()
+            .map_err(|()| PlatformError::InvalidUrl {
+                problem: "the endpoint cannot have a path".into(),
+            })?
+            .push("refusals");
+        let body = serde_json::json!({ "sha256": sha256 }).to_string();
+        let response = self
+            .http
+            .post(url)
+            .header(AUTHORIZATION, auth)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| self.transport_error(e))?;
+        Ok(match response.status().as_u16() {
+            200..=299 => RefusalOutcome::Accepted,
+            429 => RefusalOutcome::RateLimited,
+            404 | 405 => RefusalOutcome::Unsupported,
+            status => RefusalOutcome::Refused { status },
+        })
     }
 
     /// [`read_bearer`] on a thread of its own, within [`BEARER_READ_TIMEOUT`].
@@ -390,6 +505,32 @@ impl PlatformClient {
                 source: e.without_url(),
             }
         }
+    }
+}
+
+/// What the platform did with a refusal report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusalOutcome {
+    /// Taken: a matching cached token is gone.
+    Accepted,
+    /// Too many reports for that installation just now; the platform keeps
+    /// its token until its own refresh.
+    RateLimited,
+    /// The platform has no such route (an older platform, the admin route).
+    Unsupported,
+    /// Any other status.
+    Refused {
+        /// The status code.
+        status: u16,
+    },
+}
+
+/// Words for what `ask` named, for errors.
+fn asked(ask: &Ask<'_>) -> String {
+    match (ask.repository, ask.owner) {
+        (Some(repository), _) => repository.to_string(),
+        (None, Some(owner)) => format!("owner {owner}"),
+        (None, None) => "its default account".to_owned(),
     }
 }
 
@@ -458,6 +599,57 @@ pub fn read_bearer(path: &Path) -> Result<SecretString, PlatformError> {
 struct TokenBody {
     token: String,
     expires_at: String,
+    #[serde(default)]
+    owner: Option<String>,
+    #[serde(default)]
+    repositories: Option<Vec<String>>,
+    #[serde(default)]
+    permissions: Option<std::collections::BTreeMap<String, String>>,
+}
+
+/// Checks the scope a platform stated; a scope we cannot trust is a
+/// malformed answer, not an unscoped token.
+fn checked_scope(body: TokenBody) -> Result<(String, String, Scope), String> {
+    if let Some(owner) = &body.owner
+        && !is_valid_owner(owner)
+    {
+        return Err("\"owner\" is not a GitHub account name".into());
+    }
+    if let Some(list) = &body.repositories {
+        if list.len() > MAX_SCOPE_REPOSITORIES {
+            return Err(format!(
+                "\"repositories\" lists more than {MAX_SCOPE_REPOSITORIES}"
+            ));
+        }
+        if let Some(bad) = list.iter().position(|r| RepositoryRef::parse(r).is_err()) {
+            return Err(format!("\"repositories\"[{bad}] is not OWNER/NAME"));
+        }
+    }
+    if let Some(permissions) = &body.permissions {
+        let word = |s: &str| {
+            !s.is_empty()
+                && s.len() <= MAX_PERMISSION_TEXT
+                && s.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+        };
+        if permissions.len() > MAX_SCOPE_PERMISSIONS
+            || !permissions
+                .iter()
+                .all(|(name, level)| word(name) && word(level))
+        {
+            return Err(format!(
+                "\"permissions\" must map at most {MAX_SCOPE_PERMISSIONS} lower-case names to levels"
+            ));
+        }
+    }
+    Ok((
+        body.token,
+        body.expires_at,
+        Scope {
+            owner: body.owner,
+            repositories: body.repositories,
+            permissions: body.permissions,
+        },
+    ))
 }
 
 /// Parses a 200 body. `now` is the platform's clock (its `Date` header).
@@ -480,8 +672,9 @@ pub fn parse_grant(body: &[u8], now: SystemTime) -> Result<Grant, PlatformError>
             ),
         })
     })?;
-    let token = Token::new(parsed.token).map_err(|e| malformed(format!("\"token\": {e}")))?;
-    let stated: jiff::Timestamp = parsed.expires_at.parse().map_err(|_| {
+    let (token, expires_at, scope) = checked_scope(parsed).map_err(malformed)?;
+    let token = Token::new(token).map_err(|e| malformed(format!("\"token\": {e}")))?;
+    let stated: jiff::Timestamp = expires_at.parse().map_err(|_| {
         malformed("\"expires_at\" is not an RFC 3339 timestamp such as 2026-01-01T12:00:00Z".into())
     })?;
     let expires_at = SystemTime::try_from(stated)
@@ -496,6 +689,7 @@ pub fn parse_grant(body: &[u8], now: SystemTime) -> Result<Grant, PlatformError>
         token,
         expires_at,
         lifetime,
+        scope,
     })
 }
 

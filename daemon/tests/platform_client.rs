@@ -10,7 +10,10 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use credd_core::config::Config;
-use molecule_credd::platform::{ErrorClass, PlatformClient, PlatformError, Timeouts};
+use credd_core::repository::RepositoryRef;
+use molecule_credd::platform::{
+    Ask, ErrorClass, PlatformClient, PlatformError, RefusalOutcome, Timeouts,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -114,7 +117,7 @@ async fn parses_any_layout_and_measures_life_against_the_date_header() {
     .await;
     let configs = configs_with_bearer(&format!("  {BEARER}\n"));
     let grant = client(&url, configs.path(), Some("ws-7"), Duration::from_secs(5))
-        .fetch()
+        .fetch(&Ask::default())
         .await
         .expect("grant");
     assert_eq!(grant.token.expose(), TOKEN);
@@ -151,9 +154,9 @@ async fn rereads_the_bearer_on_every_call() {
     let (url, mut requests) = platform(vec![ok.clone(), ok]).await;
     let configs = configs_with_bearer("first-bearer");
     let client = client(&url, configs.path(), None, Duration::from_secs(5));
-    client.fetch().await.expect("first");
+    client.fetch(&Ask::default()).await.expect("first");
     std::fs::write(configs.path().join(".auth_token"), "rotated-bearer\n").expect("rotate");
-    client.fetch().await.expect("second");
+    client.fetch(&Ask::default()).await.expect("second");
     let first = requests.recv().await.expect("first request");
     let second = requests.recv().await.expect("second request");
     assert!(
@@ -184,7 +187,12 @@ async fn classifies_statuses_and_honours_retry_after() {
     let client = client(&url, configs.path(), None, Duration::from_secs(5));
     let mut errors = Vec::new();
     for _ in 0..7 {
-        errors.push(client.fetch().await.expect_err("non-200 is an error"));
+        errors.push(
+            client
+                .fetch(&Ask::default())
+                .await
+                .expect_err("non-200 is an error"),
+        );
     }
     for err in &errors {
         assert_no_secret(err);
@@ -193,7 +201,11 @@ async fn classifies_statuses_and_honours_retry_after() {
         errors[0],
         PlatformError::Unauthorized { status: 401, .. }
     ));
-    assert_eq!(errors[1].class(), ErrorClass::Unauthorized);
+    assert_eq!(
+        errors[1].class(),
+        ErrorClass::NotGranted,
+        "403 means outside the grant, not a bad bearer"
+    );
     assert_eq!(errors[2].class(), ErrorClass::NotConfigured);
     assert_eq!(errors[3].retry_after(), Some(Duration::from_secs(17)));
     assert_eq!(errors[3].class(), ErrorClass::Transient);
@@ -257,7 +269,7 @@ async fn bad_bodies_are_refused_without_quoting_them() {
         "expired at",
         "larger than",
     ] {
-        let err = client.fetch().await.expect_err("bad body");
+        let err = client.fetch(&Ask::default()).await.expect_err("bad body");
         assert_no_secret(&err);
         assert!(
             err.to_string().contains(expected),
@@ -272,7 +284,7 @@ async fn hangs_time_out_and_closed_ports_are_unreachable() {
     let (url, mut requests) = platform(vec!["HANG".into()]).await;
     let configs = configs_with_bearer(BEARER);
     let err = client(&url, configs.path(), None, Duration::from_millis(300))
-        .fetch()
+        .fetch(&Ask::default())
         .await
         .expect_err("hang");
     assert!(matches!(err, PlatformError::Timeout { .. }), "{err}");
@@ -282,7 +294,7 @@ async fn hangs_time_out_and_closed_ports_are_unreachable() {
     let url = format!("http://{}", closed.local_addr().expect("addr"));
     drop(closed);
     let err = client(&url, configs.path(), None, Duration::from_secs(2))
-        .fetch()
+        .fetch(&Ask::default())
         .await
         .expect_err("closed");
     assert!(err.is_unreachable(), "{err}");
@@ -294,7 +306,10 @@ async fn bearer_file_problems_are_reported_before_calling() {
     let (url, _requests) = platform(vec![]).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let client = client(&url, dir.path(), None, Duration::from_secs(2));
-    let err = client.fetch().await.expect_err("missing file");
+    let err = client
+        .fetch(&Ask::default())
+        .await
+        .expect_err("missing file");
     assert_eq!(err.class(), ErrorClass::Bearer);
     assert!(err.to_string().contains(".auth_token"), "{err}");
     for (content, problem) in [
@@ -303,7 +318,7 @@ async fn bearer_file_problems_are_reported_before_calling() {
         ("x\u{1}y", "non-printable"),
     ] {
         std::fs::write(dir.path().join(".auth_token"), content).expect("write");
-        let err = client.fetch().await.expect_err(problem);
+        let err = client.fetch(&Ask::default()).await.expect_err(problem);
         assert!(err.to_string().contains(problem), "{err}");
         assert!(
             content.trim().is_empty() || !err.to_string().contains(content.trim()),
@@ -313,10 +328,123 @@ async fn bearer_file_problems_are_reported_before_calling() {
     std::fs::write(dir.path().join(".auth_token"), "x".repeat(9000)).expect("write");
     assert!(
         client
-            .fetch()
+            .fetch(&Ask::default())
             .await
             .expect_err("huge")
             .to_string()
             .contains("8 KiB")
+    );
+}
+
+#[tokio::test]
+async fn asks_for_an_owner_or_repository_and_reads_the_stated_scope() {
+    let scoped = format!(
+        r#"{{"token":"{TOKEN}","expires_at":"2030-01-01T00:50:00Z","owner":"acme","repositories":["acme/api","acme/web"],"permissions":{{"contents":"write"}}}}"#
+    );
+    let date = [("date", "Tue, 01 Jan 2030 00:00:00 GMT")];
+    let (url, mut requests) = platform(vec![
+        reply("200 OK", &date, &scoped),
+        reply("404 Not Found", &[], r#"{"error":"not installed"}"#),
+        reply("403 Forbidden", &[], r#"{"error":"outside the grant"}"#),
+        reply(
+            "200 OK",
+            &date,
+            &format!(r#"{{"token":"{TOKEN}","expires_at":"2030-01-01T00:50:00Z","repositories":["not a repo"]}}"#),
+        ),
+    ])
+    .await;
+    let configs = configs_with_bearer(BEARER);
+    let client = client(&url, configs.path(), Some("ws-7"), Duration::from_secs(5));
+    let grant = client
+        .fetch(&Ask {
+            owner: Some("acme"),
+            repository: None,
+            min_remaining: Some(Duration::from_secs(750)),
+        })
+        .await
+        .expect("grant");
+    assert_eq!(grant.scope.owner.as_deref(), Some("acme"));
+    assert_eq!(
+        grant.scope.repositories,
+        Some(vec!["acme/api".to_owned(), "acme/web".to_owned()])
+    );
+    assert_eq!(
+        grant
+            .scope
+            .permissions
+            .as_ref()
+            .and_then(|p| p.get("contents"))
+            .map(String::as_str),
+        Some("write")
+    );
+    let head = requests.recv().await.expect("request");
+    assert!(
+        head.starts_with(
+            "GET /workspaces/ws-7/github-installation-token?owner=acme&min_remaining_secs=750 "
+        ),
+        "{head}"
+    );
+
+    let repo = RepositoryRef::parse("elsewhere/tool").expect("valid");
+    let ask = Ask {
+        repository: Some(&repo),
+        ..Ask::default()
+    };
+    let not_installed = client.fetch(&ask).await.expect_err("404");
+    assert!(
+        matches!(not_installed, PlatformError::NotInstalled { .. }),
+        "{not_installed}"
+    );
+    assert_eq!(not_installed.class(), ErrorClass::NotGranted);
+    assert!(
+        not_installed.to_string().contains("elsewhere/tool"),
+        "{not_installed}"
+    );
+    let head = requests.recv().await.expect("request");
+    assert!(head.contains("?repository=elsewhere%2Ftool "), "{head}");
+    let refused = client.fetch(&ask).await.expect_err("403");
+    assert!(
+        matches!(refused, PlatformError::NotGranted { .. }),
+        "{refused}"
+    );
+    let bad_scope = client.fetch(&Ask::default()).await.expect_err("bad scope");
+    assert!(
+        matches!(bad_scope, PlatformError::Malformed { .. }),
+        "{bad_scope}"
+    );
+    for err in [&not_installed, &refused, &bad_scope] {
+        assert_no_secret(err);
+    }
+}
+
+#[tokio::test]
+async fn reports_a_refused_token_by_its_hash() {
+    let (url, mut requests) = platform(vec![
+        reply("204 No Content", &[], ""),
+        reply("429 Too Many Requests", &[("retry-after", "30")], ""),
+        reply("404 Not Found", &[], ""),
+    ])
+    .await;
+    let configs = configs_with_bearer(BEARER);
+    let client = client(&url, configs.path(), Some("ws-7"), Duration::from_secs(5));
+    let sha = credd_core::secret::sha256_hex(TOKEN.as_bytes());
+    assert_eq!(
+        client.report_refusal(&sha).await.expect("sent"),
+        RefusalOutcome::Accepted
+    );
+    let head = requests.recv().await.expect("request");
+    assert!(
+        head.starts_with("POST /workspaces/ws-7/github-installation-token/refusals "),
+        "{head}"
+    );
+    assert!(head.contains(&format!("Bearer {BEARER}")), "{head}");
+    assert!(!head.contains(TOKEN), "only the hash travels: {head}");
+    assert_eq!(
+        client.report_refusal(&sha).await.expect("sent"),
+        RefusalOutcome::RateLimited
+    );
+    assert_eq!(
+        client.report_refusal(&sha).await.expect("sent"),
+        RefusalOutcome::Unsupported
     );
 }
