@@ -148,7 +148,7 @@ async fn main() {
                 let mut failures = 0usize;
                 for _ in 0..rounds {
                     let t = Instant::now();
-                    match ask(&socket, &Request::Get).await {
+                    match ask(&socket, &Request::GET_DEFAULT).await {
                         Ok(Response::Token { .. }) => latencies.push(t.elapsed()),
                         _ => failures += 1,
                     }
@@ -189,7 +189,7 @@ async fn main() {
     let mut solo = Vec::with_capacity(2000);
     for _ in 0..2000 {
         let t = Instant::now();
-        let _ = ask(&socket, &Request::Get).await;
+        let _ = ask(&socket, &Request::GET_DEFAULT).await;
         solo.push(t.elapsed());
     }
     solo.sort();
@@ -207,7 +207,7 @@ async fn main() {
     let window = Duration::from_secs(ttl_secs * lifetimes);
     let t1 = Instant::now();
     while t1.elapsed() < window {
-        let _ = ask(&socket, &Request::Get).await;
+        let _ = ask(&socket, &Request::GET_DEFAULT).await;
         if let Some(s) = status(&socket).await {
             fingerprints.extend(s.fingerprint);
         }

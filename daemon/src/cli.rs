@@ -12,6 +12,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use credd_core::config::{self, Config, ConfigError, vars};
 use credd_core::deadlines;
+use credd_core::repository::{NameError, RepositoryRef, is_valid_owner};
 
 use crate::cache::CachePolicy;
 use crate::platform::PlatformError;
@@ -85,6 +86,13 @@ pub struct Cli {
     /// (what `credd` runs when no daemon answers); no socket, no logs
     #[arg(long, conflicts_with = "prepare_socket")]
     pub fetch_once: bool,
+    /// With --fetch-once: a token for this repository (OWNER/NAME)
+    #[arg(long, value_name = "OWNER/NAME", requires = "fetch_once", conflicts_with = "owner",
+          value_parser = parse_repository)]
+    pub repo: Option<RepositoryRef>,
+    /// With --fetch-once: a token for this account
+    #[arg(long, value_name = "OWNER", requires = "fetch_once", value_parser = parse_owner)]
+    pub owner: Option<String>,
     /// Create (or check) the socket's folder as the daemon would, print the socket path and
     /// exit: 0 when usable, 3 when the folder is refused, 2 for any other configuration error
     /// (for entrypoints and scripts)
@@ -263,5 +271,17 @@ mod tests {
         assert!(cli(&["--backoff-max", "30d"]).is_err());
         assert!(cli(&["--max-connections", "0"]).is_err());
         assert!(cli(&["--log-format", "xml"]).is_err());
+    }
+}
+
+fn parse_repository(text: &str) -> Result<RepositoryRef, String> {
+    RepositoryRef::parse(text).map_err(|e| e.to_string())
+}
+
+fn parse_owner(text: &str) -> Result<String, String> {
+    if is_valid_owner(text) {
+        Ok(text.to_owned())
+    } else {
+        Err(NameError::BadOwner.to_string())
     }
 }

@@ -18,7 +18,7 @@ use credd_core::text::error_chain;
 use zeroize::Zeroizing;
 
 use crate::cli::Cli;
-use crate::platform::{PlatformClient, Timeouts};
+use crate::platform::{Ask, PlatformClient, PlatformError, Timeouts};
 use crate::process;
 
 /// Time limits for the one call: git is waiting on `credd`.
@@ -38,7 +38,12 @@ pub fn run(cli: &Cli) -> ExitCode {
             .enable_all()
             .build()
             .context("cannot start the async runtime")?;
-        Ok(runtime.block_on(client.fetch())?)
+        let ask = Ask {
+            owner: cli.owner.as_deref(),
+            repository: cli.repo.as_ref(),
+            min_remaining: None,
+        };
+        Ok(runtime.block_on(client.fetch(&ask))?)
     })();
     let (response, code) = match fetched {
         Ok(grant) => (
@@ -47,16 +52,27 @@ pub fn run(cli: &Cli) -> ExitCode {
                 // This machine's clock plus the life the platform stated.
                 expires_at: unix_secs(std::time::SystemTime::now() + grant.lifetime),
                 source: Source::Platform,
+                scope: grant.scope,
             },
             ExitCode::SUCCESS,
         ),
-        Err(error) => (
-            Response::Error {
-                code: ErrorCode::Unavailable,
-                message: error_chain(error.as_ref()),
-            },
-            ExitCode::FAILURE,
-        ),
+        Err(error) => {
+            // Outside the grant is a definite answer, not an outage.
+            let not_granted = error
+                .downcast_ref::<PlatformError>()
+                .is_some_and(|e| e.class() == crate::platform::ErrorClass::NotGranted);
+            (
+                Response::Error {
+                    code: if not_granted {
+                        ErrorCode::NotGranted
+                    } else {
+                        ErrorCode::Unavailable
+                    },
+                    message: error_chain(error.as_ref()),
+                },
+                ExitCode::FAILURE,
+            )
+        }
     };
     let line = Zeroizing::new(protocol::encode(&response));
     let mut out = std::io::stdout().lock();

@@ -38,7 +38,7 @@ use credd_core::secret::Token;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::cache::{CachePolicy, TokenCache};
+use crate::cache::{CachePolicy, TokenCache, Tokens};
 use crate::cli::Cli;
 use crate::platform::{PlatformClient, Timeouts};
 use crate::process::{Command, SignalThread};
@@ -144,24 +144,31 @@ pub async fn run(
     } = listener;
     let listener = tokio::net::UnixListener::from_std(listener)
         .context("cannot register the socket with the async runtime")?;
-    let mut cache = TokenCache::new(settings.client, settings.policy, settings.bootstrap);
+    let mut cache = TokenCache::new(settings.client.clone(), settings.policy, settings.bootstrap);
     if let Some(command) = settings.on_refresh {
         cache = cache.with_refresh_hook(on_refresh::hook(command));
     }
     let cache = Arc::new(cache);
     let notifier = systemd::Notifier::from_env();
     let stop = CancellationToken::new();
+    let tokens = Arc::new(Tokens::new(
+        Arc::clone(&cache),
+        settings.client,
+        settings.policy,
+        stop.clone(),
+    ));
 
     tracing::info!("listening on {}", path.display());
     let refresher = {
         let cache = Arc::clone(&cache);
         let stop = stop.clone();
-        tokio::spawn(async move { cache.run_refresher(stop).await })
+        // The default token is kept fresh for the daemon's whole life.
+        tokio::spawn(async move { cache.run_refresher(stop, || false).await })
     };
     notifier.ready();
     systemd::follow(&cache, &notifier, &stop);
     {
-        let cache = Arc::clone(&cache);
+        let tokens = Arc::clone(&tokens);
         let notifier = notifier.clone();
         let stop = stop.clone();
         tokio::spawn(async move {
@@ -171,8 +178,8 @@ pub async fn run(
                         // Flags and environment are fixed for the process;
                         // what can change (the bearer file) is re-read on
                         // every call.
-                        tracing::info!("SIGHUP: refreshing the token now");
-                        cache.refresh_now();
+                        tracing::info!("SIGHUP: refreshing the tokens now");
+                        tokens.refresh_now();
                     }
                     Command::Shutdown { signal } => {
                         tracing::info!("{signal}: shutting down");
@@ -193,7 +200,7 @@ pub async fn run(
     }
 
     let stopped = stop.clone();
-    server::run(listener, Arc::clone(&cache), settings.server, async move {
+    server::run(listener, Arc::clone(&tokens), settings.server, async move {
         stopped.cancelled().await;
     })
     .await;
@@ -201,6 +208,7 @@ pub async fn run(
     if refresher.await.is_err() {
         bail!("the refresher task failed");
     }
+    tokens.stopped().await;
     tracing::info!("stopped");
     Ok(())
 }

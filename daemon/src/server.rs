@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use zeroize::Zeroizing;
 
-use crate::cache::{Fetch, TokenCache};
+use crate::cache::{Fetch, Tokens, Want};
 
 /// `--max-connections` by default.
 pub(crate) const DEFAULT_MAX_CONNECTIONS: u32 = 1024;
@@ -40,6 +40,8 @@ const WRITE_DEADLINE: Duration = Duration::from_secs(2);
 /// (so the client sees our answer rather than a reset) and for how long.
 const DRAIN_LIMIT: u64 = 1024 * 1024;
 const DRAIN_DEADLINE: Duration = Duration::from_millis(200);
+/// Longest executable path written to an audit line.
+const MAX_EXE_TEXT: usize = 512;
 
 /// Which callers may use the socket: the daemon's own uid and `--allow-uid`s.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,7 +81,7 @@ pub(crate) struct ServerSettings {
 /// Serves `listener` until `shutdown` completes, then drains (bounded).
 pub(crate) async fn run<F: Fetch>(
     listener: UnixListener,
-    cache: Arc<TokenCache<F>>,
+    tokens: Arc<Tokens<F>>,
     settings: ServerSettings,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -145,10 +147,10 @@ pub(crate) async fn run<F: Fetch>(
             });
             continue;
         };
-        let cache = Arc::clone(&cache);
+        let tokens = Arc::clone(&tokens);
         let stop_reading = stop_reading.clone();
         tracker.spawn(async move {
-            serve_connection(stream, peer, &cache, &stop_reading).await;
+            serve_connection(stream, peer, &tokens, &stop_reading).await;
             drop(permit);
         });
     }
@@ -254,7 +256,7 @@ async fn read_request(stream: &mut UnixStream) -> io::Result<RequestLine> {
 async fn serve_connection<F: Fetch>(
     mut stream: UnixStream,
     peer: Option<tokio::net::unix::UCred>,
-    cache: &TokenCache<F>,
+    tokens: &Tokens<F>,
     stop_reading: &CancellationToken,
 ) {
     let request = tokio::select! {
@@ -278,7 +280,7 @@ async fn serve_connection<F: Fetch>(
     let pid = peer.and_then(|cred| cred.pid());
     let answer = match line {
         RequestLine::TooLong => bad_request(format!("request longer than {MAX_LINE} bytes")),
-        RequestLine::Line(bytes) => dispatch(&bytes, cache).await,
+        RequestLine::Line(bytes) => dispatch(&bytes, tokens, peer).await,
         RequestLine::Empty => return,
     };
     tracing::debug!(
@@ -319,6 +321,27 @@ async fn serve_connection<F: Fetch>(
     }
 }
 
+/// The audit line for a served token: who (pid, uid, executable), what for,
+/// and the token's fingerprint, which matches the platform's log of what it
+/// minted and so GitHub's audit log — never the token.
+fn audit(peer: Option<tokio::net::unix::UCred>, want: &Want, fingerprint: &str) {
+    let pid = peer.and_then(|cred| cred.pid());
+    // procfs, not a disk: the link reads at once (or fails for a caller of
+    // another uid we may not inspect, or one that has exited).
+    let exe = pid
+        .and_then(|pid| std::fs::read_link(format!("/proc/{pid}/exe")).ok())
+        .map_or_else(|| "?".to_owned(), |path| path.display().to_string());
+    tracing::info!(
+        target: "audit",
+        pid = pid.unwrap_or(-1),
+        uid = peer.map_or(-1, |cred| i64::from(cred.uid())),
+        exe = %credd_core::text::one_line(&exe, MAX_EXE_TEXT),
+        asked = %want.describe(),
+        fingerprint,
+        "token served"
+    );
+}
+
 /// What an answer was, for logs (never its content).
 fn answer_kind(answer: &Response) -> &'static str {
     match answer {
@@ -337,11 +360,26 @@ fn bad_request(message: String) -> Response {
     }
 }
 
-async fn dispatch<F: Fetch>(line: &[u8], cache: &TokenCache<F>) -> Response {
+async fn dispatch<F: Fetch>(
+    line: &[u8],
+    tokens: &Tokens<F>,
+    peer: Option<tokio::net::unix::UCred>,
+) -> Response {
     match protocol::decode::<Request>(line) {
-        Ok(Request::Get) => cache.get().await,
-        Ok(Request::Erase { sha256 }) => cache.erase(&sha256),
-        Ok(Request::Status) => Response::Status(Box::new(cache.status())),
+        Ok(Request::Get { repository, owner }) => {
+            match Want::from_request(repository.as_deref(), owner.as_deref()) {
+                Ok(want) => {
+                    let answer = tokens.get(&want).await;
+                    if let Response::Token { token, .. } = &answer {
+                        audit(peer, &want, &token.fingerprint());
+                    }
+                    answer
+                }
+                Err(problem) => bad_request(problem),
+            }
+        }
+        Ok(Request::Erase { sha256 }) => tokens.erase(&sha256),
+        Ok(Request::Status) => Response::Status(Box::new(tokens.status())),
         Err(ProtocolError::Version(v)) => {
             tracing::debug!(version = v, "request in another protocol version");
             Response::Error {
@@ -359,8 +397,8 @@ async fn dispatch<F: Fetch>(line: &[u8], cache: &TokenCache<F>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::CachePolicy;
-    use crate::platform::{Grant, PlatformError};
+    use crate::cache::{CachePolicy, TokenCache};
+    use crate::platform::{Ask, Grant, PlatformError, RefusalOutcome};
     use credd_core::secret::Token;
     use std::time::SystemTime;
 
@@ -374,14 +412,20 @@ mod tests {
         assert!(!PeerCheck::new(1000, &[]).allows(0));
     }
 
+    #[derive(Clone)]
     struct Fixed;
     impl Fetch for Fixed {
-        async fn fetch(&self) -> Result<Grant, PlatformError> {
+        async fn fetch(&self, _ask: Ask<'_>) -> Result<Grant, PlatformError> {
             Ok(Grant {
                 token: Token::new("ghs_serverTestToken".into()).unwrap(),
                 expires_at: SystemTime::now() + Duration::from_secs(3600),
                 lifetime: Duration::from_secs(3600),
+                scope: credd_core::protocol::Scope::default(),
             })
+        }
+
+        async fn report_refusal(&self, _sha256: &str) -> Result<RefusalOutcome, PlatformError> {
+            Ok(RefusalOutcome::Unsupported)
         }
     }
 
@@ -426,12 +470,18 @@ mod tests {
         let stop = CancellationToken::new();
         let refresher = Arc::clone(&cache);
         let c = stop.clone();
-        tokio::spawn(async move { refresher.run_refresher(c).await });
+        tokio::spawn(async move { refresher.run_refresher(c, || false).await });
+        let tokens = Arc::new(Tokens::new(
+            cache,
+            Fixed,
+            CachePolicy::DEFAULT,
+            stop.clone(),
+        ));
         let s = stop.clone();
         let server = tokio::spawn(async move {
             run(
                 listener,
-                cache,
+                tokens,
                 settings,
                 async move { s.cancelled().await },
             )
@@ -467,7 +517,7 @@ mod tests {
     #[tokio::test]
     async fn answers_one_line_per_connection_and_rejects_bad_input() {
         let server = serve(settings(16, me()));
-        let answer = exchange(&server.path, &protocol::encode(&Request::Get)).await;
+        let answer = exchange(&server.path, &protocol::encode(&Request::GET_DEFAULT)).await;
         assert!(matches!(
             protocol::decode::<Response>(answer.as_bytes()),
             Ok(Response::Token { .. })

@@ -20,7 +20,8 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use credd_core::config::Config;
-use credd_core::protocol::{self, MAX_LINE, Request, Response};
+use credd_core::protocol::{self, ErrorCode, MAX_LINE, Request, Response};
+use credd_core::repository::RepositoryRef;
 use credd_core::secret::Token;
 use zeroize::Zeroizing;
 
@@ -32,6 +33,34 @@ pub(crate) struct Issued {
     pub(crate) token: Token,
     /// When it expires.
     pub(crate) expires_at: u64,
+}
+
+/// Which token to obtain: for a repository, for an account, or (neither)
+/// the workspace's default one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct TokenFor {
+    /// The repository (`--repo`, git's `path`).
+    pub(crate) repository: Option<RepositoryRef>,
+    /// The account (`--owner`).
+    pub(crate) owner: Option<String>,
+}
+
+impl TokenFor {
+    fn request(&self) -> Request {
+        Request::Get {
+            repository: self.repository.as_ref().map(ToString::to_string),
+            owner: self.owner.clone(),
+        }
+    }
+
+    /// `molecule-credd --fetch-once`'s arguments for the same token.
+    fn fetch_once_args(&self) -> Vec<String> {
+        match (&self.repository, &self.owner) {
+            (Some(repository), _) => vec!["--repo".into(), repository.to_string()],
+            (None, Some(owner)) => vec!["--owner".into(), owner.clone()],
+            (None, None) => Vec::new(),
+        }
+    }
 }
 
 /// How [`obtain_token`] reports the steps it takes.
@@ -48,9 +77,13 @@ pub(crate) enum Progress {
 /// Asks the daemon, then the platform if the daemon is unreachable or
 /// unintelligible. `Err` is the reason, for the caller to print after `credd: `
 /// (with [`Progress::EachStep`], only the last step's; earlier ones are out).
-pub(crate) fn obtain_token(config: &Config, progress: Progress) -> Result<Issued, String> {
+pub(crate) fn obtain_token(
+    config: &Config,
+    progress: Progress,
+    want: &TokenFor,
+) -> Result<Issued, String> {
     let endpoint = daemon::Endpoint::from_config(config);
-    let failure = match daemon::round_trip(&endpoint, &Request::Get) {
+    let failure = match daemon::round_trip(&endpoint, &want.request()) {
         Ok(Response::Token {
             token, expires_at, ..
         }) => return Ok(Issued { token, expires_at }),
@@ -64,7 +97,7 @@ pub(crate) fn obtain_token(config: &Config, progress: Progress) -> Result<Issued
     if progress == Progress::EachStep {
         eprintln!("credd: {described}; asking the platform directly");
     }
-    match fetch_from_platform() {
+    match fetch_from_platform(want) {
         Ok(issued) => {
             if progress == Progress::OneLine {
                 eprintln!("credd: {described}; got a token from the platform directly");
@@ -94,7 +127,7 @@ pub(crate) const FETCH_ONCE_DEADLINE: Duration = credd_core::deadlines::HELPER_F
 /// this process's environment (the same configuration). Its answer is one
 /// protocol line, read with the protocol's cap within [`FETCH_ONCE_DEADLINE`];
 /// the child is killed and reaped whatever happens.
-fn fetch_from_platform() -> Result<Issued, String> {
+fn fetch_from_platform(want: &TokenFor) -> Result<Issued, String> {
     let beside_us = std::env::current_exe()
         .ok()
         .map(|exe| exe.with_file_name(DAEMON_BINARY))
@@ -102,6 +135,7 @@ fn fetch_from_platform() -> Result<Issued, String> {
     let program = beside_us.map_or_else(|| DAEMON_BINARY.into(), PathBuf::into_os_string);
     let mut child = Command::new(&program)
         .arg("--fetch-once")
+        .args(want.fetch_once_args())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -142,6 +176,10 @@ fn fetch_from_platform() -> Result<Issued, String> {
         Ok(Response::Token {
             token, expires_at, ..
         }) => Ok(Issued { token, expires_at }),
+        Ok(Response::Error {
+            code: ErrorCode::NotGranted,
+            message,
+        }) => Err(format!("not granted: {message}")),
         Ok(Response::Error { message, .. }) => Err(message),
         Ok(_) => Err(format!(
             "{DAEMON_BINARY} --fetch-once answered something other than a token"

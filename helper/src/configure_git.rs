@@ -7,6 +7,9 @@
 //! and write to disk, every short-lived token) — then this credd's absolute
 //! path, then the fallback helper if one was given. Writing the whole list
 //! each time makes it idempotent: a second run leaves the same config.
+//! `credential.https://HOST.useHttpPath` is set to `true`, so git tells
+//! credd which repository it is about (`path=acme/api.git`) and credd can
+//! hand out that repository's owner's token rather than the default one.
 //! The real `git config` does the writing, so its locking and quoting apply.
 
 use std::ffi::OsString;
@@ -42,21 +45,30 @@ pub(crate) fn run(options: &Options) -> anyhow::Result<()> {
     );
     for host in &config.hosts {
         let key = format!("credential.https://{host}.helper");
-        // 5 = "the key was not set": nothing to remove.
-        git_config(
-            &scope,
-            &[&"--unset-all".into(), &key.clone().into()],
-            &[0, 5],
-        )
-        .with_context(|| format!("resetting {key} in {target}"))?;
+        let path_key = format!("credential.https://{host}.useHttpPath");
+        // Both reset first, so a second run writes them in the same order.
+        for reset in [&key, &path_key] {
+            // 5 = "the key was not set": nothing to remove.
+            git_config(
+                &scope,
+                &[&"--unset-all".into(), &reset.clone().into()],
+                &[0, 5],
+            )
+            .with_context(|| format!("resetting {reset} in {target}"))?;
+        }
         let mut values: Vec<OsString> = vec![OsString::new(), helper.clone()];
         values.extend(options.fallback_helper.clone());
         for value in &values {
             git_config(&scope, &[&"--add".into(), &key.clone().into(), value], &[0])
                 .with_context(|| format!("adding a helper to {key} in {target}"))?;
         }
+        git_config(&scope, &[&path_key.clone().into(), &"true".into()], &[0])
+            .with_context(|| format!("setting {path_key} in {target}"))?;
         // A progress line: git's config is written whether anyone reads it.
-        let _ = writeln!(std::io::stdout().lock(), "configured {key} in {target}");
+        let _ = writeln!(
+            std::io::stdout().lock(),
+            "configured {key} and {path_key} in {target}"
+        );
     }
     Ok(())
 }

@@ -345,7 +345,7 @@ mod tests {
             trusted_uids: vec![nix::unistd::geteuid().as_raw()],
             folder_owners: [nix::unistd::geteuid().as_raw(), 0],
         };
-        let err = round_trip(&endpoint, &Request::Get).expect_err("no socket");
+        let err = round_trip(&endpoint, &Request::GET_DEFAULT).expect_err("no socket");
         assert!(matches!(err, DaemonError::Unreachable(_)), "{err:?}");
         assert!(
             err.describe(&dir.path().join("none.sock"))

@@ -20,7 +20,7 @@ use std::process::{Command, ExitCode};
 
 use credd_core::config::Config;
 
-use crate::chain::{self, Progress};
+use crate::chain::{self, Progress, TokenFor};
 
 /// GitHub's own host, for which gh reads `GH_TOKEN`.
 const GITHUB_COM: &str = "github.com";
@@ -68,7 +68,7 @@ fn token_env(config: &Config, gh_host: Option<&str>) -> Vec<(&'static str, Token
 }
 
 /// Runs CMD; returns only when it could not be started (or no token was had).
-pub(crate) fn run(program: &OsString, args: &[OsString]) -> ExitCode {
+pub(crate) fn run(program: &OsString, args: &[OsString], want: &TokenFor) -> ExitCode {
     let config = match Config::from_env() {
         Ok(config) => config,
         Err(e) => {
@@ -76,7 +76,7 @@ pub(crate) fn run(program: &OsString, args: &[OsString]) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let issued = match chain::obtain_token(&config, Progress::OneLine) {
+    let issued = match chain::obtain_token(&config, Progress::OneLine, want) {
         Ok(issued) => issued,
         Err(reason) => {
             eprintln!(

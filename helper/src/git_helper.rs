@@ -11,16 +11,29 @@ use credd_core::config::Config;
 use credd_core::protocol::Request;
 use credd_core::secret::sha256_hex;
 
-use crate::chain::{self, Progress};
+use credd_core::repository::RepositoryRef;
+
+use crate::chain::{self, Progress, TokenFor};
 use crate::credential::{self, GitRequest};
 use crate::daemon;
 
-/// `credd get`: print git's credential when the host is ours.
+/// `credd get`: print git's credential when the host is ours — the token of
+/// the repository's owner when git sends the path (`useHttpPath`), else the
+/// default token.
 pub(crate) fn get() {
-    let Some((config, _request)) = read_served_request() else {
+    let Some((config, request)) = read_served_request() else {
         return;
     };
-    let issued = match chain::obtain_token(&config, Progress::EachStep) {
+    let want = TokenFor {
+        // A path that does not start with OWNER/NAME (a proxy prefix, say)
+        // is not a repository we can name: the default token, as before.
+        repository: request
+            .path
+            .as_deref()
+            .and_then(RepositoryRef::from_git_path),
+        owner: None,
+    };
+    let issued = match chain::obtain_token(&config, Progress::EachStep, &want) {
         Ok(issued) => issued,
         Err(reason) => {
             eprintln!("credd: {reason}");

@@ -22,18 +22,25 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use credd_core::config::Config;
+use credd_core::repository::{NameError, RepositoryRef, is_valid_owner};
+
+use crate::chain::TokenFor;
 
 const USAGE: &str = "\
 credd — GitHub tokens from molecule-credd for git, gh and scripts
 
 usage:
   credd get | store | erase     git credential helper (git calls these; reads stdin)
-  credd token                   print a token and a newline (exit 1 with a reason if none)
+  credd token [--repo OWNER/NAME | --owner OWNER]
+                                print a token and a newline (exit 1 with a reason if none);
+                                without an option, the workspace's default token
   credd status [--json]         what the daemon holds, never the token (exit 1 if unreachable)
-  credd exec -- CMD [ARGS...]   run CMD with GH_TOKEN and GITHUB_TOKEN set (and GH_ENTERPRISE_TOKEN,
+  credd exec [--repo OWNER/NAME | --owner OWNER] -- CMD [ARGS...]
+                                run CMD with GH_TOKEN and GITHUB_TOKEN set (and GH_ENTERPRISE_TOKEN,
                                 GH_HOST for an Enterprise host); its exit code is credd's
   credd configure-git [--fallback-helper HELPER] [--file PATH]
-                                make git ask credd first for every host in CREDD_HOSTS
+                                make git ask credd first for every host in CREDD_HOSTS, with
+                                credential.useHttpPath so each repository gets its owner's token
   credd --help | --version
 
 environment: CREDD_SOCKET, CREDD_HOSTS (default github.com), PLATFORM_URL,
@@ -120,15 +127,70 @@ fn report(error: &anyhow::Error) -> ExitCode {
     ExitCode::FAILURE
 }
 
+/// Reads `--repo OWNER/NAME` / `--owner OWNER` (`--name VALUE` or
+/// `--name=VALUE`, at most one of them) from the front of `args`; returns
+/// what they chose and the arguments after them.
+fn token_for<'a>(
+    command: &str,
+    mut args: &'a [OsString],
+) -> Result<(TokenFor, &'a [OsString]), ExitCode> {
+    let mut want = TokenFor::default();
+    loop {
+        let Some(first) = args.first().and_then(|a| a.to_str()) else {
+            return Ok((want, args));
+        };
+        let (name, inline) = match first.split_once('=') {
+            Some((name, value)) => (name, Some(value)),
+            None => (first, None),
+        };
+        if name != "--repo" && name != "--owner" {
+            return Ok((want, args));
+        }
+        let (value, rest) = match inline {
+            Some(value) => (Some(value), &args[1..]),
+            None => (
+                args.get(1).and_then(|v| v.to_str()),
+                args.get(2..).unwrap_or(&[]),
+            ),
+        };
+        if want != TokenFor::default() {
+            return Err(usage_error(&format!(
+                "`credd {command}` takes one of --repo and --owner"
+            )));
+        }
+        match (name, value) {
+            ("--repo", Some(text)) => match RepositoryRef::parse(text) {
+                Ok(repository) => want.repository = Some(repository),
+                Err(e) => return Err(usage_error(&format!("--repo {text:?}: {e}"))),
+            },
+            ("--owner", Some(owner)) if is_valid_owner(owner) => want.owner = Some(owner.into()),
+            ("--owner", Some(owner)) => {
+                return Err(usage_error(&format!(
+                    "--owner {owner:?}: {}",
+                    NameError::BadOwner
+                )));
+            }
+            _ => return Err(usage_error(&format!("{name} needs a value"))),
+        }
+        args = rest;
+    }
+}
+
 fn token(args: Vec<OsString>) -> ExitCode {
-    if let Some(extra) = args.first() {
-        return usage_error(&format!("`credd token` takes no arguments, got {extra:?}"));
+    let (want, rest) = match token_for("token", &args) {
+        Ok(parsed) => parsed,
+        Err(code) => return code,
+    };
+    if let Some(extra) = rest.first() {
+        return usage_error(&format!(
+            "`credd token` takes only --repo or --owner, got {extra:?}"
+        ));
     }
     let config = match Config::from_env() {
         Ok(config) => config,
         Err(e) => return report(&anyhow::Error::new(e).context("configuration")),
     };
-    match chain::obtain_token(&config, chain::Progress::OneLine) {
+    match chain::obtain_token(&config, chain::Progress::OneLine, &want) {
         Ok(issued) => {
             let line = zeroize::Zeroizing::new(format!("{}\n", issued.token.expose()));
             print_stdout(&line)
@@ -155,17 +217,21 @@ fn status(args: Vec<OsString>) -> ExitCode {
 }
 
 fn exec(args: Vec<OsString>) -> ExitCode {
+    let (want, args) = match token_for("exec", &args) {
+        Ok(parsed) => parsed,
+        Err(code) => return code,
+    };
     let rest = match args.split_first() {
         Some((dashes, rest)) if dashes == "--" => rest,
         Some((first, _)) if first.as_encoded_bytes().starts_with(b"-") => {
             return usage_error(&format!(
-                "`credd exec` has no option {first:?}; write `credd exec -- CMD ARGS...`"
+                "`credd exec` has no option {first:?}; write `credd exec [--repo OWNER/NAME] -- CMD ARGS...`"
             ));
         }
-        _ => args.as_slice(),
+        _ => args,
     };
     match rest.split_first() {
-        Some((program, program_args)) => exec::run(program, program_args),
+        Some((program, program_args)) => exec::run(program, program_args, &want),
         None => usage_error("`credd exec` needs a command: `credd exec -- CMD ARGS...`"),
     }
 }

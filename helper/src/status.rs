@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use credd_core::config::Config;
-use credd_core::protocol::{Request, Response, Source, Status, TokenState};
+use credd_core::protocol::{Request, Response, Source, Status, TokenState, TokenStatus};
 
 use crate::daemon;
 
@@ -36,16 +36,45 @@ pub(crate) fn run(json: bool) -> anyhow::Result<String> {
     Ok(text)
 }
 
-/// The human form, one `label: value` per line.
+/// The human form, one `label: value` per line: the default token, the
+/// daemon, then a block per per-owner token.
 pub(crate) fn render(status: &Status, config: &Config, now: SystemTime) -> String {
-    let secs = |s: u64| humantime::format_duration(Duration::from_secs(s)).to_string();
+    let mut out = String::new();
+    render_token(&mut out, "", &status.token, now);
+    let mut line = |label: &str, value: &str| {
+        let _ = writeln!(out, "{label:<16}{value}");
+    };
+    line("uptime:", &human(status.uptime_secs));
+    line(
+        "daemon:",
+        &format!(
+            "molecule-credd {} (pid {}) at {}",
+            daemon::printable(&status.version),
+            status.pid,
+            config.socket_path.display()
+        ),
+    );
+    for token in &status.owners {
+        let owner = token.scope.owner.as_deref().unwrap_or("?");
+        let _ = writeln!(out, "\ntoken for {}:", daemon::printable(owner));
+        render_token(&mut out, "  ", token, now);
+    }
+    out
+}
+
+fn human(secs: u64) -> String {
+    humantime::format_duration(Duration::from_secs(secs)).to_string()
+}
+
+/// One held token's lines, each prefixed by `indent`.
+fn render_token(out: &mut String, indent: &str, status: &TokenStatus, now: SystemTime) {
     let at = |unix: u64| {
         humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(unix)).to_string()
     };
     let ago = |unix: u64| {
         let then = UNIX_EPOCH + Duration::from_secs(unix);
         match now.duration_since(then) {
-            Ok(d) => format!("{} ago ({})", secs(d.as_secs()), at(unix)),
+            Ok(d) => format!("{} ago ({})", human(d.as_secs()), at(unix)),
             Err(_) => at(unix),
         }
     };
@@ -62,16 +91,39 @@ pub(crate) fn render(status: &Status, config: &Config, now: SystemTime) -> Strin
         None => "-",
     };
     let expires = match (status.expires_in_secs, status.expires_at) {
-        (Some(left), Some(unix)) => format!("in {} (at {})", secs(left), at(unix)),
-        (Some(left), None) => format!("in {}", secs(left)),
+        (Some(left), Some(unix)) => format!("in {} (at {})", human(left), at(unix)),
+        (Some(left), None) => format!("in {}", human(left)),
         (None, Some(unix)) => at(unix),
         (None, None) => none(),
     };
-    let mut out = String::new();
     let mut line = |label: &str, value: &str| {
+        let label = format!("{indent}{label}");
         let _ = writeln!(out, "{label:<16}{value}");
     };
     line("state:", state);
+    if let Some(owner) = &status.scope.owner {
+        line("owner:", &daemon::printable(owner));
+        line(
+            "repositories:",
+            &status.scope.repositories.as_ref().map_or_else(
+                || "all of the account's".to_owned(),
+                |list| daemon::printable(&list.join(", ")),
+            ),
+        );
+        line(
+            "permissions:",
+            &status.scope.permissions.as_ref().map_or_else(
+                || "the installation's".to_owned(),
+                |map| {
+                    let pairs: Vec<String> = map
+                        .iter()
+                        .map(|(name, level)| format!("{name}={level}"))
+                        .collect();
+                    daemon::printable(&pairs.join(", "))
+                },
+            ),
+        );
+    }
     line("source:", source);
     line("fingerprint:", status.fingerprint.as_deref().unwrap_or("-"));
     line("expires:", &expires);
@@ -79,7 +131,7 @@ pub(crate) fn render(status: &Status, config: &Config, now: SystemTime) -> Strin
         "next refresh:",
         &status
             .next_refresh_in_secs
-            .map_or_else(none, |s| format!("in {}", secs(s))),
+            .map_or_else(none, |s| format!("in {}", human(s))),
     );
     line(
         "last refresh:",
@@ -97,17 +149,6 @@ pub(crate) fn render(status: &Status, config: &Config, now: SystemTime) -> Strin
     line("platform:", status.platform.as_str());
     line("platform calls:", &status.platform_calls.to_string());
     line("served:", &status.served.to_string());
-    line("uptime:", &secs(status.uptime_secs));
-    line(
-        "daemon:",
-        &format!(
-            "molecule-credd {} (pid {}) at {}",
-            daemon::printable(&status.version),
-            status.pid,
-            config.socket_path.display()
-        ),
-    );
-    out
 }
 
 #[cfg(test)]
@@ -120,10 +161,7 @@ mod tests {
             Config::from_lookup(|name| (name == "CREDD_SOCKET").then(|| "/run/credd.sock".into()))
                 .expect("valid");
         let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
-        let status = Status {
-            version: "0.1.0".into(),
-            pid: 42,
-            uptime_secs: 3_723,
+        let token = TokenStatus {
             state: Some(TokenState::Valid),
             source: Some(Source::Platform),
             fingerprint: Some("0123456789ab".into()),
@@ -135,6 +173,22 @@ mod tests {
             platform: credd_core::protocol::PlatformHealth::Ok,
             platform_calls: 7,
             served: 99,
+            scope: credd_core::protocol::Scope::default(),
+        };
+        let labs = TokenStatus {
+            scope: credd_core::protocol::Scope {
+                owner: Some("labs".into()),
+                repositories: Some(vec!["labs/a".into(), "labs/b".into()]),
+                permissions: Some([("contents".to_owned(), "read".to_owned())].into()),
+            },
+            ..token.clone()
+        };
+        let status = Status {
+            version: "0.1.0".into(),
+            pid: 42,
+            uptime_secs: 3_723,
+            token,
+            owners: vec![labs],
         };
         let text = render(&status, &config, now);
         for expected in [
@@ -150,6 +204,8 @@ mod tests {
             "served:         99\n",
             "uptime:         1h 2m 3s\n",
             "daemon:         molecule-credd 0.1.0 (pid 42) at /run/credd.sock\n",
+            "\ntoken for labs:\n  state:        valid\n  owner:        labs\n",
+            "  repositories: labs/a, labs/b\n  permissions:  contents=read\n",
         ] {
             assert!(text.contains(expected), "missing {expected:?} in\n{text}");
         }

@@ -280,11 +280,12 @@ impl Sandbox {
     /// A protocol `get` as the test process: `Ok((token, expires_at, source))`
     /// or the daemon's other answer.
     pub fn get(&self) -> Result<(String, u64, Source), Response> {
-        match self.request(&Request::Get) {
+        match self.request(&Request::GET_DEFAULT) {
             Ok(Response::Token {
                 token,
                 expires_at,
                 source,
+                ..
             }) => Ok((token.expose().to_owned(), expires_at, source)),
             Ok(other) => Err(other),
             Err(e) => panic!("protocol get failed: {e}"),

@@ -39,6 +39,7 @@
 //!   [`CLIENT_CALLS_PER_WINDOW`] times per [`CLIENT_CALL_WINDOW`]. SIGHUP
 //!   ([`TokenCache::refresh_now`]) is the operator's override and always calls.
 
+mod owners;
 mod policy;
 mod refresher;
 mod schedule;
@@ -52,25 +53,41 @@ use std::future::Future;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use credd_core::protocol::{ErrorCode, Response};
+use credd_core::protocol::{ErrorCode, PlatformHealth, Response, Scope};
+use credd_core::repository::RepositoryRef;
 use credd_core::secret::Token;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
+pub(crate) use self::owners::{Tokens, Want};
 pub(crate) use self::policy::CachePolicy;
 use self::state::{Deadline, HeldToken, Now, Requester, State};
 use crate::clock::{self, BootClock};
-use crate::platform::{Grant, PlatformClient, PlatformError};
+use crate::platform::{Ask, Grant, PlatformClient, PlatformError, RefusalOutcome};
 
-/// One platform call; implemented by [`PlatformClient`] and by test fakes.
-pub(crate) trait Fetch: Send + Sync + 'static {
+/// The platform calls the cache makes; implemented by [`PlatformClient`]
+/// and by test fakes. Cloned once per owner the daemon holds a token for.
+pub(crate) trait Fetch: Clone + Send + Sync + 'static {
     /// Asks the platform for a token.
-    fn fetch(&self) -> impl Future<Output = Result<Grant, PlatformError>> + Send;
+    fn fetch(&self, ask: Ask<'_>) -> impl Future<Output = Result<Grant, PlatformError>> + Send;
+
+    /// Reports a token git was refused with (its SHA-256).
+    fn report_refusal(
+        &self,
+        sha256: &str,
+    ) -> impl Future<Output = Result<RefusalOutcome, PlatformError>> + Send;
 }
 
 impl Fetch for PlatformClient {
-    fn fetch(&self) -> impl Future<Output = Result<Grant, PlatformError>> + Send {
-        PlatformClient::fetch(self)
+    fn fetch(&self, ask: Ask<'_>) -> impl Future<Output = Result<Grant, PlatformError>> + Send {
+        async move { PlatformClient::fetch(self, &ask).await }
+    }
+
+    fn report_refusal(
+        &self,
+        sha256: &str,
+    ) -> impl Future<Output = Result<RefusalOutcome, PlatformError>> + Send {
+        PlatformClient::report_refusal(self, sha256)
     }
 }
 
@@ -81,6 +98,11 @@ pub(crate) type RefreshHook = Box<dyn Fn(&Token) + Send + Sync>;
 pub(crate) struct TokenCache<F> {
     fetcher: F,
     policy: CachePolicy,
+    /// The account this cache holds a token for; `None` for the default token.
+    owner: Option<String>,
+    /// A per-owner token is refreshed only while someone asks for it: one
+    /// nobody asked for during its whole life is dropped at expiry.
+    on_demand: bool,
     state: Mutex<State>,
     /// Wakes the refresher for a request outside its schedule.
     wake: Notify,
@@ -102,10 +124,14 @@ impl<F: Fetch> TokenCache<F> {
                 mono: started + policy.bootstrap_max_age,
                 boot: boot_clock() + policy.bootstrap_max_age,
             },
+            // The provision-time token's reach is not known.
+            scope: Scope::default(),
         });
         Self {
             fetcher,
             policy,
+            owner: None,
+            on_demand: false,
             state: Mutex::new(State::new(started, bootstrap)),
             wake: Notify::new(),
             changed: watch::Sender::new(0),
@@ -113,6 +139,14 @@ impl<F: Fetch> TokenCache<F> {
             on_refresh: None,
             boot_clock,
         }
+    }
+
+    /// A cache for `owner`'s token, refreshed on demand (see [`Tokens`]).
+    pub(crate) fn for_owner(fetcher: F, policy: CachePolicy, owner: String) -> Self {
+        let mut cache = Self::new(fetcher, policy, None);
+        cache.owner = Some(owner);
+        cache.on_demand = true;
+        cache
     }
 
     /// Reads the suspend-counting clock from `clock` instead (tests simulate
@@ -152,17 +186,67 @@ impl<F: Fetch> TokenCache<F> {
         self.changed.subscribe()
     }
 
-    fn serve(&self, st: &mut State) -> Option<Response> {
-        let (token, left, source) = st.usable(&self.policy, self.now())?;
+    /// The answer from what is held now, if anything is usable: the token,
+    /// or `not_granted` when its scope does not cover `repository`.
+    fn serve(&self, st: &mut State, repository: Option<&RepositoryRef>) -> Option<Response> {
+        let usable = st.usable(&self.policy, self.now())?;
+        if let Some(repository) = repository
+            && !usable.scope.covers(repository)
+        {
+            return Some(Response::Error {
+                code: ErrorCode::NotGranted,
+                message: format!(
+                    "the workspace's token for {} does not cover {repository}; ask the platform's operator to add it to the workspace's grant",
+                    usable.scope.owner.as_deref().unwrap_or(repository.owner())
+                ),
+            });
+        }
         st.served += 1;
+        st.asked_since_fetch = true;
         Some(Response::Token {
-            token,
-            expires_at: local_expiry(left),
-            source,
+            token: usable.token,
+            expires_at: local_expiry(usable.left),
+            source: usable.source,
+            scope: usable.scope,
         })
     }
 
+    /// Whether this is the cache to ask for `owner`'s token: the account of
+    /// its last token is `owner`, or it says nothing about accounts (an
+    /// older platform, the bootstrap token) and has a usable token.
+    pub(crate) fn speaks_for(&self, owner: &str) -> bool {
+        let st = self.lock();
+        match &st.owner_seen {
+            Some(seen) => credd_core::repository::same_name(seen, owner),
+            None => st
+                .usable(&self.policy, self.now())
+                .is_some_and(|u| u.scope.owner.is_none()),
+        }
+    }
+
+    /// Someone asked for this cache's token (see [`Tokens`]: called under
+    /// its map's lock, so the cache cannot retire in between).
+    pub(crate) fn note_asked(&self) {
+        self.lock().asked_since_fetch = true;
+    }
+
+    /// Whether someone asked for the token since the last grant (or a
+    /// call is requested): a per-owner cache that is wanted must not retire.
+    pub(crate) fn is_wanted(&self) -> bool {
+        let st = self.lock();
+        st.asked_since_fetch || st.requested.is_some()
+    }
+
     fn unavailable(st: &State, now: Instant) -> Response {
+        if st.health == PlatformHealth::NotGranted {
+            return Response::Error {
+                code: ErrorCode::NotGranted,
+                message: st
+                    .last_error
+                    .clone()
+                    .unwrap_or_else(|| "the platform refuses this token".into()),
+            };
+        }
         let mut message = match &st.last_error {
             Some(error) => format!("no usable token: {error}"),
             None if st.in_flight => {
@@ -183,15 +267,23 @@ impl<F: Fetch> TokenCache<F> {
         }
     }
 
-    /// Answers a `get`: the cached token, or after waiting (bounded) for the
-    /// refresher, or `Unavailable` with the last error.
-    pub(crate) async fn get(&self) -> Response {
+    /// Answers a `get` (for `repository`, when given): the cached token, or
+    /// after waiting (bounded) for the refresher, or `Unavailable` with the
+    /// last error.
+    pub(crate) async fn get(&self, repository: Option<&RepositoryRef>) -> Response {
         let deadline = Instant::now() + self.policy.wait_timeout;
         // Subscribed before looking, so no change between look and wait is missed.
         let mut changes = self.changed.subscribe();
         {
             let mut st = self.lock();
-            if let Some(answer) = self.serve(&mut st) {
+            if let Some(answer) = self.serve(&mut st, repository) {
+                // A parked per-owner refresher is needed again.
+                if st.parked {
+                    st.parked = false;
+                    st.next_attempt = Instant::now();
+                    drop(st);
+                    self.wake.notify_one();
+                }
                 return answer;
             }
             st.requested = st.requested.max(Some(Requester::Client));
@@ -200,7 +292,7 @@ impl<F: Fetch> TokenCache<F> {
         loop {
             {
                 let mut st = self.lock();
-                if let Some(answer) = self.serve(&mut st) {
+                if let Some(answer) = self.serve(&mut st, repository) {
                     return answer;
                 }
                 // Nothing will happen before our deadline: say so now.
@@ -214,7 +306,7 @@ impl<F: Fetch> TokenCache<F> {
             {
                 let mut st = self.lock();
                 return self
-                    .serve(&mut st)
+                    .serve(&mut st, repository)
                     .unwrap_or_else(|| Self::unavailable(&st, Instant::now()));
             }
         }
@@ -222,18 +314,15 @@ impl<F: Fetch> TokenCache<F> {
 
     /// Answers an `erase`: drops the cached (or bootstrap) token if its SHA-256
     /// is `sha256`. The next `get` then fetches a fresh one.
-    pub(crate) fn erase(&self, sha256: &str) -> Response {
-        if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Response::Error {
-                code: ErrorCode::BadRequest,
-                message: "erase needs the 64-hex-digit SHA-256 of the rejected password".into(),
-            };
-        }
+    /// Whether it was dropped; the refresher reports it to the platform
+    /// before its next call. `sha256` is checked by the caller
+    /// ([`is_sha256_hex`]).
+    pub(crate) fn erase(&self, sha256: &str) -> bool {
         let dropped = self.lock().erase(sha256);
         if dropped {
             self.bump();
         }
-        Response::Erased { dropped }
+        dropped
     }
 
     /// SIGHUP: call the platform now, whatever the schedule or back-off.
@@ -246,6 +335,27 @@ impl<F: Fetch> TokenCache<F> {
             st.requested = Some(Requester::Operator);
         }
         self.wake.notify_one();
+    }
+}
+
+/// Whether `text` is a lower- or upper-case hex SHA-256 (64 digits).
+pub(crate) fn is_sha256_hex(text: &str) -> bool {
+    text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// The `bad_request` answer to an erase without a SHA-256.
+fn bad_erase() -> Response {
+    Response::Error {
+        code: ErrorCode::BadRequest,
+        message: "erase needs the 64-hex-digit SHA-256 of the rejected password".into(),
+    }
+}
+
+/// The scope a cache shows before it holds a token: its owner, if any.
+fn scope_of_owner(owner: Option<&str>) -> Scope {
+    Scope {
+        owner: owner.map(str::to_owned),
+        ..Scope::default()
     }
 }
 

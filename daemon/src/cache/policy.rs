@@ -13,6 +13,10 @@ pub(crate) const MIN_REFRESH_DELAY: Duration = Duration::from_secs(1);
 /// A grant whose schedule calls again sooner than this is "short-lived";
 /// from the second in a row the next call waits at least the back-off.
 pub(crate) const SHORT_LIVED_DELAY: Duration = Duration::from_secs(10);
+/// The least extra life a refresh asks the platform for beyond the token it
+/// holds (see `State::min_remaining_to_ask`): whole-second rounding of the
+/// stated expiry must not make the platform's current token look new enough.
+pub(crate) const MIN_REMAINING_HEADROOM: Duration = Duration::from_secs(5);
 /// Platform calls that clients may cause per [`CLIENT_CALL_WINDOW`].
 pub(crate) const CLIENT_CALLS_PER_WINDOW: usize = 4;
 /// The sliding window of [`CLIENT_CALLS_PER_WINDOW`].

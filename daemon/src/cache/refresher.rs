@@ -8,12 +8,19 @@
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::state::{Deadline, Failure};
+use super::state::{Deadline, Failure, OnDemand};
 use super::{Fetch, TokenCache};
+use crate::platform::{Ask, RefusalOutcome};
 
 impl<F: Fetch> TokenCache<F> {
-    /// The refresher: the only caller of the platform. Runs until `cancel`.
-    pub(crate) async fn run_refresher(&self, cancel: CancellationToken) {
+    /// The refresher: the only caller of the platform. Runs until `cancel`,
+    /// or — for a per-owner cache nobody asks for any more — until `retire`
+    /// agrees that the cache is gone (see [`super::Tokens`]).
+    pub(crate) async fn run_refresher(
+        &self,
+        cancel: CancellationToken,
+        retire: impl Fn() -> bool + Send,
+    ) {
         loop {
             let next = self.lock().next_attempt;
             tokio::select! {
@@ -28,6 +35,23 @@ impl<F: Fetch> TokenCache<F> {
                     // An erase or request may have moved the schedule meanwhile.
                     if Instant::now() < self.lock().next_attempt {
                         continue;
+                    }
+                    if self.on_demand {
+                        let now = self.now();
+                        // Its own statement: `retire` takes the lock too.
+                        let due = self.lock().on_demand_due(now);
+                        match due {
+                            OnDemand::Call => {}
+                            OnDemand::Parked => continue,
+                            OnDemand::Idle if retire() => {
+                                tracing::debug!(
+                                    owner = self.owner.as_deref().unwrap_or("-"),
+                                    "nobody asked for this owner's token during its life; dropped it"
+                                );
+                                return;
+                            }
+                            OnDemand::Idle => continue,
+                        }
                     }
                 }
             }
@@ -56,15 +80,26 @@ impl<F: Fetch> TokenCache<F> {
             mono: sent.mono,
             boot: sent.boot,
         };
-        {
+        let (refused, min_remaining) = {
             let mut st = self.lock();
             st.in_flight = true;
             st.requested = None;
             st.platform_calls += 1;
-        }
+            (st.refusal_to_report.take(), st.min_remaining_to_ask(sent))
+        };
         self.bump();
+        if let Some(sha256) = refused {
+            // First, so the call below gets a fresh token rather than the
+            // refused one from the platform's cache.
+            self.report_refusal(&sha256).await;
+        }
         tracing::debug!("calling the platform");
-        let result = self.fetcher.fetch().await;
+        let ask = Ask {
+            owner: self.owner.as_deref(),
+            repository: None,
+            min_remaining,
+        };
+        let result = self.fetcher.fetch(ask).await;
         let now = self.now();
         let unit = rand::random::<f64>();
         let mut st = self.lock();
@@ -80,6 +115,34 @@ impl<F: Fetch> TokenCache<F> {
         self.bump();
         if let (Some(token), Some(hook)) = (fresh, &self.on_refresh) {
             hook(&token);
+        }
+    }
+}
+
+impl<F: Fetch> TokenCache<F> {
+    /// Tells the platform about a refused token; the outcome is only logged
+    /// (the platform rate-limits these, and the call after it still runs).
+    async fn report_refusal(&self, sha256: &str) {
+        let fingerprint = &sha256[..12.min(sha256.len())];
+        match self.fetcher.report_refusal(sha256).await {
+            Ok(RefusalOutcome::Accepted) => tracing::info!(
+                fingerprint,
+                "told the platform that git was refused with this token"
+            ),
+            Ok(RefusalOutcome::RateLimited) => tracing::info!(
+                fingerprint,
+                "the platform is rate limiting refusal reports; it may hand out the refused token until its own refresh"
+            ),
+            Ok(RefusalOutcome::Unsupported) => tracing::debug!(
+                "the platform does not take refusal reports; its cache decides when the token is replaced"
+            ),
+            Ok(RefusalOutcome::Refused { status }) => {
+                tracing::warn!(status, "the platform refused a refusal report")
+            }
+            Err(error) => tracing::warn!(
+                error = %credd_core::text::error_chain(&error),
+                "could not report a refused token to the platform"
+            ),
         }
     }
 }

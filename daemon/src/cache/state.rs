@@ -10,14 +10,14 @@
 use std::collections::VecDeque;
 use std::time::{Duration, SystemTime};
 
-use credd_core::protocol::{PlatformHealth, Source};
+use credd_core::protocol::{PlatformHealth, Scope, Source};
 use credd_core::secret::Token;
 use credd_core::text::error_chain;
 use tokio::time::Instant;
 
 use super::policy::{
     CLIENT_CALL_WINDOW, CLIENT_CALLS_PER_WINDOW, CachePolicy, MAX_ERROR_TEXT, MAX_TRUSTED_LIFETIME,
-    MIN_REFRESH_DELAY, SHORT_LIVED_DELAY,
+    MIN_REFRESH_DELAY, MIN_REMAINING_HEADROOM, SHORT_LIVED_DELAY,
 };
 use super::schedule::{backoff_delay, refresh_delay};
 use super::unix_secs;
@@ -56,6 +56,28 @@ pub(super) struct Deadline {
 pub(super) struct HeldToken {
     pub(super) token: Token,
     pub(super) deadline: Deadline,
+    /// What it may reach, as the platform stated it.
+    pub(super) scope: Scope,
+}
+
+/// A token that may be served now.
+pub(super) struct Usable {
+    pub(super) token: Token,
+    /// Life left (the lesser of both clocks).
+    pub(super) left: Duration,
+    pub(super) source: Source,
+    pub(super) scope: Scope,
+}
+
+/// What a per-owner cache does when its schedule comes due.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum OnDemand {
+    /// Someone asked since the last grant: call as scheduled.
+    Call,
+    /// Nobody asked: keep the token until it expires, call only if asked.
+    Parked,
+    /// Nobody asked and nothing usable is left: the cache can go.
+    Idle,
 }
 
 /// Drops `held` if its SHA-256 is `sha256`; its fingerprint when it did.
@@ -82,6 +104,14 @@ pub(super) struct State {
     pub(super) client_calls: VecDeque<Instant>,
     pub(super) platform_calls: u64,
     pub(super) served: u64,
+    /// Served (or asked for) since the last grant arrived.
+    pub(super) asked_since_fetch: bool,
+    /// A per-owner refresher waiting for its token to expire (see [`OnDemand`]).
+    pub(super) parked: bool,
+    /// The account of the last platform token, kept after it expires.
+    pub(super) owner_seen: Option<String>,
+    /// The SHA-256 of a dropped token, for the refresher to report.
+    pub(super) refusal_to_report: Option<String>,
 }
 
 /// Life left until `deadline` at `now`: the lesser of the two clocks' answers.
@@ -111,26 +141,61 @@ impl State {
             client_calls: VecDeque::new(),
             platform_calls: 0,
             served: 0,
+            asked_since_fetch: false,
+            parked: false,
+            owner_seen: None,
+            refusal_to_report: None,
         }
     }
 
     /// The token to serve now, if any, with its life left: the platform's
     /// while it has at least `min_lifetime` left, else the bootstrap token
     /// while it may be served.
-    pub(super) fn usable(
-        &self,
-        policy: &CachePolicy,
-        now: Now,
-    ) -> Option<(Token, Duration, Source)> {
+    pub(super) fn usable(&self, policy: &CachePolicy, now: Now) -> Option<Usable> {
         if let Some(c) = &self.cached {
             let left = life_left(c.deadline, now);
             if left >= policy.min_lifetime {
-                return Some((c.token.clone(), left, Source::Platform));
+                return Some(Usable {
+                    token: c.token.clone(),
+                    left,
+                    source: Source::Platform,
+                    scope: c.scope.clone(),
+                });
             }
         }
         let b = self.bootstrap.as_ref()?;
         let left = life_left(b.deadline, now);
-        (!left.is_zero()).then(|| (b.token.clone(), left, Source::Env))
+        (!left.is_zero()).then(|| Usable {
+            token: b.token.clone(),
+            left,
+            source: Source::Env,
+            scope: b.scope.clone(),
+        })
+    }
+
+    /// How much life the platform's cached token must have for the next
+    /// call to be worth answering with it: more than the token held now, so
+    /// a refresh never gets back the very token it is replacing (which
+    /// would cost a second call before expiry). `None` without a token.
+    pub(super) fn min_remaining_to_ask(&self, now: Now) -> Option<Duration> {
+        let held = life_left(self.cached.as_ref()?.deadline, now);
+        Some(held + (held / 4).max(MIN_REMAINING_HEADROOM))
+    }
+
+    /// For a per-owner cache whose schedule came due: call, park until the
+    /// token expires, or let the cache go (see [`OnDemand`]).
+    pub(super) fn on_demand_due(&mut self, now: Now) -> OnDemand {
+        if self.asked_since_fetch || self.requested.is_some() {
+            return OnDemand::Call;
+        }
+        match &self.cached {
+            Some(c) if !life_left(c.deadline, now).is_zero() => {
+                self.next_attempt = c.deadline.mono;
+                self.parked = true;
+                OnDemand::Parked
+            }
+            _ => OnDemand::Idle,
+        }
     }
 
     /// Caches `grant` (or refuses it if it has too little life); returns the
@@ -192,6 +257,7 @@ impl State {
         let fingerprint = grant.token.fingerprint();
         tracing::info!(
             fingerprint,
+            owner = grant.scope.owner.as_deref().unwrap_or("-"),
             expires_at = unix_secs(grant.expires_at),
             expires_in_secs = life.as_secs(),
             next_refresh_in_secs = delay.as_secs(),
@@ -204,10 +270,16 @@ impl State {
         );
         // The hook hears about new tokens only.
         let token = (!unchanged).then(|| grant.token.clone());
+        if grant.scope.owner.is_some() {
+            self.owner_seen.clone_from(&grant.scope.owner);
+        }
         self.cached = Some(HeldToken {
             token: grant.token,
             deadline,
+            scope: grant.scope,
         });
+        self.asked_since_fetch = false;
+        self.parked = false;
         if self.bootstrap.take().is_some() {
             tracing::info!(
                 "the platform's token replaces the bootstrap token from the environment"
@@ -267,7 +339,7 @@ impl State {
                 self.unauthorized_retried = true;
                 Duration::ZERO
             }
-            ErrorClass::NotConfigured => {
+            ErrorClass::NotConfigured | ErrorClass::NotGranted => {
                 self.unauthorized_retried = false;
                 policy.backoff_max.mul_f64(0.75 + unit / 4.0)
             }
@@ -281,11 +353,12 @@ impl State {
         self.health = match class {
             ErrorClass::Unauthorized | ErrorClass::Bearer => PlatformHealth::Unauthorized,
             ErrorClass::NotConfigured => PlatformHealth::NotConfigured,
+            ErrorClass::NotGranted => PlatformHealth::NotGranted,
             ErrorClass::Transient => PlatformHealth::Failing,
         };
         self.backing_off = true;
         self.next_attempt = now.mono + delay;
-        let serving = self.usable(policy, now).map(|(_, _, source)| source);
+        let serving = self.usable(policy, now).map(|u| u.source);
         tracing::warn!(
             error = %text,
             platform = self.health.as_str(),
@@ -307,12 +380,15 @@ impl State {
                 fingerprint = gone,
                 "dropped the cached token: a client reported it was refused"
             );
+            self.refusal_to_report = Some(sha256.to_ascii_lowercase());
             true
         } else if let Some(gone) = take_matching(&mut self.bootstrap, sha256) {
             tracing::info!(
                 fingerprint = gone,
                 "dropped the bootstrap token: a client reported it was refused"
             );
+            // The platform may still hold the provision-time token too.
+            self.refusal_to_report = Some(sha256.to_ascii_lowercase());
             true
         } else {
             tracing::debug!("erase for a token that is not cached: kept the cached one");

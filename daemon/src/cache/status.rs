@@ -3,29 +3,35 @@
 
 use std::fmt::Write as _;
 
-use credd_core::protocol::{PlatformHealth, Source, Status, TokenState};
+use credd_core::protocol::{PlatformHealth, Source, TokenState, TokenStatus};
 
-use super::{Fetch, TokenCache, human_secs, local_expiry};
+use super::{Fetch, TokenCache, human_secs, local_expiry, scope_of_owner};
 
 impl<F: Fetch> TokenCache<F> {
-    /// The daemon's state for `credd status` (never the token).
-    pub(crate) fn status(&self) -> Status {
+    /// Seconds since this cache was made (the default one's: the daemon's uptime).
+    pub(crate) fn uptime_secs(&self) -> u64 {
+        self.now().mono.duration_since(self.started).as_secs()
+    }
+
+    /// This token's state for `credd status` (never the token).
+    pub(crate) fn status(&self) -> TokenStatus {
         let now = self.now();
         let st = self.lock();
         let current = st.usable(&self.policy, now);
-        Status {
-            version: env!("CARGO_PKG_VERSION").to_owned(),
-            pid: std::process::id(),
-            uptime_secs: now.mono.duration_since(self.started).as_secs(),
+        let scope = current.as_ref().map_or_else(
+            || scope_of_owner(self.owner.as_deref().or(st.owner_seen.as_deref())),
+            |c| c.scope.clone(),
+        );
+        TokenStatus {
             state: Some(if current.is_some() {
                 TokenState::Valid
             } else {
                 TokenState::Missing
             }),
-            source: current.as_ref().map(|c| c.2),
-            fingerprint: current.as_ref().map(|c| c.0.fingerprint()),
-            expires_at: current.as_ref().map(|c| local_expiry(c.1)),
-            expires_in_secs: current.as_ref().map(|c| c.1.as_secs()),
+            source: current.as_ref().map(|c| c.source),
+            fingerprint: current.as_ref().map(|c| c.token.fingerprint()),
+            expires_at: current.as_ref().map(|c| local_expiry(c.left)),
+            expires_in_secs: current.as_ref().map(|c| c.left.as_secs()),
             next_refresh_in_secs: Some(if st.in_flight {
                 0
             } else {
@@ -38,6 +44,7 @@ impl<F: Fetch> TokenCache<F> {
             platform: st.health,
             platform_calls: st.platform_calls,
             served: st.served,
+            scope,
         }
     }
 

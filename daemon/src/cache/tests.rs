@@ -7,7 +7,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use credd_core::protocol::{Response, Source, TokenState};
+use credd_core::protocol::{ErrorCode, Response, Scope, Source, TokenState};
+use credd_core::repository::RepositoryRef;
 use credd_core::secret::Token;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -23,6 +24,10 @@ const MIN: Duration = Duration::from_secs(60);
 /// a call until released.
 struct FakePlatform {
     calls: AtomicUsize,
+    /// `min_remaining` of each call, in order.
+    asked_min_remaining: Mutex<Vec<Option<Duration>>>,
+    /// SHA-256s reported as refused, in order.
+    refusals: Mutex<Vec<String>>,
     script: Mutex<VecDeque<Result<Duration, PlatformError>>>,
     gate: tokio::sync::Semaphore,
 }
@@ -31,6 +36,8 @@ impl FakePlatform {
     fn new(script: Vec<Result<Duration, PlatformError>>, open: bool) -> Arc<Self> {
         Arc::new(Self {
             calls: AtomicUsize::new(0),
+            asked_min_remaining: Mutex::new(Vec::new()),
+            refusals: Mutex::new(Vec::new()),
             script: Mutex::new(script.into()),
             gate: tokio::sync::Semaphore::new(if open {
                 tokio::sync::Semaphore::MAX_PERMITS
@@ -45,8 +52,12 @@ impl FakePlatform {
 }
 
 impl Fetch for Arc<FakePlatform> {
-    async fn fetch(&self) -> Result<Grant, PlatformError> {
+    async fn fetch(&self, ask: Ask<'_>) -> Result<Grant, PlatformError> {
         let n = self.calls.fetch_add(1, Ordering::SeqCst);
+        self.asked_min_remaining
+            .lock()
+            .unwrap()
+            .push(ask.min_remaining);
         // Each call consumes a permit: a test can let calls through one by one.
         self.gate.acquire().await.expect("gate open").forget();
         let next = self
@@ -59,13 +70,21 @@ impl Fetch for Arc<FakePlatform> {
             token: Token::new(format!("ghs_fake{n}")).unwrap(),
             expires_at: SystemTime::now() + lifetime,
             lifetime,
+            scope: Scope::default(),
         })
+    }
+
+    async fn report_refusal(&self, sha256: &str) -> Result<RefusalOutcome, PlatformError> {
+        self.refusals.lock().unwrap().push(sha256.to_owned());
+        Ok(RefusalOutcome::Accepted)
     }
 }
 
 /// Like the real platform: caches a token (60 min by default) and rotates
-/// it only when little life is left (5 min by default).
+/// it only when little life is left (5 min by default) — or, when it
+/// `honours_min_remaining`, when less is left than the caller asks for.
 struct RotatingPlatform {
+    honours_min_remaining: bool,
     calls: AtomicUsize,
     minted: AtomicUsize,
     current: Mutex<Option<(Token, Instant)>>,
@@ -85,6 +104,7 @@ impl Default for RotatingPlatform {
 impl RotatingPlatform {
     fn new(lifetime: Duration, rotate_within: Duration) -> Self {
         Self {
+            honours_min_remaining: true,
             calls: AtomicUsize::new(0),
             minted: AtomicUsize::new(0),
             current: Mutex::new(None),
@@ -95,13 +115,17 @@ impl RotatingPlatform {
 }
 
 impl Fetch for Arc<RotatingPlatform> {
-    async fn fetch(&self) -> Result<Grant, PlatformError> {
+    async fn fetch(&self, ask: Ask<'_>) -> Result<Grant, PlatformError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         let now = Instant::now();
         let mut current = self.current.lock().unwrap();
+        let wanted = match ask.min_remaining {
+            Some(min) if self.honours_min_remaining => min.max(self.rotate_within),
+            _ => self.rotate_within,
+        };
         let stale = current
             .as_ref()
-            .is_none_or(|(_, expiry)| expiry.saturating_duration_since(now) <= self.rotate_within);
+            .is_none_or(|(_, expiry)| expiry.saturating_duration_since(now) < wanted);
         if stale {
             let n = self.minted.fetch_add(1, Ordering::SeqCst);
             let token = Token::new(format!("ghs_rotated{n}")).unwrap();
@@ -113,29 +137,63 @@ impl Fetch for Arc<RotatingPlatform> {
             token,
             expires_at: SystemTime::now() + lifetime,
             lifetime,
+            scope: Scope::default(),
         })
+    }
+
+    async fn report_refusal(&self, _sha256: &str) -> Result<RefusalOutcome, PlatformError> {
+        Ok(RefusalOutcome::Unsupported)
     }
 }
 
-#[tokio::test(start_paused = true)]
-async fn two_calls_per_token_lifetime_against_a_platform_that_rotates_late() {
-    let platform = Arc::new(RotatingPlatform::default());
-    let cache = Arc::new(TokenCache::new(Arc::clone(&platform), policy(), None));
+/// Ten hours of clients asking every minute against `platform` with the
+/// default margins: (calls, mints); never without a token.
+async fn ten_hours_against(platform: RotatingPlatform) -> (usize, usize) {
+    let platform = Arc::new(platform);
+    let cache = Arc::new(TokenCache::new(
+        Arc::clone(&platform),
+        CachePolicy::DEFAULT,
+        None,
+    ));
     let cancel = CancellationToken::new();
     let refresher = Arc::clone(&cache);
     let c = cancel.clone();
-    tokio::spawn(async move { refresher.run_refresher(c).await });
-    // Ten hours of clients asking every minute: never without a token.
+    tokio::spawn(async move { refresher.run_refresher(c, || false).await });
     for _ in 0..600 {
-        let answer = cache.get().await;
+        let answer = cache.get(None).await;
         assert!(matches!(answer, Response::Token { .. }), "{answer:?}");
         tokio::time::sleep(Duration::from_secs(60)).await;
     }
-    let minted = platform.minted.load(Ordering::SeqCst);
-    let calls = platform.calls.load(Ordering::SeqCst);
+    cancel.cancel();
+    (
+        platform.calls.load(Ordering::SeqCst),
+        platform.minted.load(Ordering::SeqCst),
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_call_per_token_lifetime_with_the_default_margins() {
+    // The daemon's 10-minute margin comes before the platform's 5-minute
+    // rotation; asking for more life than it holds makes the platform mint
+    // at the first refresh instead of handing back the same token.
+    let (calls, minted) = ten_hours_against(RotatingPlatform::default()).await;
+    assert!(minted >= 10, "{minted} tokens in 10 h");
+    assert_eq!(calls, minted, "{calls} calls for {minted} tokens");
+}
+
+#[tokio::test(start_paused = true)]
+async fn at_most_two_calls_per_lifetime_from_a_platform_that_ignores_min_remaining() {
+    let platform = RotatingPlatform {
+        honours_min_remaining: false,
+        ..RotatingPlatform::default()
+    };
+    let (calls, minted) = ten_hours_against(platform).await;
     assert!(minted >= 10, "{minted} tokens in 10 h");
     assert!(calls <= 2 * minted, "{calls} calls for {minted} tokens");
-    cancel.cancel();
+    assert!(
+        calls > minted,
+        "the old platform's rotation costs a second call"
+    );
 }
 
 fn policy() -> CachePolicy {
@@ -176,7 +234,7 @@ fn start_with_boot_clock(
     let cancel = CancellationToken::new();
     let refresher = Arc::clone(&cache);
     let c = cancel.clone();
-    tokio::spawn(async move { refresher.run_refresher(c).await });
+    tokio::spawn(async move { refresher.run_refresher(c, || false).await });
     (cache, cancel)
 }
 
@@ -201,7 +259,7 @@ async fn concurrent_gets_on_an_empty_cache_share_one_call() {
     let gets: Vec<_> = (0..100)
         .map(|_| {
             let cache = Arc::clone(&cache);
-            tokio::spawn(async move { cache.get().await })
+            tokio::spawn(async move { cache.get(None).await })
         })
         .collect();
     tokio::task::yield_now().await;
@@ -218,13 +276,13 @@ async fn concurrent_gets_on_an_empty_cache_share_one_call() {
 async fn refreshes_ahead_of_expiry_once_per_lifetime() {
     let platform = FakePlatform::new(vec![], true);
     let (cache, cancel) = start(&platform, policy(), None);
-    assert_eq!(token_of(&cache.get().await).0, "ghs_fake0");
+    assert_eq!(token_of(&cache.get(None).await).0, "ghs_fake0");
     // 50 minutes later, no second call yet (refresh at 47.5..50 min).
     tokio::time::sleep(Duration::from_secs(47 * 60)).await;
     assert_eq!(platform.calls(), 1);
     tokio::time::sleep(Duration::from_secs(3 * 60 + 1)).await;
     assert_eq!(platform.calls(), 2);
-    assert_eq!(token_of(&cache.get().await).0, "ghs_fake1");
+    assert_eq!(token_of(&cache.get(None).await).0, "ghs_fake1");
     cancel.cancel();
 }
 
@@ -240,13 +298,13 @@ async fn failures_back_off_and_keep_serving_the_cached_token() {
         true,
     );
     let (cache, cancel) = start(&platform, policy(), None);
-    cache.get().await;
+    cache.get(None).await;
     cache.refresh_now();
     tokio::time::sleep(Duration::from_millis(1)).await;
     assert_eq!(platform.calls(), 2);
     // While failing: served from cache, no call per client.
     for _ in 0..50 {
-        assert_eq!(token_of(&cache.get().await).0, "ghs_fake0");
+        assert_eq!(token_of(&cache.get(None).await).0, "ghs_fake0");
     }
     assert_eq!(platform.calls(), 2);
     let status = cache.status();
@@ -275,7 +333,7 @@ async fn unauthorized_is_retried_once_then_backs_off() {
     p.backoff_initial = Duration::from_secs(3600);
     p.backoff_max = Duration::from_secs(3600);
     let (cache, cancel) = start(&platform, p, None);
-    let answer = cache.get().await;
+    let answer = cache.get(None).await;
     assert!(
         matches!(answer, Response::Error { code: ErrorCode::Unavailable, ref message } if message.contains("401")),
         "{answer:?}"
@@ -284,7 +342,7 @@ async fn unauthorized_is_retried_once_then_backs_off() {
     assert_eq!(cache.status().platform.as_str(), "unauthorized");
     // Clients cannot override the back-off.
     for _ in 0..10 {
-        cache.get().await;
+        cache.get(None).await;
     }
     assert_eq!(platform.calls(), 2);
     cancel.cancel();
@@ -321,12 +379,12 @@ async fn bootstrap_is_served_until_the_platform_answers_or_its_age_is_up() {
     let mut p = policy();
     p.bootstrap_max_age = Duration::from_secs(600);
     let (cache, cancel) = start(&platform, p, Some("ghs_bootstrap"));
-    let (token, source) = token_of(&cache.get().await);
+    let (token, source) = token_of(&cache.get(None).await);
     assert_eq!((token.as_str(), source), ("ghs_bootstrap", Source::Env));
     assert_eq!(cache.status().source, Some(Source::Env));
     tokio::time::sleep(Duration::from_secs(601)).await;
     assert!(matches!(
-        cache.get().await,
+        cache.get(None).await,
         Response::Error {
             code: ErrorCode::Unavailable,
             ..
@@ -338,7 +396,7 @@ async fn bootstrap_is_served_until_the_platform_answers_or_its_age_is_up() {
     let (cache, cancel) = start(&platform, policy(), Some("ghs_bootstrap"));
     tokio::time::sleep(Duration::from_millis(10)).await;
     assert_eq!(
-        token_of(&cache.get().await),
+        token_of(&cache.get(None).await),
         ("ghs_fake0".into(), Source::Platform)
     );
     cancel.cancel();
@@ -348,23 +406,17 @@ async fn bootstrap_is_served_until_the_platform_answers_or_its_age_is_up() {
 async fn erase_drops_only_a_matching_token_and_clients_are_rate_limited() {
     let platform = FakePlatform::new(vec![], true);
     let (cache, cancel) = start(&platform, policy(), None);
-    let (first, _) = token_of(&cache.get().await);
+    let (first, _) = token_of(&cache.get(None).await);
     let other = credd_core::secret::sha256_hex(b"something else");
-    assert_eq!(cache.erase(&other), Response::Erased { dropped: false });
-    assert!(matches!(
-        cache.erase("not-hex"),
-        Response::Error {
-            code: ErrorCode::BadRequest,
-            ..
-        }
-    ));
+    assert!(!cache.erase(&other));
+    assert!(!is_sha256_hex("not-hex"));
     // Erase after erase: only CLIENT_CALLS_PER_WINDOW client-caused calls a minute.
     let mut current = first;
     for _ in 0..(CLIENT_CALLS_PER_WINDOW + 3) {
         let hash = credd_core::secret::sha256_hex(current.as_bytes());
-        assert_eq!(cache.erase(&hash), Response::Erased { dropped: true });
+        assert!(cache.erase(&hash));
         assert_eq!(cache.status().state, Some(TokenState::Missing));
-        match cache.get().await {
+        match cache.get(None).await {
             Response::Token { token, .. } => current = token.expose().to_owned(),
             Response::Error { .. } => break,
             other => panic!("{other:?}"),
@@ -384,7 +436,7 @@ async fn a_token_below_the_minimum_life_is_never_served() {
         true,
     );
     let (cache, cancel) = start(&platform, policy(), None);
-    let answer = cache.get().await;
+    let answer = cache.get(None).await;
     assert!(
         matches!(answer, Response::Error { code: ErrorCode::Unavailable, ref message } if message.contains("min-lifetime")),
         "{answer:?}"
@@ -409,7 +461,7 @@ async fn sighup_overrides_the_back_off_and_many_make_one_follow_up_call() {
     // The operator's override: a call now, whatever the back-off says.
     cache.refresh_now();
     platform.gate.add_permits(1);
-    assert_eq!(token_of(&cache.get().await).0, "ghs_fake1");
+    assert_eq!(token_of(&cache.get(None).await).0, "ghs_fake1");
     assert_eq!(platform.calls(), 2);
     // SIGHUPs during a call (it may have read the old bearer) lead to one
     // more call after it, not one each.
@@ -434,7 +486,7 @@ async fn status_and_health_follow_the_token() {
         true,
     );
     let (cache, cancel) = start(&platform, policy(), None);
-    cache.get().await;
+    cache.get(None).await;
     let status = cache.status();
     assert_eq!(status.state, Some(TokenState::Valid));
     assert_eq!(status.source, Some(Source::Platform));
@@ -471,7 +523,7 @@ async fn a_get_waits_at_most_the_wait_timeout() {
     let platform = FakePlatform::new(vec![], false);
     let (cache, cancel) = start(&platform, policy(), None);
     let started = Instant::now();
-    let answer = cache.get().await;
+    let answer = cache.get(None).await;
     assert!(matches!(
         answer,
         Response::Error {
@@ -500,13 +552,13 @@ async fn a_suspend_longer_than_the_life_left_makes_the_token_unservable() {
         true,
     );
     let (cache, cancel) = start_with_boot_clock(&platform, policy(), None, suspended_clock);
-    let (first, _) = token_of(&cache.get().await);
+    let (first, _) = token_of(&cache.get(None).await);
     assert_eq!(platform.calls(), 1);
     // The machine sleeps 70 minutes; the monotonic (paused) clock does
     // not move, exactly as CLOCK_MONOTONIC does not during suspend.
     SUSPENDED_SECS.store(70 * 60, Ordering::SeqCst);
     assert_eq!(cache.status().state, Some(TokenState::Missing));
-    let (second, _) = token_of(&cache.get().await);
+    let (second, _) = token_of(&cache.get(None).await);
     assert_ne!(
         first, second,
         "the dead token is never served after the wake"
@@ -519,7 +571,7 @@ async fn a_suspend_longer_than_the_life_left_makes_the_token_unservable() {
 async fn served_expiry_is_this_machines_clock_plus_the_life_left() {
     let platform = FakePlatform::new(vec![Ok(Duration::from_secs(3600))], true);
     let (cache, cancel) = start(&platform, policy(), None);
-    let Response::Token { expires_at, .. } = cache.get().await else {
+    let Response::Token { expires_at, .. } = cache.get(None).await else {
         panic!("a token");
     };
     let expected = unix_secs(SystemTime::now() + Duration::from_secs(3600));
@@ -544,7 +596,7 @@ async fn tokens_barely_above_the_minimum_life_are_fetched_at_a_bounded_rate() {
         true,
     );
     let (cache, cancel) = start(&platform, policy(), None);
-    cache.get().await;
+    cache.get(None).await;
     tokio::time::sleep(Duration::from_secs(20 * 60)).await;
     let calls = platform.calls();
     // Unbounded, that is one call a second (1,200); with the back-off
@@ -577,8 +629,8 @@ async fn two_minute_tokens_stay_servable_however_the_short_lived_back_off_counts
     let cancel = CancellationToken::new();
     let refresher = Arc::clone(&cache);
     let c = cancel.clone();
-    tokio::spawn(async move { refresher.run_refresher(c).await });
-    cache.get().await;
+    tokio::spawn(async move { refresher.run_refresher(c, || false).await });
+    cache.get(None).await;
     let samples = 20 * 60 / 5;
     let mut unserved = 0;
     for _ in 0..samples {
@@ -594,5 +646,195 @@ async fn two_minute_tokens_stay_servable_however_the_short_lived_back_off_counts
         unserved * 20 <= samples,
         "{unserved} of {samples} samples without a servable token"
     );
+    cancel.cancel();
+}
+
+/// A platform with grants: the default account is `acme` (limited to
+/// `acme/api`), `labs` is granted whole, every other owner is refused.
+/// Tokens live an hour; every call and refusal report is logged in order.
+#[derive(Default)]
+struct GrantingPlatform {
+    log: Mutex<Vec<String>>,
+}
+
+impl GrantingPlatform {
+    fn calls_for(&self, what: &str) -> usize {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| *l == what)
+            .count()
+    }
+    fn log(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+impl Fetch for Arc<GrantingPlatform> {
+    async fn fetch(&self, ask: Ask<'_>) -> Result<Grant, PlatformError> {
+        let owner = ask.owner.unwrap_or("acme");
+        let n = {
+            let mut log = self.log.lock().unwrap();
+            log.push(format!("fetch {owner}"));
+            log.len()
+        };
+        let repositories = match owner {
+            "acme" => Some(vec!["acme/api".to_owned()]),
+            "labs" => None,
+            other => {
+                return Err(PlatformError::NotGranted {
+                    what: format!("owner {other}"),
+                });
+            }
+        };
+        let lifetime = Duration::from_secs(3600);
+        Ok(Grant {
+            token: Token::new(format!("ghs_{owner}{n}")).unwrap(),
+            expires_at: SystemTime::now() + lifetime,
+            lifetime,
+            scope: Scope {
+                owner: Some(owner.to_owned()),
+                repositories,
+                permissions: None,
+            },
+        })
+    }
+
+    async fn report_refusal(&self, sha256: &str) -> Result<RefusalOutcome, PlatformError> {
+        self.log
+            .lock()
+            .unwrap()
+            .push(format!("refused {}", &sha256[..12]));
+        Ok(RefusalOutcome::Accepted)
+    }
+}
+
+fn start_tokens(
+    platform: &Arc<GrantingPlatform>,
+) -> (Arc<Tokens<Arc<GrantingPlatform>>>, CancellationToken) {
+    let cancel = CancellationToken::new();
+    let default = Arc::new(TokenCache::new(Arc::clone(platform), policy(), None));
+    let refresher = Arc::clone(&default);
+    let c = cancel.clone();
+    tokio::spawn(async move { refresher.run_refresher(c, || false).await });
+    let tokens = Arc::new(Tokens::new(
+        default,
+        Arc::clone(platform),
+        policy(),
+        cancel.clone(),
+    ));
+    (tokens, cancel)
+}
+
+fn repo(text: &str) -> Want {
+    Want::Repository(RepositoryRef::parse(text).unwrap())
+}
+
+fn code_of(r: &Response) -> ErrorCode {
+    match r {
+        Response::Error { code, .. } => *code,
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn tokens_are_chosen_by_owner_and_held_scope() {
+    let platform = Arc::new(GrantingPlatform::default());
+    let (tokens, cancel) = start_tokens(&platform);
+    assert_eq!(token_of(&tokens.get(&Want::Default).await).0, "ghs_acme1");
+    // The default token is acme's: acme's repositories need no call of their own.
+    assert_eq!(
+        token_of(&tokens.get(&repo("Acme/API")).await).0,
+        "ghs_acme1"
+    );
+    assert_eq!(
+        token_of(&tokens.get(&Want::Owner("acme".into())).await).0,
+        "ghs_acme1"
+    );
+    // Outside the held scope: refused from memory.
+    let outside = tokens.get(&repo("acme/secret")).await;
+    assert_eq!(code_of(&outside), ErrorCode::NotGranted);
+    assert_eq!(platform.calls_for("fetch acme"), 1);
+    // Another owner: a token of its own, with its scope in the answer.
+    let labs = tokens.get(&repo("labs/tool")).await;
+    match &labs {
+        Response::Token { token, scope, .. } => {
+            assert_eq!(token.expose(), "ghs_labs2");
+            assert_eq!(scope.owner.as_deref(), Some("labs"));
+            assert_eq!(scope.repositories, None);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        token_of(&tokens.get(&repo("labs/other")).await).0,
+        "ghs_labs2"
+    );
+    // An owner outside the grant: not_granted, and asking again does not
+    // make the platform hear about it again.
+    for _ in 0..5 {
+        assert_eq!(
+            code_of(&tokens.get(&repo("evil/x")).await),
+            ErrorCode::NotGranted
+        );
+    }
+    assert_eq!(platform.calls_for("fetch evil"), 1);
+    let status = tokens.status();
+    assert_eq!(status.token.scope.owner.as_deref(), Some("acme"));
+    let owners: Vec<_> = status
+        .owners
+        .iter()
+        .map(|t| (t.scope.owner.clone().unwrap(), t.state))
+        .collect();
+    assert_eq!(
+        owners,
+        [
+            ("evil".to_owned(), Some(TokenState::Missing)),
+            ("labs".to_owned(), Some(TokenState::Valid))
+        ]
+    );
+    cancel.cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_owner_token_nobody_asks_for_is_dropped_at_expiry() {
+    let platform = Arc::new(GrantingPlatform::default());
+    let (tokens, cancel) = start_tokens(&platform);
+    token_of(&tokens.get(&repo("labs/tool")).await);
+    // Served during its life: refreshed once. The next one nobody asks for.
+    tokio::time::sleep(Duration::from_secs(3 * 3600)).await;
+    assert_eq!(platform.calls_for("fetch labs"), 2);
+    assert!(tokens.status().owners.is_empty(), "{:?}", tokens.status());
+    // The default token is kept fresh meanwhile.
+    assert!(platform.calls_for("fetch acme") >= 3);
+    // Asked again: a new cache, a new call.
+    token_of(&tokens.get(&Want::Owner("labs".into())).await);
+    assert_eq!(platform.calls_for("fetch labs"), 3);
+    // Asked during its life: kept fresh.
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_secs(1800)).await;
+        token_of(&tokens.get(&Want::Owner("labs".into())).await);
+    }
+    assert!(platform.calls_for("fetch labs") >= 5);
+    cancel.cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_token_is_reported_before_the_next_call() {
+    let platform = Arc::new(GrantingPlatform::default());
+    let (tokens, cancel) = start_tokens(&platform);
+    let (labs, _) = token_of(&tokens.get(&Want::Owner("labs".into())).await);
+    let hash = credd_core::secret::sha256_hex(labs.as_bytes());
+    assert_eq!(tokens.erase(&hash), Response::Erased { dropped: true });
+    assert_eq!(tokens.erase(&hash), Response::Erased { dropped: false });
+    assert_eq!(code_of(&tokens.erase("zz")), ErrorCode::BadRequest);
+    let (fresh, _) = token_of(&tokens.get(&Want::Owner("labs".into())).await);
+    assert_ne!(fresh, labs);
+    let log = platform.log();
+    let reported = log
+        .iter()
+        .position(|l| *l == format!("refused {}", &hash[..12]))
+        .expect("reported");
+    assert_eq!(log[reported + 1], "fetch labs", "{log:?}");
     cancel.cancel();
 }

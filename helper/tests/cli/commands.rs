@@ -17,7 +17,7 @@ fn token_prints_the_token_and_a_newline() {
     assert_eq!(run.code(), Some(0), "{run:?}");
     assert_eq!(run.stdout, format!("{DAEMON_TOKEN}\n"));
     assert_eq!(run.stderr, "");
-    assert_eq!(daemon.requests(), [Request::Get]);
+    assert_eq!(daemon.requests(), [Request::GET_DEFAULT]);
 }
 
 #[test]
@@ -123,17 +123,21 @@ fn sample_status() -> Status {
         version: "9.9.9".into(),
         pid: 4242,
         uptime_secs: 125,
-        state: Some(TokenState::Valid),
-        source: Some(Source::Env),
-        fingerprint: Some("abcdef012345".into()),
-        expires_at: Some(1_900_000_000),
-        expires_in_secs: Some(600),
-        next_refresh_in_secs: Some(60),
-        last_refresh_at: None,
-        last_error: Some("cannot reach the platform".into()),
-        platform: credd_core::protocol::PlatformHealth::Failing,
-        platform_calls: 3,
-        served: 17,
+        token: credd_core::protocol::TokenStatus {
+            state: Some(TokenState::Valid),
+            source: Some(Source::Env),
+            fingerprint: Some("abcdef012345".into()),
+            expires_at: Some(1_900_000_000),
+            expires_in_secs: Some(600),
+            next_refresh_in_secs: Some(60),
+            last_refresh_at: None,
+            last_error: Some("cannot reach the platform".into()),
+            platform: credd_core::protocol::PlatformHealth::Failing,
+            platform_calls: 3,
+            served: 17,
+            ..Default::default()
+        },
+        owners: Vec::new(),
     }
 }
 
@@ -257,6 +261,13 @@ fn configure_git_writes_the_helper_list_idempotently() {
                 helpers(&["--file", file_arg], &key, &home),
                 ["", credd, "store --file /tmp/pat"],
                 "round {round}, {key}"
+            );
+            // git tells credd the repository, once.
+            let path_key = format!("credential.https://{host}.useHttpPath");
+            assert_eq!(
+                helpers(&["--file", file_arg], &path_key, &home),
+                ["true"],
+                "round {round}, {path_key}"
             );
         }
     }

@@ -26,7 +26,7 @@ fn get_is_answered_by_the_daemon() {
     assert_eq!(run.code(), Some(0), "{run:?}");
     assert_eq!(run.stdout, expected_answer(DAEMON_TOKEN, DAEMON_EXPIRY));
     assert_eq!(run.stderr, "", "the hot path is silent");
-    assert_eq!(daemon.requests(), [Request::Get]);
+    assert_eq!(daemon.requests(), [Request::GET_DEFAULT]);
     assert_eq!(
         platform.requests(),
         0,
@@ -44,7 +44,7 @@ fn get_answers_without_a_trailing_blank_line() {
         expected_answer(DAEMON_TOKEN, DAEMON_EXPIRY),
         "{run:?}"
     );
-    assert_eq!(daemon.requests(), [Request::Get]);
+    assert_eq!(daemon.requests(), [Request::GET_DEFAULT]);
 }
 
 #[test]
@@ -166,7 +166,7 @@ fn daemon_unavailable_means_no_platform_call() {
         "{run:?}"
     );
     assert!(!run.stderr.contains("asking the platform"), "{run:?}");
-    assert_eq!(daemon.requests(), [Request::Get]);
+    assert_eq!(daemon.requests(), [Request::GET_DEFAULT]);
     assert_eq!(
         platform.requests(),
         0,
@@ -215,7 +215,7 @@ fn daemon_that_never_answers_hits_the_read_deadline_then_falls_back() {
     let lines = run.stderr_lines();
     assert_eq!(lines.len(), 1, "{run:?}");
     assert!(lines[0].contains("no answer within 6 s"), "{run:?}");
-    assert_eq!(daemon.requests(), [Request::Get]);
+    assert_eq!(daemon.requests(), [Request::GET_DEFAULT]);
     assert_eq!(platform.requests(), 1);
 }
 
@@ -377,4 +377,102 @@ fn daemon_refusals_decide_whether_the_platform_is_asked() {
         }
         sandbox.assert_no_secrets();
     }
+}
+
+fn get_for(repository: Option<&str>, owner: Option<&str>) -> Request {
+    Request::Get {
+        repository: repository.map(str::to_owned),
+        owner: owner.map(str::to_owned),
+    }
+}
+
+#[test]
+fn get_asks_for_the_repository_git_names_in_its_path() {
+    let sandbox = credd_sandbox();
+    let daemon = FakeDaemon::with_token(&sandbox.socket());
+    for path in ["acme/api.git", "acme/api", "acme/api.git/info/lfs"] {
+        let run = sandbox.run(
+            &["get"],
+            &format!("protocol=https\nhost=github.com\npath={path}\n\n"),
+        );
+        assert_eq!(
+            run.stdout,
+            expected_answer(DAEMON_TOKEN, DAEMON_EXPIRY),
+            "{run:?}"
+        );
+    }
+    // A path that does not name OWNER/NAME: the default token, as before.
+    sandbox.run(
+        &["get"],
+        "protocol=https\nhost=github.com\npath=just-one\n\n",
+    );
+    assert_eq!(
+        daemon.requests(),
+        [
+            get_for(Some("acme/api"), None),
+            get_for(Some("acme/api"), None),
+            get_for(Some("acme/api"), None),
+            Request::GET_DEFAULT
+        ]
+    );
+}
+
+#[test]
+fn a_repository_outside_the_grant_gets_nothing_and_no_fallback() {
+    let (sandbox, platform) = credd_sandbox_with(TestPlatform::start());
+    let _daemon = FakeDaemon::answering(
+        &sandbox.socket(),
+        Response::Error {
+            code: ErrorCode::NotGranted,
+            message: "the grant does not cover evil/x".into(),
+        },
+    );
+    let run = sandbox.run(
+        &["get"],
+        "protocol=https\nhost=github.com\npath=evil/x.git\n\n",
+    );
+    assert_eq!(run.code(), Some(0), "{run:?}");
+    assert_eq!(run.stdout, "", "git falls through to its next helper");
+    assert!(run.stderr.contains("not_granted"), "{run:?}");
+    assert_eq!(
+        platform.requests(),
+        0,
+        "a definite answer: no fallback call"
+    );
+}
+
+#[test]
+fn token_and_exec_take_a_repository_or_an_owner() {
+    let sandbox = credd_sandbox();
+    let daemon = FakeDaemon::with_token(&sandbox.socket());
+    for args in [
+        &["token", "--repo", "acme/api"][..],
+        &["token", "--owner=acme-labs"],
+        &["exec", "--repo=acme/web", "--", "true"],
+        &["token"],
+    ] {
+        let run = sandbox.run(args, "");
+        assert_eq!(run.code(), Some(0), "{args:?}: {run:?}");
+    }
+    assert_eq!(
+        daemon.requests(),
+        [
+            get_for(Some("acme/api"), None),
+            get_for(None, Some("acme-labs")),
+            get_for(Some("acme/web"), None),
+            Request::GET_DEFAULT
+        ]
+    );
+    for bad in [
+        &["token", "--repo", "acme"][..],
+        &["token", "--repo"],
+        &["token", "--owner", "-x"],
+        &["token", "--repo", "a/b", "--owner", "a"],
+        &["token", "extra"],
+    ] {
+        let run = sandbox.run(bad, "");
+        assert_eq!(run.code(), Some(2), "{bad:?}: {run:?}");
+        assert!(run.stderr.starts_with("credd: "), "{run:?}");
+    }
+    assert_eq!(daemon.requests().len(), 4, "usage errors ask nothing");
 }

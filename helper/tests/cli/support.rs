@@ -109,10 +109,11 @@ impl FakeDaemon {
     pub(crate) fn with_token(path: &Path) -> Self {
         Self::start(path, |request| {
             Reply::Line(protocol::encode(&match request {
-                Request::Get => Response::Token {
+                Request::Get { .. } => Response::Token {
                     token: credd_core::secret::Token::new(DAEMON_TOKEN.into()).expect("valid"),
                     expires_at: DAEMON_EXPIRY,
                     source: protocol::Source::Platform,
+                    scope: protocol::Scope::default(),
                 },
                 Request::Erase { .. } => Response::Erased { dropped: true },
                 Request::Status => Response::Error {

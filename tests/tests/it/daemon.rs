@@ -68,14 +68,16 @@ fn platform_down_at_start_serves_the_provision_time_env_token() {
     get.assert_password(env_token, "bootstrap token");
     assert_eq!(get.attribute("username"), Some("x-access-token"));
     let status = sandbox.status();
-    assert_eq!(status.source, Some(Source::Env), "{status:?}");
-    assert_eq!(status.state, Some(TokenState::Valid), "{status:?}");
+    assert_eq!(status.token.source, Some(Source::Env), "{status:?}");
+    assert_eq!(status.token.state, Some(TokenState::Valid), "{status:?}");
 
     // Once the platform answers, its token replaces the bootstrap one.
     platform.set_fault(Fault::PassThrough);
     platform.wait_for_requests(1, WAIT);
-    let status = sandbox.wait_for_status("source platform", |s| s.source == Some(Source::Platform));
-    assert_eq!(status.state, Some(TokenState::Valid));
+    let status = sandbox.wait_for_status("source platform", |s| {
+        s.token.source == Some(Source::Platform)
+    });
+    assert_eq!(status.token.state, Some(TokenState::Valid));
     let (token, _, _) = sandbox.get().expect("token");
     assert_secret(
         Some(&token),
@@ -107,7 +109,7 @@ fn platform_down_mid_life_keeps_serving_the_cached_token() {
     platform.set_fault(Fault::Down);
     // SIGHUP asks for a refresh now; it fails against the closed port.
     daemon.signal(nix::sys::signal::Signal::SIGHUP);
-    sandbox.wait_for_status("a failed refresh", |s| s.last_error.is_some());
+    sandbox.wait_for_status("a failed refresh", |s| s.token.last_error.is_some());
     for _ in 0..5 {
         let (token, exp, source) = sandbox.get().expect("cached token still served");
         assert_secret(Some(&token), &first, true, "cached token");
@@ -115,7 +117,7 @@ fn platform_down_mid_life_keeps_serving_the_cached_token() {
     }
     let get = sandbox.credd_get("https", "github.com");
     get.assert_password(&first, "cached token while the platform is down");
-    assert_eq!(sandbox.status().state, Some(TokenState::Valid));
+    assert_eq!(sandbox.status().token.state, Some(TokenState::Valid));
     daemon.stop();
 }
 
@@ -160,9 +162,9 @@ fn server_errors_back_off_instead_of_looping_or_following_clients() {
         seen.len()
     );
     let status = sandbox.status();
-    assert_eq!(status.platform.as_str(), "failing", "{status:?}");
-    assert!(status.last_error.is_some(), "{status:?}");
-    assert_eq!(status.state, Some(TokenState::Missing));
+    assert_eq!(status.token.platform.as_str(), "failing", "{status:?}");
+    assert!(status.token.last_error.is_some(), "{status:?}");
+    assert_eq!(status.token.state, Some(TokenState::Missing));
 
     // And it recovers on its own once the platform does.
     platform.set_fault(Fault::PassThrough);
@@ -212,7 +214,7 @@ fn unauthorized_twice_then_backs_off() {
         "after a 401 the daemon retries once, then backs off"
     );
     let status = sandbox.status();
-    assert_eq!(status.platform.as_str(), "unauthorized", "{status:?}");
+    assert_eq!(status.token.platform.as_str(), "unauthorized", "{status:?}");
     daemon.stop();
 }
 
@@ -224,9 +226,9 @@ fn not_found_means_not_configured() {
     );
     platform.wait_for_requests(1, WAIT);
     let status = sandbox.wait_for_status("platform not_configured", |s| {
-        s.platform.as_str() == "not_configured"
+        s.token.platform.as_str() == "not_configured"
     });
-    assert_eq!(status.state, Some(TokenState::Missing));
+    assert_eq!(status.token.state, Some(TokenState::Missing));
     sandbox.assert_get_fails(ErrorCode::Unavailable);
     // "Long back-off": even with a 1 s cap for transient errors, 404 is not
     // retried while clients ask.
@@ -313,9 +315,10 @@ fn non_json_answer_is_transient_and_never_logged() {
     platform.wait_for_requests(2, WAIT);
     sandbox.assert_get_fails(ErrorCode::Unavailable);
     let status = sandbox.status();
-    assert_eq!(status.platform.as_str(), "failing", "{status:?}");
+    assert_eq!(status.token.platform.as_str(), "failing", "{status:?}");
     assert!(
         !status
+            .token
             .last_error
             .as_deref()
             .unwrap_or("")
@@ -341,7 +344,7 @@ fn token_with_little_life_left_is_served_without_a_refresh_loop() {
         out.assert_password(&token, "short-lived token");
     }
     let status = sandbox.status();
-    let next = status.next_refresh_in_secs.unwrap_or(0);
+    let next = status.token.next_refresh_in_secs.unwrap_or(0);
     assert!(
         next >= 5,
         "refresh should come at a fraction of the remaining life, not now: {status:?}"
@@ -391,18 +394,41 @@ fn fifty_concurrent_gets_on_an_empty_cache_make_one_platform_call() {
         ))
         .run();
     erase.assert_success("credd erase");
-    assert_eq!(sandbox.status().state, Some(TokenState::Missing));
+    assert_eq!(sandbox.status().token.state, Some(TokenState::Missing));
     let outputs = concurrent_credd_gets(&sandbox, 50);
     assert_eq!(
-        platform.requests(),
+        token_calls(&platform),
         2,
         "one more call after the erase, for 50 clients"
+    );
+    assert_eq!(
+        refusal_reports(&platform),
+        1,
+        "the refused token was reported"
     );
     let last = platform.last_issued().expect("issued");
     for out in &outputs {
         out.assert_password(&last, "after the erase");
     }
     drop(daemon);
+}
+
+/// Token calls the platform saw (not refusal reports).
+fn token_calls(platform: &TestPlatform) -> usize {
+    platform
+        .seen()
+        .iter()
+        .filter(|r| !r.path.ends_with("/refusals"))
+        .count()
+}
+
+/// Refusal reports the platform saw.
+fn refusal_reports(platform: &TestPlatform) -> usize {
+    platform
+        .seen()
+        .iter()
+        .filter(|r| r.path.ends_with("/refusals"))
+        .count()
 }
 
 #[test]
@@ -448,7 +474,7 @@ fn erase_drops_only_the_cached_token() {
         ))
         .run()
         .assert_success("credd store");
-    assert_eq!(sandbox.status().state, Some(TokenState::Valid));
+    assert_eq!(sandbox.status().token.state, Some(TokenState::Valid));
 
     // The cached one: dropped, and the next get fetches afresh.
     assert_eq!(
@@ -457,12 +483,17 @@ fn erase_drops_only_the_cached_token() {
         }),
         Ok(Response::Erased { dropped: true })
     );
-    assert_eq!(sandbox.status().state, Some(TokenState::Missing));
+    assert_eq!(sandbox.status().token.state, Some(TokenState::Missing));
     sandbox.wait_for_token();
     assert_eq!(
-        platform.requests(),
+        token_calls(&platform),
         calls + 1,
         "one fresh fetch after the erase"
+    );
+    assert_eq!(
+        refusal_reports(&platform),
+        1,
+        "and, before it, a report of the refused token"
     );
     daemon.stop();
 }
@@ -484,14 +515,14 @@ fn status_shows_state_without_the_token() {
     let (token, expires_at, _) = sandbox.wait_for_token();
     let status = sandbox.status();
     assert_eq!(status.pid, daemon.pid());
-    assert_eq!(status.state, Some(TokenState::Valid));
-    assert_eq!(status.source, Some(Source::Platform));
-    assert_eq!(status.expires_at, Some(expires_at));
-    assert_eq!(status.platform.as_str(), "ok");
-    assert_eq!(status.platform_calls, 1);
-    assert!(status.served >= 1);
+    assert_eq!(status.token.state, Some(TokenState::Valid));
+    assert_eq!(status.token.source, Some(Source::Platform));
+    assert_eq!(status.token.expires_at, Some(expires_at));
+    assert_eq!(status.token.platform.as_str(), "ok");
+    assert_eq!(status.token.platform_calls, 1);
+    assert!(status.token.served >= 1);
     assert_eq!(
-        status.fingerprint.as_deref(),
+        status.token.fingerprint.as_deref(),
         Some(&sha256_hex(token.as_bytes())[..12])
     );
     let human = sandbox.credd(&["status"]).run();
@@ -542,7 +573,7 @@ fn wrong_wall_clock_on_the_platform_does_not_make_a_valid_token_look_dead() {
     let (token, expires_at, _) = sandbox.wait_for_token();
     platform.assert_last_issued(&token, "served the issued token");
     let status = sandbox.status();
-    let left = status.expires_in_secs.expect("expires_in_secs");
+    let left = status.token.expires_in_secs.expect("expires_in_secs");
     assert!(
         (3000..=3600).contains(&left),
         "life left must come from expires_at - Date (~3600 s), not the local clock: {status:?}"
@@ -599,7 +630,7 @@ fn configuration_errors_exit_2_with_the_chain() {
 pub(crate) fn concurrent_gets(sandbox: &Sandbox, n: usize) -> Vec<Response> {
     std::thread::scope(|scope| {
         let handles: Vec<_> = (0..n)
-            .map(|_| scope.spawn(|| sandbox.request(&Request::Get).expect("answer")))
+            .map(|_| scope.spawn(|| sandbox.request(&Request::GET_DEFAULT).expect("answer")))
             .collect();
         handles
             .into_iter()

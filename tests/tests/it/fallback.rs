@@ -209,11 +209,12 @@ fn a_bearer_file_that_blocks_on_open_freezes_nothing() {
     let daemon = sandbox.daemon().args(FAST_BACKOFF).spawn();
     daemon.log().wait_for_line("listening on", WAIT);
     let status = sandbox.wait_for_status("the bearer failure in status", |s| {
-        s.last_error
+        s.token
+            .last_error
             .as_deref()
             .is_some_and(|e| e.contains("not a regular file"))
     });
-    assert_eq!(status.platform.as_str(), "unauthorized", "{status:?}");
+    assert_eq!(status.token.platform.as_str(), "unauthorized", "{status:?}");
     assert_eq!(platform.requests(), 0, "no call without a bearer");
     daemon.stop();
 }

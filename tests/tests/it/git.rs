@@ -78,8 +78,12 @@ fn credential_fill_is_served_from_the_daemon() {
         "WORKSPACE_ID selects the workspace route: {path}"
     );
     let status = sandbox.status();
-    assert_eq!(status.source, Some(Source::Platform));
-    assert!(status.served >= 2, "status.served = {}", status.served);
+    assert_eq!(status.token.source, Some(Source::Platform));
+    assert!(
+        status.token.served >= 2,
+        "status.served = {}",
+        status.token.served
+    );
 
     // Plain http is answered only for loopback hosts.
     let plain = sandbox.credd_get("http", "github.com");
@@ -211,7 +215,8 @@ fn a_rejected_token_is_erased_and_the_next_push_gets_a_fresh_one() {
     );
     assert_eq!(server.rejected_credentials(), 1);
     sandbox.wait_for_status("the revoked token dropped", |s| {
-        s.fingerprint.as_deref() != Some(&credd_core::secret::sha256_hex(first[0].as_bytes())[..12])
+        s.token.fingerprint.as_deref()
+            != Some(&credd_core::secret::sha256_hex(first[0].as_bytes())[..12])
     });
 
     // The platform's own cache hands out the same token until half its life

@@ -132,7 +132,7 @@ fn callers_with_another_uid_are_refused_and_logged() {
     daemon.log().wait_for_line("listening on", WAIT);
 
     let answer = sandbox
-        .request(&Request::Get)
+        .request(&Request::GET_DEFAULT)
         .expect("an answer, not a dropped connection");
     assert_error(
         &answer,
@@ -261,7 +261,7 @@ fn connections_beyond_the_cap_are_turned_away_not_queued() {
         .map(|_| UnixStream::connect(sandbox.socket()).expect("connect idle client"))
         .collect();
     // One more: answered Busy (or closed) at once rather than left waiting.
-    let answer = exchange_raw(&sandbox.socket(), &encode(&Request::Get)).expect("answer");
+    let answer = exchange_raw(&sandbox.socket(), &encode(&Request::GET_DEFAULT)).expect("answer");
     if !answer.is_empty() {
         let answer: Response = decode(answer.as_bytes()).expect("a protocol answer");
         assert_error(&answer, ErrorCode::Busy, "over the cap");
@@ -333,7 +333,7 @@ fn protocol_answers_are_single_lines_then_close() {
     assert_eq!(all.iter().filter(|&&b| b == b'\n').count(), 1, "one line");
     assert!(matches!(decode::<Response>(&all), Ok(Response::Status(_))));
     assert!(matches!(
-        request_over(&sandbox.socket(), &Request::Get),
+        request_over(&sandbox.socket(), &Request::GET_DEFAULT),
         Ok(Response::Token { .. })
     ));
     daemon.stop();

@@ -52,6 +52,7 @@ fn forged_token() -> Response {
         token: Token::new(ATTACKER_TOKEN.into()).expect("token"),
         expires_at: 4_102_444_800,
         source: Source::Platform,
+        scope: credd_core::protocol::Scope::default(),
     }
 }
 

@@ -1,0 +1,212 @@
+//! Every token the daemon holds: the default one and one per account asked for.
+//!
+//! Why per owner: a GitHub App installation token covers one account, and a
+//! workspace may work across several organisations. git says which
+//! repository it is about (`credential.useHttpPath`), so the daemon can hand
+//! out the token of that repository's owner — scoped by the platform to the
+//! workspace's grant — instead of one broad token for everything.
+//!
+//! The default cache is today's token, kept fresh for the daemon's whole
+//! life (and seeded with the bootstrap token). A request for an owner goes to
+//! it when its token is that owner's (the platform says whose token it is),
+//! so a single-owner workspace makes one platform call per lifetime however
+//! git asks. Any other owner gets a [`TokenCache`] of its own, made on the
+//! first request (at most [`MAX_OWNER_TOKENS`]), with its own schedule,
+//! back-off and single flight; it is refreshed only while someone asks for
+//! it and dropped at expiry once nobody has (see `OnDemand`).
+//!
+//! A request for a repository its owner's token does not cover is answered
+//! `not_granted` from the held scope, without a platform call.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use credd_core::protocol::{ErrorCode, Response, Status};
+use credd_core::repository::{NameError, RepositoryRef, is_valid_owner};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::{CachePolicy, Fetch, TokenCache, bad_erase, is_sha256_hex};
+
+/// Most accounts a daemon holds tokens for besides the default one.
+pub(crate) const MAX_OWNER_TOKENS: usize = 32;
+
+/// Which token a `get` is for, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Want {
+    /// The workspace's default token.
+    Default,
+    /// The token of this account.
+    Owner(String),
+    /// A token that covers this repository.
+    Repository(RepositoryRef),
+}
+
+impl Want {
+    /// From a request's fields; the error is for a `bad_request` answer.
+    pub(crate) fn from_request(
+        repository: Option<&str>,
+        owner: Option<&str>,
+    ) -> Result<Self, String> {
+        match (repository, owner) {
+            (None, None) => Ok(Self::Default),
+            (Some(_), Some(_)) => Err("a get names a repository or an owner, not both".into()),
+            (Some(text), None) => RepositoryRef::parse(text)
+                .map(Self::Repository)
+                .map_err(|e: NameError| format!("\"repository\": {e}")),
+            (None, Some(owner)) if is_valid_owner(owner) => Ok(Self::Owner(owner.to_owned())),
+            (None, Some(_)) => Err(format!("\"owner\": {}", NameError::BadOwner)),
+        }
+    }
+
+    /// What was asked for, for the audit line.
+    pub(crate) fn describe(&self) -> String {
+        match self {
+            Self::Default => "default".to_owned(),
+            Self::Owner(owner) => format!("owner {owner}"),
+            Self::Repository(repository) => repository.to_string(),
+        }
+    }
+}
+
+/// The default token and the per-owner ones.
+pub(crate) struct Tokens<F> {
+    default: Arc<TokenCache<F>>,
+    /// Per-owner caches by lower-cased owner.
+    owners: Arc<Mutex<HashMap<String, Arc<TokenCache<F>>>>>,
+    fetcher: F,
+    policy: CachePolicy,
+    stop: CancellationToken,
+    refreshers: TaskTracker,
+}
+
+impl<F: Fetch> Tokens<F> {
+    /// Wraps the default cache; per-owner caches call through clones of
+    /// `fetcher` and run their refreshers until `stop`.
+    pub(crate) fn new(
+        default: Arc<TokenCache<F>>,
+        fetcher: F,
+        policy: CachePolicy,
+        stop: CancellationToken,
+    ) -> Self {
+        Self {
+            default,
+            owners: Arc::new(Mutex::new(HashMap::new())),
+            fetcher,
+            policy,
+            stop,
+            refreshers: TaskTracker::new(),
+        }
+    }
+
+    fn lock_owners(&self) -> MutexGuard<'_, HashMap<String, Arc<TokenCache<F>>>> {
+        self.owners.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Answers a `get`.
+    pub(crate) async fn get(&self, want: &Want) -> Response {
+        let (owner, repository) = match want {
+            Want::Default => return self.default.get(None).await,
+            Want::Owner(owner) => (owner.as_str(), None),
+            Want::Repository(repository) => (repository.owner(), Some(repository)),
+        };
+        if self.default.speaks_for(owner) {
+            return self.default.get(repository).await;
+        }
+        match self.cache_for(owner) {
+            Ok(cache) => cache.get(repository).await,
+            Err(answer) => answer,
+        }
+    }
+
+    /// The cache for `owner`, made (and its refresher started) if needed.
+    fn cache_for(&self, owner: &str) -> Result<Arc<TokenCache<F>>, Response> {
+        let key = owner.to_ascii_lowercase();
+        let mut owners = self.lock_owners();
+        if let Some(cache) = owners.get(&key) {
+            // Under the map's lock: the refresher's retire check takes it too.
+            cache.note_asked();
+            return Ok(Arc::clone(cache));
+        }
+        if owners.len() >= MAX_OWNER_TOKENS {
+            return Err(Response::Error {
+                code: ErrorCode::Unavailable,
+                message: format!(
+                    "this daemon holds tokens for {MAX_OWNER_TOKENS} accounts already; tokens nobody asks for are dropped at expiry"
+                ),
+            });
+        }
+        let cache = Arc::new(TokenCache::for_owner(
+            self.fetcher.clone(),
+            self.policy,
+            owner.to_owned(),
+        ));
+        cache.note_asked();
+        owners.insert(key.clone(), Arc::clone(&cache));
+        drop(owners);
+        let stop = self.stop.clone();
+        let map = Arc::clone(&self.owners);
+        let running = Arc::clone(&cache);
+        self.refreshers.spawn(async move {
+            let retire = || {
+                let mut owners = map.lock().unwrap_or_else(|e| e.into_inner());
+                // Asked again since it decided to go (asking takes this lock).
+                if running.is_wanted() {
+                    return false;
+                }
+                owners.remove(&key);
+                true
+            };
+            running.run_refresher(stop, retire).await;
+        });
+        Ok(cache)
+    }
+
+    /// Answers an `erase`: drops the held token (default or per owner) whose
+    /// SHA-256 is `sha256`.
+    pub(crate) fn erase(&self, sha256: &str) -> Response {
+        if !is_sha256_hex(sha256) {
+            return bad_erase();
+        }
+        let dropped = self.default.erase(sha256)
+            || self
+                .snapshot()
+                .into_iter()
+                .any(|(_, cache)| cache.erase(sha256));
+        Response::Erased { dropped }
+    }
+
+    /// The daemon's state: the default token and every per-owner one.
+    pub(crate) fn status(&self) -> Status {
+        let mut owners = self.snapshot();
+        owners.sort_by(|a, b| a.0.cmp(&b.0));
+        Status {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            pid: std::process::id(),
+            uptime_secs: self.default.uptime_secs(),
+            token: self.default.status(),
+            owners: owners.into_iter().map(|(_, c)| c.status()).collect(),
+        }
+    }
+
+    /// SIGHUP: every held token is refreshed now.
+    pub(crate) fn refresh_now(&self) {
+        self.default.refresh_now();
+        for (_, cache) in self.snapshot() {
+            cache.refresh_now();
+        }
+    }
+
+    /// Waits for the per-owner refreshers after `stop` was cancelled.
+    pub(crate) async fn stopped(&self) {
+        self.refreshers.close();
+        self.refreshers.wait().await;
+    }
+
+    fn snapshot(&self) -> Vec<(String, Arc<TokenCache<F>>)> {
+        self.lock_owners()
+            .iter()
+            .map(|(k, v)| (k.clone(), Arc::clone(v)))
+            .collect()
+    }
+}
