@@ -317,8 +317,23 @@ in_ws() { timeout 60 "$docker" exec "$container" "$@"; }
 # gh wrapper first on PATH).
 in_workspace() { timeout 60 "$docker" exec "$@"; }
 # The same without the container's GITHUB_TOKEN in this process's own
-# environment (for looking at everyone else's).
+# environment.
 as_root_clean() { in_ws env -u GITHUB_TOKEN -u GH_TOKEN "$@"; }
+# container_processes: "HOST-PID CONTAINER-PID" for every process in the
+# container's PID namespace, seen from the host: only the host's root reads
+# the environment of the agent's and non-dumpable processes (root in the
+# container lacks CAP_SYS_PTRACE).
+container_processes() {
+  local init ns d nspid
+  init=$("$docker" inspect -f '{{.State.Pid}}' "$container") || fail "docker inspect $container failed"
+  [ "$init" -gt 0 ] || fail "$container has no host pid (not running)"
+  ns=$(readlink "/proc/$init/ns/pid") || fail "cannot read the pid namespace of $container"
+  for d in /proc/[0-9]*; do
+    [ "$(readlink "$d/ns/pid" 2>/dev/null)" = "$ns" ] || continue
+    nspid=$(sed -n 's/^NSpid:.*[[:space:]]\([0-9]*\)$/\1/p' "$d/status" 2>/dev/null) || continue
+    [ -n "$nspid" ] && echo "${d#/proc/} $nspid"
+  done
+}
 # pid_of CMDLINE: the pid of the container process whose NUL-separated
 # command line, with NULs as spaces, is CMDLINE (as root, in the container).
 # shellcheck disable=SC2016  # expanded by the container's sh
@@ -339,9 +354,9 @@ wait_for "$daemon_answer_limit" "the daemon answering on $agent_socket" socket_a
 ok "docker run -d: the daemon answers on $agent_socket after $(($(now_ms) - started)) ms"
 
 # -- the drop to agent
-runtime_pid=$(pid_of "sleep infinity")
+runtime_pid=$(pid_of "sleep infinity") || fail "cannot list the container's processes"
 [ -n "$runtime_pid" ] || fail "no 'sleep infinity' process in the container"
-runtime_uid=$(uid_of "$runtime_pid")
+runtime_uid=$(uid_of "$runtime_pid") || fail "cannot read /proc/$runtime_pid/status"
 [ "$runtime_uid" = "$agent_uid" ] || fail "the runtime (pid $runtime_pid) runs as uid $runtime_uid, not agent ($agent_uid)"
 [ "$(in_ws id -un "$agent_uid")" = agent ] || fail "uid $agent_uid is not agent"
 daemon_pid=$(in_ws cat "/tmp/molecule-credd-$agent_uid/molecule-credd.pid") || fail "no molecule-credd.pid"
@@ -364,7 +379,7 @@ grep -qF "(pid $daemon_pid)" <<<"$status_text" || fail "credd status was not ans
 ok "credd status as agent: state valid, source platform, answered by pid $daemon_pid"
 
 # -- git credential fill
-token=$(in_workspace "$container" workspace-entrypoint credd token) || fail "credd token failed"
+token=$(in_workspace "$container" workspace-entrypoint credd token 2>>"$run/exec.log") || fail "credd token failed"
 case $token in ghs_*) ;; *) fail "credd token is not a ghs_ token (${#token} characters)" ;; esac
 fill=$(printf 'protocol=https\nhost=github.com\n\n' |
   in_workspace -i "$container" workspace-entrypoint git credential fill 2>&1) || fail "git credential fill failed"
@@ -392,20 +407,28 @@ ok "gh wrapper: gh api /user sent 'Authorization: token <the daemon's token>' to
 
 # -- nobody keeps the provision-time token
 # shellcheck disable=SC2016  # expanded by the container's sh
-holders=$(as_root_clean sh -c 'for d in /proc/[0-9]*; do
-  [ "${d#/proc/}" = $$ ] && continue
-  if tr "\0" "\n" <"$d/environ" 2>/dev/null | grep -qE "^(GH_TOKEN|GITHUB_TOKEN)=|ghs_provisionTime"; then
-    echo "pid ${d#/proc/} ($(tr "\0" " " <"$d/cmdline"))"
-  fi; done; true')
-[ -z "$holders" ] || fail "processes keep GH_TOKEN/GITHUB_TOKEN in their environment: $holders"
-runtime_env=$(as_root_clean cat "/proc/$runtime_pid/environ" | tr '\0' '\n')
+scanned=0
+holders=
+runtime_env=
+while read -r host_pid ns_pid; do
+  environ=$(tr '\0' '\n' <"/proc/$host_pid/environ") || fail "cannot read /proc/$host_pid/environ (pid $ns_pid in the container)"
+  scanned=$((scanned + 1))
+  if grep -qE "^(GH_TOKEN|GITHUB_TOKEN)=|ghs_provisionTime" <<<"$environ"; then
+    holders+=" pid $ns_pid ($(tr '\0' ' ' <"/proc/$host_pid/cmdline"))"
+  fi
+  if [ "$ns_pid" = "$runtime_pid" ]; then runtime_env=$environ; fi
+done < <(container_processes)
+[ -z "$holders" ] || fail "processes keep GH_TOKEN/GITHUB_TOKEN in their environment:$holders"
+[ "$scanned" -ge 4 ] || fail "only $scanned processes found in the container (expected tini, the runtime, supervisor, daemon)"
 grep -q '^CREDD_SOCKET=' <<<"$runtime_env" || fail "the runtime's environment has no CREDD_SOCKET (is this the runtime?)"
 grep -q '^PATH=/usr/local/lib/molecule-credd/bin:' <<<"$runtime_env" || fail "the gh wrapper is not first on the runtime's PATH"
-ok "no process in the container (the runtime, supervisor, daemon, tini) has GH_TOKEN/GITHUB_TOKEN or the provision-time token in /proc/PID/environ; the runtime has CREDD_SOCKET and the wrapper first on PATH"
+ok "none of the $scanned processes in the container (tini, the entrypoint, the runtime, supervisor, daemon) has GH_TOKEN/GITHUB_TOKEN or the provision-time token in /proc/PID/environ; the runtime has CREDD_SOCKET and the wrapper first on PATH"
 
 # -- the daemon is respawned after kill -9
 started=$(now_ms)
-in_ws kill -KILL "$daemon_pid" || fail "cannot SIGKILL the daemon (pid $daemon_pid)"
+# (sh's kill builtin: the image has no procps.)
+# shellcheck disable=SC2016  # expanded by the container's sh
+in_ws sh -c 'kill -KILL "$1"' sh "$daemon_pid" || fail "cannot SIGKILL the daemon (pid $daemon_pid)"
 respawned() {
   new_pid=$(in_ws cat "/tmp/molecule-credd-$agent_uid/molecule-credd.pid" 2>/dev/null) &&
     [ -n "$new_pid" ] && [ "$new_pid" != "$daemon_pid" ] && socket_answers
