@@ -453,8 +453,13 @@ if [ "$stop_ms" -ge $((stop_timeout * 1000)) ] || [ "$exit_code" = 137 ]; then
 fi
 left=$(timeout 60 "$docker" diff "$container" | sed -n "s|^[AC] \(/tmp/molecule-credd-$agent_uid/.*\)|\1|p" | sort | tr '\n' ' ')
 case " $left " in *" $agent_socket "*) fail "docker stop: the socket $agent_socket is still there (left: $left)" ;; esac
+# The supervisor removes its pid files once the daemon has exited: left
+# behind, they show the supervisor was killed before it finished.
+case " $left " in *"/supervisor.pid "* | *"/molecule-credd.pid "*)
+  fail "docker stop: the supervisor did not finish (its pid files are left: $left)" ;;
+esac
 case " $left " in *"/supervisor.lock "*) ;; *) fail "docker diff shows no /tmp/molecule-credd-$agent_uid/supervisor.lock: the check cannot see the folder (left: $left)" ;; esac
-ok "docker stop -t $stop_timeout: container exit $exit_code after $stop_ms ms; the daemon logged 'shutting down' then 'stopped'; $agent_socket removed (left in the folder: $left)"
+ok "docker stop -t $stop_timeout: container exit $exit_code after $stop_ms ms; the daemon logged 'shutting down' then 'stopped'; $agent_socket and the supervisor's pid files removed (left in the folder: $left)"
 
 # -- the runtime's exit code is the container's
 step "docker run … sh -c 'exit 7': the exit code passes through"
