@@ -2,6 +2,17 @@
 # Workspace container entrypoint: make git and gh use a live GitHub token,
 # then run the workspace's runtime command ("$@").
 #
+#   init phase  only as the container's PID 1 (the image's ENTRYPOINT): moves
+#               the provision-time GITHUB_TOKEN/GH_TOKEN out of the
+#               environment onto a pipe (fd 8) and execs tini without it
+#               (PID 1 lives as long as the container, and its initial
+#               environment stays readable in /proc/1/environ); tini runs
+#               this script again. That run waits for the runtime instead of
+#               exec'ing it, then stops the supervisor and its daemon and
+#               exits with the runtime's status, so the daemon's shutdown is
+#               finished before the container's PID 1 exits (when PID 1
+#               exits, the kernel SIGKILLs every other process in the
+#               container).
 #   root phase  fix $CONFIGS_DIR ownership, write the agent's git helper
 #               config (`credd configure-git`), drop to the agent user and
 #               re-exec this script.
@@ -30,9 +41,10 @@
 #   CREDD_GH_WRAPPER_DIR   folder holding the gh wrapper       [/usr/local/lib/molecule-credd/bin]
 #   CREDD_AGENT_USER       account the runtime runs as (root phase) [agent]
 #   CREDD_FALLBACK_HELPER  git credential helper asked after credd
+#   CREDD_TINI             tini, exec'd by the init phase  [/usr/bin/tini]
 #   CREDD_ENTRYPOINT_STAGE `user` skips the root phase, `supervise` runs the
-#                          supervisor (both set by this script itself when it
-#                          re-executes)
+#                          supervisor, `root` skips the init phase (all set
+#                          by this script itself when it re-executes)
 #   CREDD_SOCKET, CREDD_HOSTS, CONFIGS_DIR, PLATFORM_URL, WORKSPACE_ID: see credd
 set -u
 
@@ -64,6 +76,21 @@ sleep_backoff() {
     sleep "$((ms / 1000)).$(printf '%03d' $((ms % 1000)))"
 }
 
+# stop_supervisor: the supervisor's SIGTERM/SIGINT: stops the daemon and
+# returns only once it has exited (a second signal interrupts `wait`, not the
+# loop), so whoever waits for the supervisor waits for the daemon's shutdown.
+# shellcheck disable=SC2317  # run by the trap
+stop_supervisor() {
+    if [ -n "$daemon_pid" ]; then
+        kill -TERM "$daemon_pid" 2>/dev/null
+        while kill -0 "$daemon_pid" 2>/dev/null; do
+            wait "$daemon_pid"
+        done
+    fi
+    rm -f "$RUN_DIR/molecule-credd.pid" "$RUN_DIR/supervisor.pid"
+    exit 0
+}
+
 # The supervisor (stage `supervise`): runs in the background with the lock on
 # fd 9 for its whole life. Its stdin is the bootstrap token pipe, handed to
 # the first daemon only; later daemons get an empty stdin (the provision-time
@@ -72,7 +99,7 @@ supervise() {
     exec 3<&0 </dev/null
     delay=$BACKOFF_INITIAL
     daemon_pid=
-    trap 'if [ -n "$daemon_pid" ]; then kill -TERM "$daemon_pid" 2>/dev/null; wait "$daemon_pid"; fi; rm -f "$RUN_DIR/molecule-credd.pid" "$RUN_DIR/supervisor.pid"; exit 0' TERM INT
+    trap stop_supervisor TERM INT
     # SIGHUP is the daemon's "refresh now": passed on, never an exit.
     trap 'if [ -n "$daemon_pid" ]; then kill -HUP "$daemon_pid" 2>/dev/null; fi' HUP
     echo "$$" >"$RUN_DIR/supervisor.pid"
@@ -119,6 +146,27 @@ fi
 
 script=$(cd "$(dirname "$0")" && pwd -P)/$(basename "$0")
 
+# ---------------------------------------------------------------------------
+# Init phase (the container's PID 1)
+# ---------------------------------------------------------------------------
+if [ "$$" -eq 1 ] && [ -z "${CREDD_ENTRYPOINT_STAGE:-}" ]; then
+    TINI=${CREDD_TINI:-/usr/bin/tini}
+    if [ -x "$TINI" ]; then
+        # Left on fd 8 for the first daemon. A here-document is a pipe in
+        # dash (no file), and the value reaches no argv.
+        exec 8<<EOF
+${GITHUB_TOKEN:-${GH_TOKEN:-}}
+EOF
+        # -g: tini sends its signals to the whole process group (the
+        # runtime, the supervisor and the daemon each get docker stop's
+        # SIGTERM).
+        exec env -u GITHUB_TOKEN -u GH_TOKEN CREDD_ENTRYPOINT_STAGE=root \
+            CREDD_TOKEN_FD=8 CREDD_STOP_WITH_RUNTIME=1 \
+            "$TINI" -g -- /bin/sh "$script" "$@"
+    fi
+    error "tini not found at $TINI (set CREDD_TINI): running without an init; the provision-time token stays in /proc/1/environ"
+fi
+
 have_credd() {
     if [ -x "$CREDD" ]; then
         return 0
@@ -146,6 +194,7 @@ configure_git() {
 # Root phase
 # ---------------------------------------------------------------------------
 if [ "$(id -u)" -eq 0 ] && [ "${CREDD_ENTRYPOINT_STAGE:-}" != user ]; then
+    unset CREDD_ENTRYPOINT_STAGE
     if agent_uid=$(id -u "$AGENT_USER" 2>/dev/null); then
         agent_gid=$(id -g "$AGENT_USER")
         agent_home=$(getent passwd "$AGENT_USER" | cut -d: -f6)
@@ -245,19 +294,30 @@ start_daemon() {
         error "flock is not installed: cannot guard the daemon against a second instance; not starting it"
         return 1
     fi
-    # The token goes down a pipe (printf is a shell builtin: no argv); the
-    # supervisor is exec'd without it in its environment.
-    printf '%s\n' "${GITHUB_TOKEN:-${GH_TOKEN:-}}" | (
-        # Lock held until the supervisor exits; busy = another one runs.
-        # The folder was checked by --prepare-socket: ours, 0700, no symlink.
-        exec 9>>"$RUN_DIR/supervisor.lock"
-        if ! flock -n 9; then
-            log "molecule-credd is already supervised for $CREDD_SOCKET"
-            exit 0
-        fi
-        exec env -u GITHUB_TOKEN -u GH_TOKEN CREDD_ENTRYPOINT_STAGE=supervise \
-            RUN_DIR="$RUN_DIR" /bin/sh "$script" supervise
-    ) &
+    # The token goes down a pipe: the init phase's (fd 8), or one fed here
+    # (printf is a shell builtin: no argv); the supervisor is exec'd without
+    # it in its environment.
+    if [ "${CREDD_TOKEN_FD:-}" = 8 ]; then
+        launch_supervisor <&8 &
+    else
+        printf '%s\n' "${GITHUB_TOKEN:-${GH_TOKEN:-}}" | launch_supervisor &
+    fi
+    supervisor_pid=$!
+}
+
+# launch_supervisor: with the token pipe on stdin, execs the supervisor
+# (meant to run in the background: it becomes the supervisor's process).
+launch_supervisor() {
+    exec 8<&-
+    # Lock held until the supervisor exits; busy = another one runs.
+    # The folder was checked by --prepare-socket: ours, 0700, no symlink.
+    exec 9>>"$RUN_DIR/supervisor.lock"
+    if ! flock -n 9; then
+        log "molecule-credd is already supervised for $CREDD_SOCKET"
+        exit 0
+    fi
+    exec env -u GITHUB_TOKEN -u GH_TOKEN -u CREDD_TOKEN_FD -u CREDD_STOP_WITH_RUNTIME \
+        CREDD_ENTRYPOINT_STAGE=supervise RUN_DIR="$RUN_DIR" /bin/sh "$script" supervise
 }
 
 wait_for_daemon() {
@@ -274,9 +334,16 @@ wait_for_daemon() {
     return 1
 }
 
+supervisor_pid=
 if start_daemon; then
     wait_for_daemon && log "molecule-credd answers on $CREDD_SOCKET"
 fi
+# The token pipe is the first daemon's; nobody else keeps it open.
+if [ "${CREDD_TOKEN_FD:-}" = 8 ]; then
+    exec 8<&-
+fi
+stop_with_runtime=${CREDD_STOP_WITH_RUNTIME:-}
+unset CREDD_TOKEN_FD CREDD_STOP_WITH_RUNTIME
 
 # The runtime never sees the provision-time token: it dies within the hour,
 # and gh prefers GH_TOKEN over anything else.
@@ -289,4 +356,19 @@ else
     error "gh wrapper not found at $GH_WRAPPER_DIR/gh (set CREDD_GH_WRAPPER_DIR): gh will not get a live token"
 fi
 
-exec "$@"
+if [ "$stop_with_runtime" != 1 ] || [ -z "$supervisor_pid" ]; then
+    exec "$@"
+fi
+
+# Under tini (the init phase): the runtime runs in the foreground (tini -g
+# signals it directly; the traps only keep this shell alive meanwhile), then
+# the supervisor is stopped and waited for: it returns once the daemon has
+# logged "stopped". Then the runtime's status is the container's.
+trap ':' TERM INT HUP
+"$@"
+status=$?
+kill -TERM "$supervisor_pid" 2>/dev/null
+while kill -0 "$supervisor_pid" 2>/dev/null; do
+    wait "$supervisor_pid"
+done
+exit "$status"

@@ -1,7 +1,7 @@
 # shellcheck shell=bash
 # What the two real-systemd test scripts share (test-systemd-user.sh,
-# test-systemd-system.sh): reporting, clocks, process and cgroup helpers, and
-# bounded waits. Sourced, not run.
+# test-systemd-system.sh), and test-image.sh uses too: reporting, clocks,
+# process and cgroup helpers, and bounded waits. Sourced, not run.
 #
 # A script that sources this defines `check_alive WHAT`: it fails the run
 # (with WHAT in the message) when the systemd it drives has exited, so a wait
