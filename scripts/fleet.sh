@@ -15,7 +15,8 @@
 # daemons run with --refresh-margin TTL/4 and --min-lifetime TTL/12 (with the
 # default 10 min margin a few-minute token would be refreshed at half its
 # life, not margin + jitter before expiry). FLEET_PLATFORM=github|dev (default
-# github), FLEET_OUT=DIR writes fleet.svg and fleet.json there (the committed
+# github when the workspace has the github-stand-in crate, else dev, said so on
+# stderr), FLEET_OUT=DIR writes fleet.svg and fleet.json there (the committed
 # ones: FLEET_OUT=docs/fleet). FLEET_NO_BUILD=1 uses target/release as is.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,6 +34,16 @@ margin=$((ttl / 4))
 min_lifetime=$((ttl / 12))
 ((min_lifetime < 1)) && min_lifetime=1
 
+platform=${FLEET_PLATFORM:-}
+if [ -z "$platform" ]; then
+  if [ -f stand-ins/github/Cargo.toml ]; then
+    platform=github
+  else
+    platform=dev
+    echo "fleet: no github-stand-in crate in this workspace: the platform runs --dev" >&2
+  fi
+fi
+
 if [ "${FLEET_NO_BUILD:-}" != 1 ]; then
   scripts/build-release.sh --quiet
 fi
@@ -45,7 +56,7 @@ work=$(mktemp -d "${TMPDIR:-/tmp}/credd-fleet-run.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 args=(--bin-dir target/release --daemons "$daemons" --seconds "$duration"
   --token-ttl-secs "$ttl" --refresh-margin-secs "$margin" --min-lifetime-secs "$min_lifetime"
-  --platform "${FLEET_PLATFORM:-github}")
+  --platform "$platform")
 if [ -n "${FLEET_OUT:-}" ]; then
   args+=(--out "$FLEET_OUT")
 fi
