@@ -434,3 +434,59 @@ async fn help_and_version_exit_1_quietly_when_stdout_is_closed() {
     );
     assert!(stdout.is_empty(), "{stdout}");
 }
+
+#[tokio::test]
+async fn sighup_applies_a_changed_grants_file_and_keeps_it_when_broken() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tokens = dir.path().join("workspace-tokens");
+    let grants = dir.path().join("grants.toml");
+    let bearer = "bearer-of-the-grants-workspace-123456";
+    std::fs::write(&tokens, format!("ws-g {}\n", sha256_hex(bearer))).expect("write");
+    std::fs::write(&grants, "[workspace.ws-g]\nrepositories = [\"acme/api\"]\n").expect("write");
+    let mut platform = PlatformProcess::spawn(
+        &["--dev", "--listen", "127.0.0.1:0"],
+        &[
+            ("ADMIN_TOKEN", "admin-for-the-grants-test-0123"),
+            ("PLATFORM_WORKSPACE_TOKENS_FILE", tokens.to_str().unwrap()),
+            ("PLATFORM_GRANTS_FILE", grants.to_str().unwrap()),
+        ],
+    );
+    let route = format!(
+        "{}/workspaces/ws-g/github-installation-token",
+        platform.url()
+    );
+    let (status, body) = get(&format!("{route}?repository=acme/api"), Some(bearer)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["repositories"], serde_json::json!(["acme/api"]));
+    let (status, _) = get(&format!("{route}?repository=other/x"), Some(bearer)).await;
+    assert_eq!(status, 403);
+
+    std::fs::write(
+        &grants,
+        "[workspace.ws-g]\nrepositories = [\"acme/api\", \"other/*\"]\n",
+    )
+    .expect("write");
+    platform.signal(Signal::SIGHUP);
+    platform.wait_for_stderr("SIGHUP: reloaded grants (1 workspaces)");
+    let (status, body) = get(&format!("{route}?repository=other/x"), Some(bearer)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["owner"], "other");
+    let token = body["token"].as_str().expect("token").to_owned();
+
+    std::fs::write(&grants, "[workspace.ws-g]\nrepos = []\n").expect("write");
+    platform.signal(Signal::SIGHUP);
+    let stderr = platform.wait_for_stderr("SIGHUP: keeping the previous grants");
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("keeping the previous grants"))
+        .expect("the line");
+    assert!(line.contains("grants.toml:2: unknown field"), "{line}");
+    let (status, _) = get(&format!("{route}?repository=other/x"), Some(bearer)).await;
+    assert_eq!(status, 200, "previous grants kept");
+    assert!(platform.stop(Signal::SIGTERM).success());
+    assert_no_secrets(
+        "platform stderr",
+        &platform.stderr(),
+        &[token, bearer.to_owned()],
+    );
+}

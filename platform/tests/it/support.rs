@@ -1,12 +1,15 @@
 //! What the platform tests add to the workspace's `testkit`: App keys
 //! generated at test time, a stand-in of GitHub's installation-token API that
-//! verifies the App JWT and fails on command, captured tracing output, the
+//! verifies the App JWT and fails on command, knows installations on several
+//! accounts (`GET /app/installations`, paginated with `Link`) and records
+//! the scope each mint asked for, captured tracing output, the
 //! service in-process on a loopback port, and the secret scan with the keys
 //! registered. The real binary is `testkit::PlatformProcess`.
 //!
 //! Waits block on channels (a call counter, a stderr line), never on sleeps;
 //! each has a deadline that fails the test saying what was awaited.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -138,6 +141,8 @@ pub(crate) enum Mode {
 pub(crate) const APP_ID: &str = "4242";
 /// Installation the stand-in serves.
 pub(crate) const INSTALLATION_ID: u64 = 777;
+/// The account of [`INSTALLATION_ID`].
+pub(crate) const DEFAULT_ACCOUNT: &str = "default-org";
 
 struct StandInState {
     issuer: Mutex<String>,
@@ -154,6 +159,25 @@ struct StandInState {
     /// that expect success).
     rejections: Mutex<Vec<String>>,
     issued: Mutex<Vec<(String, Timestamp)>>,
+    /// Account login → installation id, in listing order.
+    installations: Mutex<Vec<(String, u64)>>,
+    /// Installations per page of `GET /app/installations` at most.
+    page_size: Mutex<usize>,
+    /// Pages of `GET /app/installations` served.
+    listings: Mutex<u64>,
+    /// The scope each mint asked for.
+    mints: Mutex<Vec<MintRecord>>,
+}
+
+/// What one `POST /app/installations/{id}/access_tokens` asked for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct MintRecord {
+    /// The installation.
+    pub(crate) installation: u64,
+    /// `repositories` of the body (names without owner); `None`: absent.
+    pub(crate) repositories: Option<Vec<String>>,
+    /// `permissions` of the body; `None`: absent.
+    pub(crate) permissions: Option<BTreeMap<String, String>>,
 }
 
 /// A stand-in of `POST /app/installations/{id}/access_tokens`, on its own
@@ -182,12 +206,17 @@ impl GitHubStandIn {
             secrets: Mutex::default(),
             rejections: Mutex::default(),
             issued: Mutex::default(),
+            installations: Mutex::new(vec![(DEFAULT_ACCOUNT.to_owned(), INSTALLATION_ID)]),
+            page_size: Mutex::new(100),
+            listings: Mutex::new(0),
+            mints: Mutex::default(),
         });
         let app = Router::new()
             .route(
                 "/app/installations/{id}/access_tokens",
                 axum::routing::post(access_tokens),
             )
+            .route("/app/installations", axum::routing::get(list_installations))
             .with_state(Arc::clone(&state));
         let server = HttpServer::start(app);
         Self {
@@ -251,6 +280,26 @@ impl GitHubStandIn {
         lock(&self.state.issued).clone()
     }
 
+    /// Installs the App on account `login` as installation `id`.
+    pub(crate) fn add_installation(&self, login: &str, id: u64) {
+        lock(&self.state.installations).push((login.to_owned(), id));
+    }
+
+    /// Serves `GET /app/installations` at most `n` per page.
+    pub(crate) fn set_page_size(&self, n: usize) {
+        *lock(&self.state.page_size) = n.max(1);
+    }
+
+    /// Pages of `GET /app/installations` served so far.
+    pub(crate) fn listings(&self) -> u64 {
+        *lock(&self.state.listings)
+    }
+
+    /// The scope each mint asked for, oldest first.
+    pub(crate) fn mints(&self) -> Vec<MintRecord> {
+        lock(&self.state.mints).clone()
+    }
+
     /// Every JWT received and token issued.
     pub(crate) fn secrets(&self) -> Vec<String> {
         lock(&self.state.secrets).clone()
@@ -297,14 +346,20 @@ struct JwtClaims {
 }
 
 /// Checks headers and the JWT as GitHub does; `Err` says what is wrong.
-fn check_request(state: &StandInState, id: u64, headers: &HeaderMap) -> Result<String, String> {
+fn check_request(
+    state: &StandInState,
+    id: Option<u64>,
+    headers: &HeaderMap,
+) -> Result<String, String> {
     let header = |name: &str| {
         headers
             .get(name)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
     };
-    if id != INSTALLATION_ID {
+    if let Some(id) = id
+        && !lock(&state.installations).iter().any(|(_, i)| *i == id)
+    {
         return Err(format!("unknown installation {id}"));
     }
     if header("accept") != "application/vnd.github+json" {
@@ -351,19 +406,115 @@ fn check_request(state: &StandInState, id: u64, headers: &HeaderMap) -> Result<S
     Ok(jwt)
 }
 
-async fn access_tokens(
+#[derive(serde::Deserialize)]
+struct ListQuery {
+    per_page: Option<usize>,
+    page: Option<usize>,
+}
+
+/// `GET /app/installations`: this App's installations, paginated with a
+/// `Link` header as GitHub does.
+async fn list_installations(
     State(state): State<Arc<StandInState>>,
-    UrlPath(id): UrlPath<u64>,
+    axum::extract::Query(query): axum::extract::Query<ListQuery>,
     headers: HeaderMap,
 ) -> Response {
-    state.calls.send_modify(|c| *c += 1);
-    if let Err(reason) = check_request(&state, id, &headers) {
+    *lock(&state.listings) += 1;
+    if let Err(reason) = check_request(&state, None, &headers) {
         lock(&state.rejections).push(reason);
         return github_error(
             StatusCode::UNAUTHORIZED,
             "A JSON web token could not be decoded",
         );
     }
+    let per_page = query
+        .per_page
+        .unwrap_or(30)
+        .min(*lock(&state.page_size))
+        .max(1);
+    let page = query.page.unwrap_or(1).max(1);
+    let all = lock(&state.installations).clone();
+    let items: Vec<serde_json::Value> = all
+        .iter()
+        .skip((page - 1) * per_page)
+        .take(per_page)
+        .map(|(login, id)| {
+            serde_json::json!({
+                "id": id,
+                "account": {"login": login, "type": "Organization"},
+                "repository_selection": "all",
+            })
+        })
+        .collect();
+    let host = headers
+        .get("host")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("127.0.0.1")
+        .to_owned();
+    let mut response = axum::Json(items).into_response();
+    if page * per_page < all.len() {
+        let link = format!(
+            "<http://{host}/app/installations?per_page={per_page}&page={}>; rel=\"next\"",
+            page + 1
+        );
+        response
+            .headers_mut()
+            .insert("link", link.parse().expect("header"));
+    }
+    response
+}
+
+async fn access_tokens(
+    State(state): State<Arc<StandInState>>,
+    UrlPath(id): UrlPath<u64>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    state.calls.send_modify(|c| *c += 1);
+    if let Err(reason) = check_request(&state, Some(id), &headers) {
+        lock(&state.rejections).push(reason);
+        return github_error(
+            StatusCode::UNAUTHORIZED,
+            "A JSON web token could not be decoded",
+        );
+    }
+    let asked: serde_json::Value = if body.is_empty() {
+        serde_json::Value::Null
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(value) => value,
+            Err(_) => {
+                lock(&state.rejections).push("the mint body is not JSON".into());
+                return github_error(StatusCode::BAD_REQUEST, "Problems parsing JSON");
+            }
+        }
+    };
+    let record = MintRecord {
+        installation: id,
+        repositories: asked["repositories"].as_array().map(|names| {
+            names
+                .iter()
+                .map(|n| n.as_str().unwrap_or("<not a string>").to_owned())
+                .collect()
+        }),
+        permissions: asked["permissions"].as_object().map(|map| {
+            map.iter()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or("<not a string>").to_owned()))
+                .collect()
+        }),
+    };
+    let answered_permissions = record.permissions.clone().unwrap_or_else(|| {
+        BTreeMap::from([
+            ("contents".to_owned(), "write".to_owned()),
+            ("metadata".to_owned(), "read".to_owned()),
+        ])
+    });
+    let selection = if record.repositories.is_some() {
+        "selected"
+    } else {
+        "all"
+    };
+    lock(&state.mints).push(record);
     let mode = lock(&state.mode).clone();
     if mode != Mode::Hang {
         let mut open = state.open.subscribe();
@@ -381,8 +532,8 @@ async fn access_tokens(
             axum::Json(serde_json::json!({
                 "token": token,
                 "expires_at": expires_at.to_string(),
-                "permissions": {"contents": "write"},
-                "repository_selection": "all",
+                "permissions": answered_permissions,
+                "repository_selection": selection,
             })),
         )
             .into_response()
