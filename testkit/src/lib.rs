@@ -45,7 +45,9 @@ pub use capture::{Captured, Transcript, has_word};
 pub use daemon::{Daemon, DaemonBuilder, FAST_BACKOFF};
 pub use fixture::{start_daemon, start_daemon_with, with_platform};
 pub use git::GitServer;
-pub use platform::{Fault, IssuedToken, PlatformProcess, TestPlatform, TokenAuthority};
+pub use platform::{
+    Fault, IssuedToken, PlatformOptions, PlatformProcess, TestPlatform, TokenAuthority,
+};
 pub use process::{Cmd, CmdOutput, Process};
 pub use sandbox::{Sandbox, write_file};
 pub use secrets::{Secrets, assert_secret, fingerprint, sha256_hex};

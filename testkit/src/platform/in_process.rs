@@ -116,6 +116,24 @@ impl TokenAuthority {
                 .any(|t| t.token == token && t.expires_at > now)
     }
 
+    /// Whether `token` may reach the repository `owner/name` by the scope
+    /// the platform stated when it issued it (an unscoped token reaches
+    /// every repository), as GitHub limits an installation token.
+    pub fn may_access(&self, token: &str, owner: &str, name: &str) -> bool {
+        lock(&self.issued)
+            .iter()
+            .filter(|t| t.token == token)
+            .any(|t| {
+                t.owner
+                    .as_deref()
+                    .is_none_or(|o| o.eq_ignore_ascii_case(owner))
+                    && t.repositories.as_ref().is_none_or(|list| {
+                        list.iter()
+                            .any(|r| r.eq_ignore_ascii_case(&format!("{owner}/{name}")))
+                    })
+            })
+    }
+
     /// Makes the git server refuse `token` from now on (as GitHub would a
     /// revoked installation token).
     pub fn revoke(&self, token: &str) {
