@@ -211,3 +211,70 @@ impl ScopedCaches {
         RefusalOutcome::NoMatch
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::provider::{IssuedToken, ProviderError};
+    use secrecy::{ExposeSecret, SecretString};
+    use sha2::{Digest, Sha256};
+
+    fn issued(text: &str) -> Result<IssuedToken, ProviderError> {
+        Ok(IssuedToken {
+            token: SecretString::from(text.to_owned()),
+            expires_at: Timestamp::now() + jiff::SignedDuration::from_mins(60),
+        })
+    }
+
+    fn key(installation: u64) -> MintKey {
+        MintKey::new(installation, None)
+    }
+
+    #[tokio::test]
+    async fn the_map_is_bounded_and_evicts_empty_entries_first() {
+        let caches =
+            ScopedCaches::new(Duration::from_secs(300), Clock::system()).with_max_entries(2);
+        caches
+            .slot(&key(1))
+            .cache
+            .get_or_refresh(|| async { issued("a") })
+            .await
+            .unwrap();
+        caches.slot(&key(2));
+        caches.slot(&key(3));
+        assert_eq!(caches.len(), 2);
+        assert!(
+            caches.peek(&key(1)).is_some(),
+            "the entry with a live token stays"
+        );
+        assert!(caches.peek(&key(2)).is_none(), "the empty one goes");
+    }
+
+    #[tokio::test]
+    async fn refusals_drop_only_a_matching_token_of_the_given_keys() {
+        let caches = ScopedCaches::new(Duration::from_secs(300), Clock::system());
+        let slot = caches.slot(&key(1));
+        let token = slot
+            .cache
+            .get_or_refresh(|| async { issued("ghs_a") })
+            .await
+            .unwrap();
+        let sha: [u8; 32] = Sha256::digest(token.token.expose_secret().as_bytes()).into();
+        assert_eq!(caches.refuse(&[key(2)], &sha), RefusalOutcome::NoMatch);
+        assert_eq!(caches.refuse(&[key(1)], &[0; 32]), RefusalOutcome::NoMatch);
+        assert!(slot.cache.holds_unexpired());
+        assert_eq!(
+            caches.refuse(&[key(2), key(1)], &sha),
+            RefusalOutcome::Dropped
+        );
+        assert!(!slot.cache.holds_unexpired());
+        slot.cache
+            .get_or_refresh(|| async { issued("ghs_a") })
+            .await
+            .unwrap();
+        assert!(matches!(
+            caches.refuse(&[key(1)], &sha),
+            RefusalOutcome::Limited { retry_after } if retry_after <= REFUSAL_INTERVAL
+        ));
+    }
+}

@@ -575,3 +575,100 @@ fn platform_service(options: &PlatformOptions) -> PlatformService {
         grants,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    /// One HTTP/1.1 exchange on a fresh connection: status and body.
+    fn exchange(platform: &TestPlatform, method: &str, target: &str, body: &str) -> (u16, String) {
+        let mut stream = std::net::TcpStream::connect(platform.addr).expect("connect");
+        stream.set_read_timeout(Some(crate::WAIT)).expect("timeout");
+        write!(
+            stream,
+            "{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            platform.workspace_bearer(),
+            body.len()
+        )
+        .expect("write");
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).expect("read");
+        let status = answer
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .expect("status");
+        let body = answer
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        (status, body)
+    }
+
+    #[test]
+    fn grants_scope_what_it_issues_and_requests_keep_their_query() {
+        let platform = TestPlatform::with_options(PlatformOptions {
+            grants: Some(format!(
+                "[workspace.{WORKSPACE_ID}]\nrepositories = [\"acme/api\", \"ghost/*\"]\n"
+            )),
+            not_installed: vec!["ghost".into()],
+            ..PlatformOptions::default()
+        });
+        let route = format!("/workspaces/{WORKSPACE_ID}/github-installation-token");
+        let (status, body) = exchange(
+            &platform,
+            "GET",
+            &format!("{route}?repository=acme/api"),
+            "",
+        );
+        assert_eq!(status, 200, "{body}");
+        let issued = platform.issued();
+        assert_eq!(issued.len(), 1);
+        assert_eq!(issued[0].owner.as_deref(), Some("acme"));
+        assert_eq!(issued[0].repositories, Some(vec!["acme/api".to_owned()]));
+        assert_eq!(platform.mints().len(), 1);
+        assert_eq!(
+            platform.seen()[0].query.as_deref(),
+            Some("repository=acme/api")
+        );
+        assert_eq!(
+            exchange(&platform, "GET", &format!("{route}?owner=ghost"), "").0,
+            404
+        );
+        assert_eq!(
+            exchange(&platform, "GET", &format!("{route}?owner=evil"), "").0,
+            403
+        );
+
+        let sha = crate::sha256_hex(&issued[0].token);
+        let refusal = format!("{{\"sha256\": \"{sha}\"}}");
+        assert_eq!(
+            exchange(&platform, "POST", &format!("{route}/refusals"), &refusal).0,
+            204
+        );
+        assert_eq!(platform.refusal_reports(), 1);
+        let (status, body) = exchange(&platform, "GET", &format!("{route}?owner=acme"), "");
+        assert_eq!(status, 200, "{body}");
+        assert_ne!(
+            platform.last_issued().as_deref(),
+            Some(issued[0].token.as_str())
+        );
+        assert_eq!(platform.token_requests(), 4);
+
+        platform
+            .set_grants(Some(&format!(
+                "[workspace.{WORKSPACE_ID}]\nrepositories = [\"other/*\"]\n"
+            )))
+            .expect("grants");
+        assert_eq!(
+            exchange(&platform, "GET", &format!("{route}?owner=acme"), "").0,
+            403
+        );
+        assert!(platform.set_grants(Some("[workspace.x]\n")).is_err());
+        assert_eq!(
+            exchange(&platform, "GET", &format!("{route}?owner=other"), "").0,
+            200
+        );
+    }
+}
