@@ -125,7 +125,7 @@ async fn main() {
     let started = Instant::now();
     loop {
         let status = status(&socket).await;
-        if status.is_some_and(|s| s.state == Some(protocol::TokenState::Valid)) {
+        if status.is_some_and(|s| s.token.state == Some(protocol::TokenState::Valid)) {
             break;
         }
         assert!(
@@ -203,18 +203,18 @@ async fn main() {
     // daemon obtains should cost exactly one call.
     let before = status(&socket).await.expect("status");
     let mut fingerprints = std::collections::HashSet::new();
-    fingerprints.extend(before.fingerprint.clone());
+    fingerprints.extend(before.token.fingerprint.clone());
     let window = Duration::from_secs(ttl_secs * lifetimes);
     let t1 = Instant::now();
     while t1.elapsed() < window {
         let _ = ask(&socket, &Request::GET_DEFAULT).await;
         if let Some(s) = status(&socket).await {
-            fingerprints.extend(s.fingerprint);
+            fingerprints.extend(s.token.fingerprint);
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let after = status(&socket).await.expect("status");
-    let calls = after.platform_calls - before.platform_calls;
+    let calls = after.token.platform_calls - before.token.platform_calls;
     let new_tokens = fingerprints.len().saturating_sub(1);
     println!(
         "  platform calls: {calls} over {:?} ({lifetimes} token lifetimes of {ttl_secs} s), \

@@ -200,6 +200,18 @@ pub fn exit_code(error: &anyhow::Error) -> ExitCode {
     }
 }
 
+fn parse_repository(text: &str) -> Result<RepositoryRef, String> {
+    RepositoryRef::parse(text).map_err(|e| e.to_string())
+}
+
+fn parse_owner(text: &str) -> Result<String, String> {
+    if is_valid_owner(text) {
+        Ok(text.to_owned())
+    } else {
+        Err(NameError::BadOwner.to_string())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -271,17 +283,5 @@ mod tests {
         assert!(cli(&["--backoff-max", "30d"]).is_err());
         assert!(cli(&["--max-connections", "0"]).is_err());
         assert!(cli(&["--log-format", "xml"]).is_err());
-    }
-}
-
-fn parse_repository(text: &str) -> Result<RepositoryRef, String> {
-    RepositoryRef::parse(text).map_err(|e| e.to_string())
-}
-
-fn parse_owner(text: &str) -> Result<String, String> {
-    if is_valid_owner(text) {
-        Ok(text.to_owned())
-    } else {
-        Err(NameError::BadOwner.to_string())
     }
 }

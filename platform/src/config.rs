@@ -46,6 +46,11 @@ pub struct Args {
     /// File of `WORKSPACE_ID SHA256_HEX_OF_BEARER` lines; re-read on SIGHUP.
     #[arg(long, env = "PLATFORM_WORKSPACE_TOKENS_FILE")]
     pub workspace_tokens_file: Option<PathBuf>,
+    /// Grants file (TOML): the owners, repositories and permissions each
+    /// workspace's tokens are scoped to; re-read on SIGHUP. Unset: every
+    /// workspace gets the configured installation's token, unscoped.
+    #[arg(long, env = "PLATFORM_GRANTS_FILE")]
+    pub grants_file: Option<PathBuf>,
     /// GitHub App ID (JWT issuer). Unset (and no client ID): the token endpoint answers 404.
     #[arg(long, env = "GITHUB_APP_ID")]
     pub github_app_id: Option<String>,
@@ -99,6 +104,8 @@ pub struct Config {
     pub admin_token: Option<SecretString>,
     /// `PLATFORM_WORKSPACE_TOKENS_FILE`.
     pub workspace_tokens_file: Option<PathBuf>,
+    /// `PLATFORM_GRANTS_FILE`.
+    pub grants_file: Option<PathBuf>,
     /// The token source.
     pub provider: ProviderChoice,
     /// Dev mode: where to write the bearer.
@@ -214,6 +221,7 @@ impl Config {
             listen,
             admin_token: non_empty(admin_token).map(SecretString::from),
             workspace_tokens_file: non_empty_path(args.workspace_tokens_file),
+            grants_file: non_empty_path(args.grants_file),
             provider,
             dev_auth_token_file: non_empty_path(args.dev_auth_token_file),
             log_format: args.log_format,

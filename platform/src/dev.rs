@@ -5,7 +5,9 @@
 //! in minutes: what a daemon sees from it is what it would see from GitHub,
 //! minus GitHub.
 
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use jiff::{SignedDuration, Timestamp};
@@ -13,18 +15,69 @@ use rand::Rng;
 use rand::distr::Alphanumeric;
 use secrecy::SecretString;
 
-use crate::provider::{Clock, IssuedToken, REFRESH_WINDOW, TokenCache, TokenFuture, TokenProvider};
+use crate::grants::{Permissions, Scope};
+use crate::provider::{
+    Clock, IssuedToken, ProviderError, REFRESH_WINDOW, RefusalFuture, ServedFuture, ServedToken,
+    TokenFuture, TokenProvider, TokenRequest,
+};
+use crate::scoped::{MintKey, ScopedCaches};
 
 /// Characters after the `ghs_` prefix (GitHub's classic installation tokens
 /// have 36).
 const RANDOM_CHARS: usize = 36;
 
-/// Mints random `ghs_`-shaped tokens living `lifetime`.
-#[derive(Debug)]
+/// The dev "installation" of unscoped tokens (the configured one).
+pub const DEV_DEFAULT_INSTALLATION: u64 = 1;
+
+/// Most owners the dev provider hands installation numbers to, and most
+/// mints it remembers for [`DevProvider::mints`].
+const MAX_DEV_RECORDS: usize = 10_000;
+
+/// The permissions dev tokens state when the grant names none.
+const DEV_INSTALLATION_PERMISSIONS: [(&str, &str); 2] =
+    [("contents", "write"), ("metadata", "read")];
+
+/// What one dev mint was asked for (as GitHub's stand-in records it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DevMint {
+    /// The fake installation.
+    pub installation: u64,
+    /// The owner, for scoped mints.
+    pub owner: Option<String>,
+    /// Repository names without the owner; `None`: all.
+    pub repositories: Option<Vec<String>>,
+    /// `None`: the installation's own.
+    pub permissions: Option<Permissions>,
+    /// Fingerprint of the token minted.
+    pub fingerprint: String,
+}
+
+#[derive(Default)]
+struct Owners {
+    /// Lowercased owner → fake installation number.
+    installations: HashMap<String, u64>,
+    /// Lowercased owners where the App is "not installed".
+    not_installed: HashSet<String>,
+}
+
+/// Mints random `ghs_`-shaped tokens living `lifetime`, for any owner (every
+/// owner is "installed" unless [`DevProvider::set_not_installed`] says
+/// otherwise), scoped as asked.
 pub struct DevProvider {
     lifetime: Duration,
-    cache: TokenCache,
+    caches: ScopedCaches,
+    owners: Mutex<Owners>,
+    mints: Mutex<Vec<DevMint>>,
     minted: AtomicU64,
+}
+
+impl std::fmt::Debug for DevProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DevProvider")
+            .field("lifetime", &self.lifetime)
+            .field("caches", &self.caches)
+            .finish_non_exhaustive()
+    }
 }
 
 impl DevProvider {
@@ -37,7 +90,9 @@ impl DevProvider {
     pub fn with_clock(lifetime: Duration, clock: Clock) -> Self {
         Self {
             lifetime: lifetime.max(Duration::from_secs(1)),
-            cache: TokenCache::new(REFRESH_WINDOW, clock),
+            caches: ScopedCaches::new(REFRESH_WINDOW, clock),
+            owners: Mutex::default(),
+            mints: Mutex::default(),
             minted: AtomicU64::new(0),
         }
     }
@@ -47,12 +102,63 @@ impl DevProvider {
         self.minted.load(Ordering::SeqCst)
     }
 
+    /// Every mint so far with the scope it was asked for, oldest first.
+    pub fn mints(&self) -> Vec<DevMint> {
+        self.mints
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     /// The lifetime of minted tokens.
     pub fn lifetime(&self) -> Duration {
         self.lifetime
     }
 
-    fn mint(&self) -> IssuedToken {
+    /// From now on the App counts as not installed on `owners` (ASCII
+    /// case-insensitive), and as installed everywhere else.
+    pub fn set_not_installed<I, S>(&self, owners: I)
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let mut state = self.owners.lock().unwrap_or_else(PoisonError::into_inner);
+        state.not_installed = owners
+            .into_iter()
+            .map(|o| o.as_ref().to_ascii_lowercase())
+            .collect();
+    }
+
+    fn installation_of(&self, owner: &str) -> Result<u64, ProviderError> {
+        let key = owner.to_ascii_lowercase();
+        let mut state = self.owners.lock().unwrap_or_else(PoisonError::into_inner);
+        if state.not_installed.contains(&key) {
+            return Err(ProviderError::NotInstalled(owner.to_owned()));
+        }
+        if let Some(id) = state.installations.get(&key) {
+            return Ok(*id);
+        }
+        if state.installations.len() >= MAX_DEV_RECORDS {
+            return Err(ProviderError::Config(format!(
+                "the dev provider serves at most {MAX_DEV_RECORDS} owners"
+            )));
+        }
+        let id = DEV_DEFAULT_INSTALLATION + 1 + state.installations.len() as u64;
+        state.installations.insert(key, id);
+        Ok(id)
+    }
+
+    /// The installation of `owner` if the provider handed it one (no new
+    /// number, for refusals).
+    fn known_installation(&self, owner: &str) -> Option<u64> {
+        let state = self.owners.lock().unwrap_or_else(PoisonError::into_inner);
+        state
+            .installations
+            .get(&owner.to_ascii_lowercase())
+            .copied()
+    }
+
+    fn mint(&self, installation: u64, scope: Option<&Scope>) -> IssuedToken {
         let random: String = rand::rng()
             .sample_iter(Alphanumeric)
             .take(RANDOM_CHARS)
@@ -60,31 +166,98 @@ impl DevProvider {
             .collect();
         // Whole seconds, rounded down, like GitHub's `expires_at`: the stated
         // expiry is never later than the real one.
-        let now = self.cache.clock().now();
+        let now = self.caches.clock().now();
         let life = SignedDuration::try_from(self.lifetime).unwrap_or(SignedDuration::MAX);
         let expires_at = now
             .checked_add(life)
             .and_then(|t| Timestamp::from_second(t.as_second()))
             .unwrap_or(Timestamp::MAX);
         self.minted.fetch_add(1, Ordering::SeqCst);
-        IssuedToken {
+        let token = IssuedToken {
             token: SecretString::from(format!("ghs_{random}")),
             expires_at,
+        };
+        let mut mints = self.mints.lock().unwrap_or_else(PoisonError::into_inner);
+        if mints.len() >= MAX_DEV_RECORDS {
+            mints.remove(0);
         }
+        mints.push(DevMint {
+            installation,
+            owner: scope.map(|s| s.owner.clone()),
+            repositories: scope.and_then(|s| s.repositories.clone()),
+            permissions: scope.and_then(|s| s.permissions.clone()),
+            fingerprint: token.fingerprint(),
+        });
+        token
+    }
+
+    async fn serve(&self, request: TokenRequest) -> Result<ServedToken, ProviderError> {
+        let scope = request.scope.as_ref();
+        let installation = match scope {
+            None => DEV_DEFAULT_INSTALLATION,
+            Some(scope) => self.installation_of(&scope.owner)?,
+        };
+        let key = MintKey::new(installation, scope);
+        let slot = self.caches.slot(&key);
+        let issued = slot
+            .cache
+            .get_or_refresh_with(request.min_remaining, || async {
+                let token = self.mint(installation, scope);
+                tracing::info!(
+                    "[github] dev provider minted a token (fingerprint {}, expires at {})",
+                    token.fingerprint(),
+                    token.expires_at
+                );
+                let permissions: BTreeMap<String, String> =
+                    match scope.and_then(|s| s.permissions.as_ref()) {
+                        Some(p) => p
+                            .iter()
+                            .map(|(k, v)| (k.clone(), v.as_str().to_owned()))
+                            .collect(),
+                        None => DEV_INSTALLATION_PERMISSIONS
+                            .iter()
+                            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                            .collect(),
+                    };
+                slot.set_permissions(permissions);
+                Ok(token)
+            })
+            .await?;
+        Ok(ServedToken {
+            issued,
+            owner: scope.map(|s| s.owner.clone()),
+            repositories: scope.and_then(Scope::full_names),
+            permissions: slot.permissions(),
+        })
     }
 }
 
 impl TokenProvider for DevProvider {
     fn token(&self) -> TokenFuture<'_> {
-        Box::pin(self.cache.get_or_refresh(|| async {
-            let token = self.mint();
-            tracing::info!(
-                "[github] dev provider minted a token (fingerprint {}, expires at {})",
-                token.fingerprint(),
-                token.expires_at
-            );
-            Ok(token)
-        }))
+        Box::pin(async {
+            self.serve(TokenRequest::default())
+                .await
+                .map(|served| served.issued)
+        })
+    }
+
+    fn scoped_token(&self, request: TokenRequest) -> ServedFuture<'_> {
+        Box::pin(self.serve(request))
+    }
+
+    fn report_refusal(&self, scopes: Vec<Option<Scope>>, sha256: [u8; 32]) -> RefusalFuture<'_> {
+        Box::pin(async move {
+            let keys: Vec<MintKey> = scopes
+                .iter()
+                .filter_map(|scope| match scope {
+                    None => Some(MintKey::new(DEV_DEFAULT_INSTALLATION, None)),
+                    Some(s) => self
+                        .known_installation(&s.owner)
+                        .map(|id| MintKey::new(id, Some(s))),
+                })
+                .collect();
+            self.caches.refuse(&keys, &sha256)
+        })
     }
 }
 

@@ -10,11 +10,20 @@
 //! tokens are cached and refreshed through one [`TokenCache`] so GitHub sees
 //! one call per token lifetime whatever the request rate.
 //!
+//! With grants, each owner's installation is found from the App itself
+//! (`GET /app/installations`, paginated through `Link`), cached for
+//! [`INSTALLATIONS_TTL`] and bounded, and tokens are minted with the
+//! grant's `repositories` and `permissions`, one cache per (installation,
+//! repositories, permissions) in [`ScopedCaches`]: workspaces with the same
+//! grant share one token.
+//!
 //! Signing uses jsonwebtoken's `aws_lc_rs` backend: the `rust_crypto` one
 //! pulls in the `rsa` crate (RUSTSEC-2023-0071).
 
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use jiff::{SignedDuration, Timestamp};
@@ -23,9 +32,12 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
+use crate::grants::Scope;
 use crate::provider::{
-    Clock, IssuedToken, ProviderError, REFRESH_WINDOW, TokenCache, TokenFuture, TokenProvider,
+    Clock, IssuedToken, ProviderError, REFRESH_WINDOW, RefusalFuture, ServedFuture, ServedToken,
+    TokenFuture, TokenProvider, TokenRequest,
 };
+use crate::scoped::{MintKey, ScopedCaches};
 
 /// GitHub's public API.
 pub const DEFAULT_API_URL: &str = "https://api.github.com";
@@ -35,6 +47,18 @@ pub const GITHUB_API_VERSION: &str = "2022-11-28";
 pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
 /// Largest private key file accepted.
 pub const MAX_KEY_BYTES: usize = 64 * 1024;
+/// Largest page of `GET /app/installations` read (100 installations with
+/// their account objects are far smaller; no secret is in it).
+pub const MAX_LISTING_PAGE_BYTES: usize = 4 * 1024 * 1024;
+/// Most pages of `GET /app/installations` read (of 100 each): the bound on
+/// installations known.
+pub const MAX_INSTALLATION_PAGES: usize = 100;
+/// How long the owner → installation table is trusted.
+pub const INSTALLATIONS_TTL: Duration = Duration::from_secs(10 * 60);
+/// An owner missing from the table makes the platform list installations
+/// again only when the table is older than this (a new installation shows
+/// up within it; unknown owners cannot make it list on every request).
+pub const RELIST_AFTER_MISS: Duration = Duration::from_secs(30);
 /// Longest token accepted (GitHub is moving to longer, JWT-shaped tokens).
 const MAX_TOKEN_CHARS: usize = 16 * 1024;
 
@@ -115,15 +139,53 @@ struct ErrorAnswer {
     message: Option<String>,
 }
 
-/// Mints and caches installation tokens for one GitHub App installation.
+#[derive(Deserialize)]
+struct AccessTokenPermissions {
+    #[serde(default)]
+    permissions: BTreeMap<String, serde_json::Value>,
+}
+
+#[derive(Serialize)]
+struct MintBody<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    repositories: Option<&'a [String]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    permissions: Option<BTreeMap<&'a str, &'static str>>,
+}
+
+#[derive(Deserialize)]
+struct InstallationAnswer {
+    id: u64,
+    account: Option<AccountAnswer>,
+}
+
+#[derive(Deserialize)]
+struct AccountAnswer {
+    login: String,
+}
+
+/// Owner (lowercased) → installation, as last listed.
+#[derive(Default)]
+struct Directory {
+    by_owner: HashMap<String, u64>,
+    listed_at: Option<Timestamp>,
+}
+
+/// Mints and caches installation tokens for one GitHub App: the configured
+/// installation's, and each granted owner's.
 pub struct GitHubAppProvider {
     issuer: String,
     key: EncodingKey,
+    api_url: String,
+    default_installation: u64,
     endpoint: String,
     http: reqwest::Client,
     request_timeout: Duration,
-    cache: TokenCache,
+    caches: ScopedCaches,
+    directory: Mutex<Directory>,
+    listing: tokio::sync::Mutex<()>,
     calls: AtomicU64,
+    listings: AtomicU64,
 }
 
 impl fmt::Debug for GitHubAppProvider {
@@ -197,15 +259,20 @@ impl GitHubAppProvider {
         let provider = Self {
             issuer,
             key,
+            api_url: api_url.to_owned(),
+            default_installation: config.installation_id,
             endpoint,
             http,
             request_timeout: config.request_timeout,
-            cache: TokenCache::new(config.refresh_window, clock),
+            caches: ScopedCaches::new(config.refresh_window, clock),
+            directory: Mutex::default(),
+            listing: tokio::sync::Mutex::new(()),
             calls: AtomicU64::new(0),
+            listings: AtomicU64::new(0),
         };
         // Sign once now so a key that parses but cannot sign refuses to start
         // instead of failing the first request an hour later.
-        provider.jwt(provider.cache.clock().now())?;
+        provider.jwt(provider.caches.clock().now())?;
         Ok(provider)
     }
 
@@ -214,9 +281,163 @@ impl GitHubAppProvider {
         self.calls.load(Ordering::SeqCst)
     }
 
-    /// The access-token URL this provider posts to.
+    /// Pages of `GET /app/installations` read so far.
+    pub fn listing_calls(&self) -> u64 {
+        self.listings.load(Ordering::SeqCst)
+    }
+
+    /// The access-token URL this provider posts to for the configured
+    /// installation.
     pub fn endpoint(&self) -> &str {
         &self.endpoint
+    }
+
+    fn cached_installation(&self, owner: &str) -> (Option<u64>, Option<Timestamp>) {
+        let directory = self
+            .directory
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        (
+            directory.by_owner.get(&owner.to_ascii_lowercase()).copied(),
+            directory.listed_at,
+        )
+    }
+
+    /// The installation of `owner`, from the table when it is recent enough,
+    /// else listed again (one listing at a time).
+    async fn installation_of(&self, owner: &str) -> Result<u64, ProviderError> {
+        let fresh = |listed_at: Option<Timestamp>, within: Duration| {
+            listed_at.is_some_and(|at| {
+                let age = self.caches.clock().now().duration_since(at);
+                age < SignedDuration::try_from(within).unwrap_or(SignedDuration::MAX)
+            })
+        };
+        match self.cached_installation(owner) {
+            (Some(id), at) if fresh(at, INSTALLATIONS_TTL) => return Ok(id),
+            (None, at) if fresh(at, RELIST_AFTER_MISS) => {
+                return Err(ProviderError::NotInstalled(owner.to_owned()));
+            }
+            _ => {}
+        }
+        let listed_before = self.cached_installation(owner).1;
+        let _flight = self.listing.lock().await;
+        let (known, listed_at) = self.cached_installation(owner);
+        if listed_at == listed_before {
+            // Nobody listed while we waited: list now.
+            match self.list_installations().await {
+                Ok(table) => {
+                    let mut directory = self
+                        .directory
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner);
+                    directory.by_owner = table;
+                    directory.listed_at = Some(self.caches.clock().now());
+                }
+                Err(error) => {
+                    if let Some(id) = known {
+                        tracing::warn!(
+                            "[github] listing installations failed, using the known installation of {owner}: {error}"
+                        );
+                        return Ok(id);
+                    }
+                    return Err(error);
+                }
+            }
+        }
+        self.cached_installation(owner)
+            .0
+            .ok_or_else(|| ProviderError::NotInstalled(owner.to_owned()))
+    }
+
+    /// Every installation of the App, owner (lowercased) → id, following
+    /// `Link: <…>; rel="next"` on the API's own origin only.
+    async fn list_installations(&self) -> Result<HashMap<String, u64>, ProviderError> {
+        let mut table = HashMap::new();
+        let mut url = format!("{}/app/installations?per_page=100", self.api_url);
+        for _ in 0..MAX_INSTALLATION_PAGES {
+            let jwt = self.jwt(self.caches.clock().now())?;
+            self.listings.fetch_add(1, Ordering::SeqCst);
+            let response = self
+                .http
+                .get(&url)
+                .bearer_auth(jwt.as_str())
+                .header(reqwest::header::ACCEPT, "application/vnd.github+json")
+                .header("X-GitHub-Api-Version", GITHUB_API_VERSION)
+                .send()
+                .await
+                .map_err(|e| self.classify(&e))?;
+            drop(jwt);
+            let status = response.status();
+            let next = response
+                .headers()
+                .get(reqwest::header::LINK)
+                .and_then(|v| v.to_str().ok())
+                .and_then(next_link);
+            let body = self.read_limited(response, MAX_LISTING_PAGE_BYTES).await?;
+            if !status.is_success() {
+                return Err(upstream_status(status.as_u16(), &body));
+            }
+            let page: Vec<InstallationAnswer> =
+                serde_json::from_slice(&body).map_err(|e| describe_json_error(&e))?;
+            for installation in page {
+                if let Some(account) = installation.account
+                    && crate::grants::valid_owner(&account.login)
+                {
+                    table.insert(account.login.to_ascii_lowercase(), installation.id);
+                }
+            }
+            match next {
+                None => return Ok(table),
+                Some(next) if next.starts_with(&format!("{}/", self.api_url)) => url = next,
+                Some(_) => {
+                    return Err(ProviderError::Malformed(
+                        "the installations listing links to another host".into(),
+                    ));
+                }
+            }
+        }
+        tracing::warn!(
+            "[github] the App has more than {} installations: only the first {} pages are used",
+            MAX_INSTALLATION_PAGES * 100,
+            MAX_INSTALLATION_PAGES
+        );
+        Ok(table)
+    }
+
+    async fn serve(&self, request: TokenRequest) -> Result<ServedToken, ProviderError> {
+        let scope = request.scope.as_ref();
+        let installation = match scope {
+            None => self.default_installation,
+            Some(scope) => self.installation_of(&scope.owner).await?,
+        };
+        let key = MintKey::new(installation, scope);
+        let slot = self.caches.slot(&key);
+        let issued = slot
+            .cache
+            .get_or_refresh_with(request.min_remaining, || async {
+                let (token, stated) = self.fetch(installation, scope).await?;
+                let permissions = if stated.is_empty() {
+                    scope
+                        .and_then(|s| s.permissions.as_ref())
+                        .map(|p| {
+                            p.iter()
+                                .map(|(k, v)| (k.clone(), v.as_str().to_owned()))
+                                .collect()
+                        })
+                        .unwrap_or_default()
+                } else {
+                    stated
+                };
+                slot.set_permissions(permissions);
+                Ok(token)
+            })
+            .await?;
+        Ok(ServedToken {
+            issued,
+            owner: scope.map(|s| s.owner.clone()),
+            repositories: scope.and_then(Scope::full_names),
+            permissions: slot.permissions(),
+        })
     }
 
     fn jwt(&self, now: Timestamp) -> Result<Zeroizing<String>, ProviderError> {
@@ -232,33 +453,72 @@ impl GitHubAppProvider {
             })
     }
 
-    async fn fetch(&self) -> Result<IssuedToken, ProviderError> {
-        let jwt = self.jwt(self.cache.clock().now())?;
+    /// Mints a token of `installation`, scoped as `scope` says; the token
+    /// and the permissions GitHub's answer states.
+    async fn fetch(
+        &self,
+        installation: u64,
+        scope: Option<&Scope>,
+    ) -> Result<(IssuedToken, BTreeMap<String, String>), ProviderError> {
+        let jwt = self.jwt(self.caches.clock().now())?;
         self.calls.fetch_add(1, Ordering::SeqCst);
-        let response = self
+        let endpoint = if installation == self.default_installation {
+            self.endpoint.clone()
+        } else {
+            format!(
+                "{}/app/installations/{installation}/access_tokens",
+                self.api_url
+            )
+        };
+        let mut post = self
             .http
-            .post(&self.endpoint)
+            .post(&endpoint)
             .bearer_auth(jwt.as_str())
             .header(reqwest::header::ACCEPT, "application/vnd.github+json")
-            .header("X-GitHub-Api-Version", GITHUB_API_VERSION)
-            .send()
-            .await
-            .map_err(|e| self.classify(&e))?;
+            .header("X-GitHub-Api-Version", GITHUB_API_VERSION);
+        if let Some(scope) = scope
+            && (scope.repositories.is_some() || scope.permissions.is_some())
+        {
+            let body = MintBody {
+                repositories: scope.repositories.as_deref(),
+                permissions: scope.permissions.as_ref().map(|p| {
+                    p.iter()
+                        .map(|(name, level)| (name.as_str(), level.as_str()))
+                        .collect()
+                }),
+            };
+            let body = serde_json::to_vec(&body).map_err(|e| {
+                ProviderError::Config(format!("cannot encode the mint request: {e}"))
+            })?;
+            post = post
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body);
+        }
+        let response = post.send().await.map_err(|e| self.classify(&e))?;
         drop(jwt);
         let status = response.status();
         let body = self.read_body(response).await?;
         if !status.is_success() {
-            let detail = serde_json::from_slice::<ErrorAnswer>(&body)
-                .ok()
-                .and_then(|a| a.message)
-                .map(|m| sanitize(&m));
-            return Err(ProviderError::UpstreamStatus {
-                status: status.as_u16(),
-                detail,
-            });
+            return Err(upstream_status(status.as_u16(), &body));
         }
         let answer: AccessTokenAnswer =
             serde_json::from_slice(&body).map_err(|e| describe_json_error(&e))?;
+        let stated: BTreeMap<String, String> =
+            serde_json::from_slice::<AccessTokenPermissions>(&body)
+                .map(|a| {
+                    a.permissions
+                        .into_iter()
+                        .filter_map(|(k, v)| {
+                            let level = v.as_str()?;
+                            (crate::grants::valid_permission_name(&k)
+                                && level.len() <= 16
+                                && level.bytes().all(|b| b.is_ascii_lowercase()))
+                            .then(|| (k, level.to_owned()))
+                        })
+                        .take(crate::grants::MAX_PERMISSIONS)
+                        .collect()
+                })
+                .unwrap_or_default();
         let token = answer.token.expose_secret();
         if token.is_empty() {
             return Err(ProviderError::Malformed("empty token".into()));
@@ -279,11 +539,34 @@ impl GitHubAppProvider {
             expires_at,
         };
         tracing::info!(
-            "[github] installation token minted (fingerprint {}, expires at {})",
+            "[github] installation token minted (fingerprint {}, expires at {}, installation {installation})",
             issued.fingerprint(),
             issued.expires_at
         );
-        Ok(issued)
+        Ok((issued, stated))
+    }
+
+    /// A body of at most `limit` bytes (no secret in it: not zeroized).
+    async fn read_limited(
+        &self,
+        mut response: reqwest::Response,
+        limit: usize,
+    ) -> Result<Vec<u8>, ProviderError> {
+        if response.content_length().is_some_and(|n| n > limit as u64) {
+            return Err(ProviderError::Malformed(format!(
+                "answer larger than {limit} bytes"
+            )));
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(|e| self.classify(&e))? {
+            if body.len() + chunk.len() > limit {
+                return Err(ProviderError::Malformed(format!(
+                    "answer larger than {limit} bytes"
+                )));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body)
     }
 
     async fn read_body(
@@ -319,6 +602,27 @@ impl GitHubAppProvider {
             ProviderError::Transport(error_chain(error))
         }
     }
+}
+
+/// A non-success answer as an error, with GitHub's `message` sanitised.
+fn upstream_status(status: u16, body: &[u8]) -> ProviderError {
+    let detail = serde_json::from_slice::<ErrorAnswer>(body)
+        .ok()
+        .and_then(|a| a.message)
+        .map(|m| sanitize(&m));
+    ProviderError::UpstreamStatus { status, detail }
+}
+
+/// The `rel="next"` target of a `Link` header.
+fn next_link(header: &str) -> Option<String> {
+    header.split(',').find_map(|part| {
+        let (target, params) = part.trim().split_once(';')?;
+        let is_next = params
+            .split(';')
+            .any(|p| p.trim().replace(' ', "") == "rel=\"next\"");
+        let target = target.trim().strip_prefix('<')?.strip_suffix('>')?;
+        is_next.then(|| target.to_owned())
+    })
 }
 
 /// `error` and its sources joined with `: `.
@@ -379,7 +683,31 @@ fn describe_json_error(error: &serde_json::Error) -> ProviderError {
 
 impl TokenProvider for GitHubAppProvider {
     fn token(&self) -> TokenFuture<'_> {
-        Box::pin(self.cache.get_or_refresh(|| self.fetch()))
+        Box::pin(async {
+            self.serve(TokenRequest::default())
+                .await
+                .map(|served| served.issued)
+        })
+    }
+
+    fn scoped_token(&self, request: TokenRequest) -> ServedFuture<'_> {
+        Box::pin(self.serve(request))
+    }
+
+    fn report_refusal(&self, scopes: Vec<Option<Scope>>, sha256: [u8; 32]) -> RefusalFuture<'_> {
+        Box::pin(async move {
+            let keys: Vec<MintKey> = scopes
+                .iter()
+                .filter_map(|scope| match scope {
+                    None => Some(MintKey::new(self.default_installation, None)),
+                    Some(s) => self
+                        .cached_installation(&s.owner)
+                        .0
+                        .map(|id| MintKey::new(id, Some(s))),
+                })
+                .collect();
+            self.caches.refuse(&keys, &sha256)
+        })
     }
 }
 
@@ -431,6 +759,17 @@ mod tests {
                 .to_string()
                 .contains("URL")
         );
+    }
+
+    #[test]
+    fn next_links() {
+        let header = r#"<https://api.github.com/app/installations?page=2>; rel="next", <https://api.github.com/app/installations?page=5>; rel="last""#;
+        assert_eq!(
+            next_link(header).as_deref(),
+            Some("https://api.github.com/app/installations?page=2")
+        );
+        assert_eq!(next_link(r#"<https://x/?page=1>; rel="prev""#), None);
+        assert_eq!(next_link("garbage"), None);
     }
 
     #[test]

@@ -10,6 +10,10 @@
 //! - [`registry`]: provision-time plugins, one of which may also be the
 //!   token provider.
 //! - [`github`]: the GitHub App provider (JWT → installation access token).
+//! - [`grants`]: the grants file: which owners, repositories and
+//!   permissions each workspace's tokens are scoped to.
+//! - [`scoped`]: one token cache per (installation, repositories,
+//!   permissions), bounded, and the refusal rate limit.
 //! - [`dev`]: a provider minting fake `ghs_` tokens for local runs and tests.
 //! - [`auth`]: admin and per-workspace bearer checks.
 //! - [`service`]: the HTTP endpoints (axum) and a bounded server loop.
@@ -21,13 +25,19 @@ pub mod auth;
 pub mod config;
 pub mod dev;
 pub mod github;
+pub mod grants;
 pub mod provider;
 pub mod registry;
+pub mod scoped;
 pub mod service;
 
 pub use auth::{Auth, WorkspaceTokens};
 pub use dev::DevProvider;
 pub use github::{GitHubAppConfig, GitHubAppProvider};
-pub use provider::{Clock, IssuedToken, ProviderError, TokenCache, TokenProvider};
+pub use grants::{Ask, GrantError, GrantTable, Grants, GrantsFileError, Scope};
+pub use provider::{
+    Clock, IssuedToken, ProviderError, RefusalOutcome, ServedToken, TokenCache, TokenProvider,
+    TokenRequest,
+};
 pub use registry::{ProvisionPlugin, Registry};
 pub use service::{AppState, ServiceLimits, app, serve};

@@ -3,7 +3,8 @@
 //! Prints `molecule-platform listening on http://ADDR` as the first line of
 //! stdout once bound (scripts and tests read the port from it), then how to
 //! point a daemon at it. Logs go to stderr. SIGTERM/SIGINT drain and exit 0;
-//! SIGHUP re-reads the workspace tokens file.
+//! SIGHUP re-reads the workspace tokens file and the grants file (a broken
+//! one keeps the previous table and says why in one line).
 //!
 //! Before anything else, while the process is still one thread, `main`
 //! makes the process non-dumpable and takes `ADMIN_TOKEN` out of the
@@ -24,7 +25,7 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use molecule_platform::config::{Args, Config, LogFormat, ProviderChoice};
 use molecule_platform::{
-    AppState, Auth, DevProvider, GitHubAppProvider, Registry, WorkspaceTokens,
+    AppState, Auth, DevProvider, GitHubAppProvider, Grants, Registry, WorkspaceTokens,
 };
 use rand::Rng;
 use rand::distr::Alphanumeric;
@@ -230,9 +231,23 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         if auth.has_admin() { "set" } else { "unset" },
         auth.workspaces().len()
     );
-    let state = AppState::new(Arc::clone(&registry), auth);
+    let grants = match &config.grants_file {
+        Some(path) => Grants::load(path).context("PLATFORM_GRANTS_FILE")?,
+        None => Grants::none(),
+    };
+    match grants.current() {
+        Some(table) => tracing::info!(
+            "grants: {} workspace(s); tokens are scoped to each workspace's grant",
+            table.len()
+        ),
+        None => tracing::info!(
+            "grants: none (PLATFORM_GRANTS_FILE unset): every workspace gets the configured installation's token"
+        ),
+    }
+    let state = AppState::new(Arc::clone(&registry), auth).with_grants(Arc::new(grants));
     let limits = state.limits().clone();
     let auth = Arc::clone(state.auth());
+    let grants = Arc::clone(state.grants());
 
     let listener =
         listen(config.listen).with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -250,6 +265,15 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                     "SIGHUP: keeping the previous workspace tokens: {}",
                     error_chain(&error)
                 ),
+            }
+            if grants.source().is_some() {
+                match grants.reload() {
+                    Ok(n) => tracing::info!("SIGHUP: reloaded grants ({n} workspaces)"),
+                    Err(error) => tracing::error!(
+                        "SIGHUP: keeping the previous grants: {}",
+                        error_chain(&error)
+                    ),
+                }
             }
         }
     });

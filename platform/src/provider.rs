@@ -14,6 +14,7 @@
 //! The trait returns a boxed future so it stays object safe: the registry and
 //! the service hold providers as `Arc<dyn TokenProvider>`.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -24,9 +25,17 @@ use jiff::{SignedDuration, Timestamp};
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 
+use crate::grants::Scope;
+
 /// How long before expiry a cached token is replaced (GitHub's own plugin
 /// uses the same five minutes).
 pub const REFRESH_WINDOW: Duration = Duration::from_secs(5 * 60);
+
+/// The most remaining life a caller may demand of a cached token
+/// (`min_remaining_secs`). A demand close to a token's whole life would make
+/// every call mint; this cap (and half the token's life, whichever is less)
+/// keeps a misbehaving or hostile client from turning the cache off.
+pub const MAX_MIN_REMAINING: Duration = Duration::from_secs(30 * 60);
 
 /// After a failed upstream call, how long further callers get the same error
 /// without a new call, so a failing upstream sees a few calls a minute at
@@ -58,6 +67,12 @@ pub(crate) fn fingerprint(secret: &str) -> String {
     digest[..6].iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Whether the SHA-256 of `token`'s text is `sha256` (constant time).
+fn digest_matches(token: &IssuedToken, sha256: &[u8; 32]) -> bool {
+    let digest: [u8; 32] = Sha256::digest(token.token.expose_secret().as_bytes()).into();
+    bool::from(subtle::ConstantTimeEq::ct_eq(&digest[..], &sha256[..]))
+}
+
 /// Why a provider could not produce a token. Never contains a token, a JWT or
 /// an upstream response body.
 #[derive(Clone, Debug, thiserror::Error)]
@@ -82,6 +97,9 @@ pub enum ProviderError {
     /// The provider is misconfigured (bad key, bad URL, bad id).
     #[error("configuration: {0}")]
     Config(String),
+    /// The GitHub App is not installed on this account.
+    #[error("the GitHub App is not installed on account {0}")]
+    NotInstalled(String),
 }
 
 fn detail_suffix(detail: &Option<String>) -> String {
@@ -100,6 +118,7 @@ impl ProviderError {
             Self::Transport(_) => "transport",
             Self::Malformed(_) => "malformed",
             Self::Config(_) => "config",
+            Self::NotInstalled(_) => "not_installed",
         }
     }
 }
@@ -117,7 +136,99 @@ pub type TokenFuture<'a> =
 pub trait TokenProvider: Send + Sync {
     /// The current token and its expiry.
     fn token(&self) -> TokenFuture<'_>;
+
+    /// A token for `request`: its scope (`None`: the configured installation,
+    /// unscoped, as [`TokenProvider::token`]) with at least its
+    /// `min_remaining` of life when the cache can tell.
+    ///
+    /// The default serves unscoped requests from [`TokenProvider::token`]
+    /// and refuses scoped ones (a provider that cannot down-scope must never
+    /// hand out a broader token).
+    fn scoped_token(&self, request: TokenRequest) -> ServedFuture<'_> {
+        Box::pin(async move {
+            if request.scope.is_some() {
+                return Err(ProviderError::Config(
+                    "this token provider cannot mint tokens scoped by a grant".into(),
+                ));
+            }
+            let issued = self.token().await?;
+            Ok(ServedToken::unscoped(issued))
+        })
+    }
+
+    /// A workspace reports that GitHub refused the token whose SHA-256 is
+    /// `sha256`; `scopes` are those the workspace may use (`None`: the
+    /// unscoped one). A matching cached token is dropped, at most once per
+    /// installation per [`REFUSAL_INTERVAL`]. The default does nothing.
+    fn report_refusal(&self, scopes: Vec<Option<Scope>>, sha256: [u8; 32]) -> RefusalFuture<'_> {
+        let _ = (scopes, sha256);
+        Box::pin(async { RefusalOutcome::NoMatch })
+    }
 }
+
+/// What a caller asks a provider for.
+#[derive(Clone, Debug, Default)]
+pub struct TokenRequest {
+    /// `None`: the configured installation, unscoped.
+    pub scope: Option<Scope>,
+    /// The least remaining life the caller accepts of a cached token
+    /// (clamped, see [`MAX_MIN_REMAINING`]).
+    pub min_remaining: Duration,
+}
+
+/// A token with the scope it was minted for.
+#[derive(Clone, Debug)]
+pub struct ServedToken {
+    /// The token and its expiry.
+    pub issued: IssuedToken,
+    /// The account it is for, when known.
+    pub owner: Option<String>,
+    /// `OWNER/NAME` of each repository it covers; `None`: all of the
+    /// installation's.
+    pub repositories: Option<Vec<String>>,
+    /// Its permissions, as GitHub's answer states them (or the grant's).
+    pub permissions: BTreeMap<String, String>,
+}
+
+impl ServedToken {
+    /// `issued` for an unknown owner, every repository, unknown permissions.
+    pub fn unscoped(issued: IssuedToken) -> Self {
+        Self {
+            issued,
+            owner: None,
+            repositories: None,
+            permissions: BTreeMap::new(),
+        }
+    }
+}
+
+/// The future [`TokenProvider::scoped_token`] returns.
+pub type ServedFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<ServedToken, ProviderError>> + Send + 'a>>;
+
+/// The future [`TokenProvider::report_refusal`] returns.
+pub type RefusalFuture<'a> = Pin<Box<dyn Future<Output = RefusalOutcome> + Send + 'a>>;
+
+/// What a refusal report did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RefusalOutcome {
+    /// The refused token was cached and is dropped: the next call mints.
+    Dropped,
+    /// No cached token of the workspace's scopes matches: nothing changed.
+    NoMatch,
+    /// It matches, but its installation had a token dropped less than
+    /// [`REFUSAL_INTERVAL`] ago: try again after this long.
+    Limited {
+        /// Until the installation may have a token dropped again.
+        retry_after: Duration,
+    },
+}
+
+/// At most one refused token is dropped per installation per this interval,
+/// so no workspace can make the platform hammer GitHub by reporting
+/// refusals: a real revocation needs one drop, and a token GitHub keeps
+/// refusing after a fresh mint is not fixed by minting faster.
+pub const REFUSAL_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Where "now" comes from: the system clock in production, a controllable
 /// one in tests of the refresh window.
@@ -219,14 +330,45 @@ impl TokenCache {
         &self.clock
     }
 
-    /// The cached token when it is outside its refresh window.
-    fn fresh(&self, now: Timestamp) -> Option<IssuedToken> {
+    /// The cached token when it is outside its refresh window and has at
+    /// least `min_remaining` of life left (clamped, see
+    /// [`MAX_MIN_REMAINING`]).
+    fn fresh(&self, now: Timestamp, min_remaining: SignedDuration) -> Option<IssuedToken> {
         let guard = self.current.read().unwrap_or_else(PoisonError::into_inner);
         let cached = guard.as_ref()?;
         let life = cached.token.expires_at.duration_since(cached.obtained_at);
         let window = self.refresh_window.min(life / 2);
+        // Never more than half the token's life: a freshly minted token must
+        // satisfy the demand, or every call would mint.
+        let demanded = min_remaining.min(signed(MAX_MIN_REMAINING)).min(life / 2);
         let remaining = cached.token.expires_at.duration_since(now);
-        (remaining > window).then(|| cached.token.clone())
+        (remaining > window && remaining >= demanded).then(|| cached.token.clone())
+    }
+
+    /// Whether the cached token's SHA-256 is `sha256`.
+    pub fn holds_matching(&self, sha256: &[u8; 32]) -> bool {
+        let guard = self.current.read().unwrap_or_else(PoisonError::into_inner);
+        guard
+            .as_ref()
+            .is_some_and(|cached| digest_matches(&cached.token, sha256))
+    }
+
+    /// Drops the cached token when the SHA-256 of its text is `sha256`;
+    /// whether it did.
+    pub fn invalidate_matching(&self, sha256: &[u8; 32]) -> bool {
+        let mut guard = self.current.write().unwrap_or_else(PoisonError::into_inner);
+        let matches = guard
+            .as_ref()
+            .is_some_and(|cached| digest_matches(&cached.token, sha256));
+        if matches {
+            *guard = None;
+        }
+        matches
+    }
+
+    /// Whether a token is cached that has not expired.
+    pub fn holds_unexpired(&self) -> bool {
+        self.unexpired(self.clock.now()).is_some()
     }
 
     /// The cached token when it has not expired, whatever its window.
@@ -249,13 +391,30 @@ impl TokenCache {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<IssuedToken, ProviderError>>,
     {
-        if let Some(token) = self.fresh(self.clock.now()) {
+        self.get_or_refresh_with(Duration::ZERO, fetch).await
+    }
+
+    /// Like [`TokenCache::get_or_refresh`], also replacing a cached token
+    /// with less than `min_remaining` of life left (clamped to
+    /// [`MAX_MIN_REMAINING`] and to half the token's life, so no caller can
+    /// make every call mint).
+    pub async fn get_or_refresh_with<F, Fut>(
+        &self,
+        min_remaining: Duration,
+        fetch: F,
+    ) -> Result<IssuedToken, ProviderError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<IssuedToken, ProviderError>>,
+    {
+        let min_remaining = signed(min_remaining);
+        if let Some(token) = self.fresh(self.clock.now(), min_remaining) {
             return Ok(token);
         }
         let seen = self.lock_attempts().completed;
         let _flight = self.refresh.lock().await;
         let now = self.clock.now();
-        if let Some(token) = self.fresh(now) {
+        if let Some(token) = self.fresh(now, min_remaining) {
             return Ok(token);
         }
         {

@@ -1,18 +1,39 @@
 //! The HTTP endpoints and a bounded server loop.
 //!
 //! Routes:
-//! - `GET /workspaces/{id}/github-installation-token`: that workspace's
-//!   bearer or the admin bearer;
+//! - `GET /workspaces/{id}/github-installation-token[?repository=OWNER/NAME
+//!   | ?owner=OWNER][&min_remaining_secs=N]`: that workspace's bearer or the
+//!   admin bearer;
+//! - `POST /workspaces/{id}/github-installation-token/refusals` with
+//!   `{"sha256": HEX}`: the workspace reports that GitHub refused that token;
 //! - `GET /admin/github-installation-token`: the admin bearer (any workspace
-//!   bearer when no admin bearer is configured);
+//!   bearer when no admin bearer is configured): the configured
+//!   installation's token, unscoped;
 //! - `GET /healthz`.
 //!
-//! Answers: 200 `{"token","expires_at"}` (RFC 3339, UTC, `Z`) with
-//! `Cache-Control: no-store`; 401 for a missing or wrong bearer (checked
-//! before anything else, so strangers learn nothing about the setup); 404
-//! when no provider is registered; 500 `token refresh failed` when the
+//! Answers: 200 `{"token","expires_at","owner","repositories",
+//! "permissions"}` (`expires_at` RFC 3339, UTC, `Z`; `owner` absent when not
+//! known, that is without a grants file; `repositories` absent when the token
+//! covers all of the installation's) with `Cache-Control: no-store`; 401 for
+//! a missing or wrong bearer (checked before anything else, so strangers
+//! learn nothing about the setup); 400 for a malformed query; 403 when a
+//! grants file is in force and the workspace has no entry or asks outside
+//! it (no token is minted); 404 when no provider is registered or the App is
+//! not installed on the owner asked for; 500 `token refresh failed` when the
 //! provider fails, logged with a `[github]` prefix and the cause, never the
-//! token. Error bodies are fixed strings: internals stay in the log.
+//! token. Error bodies name only what the caller asked for: internals stay
+//! in the log.
+//!
+//! `min_remaining_secs=N`: the cached token is served only if it has at
+//! least N seconds of life left (and is outside the platform's own refresh
+//! window); otherwise one is minted (single flight). N is clamped to
+//! [`MAX_MIN_REMAINING`](crate::provider::MAX_MIN_REMAINING) and to half a
+//! token's life so no client can make every call mint.
+//!
+//! Refusals: a matching cached token of a scope the workspace may use is
+//! dropped so the next GET mints a fresh one; at most one drop per
+//! installation per [`REFUSAL_INTERVAL`](crate::provider::REFUSAL_INTERVAL)
+//! (else 429 with `Retry-After`). The body carries only the token's SHA-256.
 //!
 //! Every request is bounded (total time, concurrency, body size) and so is
 //! every connection (count, time to a complete request head, idle time);
@@ -35,10 +56,11 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::error_handling::HandleErrorLayer;
-use axum::extract::{Path, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use hyper_util::rt::TokioIo;
 use jiff::Timestamp;
 use secrecy::ExposeSecret;
@@ -52,6 +74,8 @@ use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
 
 use crate::auth::{Auth, AuthError, Caller, MAX_BEARER_BYTES, valid_workspace_id};
+use crate::grants::{Ask, Grants, Scope};
+use crate::provider::{ProviderError, RefusalOutcome, ServedToken, TokenRequest};
 use crate::registry::Registry;
 
 mod connections;
@@ -131,6 +155,7 @@ impl Default for ServiceLimits {
 pub struct AppState {
     registry: Arc<Registry>,
     auth: Arc<Auth>,
+    grants: Arc<Grants>,
     limits: ServiceLimits,
 }
 
@@ -141,8 +166,21 @@ impl AppState {
         Self {
             registry,
             auth: Arc::new(auth),
+            grants: Arc::new(Grants::none()),
             limits: ServiceLimits::default(),
         }
+    }
+
+    /// Replaces the grants (default: none, every workspace gets the
+    /// configured installation's token, unscoped).
+    pub fn with_grants(mut self, grants: Arc<Grants>) -> Self {
+        self.grants = grants;
+        self
+    }
+
+    /// The grants in force (to reload them on SIGHUP).
+    pub fn grants(&self) -> &Arc<Grants> {
+        &self.grants
     }
 
     /// Replaces the request limits.
@@ -175,6 +213,10 @@ pub fn app(state: AppState) -> Router {
             "/workspaces/{id}/github-installation-token",
             get(workspace_token),
         )
+        .route(
+            "/workspaces/{id}/github-installation-token/refusals",
+            post(workspace_refusal),
+        )
         .route("/admin/github-installation-token", get(admin_token))
         .route("/healthz", get(healthz))
         .fallback(not_found)
@@ -204,6 +246,76 @@ pub fn app(state: AppState) -> Router {
 struct TokenAnswer<'a> {
     token: &'a str,
     expires_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    owner: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    repositories: Option<&'a [String]>,
+    permissions: &'a std::collections::BTreeMap<String, String>,
+}
+
+/// Query parameters of the token route.
+pub const MIN_REMAINING_PARAMETER: &str = "min_remaining_secs";
+
+/// What a token request's query asks.
+#[derive(Debug, PartialEq, Eq)]
+struct TokenQuery {
+    ask: Ask,
+    min_remaining: Duration,
+}
+
+/// Parses the token route's query; `Err` is the 400 message.
+fn parse_token_query(pairs: &[(String, String)]) -> Result<TokenQuery, String> {
+    let mut ask = Ask::Default;
+    let mut min_remaining = None;
+    for (name, value) in pairs {
+        match name.as_str() {
+            "repository" | "owner" => {
+                if ask != Ask::Default {
+                    return Err("give one of repository and owner, once".into());
+                }
+                ask = if name == "repository" {
+                    Ask::repository(value)?
+                } else {
+                    Ask::owner(value)?
+                };
+            }
+            MIN_REMAINING_PARAMETER => {
+                if min_remaining.is_some() {
+                    return Err(format!("{MIN_REMAINING_PARAMETER} given twice"));
+                }
+                let secs: u64 = value
+                    .parse()
+                    .ok()
+                    .filter(|_| value.len() <= 10)
+                    .ok_or_else(|| {
+                        format!("{MIN_REMAINING_PARAMETER} must be a whole number of seconds")
+                    })?;
+                min_remaining = Some(Duration::from_secs(secs));
+            }
+            _ => {
+                return Err(format!(
+                    "unknown query parameter (known: repository, owner, {MIN_REMAINING_PARAMETER})"
+                ));
+            }
+        }
+    }
+    Ok(TokenQuery {
+        ask,
+        min_remaining: min_remaining.unwrap_or_default(),
+    })
+}
+
+/// The scope a request gets under the grants in force: `Ok(None)` is the
+/// configured installation, unscoped (no grants file).
+fn resolve_scope(
+    grants: &Grants,
+    workspace: &str,
+    ask: &Ask,
+) -> Result<Option<Scope>, crate::grants::GrantError> {
+    match grants.current() {
+        None => Ok(None),
+        Some(table) => table.resolve(workspace, ask).map(Some),
+    }
 }
 
 #[derive(Serialize)]
@@ -271,30 +383,148 @@ fn refused(route: &str, workspace: Option<&str>, error: AuthError) -> Response {
 async fn workspace_token(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
     headers: HeaderMap,
 ) -> Response {
     let caller = bearer(&headers).and_then(|b| state.auth.authorize_workspace(&id, Some(b)));
-    match caller {
-        Ok(caller) => serve_token(&state, caller).await,
-        Err(error) => refused("workspace", Some(&id), error),
-    }
+    let caller = match caller {
+        Ok(caller) => caller,
+        Err(error) => return refused("workspace", Some(&id), error),
+    };
+    let query = match query {
+        Ok(Query(pairs)) => parse_token_query(&pairs),
+        Err(_) => Err("the query is not URL-encoded".to_owned()),
+    };
+    let query = match query {
+        Ok(query) => query,
+        Err(message) => return json_error(StatusCode::BAD_REQUEST, &message),
+    };
+    let scope = match resolve_scope(&state.grants, &id, &query.ask) {
+        Ok(scope) => scope,
+        Err(error) => {
+            tracing::warn!(workspace = %id, "token refused: {error}");
+            return json_error(StatusCode::FORBIDDEN, &error.to_string());
+        }
+    };
+    let request = TokenRequest {
+        scope,
+        min_remaining: query.min_remaining,
+    };
+    serve_token(&state, caller, request).await
 }
 
 async fn admin_token(State(state): State<AppState>, headers: HeaderMap) -> Response {
     let caller = bearer(&headers).and_then(|b| state.auth.authorize_admin(Some(b)));
     match caller {
-        Ok(caller) => serve_token(&state, caller).await,
+        Ok(caller) => serve_token(&state, caller, TokenRequest::default()).await,
         Err(error) => refused("admin", None, error),
     }
 }
 
-async fn serve_token(state: &AppState, caller: Caller) -> Response {
+/// Largest refusal report body read.
+pub const MAX_REFUSAL_BODY_BYTES: usize = 1024;
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RefusalReport {
+    sha256: String,
+}
+
+fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
+    if hex.len() != 64
+        || !hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in hex.as_bytes().chunks(2).enumerate() {
+        out[i] = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
+    }
+    Some(out)
+}
+
+async fn workspace_refusal(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Err(error) = bearer(&headers).and_then(|b| state.auth.authorize_workspace(&id, Some(b)))
+    {
+        return refused("refusal", Some(&id), error);
+    }
+    if body.len() > MAX_REFUSAL_BODY_BYTES {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            &format!("the body is larger than {MAX_REFUSAL_BODY_BYTES} bytes"),
+        );
+    }
+    let Some(sha256) = serde_json::from_slice::<RefusalReport>(&body)
+        .ok()
+        .and_then(|r| parse_sha256(&r.sha256))
+    else {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            "expected {\"sha256\": \"<64 lowercase hex digits of the refused token's SHA-256>\"}",
+        );
+    };
+    let Some(provider) = state.registry.first_token_provider() else {
+        return StatusCode::NO_CONTENT.into_response();
+    };
+    let scopes: Vec<Option<Scope>> = match state.grants.current() {
+        None => vec![None],
+        Some(table) => table.scopes(&id).into_iter().map(Some).collect(),
+    };
+    let prefix: String = body_prefix(&sha256);
+    match provider.report_refusal(scopes, sha256).await {
+        RefusalOutcome::Dropped => {
+            tracing::info!(
+                workspace = %id,
+                "[github] refused token (fingerprint {prefix}) dropped from the cache"
+            );
+            StatusCode::NO_CONTENT.into_response()
+        }
+        RefusalOutcome::NoMatch => StatusCode::NO_CONTENT.into_response(),
+        RefusalOutcome::Limited { retry_after } => {
+            tracing::warn!(
+                workspace = %id,
+                "[github] refusal of token {prefix} rate-limited (one drop per installation per {})",
+                humantime::format_duration(crate::provider::REFUSAL_INTERVAL)
+            );
+            let mut response = json_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "a refused token of this installation was dropped moments ago; retry later",
+            );
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(retry_after.as_secs().max(1)),
+            );
+            response
+        }
+    }
+}
+
+/// The fingerprint logs use (first 12 hex digits of the SHA-256).
+fn body_prefix(sha256: &[u8; 32]) -> String {
+    sha256[..6].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+async fn serve_token(state: &AppState, caller: Caller, request: TokenRequest) -> Response {
     let Some(provider) = state.registry.first_token_provider() else {
         return json_error(StatusCode::NOT_FOUND, "no GitHub App configured");
     };
     let failed = || json_error(StatusCode::INTERNAL_SERVER_ERROR, "token refresh failed");
-    let issued = match provider.token().await {
-        Ok(issued) => issued,
+    let served: ServedToken = match provider.scoped_token(request).await {
+        Ok(served) => served,
+        Err(ProviderError::NotInstalled(owner)) => {
+            tracing::warn!("[github] the GitHub App is not installed on account {owner}");
+            return json_error(
+                StatusCode::NOT_FOUND,
+                &format!("the GitHub App is not installed on account {owner}"),
+            );
+        }
         Err(error) => {
             tracing::error!(
                 class = error.class(),
@@ -303,6 +533,7 @@ async fn serve_token(state: &AppState, caller: Caller) -> Response {
             return failed();
         }
     };
+    let issued = &served.issued;
     let token = issued.token.expose_secret();
     if token.is_empty() {
         tracing::error!("[github] token refresh failed: the provider returned an empty token");
@@ -327,6 +558,9 @@ async fn serve_token(state: &AppState, caller: Caller) -> Response {
     let answer = TokenAnswer {
         token,
         expires_at: format_expiry(issued.expires_at),
+        owner: served.owner.as_deref(),
+        repositories: served.repositories.as_deref(),
+        permissions: &served.permissions,
     };
     match serde_json::to_vec(&answer) {
         Ok(body) => json(StatusCode::OK, body),

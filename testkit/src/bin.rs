@@ -64,6 +64,11 @@ pub fn platform() -> PathBuf {
     binary("molecule-platform")
 }
 
+/// `target/debug/github-stand-in` (the GitHub stand-in as a process).
+pub fn github_stand_in() -> PathBuf {
+    binary("github-stand-in")
+}
+
 /// Whether `program` is an executable on `PATH`; a test needing a tool the
 /// machine lacks says so ([`skip`]) and passes.
 pub fn have_tool(program: &str) -> bool {

@@ -3,8 +3,9 @@
 //! Why: the point of the whole project is that git keeps working as tokens
 //! rotate. This server runs `git http-backend` (real clones, fetches and
 //! pushes) and accepts only Basic auth `x-access-token:<token>` with a token
-//! the platform double issued and that has not expired or been revoked, as
-//! GitHub would; it counts what it refused and which tokens it accepted.
+//! the platform double issued, that has not expired or been revoked and
+//! whose stated scope reaches the repository (`OWNER/NAME.git`), as GitHub
+//! would; it counts what it refused and which tokens it accepted.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -139,10 +140,27 @@ fn base64_decode(input: &str) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// `(OWNER, NAME)` of a `/OWNER/NAME.git/...` request path.
+fn repository_of(path: &str) -> Option<(String, String)> {
+    let mut segments = path.trim_start_matches('/').split('/');
+    let owner = segments.next()?;
+    let name = segments.next()?.strip_suffix(".git")?;
+    Some((owner.to_owned(), name.to_owned()))
+}
+
 async fn git_cgi(State(shared): State<Arc<GitShared>>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     let offered = basic_token(&parts.headers);
-    let token = offered.clone().filter(|t| shared.authority.is_current(t));
+    // A token must be current and, for an `OWNER/NAME.git` path, scoped to
+    // reach that repository (GitHub refuses an installation token outside
+    // its account and repositories).
+    let repository = repository_of(parts.uri.path());
+    let token = offered.clone().filter(|t| {
+        shared.authority.is_current(t)
+            && repository
+                .as_ref()
+                .is_none_or(|(owner, name)| shared.authority.may_access(t, owner, name))
+    });
     let Some(token) = token else {
         match offered {
             Some(_) => *lock(&shared.rejected) += 1,

@@ -17,6 +17,8 @@
 //! - [`platform`]: the platform doubles, in-process ([`TestPlatform`]) and the
 //!   real binary ([`PlatformProcess`]);
 //! - [`git`]: git's own smart-HTTP backend behind token auth;
+//! - [`github_stand_in`]: GitHub's App API on loopback (re-exported crate),
+//!   for tests running the platform in GitHub mode;
 //! - [`client`]: raw protocol exchanges with a daemon's socket;
 //! - [`sandbox`], [`daemon`] and [`fixture`]: one test's private world, the
 //!   daemon started in it, and the setup most daemon tests share.
@@ -45,7 +47,10 @@ pub use capture::{Captured, Transcript, has_word};
 pub use daemon::{Daemon, DaemonBuilder, FAST_BACKOFF};
 pub use fixture::{start_daemon, start_daemon_with, with_platform};
 pub use git::GitServer;
-pub use platform::{Fault, IssuedToken, PlatformProcess, TestPlatform, TokenAuthority};
+pub use github_stand_in;
+pub use platform::{
+    Fault, IssuedToken, PlatformOptions, PlatformProcess, TestPlatform, TokenAuthority,
+};
 pub use process::{Cmd, CmdOutput, Process};
 pub use sandbox::{Sandbox, write_file};
 pub use secrets::{Secrets, assert_secret, fingerprint, sha256_hex};

@@ -79,8 +79,8 @@ pub(crate) trait Fetch: Clone + Send + Sync + 'static {
 }
 
 impl Fetch for PlatformClient {
-    fn fetch(&self, ask: Ask<'_>) -> impl Future<Output = Result<Grant, PlatformError>> + Send {
-        async move { PlatformClient::fetch(self, &ask).await }
+    async fn fetch(&self, ask: Ask<'_>) -> Result<Grant, PlatformError> {
+        PlatformClient::fetch(self, &ask).await
     }
 
     fn report_refusal(

@@ -434,3 +434,154 @@ async fn help_and_version_exit_1_quietly_when_stdout_is_closed() {
     );
     assert!(stdout.is_empty(), "{stdout}");
 }
+
+#[tokio::test]
+async fn sighup_applies_a_changed_grants_file_and_keeps_it_when_broken() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tokens = dir.path().join("workspace-tokens");
+    let grants = dir.path().join("grants.toml");
+    let bearer = "bearer-of-the-grants-workspace-123456";
+    std::fs::write(&tokens, format!("ws-g {}\n", sha256_hex(bearer))).expect("write");
+    std::fs::write(&grants, "[workspace.ws-g]\nrepositories = [\"acme/api\"]\n").expect("write");
+    let mut platform = PlatformProcess::spawn(
+        &["--dev", "--listen", "127.0.0.1:0"],
+        &[
+            ("ADMIN_TOKEN", "admin-for-the-grants-test-0123"),
+            ("PLATFORM_WORKSPACE_TOKENS_FILE", tokens.to_str().unwrap()),
+            ("PLATFORM_GRANTS_FILE", grants.to_str().unwrap()),
+        ],
+    );
+    let route = format!(
+        "{}/workspaces/ws-g/github-installation-token",
+        platform.url()
+    );
+    let (status, body) = get(&format!("{route}?repository=acme/api"), Some(bearer)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["repositories"], serde_json::json!(["acme/api"]));
+    let (status, _) = get(&format!("{route}?repository=other/x"), Some(bearer)).await;
+    assert_eq!(status, 403);
+
+    std::fs::write(
+        &grants,
+        "[workspace.ws-g]\nrepositories = [\"acme/api\", \"other/*\"]\n",
+    )
+    .expect("write");
+    platform.signal(Signal::SIGHUP);
+    platform.wait_for_stderr("SIGHUP: reloaded grants (1 workspaces)");
+    let (status, body) = get(&format!("{route}?repository=other/x"), Some(bearer)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["owner"], "other");
+    let token = body["token"].as_str().expect("token").to_owned();
+
+    std::fs::write(&grants, "[workspace.ws-g]\nrepos = []\n").expect("write");
+    platform.signal(Signal::SIGHUP);
+    let stderr = platform.wait_for_stderr("SIGHUP: keeping the previous grants");
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("keeping the previous grants"))
+        .expect("the line");
+    assert!(line.contains("grants.toml:2: unknown field"), "{line}");
+    let (status, _) = get(&format!("{route}?repository=other/x"), Some(bearer)).await;
+    assert_eq!(status, 200, "previous grants kept");
+    assert!(platform.stop(Signal::SIGTERM).success());
+    assert_no_secrets(
+        "platform stderr",
+        &platform.stderr(),
+        &[token, bearer.to_owned()],
+    );
+}
+
+#[tokio::test]
+async fn github_mode_with_grants_against_the_stand_in_process() {
+    // Both real processes, as a fleet simulation runs them: the stand-in
+    // binary prints its port and key folder; the platform mints scoped
+    // tokens from it; the stand-in's record says what each mint asked for.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let keys_dir = dir.path().join("keys");
+    let mut command = std::process::Command::new(testkit::bin::github_stand_in());
+    command.args([
+        "--keys-dir",
+        keys_dir.to_str().unwrap(),
+        "--install",
+        "acme=1001",
+        "--install",
+        "acme-labs=1002",
+        "--page-size",
+        "1",
+    ]);
+    let stand_in = testkit::Process::spawn(command, "github-stand-in");
+    let line = stand_in
+        .stdout()
+        .wait_until(testkit::WAIT, |text, closed| text.contains('\n') || closed)
+        .expect("the stand-in's line");
+    let words: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(
+        &words[..3],
+        ["github-stand-in", "listening", "on"],
+        "{line}"
+    );
+    let url = words[3].to_owned();
+    assert_eq!(words[4], "keys");
+    let key = keys_dir.join("app.pem");
+    assert_eq!(mode_of(&key), 0o600);
+
+    let tokens = dir.path().join("workspace-tokens");
+    let grants = dir.path().join("grants.toml");
+    let bearer = "bearer-of-the-fleet-workspace-0123456";
+    std::fs::write(&tokens, format!("ws-f {}\n", sha256_hex(bearer))).expect("write");
+    std::fs::write(
+        &grants,
+        "[workspace.ws-f]\nrepositories = [\"acme/api\", \"acme-labs/*\"]\npermissions = { contents = \"read\" }\n",
+    )
+    .expect("write");
+    let mut platform = PlatformProcess::spawn(
+        &["--listen", "127.0.0.1:0"],
+        &[
+            ("GITHUB_APP_ID", "4242"),
+            ("GITHUB_APP_INSTALLATION_ID", "777"),
+            ("GITHUB_APP_PRIVATE_KEY_FILE", key.to_str().unwrap()),
+            ("GITHUB_API_URL", &url),
+            ("PLATFORM_WORKSPACE_TOKENS_FILE", tokens.to_str().unwrap()),
+            ("PLATFORM_GRANTS_FILE", grants.to_str().unwrap()),
+        ],
+    );
+    let route = format!(
+        "{}/workspaces/ws-f/github-installation-token",
+        platform.url()
+    );
+    let (status, acme) = get(&format!("{route}?repository=acme/api"), Some(bearer)).await;
+    assert_eq!(status, 200, "{acme}");
+    assert_eq!(acme["repositories"], serde_json::json!(["acme/api"]));
+    assert_eq!(acme["permissions"], serde_json::json!({"contents": "read"}));
+    let (status, labs) = get(&format!("{route}?owner=acme-labs"), Some(bearer)).await;
+    assert_eq!(status, 200, "{labs}");
+    let (status, _) = get(&format!("{route}?owner=nobody"), Some(bearer)).await;
+    assert_eq!(status, 403);
+
+    let bytes = http()
+        .get(format!("{url}/_stand-in/record"))
+        .send()
+        .await
+        .expect("record")
+        .bytes()
+        .await
+        .expect("body");
+    let record: serde_json::Value = serde_json::from_slice(&bytes).expect("JSON");
+    assert_eq!(record["rejections"], serde_json::json!([]), "{record}");
+    assert_eq!(
+        record["mints"],
+        serde_json::json!([
+            {"installation": 1001, "repositories": ["api"], "permissions": {"contents": "read"}},
+            {"installation": 1002, "repositories": null, "permissions": {"contents": "read"}},
+        ])
+    );
+    assert_eq!(record["listings"], 3, "{record}");
+    assert!(platform.stop(Signal::SIGTERM).success());
+    let secrets = vec![
+        acme["token"].as_str().unwrap().to_owned(),
+        labs["token"].as_str().unwrap().to_owned(),
+        bearer.to_owned(),
+    ];
+    assert_no_secrets("platform stderr", &platform.stderr(), &secrets);
+    assert_no_secrets("stand-in stdout", &stand_in.stdout().text(), &secrets);
+}

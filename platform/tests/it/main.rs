@@ -5,6 +5,8 @@
 
 mod binary;
 mod github;
+mod github_grants;
+mod grants;
 mod service;
 mod slow_clients;
 mod support;

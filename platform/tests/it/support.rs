@@ -1,6 +1,7 @@
 //! What the platform tests add to the workspace's `testkit`: App keys
-//! generated at test time, a stand-in of GitHub's installation-token API that
-//! verifies the App JWT and fails on command, captured tracing output, the
+//! generated at test time, the `github-stand-in` crate's GitHub (verifies
+//! the App JWT, fails on command, installations on several accounts, the
+//! scope of each mint) wired to the platform's provider, captured tracing output, the
 //! service in-process on a loopback port, and the secret scan with the keys
 //! registered. The real binary is `testkit::PlatformProcess`.
 //!
@@ -15,15 +16,11 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Path as UrlPath, State};
 use axum::http::{HeaderMap, Request, StatusCode};
-use axum::response::{IntoResponse, Response};
 use jiff::{SignedDuration, Timestamp};
-use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use molecule_platform::provider::Clock;
 use molecule_platform::{GitHubAppConfig, GitHubAppProvider, ServiceLimits};
 use secrecy::SecretString;
-use testkit::http::HttpServer;
 use testkit::{Cmd, PlatformProcess, Secrets, lock};
 use tower::ServiceExt;
 
@@ -112,56 +109,23 @@ pub(crate) fn keys() -> &'static AppKeys {
 }
 
 // ---------------------------------------------------------------------------
-// GitHub stand-in
+// GitHub stand-in (the `github-stand-in` crate, with the platform's side)
 // ---------------------------------------------------------------------------
 
-/// What the stand-in answers to the next calls.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum Mode {
-    /// 201 with a fresh token living this long.
-    Issue(SignedDuration),
-    /// This status with a GitHub-style `{"message": …}` body.
-    Status(u16),
-    /// 201 with a body that is not JSON.
-    Garbage,
-    /// Never answer (until the stand-in is dropped).
-    Hang,
-    /// 307 to this same endpoint (followed, it would succeed).
-    Redirect,
-    /// 201 with a body far larger than any real answer.
-    Huge,
-    /// 201 with a token that already expired.
-    Expired,
-}
+pub(crate) use github_stand_in::{INSTALLATION_ID, MintRecord, Mode};
 
-/// App identity the stand-in expects.
-pub(crate) const APP_ID: &str = "4242";
-/// Installation the stand-in serves.
-pub(crate) const INSTALLATION_ID: u64 = 777;
-
-struct StandInState {
-    issuer: Mutex<String>,
-    mode: Mutex<Mode>,
-    clock: Clock,
-    decoding: DecodingKey,
-    /// Calls to the token endpoint, as a channel tests can wait on.
-    calls: tokio::sync::watch::Sender<u64>,
-    /// Released answers (for `hold`): while false, answers wait.
-    open: tokio::sync::watch::Sender<bool>,
-    /// JWTs and tokens seen or issued: secrets no output may contain.
-    secrets: Mutex<Vec<String>>,
-    /// Why a call's JWT or headers were refused (must stay empty in tests
-    /// that expect success).
-    rejections: Mutex<Vec<String>>,
-    issued: Mutex<Vec<(String, Timestamp)>>,
-}
-
-/// A stand-in of `POST /app/installations/{id}/access_tokens`, on its own
-/// thread and runtime so tests may block without stalling it.
+/// The `github-stand-in` crate's stand-in, verifying JWTs against this
+/// run's App key, plus how the platform's provider reaches it.
 pub(crate) struct GitHubStandIn {
-    state: Arc<StandInState>,
-    url: String,
-    _server: HttpServer,
+    inner: github_stand_in::GitHubStandIn,
+    clock: Clock,
+}
+
+impl std::ops::Deref for GitHubStandIn {
+    type Target = github_stand_in::GitHubStandIn;
+    fn deref(&self) -> &Self::Target {
+        &self.inner
+    }
 }
 
 impl GitHubStandIn {
@@ -172,97 +136,22 @@ impl GitHubStandIn {
 
     /// Starts with `clock` as "now" for JWT checks and expiries.
     pub(crate) fn with_clock(clock: Clock) -> Self {
-        let state = Arc::new(StandInState {
-            issuer: Mutex::new(APP_ID.to_owned()),
-            mode: Mutex::new(Mode::Issue(SignedDuration::from_mins(60))),
-            clock,
-            decoding: DecodingKey::from_rsa_pem(keys().public_pem.as_bytes()).expect("public key"),
-            calls: tokio::sync::watch::Sender::new(0),
-            open: tokio::sync::watch::Sender::new(true),
-            secrets: Mutex::default(),
-            rejections: Mutex::default(),
-            issued: Mutex::default(),
-        });
-        let app = Router::new()
-            .route(
-                "/app/installations/{id}/access_tokens",
-                axum::routing::post(access_tokens),
-            )
-            .with_state(Arc::clone(&state));
-        let server = HttpServer::start(app);
+        let reader = clock.clone();
         Self {
-            state,
-            url: server.url(),
-            _server: server,
+            inner: github_stand_in::GitHubStandIn::with_clock(&keys().public_pem, move || {
+                reader.now()
+            }),
+            clock,
         }
-    }
-
-    /// Base URL, usable as `GITHUB_API_URL`.
-    pub(crate) fn url(&self) -> &str {
-        &self.url
-    }
-
-    /// Expect this JWT issuer (App ID or client ID).
-    pub(crate) fn expect_issuer(&self, issuer: &str) {
-        *lock(&self.state.issuer) = issuer.to_owned();
-    }
-
-    /// Switches what the next calls get.
-    pub(crate) fn set_mode(&self, mode: Mode) {
-        *lock(&self.state.mode) = mode;
-    }
-
-    /// Holds answers (all but `Hang`) until [`GitHubStandIn::release`].
-    pub(crate) fn hold(&self) {
-        self.state.open.send_replace(false);
-    }
-
-    /// Lets held answers go.
-    pub(crate) fn release(&self) {
-        self.state.open.send_replace(true);
-    }
-
-    /// Calls seen so far.
-    pub(crate) fn calls(&self) -> u64 {
-        *self.state.calls.borrow()
-    }
-
-    /// Waits until at least `n` calls were seen.
-    pub(crate) async fn wait_for_calls(&self, n: u64) {
-        let mut rx = self.state.calls.subscribe();
-        tokio::time::timeout(WAIT, rx.wait_for(|c| *c >= n))
-            .await
-            .unwrap_or_else(|_| {
-                panic!(
-                    "stand-in: waited {WAIT:?} for {n} calls, saw {}",
-                    self.calls()
-                )
-            })
-            .expect("stand-in alive");
-    }
-
-    /// Calls whose JWT or headers were refused, with the reason.
-    pub(crate) fn rejections(&self) -> Vec<String> {
-        lock(&self.state.rejections).clone()
-    }
-
-    /// Tokens issued so far with their stated expiry.
-    pub(crate) fn issued(&self) -> Vec<(String, Timestamp)> {
-        lock(&self.state.issued).clone()
-    }
-
-    /// Every JWT received and token issued.
-    pub(crate) fn secrets(&self) -> Vec<String> {
-        lock(&self.state.secrets).clone()
     }
 
     /// A provider for this stand-in signing with `pem`.
     pub(crate) fn provider_config(&self, pem: &str) -> GitHubAppConfig {
         let mut config = GitHubAppConfig::new(
-            lock(&self.state.issuer).clone(),
+            self.issuer(),
             INSTALLATION_ID,
             SecretString::from(pem.to_owned()),
-            format!("{}/", self.url),
+            format!("{}/", self.url()),
         );
         config.request_timeout = Duration::from_secs(10);
         config
@@ -270,168 +159,9 @@ impl GitHubStandIn {
 
     /// A provider for this stand-in (PKCS#8 key, the stand-in's clock).
     pub(crate) fn provider(&self) -> GitHubAppProvider {
-        GitHubAppProvider::with_clock(
-            self.provider_config(&keys().pkcs8_pem),
-            self.state.clock.clone(),
-        )
-        .expect("provider")
+        GitHubAppProvider::with_clock(self.provider_config(&keys().pkcs8_pem), self.clock.clone())
+            .expect("provider")
     }
-}
-
-fn github_error(status: StatusCode, message: &str) -> Response {
-    (
-        status,
-        axum::Json(serde_json::json!({
-            "message": message,
-            "documentation_url": "https://docs.github.com/rest",
-        })),
-    )
-        .into_response()
-}
-
-#[derive(serde::Deserialize)]
-struct JwtClaims {
-    iat: i64,
-    exp: i64,
-    iss: String,
-}
-
-/// Checks headers and the JWT as GitHub does; `Err` says what is wrong.
-fn check_request(state: &StandInState, id: u64, headers: &HeaderMap) -> Result<String, String> {
-    let header = |name: &str| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-    };
-    if id != INSTALLATION_ID {
-        return Err(format!("unknown installation {id}"));
-    }
-    if header("accept") != "application/vnd.github+json" {
-        return Err(format!("Accept is {:?}", header("accept")));
-    }
-    if header("x-github-api-version") != "2022-11-28" {
-        return Err(format!(
-            "X-GitHub-Api-Version is {:?}",
-            header("x-github-api-version")
-        ));
-    }
-    if header("user-agent").is_empty() {
-        return Err("no User-Agent".into());
-    }
-    let jwt = header("authorization")
-        .strip_prefix("Bearer ")
-        .ok_or("no Bearer JWT")?
-        .to_owned();
-    lock(&state.secrets).push(jwt.clone());
-    let mut validation = Validation::new(Algorithm::RS256);
-    // Time is checked below against the stand-in's own clock.
-    validation.validate_exp = false;
-    validation.set_required_spec_claims(&["exp", "iat", "iss"]);
-    let data = jsonwebtoken::decode::<JwtClaims>(&jwt, &state.decoding, &validation)
-        .map_err(|e| format!("JWT signature/shape refused: {e}"))?;
-    let claims = data.claims;
-    let now = state.clock.now().as_second();
-    let expected = lock(&state.issuer).clone();
-    if claims.iss != expected {
-        return Err(format!("iss is {:?}, expected {expected:?}", claims.iss));
-    }
-    if !(now - 120..=now - 30).contains(&claims.iat) {
-        return Err(format!(
-            "iat {} is not about 60 s before now {now}",
-            claims.iat
-        ));
-    }
-    if claims.exp <= now || claims.exp > now + 600 {
-        return Err(format!(
-            "exp {} is not within 10 minutes after now {now}",
-            claims.exp
-        ));
-    }
-    Ok(jwt)
-}
-
-async fn access_tokens(
-    State(state): State<Arc<StandInState>>,
-    UrlPath(id): UrlPath<u64>,
-    headers: HeaderMap,
-) -> Response {
-    state.calls.send_modify(|c| *c += 1);
-    if let Err(reason) = check_request(&state, id, &headers) {
-        lock(&state.rejections).push(reason);
-        return github_error(
-            StatusCode::UNAUTHORIZED,
-            "A JSON web token could not be decoded",
-        );
-    }
-    let mode = lock(&state.mode).clone();
-    if mode != Mode::Hang {
-        let mut open = state.open.subscribe();
-        let _ = open.wait_for(|o| *o).await;
-    }
-    let issue = |life: SignedDuration| {
-        let n = lock(&state.issued).len();
-        let token = format!("ghs_standin{n:03}{}", random_alnum(28));
-        let expires_at =
-            Timestamp::from_second((state.clock.now() + life).as_second()).expect("time");
-        lock(&state.secrets).push(token.clone());
-        lock(&state.issued).push((token.clone(), expires_at));
-        (
-            StatusCode::CREATED,
-            axum::Json(serde_json::json!({
-                "token": token,
-                "expires_at": expires_at.to_string(),
-                "permissions": {"contents": "write"},
-                "repository_selection": "all",
-            })),
-        )
-            .into_response()
-    };
-    match mode {
-        Mode::Issue(life) => issue(life),
-        Mode::Expired => issue(SignedDuration::from_secs(-30)),
-        Mode::Status(code) => github_error(
-            StatusCode::from_u16(code).expect("status"),
-            if code == 401 {
-                "Bad credentials"
-            } else {
-                "Server Error"
-            },
-        ),
-        Mode::Garbage => {
-            (StatusCode::CREATED, "<html>rate limited, try later</html>").into_response()
-        }
-        Mode::Hang => std::future::pending().await,
-        Mode::Redirect => {
-            *lock(&state.mode) = Mode::Issue(SignedDuration::from_mins(60));
-            (
-                StatusCode::TEMPORARY_REDIRECT,
-                [(
-                    "location",
-                    format!("/app/installations/{INSTALLATION_ID}/access_tokens"),
-                )],
-            )
-                .into_response()
-        }
-        Mode::Huge => (
-            StatusCode::CREATED,
-            format!(
-                r#"{{"token":"ghs_x","expires_at":"2099-01-01T00:00:00Z","pad":"{}"}}"#,
-                "x".repeat(200_000)
-            ),
-        )
-            .into_response(),
-    }
-}
-
-/// `n` random letters and digits.
-pub(crate) fn random_alnum(n: usize) -> String {
-    use rand::Rng;
-    rand::rng()
-        .sample_iter(rand::distr::Alphanumeric)
-        .take(n)
-        .map(char::from)
-        .collect()
 }
 
 /// A clock that starts at the real time and moves only when told.

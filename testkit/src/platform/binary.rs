@@ -21,6 +21,7 @@ const PLATFORM_VARS: &[&str] = &[
     "PLATFORM_LISTEN",
     "ADMIN_TOKEN",
     "PLATFORM_WORKSPACE_TOKENS_FILE",
+    "PLATFORM_GRANTS_FILE",
     "GITHUB_APP_ID",
     "GITHUB_APP_CLIENT_ID",
     "GITHUB_APP_INSTALLATION_ID",
@@ -98,21 +99,37 @@ impl PlatformProcess {
     /// `configs_dir/.auth_token`; the bearer is added to `secrets`, and its
     /// output is scanned for them when it is dropped.
     pub fn dev(configs_dir: &Path, ttl: &str, secrets: &Secrets) -> Self {
+        Self::dev_with_args(configs_dir, ttl, secrets, &[])
+    }
+
+    /// Like [`Self::dev`] with a grants file (`--grants-file`; send
+    /// [`Signal::SIGHUP`] after changing it).
+    pub fn dev_with_grants(
+        configs_dir: &Path,
+        ttl: &str,
+        secrets: &Secrets,
+        grants_file: &Path,
+    ) -> Self {
+        let grants = grants_file.to_str().expect("UTF-8 path");
+        Self::dev_with_args(configs_dir, ttl, secrets, &["--grants-file", grants])
+    }
+
+    /// Like [`Self::dev`] with `extra` arguments after the dev ones.
+    pub fn dev_with_args(configs_dir: &Path, ttl: &str, secrets: &Secrets, extra: &[&str]) -> Self {
         std::fs::create_dir_all(configs_dir).expect("configs dir");
         let bearer_file = configs_dir.join(".auth_token");
         let bearer_arg = bearer_file.to_str().expect("UTF-8 path");
-        let mut platform = Self::spawn(
-            &[
-                "--dev",
-                "--listen",
-                "127.0.0.1:0",
-                "--dev-token-ttl",
-                ttl,
-                "--dev-auth-token-file",
-                bearer_arg,
-            ],
-            &[],
-        );
+        let mut args = vec![
+            "--dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--dev-token-ttl",
+            ttl,
+            "--dev-auth-token-file",
+            bearer_arg,
+        ];
+        args.extend_from_slice(extra);
+        let mut platform = Self::spawn(&args, &[]);
         let bearer =
             std::fs::read_to_string(&bearer_file).expect("the dev platform wrote its bearer");
         secrets.add("the dev platform's bearer", bearer.trim());

@@ -5,7 +5,14 @@
 //! what they are for. This double is the real service (`molecule_platform`'s
 //! router with the dev provider) behind a middleware a test flips at run
 //! time; it counts requests and lets a test block until "N requests seen".
+//!
+//! It can also be given a grants table ([`PlatformOptions::grants`],
+//! [`TestPlatform::set_grants`]), so the daemon's per-owner tokens are
+//! exercised against the real scoping rules: each issued token says which
+//! owner, repositories and permissions it carries, each request keeps its
+//! query, and refusal reports are counted.
 
+use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -56,8 +63,12 @@ pub enum Fault {
 pub struct SeenRequest {
     /// When it arrived.
     pub at: Instant,
+    /// Request method (`GET`, `POST`).
+    pub method: String,
     /// Request path.
     pub path: String,
+    /// The query string as sent (without `?`), if any.
+    pub query: Option<String>,
     /// The fault in force when it arrived.
     pub fault: Fault,
 }
@@ -69,6 +80,12 @@ pub struct IssuedToken {
     pub token: String,
     /// Stated expiry.
     pub expires_at: SystemTime,
+    /// The owner the platform's answer names (absent without grants).
+    pub owner: Option<String>,
+    /// `OWNER/NAME` of each repository it covers; `None`: all.
+    pub repositories: Option<Vec<String>>,
+    /// The permissions the answer states.
+    pub permissions: BTreeMap<String, String>,
 }
 
 impl IssuedToken {
@@ -99,6 +116,24 @@ impl TokenAuthority {
                 .any(|t| t.token == token && t.expires_at > now)
     }
 
+    /// Whether `token` may reach the repository `owner/name` by the scope
+    /// the platform stated when it issued it (an unscoped token reaches
+    /// every repository), as GitHub limits an installation token.
+    pub fn may_access(&self, token: &str, owner: &str, name: &str) -> bool {
+        lock(&self.issued)
+            .iter()
+            .filter(|t| t.token == token)
+            .any(|t| {
+                t.owner
+                    .as_deref()
+                    .is_none_or(|o| o.eq_ignore_ascii_case(owner))
+                    && t.repositories.as_ref().is_none_or(|list| {
+                        list.iter()
+                            .any(|r| r.eq_ignore_ascii_case(&format!("{owner}/{name}")))
+                    })
+            })
+    }
+
     /// Makes the git server refuse `token` from now on (as GitHub would a
     /// revoked installation token).
     pub fn revoke(&self, token: &str) {
@@ -115,17 +150,27 @@ struct PlatformShared {
     secrets: Secrets,
 }
 
+/// The path suffix of refusal reports.
+const REFUSALS_SUFFIX: &str = "/github-installation-token/refusals";
+
 /// Options for [`TestPlatform::with_options`].
 #[derive(Debug, Clone)]
 pub struct PlatformOptions {
     /// Lifetime of the dev tokens.
     pub token_ttl: Duration,
+    /// A grants file's text (TOML, as `PLATFORM_GRANTS_FILE`); `None`: no
+    /// grants, every workspace gets the unscoped token.
+    pub grants: Option<String>,
+    /// Owners where the App counts as not installed (404).
+    pub not_installed: Vec<String>,
 }
 
 impl Default for PlatformOptions {
     fn default() -> Self {
         Self {
             token_ttl: Duration::from_secs(3600),
+            grants: None,
+            not_installed: Vec::new(),
         }
     }
 }
@@ -140,6 +185,8 @@ struct Bearers {
 /// The platform service in-process, behind a [`Fault`] switch.
 pub struct TestPlatform {
     shared: Arc<PlatformShared>,
+    provider: Arc<molecule_platform::DevProvider>,
+    grants: Arc<molecule_platform::Grants>,
     app: Router,
     addr: SocketAddr,
     bearers: Bearers,
@@ -154,12 +201,16 @@ impl TestPlatform {
 
     /// Starts a platform whose dev tokens live `ttl`.
     pub fn with_ttl(ttl: Duration) -> Self {
-        Self::with_options(PlatformOptions { token_ttl: ttl })
+        Self::with_options(PlatformOptions {
+            token_ttl: ttl,
+            ..PlatformOptions::default()
+        })
     }
 
     /// Starts a platform with `options`, serving on a fresh loopback port.
     pub fn with_options(options: PlatformOptions) -> Self {
-        let (app, bearers) = platform_service(&options);
+        let service = platform_service(&options);
+        let (app, bearers) = (service.app, service.bearers);
         let secrets = Secrets::new();
         secrets.add("a platform bearer", bearers.admin.clone());
         secrets.add("a platform bearer", bearers.workspace.clone());
@@ -179,6 +230,8 @@ impl TestPlatform {
         let addr = listener.local_addr().expect("platform addr");
         let platform = Self {
             shared,
+            provider: service.provider,
+            grants: service.grants,
             app,
             addr,
             bearers,
@@ -272,6 +325,40 @@ impl TestPlatform {
         guard.len()
     }
 
+    /// Replaces the grants in force, as a SIGHUP with a changed grants file
+    /// would (`None`: no grants file). A text that does not parse keeps the
+    /// previous grants and returns the platform's error message.
+    pub fn set_grants(&self, grants: Option<&str>) -> Result<usize, String> {
+        self.grants.replace(grants).map_err(|e| e.to_string())
+    }
+
+    /// From now on the App counts as not installed on `owners` (only).
+    pub fn set_not_installed(&self, owners: &[&str]) {
+        self.provider.set_not_installed(owners.iter().copied());
+    }
+
+    /// Every mint of the platform's dev provider with the scope it was
+    /// asked for (as GitHub would have been asked), oldest first.
+    pub fn mints(&self) -> Vec<molecule_platform::dev::DevMint> {
+        self.provider.mints()
+    }
+
+    /// Refusal reports (`POST …/refusals`) seen so far.
+    pub fn refusal_reports(&self) -> usize {
+        lock(&self.shared.seen)
+            .iter()
+            .filter(|r| r.method == "POST" && r.path.ends_with(REFUSALS_SUFFIX))
+            .count()
+    }
+
+    /// Token requests (`GET …/github-installation-token`) seen so far.
+    pub fn token_requests(&self) -> usize {
+        lock(&self.shared.seen)
+            .iter()
+            .filter(|r| r.method == "GET" && r.path.ends_with("/github-installation-token"))
+            .count()
+    }
+
     /// Tokens handed out so far, oldest first.
     pub fn issued(&self) -> Vec<IssuedToken> {
         lock(&self.shared.issued).clone()
@@ -322,7 +409,9 @@ async fn fault_layer(
         let mut seen = lock(&shared.seen);
         seen.push(SeenRequest {
             at: Instant::now(),
+            method: request.method().as_str().to_owned(),
             path: request.uri().path().to_owned(),
+            query: request.uri().query().map(str::to_owned),
             fault: fault.clone(),
         });
         shared.seen_cv.notify_all();
@@ -402,10 +491,27 @@ async fn record_issued(
         json["expires_at"] = expires_at.to_string().into();
     }
     shared.secrets.add("an issued token", token.clone());
+    let repositories = json["repositories"].as_array().map(|names| {
+        names
+            .iter()
+            .filter_map(|n| n.as_str().map(str::to_owned))
+            .collect()
+    });
+    let permissions = json["permissions"]
+        .as_object()
+        .map(|map| {
+            map.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+                .collect()
+        })
+        .unwrap_or_default();
     lock(&shared.issued).push(IssuedToken {
         token,
         expires_at: SystemTime::UNIX_EPOCH
             + Duration::from_millis(expires_at.as_millisecond().max(0) as u64),
+        owner: json["owner"].as_str().map(str::to_owned),
+        repositories,
+        permissions,
     });
     if behind_secs != 0 {
         let shift = jiff::SignedDuration::from_secs(behind_secs);
@@ -425,18 +531,29 @@ async fn record_issued(
     Response::from_parts(parts, Body::from(bytes))
 }
 
+/// The platform's own HTTP service and the parts a test may steer.
+struct PlatformService {
+    app: Router,
+    bearers: Bearers,
+    provider: Arc<molecule_platform::DevProvider>,
+    grants: Arc<molecule_platform::Grants>,
+}
+
 /// The platform's own HTTP service (`molecule_platform::app`) with the dev
-/// provider, an admin bearer and one workspace bearer.
-fn platform_service(options: &PlatformOptions) -> (Router, Bearers) {
-    use molecule_platform::{AppState, Auth, DevProvider, Registry, WorkspaceTokens};
+/// provider, an admin bearer, one workspace bearer and the grants of
+/// `options`.
+fn platform_service(options: &PlatformOptions) -> PlatformService {
+    use molecule_platform::{AppState, Auth, DevProvider, Grants, Registry, WorkspaceTokens};
     use secrecy::SecretString;
 
     let bearers = Bearers {
         admin: random_secret("admin-bearer"),
         workspace: random_secret("workspace-bearer"),
     };
+    let provider = Arc::new(DevProvider::new(options.token_ttl));
+    provider.set_not_installed(options.not_installed.iter());
     let registry = Arc::new(Registry::new());
-    registry.register(Arc::new(DevProvider::new(options.token_ttl)));
+    registry.register(Arc::clone(&provider) as _);
     let auth = Auth::new(
         Some(SecretString::from(bearers.admin.clone())),
         WorkspaceTokens::from_bearers([(
@@ -444,8 +561,114 @@ fn platform_service(options: &PlatformOptions) -> (Router, Bearers) {
             SecretString::from(bearers.workspace.clone()),
         )]),
     );
-    (
-        molecule_platform::app(AppState::new(registry, auth)),
+    let grants = Arc::new(match &options.grants {
+        Some(text) => Grants::parse(text)
+            .unwrap_or_else(|e| panic!("PlatformOptions::grants does not parse: {e}")),
+        None => Grants::none(),
+    });
+    let app =
+        molecule_platform::app(AppState::new(registry, auth).with_grants(Arc::clone(&grants)));
+    PlatformService {
+        app,
         bearers,
-    )
+        provider,
+        grants,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    /// One HTTP/1.1 exchange on a fresh connection: status and body.
+    fn exchange(platform: &TestPlatform, method: &str, target: &str, body: &str) -> (u16, String) {
+        let mut stream = std::net::TcpStream::connect(platform.addr).expect("connect");
+        stream.set_read_timeout(Some(crate::WAIT)).expect("timeout");
+        write!(
+            stream,
+            "{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            platform.workspace_bearer(),
+            body.len()
+        )
+        .expect("write");
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).expect("read");
+        let status = answer
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .expect("status");
+        let body = answer
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        (status, body)
+    }
+
+    #[test]
+    fn grants_scope_what_it_issues_and_requests_keep_their_query() {
+        let platform = TestPlatform::with_options(PlatformOptions {
+            grants: Some(format!(
+                "[workspace.{WORKSPACE_ID}]\nrepositories = [\"acme/api\", \"ghost/*\"]\n"
+            )),
+            not_installed: vec!["ghost".into()],
+            ..PlatformOptions::default()
+        });
+        let route = format!("/workspaces/{WORKSPACE_ID}/github-installation-token");
+        let (status, body) = exchange(
+            &platform,
+            "GET",
+            &format!("{route}?repository=acme/api"),
+            "",
+        );
+        assert_eq!(status, 200, "{body}");
+        let issued = platform.issued();
+        assert_eq!(issued.len(), 1);
+        assert_eq!(issued[0].owner.as_deref(), Some("acme"));
+        assert_eq!(issued[0].repositories, Some(vec!["acme/api".to_owned()]));
+        assert_eq!(platform.mints().len(), 1);
+        assert_eq!(
+            platform.seen()[0].query.as_deref(),
+            Some("repository=acme/api")
+        );
+        assert_eq!(
+            exchange(&platform, "GET", &format!("{route}?owner=ghost"), "").0,
+            404
+        );
+        assert_eq!(
+            exchange(&platform, "GET", &format!("{route}?owner=evil"), "").0,
+            403
+        );
+
+        let sha = crate::sha256_hex(&issued[0].token);
+        let refusal = format!("{{\"sha256\": \"{sha}\"}}");
+        assert_eq!(
+            exchange(&platform, "POST", &format!("{route}/refusals"), &refusal).0,
+            204
+        );
+        assert_eq!(platform.refusal_reports(), 1);
+        let (status, body) = exchange(&platform, "GET", &format!("{route}?owner=acme"), "");
+        assert_eq!(status, 200, "{body}");
+        assert_ne!(
+            platform.last_issued().as_deref(),
+            Some(issued[0].token.as_str())
+        );
+        assert_eq!(platform.token_requests(), 4);
+
+        platform
+            .set_grants(Some(&format!(
+                "[workspace.{WORKSPACE_ID}]\nrepositories = [\"other/*\"]\n"
+            )))
+            .expect("grants");
+        assert_eq!(
+            exchange(&platform, "GET", &format!("{route}?owner=acme"), "").0,
+            403
+        );
+        assert!(platform.set_grants(Some("[workspace.x]\n")).is_err());
+        assert_eq!(
+            exchange(&platform, "GET", &format!("{route}?owner=other"), "").0,
+            200
+        );
+    }
 }

@@ -397,12 +397,12 @@ fn fifty_concurrent_gets_on_an_empty_cache_make_one_platform_call() {
     assert_eq!(sandbox.status().token.state, Some(TokenState::Missing));
     let outputs = concurrent_credd_gets(&sandbox, 50);
     assert_eq!(
-        token_calls(&platform),
+        platform.token_requests(),
         2,
         "one more call after the erase, for 50 clients"
     );
     assert_eq!(
-        refusal_reports(&platform),
+        platform.refusal_reports(),
         1,
         "the refused token was reported"
     );
@@ -411,24 +411,6 @@ fn fifty_concurrent_gets_on_an_empty_cache_make_one_platform_call() {
         out.assert_password(&last, "after the erase");
     }
     drop(daemon);
-}
-
-/// Token calls the platform saw (not refusal reports).
-fn token_calls(platform: &TestPlatform) -> usize {
-    platform
-        .seen()
-        .iter()
-        .filter(|r| !r.path.ends_with("/refusals"))
-        .count()
-}
-
-/// Refusal reports the platform saw.
-fn refusal_reports(platform: &TestPlatform) -> usize {
-    platform
-        .seen()
-        .iter()
-        .filter(|r| r.path.ends_with("/refusals"))
-        .count()
 }
 
 #[test]
@@ -486,12 +468,12 @@ fn erase_drops_only_the_cached_token() {
     assert_eq!(sandbox.status().token.state, Some(TokenState::Missing));
     sandbox.wait_for_token();
     assert_eq!(
-        token_calls(&platform),
+        platform.token_requests(),
         calls + 1,
         "one fresh fetch after the erase"
     );
     assert_eq!(
-        refusal_reports(&platform),
+        platform.refusal_reports(),
         1,
         "and, before it, a report of the refused token"
     );

@@ -1,0 +1,790 @@
+//! Which repositories, owners and permissions each workspace may have a
+//! token for: the grants file.
+//!
+//! Why: one installation token covers a whole account and, by default,
+//! every repository and permission of the installation. An agent holding an
+//! organisation-wide write token is the largest risk this system carries, so
+//! with a grants file (`PLATFORM_GRANTS_FILE`, TOML) every token is minted
+//! down-scoped to what the workspace's entry lists, and a workspace with no
+//! entry, or asking outside it, is refused — never given a broader token.
+//!
+//! ```toml
+//! [workspace.ws-42]
+//! repositories = ["acme/api", "acme/web", "acme-labs/*"]
+//! permissions = { contents = "write", pull_requests = "write" }  # optional
+//! ```
+//!
+//! The owners named in `repositories` are the accounts the workspace may
+//! have tokens for, in file order (the first is the default). A token is one
+//! per owner: asking for `acme/api` gets the token for every `acme`
+//! repository of the grant (`acme/api` and `acme/web`), so workspaces with
+//! the same grant share one token; `OWNER/*` means every repository of the
+//! installation. Owners compare ASCII case-insensitively, as GitHub's do.
+//!
+//! The table is swapped whole on reload (SIGHUP): a request sees the old or
+//! the new file, never half of one, and a broken file keeps the old table.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, PoisonError, RwLock};
+
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+use crate::auth::valid_workspace_id;
+
+/// Largest grants file accepted.
+pub const MAX_GRANTS_FILE_BYTES: u64 = 16 * 1024 * 1024;
+/// Most workspaces in a grants file.
+pub const MAX_GRANT_WORKSPACES: usize = 100_000;
+/// Most owners one workspace may be granted.
+pub const MAX_OWNERS_PER_WORKSPACE: usize = 100;
+/// Most repositories of one owner in one grant: GitHub mints a token for at
+/// most 500 repositories.
+pub const MAX_REPOSITORIES_PER_OWNER: usize = 500;
+/// Most permissions one grant may name.
+pub const MAX_PERMISSIONS: usize = 64;
+/// Longest GitHub account name (GitHub's own limit).
+pub const MAX_OWNER_CHARS: usize = 39;
+/// Longest GitHub repository name (GitHub's own limit).
+pub const MAX_REPOSITORY_CHARS: usize = 100;
+/// Longest permission name accepted (GitHub's are all far shorter).
+pub const MAX_PERMISSION_NAME_CHARS: usize = 64;
+
+/// Whether `owner` is a GitHub account name: 1-39 letters, digits or `-`,
+/// not starting with `-`.
+pub fn valid_owner(owner: &str) -> bool {
+    !owner.is_empty()
+        && owner.len() <= MAX_OWNER_CHARS
+        && !owner.starts_with('-')
+        && owner
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+/// Whether `name` is a GitHub repository name: 1-100 letters, digits, `.`,
+/// `_` or `-`, and not `.` or `..`.
+pub fn valid_repository_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_REPOSITORY_CHARS
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Whether `name` is a permission name as GitHub spells them
+/// (`contents`, `pull_requests`): lowercase letters, digits and `_`.
+pub fn valid_permission_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_PERMISSION_NAME_CHARS
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+/// A permission level GitHub accepts when minting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    /// `read`.
+    Read,
+    /// `write`.
+    Write,
+    /// `admin`.
+    Admin,
+}
+
+impl Level {
+    /// GitHub's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Read => "read",
+            Self::Write => "write",
+            Self::Admin => "admin",
+        }
+    }
+
+    fn parse(text: &str) -> Option<Self> {
+        match text {
+            "read" => Some(Self::Read),
+            "write" => Some(Self::Write),
+            "admin" => Some(Self::Admin),
+            _ => None,
+        }
+    }
+}
+
+/// Permission name → level, as sent to GitHub.
+pub type Permissions = BTreeMap<String, Level>;
+
+/// What one token is minted for: an owner, optionally some of its
+/// repositories, optionally some permissions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Scope {
+    /// The account, as the grant spells it.
+    pub owner: String,
+    /// Repository names without the owner, sorted and deduplicated
+    /// (case-insensitively); `None`: every repository of the installation.
+    pub repositories: Option<Vec<String>>,
+    /// `None`: the installation's own permissions.
+    pub permissions: Option<Permissions>,
+}
+
+impl Scope {
+    /// `OWNER/NAME` of each repository, when limited.
+    pub fn full_names(&self) -> Option<Vec<String>> {
+        self.repositories.as_ref().map(|names| {
+            names
+                .iter()
+                .map(|name| format!("{}/{name}", self.owner))
+                .collect()
+        })
+    }
+
+    /// The owner in the form used to compare and to key caches.
+    pub fn owner_key(&self) -> String {
+        self.owner.to_ascii_lowercase()
+    }
+
+    /// The repositories in the form used to compare and to key caches.
+    pub fn repositories_key(&self) -> Option<Vec<String>> {
+        self.repositories
+            .as_ref()
+            .map(|names| names.iter().map(|n| n.to_ascii_lowercase()).collect())
+    }
+}
+
+/// What a request asks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ask {
+    /// No query: the workspace's first granted owner (or, without a grants
+    /// file, the configured installation).
+    Default,
+    /// `?owner=OWNER`.
+    Owner(String),
+    /// `?repository=OWNER/NAME`.
+    Repository {
+        /// The account.
+        owner: String,
+        /// The repository name.
+        name: String,
+    },
+}
+
+impl Ask {
+    /// Parses `OWNER/NAME` (a trailing `.git`, as git's `path` has it, is
+    /// dropped).
+    pub fn repository(text: &str) -> Result<Self, String> {
+        let (owner, name) = text
+            .split_once('/')
+            .ok_or_else(|| "repository must be OWNER/NAME".to_owned())?;
+        let name = name.strip_suffix(".git").unwrap_or(name);
+        if !valid_owner(owner) {
+            return Err(owner_rule());
+        }
+        if !valid_repository_name(name) {
+            return Err(repository_rule());
+        }
+        Ok(Self::Repository {
+            owner: owner.to_owned(),
+            name: name.to_owned(),
+        })
+    }
+
+    /// Parses an `OWNER`.
+    pub fn owner(text: &str) -> Result<Self, String> {
+        if valid_owner(text) {
+            Ok(Self::Owner(text.to_owned()))
+        } else {
+            Err(owner_rule())
+        }
+    }
+
+    /// The owner asked for, if any.
+    pub fn owner_name(&self) -> Option<&str> {
+        match self {
+            Self::Default => None,
+            Self::Owner(owner) | Self::Repository { owner, .. } => Some(owner),
+        }
+    }
+}
+
+fn owner_rule() -> String {
+    format!("an owner is 1-{MAX_OWNER_CHARS} letters, digits or '-', not starting with '-'")
+}
+
+fn repository_rule() -> String {
+    format!("a repository name is 1-{MAX_REPOSITORY_CHARS} letters, digits, '.', '_' or '-'")
+}
+
+/// Why a grant refuses a request (the text is safe to send to the caller:
+/// it names only what the caller asked for).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum GrantError {
+    /// The grants file has no entry for the workspace.
+    #[error("workspace {0} has no entry in the grants file")]
+    NoEntry(String),
+    /// The owner is not among the workspace's.
+    #[error("owner {0} is outside this workspace's grant")]
+    OwnerNotGranted(String),
+    /// The repository is not among the workspace's.
+    #[error("repository {0} is outside this workspace's grant")]
+    RepositoryNotGranted(String),
+}
+
+/// One workspace's grant: its owners in file order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct WorkspaceGrant {
+    owners: Vec<Scope>,
+}
+
+impl WorkspaceGrant {
+    fn resolve(&self, ask: &Ask) -> Result<Scope, GrantError> {
+        let find = |owner: &str| {
+            self.owners
+                .iter()
+                .find(|scope| scope.owner.eq_ignore_ascii_case(owner))
+        };
+        match ask {
+            Ask::Default => Ok(self.owners[0].clone()),
+            Ask::Owner(owner) => find(owner)
+                .cloned()
+                .ok_or_else(|| GrantError::OwnerNotGranted(owner.clone())),
+            Ask::Repository { owner, name } => {
+                let refused = || GrantError::RepositoryNotGranted(format!("{owner}/{name}"));
+                let scope = find(owner).ok_or_else(refused)?;
+                match &scope.repositories {
+                    None => Ok(scope.clone()),
+                    Some(names) if names.iter().any(|n| n.eq_ignore_ascii_case(name)) => {
+                        Ok(scope.clone())
+                    }
+                    Some(_) => Err(refused()),
+                }
+            }
+        }
+    }
+}
+
+/// A grants file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum GrantsFileError {
+    /// The file could not be read.
+    #[error("cannot read the grants file {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is larger than [`MAX_GRANTS_FILE_BYTES`].
+    #[error("the grants file {path} is larger than {MAX_GRANTS_FILE_BYTES} bytes")]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+    },
+    /// Something in the file is wrong.
+    #[error("{origin}:{line}: {reason}")]
+    Invalid {
+        /// The file (or `<inline>`).
+        origin: String,
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong and how to fix it.
+        reason: String,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileDoc {
+    #[serde(default)]
+    workspace: BTreeMap<String, Spanned<EntryDoc>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EntryDoc {
+    repositories: Spanned<Vec<Spanned<String>>>,
+    #[serde(default)]
+    permissions: Option<Spanned<BTreeMap<String, Spanned<String>>>>,
+}
+
+/// The parsed grants: workspace ID → grant.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GrantTable {
+    workspaces: HashMap<String, WorkspaceGrant>,
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    let end = offset.min(text.len());
+    text.as_bytes()[..end]
+        .iter()
+        .filter(|b| **b == b'\n')
+        .count()
+        + 1
+}
+
+impl GrantTable {
+    /// Parses the TOML format (see the module docs); errors name the line.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, GrantsFileError> {
+        let invalid = |offset: usize, reason: String| GrantsFileError::Invalid {
+            origin: origin.to_owned(),
+            line: line_of(text, offset),
+            reason,
+        };
+        let doc: FileDoc = toml::from_str(text).map_err(|e| {
+            let offset = e.span().map_or(0, |s| s.start);
+            invalid(offset, e.message().trim().replace('\n', " "))
+        })?;
+        if doc.workspace.len() > MAX_GRANT_WORKSPACES {
+            return Err(invalid(
+                0,
+                format!("more than {MAX_GRANT_WORKSPACES} workspaces"),
+            ));
+        }
+        let mut workspaces = HashMap::with_capacity(doc.workspace.len());
+        for (id, entry) in doc.workspace {
+            let entry_at = entry.span().start;
+            let entry = entry.into_inner();
+            if !valid_workspace_id(&id) {
+                return Err(invalid(
+                    entry_at,
+                    format!(
+                        "workspace ID {id:?} is not 1-{} characters of letters, digits, '.', '_' or '-' (not starting with '.')",
+                        crate::auth::MAX_WORKSPACE_ID_CHARS
+                    ),
+                ));
+            }
+            let permissions = match entry.permissions {
+                None => None,
+                Some(spanned) => {
+                    let at = spanned.span().start;
+                    let map = spanned.into_inner();
+                    if map.is_empty() {
+                        return Err(invalid(
+                            at,
+                            format!(
+                                "workspace {id}: permissions is empty: name at least one, or leave it out for the installation's own"
+                            ),
+                        ));
+                    }
+                    if map.len() > MAX_PERMISSIONS {
+                        return Err(invalid(
+                            at,
+                            format!("workspace {id}: more than {MAX_PERMISSIONS} permissions"),
+                        ));
+                    }
+                    let mut permissions = Permissions::new();
+                    for (name, level) in map {
+                        if !valid_permission_name(&name) {
+                            return Err(invalid(
+                                level.span().start,
+                                format!(
+                                    "workspace {id}: permission {name:?} is not a GitHub permission name (lowercase letters, digits and '_', such as contents or pull_requests)"
+                                ),
+                            ));
+                        }
+                        let Some(parsed) = Level::parse(level.get_ref()) else {
+                            return Err(invalid(
+                                level.span().start,
+                                format!(
+                                    "workspace {id}: permission {name} must be \"read\", \"write\" or \"admin\""
+                                ),
+                            ));
+                        };
+                        permissions.insert(name, parsed);
+                    }
+                    Some(permissions)
+                }
+            };
+            let repositories_at = entry.repositories.span().start;
+            let repositories = entry.repositories.into_inner();
+            if repositories.is_empty() {
+                return Err(invalid(
+                    repositories_at,
+                    format!(
+                        "workspace {id}: repositories is empty: list OWNER/NAME or OWNER/* entries, or remove the workspace"
+                    ),
+                ));
+            }
+            // owner key → (scope, every repository?)
+            let mut owners: Vec<(Scope, bool)> = Vec::new();
+            for repository in repositories {
+                let at = repository.span().start;
+                let text = repository.into_inner();
+                let bad = |why: String| {
+                    invalid(at, format!("workspace {id}: repository {text:?}: {why}"))
+                };
+                let (owner, name) = text
+                    .split_once('/')
+                    .ok_or_else(|| bad("expected OWNER/NAME or OWNER/*".into()))?;
+                if !valid_owner(owner) {
+                    return Err(bad(owner_rule()));
+                }
+                if name != "*" && !valid_repository_name(name) {
+                    return Err(bad(format!("{} (or * for all)", repository_rule())));
+                }
+                let index = match owners
+                    .iter()
+                    .position(|(s, _)| s.owner.eq_ignore_ascii_case(owner))
+                {
+                    Some(index) => index,
+                    None => {
+                        if owners.len() >= MAX_OWNERS_PER_WORKSPACE {
+                            return Err(bad(format!(
+                                "more than {MAX_OWNERS_PER_WORKSPACE} owners in one workspace"
+                            )));
+                        }
+                        owners.push((
+                            Scope {
+                                owner: owner.to_owned(),
+                                repositories: Some(Vec::new()),
+                                permissions: permissions.clone(),
+                            },
+                            false,
+                        ));
+                        owners.len() - 1
+                    }
+                };
+                let (scope, all) = &mut owners[index];
+                if name == "*" {
+                    *all = true;
+                    continue;
+                }
+                let names = scope.repositories.get_or_insert_with(Vec::new);
+                if !names.iter().any(|n| n.eq_ignore_ascii_case(name)) {
+                    if names.len() >= MAX_REPOSITORIES_PER_OWNER {
+                        return Err(bad(format!(
+                            "more than {MAX_REPOSITORIES_PER_OWNER} repositories of {owner} (GitHub's limit for one token): use {owner}/* instead"
+                        )));
+                    }
+                    names.push(name.to_owned());
+                }
+            }
+            let owners = owners
+                .into_iter()
+                .map(|(mut scope, all)| {
+                    if all {
+                        scope.repositories = None;
+                    } else if let Some(names) = &mut scope.repositories {
+                        names.sort_by_key(|n| n.to_ascii_lowercase());
+                    }
+                    scope
+                })
+                .collect();
+            workspaces.insert(id, WorkspaceGrant { owners });
+        }
+        Ok(Self { workspaces })
+    }
+
+    /// Number of workspaces listed.
+    pub fn len(&self) -> usize {
+        self.workspaces.len()
+    }
+
+    /// Whether no workspace is listed.
+    pub fn is_empty(&self) -> bool {
+        self.workspaces.is_empty()
+    }
+
+    /// The scope `workspace` gets for `ask`, or why it gets nothing.
+    pub fn resolve(&self, workspace: &str, ask: &Ask) -> Result<Scope, GrantError> {
+        self.workspaces
+            .get(workspace)
+            .ok_or_else(|| GrantError::NoEntry(workspace.to_owned()))?
+            .resolve(ask)
+    }
+
+    /// Every scope `workspace` may have a token for (none without an entry).
+    pub fn scopes(&self, workspace: &str) -> Vec<Scope> {
+        self.workspaces
+            .get(workspace)
+            .map(|grant| grant.owners.clone())
+            .unwrap_or_default()
+    }
+}
+
+/// The grants in force: none (no grants file: every workspace gets the
+/// configured installation's token, unscoped) or a table, reloadable from
+/// its file.
+pub struct Grants {
+    source: Option<PathBuf>,
+    table: RwLock<Option<Arc<GrantTable>>>,
+}
+
+impl fmt::Debug for Grants {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Grants")
+            .field("source", &self.source)
+            .field("workspaces", &self.current().map(|t| t.len()))
+            .finish()
+    }
+}
+
+impl Default for Grants {
+    fn default() -> Self {
+        Self::none()
+    }
+}
+
+impl Grants {
+    /// No grants file.
+    pub fn none() -> Self {
+        Self {
+            source: None,
+            table: RwLock::new(None),
+        }
+    }
+
+    /// Grants from TOML text (not reloadable from a file; see
+    /// [`Grants::replace`]).
+    pub fn parse(text: &str) -> Result<Self, GrantsFileError> {
+        let table = GrantTable::parse(text, "<inline>")?;
+        Ok(Self {
+            source: None,
+            table: RwLock::new(Some(Arc::new(table))),
+        })
+    }
+
+    /// Loads `path`; [`Grants::reload`] re-reads it.
+    pub fn load(path: impl Into<PathBuf>) -> Result<Self, GrantsFileError> {
+        let path = path.into();
+        let table = read_grants(&path)?;
+        Ok(Self {
+            source: Some(path),
+            table: RwLock::new(Some(Arc::new(table))),
+        })
+    }
+
+    /// Re-reads the file and swaps the table in whole; on error the old
+    /// table stays. Returns the number of workspaces now loaded (without a
+    /// file: the current count, unchanged).
+    pub fn reload(&self) -> Result<usize, GrantsFileError> {
+        let Some(path) = &self.source else {
+            return Ok(self.current().map_or(0, |t| t.len()));
+        };
+        let table = read_grants(path)?;
+        Ok(self.install(Some(table)))
+    }
+
+    /// Swaps in the table parsed from `text` (`None`: no grants at all); on
+    /// error the old table stays. For embedding and tests.
+    pub fn replace(&self, text: Option<&str>) -> Result<usize, GrantsFileError> {
+        let table = text
+            .map(|text| GrantTable::parse(text, "<inline>"))
+            .transpose()?;
+        Ok(self.install(table))
+    }
+
+    fn install(&self, table: Option<GrantTable>) -> usize {
+        let entries = table.as_ref().map_or(0, GrantTable::len);
+        *self.table.write().unwrap_or_else(PoisonError::into_inner) = table.map(Arc::new);
+        entries
+    }
+
+    /// The file the grants come from, if any.
+    pub fn source(&self) -> Option<&Path> {
+        self.source.as_deref()
+    }
+
+    /// The table in force (`None`: no grants file).
+    pub fn current(&self) -> Option<Arc<GrantTable>> {
+        self.table
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+fn read_grants(path: &Path) -> Result<GrantTable, GrantsFileError> {
+    let read_error = |source| GrantsFileError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(read_error)?;
+    let mut text = String::new();
+    file.take(MAX_GRANTS_FILE_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(read_error)?;
+    if text.len() as u64 > MAX_GRANTS_FILE_BYTES {
+        return Err(GrantsFileError::TooLarge {
+            path: path.to_owned(),
+        });
+    }
+    GrantTable::parse(&text, &path.display().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"
+# the example of the README
+[workspace.ws-42]
+repositories = ["acme/web", "acme/api", "acme-labs/*", "ACME/Api"]
+permissions = { contents = "write", pull_requests = "write" }
+
+[workspace.ws-7]
+repositories = ["solo/*"]
+"#;
+
+    fn table() -> GrantTable {
+        GrantTable::parse(EXAMPLE, "<t>").unwrap()
+    }
+
+    #[test]
+    fn owners_in_file_order_repositories_sorted_and_deduplicated() {
+        let t = table();
+        let scopes = t.scopes("ws-42");
+        assert_eq!(scopes.len(), 2);
+        assert_eq!(scopes[0].owner, "acme");
+        assert_eq!(
+            scopes[0].repositories,
+            Some(vec!["api".to_owned(), "web".to_owned()])
+        );
+        assert_eq!(
+            scopes[0].full_names(),
+            Some(vec!["acme/api".to_owned(), "acme/web".to_owned()])
+        );
+        let permissions = scopes[0].permissions.clone().unwrap();
+        assert_eq!(permissions.get("contents"), Some(&Level::Write));
+        assert_eq!(scopes[1].owner, "acme-labs");
+        assert_eq!(scopes[1].repositories, None);
+        assert_eq!(t.scopes("ws-7")[0].permissions, None);
+        assert!(t.scopes("ws-none").is_empty());
+    }
+
+    #[test]
+    fn resolve_per_owner() {
+        let t = table();
+        let acme = t.resolve("ws-42", &Ask::Default).unwrap();
+        assert_eq!(acme.owner, "acme");
+        assert_eq!(
+            t.resolve("ws-42", &Ask::repository("ACME/web.git").unwrap()),
+            Ok(acme.clone())
+        );
+        assert_eq!(t.resolve("ws-42", &Ask::owner("Acme").unwrap()), Ok(acme));
+        let labs = t
+            .resolve("ws-42", &Ask::repository("acme-labs/anything").unwrap())
+            .unwrap();
+        assert_eq!(labs.repositories, None);
+        assert_eq!(
+            t.resolve("ws-42", &Ask::repository("acme/secret").unwrap()),
+            Err(GrantError::RepositoryNotGranted("acme/secret".into()))
+        );
+        assert_eq!(
+            t.resolve("ws-42", &Ask::owner("evil").unwrap()),
+            Err(GrantError::OwnerNotGranted("evil".into()))
+        );
+        assert_eq!(
+            t.resolve("ws-9", &Ask::Default),
+            Err(GrantError::NoEntry("ws-9".into()))
+        );
+    }
+
+    #[test]
+    fn asks_are_validated() {
+        for bad in ["acme", "/api", "acme/", "-x/y", "a/..", "a/b c", "a/b/c"] {
+            assert!(Ask::repository(bad).is_err(), "{bad}");
+        }
+        assert!(Ask::owner(&"a".repeat(40)).is_err());
+        assert!(Ask::owner("a_b").is_err());
+        assert!(Ask::repository(&format!("a/{}", "r".repeat(100))).is_ok());
+        assert!(Ask::repository(&format!("a/{}", "r".repeat(101))).is_err());
+    }
+
+    #[test]
+    fn errors_name_the_line() {
+        let cases = [
+            (
+                "[workspace.ws-1]\nrepositories = [\"acme\"]\n",
+                2,
+                "OWNER/NAME",
+            ),
+            (
+                "[workspace.ws-1]\nrepository = [\"a/b\"]\n",
+                2,
+                "unknown field",
+            ),
+            ("[workspace.ws-1]\nrepositories = []\n", 2, "empty"),
+            (
+                "[workspace.ws-1]\nrepositories = [\"a/b\"]\n\npermissions = { contents = \"all\" }\n",
+                4,
+                "\"read\", \"write\" or \"admin\"",
+            ),
+            (
+                "[workspace.ws-1]\nrepositories = [\"a/b\"]\npermissions = { Contents = \"read\" }\n",
+                3,
+                "not a GitHub permission name",
+            ),
+            (
+                "[workspace.ws-1]\nrepositories = [\"a/b\"]\npermissions = {}\n",
+                3,
+                "empty",
+            ),
+            ("[other]\n", 1, "unknown field"),
+            ("[workspace.ws-1\n", 1, ""),
+            (
+                "[workspace.\".bad\"]\nrepositories = [\"a/b\"]\n",
+                1,
+                "workspace ID",
+            ),
+            (
+                "[workspace.ws-1]\nrepositories = [\n\"a/b\",\n\"a/b c\"]\n",
+                4,
+                "repository name",
+            ),
+        ];
+        for (text, line, needle) in cases {
+            let err = GrantTable::parse(text, "<t>").unwrap_err().to_string();
+            assert!(err.starts_with(&format!("<t>:{line}: ")), "{text:?}: {err}");
+            assert!(err.contains(needle), "{text:?}: {err}");
+            assert!(!err.contains('\n'), "one line: {err}");
+        }
+    }
+
+    #[test]
+    fn caps_hold() {
+        let many: Vec<String> = (0..=MAX_REPOSITORIES_PER_OWNER)
+            .map(|i| format!("\"acme/r{i}\""))
+            .collect();
+        let text = format!("[workspace.ws-1]\nrepositories = [{}]\n", many.join(","));
+        let err = GrantTable::parse(&text, "<t>").unwrap_err().to_string();
+        assert!(err.contains("more than 500 repositories"), "{err}");
+        let owners: Vec<String> = (0..=MAX_OWNERS_PER_WORKSPACE)
+            .map(|i| format!("\"o{i}/*\""))
+            .collect();
+        let text = format!("[workspace.ws-1]\nrepositories = [{}]\n", owners.join(","));
+        let err = GrantTable::parse(&text, "<t>").unwrap_err().to_string();
+        assert!(err.contains("owners"), "{err}");
+    }
+
+    #[test]
+    fn reload_swaps_and_keeps_on_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("grants.toml");
+        std::fs::write(&path, "[workspace.ws-1]\nrepositories = [\"a/*\"]\n").unwrap();
+        let grants = Grants::load(&path).unwrap();
+        let owner = |g: &Grants| {
+            g.current()
+                .unwrap()
+                .resolve("ws-1", &Ask::Default)
+                .map(|s| s.owner)
+        };
+        assert_eq!(owner(&grants).unwrap(), "a");
+        std::fs::write(&path, "[workspace.ws-1]\nrepositories = [\"b/*\"]\n").unwrap();
+        assert_eq!(grants.reload().unwrap(), 1);
+        assert_eq!(owner(&grants).unwrap(), "b");
+        std::fs::write(&path, "[workspace.ws-1]\nrepositories = 5\n").unwrap();
+        let err = grants.reload().unwrap_err();
+        assert!(err.to_string().contains(":2: "), "{err}");
+        assert_eq!(owner(&grants).unwrap(), "b", "old table kept");
+        assert!(Grants::none().current().is_none());
+    }
+}

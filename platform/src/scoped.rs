@@ -1,0 +1,280 @@
+//! One [`TokenCache`] per mint key, bounded, and the refusal rate limit.
+//!
+//! Why: with grants, a provider mints many kinds of token — one per
+//! (installation, repositories, permissions) — and each kind must keep the
+//! [`TokenCache`] contract (never expired, refreshed ahead, single flight)
+//! on its own, while workspaces with the same grant share one token. Both
+//! providers (GitHub and dev) keep their tokens here so the sharing, the
+//! bound on entries and the refusal limit exist once.
+//!
+//! The map holds at most `max_entries` kinds; at the bound an entry without
+//! a live token goes first, else the one used longest ago. An evicted
+//! entry's token is only forgotten (its next user mints again), never
+//! revoked, so eviction costs a mint, not correctness.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use jiff::Timestamp;
+
+use crate::grants::{Level, Scope};
+use crate::provider::{Clock, REFUSAL_INTERVAL, RefusalOutcome, TokenCache};
+
+/// Most kinds of token cached at once by one provider.
+pub const MAX_CACHED_TOKENS: usize = 4096;
+
+/// What one token is minted for: the cache key. Repositories and owners are
+/// compared lowercased, as GitHub compares them.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MintKey {
+    /// The installation minting it.
+    pub installation: u64,
+    /// Lowercased repository names, sorted; `None`: all.
+    pub repositories: Option<Vec<String>>,
+    /// `None`: the installation's own.
+    pub permissions: Option<Vec<(String, Level)>>,
+}
+
+impl MintKey {
+    /// The key of `scope` (`None`: unscoped) at `installation`.
+    pub fn new(installation: u64, scope: Option<&Scope>) -> Self {
+        Self {
+            installation,
+            repositories: scope.and_then(Scope::repositories_key),
+            permissions: scope
+                .and_then(|s| s.permissions.as_ref())
+                .map(|p| p.iter().map(|(k, v)| (k.clone(), *v)).collect()),
+        }
+    }
+}
+
+/// One kind of token: its cache and the permissions its last mint stated.
+#[derive(Clone)]
+pub struct Slot {
+    /// The token cache of this key.
+    pub cache: Arc<TokenCache>,
+    /// Permissions as the last mint's answer stated them.
+    pub permissions: Arc<Mutex<BTreeMap<String, String>>>,
+}
+
+impl Slot {
+    /// The permissions the last mint stated.
+    pub fn permissions(&self) -> BTreeMap<String, String> {
+        self.permissions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Records what a mint stated.
+    pub fn set_permissions(&self, permissions: BTreeMap<String, String>) {
+        *self
+            .permissions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = permissions;
+    }
+}
+
+struct Entry {
+    slot: Slot,
+    last_used: Timestamp,
+}
+
+/// The bounded map of token caches, and when each installation last had a
+/// refused token dropped.
+pub struct ScopedCaches {
+    entries: Mutex<HashMap<MintKey, Entry>>,
+    refusals: Mutex<HashMap<u64, Timestamp>>,
+    refresh_window: Duration,
+    clock: Clock,
+    max_entries: usize,
+}
+
+impl fmt::Debug for ScopedCaches {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ScopedCaches")
+            .field("entries", &self.len())
+            .field("max_entries", &self.max_entries)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ScopedCaches {
+    /// Empty; caches replace tokens `refresh_window` before expiry.
+    pub fn new(refresh_window: Duration, clock: Clock) -> Self {
+        Self {
+            entries: Mutex::default(),
+            refusals: Mutex::default(),
+            refresh_window,
+            clock,
+            max_entries: MAX_CACHED_TOKENS,
+        }
+    }
+
+    /// Sets the bound on entries (at least 1).
+    pub fn with_max_entries(mut self, max_entries: usize) -> Self {
+        self.max_entries = max_entries.max(1);
+        self
+    }
+
+    /// The clock the caches read.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    /// Kinds of token cached now.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<MintKey, Entry>> {
+        self.entries.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The slot of `key`, created (evicting at the bound) when missing.
+    pub fn slot(&self, key: &MintKey) -> Slot {
+        let now = self.clock.now();
+        let mut entries = self.lock();
+        if let Some(entry) = entries.get_mut(key) {
+            entry.last_used = now;
+            return entry.slot.clone();
+        }
+        if entries.len() >= self.max_entries {
+            let victim = entries
+                .iter()
+                .min_by_key(|(_, e)| (e.slot.cache.holds_unexpired(), e.last_used))
+                .map(|(k, _)| k.clone());
+            if let Some(victim) = victim {
+                entries.remove(&victim);
+            }
+        }
+        let slot = Slot {
+            cache: Arc::new(TokenCache::new(self.refresh_window, self.clock.clone())),
+            permissions: Arc::default(),
+        };
+        entries.insert(
+            key.clone(),
+            Entry {
+                slot: slot.clone(),
+                last_used: now,
+            },
+        );
+        slot
+    }
+
+    /// The slot of `key` if it exists (does not count as a use).
+    pub fn peek(&self, key: &MintKey) -> Option<Slot> {
+        self.lock().get(key).map(|e| e.slot.clone())
+    }
+
+    /// Drops the cached token whose SHA-256 is `sha256` among `keys`, at
+    /// most once per installation per [`REFUSAL_INTERVAL`].
+    pub fn refuse(&self, keys: &[MintKey], sha256: &[u8; 32]) -> RefusalOutcome {
+        for key in keys {
+            let Some(slot) = self.peek(key) else {
+                continue;
+            };
+            if !slot.cache.holds_matching(sha256) {
+                continue;
+            }
+            let now = self.clock.now();
+            let mut refusals = self.refusals.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(last) = refusals.get(&key.installation) {
+                let since = now.duration_since(*last);
+                let interval = jiff::SignedDuration::try_from(REFUSAL_INTERVAL)
+                    .unwrap_or(jiff::SignedDuration::MAX);
+                if since < interval {
+                    let left = (interval - since).unsigned_abs();
+                    return RefusalOutcome::Limited {
+                        retry_after: left.max(Duration::from_secs(1)),
+                    };
+                }
+            }
+            if slot.cache.invalidate_matching(sha256) {
+                if refusals.len() >= self.max_entries {
+                    refusals.retain(|_, at| {
+                        now.duration_since(*at)
+                            < jiff::SignedDuration::from_secs(REFUSAL_INTERVAL.as_secs() as i64)
+                    });
+                }
+                refusals.insert(key.installation, now);
+                return RefusalOutcome::Dropped;
+            }
+        }
+        RefusalOutcome::NoMatch
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::provider::{IssuedToken, ProviderError};
+    use secrecy::{ExposeSecret, SecretString};
+    use sha2::{Digest, Sha256};
+
+    fn issued(text: &str) -> Result<IssuedToken, ProviderError> {
+        Ok(IssuedToken {
+            token: SecretString::from(text.to_owned()),
+            expires_at: Timestamp::now() + jiff::SignedDuration::from_mins(60),
+        })
+    }
+
+    fn key(installation: u64) -> MintKey {
+        MintKey::new(installation, None)
+    }
+
+    #[tokio::test]
+    async fn the_map_is_bounded_and_evicts_empty_entries_first() {
+        let caches =
+            ScopedCaches::new(Duration::from_secs(300), Clock::system()).with_max_entries(2);
+        caches
+            .slot(&key(1))
+            .cache
+            .get_or_refresh(|| async { issued("a") })
+            .await
+            .unwrap();
+        caches.slot(&key(2));
+        caches.slot(&key(3));
+        assert_eq!(caches.len(), 2);
+        assert!(
+            caches.peek(&key(1)).is_some(),
+            "the entry with a live token stays"
+        );
+        assert!(caches.peek(&key(2)).is_none(), "the empty one goes");
+    }
+
+    #[tokio::test]
+    async fn refusals_drop_only_a_matching_token_of_the_given_keys() {
+        let caches = ScopedCaches::new(Duration::from_secs(300), Clock::system());
+        let slot = caches.slot(&key(1));
+        let token = slot
+            .cache
+            .get_or_refresh(|| async { issued("ghs_a") })
+            .await
+            .unwrap();
+        let sha: [u8; 32] = Sha256::digest(token.token.expose_secret().as_bytes()).into();
+        assert_eq!(caches.refuse(&[key(2)], &sha), RefusalOutcome::NoMatch);
+        assert_eq!(caches.refuse(&[key(1)], &[0; 32]), RefusalOutcome::NoMatch);
+        assert!(slot.cache.holds_unexpired());
+        assert_eq!(
+            caches.refuse(&[key(2), key(1)], &sha),
+            RefusalOutcome::Dropped
+        );
+        assert!(!slot.cache.holds_unexpired());
+        slot.cache
+            .get_or_refresh(|| async { issued("ghs_a") })
+            .await
+            .unwrap();
+        assert!(matches!(
+            caches.refuse(&[key(1)], &sha),
+            RefusalOutcome::Limited { retry_after } if retry_after <= REFUSAL_INTERVAL
+        ));
+    }
+}

@@ -1,0 +1,195 @@
+//! Tokens per repository owner, end to end: a grants file on the platform,
+//! git telling credd the repository (`useHttpPath`), the daemon holding one
+//! token per owner, and a git server that accepts a token only for the
+//! repositories its stated scope reaches.
+
+use std::path::Path;
+
+use testkit::{FAST_BACKOFF, GitServer, PlatformOptions, Sandbox, TestPlatform, with_platform};
+
+const GRANTS: &str = r#"
+[workspace.ws-credd-test]
+repositories = ["acme/api", "acme/web", "labs/*"]
+permissions = { contents = "write" }
+"#;
+
+/// A platform with [`GRANTS`], a sandbox using it as the granted workspace.
+fn granted_platform() -> (Sandbox, TestPlatform) {
+    let platform = TestPlatform::with_options(PlatformOptions {
+        grants: Some(GRANTS.to_owned()),
+        ..PlatformOptions::default()
+    });
+    let (sandbox, platform) = with_platform(platform);
+    sandbox.use_platform_as_workspace(&platform);
+    (sandbox, platform)
+}
+
+/// git asks credd first, with the repository path, then a fallback helper
+/// that leaves `marker` behind whenever git asks it for a credential (not
+/// for the `store` git sends every helper after a success).
+fn configure_git_with_path(sandbox: &Sandbox, url: &str, marker: &Path) {
+    let credd = testkit::bin::credd();
+    let config = format!(
+        "[user]\n\tname = Credd Test\n\temail = test@example.invalid\n\
+         [init]\n\tdefaultBranch = main\n\
+         [credential \"{url}\"]\n\thelper =\n\thelper = {}\n\
+         \thelper = \"!f() {{ test $1 = get && touch '{}'; }}; f\"\n\tuseHttpPath = true\n",
+        credd.display(),
+        marker.display()
+    );
+    std::fs::write(sandbox.home().join(".gitconfig"), config).expect("git config");
+}
+
+fn clone_commit_push(sandbox: &Sandbox, url: &str, dir: &Path) {
+    let work = dir.parent().expect("parent");
+    std::fs::create_dir_all(work).expect("work dir");
+    let name = dir.file_name().and_then(|n| n.to_str()).expect("name");
+    sandbox
+        .git(work, &["clone", url, name])
+        .run()
+        .assert_success("git clone");
+    std::fs::write(dir.join("README"), "hello\n").expect("write");
+    sandbox
+        .git(dir, &["add", "README"])
+        .run()
+        .assert_success("add");
+    sandbox
+        .git(dir, &["commit", "-q", "-m", "first"])
+        .run()
+        .assert_success("commit");
+    sandbox
+        .git(dir, &["push", "origin", "HEAD:main"])
+        .run()
+        .assert_success("git push");
+}
+
+#[test]
+fn each_owner_is_served_its_own_scoped_token_and_an_ungranted_one_falls_through() {
+    let (sandbox, platform) = granted_platform();
+    let server = GitServer::start(&sandbox.path().join("repos"), platform.authority());
+    let api = server.create_repo("acme/api");
+    let tool = server.create_repo("labs/tool");
+    let foreign = server.create_repo("evil/x");
+    sandbox.set_hosts(&server.host());
+    let marker = sandbox.path().join("fallback-used");
+    configure_git_with_path(&sandbox, &server.base_url(), &marker);
+    let daemon = sandbox.daemon().args(FAST_BACKOFF).start();
+
+    let work = sandbox.path().join("work");
+    clone_commit_push(&sandbox, &api, &work.join("api"));
+    clone_commit_push(&sandbox, &tool, &work.join("tool"));
+    assert!(
+        !marker.exists(),
+        "granted repositories never reach the fallback"
+    );
+
+    // Each owner's token was minted with the grant's scope, and the git
+    // server (which checks scope) accepted exactly those two.
+    let issued = platform.issued();
+    let acme = issued
+        .iter()
+        .find(|t| t.owner.as_deref() == Some("acme"))
+        .expect("an acme token");
+    assert_eq!(
+        acme.repositories.as_deref(),
+        Some(&["acme/api".to_owned(), "acme/web".to_owned()][..])
+    );
+    assert_eq!(
+        acme.permissions.get("contents").map(String::as_str),
+        Some("write")
+    );
+    let labs = issued
+        .iter()
+        .find(|t| t.owner.as_deref() == Some("labs"))
+        .expect("a labs token");
+    assert_eq!(labs.repositories, None, "labs/* is the whole account");
+    let mut accepted = server.accepted_tokens();
+    accepted.sort();
+    let mut expected = vec![acme.token.clone(), labs.token.clone()];
+    expected.sort();
+    assert_eq!(accepted, expected);
+    assert_eq!(server.rejected_credentials(), 0);
+    let mints = platform.mints();
+    assert_eq!(mints.len(), 2, "one mint per owner: {mints:?}");
+
+    // A third owner: credd answers nothing and git asks the next helper.
+    let get = sandbox
+        .credd(&["get"])
+        .stdin(format!(
+            "protocol=http\nhost={}\npath=evil/x.git\n\n",
+            server.host()
+        ))
+        .run();
+    get.assert_success("credd get outside the grant");
+    assert_eq!(get.stdout, "", "nothing for a repository outside the grant");
+    assert!(get.stderr.contains("not_granted"), "{}", get.stderr);
+    let refused = sandbox.git(&work, &["clone", &foreign, "x"]).run();
+    assert!(!refused.status.success(), "no credential for evil/x");
+    assert!(marker.exists(), "git fell through to the next helper");
+    assert_eq!(
+        platform.mints().len(),
+        2,
+        "nothing minted outside the grant"
+    );
+
+    // Status lists both owners' tokens, never the tokens.
+    let status = sandbox.credd(&["status"]).run();
+    status.assert_success("credd status");
+    for expected in [
+        "owner:          acme\n",
+        "repositories:   acme/api, acme/web\n",
+        "permissions:    contents=write\n",
+        "token for labs:\n",
+        "  owner:        labs\n",
+        "  repositories: all of the account's\n",
+    ] {
+        assert!(
+            status.stdout.contains(expected),
+            "{expected:?} in\n{}",
+            status.stdout
+        );
+    }
+    // One audit line per token served: who asked (pid, uid, executable),
+    // for what, and the fingerprint — never the token.
+    let log = daemon.log().text();
+    let audit: Vec<&str> = log.lines().filter(|l| l.contains("token served")).collect();
+    assert!(
+        audit.iter().any(|l| l.contains("asked=acme/api")
+            && l.contains(&testkit::sha256_hex(acme.token.as_bytes())[..12])
+            && l.contains(&format!("exe={}", testkit::bin::credd().display()))
+            && l.contains("pid=")
+            && l.contains(&format!("uid={}", nix::unistd::geteuid()))),
+        "no audit line for acme/api in\n{log}"
+    );
+    assert!(audit.iter().any(|l| l.contains("asked=labs/tool")), "{log}");
+    daemon.stop();
+}
+
+#[test]
+fn a_refused_token_is_replaced_at_once_not_after_the_platforms_cache_window() {
+    let (sandbox, platform) = granted_platform();
+    let server = GitServer::start(&sandbox.path().join("repos"), platform.authority());
+    let api = server.create_repo("acme/api");
+    sandbox.set_hosts(&server.host());
+    let marker = sandbox.path().join("fallback-used");
+    configure_git_with_path(&sandbox, &server.base_url(), &marker);
+    let daemon = sandbox.daemon().args(FAST_BACKOFF).start();
+    let dir = sandbox.path().join("work/api");
+    clone_commit_push(&sandbox, &api, &dir);
+    let first = platform.last_issued().expect("issued");
+
+    // GitHub revokes it: the next fetch is refused, git erases it, the
+    // daemon reports it and the platform drops it from its cache.
+    platform.authority().revoke(&first);
+    let failed = sandbox.git(&dir, &["fetch", "origin"]).run();
+    assert!(!failed.status.success(), "the revoked token is refused");
+    sandbox
+        .git(&dir, &["fetch", "origin"])
+        .run()
+        .assert_success("git fetch with a fresh token");
+    let second = platform.last_issued().expect("issued");
+    assert_ne!(second, first, "a different token, minted at once");
+    assert_eq!(platform.refusal_reports(), 1);
+    assert!(server.accepted_tokens().contains(&second));
+    daemon.stop();
+}
