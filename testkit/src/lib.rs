@@ -18,6 +18,7 @@
 //!   real binary ([`PlatformProcess`]);
 //! - [`git`]: git's own smart-HTTP backend behind token auth;
 //! - [`client`]: raw protocol exchanges with a daemon's socket;
+//! - [`prometheus`]: `promtool check metrics` and a reader for the samples;
 //! - [`sandbox`], [`daemon`] and [`fixture`]: one test's private world, the
 //!   daemon started in it, and the setup most daemon tests share.
 //!
@@ -38,6 +39,7 @@ pub mod git;
 pub mod http;
 pub mod platform;
 pub mod process;
+pub mod prometheus;
 pub mod sandbox;
 pub mod secrets;
 

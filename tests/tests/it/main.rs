@@ -13,6 +13,7 @@ mod gh;
 mod git;
 mod git_versions;
 mod harness;
+mod metrics;
 mod secrets;
 mod socket;
 mod trust;
