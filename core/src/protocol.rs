@@ -260,6 +260,53 @@ pub struct Status {
     /// Every per-owner token the daemon holds besides the default one.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub owners: Vec<TokenStatus>,
+    /// The daemon's counters since start (`credd metrics`); absent from a
+    /// daemon that predates them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counters: Option<Counters>,
+}
+
+/// Daemon-wide counters since start, for `credd metrics`. They outlive the
+/// per-owner tokens (a token nobody asks for is dropped, its counts are
+/// not), so they only ever grow. Keys are words, not enums, so a helper
+/// reads the counters of a newer daemon with words it does not know.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    /// Answers given, by kind: `token` (served), `erased`, `kept`, `status`,
+    /// or the [`ErrorCode`] of a refusal.
+    #[serde(default)]
+    pub answers: BTreeMap<String, u64>,
+    /// Token calls the refreshers started (including those that failed
+    /// before reaching the platform, say on an unreadable bearer file).
+    #[serde(default)]
+    pub platform_calls: u64,
+    /// Calls that produced no servable token, by cause.
+    #[serde(default)]
+    pub platform_failures: BTreeMap<String, u64>,
+    /// HTTP answers the platform gave, by status class (`2xx`, `4xx`, …).
+    #[serde(default)]
+    pub platform_responses: BTreeMap<String, u64>,
+    /// How long the token calls took.
+    #[serde(default)]
+    pub platform_latency: Histogram,
+}
+
+/// A latency histogram: cumulative counts per upper bound, as Prometheus
+/// keeps them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Histogram {
+    /// Upper bounds in milliseconds, ascending (`+Inf` is implied).
+    #[serde(default)]
+    pub le_ms: Vec<u64>,
+    /// Observations at or below each bound (cumulative, as long as `le_ms`).
+    #[serde(default)]
+    pub counts: Vec<u64>,
+    /// Every observation (the `+Inf` bucket).
+    #[serde(default)]
+    pub count: u64,
+    /// Sum of the observations in microseconds.
+    #[serde(default)]
+    pub sum_us: u64,
 }
 
 /// One held token's state, never the token.
@@ -530,6 +577,18 @@ mod tests {
                 },
                 ..TokenStatus::default()
             }],
+            counters: Some(Counters {
+                answers: BTreeMap::from([("token".into(), 3), ("busy".into(), 1)]),
+                platform_calls: 2,
+                platform_failures: BTreeMap::from([("transient".into(), 1)]),
+                platform_responses: BTreeMap::from([("5xx".into(), 1)]),
+                platform_latency: Histogram {
+                    le_ms: vec![10, 100],
+                    counts: vec![1, 2],
+                    count: 2,
+                    sum_us: 60_000,
+                },
+            }),
             ..Status::default()
         }));
         let line = encode(&status);
@@ -537,5 +596,11 @@ mod tests {
         // The default token's fields stay where a v1 helper reads them.
         let text = String::from_utf8_lossy(&line);
         assert!(text.contains(r#""state":"valid","source":"env""#), "{text}");
+        // A daemon from before the counters: none, rather than zeros.
+        let older = br#"{"v":1,"type":"status","version":"0.1.0","pid":1,"uptime_secs":5,"state":"valid","platform":"ok","platform_calls":1,"served":2}"#;
+        match decode::<Response>(older).expect("an older daemon's status") {
+            Response::Status(status) => assert_eq!(status.counters, None),
+            other => panic!("not a status: {other:?}"),
+        }
     }
 }

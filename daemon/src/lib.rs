@@ -22,6 +22,7 @@ mod cache;
 pub mod cli;
 mod clock;
 pub mod fetch_once;
+mod metrics;
 mod on_refresh;
 pub mod platform;
 pub mod process;

@@ -124,6 +124,28 @@ pub enum ErrorClass {
     Transient,
 }
 
+impl ErrorClass {
+    /// Every class, in declaration order.
+    pub const ALL: [Self; 5] = [
+        Self::Bearer,
+        Self::Unauthorized,
+        Self::NotConfigured,
+        Self::NotGranted,
+        Self::Transient,
+    ];
+
+    /// The class in a word (metrics).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Bearer => "bearer",
+            Self::Unauthorized => "unauthorized",
+            Self::NotConfigured => "not_configured",
+            Self::NotGranted => "not_granted",
+            Self::Transient => "transient",
+        }
+    }
+}
+
 /// Why no token came back from the platform.
 #[derive(Debug, thiserror::Error)]
 pub enum PlatformError {
@@ -268,6 +290,28 @@ impl PlatformError {
             | Self::BodyTooLarge
             | Self::Malformed { .. }
             | Self::AlreadyExpired { .. } => ErrorClass::Transient,
+        }
+    }
+
+    /// The HTTP status the platform answered with, when it answered: 200
+    /// for an answer whose body was unusable; `None` when no answer came
+    /// (network, timeout, the bearer file) or it broke off mid-body.
+    pub fn http_status(&self) -> Option<u16> {
+        match self {
+            Self::Unauthorized { status, .. }
+            | Self::Server { status, .. }
+            | Self::UnexpectedStatus { status } => Some(*status),
+            Self::NotGranted { .. } => Some(403),
+            Self::NotInstalled { .. } | Self::NotConfigured => Some(404),
+            Self::RateLimited { .. } => Some(429),
+            Self::BodyTooLarge | Self::Malformed { .. } | Self::AlreadyExpired { .. } => Some(200),
+            Self::Client(_)
+            | Self::InvalidUrl { .. }
+            | Self::BearerUnreadable { .. }
+            | Self::BearerStalled { .. }
+            | Self::BearerInvalid { .. }
+            | Self::Timeout { .. }
+            | Self::Unreachable { .. } => None,
         }
     }
 

@@ -27,6 +27,7 @@ use tokio_util::task::TaskTracker;
 use zeroize::Zeroizing;
 
 use crate::cache::{Fetch, Tokens, Want};
+use crate::metrics::answer_kind;
 
 /// `--max-connections` by default.
 pub(crate) const DEFAULT_MAX_CONNECTIONS: u32 = 1024;
@@ -115,29 +116,26 @@ pub(crate) async fn run<F: Fetch>(
                     "refused a caller whose uid may not use this daemon (start it with --allow-uid UID to admit it)"
                 );
             });
-            answer_unread(
-                &stream,
-                &Response::Error {
-                    code: ErrorCode::Forbidden,
-                    message:
-                        "this uid may not use molecule-credd (ask its owner to add --allow-uid)"
-                            .into(),
-                },
-            );
+            let answer = Response::Error {
+                code: ErrorCode::Forbidden,
+                message: "this uid may not use molecule-credd (ask its owner to add --allow-uid)"
+                    .into(),
+            };
+            tokens.metrics().answered(&answer);
+            answer_unread(&stream, &answer);
             continue;
         }
         let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
             // Never wait here: answer without reading and move on.
-            answer_unread(
-                &stream,
-                &Response::Error {
-                    code: ErrorCode::Busy,
-                    message: format!(
-                        "molecule-credd is serving {} connections already; try again",
-                        settings.max_connections
-                    ),
-                },
-            );
+            let answer = Response::Error {
+                code: ErrorCode::Busy,
+                message: format!(
+                    "molecule-credd is serving {} connections already; try again",
+                    settings.max_connections
+                ),
+            };
+            tokens.metrics().answered(&answer);
+            answer_unread(&stream, &answer);
             busy_log.note(|suppressed| {
                 tracing::warn!(
                     max_connections = settings.max_connections,
@@ -283,6 +281,7 @@ async fn serve_connection<F: Fetch>(
         RequestLine::Line(bytes) => dispatch(&bytes, tokens, peer).await,
         RequestLine::Empty => return,
     };
+    tokens.metrics().answered(&answer);
     tracing::debug!(
         uid = uid.map_or(-1, i64::from),
         pid = pid.unwrap_or(-1),
@@ -340,17 +339,6 @@ fn audit(peer: Option<tokio::net::unix::UCred>, want: &Want, fingerprint: &str) 
         fingerprint,
         "token served"
     );
-}
-
-/// What an answer was, for logs (never its content).
-fn answer_kind(answer: &Response) -> &'static str {
-    match answer {
-        Response::Token { .. } => "token",
-        Response::Erased { dropped: true } => "erased",
-        Response::Erased { dropped: false } => "kept",
-        Response::Status(_) => "status",
-        Response::Error { code, .. } => code.as_str(),
-    }
 }
 
 fn bad_request(message: String) -> Response {

@@ -15,6 +15,7 @@ mod credential;
 mod daemon;
 mod exec;
 mod git_helper;
+mod metrics;
 mod status;
 
 use std::ffi::{OsStr, OsString};
@@ -35,6 +36,8 @@ usage:
                                 print a token and a newline (exit 1 with a reason if none);
                                 without an option, the workspace's default token
   credd status [--json]         what the daemon holds, never the token (exit 1 if unreachable)
+  credd metrics                 the daemon's state and counters in Prometheus' text format,
+                                for node_exporter's textfile collector (exit 1 if unreachable)
   credd exec [--repo OWNER/NAME | --owner OWNER] -- CMD [ARGS...]
                                 run CMD with GH_TOKEN and GITHUB_TOKEN set (and GH_ENTERPRISE_TOKEN,
                                 GH_HOST for an Enterprise host); its exit code is credd's
@@ -72,6 +75,7 @@ fn main() -> ExitCode {
         b"store" => ExitCode::SUCCESS,
         b"token" => token(args.collect()),
         b"status" => status(args.collect()),
+        b"metrics" => metrics(args.collect()),
         b"exec" => exec(args.collect()),
         b"configure-git" => configure_git(args.collect()),
         b"--help" | b"-h" | b"help" => print_stdout(USAGE),
@@ -211,6 +215,18 @@ fn status(args: Vec<OsString>) -> ExitCode {
         }
     };
     match status::run(json) {
+        Ok(text) => print_stdout(&text),
+        Err(e) => report(&e),
+    }
+}
+
+fn metrics(args: Vec<OsString>) -> ExitCode {
+    if let Some(extra) = args.first() {
+        return usage_error(&format!(
+            "`credd metrics` takes no arguments, got {extra:?}"
+        ));
+    }
+    match metrics::run() {
         Ok(text) => print_stdout(&text),
         Err(e) => report(&e),
     }

@@ -189,6 +189,7 @@ mod tests {
             uptime_secs: 3_723,
             token,
             owners: vec![labs],
+            counters: None,
         };
         let text = render(&status, &config, now);
         for expected in [

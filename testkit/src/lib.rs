@@ -20,6 +20,7 @@
 //! - [`github_stand_in`]: GitHub's App API on loopback (re-exported crate),
 //!   for tests running the platform in GitHub mode;
 //! - [`client`]: raw protocol exchanges with a daemon's socket;
+//! - [`prometheus`]: `promtool check metrics` and a reader for the samples;
 //! - [`sandbox`], [`daemon`] and [`fixture`]: one test's private world, the
 //!   daemon started in it, and the setup most daemon tests share.
 //!
@@ -40,6 +41,7 @@ pub mod git;
 pub mod http;
 pub mod platform;
 pub mod process;
+pub mod prometheus;
 pub mod sandbox;
 pub mod secrets;
 

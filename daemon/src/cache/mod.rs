@@ -50,7 +50,7 @@ mod tests;
 
 use std::fmt::Write as _;
 use std::future::Future;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use credd_core::protocol::{ErrorCode, PlatformHealth, Response, Scope};
@@ -63,6 +63,7 @@ pub(crate) use self::owners::{Tokens, Want};
 pub(crate) use self::policy::CachePolicy;
 use self::state::{Deadline, HeldToken, Now, Requester, State};
 use crate::clock::{self, BootClock};
+use crate::metrics::Metrics;
 use crate::platform::{Ask, Grant, PlatformClient, PlatformError, RefusalOutcome};
 
 /// The platform calls the cache makes; implemented by [`PlatformClient`]
@@ -111,6 +112,8 @@ pub(crate) struct TokenCache<F> {
     started: Instant,
     on_refresh: Option<RefreshHook>,
     boot_clock: BootClock,
+    /// The daemon's counters, shared by every cache (see [`Metrics`]).
+    metrics: Arc<Metrics>,
 }
 
 impl<F: Fetch> TokenCache<F> {
@@ -138,15 +141,28 @@ impl<F: Fetch> TokenCache<F> {
             started,
             on_refresh: None,
             boot_clock,
+            metrics: Arc::default(),
         }
     }
 
-    /// A cache for `owner`'s token, refreshed on demand (see [`Tokens`]).
-    pub(crate) fn for_owner(fetcher: F, policy: CachePolicy, owner: String) -> Self {
+    /// A cache for `owner`'s token, refreshed on demand (see [`Tokens`]),
+    /// counting into `metrics`.
+    pub(crate) fn for_owner(
+        fetcher: F,
+        policy: CachePolicy,
+        owner: String,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let mut cache = Self::new(fetcher, policy, None);
         cache.owner = Some(owner);
         cache.on_demand = true;
+        cache.metrics = metrics;
         cache
+    }
+
+    /// The counters this cache adds to.
+    pub(crate) fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// Reads the suspend-counting clock from `clock` instead (tests simulate

@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{CachePolicy, Fetch, TokenCache, bad_erase, is_sha256_hex};
+use crate::metrics::Metrics;
 
 /// Most accounts a daemon holds tokens for besides the default one.
 pub(crate) const MAX_OWNER_TOKENS: usize = 32;
@@ -140,6 +141,7 @@ impl<F: Fetch> Tokens<F> {
             self.fetcher.clone(),
             self.policy,
             owner.to_owned(),
+            Arc::clone(self.default.metrics()),
         ));
         cache.note_asked();
         owners.insert(key.clone(), Arc::clone(&cache));
@@ -186,7 +188,13 @@ impl<F: Fetch> Tokens<F> {
             uptime_secs: self.default.uptime_secs(),
             token: self.default.status(),
             owners: owners.into_iter().map(|(_, c)| c.status()).collect(),
+            counters: Some(self.default.metrics().snapshot()),
         }
+    }
+
+    /// The daemon's counters (every cache counts into the default one's).
+    pub(crate) fn metrics(&self) -> &Metrics {
+        self.default.metrics()
     }
 
     /// SIGHUP: every held token is refreshed now.

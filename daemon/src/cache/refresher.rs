@@ -8,8 +8,9 @@
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::state::{Deadline, Failure, OnDemand};
+use super::state::{Accepted, Deadline, Failure, OnDemand};
 use super::{Fetch, TokenCache};
+use crate::metrics::CallOutcome;
 use crate::platform::{Ask, RefusalOutcome};
 
 impl<F: Fetch> TokenCache<F> {
@@ -99,15 +100,28 @@ impl<F: Fetch> TokenCache<F> {
             repository: None,
             min_remaining,
         };
+        let started = std::time::Instant::now();
         let result = self.fetcher.fetch(ask).await;
+        let took = started.elapsed();
         let now = self.now();
         let unit = rand::random::<f64>();
         let mut st = self.lock();
         st.in_flight = false;
         let fresh = match result {
-            Ok(grant) => st.accept(&self.policy, grant, sent_at, now, unit),
+            Ok(grant) => match st.accept(&self.policy, grant, sent_at, now, unit) {
+                Accepted::Cached(fresh) => {
+                    self.metrics.platform_call(took, &CallOutcome::Granted);
+                    fresh
+                }
+                Accepted::TooShort => {
+                    self.metrics.platform_call(took, &CallOutcome::TooShort);
+                    None
+                }
+            },
             Err(error) => {
                 st.fail(&self.policy, &Failure::Platform(&error), now, unit);
+                self.metrics
+                    .platform_call(took, &CallOutcome::Failed(&error));
                 None
             }
         };

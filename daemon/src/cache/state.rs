@@ -80,6 +80,14 @@ pub(super) enum OnDemand {
     Idle,
 }
 
+/// What [`State::accept`] made of a grant.
+pub(super) enum Accepted {
+    /// Cached; the token when it is a new one (for the refresh hook).
+    Cached(Option<Token>),
+    /// Refused: it had too little life left (counted as a failure).
+    TooShort,
+}
+
 /// Drops `held` if its SHA-256 is `sha256`; its fingerprint when it did.
 fn take_matching(held: &mut Option<HeldToken>, sha256: &str) -> Option<String> {
     held.take_if(|h| h.token.matches_sha256_hex(sha256))
@@ -198,8 +206,7 @@ impl State {
         }
     }
 
-    /// Caches `grant` (or refuses it if it has too little life); returns the
-    /// token when it is a new one.
+    /// Caches `grant`, or refuses it if it has too little life.
     pub(super) fn accept(
         &mut self,
         policy: &CachePolicy,
@@ -207,7 +214,7 @@ impl State {
         sent_at: Deadline,
         now: Now,
         unit: f64,
-    ) -> Option<Token> {
+    ) -> Accepted {
         // Counted from when the request left: the answer cannot be older.
         let lifetime = grant.lifetime.min(MAX_TRUSTED_LIFETIME);
         let deadline = Deadline {
@@ -225,7 +232,7 @@ impl State {
                 now,
                 unit,
             );
-            return None;
+            return Accepted::TooShort;
         }
         let unchanged = self.cached.as_ref().is_some_and(|c| c.token == grant.token);
         let mut delay = refresh_delay(
@@ -307,7 +314,7 @@ impl State {
         // that is no longer servable must not wait out the whole back-off.
         self.backing_off = false;
         self.next_attempt = now.mono + delay;
-        token
+        Accepted::Cached(token)
     }
 
     /// Records a failed call (or an unservable grant) and schedules the

@@ -138,6 +138,7 @@ fn sample_status() -> Status {
             ..Default::default()
         },
         owners: Vec::new(),
+        counters: None,
     }
 }
 

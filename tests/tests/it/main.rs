@@ -13,6 +13,7 @@ mod gh;
 mod git;
 mod git_versions;
 mod harness;
+mod metrics;
 mod owners;
 mod secrets;
 mod socket;
