@@ -12,6 +12,7 @@
 //! - [`github`]: the GitHub App provider (JWT → installation access token).
 //! - [`dev`]: a provider minting fake `ghs_` tokens for local runs and tests.
 //! - [`auth`]: admin and per-workspace bearer checks.
+//! - [`metrics`]: the Prometheus metrics behind `GET /metrics`.
 //! - [`service`]: the HTTP endpoints (axum) and a bounded server loop.
 //! - [`config`]: the `molecule-platform` binary's configuration.
 
@@ -21,6 +22,7 @@ pub mod auth;
 pub mod config;
 pub mod dev;
 pub mod github;
+pub mod metrics;
 pub mod provider;
 pub mod registry;
 pub mod service;

@@ -5,7 +5,9 @@
 //!   bearer or the admin bearer;
 //! - `GET /admin/github-installation-token`: the admin bearer (any workspace
 //!   bearer when no admin bearer is configured);
-//! - `GET /healthz`.
+//! - `GET /healthz`;
+//! - `GET /metrics`: Prometheus text, unauthenticated (counts only, see
+//!   [`crate::metrics`]).
 //!
 //! Answers: 200 `{"token","expires_at"}` (RFC 3339, UTC, `Z`) with
 //! `Cache-Control: no-store`; 401 for a missing or wrong bearer (checked
@@ -177,7 +179,9 @@ pub fn app(state: AppState) -> Router {
         )
         .route("/admin/github-installation-token", get(admin_token))
         .route("/healthz", get(healthz))
+        .route("/metrics", get(serve_metrics))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn(crate::metrics::track_request))
         .with_state(state)
         .layer(
             ServiceBuilder::new()
@@ -315,6 +319,10 @@ async fn serve_token(state: &AppState, caller: Caller) -> Response {
         );
         return failed();
     }
+    crate::metrics::metrics().served(match &caller {
+        Caller::Admin => crate::metrics::CallerKind::Admin,
+        Caller::Workspace(_) => crate::metrics::CallerKind::Workspace,
+    });
     let caller = match &caller {
         Caller::Admin => "admin".to_owned(),
         Caller::Workspace(id) => format!("workspace {id}"),
@@ -336,6 +344,17 @@ async fn serve_token(state: &AppState, caller: Caller) -> Response {
 
 async fn healthz() -> Response {
     json(StatusCode::OK, br#"{"status":"ok"}"#.to_vec())
+}
+
+/// `GET /metrics`: counts only, no secret and no workspace identity, so it
+/// needs no bearer (see [`crate::metrics`]).
+async fn serve_metrics() -> Response {
+    let mut response = crate::metrics::metrics().render().into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+    );
+    response
 }
 
 async fn not_found() -> Response {

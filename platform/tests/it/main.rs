@@ -5,6 +5,7 @@
 
 mod binary;
 mod github;
+mod metrics;
 mod service;
 mod slow_clients;
 mod support;
