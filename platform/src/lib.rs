@@ -16,6 +16,7 @@
 //!   permissions), bounded, and the refusal rate limit.
 //! - [`dev`]: a provider minting fake `ghs_` tokens for local runs and tests.
 //! - [`auth`]: admin and per-workspace bearer checks.
+//! - [`metrics`]: the Prometheus metrics behind `GET /metrics`.
 //! - [`service`]: the HTTP endpoints (axum) and a bounded server loop.
 //! - [`config`]: the `molecule-platform` binary's configuration.
 
@@ -26,6 +27,7 @@ pub mod config;
 pub mod dev;
 pub mod github;
 pub mod grants;
+pub mod metrics;
 pub mod provider;
 pub mod registry;
 pub mod scoped;

@@ -409,12 +409,14 @@ impl TokenCache {
     {
         let min_remaining = signed(min_remaining);
         if let Some(token) = self.fresh(self.clock.now(), min_remaining) {
+            crate::metrics::metrics().cache_hit();
             return Ok(token);
         }
         let seen = self.lock_attempts().completed;
         let _flight = self.refresh.lock().await;
         let now = self.clock.now();
         if let Some(token) = self.fresh(now, min_remaining) {
+            crate::metrics::metrics().cache_hit();
             return Ok(token);
         }
         {
@@ -447,6 +449,7 @@ impl TokenCache {
         attempts.completed += 1;
         match result {
             Ok(token) => {
+                crate::metrics::metrics().minted();
                 attempts.last_failure = None;
                 *self.current.write().unwrap_or_else(PoisonError::into_inner) = Some(Cached {
                     token: token.clone(),
@@ -455,6 +458,7 @@ impl TokenCache {
                 Ok(token)
             }
             Err(error) => {
+                crate::metrics::metrics().upstream_error(&error);
                 attempts.last_failure = Some((self.clock.now(), error.clone()));
                 drop(attempts);
                 match self.unexpired(self.clock.now()) {

@@ -9,7 +9,9 @@
 //! - `GET /admin/github-installation-token`: the admin bearer (any workspace
 //!   bearer when no admin bearer is configured): the configured
 //!   installation's token, unscoped;
-//! - `GET /healthz`.
+//! - `GET /healthz`;
+//! - `GET /metrics`: Prometheus text, unauthenticated (counts only, see
+//!   [`crate::metrics`]).
 //!
 //! Answers: 200 `{"token","expires_at","owner","repositories",
 //! "permissions"}` (`expires_at` RFC 3339, UTC, `Z`; `owner` absent when not
@@ -219,7 +221,9 @@ pub fn app(state: AppState) -> Router {
         )
         .route("/admin/github-installation-token", get(admin_token))
         .route("/healthz", get(healthz))
+        .route("/metrics", get(serve_metrics))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn(crate::metrics::track_request))
         .with_state(state)
         .layer(
             ServiceBuilder::new()
@@ -546,6 +550,10 @@ async fn serve_token(state: &AppState, caller: Caller, request: TokenRequest) ->
         );
         return failed();
     }
+    crate::metrics::metrics().served(match &caller {
+        Caller::Admin => crate::metrics::CallerKind::Admin,
+        Caller::Workspace(_) => crate::metrics::CallerKind::Workspace,
+    });
     let caller = match &caller {
         Caller::Admin => "admin".to_owned(),
         Caller::Workspace(id) => format!("workspace {id}"),
@@ -570,6 +578,17 @@ async fn serve_token(state: &AppState, caller: Caller, request: TokenRequest) ->
 
 async fn healthz() -> Response {
     json(StatusCode::OK, br#"{"status":"ok"}"#.to_vec())
+}
+
+/// `GET /metrics`: counts only, no secret and no workspace identity, so it
+/// needs no bearer (see [`crate::metrics`]).
+async fn serve_metrics() -> Response {
+    let mut response = crate::metrics::metrics().render().into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+    );
+    response
 }
 
 async fn not_found() -> Response {

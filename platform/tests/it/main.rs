@@ -7,6 +7,7 @@ mod binary;
 mod github;
 mod github_grants;
 mod grants;
+mod metrics;
 mod service;
 mod slow_clients;
 mod support;

@@ -1,0 +1,291 @@
+//! The platform's Prometheus metrics, served at `GET /metrics`.
+//!
+//! What an operator watches: tokens minted (calls to GitHub) against tokens
+//! served and cache hits (the cache doing its job: a fleet should cost about
+//! one mint per installation per token lifetime), failed mints by GitHub's
+//! answer, and request latency by route. Written with `prometheus-client`
+//! in the Prometheus text format (0.0.4), which `promtool check metrics`
+//! and every Prometheus read.
+//!
+//! Why one process-wide set: the counters are incremented where things
+//! happen — the token cache every provider uses, the token handlers, a
+//! layer around the router — and those are built independently (plugins in
+//! the registry, routers in tests); a process has one `/metrics`.
+//!
+//! What the labels may hold: route templates (`/workspaces/{id}/…`, never a
+//! workspace id), HTTP status codes, error classes, the caller's kind
+//! (`workspace` or `admin`). No token, bearer, workspace or owner name, so
+//! the counts can be served without authentication (see `platform/README.md`).
+
+use std::sync::LazyLock;
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request};
+use axum::middleware::Next;
+use axum::response::Response;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::provider::ProviderError;
+
+/// The `Content-Type` of `/metrics`.
+pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+
+/// Upper bounds of the request latency histogram, in seconds: a cache hit
+/// answers in microseconds, a mint waits for GitHub (seconds).
+const REQUEST_SECONDS_BOUNDS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 2.5, 10.0,
+];
+
+/// Label of a request the router has no route for.
+const UNMATCHED_ROUTE: &str = "unmatched";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallerLabels {
+    caller: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamLabels {
+    /// The HTTP status GitHub answered, or the failure's class without one.
+    status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    route: String,
+    method: &'static str,
+    code: u16,
+}
+
+type RequestHistograms = Family<RequestLabels, Histogram, fn() -> Histogram>;
+
+/// Who was served a token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CallerKind {
+    /// A workspace with its own bearer.
+    Workspace,
+    /// The admin bearer.
+    Admin,
+}
+
+impl CallerKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Workspace => "workspace",
+            Self::Admin => "admin",
+        }
+    }
+}
+
+/// The platform's metrics (see the module docs).
+pub struct PlatformMetrics {
+    registry: Registry,
+    minted: Counter,
+    cache_hits: Counter,
+    served: Family<CallerLabels, Counter>,
+    upstream_errors: Family<UpstreamLabels, Counter>,
+    requests: RequestHistograms,
+}
+
+impl std::fmt::Debug for PlatformMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PlatformMetrics").finish_non_exhaustive()
+    }
+}
+
+fn request_histogram() -> Histogram {
+    Histogram::new(REQUEST_SECONDS_BOUNDS)
+}
+
+impl Default for PlatformMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PlatformMetrics {
+    /// A fresh set, every counter at zero.
+    pub fn new() -> Self {
+        let minted = Counter::default();
+        let cache_hits = Counter::default();
+        let served = Family::<CallerLabels, Counter>::default();
+        let upstream_errors = Family::<UpstreamLabels, Counter>::default();
+        let requests = RequestHistograms::new_with_constructor(request_histogram);
+        // Both callers exist from the start, so a rate over them does too.
+        for caller in [CallerKind::Workspace, CallerKind::Admin] {
+            let _ = served.get_or_create(&CallerLabels {
+                caller: caller.as_str(),
+            });
+        }
+        let mut registry = Registry::with_prefix("molecule_platform");
+        registry.register(
+            "tokens_minted",
+            "Tokens minted upstream (GitHub installation tokens created; dev tokens made)",
+            minted.clone(),
+        );
+        registry.register(
+            "token_cache_hits",
+            "Token requests answered from the token cache without minting",
+            cache_hits.clone(),
+        );
+        registry.register(
+            "tokens_served",
+            "Tokens handed out by the token endpoints, by caller kind",
+            served.clone(),
+        );
+        registry.register(
+            "upstream_errors",
+            "Failed mints by GitHub's answer: the HTTP status, or timeout, transport, malformed, config when there was none",
+            upstream_errors.clone(),
+        );
+        registry.register_with_unit(
+            "http_request_duration",
+            "HTTP requests by route template, method and status code, and how long they took",
+            prometheus_client::registry::Unit::Seconds,
+            requests.clone(),
+        );
+        Self {
+            registry,
+            minted,
+            cache_hits,
+            served,
+            upstream_errors,
+            requests,
+        }
+    }
+
+    /// A token was minted upstream.
+    pub fn minted(&self) {
+        self.minted.inc();
+    }
+
+    /// A token request was answered from the cache.
+    pub fn cache_hit(&self) {
+        self.cache_hits.inc();
+    }
+
+    /// A token endpoint handed a token to `caller`.
+    pub fn served(&self, caller: CallerKind) {
+        self.served
+            .get_or_create(&CallerLabels {
+                caller: caller.as_str(),
+            })
+            .inc();
+    }
+
+    /// A mint failed with `error`.
+    pub fn upstream_error(&self, error: &ProviderError) {
+        let status = match error {
+            ProviderError::UpstreamStatus { status, .. } => status.to_string(),
+            other => other.class().to_owned(),
+        };
+        self.upstream_errors
+            .get_or_create(&UpstreamLabels { status })
+            .inc();
+    }
+
+    fn request(&self, route: String, method: &'static str, code: u16, seconds: f64) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                route,
+                method,
+                code,
+            })
+            .observe(seconds);
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::prometheus_text::encode(&mut text, &self.registry);
+        text
+    }
+}
+
+/// The process's metrics.
+pub fn metrics() -> &'static PlatformMetrics {
+    static METRICS: LazyLock<PlatformMetrics> = LazyLock::new(PlatformMetrics::new);
+    &METRICS
+}
+
+/// The method as a label: the standard ones by name, anything else (a
+/// client may send any token) as `other`, so no client can grow the series.
+fn method_label(method: &axum::http::Method) -> &'static str {
+    match method.as_str() {
+        "GET" => "GET",
+        "POST" => "POST",
+        "HEAD" => "HEAD",
+        "PUT" => "PUT",
+        "DELETE" => "DELETE",
+        "PATCH" => "PATCH",
+        "OPTIONS" => "OPTIONS",
+        _ => "other",
+    }
+}
+
+/// Layer function timing every request, labelled by its route template.
+pub async fn track_request(request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| UNMATCHED_ROUTE.to_owned(), |p| p.as_str().to_owned());
+    let method = method_label(request.method());
+    let started = Instant::now();
+    let response = next.run(request).await;
+    metrics().request(
+        route,
+        method,
+        response.status().as_u16(),
+        started.elapsed().as_secs_f64(),
+    );
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fresh_set_renders_what_happened_and_passes_promtool() {
+        let m = PlatformMetrics::new();
+        m.minted();
+        m.cache_hit();
+        m.cache_hit();
+        m.served(CallerKind::Workspace);
+        m.upstream_error(&ProviderError::UpstreamStatus {
+            status: 502,
+            detail: Some("bad \"gateway\"".into()),
+        });
+        m.upstream_error(&ProviderError::Timeout(std::time::Duration::from_secs(1)));
+        m.request(
+            "/workspaces/{id}/github-installation-token".into(),
+            "GET",
+            200,
+            0.002,
+        );
+        let text = m.render();
+        for expected in [
+            "# TYPE molecule_platform_tokens_minted_total counter\n",
+            "molecule_platform_tokens_minted_total 1\n",
+            "molecule_platform_token_cache_hits_total 2\n",
+            "molecule_platform_tokens_served_total{caller=\"workspace\"} 1\n",
+            "molecule_platform_tokens_served_total{caller=\"admin\"} 0\n",
+            "molecule_platform_upstream_errors_total{status=\"502\"} 1\n",
+            "molecule_platform_upstream_errors_total{status=\"timeout\"} 1\n",
+            "molecule_platform_http_request_duration_seconds_count{route=\"/workspaces/{id}/github-installation-token\",method=\"GET\",code=\"200\"} 1\n",
+            "le=\"0.0025\"} 1\n",
+        ] {
+            assert!(text.contains(expected), "missing {expected:?} in\n{text}");
+        }
+        assert!(
+            !text.contains("gateway"),
+            "no upstream text in a label:\n{text}"
+        );
+        testkit::prometheus::check_metrics(&text);
+    }
+}
