@@ -458,7 +458,8 @@ main_pid=$new_pid
 
 # ---- reload ----------------------------------------------------------------
 
-calls() { as_agent credd status --json | sed -n 's/^ *"platform_calls": *\([0-9]*\).*/\1/p'; }
+# The default token's count: the top-level key (`counters` holds another, indented deeper).
+calls() { as_agent credd status --json | sed -n 's/^  "platform_calls": *\([0-9]*\).*/\1/p'; }
 before=$(calls)
 [ -n "$before" ] || fail "credd status --json has no platform_calls"
 ctl reload "$service" || fail "systemctl reload $service failed"

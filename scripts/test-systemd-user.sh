@@ -416,7 +416,8 @@ main_pid=$new_pid
 
 # ---- reload ----------------------------------------------------------------
 
-calls() { as_user "$credd" status --json | sed -n 's/^ *"platform_calls": *\([0-9]*\).*/\1/p'; }
+# The default token's count: the top-level key (`counters` holds another, indented deeper).
+calls() { as_user "$credd" status --json | sed -n 's/^  "platform_calls": *\([0-9]*\).*/\1/p'; }
 before=$(calls)
 [ -n "$before" ] || fail "credd status --json has no platform_calls"
 uctl reload "$service" || fail "systemctl --user reload $service failed"
