@@ -49,8 +49,15 @@ trap 'exit 130' INT TERM
 # shellcheck source=scripts/lib/dev-stack.sh
 . "$root/scripts/lib/dev-stack.sh"
 start_dev_stack "$bin" "$bin/credd" 1h
-if ! "$bin/credd" status | grep -q '^state: *valid'; then
-  echo "error: the daemon holds no valid token; its status:" >&2
+# The daemon answers before its first platform call has returned: wait
+# (bounded) for the token rather than judging the first answer.
+has_token() { "$bin/credd" status 2>/dev/null | grep -q '^state: *valid'; }
+for _ in $(seq 1 100); do
+  has_token && break
+  sleep 0.1
+done
+if ! has_token; then
+  echo "error: the daemon holds no valid token after 10 s; its status:" >&2
   "$bin/credd" status >&2 || true
   exit 1
 fi
