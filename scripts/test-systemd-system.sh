@@ -458,8 +458,7 @@ main_pid=$new_pid
 
 # ---- reload ----------------------------------------------------------------
 
-# The default token's count: the top-level key (`counters` holds another, indented deeper).
-calls() { as_agent credd status --json | sed -n 's/^  "platform_calls": *\([0-9]*\).*/\1/p'; }
+calls() { as_agent credd status --json | status_platform_calls; }
 before=$(calls)
 [ -n "$before" ] || fail "credd status --json has no platform_calls"
 ctl reload "$service" || fail "systemctl reload $service failed"

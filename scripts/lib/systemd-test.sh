@@ -47,3 +47,7 @@ wait_for() {
     sleep 0.05
   done
 }
+
+# The default token's platform calls from `credd status --json` on stdin: the
+# top-level key (`counters` holds another of that name, indented deeper).
+status_platform_calls() { sed -n 's/^  "platform_calls": *\([0-9]*\).*/\1/p'; }
