@@ -234,11 +234,7 @@ impl DevProvider {
 
 impl TokenProvider for DevProvider {
     fn token(&self) -> TokenFuture<'_> {
-        Box::pin(async {
-            self.serve(TokenRequest::default())
-                .await
-                .map(|served| served.issued)
-        })
+        crate::provider::unscoped_token(self.serve(TokenRequest::default()))
     }
 
     fn scoped_token(&self, request: TokenRequest) -> ServedFuture<'_> {

@@ -683,11 +683,7 @@ fn describe_json_error(error: &serde_json::Error) -> ProviderError {
 
 impl TokenProvider for GitHubAppProvider {
     fn token(&self) -> TokenFuture<'_> {
-        Box::pin(async {
-            self.serve(TokenRequest::default())
-                .await
-                .map(|served| served.issued)
-        })
+        crate::provider::unscoped_token(self.serve(TokenRequest::default()))
     }
 
     fn scoped_token(&self, request: TokenRequest) -> ServedFuture<'_> {

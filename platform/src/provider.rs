@@ -166,6 +166,14 @@ pub trait TokenProvider: Send + Sync {
     }
 }
 
+/// [`TokenProvider::token`] for a provider that serves every request
+/// through one scoped path: the unscoped request's token.
+pub(crate) fn unscoped_token<'a>(
+    served: impl Future<Output = Result<ServedToken, ProviderError>> + Send + 'a,
+) -> TokenFuture<'a> {
+    Box::pin(async move { served.await.map(|served| served.issued) })
+}
+
 /// What a caller asks a provider for.
 #[derive(Clone, Debug, Default)]
 pub struct TokenRequest {
