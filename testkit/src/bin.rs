@@ -69,8 +69,7 @@ pub fn github_stand_in() -> PathBuf {
     binary("github-stand-in")
 }
 
-/// Whether `program` is an executable on `PATH`; a test needing a tool the
-/// machine lacks says so ([`skip`]) and passes.
+/// Whether `program` is an executable on `PATH`.
 pub fn have_tool(program: &str) -> bool {
     std::env::var_os("PATH").is_some_and(|path| {
         std::env::split_paths(&path).any(|dir| {
@@ -80,7 +79,26 @@ pub fn have_tool(program: &str) -> bool {
     })
 }
 
-/// Prints why a test does not run here (the caller then returns).
-pub fn skip(test: &str, why: &str) {
-    eprintln!("SKIPPED {test}: {why}");
+/// Fails the test unless `program` is on `PATH`, naming the Debian package
+/// that brings it and the script that installs it.
+///
+/// Why not skip: a skipped check is a check nobody ran, and a green run that
+/// skipped half the deployment tests says nothing. `scripts/test.sh` (the
+/// README's test command) installs every tool the tests use, so a missing
+/// one means the suite was started some other way.
+pub fn require_tool(program: &str, package: &str) {
+    assert!(
+        have_tool(program),
+        "{program} is not installed: run the tests with scripts/test.sh, which installs it \
+         (Debian package {package})"
+    );
+}
+
+/// Fails the test unless it runs as root (processes under other uids, users
+/// made with useradd); `scripts/test.sh` refuses to start otherwise.
+pub fn require_root(what: &str) {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "{what} needs root: run the tests with scripts/test.sh as root"
+    );
 }

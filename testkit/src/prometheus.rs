@@ -3,7 +3,7 @@
 //!
 //! Why: `credd metrics` and the platform's `/metrics` are both for
 //! Prometheus, and the one judge of the format that is not our own code is
-//! Prometheus' `promtool` (Debian's `prometheus` package; CI installs it).
+//! Prometheus' `promtool` (Debian's `prometheus` package; `scripts/test.sh` installs it).
 //! A machine without it fails the test saying so: a metrics test that
 //! skips would pass without ever having checked the format. The reader
 //! then lets a test assert values, not only the format.
@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::process::Command;
 
-use crate::bin::have_tool;
+use crate::bin::require_tool;
 use crate::process::Cmd;
 
 /// The samples of one exposition, by series as written
@@ -78,10 +78,7 @@ impl Samples {
 /// without a word.
 #[track_caller]
 pub fn check_metrics(text: &str) {
-    assert!(
-        have_tool("promtool"),
-        "promtool is not on PATH: install Debian's `prometheus` package (`apt-get install -y prometheus`; .ci/run does) to check the metrics format"
-    );
+    require_tool("promtool", "prometheus");
     let mut command = Command::new("promtool");
     command.args(["check", "metrics"]);
     let checked = Cmd::new(command, "promtool check metrics")

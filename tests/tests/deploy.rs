@@ -4,9 +4,10 @@
 //!
 //! They run the real binaries from `target/debug` — `cargo build --workspace`
 //! first — against `molecule-platform --dev` on loopback, with real git and
-//! real Unix sockets. Tests needing a tool the machine lacks
-//! (`systemd-analyze`, `systemd-socket-activate`, `shellcheck`) print
-//! `SKIPPED … : reason` and pass; the root-only test does the same when not root.
+//! real Unix sockets. A test whose tool is missing
+//! (`systemd-analyze`, `systemd-socket-activate`, `shellcheck`, `setpriv`) or
+//! that needs root and lacks it fails, naming the package: `scripts/test.sh`
+//! installs them, and a skipped check is a check nobody ran.
 #![forbid(unsafe_code)]
 
 #[path = "deploy/activation.rs"]

@@ -9,7 +9,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use testkit::bin::{binary, have_tool, skip};
+use testkit::bin::{binary, require_tool};
 use testkit::{CmdOutput, PlatformProcess, Process, Secrets, WAIT};
 
 /// `molecule-credd` (or `program` in front of it) with the environment of
@@ -89,12 +89,7 @@ fn exe_of(pid: u32) -> Option<PathBuf> {
 
 #[test]
 fn socket_activation_through_systemd_socket_activate() {
-    if !have_tool("systemd-socket-activate") {
-        return skip(
-            "socket activation",
-            "systemd-socket-activate is not installed",
-        );
-    }
+    require_tool("systemd-socket-activate", "systemd");
     let (dir, secrets, platform, socket) = world("10m");
     let daemon = binary("molecule-credd");
 
@@ -145,12 +140,7 @@ fn socket_activation_through_systemd_socket_activate() {
 
 #[test]
 fn an_activated_socket_that_is_not_a_stream_listener_is_refused() {
-    if !have_tool("systemd-socket-activate") {
-        return skip(
-            "socket activation (datagram)",
-            "systemd-socket-activate is not installed",
-        );
-    }
+    require_tool("systemd-socket-activate", "systemd");
     let (_dir, _secrets, platform, socket) = world("10m");
     let mut activator = socket_activate(&platform, &[&socket], &["--datagram"]);
     UnixDatagram::unbound()
@@ -345,12 +335,7 @@ fn the_on_refresh_hook_gets_the_new_token_on_stdin() {
 
 #[test]
 fn two_activated_sockets_are_refused() {
-    if !have_tool("systemd-socket-activate") {
-        return skip(
-            "socket activation (two sockets)",
-            "systemd-socket-activate is not installed",
-        );
-    }
+    require_tool("systemd-socket-activate", "systemd");
     let dir = tempfile::tempdir().expect("tempdir");
     let secrets = Secrets::new();
     let platform = PlatformProcess::dev(&dir.path().join("configs"), "10m", &secrets);

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use nix::sys::signal::Signal;
-use testkit::bin::{binary, debug_dir, skip, workspace_root as repo_root};
+use testkit::bin::{binary, debug_dir, require_root, require_tool, workspace_root as repo_root};
 use testkit::process::{eventually, is_alive, processes_with, signal};
 use testkit::{Cmd, CmdOutput, PlatformProcess, Secrets, sha256_hex};
 
@@ -464,12 +464,8 @@ fn test_agent() -> (u32, u32, PathBuf) {
 
 #[test]
 fn the_root_phase_drops_to_the_agent_user() {
-    if !nix::unistd::geteuid().is_root() {
-        return skip("root phase", "needs root (CI runs as root)");
-    }
-    if !testkit::bin::have_tool("setpriv") {
-        return skip("root phase", "setpriv is not installed");
-    }
+    require_root("the root phase");
+    require_tool("setpriv", "util-linux");
     let (uid, gid, home) = test_agent();
     // A fresh home for the agent, as a new container has.
     let _ = std::fs::remove_dir_all(&home);

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use testkit::bin::{binary, have_tool, skip, workspace_root as repo_root};
+use testkit::bin::{binary, require_tool, workspace_root as repo_root};
 use testkit::{Cmd, CmdOutput};
 
 /// Runs `systemd-analyze ARGS` in the folder `units`, output captured in `logs`.
@@ -74,9 +74,7 @@ fn staged_system_units(dir: &Path) -> PathBuf {
 
 #[test]
 fn systemd_analyze_verifies_the_system_units() {
-    if !have_tool("systemd-analyze") {
-        return skip("system units verify", "systemd-analyze is not installed");
-    }
+    require_tool("systemd-analyze", "systemd");
     let dir = tempfile::tempdir().expect("tempdir");
     let staged = staged_system_units(dir.path());
     let result = analyze(
@@ -96,9 +94,7 @@ fn systemd_analyze_verifies_the_system_units() {
 
 #[test]
 fn systemd_analyze_verifies_the_user_units() {
-    if !have_tool("systemd-analyze") {
-        return skip("user units verify", "systemd-analyze is not installed");
-    }
+    require_tool("systemd-analyze", "systemd");
     // The user units run %h/.local/bin/molecule-credd, as the README installs it.
     let home = tempfile::tempdir().expect("tempdir");
     let bin = home.path().join(".local/bin");
@@ -126,9 +122,7 @@ fn systemd_analyze_verifies_the_user_units() {
 
 #[test]
 fn the_system_unit_sandbox_rates_ok() {
-    if !have_tool("systemd-analyze") {
-        return skip("unit sandbox rating", "systemd-analyze is not installed");
-    }
+    require_tool("systemd-analyze", "systemd");
     let dir = tempfile::tempdir().expect("tempdir");
     let staged = staged_system_units(dir.path());
     // Exposure is 0 (locked down) … 10 (unprotected); "OK" is below 2.5.
@@ -236,9 +230,7 @@ fn shell_scripts() -> Vec<PathBuf> {
 
 #[test]
 fn shellcheck_passes_on_every_script() {
-    if !have_tool("shellcheck") {
-        return skip("shellcheck", "shellcheck is not installed");
-    }
+    require_tool("shellcheck", "shellcheck");
     let dir = tempfile::tempdir().expect("tempdir");
     let scripts = shell_scripts();
     assert!(scripts.iter().all(|s| s.is_file()), "{scripts:?}");

@@ -81,7 +81,7 @@ fn real_gh() -> PathBuf {
     let gh = PathBuf::from("/usr/bin/gh");
     assert!(
         gh.is_file(),
-        "{} is missing: these tests run Debian's gh (apt-get install gh)",
+        "{} is missing: these tests run Debian's gh (scripts/test.sh installs it)",
         gh.display()
     );
     gh
