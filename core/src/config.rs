@@ -180,9 +180,11 @@ impl Config {
     /// The uids a listener on the socket may have for `credd` to talk to it:
     /// its own; root (the system service manager listens on
     /// socket-activated sockets, and root can read this process's memory
-    /// anyway); and [`Self::daemon_uid`].
-    pub fn trusted_daemon_uids(&self) -> Vec<u32> {
-        let mut uids = self.trusted_folder_owners().to_vec();
+    /// anyway); and [`Self::daemon_uid`]. `folder_owners` is what
+    /// [`Self::trusted_folder_owners`] returned (taken, not asked again:
+    /// `credd get` makes one `geteuid(2)`, not two).
+    pub fn trusted_daemon_uids(&self, folder_owners: [u32; 2]) -> Vec<u32> {
+        let mut uids = folder_owners.to_vec();
         uids.extend(self.daemon_uid);
         uids
     }
@@ -423,11 +425,23 @@ mod tests {
         let me = nix::unistd::geteuid().as_raw();
         let c = config(&[]).expect("valid");
         assert_eq!(c.daemon_uid, None);
-        assert!(c.trusted_daemon_uids().contains(&me));
-        assert!(c.trusted_daemon_uids().contains(&0));
-        assert!(!c.trusted_daemon_uids().contains(&65_534));
+        assert!(
+            c.trusted_daemon_uids(c.trusted_folder_owners())
+                .contains(&me)
+        );
+        assert!(
+            c.trusted_daemon_uids(c.trusted_folder_owners())
+                .contains(&0)
+        );
+        assert!(
+            !c.trusted_daemon_uids(c.trusted_folder_owners())
+                .contains(&65_534)
+        );
         let c = config(&[("CREDD_DAEMON_UID", "998")]).expect("valid");
-        assert!(c.trusted_daemon_uids().contains(&998));
+        assert!(
+            c.trusted_daemon_uids(c.trusted_folder_owners())
+                .contains(&998)
+        );
         assert!(
             !c.trusted_folder_owners().contains(&998),
             "a listener, not a folder owner"

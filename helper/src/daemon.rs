@@ -120,10 +120,11 @@ pub(crate) struct Endpoint {
 impl Endpoint {
     /// The endpoint `config` names.
     pub(crate) fn from_config(config: &Config) -> Self {
+        let folder_owners = config.trusted_folder_owners();
         Self {
             path: config.socket_path.clone(),
-            trusted_uids: config.trusted_daemon_uids(),
-            folder_owners: config.trusted_folder_owners(),
+            trusted_uids: config.trusted_daemon_uids(folder_owners),
+            folder_owners,
         }
     }
 }
