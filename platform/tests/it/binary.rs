@@ -585,3 +585,70 @@ async fn github_mode_with_grants_against_the_stand_in_process() {
     assert_no_secrets("platform stderr", &platform.stderr(), &secrets);
     assert_no_secrets("stand-in stdout", &stand_in.stdout().text(), &secrets);
 }
+
+/// Issue 20, item 6: with `ADMIN_TOKEN` unset the admin route looked a
+/// bearer up by comparing it with every workspace's digest (about 8 ms a
+/// request at 100,000 workspaces, for anyone, unauthenticated). The lookup
+/// is now one hash-map probe (`auth::tests::finding_a_bearer_is_one_lookup_not_a_scan`
+/// counts the comparisons); this shows a tokens file at the 100,000-entry
+/// cap still authorises every workspace correctly on both routes, and
+/// keeps the legacy contract (no grants, no `ADMIN_TOKEN`: a workspace
+/// bearer on the admin route gets the installation's token).
+#[tokio::test]
+async fn a_tokens_file_of_100000_workspaces_authorises_each_on_both_routes() {
+    const WORKSPACES: usize = molecule_platform::auth::MAX_TOKENS_FILE_ENTRIES;
+    let github = GitHubStandIn::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tokens = dir.path().join("workspace-tokens");
+    let bearer = |i: usize| format!("bearer-of-workspace-{i:06}-of-the-large-fleet");
+    let mut text = String::with_capacity(WORKSPACES * 80);
+    for i in 0..WORKSPACES {
+        text.push_str(&format!("ws-{i:06} {}\n", sha256_hex(bearer(i))));
+    }
+    std::fs::write(&tokens, text).expect("write");
+    let installation = INSTALLATION_ID.to_string();
+    let key = keys().pkcs8_file.to_str().unwrap();
+    let mut env = github_env(&github, key, &installation);
+    env.retain(|(name, _)| *name != "ADMIN_TOKEN");
+    env.push(("PLATFORM_WORKSPACE_TOKENS_FILE", tokens.to_str().unwrap()));
+    let mut platform = PlatformProcess::spawn(&["--listen", "127.0.0.1:0"], &env);
+    let stderr = platform.wait_for_stderr("workspace bearer(s)");
+    assert!(
+        stderr.contains(&format!("{WORKSPACES} workspace bearer(s)")),
+        "{stderr}"
+    );
+    let admin = format!("{}{ADMIN_ROUTE}", platform.url());
+    let mut token = None;
+    for i in [0, 1, WORKSPACES / 2, WORKSPACES - 2, WORKSPACES - 1] {
+        let (status, body) = get(&admin, Some(&bearer(i))).await;
+        assert_eq!(status, 200, "ws-{i:06} on the admin route: {body}");
+        let served = body["token"].as_str().expect("token").to_owned();
+        assert_eq!(token.get_or_insert_with(|| served.clone()), &served);
+        let own = format!(
+            "{}/workspaces/ws-{i:06}/github-installation-token",
+            platform.url()
+        );
+        assert_eq!(get(&own, Some(&bearer(i))).await.0, 200, "ws-{i:06}");
+        let other = format!(
+            "{}/workspaces/ws-{:06}/github-installation-token",
+            platform.url(),
+            (i + 1) % WORKSPACES
+        );
+        assert_eq!(
+            get(&other, Some(&bearer(i))).await.0,
+            401,
+            "ws-{i:06}'s bearer on another workspace's route"
+        );
+    }
+    for stranger in [
+        bearer(WORKSPACES),
+        "ws-000000".to_owned(),
+        sha256_hex(bearer(0)),
+    ] {
+        assert_eq!(get(&admin, Some(&stranger)).await.0, 401, "{stranger}");
+    }
+    assert!(platform.stop(Signal::SIGTERM).success());
+    let mut secrets = github.secrets();
+    secrets.extend([0, WORKSPACES / 2, WORKSPACES - 1].map(bearer));
+    assert_no_secrets("platform stderr", &platform.stderr(), &secrets);
+}
