@@ -403,8 +403,9 @@ impl Auth {
 
     /// `GET /admin/…`: the admin bearer; when no admin bearer is configured,
     /// any workspace's bearer (a workspace that does not know its ID can
-    /// still fetch a token). With `ADMIN_TOKEN` set, workspace bearers are
-    /// refused here.
+    /// still fetch a token; the route's handler turns it away while grants
+    /// are in force, see `service::ADMIN_ROUTE_CLOSED`). With `ADMIN_TOKEN`
+    /// set, workspace bearers are refused here.
     pub fn authorize_admin(&self, bearer: Option<&str>) -> Result<Caller, AuthError> {
         let bearer = bearer.ok_or(AuthError::MissingBearer)?;
         if self.admin.is_some() {

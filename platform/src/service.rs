@@ -7,8 +7,9 @@
 //! - `POST /workspaces/{id}/github-installation-token/refusals` with
 //!   `{"sha256": HEX}`: the workspace reports that GitHub refused that token;
 //! - `GET /admin/github-installation-token`: the admin bearer (any workspace
-//!   bearer when no admin bearer is configured): the configured
-//!   installation's token, unscoped;
+//!   bearer when no admin bearer is configured and no grants are in force:
+//!   see [`ADMIN_ROUTE_CLOSED`]): the configured installation's token,
+//!   unscoped;
 //! - `GET /healthz`;
 //! - `GET /metrics`: Prometheus text, unauthenticated (counts only, see
 //!   [`crate::metrics`]).
@@ -20,7 +21,7 @@
 //! a missing or wrong bearer (checked before anything else, so strangers
 //! learn nothing about the setup); 400 for a malformed query; 403 when a
 //! grants file is in force and the workspace has no entry or asks outside
-//! it (no token is minted); 404 when no provider is registered or the App is
+//! it, or is a workspace bearer on the admin route (no token is minted); 404 when no provider is registered or the App is
 //! not installed on the owner asked for; 500 `token refresh failed` when the
 //! provider fails, logged with a `[github]` prefix and the cause, never the
 //! token. Error bodies name only what the caller asked for: internals stay
@@ -417,9 +418,40 @@ async fn workspace_token(
     serve_token(&state, caller, request).await
 }
 
+/// Why the admin route refuses a workspace bearer while grants are in
+/// force (the 403's text).
+pub const ADMIN_ROUTE_CLOSED: &str = "the admin route is closed to workspace bearers while a grants file is in force: \
+     ask GET /workspaces/{id}/github-installation-token (set WORKSPACE_ID) for a token scoped to your grant";
+
+/// `GET /admin/github-installation-token`: the configured installation's
+/// token, unscoped.
+///
+/// Without `ADMIN_TOKEN`, any workspace bearer is accepted here (the
+/// seed's contract: a workspace that does not know its ID can still fetch
+/// a token). That is only sound without grants: with a grants file in
+/// force this route would hand a workspace the installation's full token
+/// (every repository, every permission) past its grant. So while grants
+/// are in force — checked on every request, so grants that appear later
+/// (a reload, [`Grants::replace`]) close it at once — a workspace bearer
+/// here gets 403 [`ADMIN_ROUTE_CLOSED`] and nothing is minted; only the
+/// admin bearer, when `ADMIN_TOKEN` is set, is served. The platform keeps
+/// starting with grants and no `ADMIN_TOKEN` (and says at start-up that
+/// this route is closed) rather than refusing to start: refusing would
+/// take every workspace of an operator who adds a grants file offline,
+/// although their own routes serve them correctly scoped tokens.
+///
+/// Authentication comes first, so a stranger still gets 401 and learns
+/// nothing about the setup.
 async fn admin_token(State(state): State<AppState>, headers: HeaderMap) -> Response {
     let caller = bearer(&headers).and_then(|b| state.auth.authorize_admin(Some(b)));
     match caller {
+        Ok(Caller::Workspace(id)) if state.grants.current().is_some() => {
+            tracing::warn!(
+                workspace = %id,
+                "admin route refused to a workspace bearer: grants are in force (ask the workspace route)"
+            );
+            json_error(StatusCode::FORBIDDEN, ADMIN_ROUTE_CLOSED)
+        }
         Ok(caller) => serve_token(&state, caller, TokenRequest::default()).await,
         Err(error) => refused("admin", None, error),
     }

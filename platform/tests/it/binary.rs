@@ -11,7 +11,8 @@ use nix::sys::signal::Signal;
 use testkit::{Cmd, PlatformProcess};
 
 use crate::support::{
-    GitHubStandIn, INSTALLATION_ID, Mode, assert_no_secrets, http, keys, run_to_exit, sha256_hex,
+    GitHubStandIn, INSTALLATION_ID, MintRecord, Mode, assert_no_secrets, http, keys, run_to_exit,
+    sha256_hex,
 };
 
 const ADMIN_ROUTE: &str = "/admin/github-installation-token";
@@ -584,6 +585,94 @@ async fn github_mode_with_grants_against_the_stand_in_process() {
     ];
     assert_no_secrets("platform stderr", &platform.stderr(), &secrets);
     assert_no_secrets("stand-in stdout", &stand_in.stdout().text(), &secrets);
+}
+
+/// The third red-team pass (issue 20, item 1): with a grants file in force
+/// and `ADMIN_TOKEN` unset, a workspace's own bearer on the admin route got
+/// the configured installation's full, unscoped token (`contents: write` on
+/// every repository) although its grant says one repository, read. The
+/// admin route is closed to workspace bearers while grants are in force,
+/// says so once at start-up, and answers why; the workspace route still
+/// serves the grant, and strangers still learn nothing (401).
+#[tokio::test]
+async fn with_grants_a_workspace_bearer_on_the_admin_route_gets_nothing_broader_than_its_grant() {
+    let github = GitHubStandIn::start();
+    github.add_installation("acme", 1001);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tokens = dir.path().join("workspace-tokens");
+    let grants = dir.path().join("grants.toml");
+    let bearer = "bearer-of-the-narrow-workspace-0123456";
+    std::fs::write(&tokens, format!("ws-n {}\n", sha256_hex(bearer))).expect("write");
+    std::fs::write(
+        &grants,
+        "[workspace.ws-n]\nrepositories = [\"acme/api\"]\npermissions = { contents = \"read\" }\n",
+    )
+    .expect("write");
+    let installation = INSTALLATION_ID.to_string();
+    let key = keys().pkcs8_file.to_str().unwrap();
+    let mut env = github_env(&github, key, &installation);
+    env.retain(|(name, _)| *name != "ADMIN_TOKEN");
+    env.push(("PLATFORM_WORKSPACE_TOKENS_FILE", tokens.to_str().unwrap()));
+    env.push(("PLATFORM_GRANTS_FILE", grants.to_str().unwrap()));
+    let mut platform = PlatformProcess::spawn(&["--listen", "127.0.0.1:0"], &env);
+
+    // `molecule-credd --fetch-once` without WORKSPACE_ID asks this route.
+    let (status, body) = get(&format!("{}{ADMIN_ROUTE}", platform.url()), Some(bearer)).await;
+    assert_eq!(
+        github.mints(),
+        vec![],
+        "nothing minted for the admin route (answered {status})"
+    );
+    assert_eq!(status, 403, "{body}");
+    let reason = body["error"].as_str().expect("a reason");
+    assert!(
+        reason.contains("grants") && reason.contains("/workspaces/"),
+        "the answer says why and where to ask instead: {reason}"
+    );
+    assert!(body.get("token").is_none(), "{body}");
+    let stderr = platform.wait_for_stderr("admin route closed to workspace bearers");
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("admin route closed to workspace bearers"))
+        .expect("the start-up line");
+    assert!(
+        line.contains("WARN") && line.contains("ADMIN_TOKEN"),
+        "a warning naming the fix: {line}"
+    );
+
+    // A stranger learns nothing about the setup.
+    let (status, _) = get(
+        &format!("{}{ADMIN_ROUTE}", platform.url()),
+        Some("not-a-bearer-of-anyone-0123456789"),
+    )
+    .await;
+    assert_eq!(status, 401);
+
+    // The workspace's own route serves exactly its grant.
+    let route = format!(
+        "{}/workspaces/ws-n/github-installation-token",
+        platform.url()
+    );
+    let (status, scoped) = get(&route, Some(bearer)).await;
+    assert_eq!(status, 200, "{scoped}");
+    assert_eq!(scoped["repositories"], serde_json::json!(["acme/api"]));
+    assert_eq!(
+        scoped["permissions"],
+        serde_json::json!({"contents": "read"})
+    );
+    assert_eq!(
+        github.mints(),
+        vec![MintRecord {
+            installation: 1001,
+            repositories: Some(vec!["api".into()]),
+            permissions: Some([("contents".to_owned(), "read".to_owned())].into()),
+        }],
+        "the only mint is the grant's"
+    );
+    assert!(platform.stop(Signal::SIGTERM).success());
+    let mut secrets = github.secrets();
+    secrets.push(bearer.to_owned());
+    assert_no_secrets("platform stderr", &platform.stderr(), &secrets);
 }
 
 /// Issue 20, item 6: with `ADMIN_TOKEN` unset the admin route looked a
