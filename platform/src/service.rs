@@ -35,8 +35,9 @@
 //!
 //! Refusals: a matching cached token of a scope the workspace may use is
 //! dropped so the next GET mints a fresh one; at most one drop per
-//! installation per [`REFUSAL_INTERVAL`](crate::provider::REFUSAL_INTERVAL)
-//! (else 429 with `Retry-After`). The body carries only the token's SHA-256.
+//! workspace and installation per
+//! [`REFUSAL_INTERVAL`](crate::provider::REFUSAL_INTERVAL) (else 429 with
+//! `Retry-After`), so one workspace's reports never limit another's. The body carries only the token's SHA-256.
 //!
 //! Every request is bounded (total time, concurrency, body size) and so is
 //! every connection (count, time to a complete request head, idle time);
@@ -514,7 +515,7 @@ async fn workspace_refusal(
         Some(table) => table.scopes(&id).into_iter().map(Some).collect(),
     };
     let prefix: String = body_prefix(&sha256);
-    match provider.report_refusal(scopes, sha256).await {
+    match provider.report_refusal(id.clone(), scopes, sha256).await {
         RefusalOutcome::Dropped => {
             tracing::info!(
                 workspace = %id,
@@ -526,12 +527,12 @@ async fn workspace_refusal(
         RefusalOutcome::Limited { retry_after } => {
             tracing::warn!(
                 workspace = %id,
-                "[github] refusal of token {prefix} rate-limited (one drop per installation per {})",
+                "[github] refusal of token {prefix} rate-limited (one drop per workspace and installation per {})",
                 humantime::format_duration(crate::provider::REFUSAL_INTERVAL)
             );
             let mut response = json_error(
                 StatusCode::TOO_MANY_REQUESTS,
-                "a refused token of this installation was dropped moments ago; retry later",
+                "this workspace had a refused token of this installation dropped moments ago; retry later",
             );
             response.headers_mut().insert(
                 header::RETRY_AFTER,

@@ -675,6 +675,108 @@ async fn with_grants_a_workspace_bearer_on_the_admin_route_gets_nothing_broader_
     assert_no_secrets("platform stderr", &platform.stderr(), &secrets);
 }
 
+/// POSTs a refusal of `token` for workspace `ws`: the status and
+/// `Retry-After`.
+async fn refuse(url: &str, ws: &str, bearer: &str, token: &str) -> (u16, Option<String>) {
+    let response = http()
+        .post(format!(
+            "{url}/workspaces/{ws}/github-installation-token/refusals"
+        ))
+        .bearer_auth(bearer)
+        .header("content-type", "application/json")
+        .body(format!(r#"{{"sha256": "{}"}}"#, sha256_hex(token)))
+        .send()
+        .await
+        .expect("refusal");
+    let retry = response
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().expect("ascii").to_owned());
+    (response.status().as_u16(), retry)
+}
+
+/// The third red-team pass (issue 20, item 4): refusals were rate-limited
+/// per installation, so a workspace that kept refusing its own token kept
+/// the window busy and another workspace on the same installation was
+/// handed its refused token straight back. Now the limit is per
+/// (workspace, installation): the neighbour's refusals block only the
+/// neighbour, and a client still cannot make every call mint.
+#[tokio::test]
+async fn one_workspace_refusing_its_own_tokens_cannot_block_anothers_refusal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tokens = dir.path().join("workspace-tokens");
+    let grants = dir.path().join("grants.toml");
+    let (victim, attacker) = (
+        "bearer-of-the-victim-workspace-012345",
+        "bearer-of-the-noisy-workspace-0123456",
+    );
+    std::fs::write(
+        &tokens,
+        format!(
+            "ws-victim {}\nws-noisy {}\n",
+            sha256_hex(victim),
+            sha256_hex(attacker)
+        ),
+    )
+    .expect("write");
+    // Two grants on one owner (one installation), so two different tokens.
+    std::fs::write(
+        &grants,
+        "[workspace.ws-victim]\nrepositories = [\"acme/api\"]\n\n[workspace.ws-noisy]\nrepositories = [\"acme/web\"]\n",
+    )
+    .expect("write");
+    let mut platform = PlatformProcess::spawn(
+        &["--dev", "--listen", "127.0.0.1:0"],
+        &[
+            ("ADMIN_TOKEN", "admin-for-the-refusal-test-0123456"),
+            ("PLATFORM_WORKSPACE_TOKENS_FILE", tokens.to_str().unwrap()),
+            ("PLATFORM_GRANTS_FILE", grants.to_str().unwrap()),
+        ],
+    );
+    let url = platform.url();
+    let token = |ws: &'static str, bearer: &'static str| {
+        let route = format!("{url}/workspaces/{ws}/github-installation-token");
+        async move {
+            let (status, body) = get(&route, Some(bearer)).await;
+            assert_eq!(status, 200, "{ws}: {body}");
+            body["token"].as_str().expect("token").to_owned()
+        }
+    };
+    let mut seen = Vec::new();
+
+    // The noisy workspace refuses its own token: dropped once, then limited.
+    let noisy_first = token("ws-noisy", attacker).await;
+    assert_eq!(
+        refuse(&url, "ws-noisy", attacker, &noisy_first).await.0,
+        204
+    );
+    let noisy_second = token("ws-noisy", attacker).await;
+    assert_ne!(noisy_second, noisy_first, "dropped: the next GET mints");
+    let (status, retry) = refuse(&url, "ws-noisy", attacker, &noisy_second).await;
+    assert_eq!(status, 429, "no client can make every call mint");
+    assert!(retry.is_some(), "Retry-After");
+    assert_eq!(token("ws-noisy", attacker).await, noisy_second);
+
+    // The victim, same installation, moments later: its refusal still works.
+    let victim_first = token("ws-victim", victim).await;
+    let (status, retry) = refuse(&url, "ws-victim", victim, &victim_first).await;
+    assert_eq!(
+        (status, retry),
+        (204, None),
+        "another workspace's refusals must not block this one"
+    );
+    let victim_second = token("ws-victim", victim).await;
+    assert_ne!(
+        victim_second, victim_first,
+        "the refused token is not handed back"
+    );
+    seen.extend([noisy_first, noisy_second, victim_first, victim_second]);
+
+    assert!(platform.stop(Signal::SIGTERM).success());
+    seen.extend([victim.to_owned(), attacker.to_owned()]);
+    assert_no_secrets("platform stderr", &platform.stderr(), &seen);
+}
+
 /// Issue 20, item 6: with `ADMIN_TOKEN` unset the admin route looked a
 /// bearer up by comparing it with every workspace's digest (about 8 ms a
 /// request at 100,000 workspaces, for anyone, unauthenticated). The lookup
