@@ -50,7 +50,11 @@
 //! [`HEADER_READ_TIMEOUT`], and at the connection cap the connection that has
 //! waited longest for a head makes room for a new one, so a few thousand
 //! slow clients cannot lock out real ones. What they cause is logged as one
-//! summary per [`SLOW_CLIENT_LOG_INTERVAL`], without request content.
+//! summary per [`LOG_SUMMARY_INTERVAL`], without request content; so are
+//! requests refused for a missing or wrong bearer (401), counted by the
+//! handlers instead of a line each. (A router served otherwise than by
+//! [`serve`] or [`serve_with_limits`] has no such report and logs each 401
+//! as a warning of its own.)
 
 use std::future::Future;
 use std::io;
@@ -61,7 +65,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::error_handling::HandleErrorLayer;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -84,8 +88,8 @@ use crate::registry::Registry;
 
 mod connections;
 
-pub use connections::SLOW_CLIENT_LOG_INTERVAL;
-use connections::{ConnHandle, ConnIo, Connections, Expiry};
+pub use connections::LOG_SUMMARY_INTERVAL;
+use connections::{AuthRefusals, ConnHandle, ConnIo, Connections, Expiry};
 
 /// Longest a client may take to deliver a complete request head: from
 /// connecting, or from the first byte of its next request on a kept-alive
@@ -374,7 +378,17 @@ fn bearer(headers: &HeaderMap) -> Result<&str, AuthError> {
     Ok(token)
 }
 
-fn refused(route: &str, workspace: Option<&str>, error: AuthError) -> Response {
+/// Where a request's handler counts it if refused for its bearer: put in
+/// the request's extensions by the server loop (absent when the router is
+/// served otherwise).
+type AuthTally = Option<Extension<Arc<AuthRefusals>>>;
+
+/// The 401 for a missing or wrong bearer. Counted for the server's periodic
+/// summary (one warning per [`LOG_SUMMARY_INTERVAL`], see the
+/// `connections` module) and logged here at debug only, so a flood of
+/// unauthenticated requests cannot flood the log; without a server loop to
+/// report it, a warning of its own.
+fn refused(route: &str, workspace: Option<&str>, error: AuthError, tally: AuthTally) -> Response {
     let workspace = workspace.map(|id| {
         if valid_workspace_id(id) {
             id
@@ -382,7 +396,13 @@ fn refused(route: &str, workspace: Option<&str>, error: AuthError) -> Response {
             "<invalid id>"
         }
     });
-    tracing::warn!(route, workspace, "request refused: {error}");
+    match tally {
+        Some(Extension(tally)) => {
+            tally.count(error == AuthError::MissingBearer, workspace);
+            tracing::debug!(route, workspace, "request refused: {error}");
+        }
+        None => tracing::warn!(route, workspace, "request refused: {error}"),
+    }
     json_error(StatusCode::UNAUTHORIZED, &error.to_string())
 }
 
@@ -390,12 +410,13 @@ async fn workspace_token(
     State(state): State<AppState>,
     Path(id): Path<String>,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+    tally: AuthTally,
     headers: HeaderMap,
 ) -> Response {
     let caller = bearer(&headers).and_then(|b| state.auth.authorize_workspace(&id, Some(b)));
     let caller = match caller {
         Ok(caller) => caller,
-        Err(error) => return refused("workspace", Some(&id), error),
+        Err(error) => return refused("workspace", Some(&id), error, tally),
     };
     let query = match query {
         Ok(Query(pairs)) => parse_token_query(&pairs),
@@ -443,7 +464,11 @@ pub const ADMIN_ROUTE_CLOSED: &str = "the admin route is closed to workspace bea
 ///
 /// Authentication comes first, so a stranger still gets 401 and learns
 /// nothing about the setup.
-async fn admin_token(State(state): State<AppState>, headers: HeaderMap) -> Response {
+async fn admin_token(
+    State(state): State<AppState>,
+    tally: AuthTally,
+    headers: HeaderMap,
+) -> Response {
     let caller = bearer(&headers).and_then(|b| state.auth.authorize_admin(Some(b)));
     match caller {
         Ok(Caller::Workspace(id)) if state.grants.current().is_some() => {
@@ -454,7 +479,7 @@ async fn admin_token(State(state): State<AppState>, headers: HeaderMap) -> Respo
             json_error(StatusCode::FORBIDDEN, ADMIN_ROUTE_CLOSED)
         }
         Ok(caller) => serve_token(&state, caller, TokenRequest::default()).await,
-        Err(error) => refused("admin", None, error),
+        Err(error) => refused("admin", None, error, tally),
     }
 }
 
@@ -485,12 +510,13 @@ fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
 async fn workspace_refusal(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    tally: AuthTally,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
     if let Err(error) = bearer(&headers).and_then(|b| state.auth.authorize_workspace(&id, Some(b)))
     {
-        return refused("refusal", Some(&id), error);
+        return refused("refusal", Some(&id), error, tally);
     }
     if body.len() > MAX_REFUSAL_BODY_BYTES {
         return json_error(
@@ -660,10 +686,8 @@ pub async fn serve_with_limits(
         .max_buf_size(limits.max_head_bytes.max(MIN_HEAD_BUFFER));
     let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
-    let mut report = tokio::time::interval_at(
-        Instant::now() + SLOW_CLIENT_LOG_INTERVAL,
-        SLOW_CLIENT_LOG_INTERVAL,
-    );
+    let mut report =
+        tokio::time::interval_at(Instant::now() + LOG_SUMMARY_INTERVAL, LOG_SUMMARY_INTERVAL);
     report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
@@ -688,6 +712,7 @@ pub async fn serve_with_limits(
                     let service = TrackedService {
                         router: app.clone(),
                         handle: Arc::clone(&handle),
+                        auth_refusals: Arc::clone(connections.auth_refusals()),
                     };
                     let io = TokioIo::new(ConnIo::new(stream, Arc::clone(&handle)));
                     let conn = http.serve_connection(io, service);
@@ -810,11 +835,13 @@ async fn sleep_until_some(deadline: Option<Instant>) {
 }
 
 /// The router for one connection, marking it busy while a request is
-/// handled (from its complete head until the answer is handed to hyper).
+/// handled (from its complete head until the answer is handed to hyper),
+/// and handing the handlers where to count unauthenticated requests.
 #[derive(Clone)]
 struct TrackedService {
     router: Router,
     handle: Arc<ConnHandle>,
+    auth_refusals: Arc<AuthRefusals>,
 }
 
 impl hyper::service::Service<axum::http::Request<hyper::body::Incoming>> for TrackedService {
@@ -822,7 +849,10 @@ impl hyper::service::Service<axum::http::Request<hyper::body::Incoming>> for Tra
     type Error = std::convert::Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Response, Self::Error>> + Send>>;
 
-    fn call(&self, request: axum::http::Request<hyper::body::Incoming>) -> Self::Future {
+    fn call(&self, mut request: axum::http::Request<hyper::body::Incoming>) -> Self::Future {
+        request
+            .extensions_mut()
+            .insert(Arc::clone(&self.auth_refusals));
         let guard = self.handle.start_request();
         let answer = self.router.clone().oneshot(request);
         Box::pin(async move {
