@@ -21,11 +21,11 @@
 //! a missing or wrong bearer (checked before anything else, so strangers
 //! learn nothing about the setup); 400 for a malformed query; 403 when a
 //! grants file is in force and the workspace has no entry or asks outside
-//! it, or is a workspace bearer on the admin route (no token is minted); 404 when no provider is registered or the App is
-//! not installed on the owner asked for; 500 `token refresh failed` when the
-//! provider fails, logged with a `[github]` prefix and the cause, never the
-//! token. Error bodies name only what the caller asked for: internals stay
-//! in the log.
+//! it, or is a workspace bearer on the admin route (no token is minted);
+//! 404 when no provider is registered or the App is not installed on the
+//! owner asked for; 500 `token refresh failed` when the provider fails,
+//! logged with a `[github]` prefix and the cause, never the token. Error
+//! bodies name only what the caller asked for: internals stay in the log.
 //!
 //! `min_remaining_secs=N`: the cached token is served only if it has at
 //! least N seconds of life left (and is outside the platform's own refresh
@@ -37,7 +37,8 @@
 //! dropped so the next GET mints a fresh one; at most one drop per
 //! workspace and installation per
 //! [`REFUSAL_INTERVAL`](crate::provider::REFUSAL_INTERVAL) (else 429 with
-//! `Retry-After`), so one workspace's reports never limit another's. The body carries only the token's SHA-256.
+//! `Retry-After`), so one workspace's reports never limit another's. The
+//! body carries only the token's SHA-256.
 //!
 //! Every request is bounded (total time, concurrency, body size) and so is
 //! every connection (count, time to a complete request head, idle time);
