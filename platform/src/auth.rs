@@ -2,10 +2,13 @@
 //!
 //! The platform stores no workspace bearer, only its SHA-256 (from
 //! `PLATFORM_WORKSPACE_TOKENS_FILE`), so a leaked file grants nothing. Every
-//! comparison is between digests, in constant time, and a lookup compares
-//! against every entry (or a dummy) so timing reveals neither bearers nor
-//! which workspaces exist. The table is swapped whole on reload (SIGHUP), so
-//! a request sees the old or the new file, never half of one.
+//! comparison is between digests, in constant time. A workspace's own route
+//! compares with that workspace's digest (or a dummy); the admin route,
+//! which must find the workspace from the bearer alone, probes a map keyed
+//! by the digest — one lookup whatever the number of workspaces, so an
+//! unauthenticated request costs O(1), and why that leaks nothing is on
+//! [`WorkspaceTokens::find`]. The table is swapped whole on reload (SIGHUP),
+//! so a request sees the old or the new file, never half of one.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -26,10 +29,29 @@ pub const MAX_WORKSPACE_ID_CHARS: usize = credd_core::config::MAX_WORKSPACE_ID_L
 /// Longest bearer accepted in an `Authorization` header.
 pub const MAX_BEARER_BYTES: usize = 4096;
 
-type Digest32 = [u8; 32];
+/// The SHA-256 of a bearer: all the platform keeps of one. Two digests
+/// compare in constant time (every byte, whatever differs first).
+#[derive(Clone, Copy)]
+struct BearerDigest([u8; 32]);
 
-fn digest(bearer: &str) -> Digest32 {
-    Sha256::digest(bearer.as_bytes()).into()
+impl PartialEq for BearerDigest {
+    fn eq(&self, other: &Self) -> bool {
+        #[cfg(test)]
+        tests::count_comparison();
+        bool::from(self.0.ct_eq(&other.0))
+    }
+}
+
+impl Eq for BearerDigest {}
+
+impl std::hash::Hash for BearerDigest {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.hash(state);
+    }
+}
+
+fn digest(bearer: &str) -> BearerDigest {
+    BearerDigest(Sha256::digest(bearer.as_bytes()).into())
 }
 
 /// Whether `id` is a workspace ID: the one rule the daemon and the helper
@@ -68,15 +90,29 @@ pub enum TokensFileError {
     },
 }
 
-/// The parsed table: workspace ID → SHA-256 of its bearer.
+/// The parsed table: workspace ID → SHA-256 of its bearer, and the reverse.
 #[derive(Default)]
 struct TokenTable {
-    hashes: HashMap<String, Digest32>,
+    hashes: HashMap<String, BearerDigest>,
+    /// Digest → the first workspace listed with it (a bearer given to two
+    /// workspaces passes either's route, and names the first on the admin
+    /// route).
+    by_digest: HashMap<BearerDigest, String>,
 }
 
 impl TokenTable {
+    /// Adds `id`; false when it is already listed.
+    fn insert(&mut self, id: String, hash: BearerDigest) -> bool {
+        if self.hashes.contains_key(&id) {
+            return false;
+        }
+        self.by_digest.entry(hash).or_insert_with(|| id.clone());
+        self.hashes.insert(id, hash);
+        true
+    }
+
     fn parse(text: &str, origin: &str) -> Result<Self, TokensFileError> {
-        let mut hashes = HashMap::new();
+        let mut table = Self::default();
         for (index, raw) in text.lines().enumerate() {
             let line = index + 1;
             let fail = |reason: String| TokensFileError::Line {
@@ -107,18 +143,18 @@ impl TokenTable {
                     hex.len()
                 ))
             })?;
-            if hashes.len() >= MAX_TOKENS_FILE_ENTRIES {
+            if table.hashes.len() >= MAX_TOKENS_FILE_ENTRIES {
                 return Err(fail(format!("more than {MAX_TOKENS_FILE_ENTRIES} entries")));
             }
-            if hashes.insert(id.to_owned(), hash).is_some() {
+            if !table.insert(id.to_owned(), hash) {
                 return Err(fail(format!("workspace {id} is listed twice")));
             }
         }
-        Ok(Self { hashes })
+        Ok(table)
     }
 }
 
-fn parse_hex_digest(hex: &str) -> Option<Digest32> {
+fn parse_hex_digest(hex: &str) -> Option<BearerDigest> {
     if hex.len() != 64 {
         return None;
     }
@@ -127,7 +163,7 @@ fn parse_hex_digest(hex: &str) -> Option<Digest32> {
         let text = std::str::from_utf8(pair).ok()?;
         out[i] = u8::from_str_radix(text, 16).ok()?;
     }
-    Some(out)
+    Some(BearerDigest(out))
 }
 
 /// The workspace bearer table, reloadable from its file.
@@ -184,11 +220,25 @@ impl WorkspaceTokens {
         I: IntoIterator<Item = (S, SecretString)>,
         S: Into<String>,
     {
-        let hashes = entries
-            .into_iter()
-            .map(|(id, bearer)| (id.into(), digest(bearer.expose_secret())))
-            .collect();
-        Self::with_table(None, TokenTable { hashes })
+        // A later entry for an ID replaces its bearer; IDs keep the order
+        // of their first entry.
+        let mut order = Vec::new();
+        let mut hashes = HashMap::new();
+        for (id, bearer) in entries {
+            let id: String = id.into();
+            if hashes
+                .insert(id.clone(), digest(bearer.expose_secret()))
+                .is_none()
+            {
+                order.push(id);
+            }
+        }
+        let mut table = TokenTable::default();
+        for id in order {
+            let hash = hashes[&id];
+            table.insert(id, hash);
+        }
+        Self::with_table(None, table)
     }
 
     /// Re-reads the file this table came from and swaps it in whole; on
@@ -229,22 +279,28 @@ impl WorkspaceTokens {
         // Compare against a dummy for unknown IDs so both paths cost the same.
         let (expected, known) = match table.hashes.get(workspace_id) {
             Some(hash) => (*hash, true),
-            None => ([0u8; 32], false),
+            None => (BearerDigest([0u8; 32]), false),
         };
-        bool::from(presented.ct_eq(&expected)) && known
+        (presented == expected) && known
     }
 
-    /// The workspace whose bearer is `bearer`, checking every entry.
+    /// The workspace whose bearer is `bearer` (the first listed, if two
+    /// share it): one probe of a map keyed by the bearer's SHA-256, so the
+    /// cost does not grow with the number of workspaces.
+    ///
+    /// Why a keyed lookup leaks nothing useful, although its time depends
+    /// on what is stored: the key is the SHA-256 of what the caller sent,
+    /// never the bearer. The map hashes that digest with SipHash under a
+    /// per-process random key and compares (in constant time) the few
+    /// stored digests whose hash tag matches. At best, timing could tell a
+    /// caller that the digest of its guess shares a bucket or a tag with
+    /// some stored digest — and that is no step towards a bearer: making a
+    /// guess whose digest matches a stored one any better is a SHA-256
+    /// preimage search, so every guess stays as blind as the first. Whether
+    /// the bearer is known at all is what the answer (200 or 401) says
+    /// anyway.
     pub fn find(&self, bearer: &str) -> Option<String> {
-        let presented = digest(bearer);
-        let table = self.current();
-        let mut found = None;
-        for (id, hash) in &table.hashes {
-            if bool::from(presented.ct_eq(hash)) {
-                found = Some(id.clone());
-            }
-        }
-        found
+        self.current().by_digest.get(&digest(bearer)).cloned()
     }
 }
 
@@ -288,7 +344,7 @@ pub enum AuthError {
 
 /// The platform's bearer checks.
 pub struct Auth {
-    admin: Option<Digest32>,
+    admin: Option<BearerDigest>,
     workspaces: WorkspaceTokens,
 }
 
@@ -324,7 +380,7 @@ impl Auth {
     fn is_admin(&self, bearer: &str) -> bool {
         let presented = digest(bearer);
         match &self.admin {
-            Some(admin) => bool::from(presented.ct_eq(admin)),
+            Some(admin) => presented == *admin,
             None => false,
         }
     }
@@ -347,8 +403,9 @@ impl Auth {
 
     /// `GET /admin/…`: the admin bearer; when no admin bearer is configured,
     /// any workspace's bearer (a workspace that does not know its ID can
-    /// still fetch a token). With `ADMIN_TOKEN` set, workspace bearers are
-    /// refused here.
+    /// still fetch a token; the route's handler turns it away while grants
+    /// are in force, see `service::ADMIN_ROUTE_CLOSED`). With `ADMIN_TOKEN`
+    /// set, workspace bearers are refused here.
     pub fn authorize_admin(&self, bearer: Option<&str>) -> Result<Caller, AuthError> {
         let bearer = bearer.ok_or(AuthError::MissingBearer)?;
         if self.admin.is_some() {
@@ -370,7 +427,67 @@ mod tests {
     use super::*;
 
     fn hex(bearer: &str) -> String {
-        digest(bearer).iter().map(|b| format!("{b:02x}")).collect()
+        digest(bearer)
+            .0
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    thread_local! {
+        static COMPARISONS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    }
+
+    /// Counts one digest comparison on this thread.
+    pub(super) fn count_comparison() {
+        COMPARISONS.with(|c| c.set(c.get() + 1));
+    }
+
+    /// Digest comparisons `f` made on this thread.
+    fn comparisons_in<T>(f: impl FnOnce() -> T) -> (T, u64) {
+        let before = COMPARISONS.with(std::cell::Cell::get);
+        let out = f();
+        (out, COMPARISONS.with(std::cell::Cell::get) - before)
+    }
+
+    /// Issue 20, item 6: with `ADMIN_TOKEN` unset, every admin-route
+    /// request (authenticated or not) looked its bearer up; comparing it
+    /// with every workspace's digest cost O(workspaces) — 100,000
+    /// comparisons at the cap — for anyone. One hash-map probe makes a
+    /// handful at most (a digest compared only where the map's hash tag
+    /// matches), whatever the table's size. Counted, not timed.
+    #[test]
+    fn finding_a_bearer_is_one_lookup_not_a_scan() {
+        const N: usize = MAX_TOKENS_FILE_ENTRIES;
+        /// More than any probe of a hash map makes, far fewer than a scan.
+        const MOST: u64 = 16;
+        let bearer = |i: usize| format!("bearer-of-workspace-{i}");
+        let tokens = WorkspaceTokens::from_bearers(
+            (0..N).map(|i| (format!("ws-{i}"), SecretString::from(bearer(i)))),
+        );
+        assert_eq!(tokens.len(), N);
+        let cases = [
+            (bearer(0), Some("ws-0".to_owned())),
+            (bearer(N / 2), Some(format!("ws-{}", N / 2))),
+            (bearer(N - 1), Some(format!("ws-{}", N - 1))),
+            (bearer(N), None),
+            ("a stranger's guess".to_owned(), None),
+        ];
+        for (presented, expected) in cases {
+            let (found, compared) = comparisons_in(|| tokens.find(&presented));
+            assert_eq!(found, expected, "{presented}");
+            assert!(
+                compared <= MOST,
+                "{compared} digest comparisons to look up one bearer among {N} workspaces"
+            );
+        }
+        let auth = Auth::new(None, tokens);
+        let (caller, compared) = comparisons_in(|| auth.authorize_admin(Some("nobody")));
+        assert_eq!(caller, Err(AuthError::InvalidBearer));
+        assert!(
+            compared <= MOST,
+            "{compared} comparisons on the admin route"
+        );
     }
 
     #[test]
@@ -388,6 +505,22 @@ mod tests {
         assert!(!tokens.verify("ws-c", "alpha"));
         assert_eq!(tokens.find("beta").as_deref(), Some("ws.b"));
         assert_eq!(tokens.find("gamma"), None);
+    }
+
+    #[test]
+    fn a_bearer_listed_for_two_workspaces_passes_both_and_names_the_first() {
+        let text = format!("ws-z {}\nws-a {}\n", hex("shared"), hex("shared"));
+        let tokens = WorkspaceTokens::parse(&text).unwrap();
+        assert!(tokens.verify("ws-z", "shared") && tokens.verify("ws-a", "shared"));
+        assert_eq!(tokens.find("shared").as_deref(), Some("ws-z"));
+        let tokens = WorkspaceTokens::from_bearers([
+            ("ws-z", SecretString::from("shared")),
+            ("ws-a", SecretString::from("shared")),
+            ("ws-z", SecretString::from("own")),
+        ]);
+        assert!(tokens.verify("ws-z", "own") && !tokens.verify("ws-z", "shared"));
+        assert_eq!(tokens.find("shared").as_deref(), Some("ws-a"));
+        assert_eq!(tokens.find("own").as_deref(), Some("ws-z"));
     }
 
     #[test]

@@ -241,7 +241,12 @@ impl TokenProvider for DevProvider {
         Box::pin(self.serve(request))
     }
 
-    fn report_refusal(&self, scopes: Vec<Option<Scope>>, sha256: [u8; 32]) -> RefusalFuture<'_> {
+    fn report_refusal(
+        &self,
+        workspace: String,
+        scopes: Vec<Option<Scope>>,
+        sha256: [u8; 32],
+    ) -> RefusalFuture<'_> {
         Box::pin(async move {
             let keys: Vec<MintKey> = scopes
                 .iter()
@@ -252,7 +257,7 @@ impl TokenProvider for DevProvider {
                         .map(|id| MintKey::new(id, Some(s))),
                 })
                 .collect();
-            self.caches.refuse(&keys, &sha256)
+            self.caches.refuse(&workspace, &keys, &sha256)
         })
     }
 }

@@ -690,7 +690,12 @@ impl TokenProvider for GitHubAppProvider {
         Box::pin(self.serve(request))
     }
 
-    fn report_refusal(&self, scopes: Vec<Option<Scope>>, sha256: [u8; 32]) -> RefusalFuture<'_> {
+    fn report_refusal(
+        &self,
+        workspace: String,
+        scopes: Vec<Option<Scope>>,
+        sha256: [u8; 32],
+    ) -> RefusalFuture<'_> {
         Box::pin(async move {
             let keys: Vec<MintKey> = scopes
                 .iter()
@@ -702,7 +707,7 @@ impl TokenProvider for GitHubAppProvider {
                         .map(|id| MintKey::new(id, Some(s))),
                 })
                 .collect();
-            self.caches.refuse(&keys, &sha256)
+            self.caches.refuse(&workspace, &keys, &sha256)
         })
     }
 }

@@ -244,6 +244,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             "grants: none (PLATFORM_GRANTS_FILE unset): every workspace gets the configured installation's token"
         ),
     }
+    if grants.current().is_some() && !auth.has_admin() {
+        tracing::warn!(
+            "admin route closed to workspace bearers: a grants file is in force and ADMIN_TOKEN is unset, \
+             so GET /admin/github-installation-token answers 403 (set ADMIN_TOKEN to open it to the admin only); \
+             workspaces get their scoped tokens from /workspaces/{{id}}/github-installation-token"
+        );
+    }
     let state = AppState::new(Arc::clone(&registry), auth).with_grants(Arc::new(grants));
     let limits = state.limits().clone();
     let auth = Arc::clone(state.auth());

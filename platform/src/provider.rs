@@ -156,12 +156,18 @@ pub trait TokenProvider: Send + Sync {
         })
     }
 
-    /// A workspace reports that GitHub refused the token whose SHA-256 is
+    /// `workspace` reports that GitHub refused the token whose SHA-256 is
     /// `sha256`; `scopes` are those the workspace may use (`None`: the
     /// unscoped one). A matching cached token is dropped, at most once per
-    /// installation per [`REFUSAL_INTERVAL`]. The default does nothing.
-    fn report_refusal(&self, scopes: Vec<Option<Scope>>, sha256: [u8; 32]) -> RefusalFuture<'_> {
-        let _ = (scopes, sha256);
+    /// workspace and installation per [`REFUSAL_INTERVAL`]. The default
+    /// does nothing.
+    fn report_refusal(
+        &self,
+        workspace: String,
+        scopes: Vec<Option<Scope>>,
+        sha256: [u8; 32],
+    ) -> RefusalFuture<'_> {
+        let _ = (workspace, scopes, sha256);
         Box::pin(async { RefusalOutcome::NoMatch })
     }
 }
@@ -224,18 +230,26 @@ pub enum RefusalOutcome {
     Dropped,
     /// No cached token of the workspace's scopes matches: nothing changed.
     NoMatch,
-    /// It matches, but its installation had a token dropped less than
-    /// [`REFUSAL_INTERVAL`] ago: try again after this long.
+    /// It matches, but this workspace had a token of its installation
+    /// dropped less than [`REFUSAL_INTERVAL`] ago: try again after this
+    /// long.
     Limited {
-        /// Until the installation may have a token dropped again.
+        /// Until the workspace may have a token of the installation dropped
+        /// again.
         retry_after: Duration,
     },
 }
 
-/// At most one refused token is dropped per installation per this interval,
-/// so no workspace can make the platform hammer GitHub by reporting
-/// refusals: a real revocation needs one drop, and a token GitHub keeps
-/// refusing after a fresh mint is not fixed by minting faster.
+/// At most one refused token is dropped per (workspace, installation) per
+/// this interval, so no workspace can make the platform hammer GitHub by
+/// reporting refusals: a real revocation needs one drop, and a token GitHub
+/// keeps refusing after a fresh mint is not fixed by minting faster.
+///
+/// Why per workspace and not per installation: with one window per
+/// installation, any workspace on it that kept refusing its own token kept
+/// the window busy, and every other workspace of the installation was
+/// handed its refused token straight back. Keyed by workspace, a
+/// workspace's reports can only ever limit its own.
 pub const REFUSAL_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Where "now" comes from: the system clock in production, a controllable

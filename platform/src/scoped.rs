@@ -1,4 +1,5 @@
-//! One [`TokenCache`] per mint key, bounded, and the refusal rate limit.
+//! One [`TokenCache`] per mint key, bounded, and the refusal rate limit
+//! (per workspace and installation, see [`REFUSAL_INTERVAL`]).
 //!
 //! Why: with grants, a provider mints many kinds of token — one per
 //! (installation, repositories, permissions) — and each kind must keep the
@@ -82,11 +83,14 @@ struct Entry {
     last_used: Timestamp,
 }
 
-/// The bounded map of token caches, and when each installation last had a
-/// refused token dropped.
+/// Who a refusal's rate limit applies to: a workspace on an installation.
+type RefusalKey = (String, u64);
+
+/// The bounded map of token caches, and when each workspace last had a
+/// refused token of each installation dropped.
 pub struct ScopedCaches {
     entries: Mutex<HashMap<MintKey, Entry>>,
-    refusals: Mutex<HashMap<u64, Timestamp>>,
+    refusals: Mutex<HashMap<RefusalKey, Timestamp>>,
     refresh_window: Duration,
     clock: Clock,
     max_entries: usize,
@@ -174,9 +178,20 @@ impl ScopedCaches {
         self.lock().get(key).map(|e| e.slot.clone())
     }
 
-    /// Drops the cached token whose SHA-256 is `sha256` among `keys`, at
-    /// most once per installation per [`REFUSAL_INTERVAL`].
-    pub fn refuse(&self, keys: &[MintKey], sha256: &[u8; 32]) -> RefusalOutcome {
+    /// `workspace` reports the token whose SHA-256 is `sha256` refused:
+    /// drops it if it is cached among `keys`, at most once per workspace
+    /// and installation per [`REFUSAL_INTERVAL`] (another workspace's drops
+    /// never count against this one).
+    ///
+    /// The record of drops holds at most `max_entries` (workspace,
+    /// installation) pairs: when full, those older than the interval go;
+    /// if every one is younger (that many drops within one interval, each
+    /// making the next request mint), the record starts over. That can only
+    /// ever allow a drop, never refuse one, and whoever fills it has caused
+    /// as many mints already.
+    pub fn refuse(&self, workspace: &str, keys: &[MintKey], sha256: &[u8; 32]) -> RefusalOutcome {
+        let interval =
+            jiff::SignedDuration::try_from(REFUSAL_INTERVAL).unwrap_or(jiff::SignedDuration::MAX);
         for key in keys {
             let Some(slot) = self.peek(key) else {
                 continue;
@@ -185,11 +200,10 @@ impl ScopedCaches {
                 continue;
             }
             let now = self.clock.now();
+            let record = (workspace.to_owned(), key.installation);
             let mut refusals = self.refusals.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Some(last) = refusals.get(&key.installation) {
+            if let Some(last) = refusals.get(&record) {
                 let since = now.duration_since(*last);
-                let interval = jiff::SignedDuration::try_from(REFUSAL_INTERVAL)
-                    .unwrap_or(jiff::SignedDuration::MAX);
                 if since < interval {
                     let left = (interval - since).unsigned_abs();
                     return RefusalOutcome::Limited {
@@ -199,12 +213,12 @@ impl ScopedCaches {
             }
             if slot.cache.invalidate_matching(sha256) {
                 if refusals.len() >= self.max_entries {
-                    refusals.retain(|_, at| {
-                        now.duration_since(*at)
-                            < jiff::SignedDuration::from_secs(REFUSAL_INTERVAL.as_secs() as i64)
-                    });
+                    refusals.retain(|_, at| now.duration_since(*at) < interval);
+                    if refusals.len() >= self.max_entries {
+                        refusals.clear();
+                    }
                 }
-                refusals.insert(key.installation, now);
+                refusals.insert(record, now);
                 return RefusalOutcome::Dropped;
             }
         }
@@ -260,11 +274,17 @@ mod tests {
             .await
             .unwrap();
         let sha: [u8; 32] = Sha256::digest(token.token.expose_secret().as_bytes()).into();
-        assert_eq!(caches.refuse(&[key(2)], &sha), RefusalOutcome::NoMatch);
-        assert_eq!(caches.refuse(&[key(1)], &[0; 32]), RefusalOutcome::NoMatch);
+        assert_eq!(
+            caches.refuse("ws", &[key(2)], &sha),
+            RefusalOutcome::NoMatch
+        );
+        assert_eq!(
+            caches.refuse("ws", &[key(1)], &[0; 32]),
+            RefusalOutcome::NoMatch
+        );
         assert!(slot.cache.holds_unexpired());
         assert_eq!(
-            caches.refuse(&[key(2), key(1)], &sha),
+            caches.refuse("ws", &[key(2), key(1)], &sha),
             RefusalOutcome::Dropped
         );
         assert!(!slot.cache.holds_unexpired());
@@ -273,8 +293,48 @@ mod tests {
             .await
             .unwrap();
         assert!(matches!(
-            caches.refuse(&[key(1)], &sha),
+            caches.refuse("ws", &[key(1)], &sha),
             RefusalOutcome::Limited { retry_after } if retry_after <= REFUSAL_INTERVAL
         ));
+    }
+
+    /// Each workspace has its own window per installation, and a record
+    /// full of young entries starts over rather than refuse anyone.
+    #[tokio::test]
+    async fn refusal_windows_are_per_workspace_and_installation() {
+        let caches =
+            ScopedCaches::new(Duration::from_secs(300), Clock::system()).with_max_entries(2);
+        assert_eq!(refuse(&caches, "ws-a", 1).await, RefusalOutcome::Dropped);
+        assert!(matches!(
+            refuse(&caches, "ws-a", 1).await,
+            RefusalOutcome::Limited { .. }
+        ));
+        assert_eq!(refuse(&caches, "ws-b", 1).await, RefusalOutcome::Dropped);
+        assert_eq!(
+            refuse(&caches, "ws-c", 1).await,
+            RefusalOutcome::Dropped,
+            "a full record of young entries starts over"
+        );
+        assert_eq!(
+            refuse(&caches, "ws-a", 1).await,
+            RefusalOutcome::Dropped,
+            "ws-a's entry went with the rest"
+        );
+    }
+
+    /// Has `workspace` refuse the token cached for `installation` (a fresh
+    /// one when none is).
+    async fn refuse(caches: &ScopedCaches, workspace: &str, installation: u64) -> RefusalOutcome {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let token = format!("ghs_{}", NEXT.fetch_add(1, Ordering::Relaxed));
+        let cached = caches
+            .slot(&key(installation))
+            .cache
+            .get_or_refresh(|| async { issued(&token) })
+            .await
+            .unwrap();
+        let sha: [u8; 32] = Sha256::digest(cached.token.expose_secret().as_bytes()).into();
+        caches.refuse(workspace, &[key(installation)], &sha)
     }
 }

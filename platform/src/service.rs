@@ -7,8 +7,9 @@
 //! - `POST /workspaces/{id}/github-installation-token/refusals` with
 //!   `{"sha256": HEX}`: the workspace reports that GitHub refused that token;
 //! - `GET /admin/github-installation-token`: the admin bearer (any workspace
-//!   bearer when no admin bearer is configured): the configured
-//!   installation's token, unscoped;
+//!   bearer when no admin bearer is configured and no grants are in force:
+//!   see [`ADMIN_ROUTE_CLOSED`]): the configured installation's token,
+//!   unscoped;
 //! - `GET /healthz`;
 //! - `GET /metrics`: Prometheus text, unauthenticated (counts only, see
 //!   [`crate::metrics`]).
@@ -20,11 +21,11 @@
 //! a missing or wrong bearer (checked before anything else, so strangers
 //! learn nothing about the setup); 400 for a malformed query; 403 when a
 //! grants file is in force and the workspace has no entry or asks outside
-//! it (no token is minted); 404 when no provider is registered or the App is
-//! not installed on the owner asked for; 500 `token refresh failed` when the
-//! provider fails, logged with a `[github]` prefix and the cause, never the
-//! token. Error bodies name only what the caller asked for: internals stay
-//! in the log.
+//! it, or is a workspace bearer on the admin route (no token is minted);
+//! 404 when no provider is registered or the App is not installed on the
+//! owner asked for; 500 `token refresh failed` when the provider fails,
+//! logged with a `[github]` prefix and the cause, never the token. Error
+//! bodies name only what the caller asked for: internals stay in the log.
 //!
 //! `min_remaining_secs=N`: the cached token is served only if it has at
 //! least N seconds of life left (and is outside the platform's own refresh
@@ -34,8 +35,10 @@
 //!
 //! Refusals: a matching cached token of a scope the workspace may use is
 //! dropped so the next GET mints a fresh one; at most one drop per
-//! installation per [`REFUSAL_INTERVAL`](crate::provider::REFUSAL_INTERVAL)
-//! (else 429 with `Retry-After`). The body carries only the token's SHA-256.
+//! workspace and installation per
+//! [`REFUSAL_INTERVAL`](crate::provider::REFUSAL_INTERVAL) (else 429 with
+//! `Retry-After`), so one workspace's reports never limit another's. The
+//! body carries only the token's SHA-256.
 //!
 //! Every request is bounded (total time, concurrency, body size) and so is
 //! every connection (count, time to a complete request head, idle time);
@@ -48,7 +51,11 @@
 //! [`HEADER_READ_TIMEOUT`], and at the connection cap the connection that has
 //! waited longest for a head makes room for a new one, so a few thousand
 //! slow clients cannot lock out real ones. What they cause is logged as one
-//! summary per [`SLOW_CLIENT_LOG_INTERVAL`], without request content.
+//! summary per [`LOG_SUMMARY_INTERVAL`], without request content; so are
+//! requests refused for a missing or wrong bearer (401), counted by the
+//! handlers instead of a line each. (A router served otherwise than by
+//! [`serve`] or [`serve_with_limits`] has no such report and logs each 401
+//! as a warning of its own.)
 
 use std::future::Future;
 use std::io;
@@ -59,7 +66,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::error_handling::HandleErrorLayer;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -82,8 +89,8 @@ use crate::registry::Registry;
 
 mod connections;
 
-pub use connections::SLOW_CLIENT_LOG_INTERVAL;
-use connections::{ConnHandle, ConnIo, Connections, Expiry};
+pub use connections::LOG_SUMMARY_INTERVAL;
+use connections::{AuthRefusals, ConnHandle, ConnIo, Connections, Expiry};
 
 /// Longest a client may take to deliver a complete request head: from
 /// connecting, or from the first byte of its next request on a kept-alive
@@ -372,7 +379,17 @@ fn bearer(headers: &HeaderMap) -> Result<&str, AuthError> {
     Ok(token)
 }
 
-fn refused(route: &str, workspace: Option<&str>, error: AuthError) -> Response {
+/// Where a request's handler counts it if refused for its bearer: put in
+/// the request's extensions by the server loop (absent when the router is
+/// served otherwise).
+type AuthTally = Option<Extension<Arc<AuthRefusals>>>;
+
+/// The 401 for a missing or wrong bearer. Counted for the server's periodic
+/// summary (one warning per [`LOG_SUMMARY_INTERVAL`], see the
+/// `connections` module) and logged here at debug only, so a flood of
+/// unauthenticated requests cannot flood the log; without a server loop to
+/// report it, a warning of its own.
+fn refused(route: &str, workspace: Option<&str>, error: AuthError, tally: AuthTally) -> Response {
     let workspace = workspace.map(|id| {
         if valid_workspace_id(id) {
             id
@@ -380,7 +397,13 @@ fn refused(route: &str, workspace: Option<&str>, error: AuthError) -> Response {
             "<invalid id>"
         }
     });
-    tracing::warn!(route, workspace, "request refused: {error}");
+    match tally {
+        Some(Extension(tally)) => {
+            tally.count(error == AuthError::MissingBearer, workspace);
+            tracing::debug!(route, workspace, "request refused: {error}");
+        }
+        None => tracing::warn!(route, workspace, "request refused: {error}"),
+    }
     json_error(StatusCode::UNAUTHORIZED, &error.to_string())
 }
 
@@ -388,12 +411,13 @@ async fn workspace_token(
     State(state): State<AppState>,
     Path(id): Path<String>,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+    tally: AuthTally,
     headers: HeaderMap,
 ) -> Response {
     let caller = bearer(&headers).and_then(|b| state.auth.authorize_workspace(&id, Some(b)));
     let caller = match caller {
         Ok(caller) => caller,
-        Err(error) => return refused("workspace", Some(&id), error),
+        Err(error) => return refused("workspace", Some(&id), error, tally),
     };
     let query = match query {
         Ok(Query(pairs)) => parse_token_query(&pairs),
@@ -417,11 +441,46 @@ async fn workspace_token(
     serve_token(&state, caller, request).await
 }
 
-async fn admin_token(State(state): State<AppState>, headers: HeaderMap) -> Response {
+/// Why the admin route refuses a workspace bearer while grants are in
+/// force (the 403's text).
+pub const ADMIN_ROUTE_CLOSED: &str = "the admin route is closed to workspace bearers while a grants file is in force: \
+     ask GET /workspaces/{id}/github-installation-token (set WORKSPACE_ID) for a token scoped to your grant";
+
+/// `GET /admin/github-installation-token`: the configured installation's
+/// token, unscoped.
+///
+/// Without `ADMIN_TOKEN`, any workspace bearer is accepted here (the
+/// seed's contract: a workspace that does not know its ID can still fetch
+/// a token). That is only sound without grants: with a grants file in
+/// force this route would hand a workspace the installation's full token
+/// (every repository, every permission) past its grant. So while grants
+/// are in force — checked on every request, so grants that appear later
+/// (a reload, [`Grants::replace`]) close it at once — a workspace bearer
+/// here gets 403 [`ADMIN_ROUTE_CLOSED`] and nothing is minted; only the
+/// admin bearer, when `ADMIN_TOKEN` is set, is served. The platform keeps
+/// starting with grants and no `ADMIN_TOKEN` (and says at start-up that
+/// this route is closed) rather than refusing to start: refusing would
+/// take every workspace of an operator who adds a grants file offline,
+/// although their own routes serve them correctly scoped tokens.
+///
+/// Authentication comes first, so a stranger still gets 401 and learns
+/// nothing about the setup.
+async fn admin_token(
+    State(state): State<AppState>,
+    tally: AuthTally,
+    headers: HeaderMap,
+) -> Response {
     let caller = bearer(&headers).and_then(|b| state.auth.authorize_admin(Some(b)));
     match caller {
+        Ok(Caller::Workspace(id)) if state.grants.current().is_some() => {
+            tracing::warn!(
+                workspace = %id,
+                "admin route refused to a workspace bearer: grants are in force (ask the workspace route)"
+            );
+            json_error(StatusCode::FORBIDDEN, ADMIN_ROUTE_CLOSED)
+        }
         Ok(caller) => serve_token(&state, caller, TokenRequest::default()).await,
-        Err(error) => refused("admin", None, error),
+        Err(error) => refused("admin", None, error, tally),
     }
 }
 
@@ -452,12 +511,13 @@ fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
 async fn workspace_refusal(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    tally: AuthTally,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
     if let Err(error) = bearer(&headers).and_then(|b| state.auth.authorize_workspace(&id, Some(b)))
     {
-        return refused("refusal", Some(&id), error);
+        return refused("refusal", Some(&id), error, tally);
     }
     if body.len() > MAX_REFUSAL_BODY_BYTES {
         return json_error(
@@ -482,7 +542,7 @@ async fn workspace_refusal(
         Some(table) => table.scopes(&id).into_iter().map(Some).collect(),
     };
     let prefix: String = body_prefix(&sha256);
-    match provider.report_refusal(scopes, sha256).await {
+    match provider.report_refusal(id.clone(), scopes, sha256).await {
         RefusalOutcome::Dropped => {
             tracing::info!(
                 workspace = %id,
@@ -494,12 +554,12 @@ async fn workspace_refusal(
         RefusalOutcome::Limited { retry_after } => {
             tracing::warn!(
                 workspace = %id,
-                "[github] refusal of token {prefix} rate-limited (one drop per installation per {})",
+                "[github] refusal of token {prefix} rate-limited (one drop per workspace and installation per {})",
                 humantime::format_duration(crate::provider::REFUSAL_INTERVAL)
             );
             let mut response = json_error(
                 StatusCode::TOO_MANY_REQUESTS,
-                "a refused token of this installation was dropped moments ago; retry later",
+                "this workspace had a refused token of this installation dropped moments ago; retry later",
             );
             response.headers_mut().insert(
                 header::RETRY_AFTER,
@@ -627,10 +687,8 @@ pub async fn serve_with_limits(
         .max_buf_size(limits.max_head_bytes.max(MIN_HEAD_BUFFER));
     let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
-    let mut report = tokio::time::interval_at(
-        Instant::now() + SLOW_CLIENT_LOG_INTERVAL,
-        SLOW_CLIENT_LOG_INTERVAL,
-    );
+    let mut report =
+        tokio::time::interval_at(Instant::now() + LOG_SUMMARY_INTERVAL, LOG_SUMMARY_INTERVAL);
     report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
@@ -655,6 +713,7 @@ pub async fn serve_with_limits(
                     let service = TrackedService {
                         router: app.clone(),
                         handle: Arc::clone(&handle),
+                        auth_refusals: Arc::clone(connections.auth_refusals()),
                     };
                     let io = TokioIo::new(ConnIo::new(stream, Arc::clone(&handle)));
                     let conn = http.serve_connection(io, service);
@@ -777,11 +836,13 @@ async fn sleep_until_some(deadline: Option<Instant>) {
 }
 
 /// The router for one connection, marking it busy while a request is
-/// handled (from its complete head until the answer is handed to hyper).
+/// handled (from its complete head until the answer is handed to hyper),
+/// and handing the handlers where to count unauthenticated requests.
 #[derive(Clone)]
 struct TrackedService {
     router: Router,
     handle: Arc<ConnHandle>,
+    auth_refusals: Arc<AuthRefusals>,
 }
 
 impl hyper::service::Service<axum::http::Request<hyper::body::Incoming>> for TrackedService {
@@ -789,7 +850,10 @@ impl hyper::service::Service<axum::http::Request<hyper::body::Incoming>> for Tra
     type Error = std::convert::Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Response, Self::Error>> + Send>>;
 
-    fn call(&self, request: axum::http::Request<hyper::body::Incoming>) -> Self::Future {
+    fn call(&self, mut request: axum::http::Request<hyper::body::Incoming>) -> Self::Future {
+        request
+            .extensions_mut()
+            .insert(Arc::clone(&self.auth_refusals));
         let guard = self.handle.start_request();
         let answer = self.router.clone().oneshot(request);
         Box::pin(async move {

@@ -21,13 +21,18 @@
 //! microseconds after it connects, so it is never the oldest; when every
 //! connection is in a request, the new one is refused (closed at once).
 //! Timeouts, evictions and refusals are counted and reported in one warning
-//! per [`SLOW_CLIENT_LOG_INTERVAL`], never one line per connection and never
+//! per [`LOG_SUMMARY_INTERVAL`], never one line per connection and never
 //! with request content.
+//!
+//! Requests refused for a missing or wrong bearer (401) are reported the
+//! same way ([`AuthRefusals`]): one warning per interval with the counts,
+//! not one per request — a stranger on one connection could otherwise
+//! write thousands of lines a second into the operator's log.
 //!
 //! One mutex guards the table; it is taken on accept, when a request starts
 //! or ends, and when a kept-alive connection starts its next head.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -42,9 +47,12 @@ use tokio::time::Instant;
 
 use super::ServiceLimits;
 
-/// How often the summary of slow clients (timeouts, evictions, refusals) may
-/// be logged.
-pub const SLOW_CLIENT_LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// How often each summary may be logged: of slow clients (timeouts,
+/// evictions, refused connections) and of unauthenticated requests.
+pub const LOG_SUMMARY_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Most workspace IDs one summary of unauthenticated requests names.
+const MOST_WORKSPACES_NAMED: usize = 8;
 
 /// What a connection is doing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -116,6 +124,73 @@ struct SlowClients {
     fd_exhausted: AtomicU64,
 }
 
+/// Requests refused for their bearer (401) since the last report: what the
+/// handlers count instead of logging each (they find it in the request's
+/// extensions, put there by the server loop).
+#[derive(Default)]
+pub(super) struct AuthRefusals {
+    missing_bearer: AtomicU64,
+    invalid_bearer: AtomicU64,
+    named: Mutex<NamedWorkspaces>,
+}
+
+/// The workspace IDs refused requests named: the first few, and how many
+/// requests named others.
+#[derive(Default)]
+struct NamedWorkspaces {
+    sample: BTreeSet<String>,
+    others: u64,
+}
+
+impl AuthRefusals {
+    /// Counts one refused request: without a bearer (`missing`) or with
+    /// one that matches nothing allowed on its route, naming `workspace`
+    /// (a valid ID, or a placeholder) on a workspace route.
+    pub(super) fn count(&self, missing: bool, workspace: Option<&str>) {
+        let counter = if missing {
+            &self.missing_bearer
+        } else {
+            &self.invalid_bearer
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        if let Some(workspace) = workspace {
+            let mut named = self.named.lock().unwrap_or_else(PoisonError::into_inner);
+            if named.sample.contains(workspace) {
+                return;
+            }
+            if named.sample.len() < MOST_WORKSPACES_NAMED {
+                named.sample.insert(workspace.to_owned());
+            } else {
+                named.others += 1;
+            }
+        }
+    }
+
+    /// Logs one summary of what was counted since the last call.
+    fn report(&self) {
+        let missing_bearer = self.missing_bearer.swap(0, Ordering::Relaxed);
+        let invalid_bearer = self.invalid_bearer.swap(0, Ordering::Relaxed);
+        let named = std::mem::take(&mut *self.named.lock().unwrap_or_else(PoisonError::into_inner));
+        if missing_bearer + invalid_bearer == 0 {
+            return;
+        }
+        let workspaces = named.sample.into_iter().collect::<Vec<_>>().join(", ");
+        let others = named.others;
+        let named = match (workspaces.is_empty(), others) {
+            (true, _) => String::new(),
+            (false, 0) => format!("; workspaces named: {workspaces}"),
+            (false, n) => format!("; workspaces named: {workspaces} and others in {n} request(s)"),
+        };
+        tracing::warn!(
+            missing_bearer,
+            invalid_bearer,
+            "unauthenticated requests (last {}): {} refused with 401, {missing_bearer} without a bearer and {invalid_bearer} with a bearer that matches nothing allowed on the route{named}",
+            humantime::format_duration(LOG_SUMMARY_INTERVAL),
+            missing_bearer + invalid_bearer,
+        );
+    }
+}
+
 /// The open connections of one server.
 pub(super) struct Connections {
     table: Mutex<Table>,
@@ -123,6 +198,7 @@ pub(super) struct Connections {
     header_timeout: Duration,
     idle_timeout: Duration,
     slow: SlowClients,
+    auth_refusals: Arc<AuthRefusals>,
 }
 
 /// What the connection's task should do after its deadline passed.
@@ -141,7 +217,13 @@ impl Connections {
             header_timeout: limits.header_read_timeout,
             idle_timeout: limits.idle_timeout,
             slow: SlowClients::default(),
+            auth_refusals: Arc::default(),
         }
+    }
+
+    /// Where this server's handlers count unauthenticated requests.
+    pub(super) fn auth_refusals(&self) -> &Arc<AuthRefusals> {
+        &self.auth_refusals
     }
 
     fn lock(&self) -> MutexGuard<'_, Table> {
@@ -194,8 +276,10 @@ impl Connections {
         evicted
     }
 
-    /// Logs one summary of what slow clients caused since the last call.
+    /// Logs one summary of what slow clients caused since the last call,
+    /// and one of unauthenticated requests (each only if there was any).
     pub(super) fn report(&self) {
+        self.auth_refusals.report();
         let take = |n: &AtomicU64| n.swap(0, Ordering::Relaxed);
         let head_timeouts = take(&self.slow.head_timeouts);
         let evicted = take(&self.slow.evicted);
@@ -210,7 +294,7 @@ impl Connections {
             refused,
             fd_exhausted,
             "slow clients (last {}): {head_timeouts} connection(s) closed without a complete request head within {}, {evicted} evicted at the cap of {} connections or the open-file limit, {refused} refused while every connection was in a request, {fd_exhausted} accept(s) hit the open-file limit",
-            humantime::format_duration(SLOW_CLIENT_LOG_INTERVAL),
+            humantime::format_duration(LOG_SUMMARY_INTERVAL),
             humantime::format_duration(self.header_timeout),
             self.max,
         );
@@ -437,6 +521,25 @@ mod tests {
         assert!(connections.admit().is_none());
         drop(_ga);
         assert!(connections.admit().is_some(), "a idles and can be evicted");
+    }
+
+    #[test]
+    fn unauthenticated_counts_name_a_bounded_sample_of_workspaces() {
+        let tally = AuthRefusals::default();
+        for i in 0..20 {
+            tally.count(false, Some(&format!("ws-{:02}", i % 10)));
+        }
+        tally.count(true, None);
+        assert_eq!(tally.invalid_bearer.load(Ordering::Relaxed), 20);
+        assert_eq!(tally.missing_bearer.load(Ordering::Relaxed), 1);
+        {
+            let named = tally.named.lock().unwrap();
+            assert_eq!(named.sample.len(), MOST_WORKSPACES_NAMED);
+            assert_eq!(named.others, 4, "ws-08 and ws-09, twice each");
+        }
+        tally.report();
+        assert_eq!(tally.invalid_bearer.load(Ordering::Relaxed), 0, "reset");
+        assert!(tally.named.lock().unwrap().sample.is_empty(), "reset");
     }
 
     #[test]

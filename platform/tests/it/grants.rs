@@ -349,9 +349,10 @@ async fn a_refusal_drops_the_cached_token_once_per_interval() {
     assert_ne!(second, first);
     assert_eq!(f.provider.minted(), 3);
 
-    // Again within the interval, same installation: 429 and the token stays.
+    // Again within the interval, same workspace and installation: 429 and
+    // the token stays.
     let body = format!(r#"{{"sha256": "{}"}}"#, sha256_hex(&second));
-    let (status, retry) = f.refuse("ws-b", &body).await;
+    let (status, retry) = f.refuse("ws-a", &body).await;
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
     let retry: u64 = retry.expect("Retry-After").parse().expect("seconds");
     assert!(retry >= 1 && retry <= REFUSAL_INTERVAL.as_secs(), "{retry}");
@@ -359,12 +360,59 @@ async fn a_refusal_drops_the_cached_token_once_per_interval() {
 
     // After the interval it is accepted.
     f.advance(REFUSAL_INTERVAL.as_secs() as i64);
-    assert_eq!(f.refuse("ws-b", &body).await.0, StatusCode::NO_CONTENT);
+    assert_eq!(f.refuse("ws-a", &body).await.0, StatusCode::NO_CONTENT);
     assert_ne!(token_of(&f.token("ws-a", "").await), second);
 
     let mut secrets: Vec<String> = BEARERS.iter().map(|(_, b)| (*b).to_owned()).collect();
     secrets.extend([first, second, other]);
     assert_no_secrets("logs", &logs.text(), &secrets);
+}
+
+/// Issue 20, item 4: the refusal limit is per (workspace, installation).
+/// ws-c keeps refusing its own `acme` token (a different one: its grant
+/// differs); ws-a's refusal of its own `acme` token, on the same
+/// installation, is still honoured at once, every time ws-c's window is
+/// busy. A workspace still cannot make every call mint: its own second
+/// refusal within the interval is 429.
+#[tokio::test]
+async fn refusal_limits_are_per_workspace_so_no_workspace_blocks_another() {
+    let f = fixture(Some(GRANTS), Duration::from_secs(3600));
+    let refusal = |token: &str| format!(r#"{{"sha256": "{}"}}"#, sha256_hex(token));
+    let mut seen = Vec::new();
+    for round in 0..3 {
+        let noisy = token_of(&f.token("ws-c", "?owner=acme").await);
+        let victim = token_of(&f.token("ws-a", "?owner=acme").await);
+        assert_ne!(noisy, victim, "different grants, different tokens");
+        assert_eq!(
+            f.refuse("ws-c", &refusal(&noisy)).await.0,
+            StatusCode::NO_CONTENT,
+            "round {round}: ws-c's own drop"
+        );
+        let noisy_again = token_of(&f.token("ws-c", "?owner=acme").await);
+        assert_ne!(noisy_again, noisy);
+        assert_eq!(
+            f.refuse("ws-c", &refusal(&noisy_again)).await.0,
+            StatusCode::TOO_MANY_REQUESTS,
+            "round {round}: ws-c cannot make every call mint"
+        );
+        assert_eq!(
+            f.refuse("ws-a", &refusal(&victim)).await.0,
+            StatusCode::NO_CONTENT,
+            "round {round}: ws-c's busy window must not block ws-a"
+        );
+        let replaced = token_of(&f.token("ws-a", "?owner=acme").await);
+        assert_ne!(replaced, victim, "round {round}: not handed back");
+        seen.extend([noisy, noisy_again, victim, replaced]);
+        f.advance(REFUSAL_INTERVAL.as_secs() as i64);
+    }
+    let acme_mints = f
+        .mints()
+        .iter()
+        .filter(|m| m.owner.as_deref() == Some("acme"))
+        .count();
+    // Round 0 mints both first tokens and both replacements; later rounds
+    // start from the cached replacements and mint only the two new ones.
+    assert_eq!(acme_mints, 4 + 2 * 2, "{} tokens seen", seen.len());
 }
 
 #[tokio::test]

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::http::StatusCode;
-use molecule_platform::{AppState, Auth, DevProvider, Registry, WorkspaceTokens, app, serve};
+use molecule_platform::{
+    AppState, Auth, DevProvider, Grants, Registry, WorkspaceTokens, app, serve,
+};
 use secrecy::SecretString;
 
 use crate::support::{Logs, assert_no_secrets, get, http};
@@ -143,6 +145,82 @@ async fn without_admin_token_the_admin_route_takes_workspace_bearers() {
     assert_eq!(
         get(&app, WS_A_ROUTE, Some(WS_B)).await.status,
         StatusCode::UNAUTHORIZED
+    );
+}
+
+/// Issue 20, item 1: once grants are in force — at start or swapped in
+/// later (a reload from none to some) — the admin route is closed to
+/// workspace bearers (403 with the reason, nothing minted), and opens again
+/// without grants; the admin bearer, when set, keeps it; strangers get 401.
+#[tokio::test]
+async fn while_grants_are_in_force_the_admin_route_is_closed_to_workspace_bearers() {
+    let (logs, _guard) = Logs::capture();
+    let provider = Arc::new(DevProvider::new(Duration::from_secs(600)));
+    let registry = Arc::new(Registry::new());
+    registry.register(Arc::clone(&provider) as _);
+    let grants = Arc::new(Grants::none());
+    let no_admin = app(
+        AppState::new(Arc::clone(&registry), Auth::new(None, workspaces()))
+            .with_grants(Arc::clone(&grants)),
+    );
+    let with_admin = app(AppState::new(
+        Arc::clone(&registry),
+        Auth::new(Some(SecretString::from(ADMIN)), workspaces()),
+    )
+    .with_grants(Arc::clone(&grants)));
+
+    // No grants: the legacy contract.
+    assert_eq!(
+        get(&no_admin, ADMIN_ROUTE, Some(WS_A)).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(provider.minted(), 1);
+
+    grants
+        .replace(Some("[workspace.ws-a]\nrepositories = [\"acme/api\"]\n"))
+        .expect("grants");
+    for bearer in [WS_A, WS_B] {
+        let answer = get(&no_admin, ADMIN_ROUTE, Some(bearer)).await;
+        assert_eq!(answer.status, StatusCode::FORBIDDEN, "{:?}", answer.body);
+        let reason = answer.body["error"].as_str().expect("reason");
+        assert!(reason.contains("grants"), "{reason}");
+        assert!(answer.body.get("token").is_none());
+    }
+    assert_eq!(
+        get(&no_admin, ADMIN_ROUTE, Some("a-stranger-0123456789"))
+            .await
+            .status,
+        StatusCode::UNAUTHORIZED,
+        "strangers learn nothing about the setup"
+    );
+    assert_eq!(
+        get(&no_admin, ADMIN_ROUTE, None).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(provider.minted(), 1, "nothing minted for the closed route");
+    let scoped = get(&no_admin, WS_A_ROUTE, Some(WS_A)).await;
+    assert_eq!(scoped.status, StatusCode::OK);
+    assert_eq!(scoped.body["repositories"], serde_json::json!(["acme/api"]));
+
+    // The admin bearer, set, is the operator's: it keeps the route.
+    assert_eq!(
+        get(&with_admin, ADMIN_ROUTE, Some(ADMIN)).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        get(&with_admin, ADMIN_ROUTE, Some(WS_A)).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+
+    grants.replace(None).expect("no grants");
+    assert_eq!(
+        get(&no_admin, ADMIN_ROUTE, Some(WS_B)).await.status,
+        StatusCode::OK
+    );
+    assert_no_secrets(
+        "logs",
+        &logs.text(),
+        &[ADMIN.into(), WS_A.into(), WS_B.into()],
     );
 }
 
