@@ -54,5 +54,8 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-cargo build --workspace
+# `cargo test --workspace` builds every package's binaries too (the tests
+# exec them from target/debug), with the features the tests unify — a
+# separate `cargo build --workspace` first would build the dependencies a
+# second time with the smaller feature set, then rebuild the binaries.
 cargo test --workspace "$@"

@@ -1,11 +1,11 @@
 //! The workspace's binaries, and other programs on `PATH`.
 //!
 //! Why: the suites run the real `molecule-credd`, `credd` and
-//! `molecule-platform` from `target/debug`. `cargo test` builds only the
-//! tested package's own binaries, so a suite can find another package's
-//! binary missing (or stale); the README's `cargo build --workspace && cargo
-//! test --workspace` is the cure, and a missing binary says so instead of
-//! failing somewhere obscure.
+//! `molecule-platform` from `target/debug`. `cargo test -p X` builds only
+//! X's own binaries, so a suite can find another package's binary missing
+//! (or stale); `cargo test --workspace` (the README's `scripts/test.sh`)
+//! builds them all, and a missing binary says so instead of failing
+//! somewhere obscure.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -43,7 +43,7 @@ pub fn binary(name: &str) -> PathBuf {
     let path = debug_dir().join(name);
     assert!(
         path.is_file(),
-        "{} is missing: run `cargo build --workspace` first (the tests run the real binaries)",
+        "{} is missing: run the tests with scripts/test.sh (`cargo test --workspace` builds every binary the tests run)",
         path.display()
     );
     path
