@@ -27,7 +27,8 @@
 //! `args_os` still works: on Linux std takes argv in an `.init_array`
 //! constructor, not in `lang_start`. `scripts/helper-budget.sh` counts the
 //! system calls of a daemon-answered `get`, so none comes back unnoticed.
-#![no_main]
+// Not for the unit tests: their harness brings its own `main`.
+#![cfg_attr(not(test), no_main)]
 // The one reviewed exception: the C entry point and the SIGPIPE disposition
 // (both below, in `main`).
 #![deny(unsafe_code)]
@@ -82,8 +83,9 @@ const USAGE_ERROR: u8 = 2;
 /// for what Rust's own start would have done, and why it is skipped).
 #[allow(unsafe_code)]
 // SAFETY: `main` is the C runtime's entry symbol with its C signature, and
-// no other symbol of that name is linked (`#![no_main]`).
-#[unsafe(no_mangle)]
+// no other symbol of that name is linked (`#![no_main]`). The unit tests'
+// harness brings its own `main`, so there this is an ordinary function.
+#[cfg_attr(not(test), unsafe(no_mangle))]
 extern "C" fn main(
     _argc: std::ffi::c_int,
     _argv: *const *const std::ffi::c_char,
