@@ -39,8 +39,9 @@ usage:
   credd metrics                 the daemon's state and counters in Prometheus' text format,
                                 for node_exporter's textfile collector (exit 1 if unreachable)
   credd exec [--repo OWNER/NAME | --owner OWNER] -- CMD [ARGS...]
-                                run CMD with GH_TOKEN and GITHUB_TOKEN set (and GH_ENTERPRISE_TOKEN,
-                                GH_HOST for an Enterprise host); its exit code is credd's
+                                run CMD with the token in GH_TOKEN and GITHUB_TOKEN if github.com is
+                                in CREDD_HOSTS, in GH_ENTERPRISE_TOKEN (and GH_HOST) for an Enterprise
+                                host in it; its exit code is credd's
   credd configure-git [--fallback-helper HELPER] [--file PATH]
                                 make git ask credd first for every host in CREDD_HOSTS, with
                                 credential.useHttpPath so each repository gets its owner's token
