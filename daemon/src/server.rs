@@ -323,6 +323,12 @@ async fn serve_connection<F: Fetch>(
 /// The audit line for a served token: who (pid, uid, executable), what for,
 /// and the token's fingerprint, which matches the platform's log of what it
 /// minted and so GitHub's audit log — never the token.
+///
+/// Every text field goes to the log as a `&str`, which the text format
+/// writes quoted and escaped (`"`, `\\`, control characters, line and
+/// paragraph separators, bidi controls: Rust's `Debug`) and the JSON format
+/// as a JSON string: a caller's path with spaces, `uid=0 exe=…` or U+2028 in
+/// it cannot add a field or a line of its own.
 fn audit(peer: Option<tokio::net::unix::UCred>, want: &Want, fingerprint: &str) {
     let pid = peer.and_then(|cred| cred.pid());
     // procfs, not a disk: the link reads at once (or fails for a caller of
@@ -334,11 +340,21 @@ fn audit(peer: Option<tokio::net::unix::UCred>, want: &Want, fingerprint: &str) 
         target: "audit",
         pid = pid.unwrap_or(-1),
         uid = peer.map_or(-1, |cred| i64::from(cred.uid())),
-        exe = %credd_core::text::one_line(&exe, MAX_EXE_TEXT),
-        asked = %want.describe(),
+        exe = bounded(&exe, MAX_EXE_TEXT),
+        asked = want.describe().as_str(),
         fingerprint,
         "token served"
     );
+}
+
+/// `text` cut to at most `max` bytes on a character boundary (nothing else
+/// changed: the log's quoting shows the rest exactly).
+fn bounded(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
 }
 
 fn bad_request(message: String) -> Response {

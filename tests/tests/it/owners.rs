@@ -5,7 +5,9 @@
 
 use std::path::Path;
 
-use testkit::{FAST_BACKOFF, GitServer, PlatformOptions, Sandbox, TestPlatform, with_platform};
+use testkit::{
+    Cmd, FAST_BACKOFF, GitServer, PlatformOptions, Sandbox, TestPlatform, with_platform,
+};
 
 const GRANTS: &str = r#"
 [workspace.ws-credd-test]
@@ -154,14 +156,20 @@ fn each_owner_is_served_its_own_scoped_token_and_an_ungranted_one_falls_through(
     let log = daemon.log().text();
     let audit: Vec<&str> = log.lines().filter(|l| l.contains("token served")).collect();
     assert!(
-        audit.iter().any(|l| l.contains("asked=acme/api")
+        audit.iter().any(|l| l.contains("asked=\"acme/api\"")
             && l.contains(&testkit::sha256_hex(acme.token.as_bytes())[..12])
-            && l.contains(&format!("exe={}", testkit::bin::credd().display()))
+            && l.contains(&format!(
+                "exe={:?}",
+                testkit::bin::credd().display().to_string()
+            ))
             && l.contains("pid=")
             && l.contains(&format!("uid={}", nix::unistd::geteuid()))),
         "no audit line for acme/api in\n{log}"
     );
-    assert!(audit.iter().any(|l| l.contains("asked=labs/tool")), "{log}");
+    assert!(
+        audit.iter().any(|l| l.contains("asked=\"labs/tool\"")),
+        "{log}"
+    );
     daemon.stop();
 }
 
@@ -191,5 +199,90 @@ fn a_refused_token_is_replaced_at_once_not_after_the_platforms_cache_window() {
     assert_ne!(second, first, "a different token, minted at once");
     assert_eq!(platform.refusal_reports(), 1);
     assert!(server.accepted_tokens().contains(&second));
+    daemon.stop();
+}
+
+/// The `key=value` fields of a text log line after its message, split on
+/// spaces outside double quotes (a backslash escapes inside them), as a
+/// reader of the log would.
+fn fields_after<'a>(line: &'a str, message: &str) -> Vec<(&'a str, &'a str)> {
+    let rest = &line[line.find(message).expect("the message") + message.len()..];
+    let mut fields = Vec::new();
+    let (mut start, mut quoted, mut escaped) = (None, false, false);
+    for (i, c) in rest.char_indices().chain([(rest.len(), ' ')]) {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            ' ' if !quoted => {
+                if let Some(from) = start.take() {
+                    let field: &str = &rest[from..i];
+                    fields.push(field.split_once('=').unwrap_or((field, "")));
+                }
+            }
+            _ if start.is_none() => start = Some(i),
+            _ => {}
+        }
+    }
+    fields
+}
+
+/// Issue 20, item 8, as attacked: the caller's executable path was logged
+/// unquoted, so a binary run from a path with spaces could append
+/// `uid=0 exe=… fingerprint=…` fields of its own, and U+2028 or bidi
+/// controls passed through. The real `credd`, copied to such a path, asks
+/// for a token: the audit line has exactly its five fields, the path
+/// appears once, quoted and escaped, and no raw separator or bidi control
+/// reaches the log.
+#[test]
+fn the_audit_line_cannot_be_forged_by_the_callers_path() {
+    let (sandbox, platform) = granted_platform();
+    let daemon = sandbox.daemon().args(FAST_BACKOFF).start();
+    let forged = sandbox
+        .path()
+        .join("x uid=0 exe=")
+        .join("usr")
+        .join("bin")
+        .join("sshd fingerprint=\"000000000000\" asked=evil\u{2028}INFO audit: token served pid=1 uid=0 \u{202e}dderc");
+    std::fs::create_dir_all(&forged).expect("the forged folders");
+    let copy = forged.join("credd \u{202e}gnp.exe");
+    std::fs::copy(testkit::bin::credd(), &copy).expect("copy credd");
+    let mut command = sandbox.command(&copy);
+    command.args(["token", "--repo", "acme/api"]);
+    let token = Cmd::new(command, "credd token (copied to a forged path)")
+        .transcript(sandbox.transcript())
+        .stdout_holds_secret()
+        .run();
+    token.assert_success("credd token from the forged path");
+    let acme = platform.last_issued().expect("issued");
+    assert_eq!(token.stdout.trim(), acme, "the acme token");
+
+    let log = daemon.log().text();
+    assert!(
+        !log.contains(['\u{2028}', '\u{202e}']),
+        "a raw line separator or bidi control reached the log:\n{log}"
+    );
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("token served")).collect();
+    assert_eq!(lines.len(), 1, "one token served, one audit line:\n{log}");
+    let fields = fields_after(lines[0], "token served");
+    let keys: Vec<&str> = fields.iter().map(|(k, _)| *k).collect();
+    assert_eq!(
+        keys,
+        ["pid", "uid", "exe", "asked", "fingerprint"],
+        "{}",
+        lines[0]
+    );
+    let value = |key: &str| fields.iter().find(|(k, _)| *k == key).map(|(_, v)| *v);
+    assert_eq!(
+        value("uid"),
+        Some(nix::unistd::geteuid().to_string().as_str())
+    );
+    let exe = copy.to_str().expect("UTF-8 path");
+    assert_eq!(value("exe"), Some(format!("{exe:?}").as_str()));
+    assert_eq!(value("asked"), Some("\"acme/api\""));
+    assert_eq!(
+        value("fingerprint"),
+        Some(format!("{:?}", &testkit::sha256_hex(acme.as_bytes())[..12]).as_str())
+    );
     daemon.stop();
 }
