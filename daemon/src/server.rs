@@ -92,14 +92,19 @@ pub(crate) async fn run<F: Fetch>(
     let stop_reading = CancellationToken::new();
     let mut refused_log = RateLimitedLog::new(LOG_INTERVAL);
     let mut busy_log = RateLimitedLog::new(LOG_INTERVAL);
+    let mut accept_failures = AcceptFailures::new(LOG_INTERVAL);
     tokio::pin!(shutdown);
     loop {
         let stream = tokio::select! {
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok((stream, _)) => {
+                    accept_failures.recovered();
+                    stream
+                }
                 Err(error) => {
-                    accept_failed(&error).await;
+                    accept_failures.note(&error);
+                    pause_after_accept_failure(&error).await;
                     continue;
                 }
             },
@@ -213,10 +218,44 @@ impl RateLimitedLog {
     }
 }
 
+/// Failed `accept(2)`s, logged at a bounded rate: at the open-file limit the
+/// loop retries every 50 ms, and a line per failure would flood the journal
+/// exactly when the daemon is under pressure. One line when failures start,
+/// at most one more per interval (with the number left out), and one when
+/// accepting works again (with the whole episode's count).
+struct AcceptFailures {
+    log: RateLimitedLog,
+    /// Failures since the last successful accept.
+    episode: u64,
+}
+
+impl AcceptFailures {
+    fn new(interval: Duration) -> Self {
+        Self {
+            log: RateLimitedLog::new(interval),
+            episode: 0,
+        }
+    }
+
+    fn note(&mut self, error: &io::Error) {
+        self.episode += 1;
+        self.log.note(|suppressed| {
+            tracing::warn!(%error, suppressed, "accept failed");
+        });
+    }
+
+    /// An accept worked: closes an episode of failures with one line.
+    fn recovered(&mut self) {
+        if self.episode > 0 {
+            tracing::info!(failed = self.episode, "accepting connections again");
+            self.episode = 0;
+        }
+    }
+}
+
 /// Out of descriptors (or a transient accept error): pause briefly instead of
 /// spinning, the limit frees up as connections finish.
-async fn accept_failed(error: &io::Error) {
-    tracing::warn!(%error, "accept failed");
+async fn pause_after_accept_failure(error: &io::Error) {
     let errno = error.raw_os_error().unwrap_or_default();
     if errno == nix::libc::EMFILE || errno == nix::libc::ENFILE {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -405,6 +444,30 @@ mod tests {
     use crate::platform::{Ask, Grant, PlatformError, RefusalOutcome};
     use credd_core::secret::Token;
     use std::time::SystemTime;
+
+    /// A failure every 50 ms for 25 s (the accept loop at the open-file
+    /// limit) is three lines, not 500: at 0, 10 and 20 s.
+    #[tokio::test(start_paused = true)]
+    async fn a_flood_of_events_is_logged_once_per_interval_with_the_rest_counted() {
+        let mut log = RateLimitedLog::new(LOG_INTERVAL);
+        let mut lines = Vec::new();
+        for _ in 0..500 {
+            log.note(|suppressed| lines.push(suppressed));
+            tokio::time::advance(Duration::from_millis(50)).await;
+        }
+        assert_eq!(lines, [0, 199, 199]);
+    }
+
+    #[test]
+    fn audit_text_is_bounded_on_a_character_boundary() {
+        assert_eq!(bounded("abc", 10), "abc");
+        assert_eq!(bounded("ééé", 5), "éé");
+        assert_eq!(
+            bounded("a\u{2028}b", 10),
+            "a\u{2028}b",
+            "escaped by the log, not here"
+        );
+    }
 
     #[test]
     fn peer_check_admits_own_and_listed_uids_only() {
