@@ -537,7 +537,7 @@ mod tests {
         let stop = CancellationToken::new();
         let refresher = Arc::clone(&cache);
         let c = stop.clone();
-        tokio::spawn(async move { refresher.run_refresher(c, || false).await });
+        tokio::spawn(async move { refresher.run_refresher(c, |_| false).await });
         let tokens = Arc::new(Tokens::new(
             cache,
             Fixed,
