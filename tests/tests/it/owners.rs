@@ -486,3 +486,53 @@ permissions = { contents = "write" }
     assert!(!fetch.status.success(), "no token for labs/tool any more");
     daemon.stop();
 }
+
+/// Issue 20, item 5, as found: every per-owner client shared one "bearer
+/// read running" flag, so a SIGHUP with several tokens held made most of
+/// the simultaneous refreshes fail at once ("stalled"), with `unauthorized`
+/// health and a back-off. Eight owners' tokens and the default one are
+/// refreshed together: every refresh reaches the platform, none fails.
+#[test]
+fn a_sighup_with_nine_tokens_held_refreshes_them_all_without_a_bearer_failure() {
+    let owners: Vec<String> = (1..=8).map(|n| format!("org{n}")).collect();
+    let grants = format!(
+        "[workspace.ws-credd-test]\nrepositories = [\"acme/*\", {}]\npermissions = {{ contents = \"read\" }}\n",
+        owners
+            .iter()
+            .map(|o| format!("\"{o}/*\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let (sandbox, platform, _server, _marker) = granted_git(&grants);
+    let daemon = sandbox.daemon().args(FAST_BACKOFF).start();
+    sandbox.wait_for_token();
+    for owner in &owners {
+        sandbox
+            .credd(&["token", "--owner", owner])
+            .stdout_holds_secret()
+            .run()
+            .assert_success("credd token --owner");
+    }
+    let before = platform.token_requests();
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    platform.wait_for_requests(platform.requests() + 9, testkit::WAIT);
+    let status = sandbox.wait_for_status("nine refreshed tokens", |s| {
+        s.owners.len() == owners.len()
+            && std::iter::once(&s.token)
+                .chain(&s.owners)
+                .all(|t| t.platform.as_str() == "ok" && t.next_refresh_in_secs != Some(0))
+    });
+    assert_eq!(platform.token_requests(), before + 9, "one call per token");
+    let failures = status.counters.expect("counters").platform_failures;
+    assert_eq!(
+        failures.get("bearer").copied().unwrap_or(0),
+        0,
+        "{failures:?}"
+    );
+    assert!(
+        !daemon.log().text().contains("stalled"),
+        "{}",
+        daemon.log().text()
+    );
+    daemon.stop();
+}
