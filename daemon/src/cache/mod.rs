@@ -229,12 +229,17 @@ impl<F: Fetch> TokenCache<F> {
     }
 
     /// Whether this is the cache to ask for `owner`'s token: the account of
-    /// its last token is `owner`, or it says nothing about accounts (an
-    /// older platform, the bootstrap token) and has a usable token.
+    /// its last platform token is `owner`; or that token stated no account
+    /// (a platform without grants), even once it is gone — a token erased
+    /// after a refusal must be replaced here, where the refusal is reported,
+    /// not fetched again by a new per-owner cache; or, before any platform
+    /// token, it holds a usable one that says nothing about accounts (the
+    /// bootstrap token).
     pub(crate) fn speaks_for(&self, owner: &str) -> bool {
         let st = self.lock();
         match &st.owner_seen {
             Some(seen) => credd_core::repository::same_name(seen, owner),
+            None if st.unscoped_seen => true,
             None => st
                 .usable(&self.policy, self.now())
                 .is_some_and(|u| u.scope.owner.is_none()),

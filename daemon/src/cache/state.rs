@@ -127,6 +127,9 @@ pub(super) struct State {
     pub(super) waiting: u32,
     /// The account of the last platform token, kept after it expires.
     pub(super) owner_seen: Option<String>,
+    /// The last platform token stated no account (a platform without
+    /// grants, or an older one), kept after it expires or is erased.
+    pub(super) unscoped_seen: bool,
     /// The SHA-256 of a dropped token, for the refresher to report.
     pub(super) refusal_to_report: Option<String>,
     /// A per-owner cache that left its map (refused, or benched to free its
@@ -165,6 +168,7 @@ impl State {
             parked: false,
             waiting: 0,
             owner_seen: None,
+            unscoped_seen: false,
             refusal_to_report: None,
             retired: false,
         }
@@ -309,9 +313,10 @@ impl State {
         );
         // The hook hears about new tokens only.
         let token = (!unchanged).then(|| grant.token.clone());
-        if grant.scope.owner.is_some() {
-            self.owner_seen.clone_from(&grant.scope.owner);
-        }
+        // A platform that states no account (no grants) speaks for every
+        // account through this token, while it has one and after.
+        self.owner_seen.clone_from(&grant.scope.owner);
+        self.unscoped_seen = grant.scope.owner.is_none();
         self.cached = Some(HeldToken {
             token: grant.token,
             deadline,

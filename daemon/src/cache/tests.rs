@@ -1007,3 +1007,29 @@ async fn a_refused_token_is_reported_before_the_next_call() {
     assert_eq!(log[reported + 1], "fetch labs", "{log:?}");
     cancel.cancel();
 }
+
+/// Without grants the platform states no account, and the default token
+/// speaks for every owner. A token git was refused with (erased) must be
+/// replaced there, with the refusal reported first — not fetched again,
+/// unreported, by a new per-owner cache while the default one holds none
+/// (found with the README's configuration: `useHttpPath`, no grants).
+#[tokio::test(start_paused = true)]
+async fn an_erased_unscoped_token_is_replaced_by_the_default_cache_after_its_report() {
+    let platform = FakePlatform::new(vec![], true);
+    let cancel = CancellationToken::new();
+    let default = Arc::new(TokenCache::new(Arc::clone(&platform), policy(), None));
+    let refresher = Arc::clone(&default);
+    let c = cancel.clone();
+    tokio::spawn(async move { refresher.run_refresher(c, |_| false).await });
+    let tokens = Tokens::new(default, Arc::clone(&platform), policy(), cancel.clone());
+    token_of(&tokens.get(&Want::Default).await);
+    let (first, _) = token_of(&tokens.get(&repo("acme/project")).await);
+    let hash = credd_core::secret::sha256_hex(first.as_bytes());
+    assert_eq!(tokens.erase(&hash), Response::Erased { dropped: true });
+    let (second, _) = token_of(&tokens.get(&repo("acme/project")).await);
+    assert_ne!(second, first);
+    assert_eq!(*platform.refusals.lock().unwrap(), [hash]);
+    assert!(tokens.status().owners.is_empty(), "no per-owner cache");
+    assert_eq!(platform.calls(), 2);
+    cancel.cancel();
+}
