@@ -260,7 +260,11 @@ fn configure_git_writes_the_helper_list_idempotently() {
             let key = format!("credential.https://{host}.helper");
             assert_eq!(
                 helpers(&["--file", file_arg], &key, &home),
-                ["", credd, "store --file /tmp/pat"],
+                [
+                    "",
+                    credd,
+                    &format!("{credd} fallback 'store --file /tmp/pat'")
+                ],
                 "round {round}, {key}"
             );
             // git tells credd the repository, once.
@@ -470,5 +474,56 @@ fn exec_never_hands_an_enterprise_token_to_github_com() {
         both.stdout,
         format!("|{DAEMON_TOKEN}|{DAEMON_TOKEN}|unset|unset\n")
     );
+    sandbox.assert_no_secrets();
+}
+
+/// `credd fallback HELPER ACTION` (what configure-git installs): `get` goes
+/// to the helper without `path`; `store` and `erase` of credd's credentials
+/// (username `x-access-token`, or an expiry) never reach it, except an
+/// `erase` of the helper's own credential; anyone else's are passed on.
+#[test]
+fn fallback_passes_on_only_what_the_helper_may_see() {
+    let sandbox = credd_sandbox();
+    let seen = sandbox.path().join("seen");
+    std::fs::create_dir(&seen).expect("mkdir");
+    let helper = format!(
+        "!f() {{ cat > '{dir}'/\"$1\"; [ \"$1\" = get ] && printf 'username=x-access-token\\npassword=ghp_theFallbacksOwn\\n'; true; }}; f",
+        dir = seen.display()
+    );
+    let run = |action: &str, input: &str| {
+        let _ = std::fs::remove_file(seen.join(action));
+        let out = sandbox.run(&["fallback", &helper, action], input);
+        assert_eq!(out.code(), Some(0), "{out:?}");
+        (out, std::fs::read_to_string(seen.join(action)).ok())
+    };
+    let (get, asked) = run(
+        "get",
+        "protocol=https\nhost=github.com\npath=acme/api.git\n",
+    );
+    assert_eq!(
+        get.stdout,
+        "username=x-access-token\npassword=ghp_theFallbacksOwn\n"
+    );
+    assert_eq!(asked.as_deref(), Some("protocol=https\nhost=github.com\n"));
+
+    let typed =
+        "protocol=https\nhost=github.com\npath=acme/api.git\nusername=alice\npassword=typed\n";
+    let (_, stored) = run("store", typed);
+    assert_eq!(
+        stored.as_deref(),
+        Some("protocol=https\nhost=github.com\nusername=alice\npassword=typed\n")
+    );
+    for credds in [
+        "protocol=https\nhost=github.com\nusername=x-access-token\npassword=ghs_fromCredd\n",
+        "protocol=https\nhost=github.com\nusername=bot\npassword=ghs_fromCredd\npassword_expiry_utc=1900000000\n",
+    ] {
+        assert_eq!(run("store", credds).1, None, "not stored: {credds:?}");
+        let (_, erased) = run("erase", credds);
+        assert_eq!(erased, None, "not erased: {credds:?}");
+    }
+    // Its own x-access-token credential refused: erased.
+    let own =
+        "protocol=https\nhost=github.com\nusername=x-access-token\npassword=ghp_theFallbacksOwn\n";
+    assert_eq!(run("erase", own).1.as_deref(), Some(own));
     sandbox.assert_no_secrets();
 }
