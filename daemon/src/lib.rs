@@ -170,7 +170,7 @@ pub async fn run(
         let cache = Arc::clone(&cache);
         let stop = stop.clone();
         // The default token is kept fresh for the daemon's whole life.
-        tokio::spawn(async move { cache.run_refresher(stop, || false).await })
+        tokio::spawn(async move { cache.run_refresher(stop, |_| false).await })
     };
     notifier.ready();
     systemd::follow(&cache, &notifier, &stop);

@@ -22,8 +22,7 @@
 use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_LENGTH, DATE, HeaderValue, RETRY_AFTER};
@@ -335,10 +334,42 @@ pub struct PlatformClient {
     http: reqwest::Client,
     endpoint: reqwest::Url,
     bearer_path: PathBuf,
-    /// Set while a bearer read runs on its thread: a read stuck in the
-    /// kernel cannot be cancelled, so at most one such thread exists and
-    /// later calls fail at once until it returns.
-    bearer_read_running: Arc<AtomicBool>,
+    /// The bearer read in flight, shared by every clone (the default
+    /// token's refresher and each owner's): see [`BearerReads`].
+    bearer_reads: Arc<BearerReads>,
+    /// How the bearer file is read: [`read_bearer`] (tests hold it up).
+    bearer_reader: BearerReader,
+}
+
+/// Reads the bearer file, blocking (run on a thread of its own).
+type BearerReader = fn(&Path) -> Result<SecretString, PlatformError>;
+
+/// One finished bearer read, handed to every call that waited for it.
+type SharedRead = Arc<Result<SecretString, PlatformError>>;
+
+/// The bearer read in flight, if any: single flight for `.auth_token`.
+///
+/// A read stuck in the kernel (a stalled filesystem under `CONFIGS_DIR`)
+/// cannot be cancelled, so at most one read thread exists at a time. A call
+/// that finds one running *joins* it and waits, within its own
+/// [`BEARER_READ_TIMEOUT`], for that read's result — it does not fail
+/// because another refresher happens to be reading. So calls at the same
+/// moment (a SIGHUP with several owners' tokens held) share one read of the
+/// file and all get its answer, and a stuck read still costs one thread
+/// however many calls time out waiting for it. The slot is cleared before
+/// the result is published, so a call that starts after a read finished
+/// reads the file afresh (the platform rotates it).
+#[derive(Debug, Default)]
+struct BearerReads {
+    running: Mutex<Option<tokio::sync::watch::Receiver<Option<SharedRead>>>>,
+}
+
+impl BearerReads {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, Option<tokio::sync::watch::Receiver<Option<SharedRead>>>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl PlatformClient {
@@ -361,8 +392,16 @@ impl PlatformClient {
             http,
             endpoint,
             bearer_path: config.auth_token_path(),
-            bearer_read_running: Arc::new(AtomicBool::new(false)),
+            bearer_reads: Arc::default(),
+            bearer_reader: read_bearer,
         })
+    }
+
+    /// Reads the bearer file with `reader` instead of [`read_bearer`].
+    #[cfg(test)]
+    fn with_bearer_reader(mut self, reader: BearerReader) -> Self {
+        self.bearer_reader = reader;
+        self
     }
 
     /// The URL called.
@@ -498,7 +537,8 @@ impl PlatformClient {
         })
     }
 
-    /// [`read_bearer`] on a thread of its own, within [`BEARER_READ_TIMEOUT`].
+    /// [`read_bearer`] on a thread of its own, within [`BEARER_READ_TIMEOUT`],
+    /// joining a read already in flight (see [`BearerReads`]).
     ///
     /// Not `spawn_blocking`: a read stuck in `open(2)` would then hold the
     /// runtime's shutdown forever. A plain thread is abandoned on timeout
@@ -508,34 +548,57 @@ impl PlatformClient {
             path: self.bearer_path.clone(),
             waited: BEARER_READ_TIMEOUT,
         };
-        if self.bearer_read_running.swap(true, Ordering::AcqRel) {
-            return Err(stalled());
-        }
-        let (done, result) = tokio::sync::oneshot::channel();
-        let path = self.bearer_path.clone();
-        let running = Arc::clone(&self.bearer_read_running);
-        let spawned = std::thread::Builder::new()
-            .name("bearer-read".into())
-            .spawn(move || {
-                // Cleared however the read ends (a panic included), and
-                // before the answer is sent: the caller's next call must not
-                // find the flag still set.
-                let read = {
-                    let _clear = ClearOnDrop(running);
-                    read_bearer(&path)
-                };
-                let _ = done.send(read);
-            });
-        if let Err(source) = spawned {
-            self.bearer_read_running.store(false, Ordering::Release);
-            return Err(PlatformError::BearerUnreadable {
-                path: self.bearer_path.clone(),
-                source,
-            });
-        }
-        match tokio::time::timeout(BEARER_READ_TIMEOUT, result).await {
-            Ok(Ok(read)) => read,
-            Ok(Err(_)) | Err(_) => Err(stalled()),
+        let mut result = {
+            let mut running = self.bearer_reads.lock();
+            match &*running {
+                Some(read) => read.clone(),
+                None => {
+                    let (done, read) = tokio::sync::watch::channel(None);
+                    let path = self.bearer_path.clone();
+                    let reads = Arc::clone(&self.bearer_reads);
+                    let reader = self.bearer_reader;
+                    let spawned = std::thread::Builder::new()
+                        .name("bearer-read".into())
+                        .spawn(move || {
+                            // The slot is cleared however the read ends (a
+                            // panic included), and before the answer is
+                            // sent: a call after this one reads afresh.
+                            let read = {
+                                let _clear = ClearOnDrop(reads);
+                                reader(&path)
+                            };
+                            done.send_replace(Some(Arc::new(read)));
+                        });
+                    if let Err(source) = spawned {
+                        return Err(PlatformError::BearerUnreadable {
+                            path: self.bearer_path.clone(),
+                            source,
+                        });
+                    }
+                    // Set before the lock is released, so the thread's
+                    // clear (which takes the lock) always comes after.
+                    *running = Some(read.clone());
+                    read
+                }
+            }
+        };
+        let answer = async {
+            loop {
+                if let Some(read) = result.borrow_and_update().clone() {
+                    return Some(read);
+                }
+                if result.changed().await.is_err() {
+                    // The thread ended without an answer (it panicked).
+                    return result.borrow().clone();
+                }
+            }
+        };
+        match tokio::time::timeout(BEARER_READ_TIMEOUT, answer).await {
+            Ok(Some(read)) => match &*read {
+                Ok(bearer) => Ok(bearer.clone()),
+                Err(error) => Err(copy_bearer_error(error)),
+            },
+            Ok(None) | Err(_) => Err(stalled()),
         }
     }
 
@@ -578,12 +641,36 @@ fn asked(ask: &Ask<'_>) -> String {
     }
 }
 
-/// Clears the bearer-read-in-flight flag when dropped.
-struct ClearOnDrop(Arc<AtomicBool>);
+/// Clears the bearer read in flight when dropped.
+struct ClearOnDrop(Arc<BearerReads>);
 
 impl Drop for ClearOnDrop {
     fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
+        *self.0.lock() = None;
+    }
+}
+
+/// The same bearer-file error again, for each call that shared the read.
+/// [`read_bearer`] returns only the bearer variants; an I/O error keeps its
+/// kind and text.
+fn copy_bearer_error(error: &PlatformError) -> PlatformError {
+    match error {
+        PlatformError::BearerUnreadable { path, source } => PlatformError::BearerUnreadable {
+            path: path.clone(),
+            source: std::io::Error::new(source.kind(), source.to_string()),
+        },
+        PlatformError::BearerInvalid { path, problem } => PlatformError::BearerInvalid {
+            path: path.clone(),
+            problem,
+        },
+        PlatformError::BearerStalled { path, waited } => PlatformError::BearerStalled {
+            path: path.clone(),
+            waited: *waited,
+        },
+        other => PlatformError::BearerUnreadable {
+            path: PathBuf::new(),
+            source: std::io::Error::other(other.to_string()),
+        },
     }
 }
 
@@ -754,4 +841,132 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
             .unwrap_or(Duration::ZERO),
     };
     Some(wait.min(MAX_RETRY_AFTER))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::sync::Condvar;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::{Context, Poll, Waker};
+
+    use super::*;
+
+    /// Holds bearer reads until opened, counting the reads started.
+    struct Gate {
+        open: Mutex<bool>,
+        opened: Condvar,
+        reads: AtomicUsize,
+    }
+
+    impl Gate {
+        const fn new() -> Self {
+            Self {
+                open: Mutex::new(false),
+                opened: Condvar::new(),
+                reads: AtomicUsize::new(0),
+            }
+        }
+
+        fn read(&self, path: &Path) -> Result<SecretString, PlatformError> {
+            let mut open = self.open.lock().expect("gate");
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            self.opened.notify_all();
+            while !*open {
+                open = self.opened.wait(open).expect("gate");
+            }
+            drop(open);
+            read_bearer(path)
+        }
+
+        /// Blocks until `n` reads have started.
+        fn wait_for_reads(&self, n: usize) {
+            let mut open = self.open.lock().expect("gate");
+            while self.reads.load(Ordering::SeqCst) < n {
+                open = self.opened.wait(open).expect("gate");
+            }
+        }
+
+        fn open(&self) {
+            *self.open.lock().expect("gate") = true;
+            self.opened.notify_all();
+        }
+    }
+
+    /// A client of a configs folder whose `.auth_token` holds `bearer`.
+    fn client(dir: &Path, bearer: &str, reader: BearerReader) -> PlatformClient {
+        std::fs::write(dir.join(".auth_token"), format!("{bearer}\n")).expect("bearer");
+        let config = Config::from_lookup(|name| match name {
+            "CONFIGS_DIR" => Some(dir.into()),
+            "PLATFORM_URL" => Some("http://127.0.0.1:9".into()),
+            _ => None,
+        })
+        .expect("config");
+        PlatformClient::new(&config, Timeouts::default())
+            .expect("client")
+            .with_bearer_reader(reader)
+    }
+
+    type Read<'a> = Pin<Box<dyn Future<Output = Result<SecretString, PlatformError>> + 'a>>;
+
+    static SHARED: Gate = Gate::new();
+
+    /// Issue 20, item 5: every per-owner client shared one "bearer read
+    /// running" flag, so refreshes at the same moment (a SIGHUP with 8
+    /// tokens held) failed at once with "stalled". Eight clones of one
+    /// client ask while a read is in flight: all wait for that one read and
+    /// all get the bearer.
+    #[tokio::test]
+    async fn concurrent_calls_share_one_bearer_read_and_none_fails() {
+        let dir = tempfile::tempdir().expect("dir");
+        let client = client(dir.path(), "bearer-shared-0123", |p| SHARED.read(p));
+        let clones: Vec<PlatformClient> = (0..8).map(|_| client.clone()).collect();
+        let mut calls: Vec<Read<'_>> = clones
+            .iter()
+            .map(|c| Box::pin(c.read_bearer_bounded()) as Read<'_>)
+            .collect();
+        // Each call starts (or joins) a read and waits: none fails at once.
+        let mut cx = Context::from_waker(Waker::noop());
+        for (n, call) in calls.iter_mut().enumerate() {
+            assert!(
+                matches!(call.as_mut().poll(&mut cx), Poll::Pending),
+                "call {n} did not wait for the read in flight"
+            );
+        }
+        SHARED.wait_for_reads(1);
+        SHARED.open();
+        for call in calls {
+            let bearer = call.await.expect("the shared read's bearer");
+            assert_eq!(bearer.expose_secret(), "bearer-shared-0123");
+        }
+        assert_eq!(SHARED.reads.load(Ordering::SeqCst), 1, "one read for all");
+        // A call after the read finished reads the file afresh.
+        std::fs::write(dir.path().join(".auth_token"), "bearer-rotated-4567\n").expect("rotate");
+        let bearer = client.read_bearer_bounded().await.expect("a fresh read");
+        assert_eq!(bearer.expose_secret(), "bearer-rotated-4567");
+        assert_eq!(SHARED.reads.load(Ordering::SeqCst), 2);
+    }
+
+    static STUCK: Gate = Gate::new();
+
+    /// The protection against a stuck `.auth_token` (a stalled filesystem)
+    /// holds: calls time out as "stalled", and calls while it is stuck join
+    /// it instead of starting another thread.
+    #[tokio::test(start_paused = true)]
+    async fn a_stuck_read_fails_calls_in_time_and_costs_one_thread() {
+        let dir = tempfile::tempdir().expect("dir");
+        let client = client(dir.path(), "bearer-stuck-0123", |p| STUCK.read(p));
+        for _ in 0..3 {
+            let error = client.read_bearer_bounded().await.expect_err("stuck");
+            assert!(
+                matches!(error, PlatformError::BearerStalled { .. }),
+                "{error:?}"
+            );
+            assert_eq!(error.class(), ErrorClass::Bearer);
+        }
+        STUCK.wait_for_reads(1);
+        assert_eq!(STUCK.reads.load(Ordering::SeqCst), 1, "one stuck thread");
+        STUCK.open();
+    }
 }

@@ -92,14 +92,19 @@ pub(crate) async fn run<F: Fetch>(
     let stop_reading = CancellationToken::new();
     let mut refused_log = RateLimitedLog::new(LOG_INTERVAL);
     let mut busy_log = RateLimitedLog::new(LOG_INTERVAL);
+    let mut accept_failures = AcceptFailures::new(LOG_INTERVAL);
     tokio::pin!(shutdown);
     loop {
         let stream = tokio::select! {
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok((stream, _)) => {
+                    accept_failures.recovered();
+                    stream
+                }
                 Err(error) => {
-                    accept_failed(&error).await;
+                    accept_failures.note(&error);
+                    pause_after_accept_failure(&error).await;
                     continue;
                 }
             },
@@ -213,10 +218,44 @@ impl RateLimitedLog {
     }
 }
 
+/// Failed `accept(2)`s, logged at a bounded rate: at the open-file limit the
+/// loop retries every 50 ms, and a line per failure would flood the journal
+/// exactly when the daemon is under pressure. One line when failures start,
+/// at most one more per interval (with the number left out), and one when
+/// accepting works again (with the whole episode's count).
+struct AcceptFailures {
+    log: RateLimitedLog,
+    /// Failures since the last successful accept.
+    episode: u64,
+}
+
+impl AcceptFailures {
+    fn new(interval: Duration) -> Self {
+        Self {
+            log: RateLimitedLog::new(interval),
+            episode: 0,
+        }
+    }
+
+    fn note(&mut self, error: &io::Error) {
+        self.episode += 1;
+        self.log.note(|suppressed| {
+            tracing::warn!(%error, suppressed, "accept failed");
+        });
+    }
+
+    /// An accept worked: closes an episode of failures with one line.
+    fn recovered(&mut self) {
+        if self.episode > 0 {
+            tracing::info!(failed = self.episode, "accepting connections again");
+            self.episode = 0;
+        }
+    }
+}
+
 /// Out of descriptors (or a transient accept error): pause briefly instead of
 /// spinning, the limit frees up as connections finish.
-async fn accept_failed(error: &io::Error) {
-    tracing::warn!(%error, "accept failed");
+async fn pause_after_accept_failure(error: &io::Error) {
     let errno = error.raw_os_error().unwrap_or_default();
     if errno == nix::libc::EMFILE || errno == nix::libc::ENFILE {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -323,6 +362,12 @@ async fn serve_connection<F: Fetch>(
 /// The audit line for a served token: who (pid, uid, executable), what for,
 /// and the token's fingerprint, which matches the platform's log of what it
 /// minted and so GitHub's audit log — never the token.
+///
+/// Every text field goes to the log as a `&str`, which the text format
+/// writes quoted and escaped (`"`, `\\`, control characters, line and
+/// paragraph separators, bidi controls: Rust's `Debug`) and the JSON format
+/// as a JSON string: a caller's path with spaces, `uid=0 exe=…` or U+2028 in
+/// it cannot add a field or a line of its own.
 fn audit(peer: Option<tokio::net::unix::UCred>, want: &Want, fingerprint: &str) {
     let pid = peer.and_then(|cred| cred.pid());
     // procfs, not a disk: the link reads at once (or fails for a caller of
@@ -334,11 +379,21 @@ fn audit(peer: Option<tokio::net::unix::UCred>, want: &Want, fingerprint: &str) 
         target: "audit",
         pid = pid.unwrap_or(-1),
         uid = peer.map_or(-1, |cred| i64::from(cred.uid())),
-        exe = %credd_core::text::one_line(&exe, MAX_EXE_TEXT),
-        asked = %want.describe(),
+        exe = bounded(&exe, MAX_EXE_TEXT),
+        asked = want.describe().as_str(),
         fingerprint,
         "token served"
     );
+}
+
+/// `text` cut to at most `max` bytes on a character boundary (nothing else
+/// changed: the log's quoting shows the rest exactly).
+fn bounded(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
 }
 
 fn bad_request(message: String) -> Response {
@@ -389,6 +444,30 @@ mod tests {
     use crate::platform::{Ask, Grant, PlatformError, RefusalOutcome};
     use credd_core::secret::Token;
     use std::time::SystemTime;
+
+    /// A failure every 50 ms for 25 s (the accept loop at the open-file
+    /// limit) is three lines, not 500: at 0, 10 and 20 s.
+    #[tokio::test(start_paused = true)]
+    async fn a_flood_of_events_is_logged_once_per_interval_with_the_rest_counted() {
+        let mut log = RateLimitedLog::new(LOG_INTERVAL);
+        let mut lines = Vec::new();
+        for _ in 0..500 {
+            log.note(|suppressed| lines.push(suppressed));
+            tokio::time::advance(Duration::from_millis(50)).await;
+        }
+        assert_eq!(lines, [0, 199, 199]);
+    }
+
+    #[test]
+    fn audit_text_is_bounded_on_a_character_boundary() {
+        assert_eq!(bounded("abc", 10), "abc");
+        assert_eq!(bounded("ééé", 5), "éé");
+        assert_eq!(
+            bounded("a\u{2028}b", 10),
+            "a\u{2028}b",
+            "escaped by the log, not here"
+        );
+    }
 
     #[test]
     fn peer_check_admits_own_and_listed_uids_only() {
@@ -458,7 +537,7 @@ mod tests {
         let stop = CancellationToken::new();
         let refresher = Arc::clone(&cache);
         let c = stop.clone();
-        tokio::spawn(async move { refresher.run_refresher(c, || false).await });
+        tokio::spawn(async move { refresher.run_refresher(c, |_| false).await });
         let tokens = Arc::new(Tokens::new(
             cache,
             Fixed,

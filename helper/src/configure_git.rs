@@ -5,8 +5,11 @@
 //! empty value — which tells git to forget helpers inherited from earlier
 //! config files (a system-wide `store` helper would otherwise also receive,
 //! and write to disk, every short-lived token) — then this credd's absolute
-//! path, then the fallback helper if one was given. Writing the whole list
-//! each time makes it idempotent: a second run leaves the same config.
+//! path, then the fallback helper if one was given, wrapped as `credd
+//! fallback 'HELPER'` (see [`crate::fallback`]: it never receives credd's
+//! tokens, and it is asked without the repository path, so its host-level
+//! entries still match). Writing the whole list each time makes it
+//! idempotent: a second run leaves the same config.
 //! `credential.https://HOST.useHttpPath` is set to `true`, so git tells
 //! credd which repository it is about (`path=acme/api.git`) and credd can
 //! hand out that repository's owner's token rather than the default one.
@@ -35,6 +38,11 @@ pub(crate) fn run(options: &Options) -> anyhow::Result<()> {
     let exe =
         std::env::current_exe().context("cannot find credd's own path (is /proc mounted?)")?;
     let helper = helper_value(&exe)?;
+    let fallback = options
+        .fallback_helper
+        .as_ref()
+        .map(|f| fallback_value(&helper, f))
+        .transpose()?;
     let scope: Vec<OsString> = match &options.file {
         Some(file) => vec!["--file".into(), file.into()],
         None => vec!["--global".into()],
@@ -57,7 +65,7 @@ pub(crate) fn run(options: &Options) -> anyhow::Result<()> {
             .with_context(|| format!("resetting {reset} in {target}"))?;
         }
         let mut values: Vec<OsString> = vec![OsString::new(), helper.clone()];
-        values.extend(options.fallback_helper.clone());
+        values.extend(fallback.clone());
         for value in &values {
             git_config(&scope, &[&"--add".into(), &key.clone().into(), value], &[0])
                 .with_context(|| format!("adding a helper to {key} in {target}"))?;
@@ -74,7 +82,9 @@ pub(crate) fn run(options: &Options) -> anyhow::Result<()> {
 }
 
 /// The helper string for `exe`: git runs a helper that is an absolute path
-/// through the shell, so a path with shell-special characters is quoted.
+/// through the shell, so a path with shell-special characters is quoted —
+/// and then marked `!` (a shell command), since git takes a value that does
+/// not start with `/` or `!` for a helper name (`git credential-'…'`).
 fn helper_value(exe: &Path) -> anyhow::Result<OsString> {
     let Some(path) = exe.to_str() else {
         bail!(
@@ -88,8 +98,22 @@ fn helper_value(exe: &Path) -> anyhow::Result<OsString> {
     Ok(if plain {
         path.into()
     } else {
-        format!("'{}'", path.replace('\'', r"'\''")).into()
+        format!("!{}", shell_quoted(path)).into()
     })
+}
+
+/// The helper string that runs `fallback` behind `credd fallback` (credd
+/// being `credd_helper`, a [`helper_value`]); git appends the action.
+fn fallback_value(credd_helper: &OsString, fallback: &OsString) -> anyhow::Result<OsString> {
+    let (Some(credd), Some(fallback)) = (credd_helper.to_str(), fallback.to_str()) else {
+        bail!("the fallback helper is not UTF-8");
+    };
+    Ok(format!("{credd} fallback {}", shell_quoted(fallback)).into())
+}
+
+/// `text` as one single-quoted shell word.
+fn shell_quoted(text: &str) -> String {
+    format!("'{}'", text.replace('\'', r"'\''"))
 }
 
 fn git_config(scope: &[OsString], args: &[&OsString], ok_codes: &[i32]) -> anyhow::Result<()> {
@@ -130,7 +154,21 @@ mod tests {
         );
         assert_eq!(
             helper_value(Path::new("/opt/my tools/it's/credd")).expect("ok"),
-            r"'/opt/my tools/it'\''s/credd'"
+            r"!'/opt/my tools/it'\''s/credd'"
+        );
+    }
+
+    #[test]
+    fn the_fallback_is_one_quoted_word_behind_credd_fallback() {
+        let credd = helper_value(Path::new("/usr/bin/credd")).expect("ok");
+        assert_eq!(
+            fallback_value(&credd, &"store --file ~/.git-pat".into()).expect("ok"),
+            "/usr/bin/credd fallback 'store --file ~/.git-pat'"
+        );
+        let credd = helper_value(Path::new("/opt/my tools/credd")).expect("ok");
+        assert_eq!(
+            fallback_value(&credd, &"!pat-helper --user 'me'".into()).expect("ok"),
+            r"!'/opt/my tools/credd' fallback '!pat-helper --user '\''me'\'''"
         );
     }
 }

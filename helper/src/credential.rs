@@ -100,9 +100,28 @@ impl fmt::Display for InputError {
 /// without the blank line). Unknown keys, `capability[]` and `wwwauth[]` are
 /// skipped; for a repeated key the last value wins, as in git itself.
 pub(crate) fn read_request(input: impl BufRead) -> Result<GitRequest, InputError> {
+    let mut request = GitRequest::default();
+    read_attributes(input, |key, value| match key {
+        "protocol" => request.protocol = Some(value.to_owned()),
+        "host" => request.host = Some(value.to_owned()),
+        "path" => request.path = Some(value.to_owned()),
+        "username" => request.username = Some(value.to_owned()),
+        "password" => request.password = Some(Zeroizing::new(value.to_owned())),
+        // capability[], wwwauth[], url, password_expiry_utc, oauth_refresh_token, …
+        _ => {}
+    })?;
+    Ok(request)
+}
+
+/// Reads git's `key=value` lines (bounded: [`MAX_INPUT`], [`MAX_LINES`],
+/// [`MAX_LINE_LEN`]) up to a blank line or EOF, calling `each` with every
+/// attribute in order. The line buffer is zeroed: values may be passwords.
+pub(crate) fn read_attributes(
+    input: impl BufRead,
+    mut each: impl FnMut(&str, &str),
+) -> Result<(), InputError> {
     // One byte past each limit tells "exactly at the limit" from "over it".
     let mut input = input.take(MAX_INPUT as u64 + 1);
-    let mut request = GitRequest::default();
     let mut buf = Zeroizing::new(Vec::with_capacity(256));
     let mut total = 0usize;
     let mut lines = 0usize;
@@ -144,17 +163,9 @@ pub(crate) fn read_request(input: impl BufRead) -> Result<GitRequest, InputError
         let (key, value) = text
             .split_once('=')
             .ok_or(InputError::NotKeyValue { line: number })?;
-        match key {
-            "protocol" => request.protocol = Some(value.to_owned()),
-            "host" => request.host = Some(value.to_owned()),
-            "path" => request.path = Some(value.to_owned()),
-            "username" => request.username = Some(value.to_owned()),
-            "password" => request.password = Some(Zeroizing::new(value.to_owned())),
-            // capability[], wwwauth[], url, password_expiry_utc, oauth_refresh_token, …
-            _ => {}
-        }
+        each(key, value);
     }
-    Ok(request)
+    Ok(())
 }
 
 /// Whether `host` (with optional `:port`) names this machine's loopback interface.
@@ -193,11 +204,17 @@ pub(crate) fn is_served(config: &Config, request: &GitRequest) -> bool {
     scheme_ok && config.serves_host(host)
 }
 
+/// The username of every credential credd answers with (GitHub's for
+/// installation tokens). git hands the answering helper's username back on
+/// `store` and `erase` (both 2.39 and 2.47 replace the one it asked with),
+/// which is how `credd fallback` recognises credd's credentials.
+pub(crate) const USERNAME: &str = "x-access-token";
+
 /// git's answer: exactly these three lines. Never `quit=1`, which would stop
 /// git from asking the helpers after us.
 pub(crate) fn format_answer(token: &Token, expires_at_unix: u64) -> Zeroizing<String> {
     Zeroizing::new(format!(
-        "username=x-access-token\npassword={}\npassword_expiry_utc={expires_at_unix}\n",
+        "username={USERNAME}\npassword={}\npassword_expiry_utc={expires_at_unix}\n",
         token.expose()
     ))
 }

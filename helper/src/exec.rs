@@ -1,13 +1,20 @@
 //! `credd exec -- CMD ARGS…`: replace credd with CMD, a live token in its
 //! environment.
 //!
-//! The token goes into `GH_TOKEN` and `GITHUB_TOKEN` of the child only — never
-//! its argv (visible to every user in `ps`) and never credd's own environment.
-//! For a GitHub Enterprise host gh reads only `GH_ENTERPRISE_TOKEN` (with
-//! `GH_HOST` naming the host), so when the host is an Enterprise one credd
-//! answers for — the caller's `GH_HOST` if it is in `CREDD_HOSTS`, or the
-//! only host in `CREDD_HOSTS` when that is not github.com — the child also
-//! gets `GH_HOST`, `GH_ENTERPRISE_TOKEN` and `GITHUB_ENTERPRISE_TOKEN`.
+//! The token goes into the child's environment only — never its argv
+//! (visible to every user in `ps`) and never credd's own environment — and
+//! only under the names of a host `CREDD_HOSTS` lists, because `CREDD_HOSTS`
+//! is the operator's statement of where the workspace's token is good:
+//! `GH_TOKEN` and `GITHUB_TOKEN` (gh's variables for github.com) only when
+//! github.com is one of them, so a GitHub Enterprise token never reaches
+//! github.com through a stray `GH_HOST=github.com`. For an Enterprise host gh
+//! reads only `GH_ENTERPRISE_TOKEN` (with `GH_HOST` naming the host): the
+//! caller's `GH_HOST` if `CREDD_HOSTS` lists it, or — without a `GH_HOST` —
+//! the one Enterprise host in a `CREDD_HOSTS` without github.com; the child
+//! then gets `GH_HOST`, `GH_ENTERPRISE_TOKEN` and `GITHUB_ENTERPRISE_TOKEN`.
+//! When no variable may carry the token (a `GH_HOST` credd does not answer
+//! for and no github.com, or several Enterprise hosts and no `GH_HOST`), CMD
+//! is not run: exit 1 with the reason.
 //! Inherited token variables never win: each is set to the live token or
 //! removed.
 //! `exec(2)` rather than spawn-and-wait: CMD gets credd's pid, signals and
@@ -26,7 +33,7 @@ use crate::chain::{self, Progress, TokenFor};
 const GITHUB_COM: &str = "github.com";
 
 /// What one variable of the child's environment becomes.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum TokenVar {
     /// The live token.
     Token,
@@ -37,21 +44,43 @@ enum TokenVar {
 }
 
 /// The token variables of the child's environment. `gh_host` is the
-/// caller's `GH_HOST`.
-fn token_env(config: &Config, gh_host: Option<&str>) -> Vec<(&'static str, TokenVar)> {
+/// caller's `GH_HOST`. `Err`: no variable may carry the token (the reason).
+fn token_env(
+    config: &Config,
+    gh_host: Option<&str>,
+) -> Result<Vec<(&'static str, TokenVar)>, String> {
+    let github_com = config.serves_host(GITHUB_COM);
     // Only a host credd answers for: the token must never go to a GH_HOST
     // that merely happens to be set.
     let enterprise = match gh_host.map(str::trim).filter(|h| !h.is_empty()) {
         Some(host) => (!host.eq_ignore_ascii_case(GITHUB_COM) && config.serves_host(host))
             .then(|| host.to_ascii_lowercase()),
+        None if github_com => None,
         None => match config.hosts.as_slice() {
-            [only] if only != GITHUB_COM => Some(only.clone()),
-            _ => None,
+            [only] => Some(only.clone()),
+            _ => {
+                return Err(format!(
+                    "CREDD_HOSTS lists several GitHub Enterprise hosts ({}); set GH_HOST to the one the command is for",
+                    config.hosts.join(", ")
+                ));
+            }
         },
     };
+    if !github_com && enterprise.is_none() {
+        return Err(format!(
+            "GH_HOST={} is not one of CREDD_HOSTS ({}): the workspace's token is not for it",
+            gh_host.unwrap_or_default().trim(),
+            config.hosts.join(", ")
+        ));
+    }
+    let for_github_com = if github_com {
+        TokenVar::Token
+    } else {
+        TokenVar::Unset
+    };
     let mut vars = vec![
-        ("GH_TOKEN", TokenVar::Token),
-        ("GITHUB_TOKEN", TokenVar::Token),
+        ("GH_TOKEN", for_github_com.clone()),
+        ("GITHUB_TOKEN", for_github_com),
     ];
     match enterprise {
         Some(host) => vars.extend([
@@ -64,7 +93,7 @@ fn token_env(config: &Config, gh_host: Option<&str>) -> Vec<(&'static str, Token
             ("GITHUB_ENTERPRISE_TOKEN", TokenVar::Unset),
         ]),
     }
-    vars
+    Ok(vars)
 }
 
 /// Runs CMD; returns only when it could not be started (or no token was had).
@@ -73,6 +102,19 @@ pub(crate) fn run(program: &OsString, args: &[OsString], want: &TokenFor) -> Exi
         Ok(config) => config,
         Err(e) => {
             eprintln!("credd: error: configuration -> {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // Decided before the token is fetched: a command that may not have it
+    // does not cost a token.
+    let gh_host = std::env::var("GH_HOST").ok();
+    let vars = match token_env(&config, gh_host.as_deref()) {
+        Ok(vars) => vars,
+        Err(reason) => {
+            eprintln!(
+                "credd: error: not running {}: {reason}",
+                program.to_string_lossy()
+            );
             return ExitCode::FAILURE;
         }
     };
@@ -88,8 +130,7 @@ pub(crate) fn run(program: &OsString, args: &[OsString], want: &TokenFor) -> Exi
     };
     let mut command = Command::new(program);
     command.args(args);
-    let gh_host = std::env::var("GH_HOST").ok();
-    for (name, value) in token_env(&config, gh_host.as_deref()) {
+    for (name, value) in vars {
         match value {
             TokenVar::Token => command.env(name, issued.token.expose()),
             TokenVar::Host(host) => command.env(name, host),
@@ -123,13 +164,17 @@ mod tests {
         Config::from_lookup(|name| (name == "CREDD_HOSTS").then(|| hosts.into())).expect("valid")
     }
 
+    fn vars(hosts: &str, gh_host: Option<&str>) -> Vec<(&'static str, TokenVar)> {
+        token_env(&config(hosts), gh_host).expect("a variable for the token")
+    }
+
     fn value<'a>(vars: &'a [(&str, TokenVar)], name: &str) -> Option<&'a TokenVar> {
         vars.iter().find(|(n, _)| *n == name).map(|(_, v)| v)
     }
 
     #[test]
     fn github_com_gets_gh_token_and_stale_enterprise_tokens_are_removed() {
-        let vars = token_env(&config("github.com"), None);
+        let vars = vars("github.com", None);
         assert_eq!(value(&vars, "GH_TOKEN"), Some(&TokenVar::Token));
         assert_eq!(value(&vars, "GITHUB_TOKEN"), Some(&TokenVar::Token));
         assert_eq!(value(&vars, "GH_ENTERPRISE_TOKEN"), Some(&TokenVar::Unset));
@@ -138,20 +183,17 @@ mod tests {
             None,
             "the caller's GH_HOST is kept"
         );
-        let vars = token_env(&config("github.com,ghe.example.com"), Some("github.com"));
+        let vars = self::vars("github.com,ghe.example.com", Some("github.com"));
         assert_eq!(value(&vars, "GH_ENTERPRISE_TOKEN"), Some(&TokenVar::Unset));
         // A GH_HOST credd does not answer for never gets the token.
-        let vars = token_env(&config("github.com"), Some("other-ghes.example"));
+        let vars = self::vars("github.com", Some("other-ghes.example"));
         assert_eq!(value(&vars, "GH_ENTERPRISE_TOKEN"), Some(&TokenVar::Unset));
         assert_eq!(value(&vars, "GH_HOST"), None);
     }
 
     #[test]
     fn an_enterprise_host_gets_gh_enterprise_token_and_gh_host() {
-        let vars = token_env(
-            &config("github.com,ghe.example.com"),
-            Some("ghe.example.com"),
-        );
+        let vars = vars("github.com,ghe.example.com", Some("ghe.example.com"));
         assert_eq!(
             value(&vars, "GH_HOST"),
             Some(&TokenVar::Host("ghe.example.com".into()))
@@ -161,12 +203,39 @@ mod tests {
             value(&vars, "GITHUB_ENTERPRISE_TOKEN"),
             Some(&TokenVar::Token)
         );
-        // The only configured host, not github.com: that one.
-        let vars = token_env(&config("ghe.example.com"), None);
+        // The only configured host, not github.com: that one, and nothing
+        // for github.com.
+        let vars = self::vars("ghe.example.com", None);
         assert_eq!(
             value(&vars, "GH_HOST"),
             Some(&TokenVar::Host("ghe.example.com".into()))
         );
-        assert_eq!(value(&vars, "GH_TOKEN"), Some(&TokenVar::Token));
+        assert_eq!(value(&vars, "GH_ENTERPRISE_TOKEN"), Some(&TokenVar::Token));
+        assert_eq!(value(&vars, "GH_TOKEN"), Some(&TokenVar::Unset));
+        assert_eq!(value(&vars, "GITHUB_TOKEN"), Some(&TokenVar::Unset));
+    }
+
+    /// Issue 20, item 9: an Enterprise token never goes to github.com.
+    #[test]
+    fn gh_token_is_set_only_when_github_com_is_served() {
+        // A stray GH_HOST=github.com with only an Enterprise host: nothing.
+        let refused = token_env(&config("ghe.example.com"), Some("github.com"))
+            .expect_err("no variable for the Enterprise token");
+        assert!(refused.contains("GH_HOST=github.com"), "{refused}");
+        // Two Enterprise hosts and no GH_HOST: which one is unknown.
+        let refused =
+            token_env(&config("ghe-a.example.com,ghe-b.example.com"), None).expect_err("ambiguous");
+        assert!(refused.contains("set GH_HOST"), "{refused}");
+        // Two Enterprise hosts and a GH_HOST naming one: that one only.
+        let vars = vars(
+            "ghe-a.example.com,ghe-b.example.com",
+            Some("GHE-B.example.com"),
+        );
+        assert_eq!(value(&vars, "GH_TOKEN"), Some(&TokenVar::Unset));
+        assert_eq!(value(&vars, "GITHUB_TOKEN"), Some(&TokenVar::Unset));
+        assert_eq!(
+            value(&vars, "GH_HOST"),
+            Some(&TokenVar::Host("ghe-b.example.com".into()))
+        );
     }
 }

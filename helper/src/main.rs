@@ -38,6 +38,7 @@ mod configure_git;
 mod credential;
 mod daemon;
 mod exec;
+mod fallback;
 mod git_helper;
 mod metrics;
 mod status;
@@ -63,11 +64,16 @@ usage:
   credd metrics                 the daemon's state and counters in Prometheus' text format,
                                 for node_exporter's textfile collector (exit 1 if unreachable)
   credd exec [--repo OWNER/NAME | --owner OWNER] -- CMD [ARGS...]
-                                run CMD with GH_TOKEN and GITHUB_TOKEN set (and GH_ENTERPRISE_TOKEN,
-                                GH_HOST for an Enterprise host); its exit code is credd's
+                                run CMD with the token in GH_TOKEN and GITHUB_TOKEN if github.com is
+                                in CREDD_HOSTS, in GH_ENTERPRISE_TOKEN (and GH_HOST) for an Enterprise
+                                host in it; its exit code is credd's
   credd configure-git [--fallback-helper HELPER] [--file PATH]
                                 make git ask credd first for every host in CREDD_HOSTS, with
-                                credential.useHttpPath so each repository gets its owner's token
+                                credential.useHttpPath so each repository gets its owner's token;
+                                HELPER is asked after credd, through `credd fallback`
+  credd fallback HELPER get | store | erase
+                                run git's HELPER without the repository path, never storing or
+                                erasing credd's tokens (configure-git writes this for you)
   credd --help | --version
 
 environment: CREDD_SOCKET, CREDD_HOSTS (default github.com), PLATFORM_URL,
@@ -138,6 +144,7 @@ fn run() -> ExitCode {
         b"metrics" => metrics(args.collect()),
         b"exec" => exec(args.collect()),
         b"configure-git" => configure_git(args.collect()),
+        b"fallback" => fallback::run(&args.collect::<Vec<_>>()),
         b"--help" | b"-h" | b"help" => print_stdout(USAGE),
         b"--version" | b"-V" | b"version" => {
             print_stdout(&format!("credd {}\n", env!("CARGO_PKG_VERSION")))

@@ -29,6 +29,7 @@ pub struct DaemonBuilder<'a> {
     args: Vec<OsString>,
     env: Vec<(OsString, OsString)>,
     uid: Option<u32>,
+    open_files: Option<(u32, u32)>,
 }
 
 impl Sandbox {
@@ -39,6 +40,7 @@ impl Sandbox {
             args: Vec::new(),
             env: Vec::new(),
             uid: None,
+            open_files: None,
         }
     }
 }
@@ -72,9 +74,29 @@ impl DaemonBuilder<'_> {
         self
     }
 
+    /// Starts the daemon with `RLIMIT_NOFILE` at `soft` and `hard` (through
+    /// the shell's `ulimit`, which then execs it: same pid).
+    pub fn open_files(mut self, soft: u32, hard: u32) -> Self {
+        self.open_files = Some((soft, hard));
+        self
+    }
+
     /// Spawns without waiting for readiness.
     pub fn spawn(self) -> Daemon {
-        let mut command = self.sandbox.command(bin::daemon());
+        let mut command = match self.open_files {
+            None => self.sandbox.command(bin::daemon()),
+            Some((soft, hard)) => {
+                let mut shell = self.sandbox.command("/bin/sh");
+                // Soft first: a hard limit below the current soft one fails.
+                shell
+                    .arg("-c")
+                    .arg(format!(
+                        "ulimit -Sn {soft} && ulimit -Hn {hard} && exec \"$0\" \"$@\""
+                    ))
+                    .arg(bin::daemon());
+                shell
+            }
+        };
         command
             .args(&self.args)
             .envs(self.env.iter().map(|(k, v)| (k, v)));

@@ -5,7 +5,9 @@
 //! pushes) and accepts only Basic auth `x-access-token:<token>` with a token
 //! the platform double issued, that has not expired or been revoked and
 //! whose stated scope reaches the repository (`OWNER/NAME.git`), as GitHub
-//! would; it counts what it refused and which tokens it accepted.
+//! would — or the one personal access token a test sets
+//! ([`GitServer::accept_pat`]), for every repository; it counts what it
+//! refused and which tokens it accepted.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -31,6 +33,8 @@ struct GitShared {
     /// 401s to requests that carried a token that was not current.
     rejected: Mutex<usize>,
     accepted: Mutex<Vec<String>>,
+    /// A personal access token `(username, token)` accepted everywhere.
+    pat: Mutex<Option<(String, String)>>,
 }
 
 /// `git http-backend` behind Basic auth `x-access-token:<current token>`.
@@ -49,6 +53,7 @@ impl GitServer {
             anonymous: Mutex::new(0),
             rejected: Mutex::new(0),
             accepted: Mutex::default(),
+            pat: Mutex::default(),
         });
         let app = Router::new()
             .fallback(git_cgi)
@@ -107,19 +112,25 @@ impl GitServer {
         *lock(&self.shared.rejected)
     }
 
+    /// Accepts Basic auth `username:pat` for every repository from now on
+    /// (`None`: no longer), as GitHub accepts a personal access token.
+    pub fn accept_pat(&self, credential: Option<(&str, &str)>) {
+        *lock(&self.shared.pat) = credential.map(|(u, p)| (u.to_owned(), p.to_owned()));
+    }
+
     /// Distinct tokens accepted so far, in first-seen order.
     pub fn accepted_tokens(&self) -> Vec<String> {
         lock(&self.shared.accepted).clone()
     }
 }
 
-/// The token in `Authorization: Basic base64(x-access-token:TOKEN)`.
-fn basic_token(headers: &HeaderMap) -> Option<String> {
+/// `(username, password)` of `Authorization: Basic base64(USER:PASSWORD)`.
+fn basic_credential(headers: &HeaderMap) -> Option<(String, String)> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let decoded = base64_decode(value.strip_prefix("Basic ")?.trim())?;
     let text = String::from_utf8(decoded).ok()?;
     let (user, token) = text.split_once(':')?;
-    (user == "x-access-token").then(|| token.to_owned())
+    Some((user.to_owned(), token.to_owned()))
 }
 
 fn base64_decode(input: &str) -> Option<Vec<u8>> {
@@ -150,16 +161,20 @@ fn repository_of(path: &str) -> Option<(String, String)> {
 
 async fn git_cgi(State(shared): State<Arc<GitShared>>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
-    let offered = basic_token(&parts.headers);
+    let offered = basic_credential(&parts.headers);
     // A token must be current and, for an `OWNER/NAME.git` path, scoped to
     // reach that repository (GitHub refuses an installation token outside
-    // its account and repositories).
+    // its account and repositories); the PAT reaches every repository.
     let repository = repository_of(parts.uri.path());
-    let token = offered.clone().filter(|t| {
-        shared.authority.is_current(t)
+    let pat = lock(&shared.pat).clone();
+    let token = offered.clone().and_then(|(user, t)| {
+        let installation = user == "x-access-token"
+            && shared.authority.is_current(&t)
             && repository
                 .as_ref()
-                .is_none_or(|(owner, name)| shared.authority.may_access(t, owner, name))
+                .is_none_or(|(owner, name)| shared.authority.may_access(&t, owner, name));
+        let personal = pat.as_ref().is_some_and(|(u, p)| *u == user && *p == t);
+        (installation || personal).then_some(t)
     });
     let Some(token) = token else {
         match offered {

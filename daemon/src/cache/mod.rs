@@ -61,6 +61,7 @@ use tokio::time::Instant;
 
 pub(crate) use self::owners::{Tokens, Want};
 pub(crate) use self::policy::CachePolicy;
+pub(crate) use self::refresher::Retirement;
 use self::state::{Deadline, HeldToken, Now, Requester, State};
 use crate::clock::{self, BootClock};
 use crate::metrics::Metrics;
@@ -204,36 +205,41 @@ impl<F: Fetch> TokenCache<F> {
 
     /// The answer from what is held now, if anything is usable: the token,
     /// or `not_granted` when its scope does not cover `repository`.
-    fn serve(&self, st: &mut State, repository: Option<&RepositoryRef>) -> Option<Response> {
+    fn serve(&self, st: &mut State, repository: Option<&RepositoryRef>) -> Option<Served> {
         let usable = st.usable(&self.policy, self.now())?;
         if let Some(repository) = repository
             && !usable.scope.covers(repository)
         {
-            return Some(Response::Error {
+            return Some(Served::OutOfScope(Response::Error {
                 code: ErrorCode::NotGranted,
                 message: format!(
                     "the workspace's token for {} does not cover {repository}; ask the platform's operator to add it to the workspace's grant",
                     usable.scope.owner.as_deref().unwrap_or(repository.owner())
                 ),
-            });
+            }));
         }
         st.served += 1;
         st.asked_since_fetch = true;
-        Some(Response::Token {
+        Some(Served::Token(Response::Token {
             token: usable.token,
             expires_at: local_expiry(usable.left),
             source: usable.source,
             scope: usable.scope,
-        })
+        }))
     }
 
     /// Whether this is the cache to ask for `owner`'s token: the account of
-    /// its last token is `owner`, or it says nothing about accounts (an
-    /// older platform, the bootstrap token) and has a usable token.
+    /// its last platform token is `owner`; or that token stated no account
+    /// (a platform without grants), even once it is gone — a token erased
+    /// after a refusal must be replaced here, where the refusal is reported,
+    /// not fetched again by a new per-owner cache; or, before any platform
+    /// token, it holds a usable one that says nothing about accounts (the
+    /// bootstrap token).
     pub(crate) fn speaks_for(&self, owner: &str) -> bool {
         let st = self.lock();
         match &st.owner_seen {
             Some(seen) => credd_core::repository::same_name(seen, owner),
+            None if st.unscoped_seen => true,
             None => st
                 .usable(&self.policy, self.now())
                 .is_some_and(|u| u.scope.owner.is_none()),
@@ -246,11 +252,10 @@ impl<F: Fetch> TokenCache<F> {
         self.lock().asked_since_fetch = true;
     }
 
-    /// Whether someone asked for the token since the last grant (or a
-    /// call is requested): a per-owner cache that is wanted must not retire.
+    /// Whether the token is wanted (see `State::is_wanted`): a per-owner
+    /// cache that is must not retire.
     pub(crate) fn is_wanted(&self) -> bool {
-        let st = self.lock();
-        st.asked_since_fetch || st.requested.is_some()
+        self.lock().is_wanted()
     }
 
     fn unavailable(st: &State, now: Instant) -> Response {
@@ -285,35 +290,51 @@ impl<F: Fetch> TokenCache<F> {
 
     /// Answers a `get` (for `repository`, when given): the cached token, or
     /// after waiting (bounded) for the refresher, or `Unavailable` with the
-    /// last error.
+    /// last error. A repository outside the held token's scope asks the
+    /// refresher to check the grant first ([`Requester::ScopeCheck`], rate
+    /// limited): a grant widened since the token was minted is seen on this
+    /// request, and `not_granted` comes once the refresher has answered.
     pub(crate) async fn get(&self, repository: Option<&RepositoryRef>) -> Response {
         let deadline = Instant::now() + self.policy.wait_timeout;
         // Subscribed before looking, so no change between look and wait is missed.
         let mut changes = self.changed.subscribe();
         {
             let mut st = self.lock();
-            if let Some(answer) = self.serve(&mut st, repository) {
-                // A parked per-owner refresher is needed again.
-                if st.parked {
-                    st.parked = false;
-                    st.next_attempt = Instant::now();
-                    drop(st);
-                    self.wake.notify_one();
+            match self.serve(&mut st, repository) {
+                Some(Served::Token(answer)) => {
+                    // A parked per-owner refresher is needed again.
+                    if st.parked && !st.retired {
+                        st.parked = false;
+                        st.next_attempt = Instant::now();
+                        drop(st);
+                        self.wake.notify_one();
+                    }
+                    return answer;
                 }
-                return answer;
+                Some(Served::OutOfScope(answer)) if st.retired => return answer,
+                None if st.retired => return Self::unavailable(&st, Instant::now()),
+                Some(Served::OutOfScope(_)) => {
+                    st.requested = st.requested.max(Some(Requester::ScopeCheck));
+                }
+                None => st.requested = st.requested.max(Some(Requester::Client)),
             }
-            st.requested = st.requested.max(Some(Requester::Client));
         }
         self.wake.notify_one();
+        let _waiting = Waiting::new(self);
         loop {
             {
                 let mut st = self.lock();
-                if let Some(answer) = self.serve(&mut st, repository) {
-                    return answer;
-                }
-                // Nothing will happen before our deadline: say so now.
-                if !st.in_flight && st.requested.is_none() && st.next_attempt >= deadline {
-                    return Self::unavailable(&st, Instant::now());
+                let settled = st.retired || (!st.in_flight && st.requested.is_none());
+                match self.serve(&mut st, repository) {
+                    Some(Served::Token(answer)) => return answer,
+                    // The refresher has looked (called, or declined to).
+                    Some(Served::OutOfScope(answer)) if settled => return answer,
+                    Some(Served::OutOfScope(_)) => {}
+                    // Nothing will happen before our deadline: say so now.
+                    None if st.retired || (settled && st.next_attempt >= deadline) => {
+                        return Self::unavailable(&st, Instant::now());
+                    }
+                    None => {}
                 }
             }
             if tokio::time::timeout_at(deadline, changes.changed())
@@ -321,11 +342,27 @@ impl<F: Fetch> TokenCache<F> {
                 .is_err()
             {
                 let mut st = self.lock();
-                return self
-                    .serve(&mut st, repository)
-                    .unwrap_or_else(|| Self::unavailable(&st, Instant::now()));
+                return match self.serve(&mut st, repository) {
+                    Some(Served::Token(answer) | Served::OutOfScope(answer)) => answer,
+                    None => Self::unavailable(&st, Instant::now()),
+                };
             }
         }
+    }
+
+    /// Frees this per-owner cache's slot if it holds nothing and is waiting
+    /// out a back-off: marks it retired and returns what its owner is
+    /// answered until the back-off ends (see [`Tokens`]).
+    fn bench(&self) -> Option<Benched> {
+        let mut st = self.lock();
+        if st.in_flight || !st.backing_off || st.usable(&self.policy, self.now()).is_some() {
+            return None;
+        }
+        st.retired = true;
+        let benched = Benched::of(&st);
+        drop(st);
+        self.bump();
+        Some(benched)
     }
 
     /// Answers an `erase`: drops the cached (or bootstrap) token if its SHA-256
@@ -351,6 +388,82 @@ impl<F: Fetch> TokenCache<F> {
             st.requested = Some(Requester::Operator);
         }
         self.wake.notify_one();
+    }
+}
+
+/// A client waiting in [`TokenCache::get`], counted while it waits
+/// (however the wait ends, a dropped future included).
+struct Waiting<'a, F: Fetch>(&'a TokenCache<F>);
+
+impl<'a, F: Fetch> Waiting<'a, F> {
+    fn new(cache: &'a TokenCache<F>) -> Self {
+        cache.lock().waiting += 1;
+        Self(cache)
+    }
+}
+
+impl<F: Fetch> Drop for Waiting<'_, F> {
+    fn drop(&mut self) {
+        let mut st = self.0.lock();
+        st.waiting = st.waiting.saturating_sub(1);
+    }
+}
+
+/// What [`TokenCache::serve`] found.
+enum Served {
+    /// The token (served and counted).
+    Token(Response),
+    /// A usable token whose scope does not cover the repository: the
+    /// `not_granted` answer from memory.
+    OutOfScope(Response),
+}
+
+/// What an owner whose cache left its map is answered until `until` (the
+/// end of that cache's back-off), without a cache or a platform call.
+#[derive(Debug, Clone)]
+pub(crate) struct Benched {
+    /// When the owner may have a cache (and a platform call) again.
+    pub(crate) until: Instant,
+    code: ErrorCode,
+    message: String,
+}
+
+impl Benched {
+    /// The answer `st` gives now, kept.
+    fn of(st: &State) -> Self {
+        let code = if st.health == PlatformHealth::NotGranted {
+            ErrorCode::NotGranted
+        } else {
+            ErrorCode::Unavailable
+        };
+        let message = match (&st.last_error, code) {
+            (Some(error), ErrorCode::NotGranted) => error.clone(),
+            (None, ErrorCode::NotGranted) => "the platform refuses this token".to_owned(),
+            (Some(error), _) => format!("no usable token: {error}"),
+            (None, _) => "no usable token yet".to_owned(),
+        };
+        Self {
+            until: st.next_attempt,
+            code,
+            message,
+        }
+    }
+
+    /// The answer at `now`.
+    pub(crate) fn answer(&self, now: Instant) -> Response {
+        let message = if self.code == ErrorCode::NotGranted {
+            self.message.clone()
+        } else {
+            format!(
+                "{}; next platform call in {}s",
+                self.message,
+                self.until.saturating_duration_since(now).as_secs()
+            )
+        };
+        Response::Error {
+            code: self.code,
+            message,
+        }
     }
 }
 

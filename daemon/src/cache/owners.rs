@@ -15,22 +15,40 @@
 //! back-off and single flight; it is refreshed only while someone asks for
 //! it and dropped at expiry once nobody has (see `OnDemand`).
 //!
-//! A request for a repository its owner's token does not cover is answered
-//! `not_granted` from the held scope, without a platform call.
+//! A request for a repository its owner's token does not cover makes the
+//! refresher check the grant (rate limited: see `Requester::ScopeCheck`),
+//! then is answered from the held scope: `not_granted` unless the grant was
+//! widened.
+//!
+//! Slots are for owners that can have a token. Git asks for whatever a
+//! repository names — a superproject's submodules are untrusted content —
+//! so owners the platform refuses must not hold the [`MAX_OWNER_TOKENS`]
+//! slots, or a repository with 33 submodule owners would lock every granted
+//! owner out. A per-owner cache that holds no token and whose owner the
+//! platform refused (not granted, not installed) retires right after that
+//! call; its answer is *benched*: kept (bounded, [`MAX_BENCHED`]) and given
+//! from memory until its back-off ends, so a refused owner costs one
+//! platform call per back-off however often it is asked, and no slot. When
+//! the slots are full, a cache that holds no token and waits out a back-off
+//! (a platform failing for that owner) is benched the same way to make room;
+//! only caches with a token or a call in flight are never displaced.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use credd_core::protocol::{ErrorCode, Response, Status};
 use credd_core::repository::{NameError, RepositoryRef, is_valid_owner};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{CachePolicy, Fetch, TokenCache, bad_erase, is_sha256_hex};
+use super::{Benched, CachePolicy, Fetch, Retirement, TokenCache, bad_erase, is_sha256_hex};
 use crate::metrics::Metrics;
 
 /// Most accounts a daemon holds tokens for besides the default one.
 pub(crate) const MAX_OWNER_TOKENS: usize = 32;
+/// Most owners whose refusal (or failure) is remembered without a cache.
+pub(crate) const MAX_BENCHED: usize = 1024;
 
 /// Which token a `get` is for, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,11 +88,64 @@ impl Want {
     }
 }
 
+/// A per-owner cache and the token that stops its refresher.
+struct Held<F> {
+    cache: Arc<TokenCache<F>>,
+    stop: CancellationToken,
+}
+
+/// The per-owner caches and the benched owners, by lower-cased owner.
+struct Owners<F> {
+    caches: HashMap<String, Held<F>>,
+    benched: HashMap<String, Benched>,
+}
+
+impl<F: Fetch> Owners<F> {
+    /// Remembers `benched` for `key` (at most [`MAX_BENCHED`]: expired
+    /// entries go first, then the one ending soonest).
+    fn bench(&mut self, key: String, benched: Benched) {
+        if self.benched.len() >= MAX_BENCHED {
+            let now = Instant::now();
+            self.benched.retain(|_, b| b.until > now);
+        }
+        if self.benched.len() >= MAX_BENCHED
+            && let Some(soonest) = self
+                .benched
+                .iter()
+                .min_by_key(|(_, b)| b.until)
+                .map(|(k, _)| k.clone())
+        {
+            self.benched.remove(&soonest);
+        }
+        self.benched.insert(key, benched);
+    }
+
+    /// Frees a slot by benching a cache that holds no token and waits out a
+    /// back-off; whether one was freed.
+    fn free_a_slot(&mut self) -> bool {
+        let Some((key, benched)) = self
+            .caches
+            .iter()
+            .find_map(|(key, held)| held.cache.bench().map(|b| (key.clone(), b)))
+        else {
+            return false;
+        };
+        if let Some(held) = self.caches.remove(&key) {
+            held.stop.cancel();
+            tracing::debug!(
+                owner = key.as_str(),
+                "all owner slots were taken; benched a cache with no token until its back-off ends"
+            );
+        }
+        self.bench(key, benched);
+        true
+    }
+}
+
 /// The default token and the per-owner ones.
 pub(crate) struct Tokens<F> {
     default: Arc<TokenCache<F>>,
-    /// Per-owner caches by lower-cased owner.
-    owners: Arc<Mutex<HashMap<String, Arc<TokenCache<F>>>>>,
+    owners: Arc<Mutex<Owners<F>>>,
     fetcher: F,
     policy: CachePolicy,
     stop: CancellationToken,
@@ -92,7 +163,10 @@ impl<F: Fetch> Tokens<F> {
     ) -> Self {
         Self {
             default,
-            owners: Arc::new(Mutex::new(HashMap::new())),
+            owners: Arc::new(Mutex::new(Owners {
+                caches: HashMap::new(),
+                benched: HashMap::new(),
+            })),
             fetcher,
             policy,
             stop,
@@ -100,7 +174,7 @@ impl<F: Fetch> Tokens<F> {
         }
     }
 
-    fn lock_owners(&self) -> MutexGuard<'_, HashMap<String, Arc<TokenCache<F>>>> {
+    fn lock_owners(&self) -> MutexGuard<'_, Owners<F>> {
         self.owners.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -120,16 +194,24 @@ impl<F: Fetch> Tokens<F> {
         }
     }
 
-    /// The cache for `owner`, made (and its refresher started) if needed.
+    /// The cache for `owner`, made (and its refresher started) if needed;
+    /// the answer from memory for a benched owner or when no slot is free.
     fn cache_for(&self, owner: &str) -> Result<Arc<TokenCache<F>>, Response> {
         let key = owner.to_ascii_lowercase();
         let mut owners = self.lock_owners();
-        if let Some(cache) = owners.get(&key) {
+        if let Some(held) = owners.caches.get(&key) {
             // Under the map's lock: the refresher's retire check takes it too.
-            cache.note_asked();
-            return Ok(Arc::clone(cache));
+            held.cache.note_asked();
+            return Ok(Arc::clone(&held.cache));
         }
-        if owners.len() >= MAX_OWNER_TOKENS {
+        let now = Instant::now();
+        if let Some(benched) = owners.benched.get(&key) {
+            if now < benched.until {
+                return Err(benched.answer(now));
+            }
+            owners.benched.remove(&key);
+        }
+        if owners.caches.len() >= MAX_OWNER_TOKENS && !owners.free_a_slot() {
             return Err(Response::Error {
                 code: ErrorCode::Unavailable,
                 message: format!(
@@ -144,19 +226,34 @@ impl<F: Fetch> Tokens<F> {
             Arc::clone(self.default.metrics()),
         ));
         cache.note_asked();
-        owners.insert(key.clone(), Arc::clone(&cache));
+        let stop = self.stop.child_token();
+        owners.caches.insert(
+            key.clone(),
+            Held {
+                cache: Arc::clone(&cache),
+                stop: stop.clone(),
+            },
+        );
         drop(owners);
-        let stop = self.stop.clone();
         let map = Arc::clone(&self.owners);
         let running = Arc::clone(&cache);
         self.refreshers.spawn(async move {
-            let retire = || {
+            let retire = |why: Retirement| {
                 let mut owners = map.lock().unwrap_or_else(|e| e.into_inner());
                 // Asked again since it decided to go (asking takes this lock).
-                if running.is_wanted() {
+                if matches!(why, Retirement::Idle) && running.is_wanted() {
                     return false;
                 }
-                owners.remove(&key);
+                if owners
+                    .caches
+                    .get(&key)
+                    .is_some_and(|held| Arc::ptr_eq(&held.cache, &running))
+                {
+                    owners.caches.remove(&key);
+                }
+                if let Retirement::Refused(benched) = why {
+                    owners.bench(key.clone(), benched);
+                }
                 true
             };
             running.run_refresher(stop, retire).await;
@@ -213,8 +310,9 @@ impl<F: Fetch> Tokens<F> {
 
     fn snapshot(&self) -> Vec<(String, Arc<TokenCache<F>>)> {
         self.lock_owners()
+            .caches
             .iter()
-            .map(|(k, v)| (k.clone(), Arc::clone(v)))
+            .map(|(k, held)| (k.clone(), Arc::clone(&held.cache)))
             .collect()
     }
 }

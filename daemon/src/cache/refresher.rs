@@ -8,19 +8,32 @@
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::state::{Accepted, Deadline, Failure, OnDemand};
-use super::{Fetch, TokenCache};
+use super::state::{Accepted, Deadline, Failure, OnDemand, Requester};
+use super::{Benched, Fetch, TokenCache};
 use crate::metrics::CallOutcome;
 use crate::platform::{Ask, RefusalOutcome};
 
+/// Why a per-owner cache's refresher offers to end (see [`super::Tokens`]).
+pub(crate) enum Retirement {
+    /// Nobody asked for its token during its life, and it has none left:
+    /// gone unless asked again meanwhile.
+    Idle,
+    /// The platform refuses this owner (not granted, not installed) and it
+    /// holds no token: gone at once, its answer remembered until its
+    /// back-off ends, so neither its slot nor a platform call per request is
+    /// spent on it.
+    Refused(Benched),
+}
+
 impl<F: Fetch> TokenCache<F> {
     /// The refresher: the only caller of the platform. Runs until `cancel`,
-    /// or — for a per-owner cache nobody asks for any more — until `retire`
-    /// agrees that the cache is gone (see [`super::Tokens`]).
+    /// or — for a per-owner cache nobody asks for any more, or whose owner
+    /// is refused — until `retire` agrees that the cache is gone (see
+    /// [`super::Tokens`]).
     pub(crate) async fn run_refresher(
         &self,
         cancel: CancellationToken,
-        retire: impl Fn() -> bool + Send,
+        retire: impl Fn(Retirement) -> bool + Send,
     ) {
         loop {
             let next = self.lock().next_attempt;
@@ -44,7 +57,7 @@ impl<F: Fetch> TokenCache<F> {
                         match due {
                             OnDemand::Call => {}
                             OnDemand::Parked => continue,
-                            OnDemand::Idle if retire() => {
+                            OnDemand::Idle if retire(Retirement::Idle) => {
                                 tracing::debug!(
                                     owner = self.owner.as_deref().unwrap_or("-"),
                                     "nobody asked for this owner's token during its life; dropped it"
@@ -61,7 +74,36 @@ impl<F: Fetch> TokenCache<F> {
                 () = cancel.cancelled() => return,
                 () = self.attempt() => {}
             }
+            if self.on_demand
+                && let Some(benched) = self.retire_refused()
+            {
+                tracing::debug!(
+                    owner = self.owner.as_deref().unwrap_or("-"),
+                    "the platform refuses this owner; its cache is dropped, its answer kept until the back-off ends"
+                );
+                retire(Retirement::Refused(benched));
+                return;
+            }
         }
+    }
+
+    /// After a call the platform refused: marks this per-owner cache
+    /// retired and returns what it answers until its back-off ends.
+    fn retire_refused(&self) -> Option<Benched> {
+        let mut st = self.lock();
+        let now = self.now();
+        if st.health != credd_core::protocol::PlatformHealth::NotGranted
+            || st.in_flight
+            || st.usable(&self.policy, now).is_some()
+        {
+            return None;
+        }
+        st.retired = true;
+        let benched = Benched::of(&st);
+        drop(st);
+        // Clients waiting on it answer now.
+        self.bump();
+        Some(benched)
     }
 
     /// Decides whether an out-of-schedule request leads to a call now.
@@ -81,12 +123,20 @@ impl<F: Fetch> TokenCache<F> {
             mono: sent.mono,
             boot: sent.boot,
         };
-        let (refused, min_remaining) = {
+        let (refused, min_remaining, scope_check) = {
             let mut st = self.lock();
             st.in_flight = true;
+            let scope_check = st.requested == Some(Requester::ScopeCheck);
             st.requested = None;
+            // Asks from now on count for the next decision (see `OnDemand`).
+            st.asked_since_fetch = false;
             st.platform_calls += 1;
-            (st.refusal_to_report.take(), st.min_remaining_to_ask(sent))
+            // A scope check asks for the grant's current token, not for
+            // more life: the platform mints only if the grant changed.
+            let min_remaining = (!scope_check)
+                .then(|| st.min_remaining_to_ask(sent))
+                .flatten();
+            (st.refusal_to_report.take(), min_remaining, scope_check)
         };
         self.bump();
         if let Some(sha256) = refused {
@@ -108,7 +158,7 @@ impl<F: Fetch> TokenCache<F> {
         let mut st = self.lock();
         st.in_flight = false;
         let fresh = match result {
-            Ok(grant) => match st.accept(&self.policy, grant, sent_at, now, unit) {
+            Ok(grant) => match st.accept(&self.policy, grant, sent_at, now, unit, scope_check) {
                 Accepted::Cached(fresh) => {
                     self.metrics.platform_call(took, &CallOutcome::Granted);
                     fresh

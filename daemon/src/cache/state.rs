@@ -38,6 +38,11 @@ pub(super) struct Now {
 pub(super) enum Requester {
     /// A client found no usable token (rate limited, never overrides back-off).
     Client,
+    /// A client asked for a repository the held token's scope does not
+    /// cover: the grant may have been widened since. Asks the platform for
+    /// its current token of this grant (rate limited with clients, never
+    /// overrides back-off); an unchanged answer leaves the schedule alone.
+    ScopeCheck,
     /// SIGHUP: always calls.
     Operator,
 }
@@ -112,14 +117,24 @@ pub(super) struct State {
     pub(super) client_calls: VecDeque<Instant>,
     pub(super) platform_calls: u64,
     pub(super) served: u64,
-    /// Served (or asked for) since the last grant arrived.
+    /// Served (or asked for) since the last platform call began (and, after
+    /// a grant, since it arrived).
     pub(super) asked_since_fetch: bool,
     /// A per-owner refresher waiting for its token to expire (see [`OnDemand`]).
     pub(super) parked: bool,
+    /// Clients waiting in `get` for a token right now: a per-owner cache
+    /// they wait on is wanted, whatever `asked_since_fetch` says.
+    pub(super) waiting: u32,
     /// The account of the last platform token, kept after it expires.
     pub(super) owner_seen: Option<String>,
+    /// The last platform token stated no account (a platform without
+    /// grants, or an older one), kept after it expires or is erased.
+    pub(super) unscoped_seen: bool,
     /// The SHA-256 of a dropped token, for the refresher to report.
     pub(super) refusal_to_report: Option<String>,
+    /// A per-owner cache that left its map (refused, or benched to free its
+    /// slot): it answers from what it has, at once, and calls no more.
+    pub(super) retired: bool,
 }
 
 /// Life left until `deadline` at `now`: the lesser of the two clocks' answers.
@@ -151,8 +166,11 @@ impl State {
             served: 0,
             asked_since_fetch: false,
             parked: false,
+            waiting: 0,
             owner_seen: None,
+            unscoped_seen: false,
             refusal_to_report: None,
+            retired: false,
         }
     }
 
@@ -190,10 +208,17 @@ impl State {
         Some(held + (held / 4).max(MIN_REMAINING_HEADROOM))
     }
 
+    /// Whether someone asked since the last call began, a call is
+    /// requested, or a client is waiting: a per-owner cache that is wanted
+    /// calls when due and must not retire.
+    pub(super) fn is_wanted(&self) -> bool {
+        self.asked_since_fetch || self.requested.is_some() || self.waiting > 0
+    }
+
     /// For a per-owner cache whose schedule came due: call, park until the
     /// token expires, or let the cache go (see [`OnDemand`]).
     pub(super) fn on_demand_due(&mut self, now: Now) -> OnDemand {
-        if self.asked_since_fetch || self.requested.is_some() {
+        if self.is_wanted() {
             return OnDemand::Call;
         }
         match &self.cached {
@@ -207,6 +232,9 @@ impl State {
     }
 
     /// Caches `grant`, or refuses it if it has too little life.
+    /// `scope_check`: the call was a [`Requester::ScopeCheck`]; when it
+    /// brings back the token already held, nothing changes (the grant did
+    /// not either) and the schedule stands.
     pub(super) fn accept(
         &mut self,
         policy: &CachePolicy,
@@ -214,7 +242,15 @@ impl State {
         sent_at: Deadline,
         now: Now,
         unit: f64,
+        scope_check: bool,
     ) -> Accepted {
+        if scope_check && self.cached.as_ref().is_some_and(|c| c.token == grant.token) {
+            tracing::debug!(
+                fingerprint = grant.token.fingerprint(),
+                "scope check: the platform's token for this grant is the one held; its scope is unchanged"
+            );
+            return Accepted::Cached(None);
+        }
         // Counted from when the request left: the answer cannot be older.
         let lifetime = grant.lifetime.min(MAX_TRUSTED_LIFETIME);
         let deadline = Deadline {
@@ -277,9 +313,10 @@ impl State {
         );
         // The hook hears about new tokens only.
         let token = (!unchanged).then(|| grant.token.clone());
-        if grant.scope.owner.is_some() {
-            self.owner_seen.clone_from(&grant.scope.owner);
-        }
+        // A platform that states no account (no grants) speaks for every
+        // account through this token, while it has one and after.
+        self.owner_seen.clone_from(&grant.scope.owner);
+        self.unscoped_seen = grant.scope.owner.is_none();
         self.cached = Some(HeldToken {
             token: grant.token,
             deadline,
@@ -357,6 +394,21 @@ impl State {
                 d.max(failure.retry_after().unwrap_or_default())
             }
         };
+        if class == ErrorClass::NotGranted {
+            // The platform no longer grants this token (a grant revoked or
+            // narrowed, the App uninstalled): it is not served again.
+            for (held, what) in [
+                (&mut self.cached, "cached"),
+                (&mut self.bootstrap, "bootstrap"),
+            ] {
+                if let Some(gone) = held.take() {
+                    tracing::warn!(
+                        fingerprint = gone.token.fingerprint(),
+                        "dropped the {what} token: the platform refuses this workspace that token now"
+                    );
+                }
+            }
+        }
         self.health = match class {
             ErrorClass::Unauthorized | ErrorClass::Bearer => PlatformHealth::Unauthorized,
             ErrorClass::NotConfigured => PlatformHealth::NotConfigured,
@@ -409,35 +461,47 @@ impl State {
         let Some(requester) = self.requested.take() else {
             return false;
         };
-        let now_mono = now.mono;
+        let usable = self.usable(policy, now).is_some();
         match requester {
             Requester::Operator => true,
-            // Someone else's call already produced a token, or the platform
-            // is failing and the back-off decides.
-            Requester::Client if self.usable(policy, now).is_some() || self.backing_off => false,
+            // The platform is failing: the back-off decides.
+            Requester::Client | Requester::ScopeCheck if self.backing_off => false,
+            // Someone else's call already produced a token.
+            Requester::Client if usable => false,
             // Due anyway (the first call at start): not the client's doing.
-            Requester::Client if now.mono >= self.next_attempt => true,
-            Requester::Client => {
-                while self
-                    .client_calls
-                    .front()
-                    .is_some_and(|&t| now_mono.duration_since(t) >= CLIENT_CALL_WINDOW)
-                {
-                    self.client_calls.pop_front();
-                }
-                if self.client_calls.len() < CLIENT_CALLS_PER_WINDOW {
-                    self.client_calls.push_back(now_mono);
-                    true
-                } else {
-                    let free_at =
-                        self.client_calls.front().copied().unwrap_or(now_mono) + CLIENT_CALL_WINDOW;
-                    self.next_attempt = self.next_attempt.min(free_at);
+            Requester::Client | Requester::ScopeCheck if now.mono >= self.next_attempt => true,
+            Requester::Client | Requester::ScopeCheck => match self.client_call(now.mono) {
+                Ok(()) => true,
+                Err(free_at) => {
+                    // A client without a token gets the call when the window
+                    // frees; a scope check with a servable token does not
+                    // move the schedule (a flood of them must not either).
+                    if !usable {
+                        self.next_attempt = self.next_attempt.min(free_at);
+                    }
                     tracing::debug!(
                         "clients asked for more than {CLIENT_CALLS_PER_WINDOW} platform calls a minute; next call when the window frees"
                     );
                     false
                 }
-            }
+            },
+        }
+    }
+
+    /// Takes a place in the clients' window of calls, or says when one frees.
+    fn client_call(&mut self, now: Instant) -> Result<(), Instant> {
+        while self
+            .client_calls
+            .front()
+            .is_some_and(|&t| now.duration_since(t) >= CLIENT_CALL_WINDOW)
+        {
+            self.client_calls.pop_front();
+        }
+        if self.client_calls.len() < CLIENT_CALLS_PER_WINDOW {
+            self.client_calls.push_back(now);
+            Ok(())
+        } else {
+            Err(self.client_calls.front().copied().unwrap_or(now) + CLIENT_CALL_WINDOW)
         }
     }
 }

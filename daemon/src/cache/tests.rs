@@ -158,7 +158,7 @@ async fn ten_hours_against(platform: RotatingPlatform) -> (usize, usize) {
     let cancel = CancellationToken::new();
     let refresher = Arc::clone(&cache);
     let c = cancel.clone();
-    tokio::spawn(async move { refresher.run_refresher(c, || false).await });
+    tokio::spawn(async move { refresher.run_refresher(c, |_| false).await });
     for _ in 0..600 {
         let answer = cache.get(None).await;
         assert!(matches!(answer, Response::Token { .. }), "{answer:?}");
@@ -234,7 +234,7 @@ fn start_with_boot_clock(
     let cancel = CancellationToken::new();
     let refresher = Arc::clone(&cache);
     let c = cancel.clone();
-    tokio::spawn(async move { refresher.run_refresher(c, || false).await });
+    tokio::spawn(async move { refresher.run_refresher(c, |_| false).await });
     (cache, cancel)
 }
 
@@ -629,7 +629,7 @@ async fn two_minute_tokens_stay_servable_however_the_short_lived_back_off_counts
     let cancel = CancellationToken::new();
     let refresher = Arc::clone(&cache);
     let c = cancel.clone();
-    tokio::spawn(async move { refresher.run_refresher(c, || false).await });
+    tokio::spawn(async move { refresher.run_refresher(c, |_| false).await });
     cache.get(None).await;
     let samples = 20 * 60 / 5;
     let mut unserved = 0;
@@ -650,11 +650,24 @@ async fn two_minute_tokens_stay_servable_however_the_short_lived_back_off_counts
 }
 
 /// A platform with grants: the default account is `acme` (limited to
-/// `acme/api`), `labs` is granted whole, every other owner is refused.
-/// Tokens live an hour; every call and refusal report is logged in order.
-#[derive(Default)]
+/// `acme/api` unless widened), `labs` is granted whole, owners starting
+/// with `down` fail (HTTP 500), every other owner is refused; a test can
+/// revoke an owner or widen `acme`'s repositories. Tokens live an hour;
+/// every call and refusal report is logged in order.
 struct GrantingPlatform {
     log: Mutex<Vec<String>>,
+    acme_repositories: Mutex<Vec<String>>,
+    revoked: Mutex<Vec<String>>,
+}
+
+impl Default for GrantingPlatform {
+    fn default() -> Self {
+        Self {
+            log: Mutex::default(),
+            acme_repositories: Mutex::new(vec!["acme/api".to_owned()]),
+            revoked: Mutex::default(),
+        }
+    }
 }
 
 impl GrantingPlatform {
@@ -666,8 +679,25 @@ impl GrantingPlatform {
             .filter(|l| *l == what)
             .count()
     }
+    fn calls_starting(&self, prefix: &str) -> usize {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.starts_with(&format!("fetch {prefix}")))
+            .count()
+    }
     fn log(&self) -> Vec<String> {
         self.log.lock().unwrap().clone()
+    }
+    fn revoke(&self, owner: &str) {
+        self.revoked.lock().unwrap().push(owner.to_owned());
+    }
+    fn grant_acme(&self, repository: &str) {
+        self.acme_repositories
+            .lock()
+            .unwrap()
+            .push(repository.to_owned());
     }
 }
 
@@ -679,14 +709,17 @@ impl Fetch for Arc<GrantingPlatform> {
             log.push(format!("fetch {owner}"));
             log.len()
         };
+        let refused = || PlatformError::NotGranted {
+            what: format!("owner {owner}"),
+        };
+        if self.revoked.lock().unwrap().iter().any(|r| r == owner) {
+            return Err(refused());
+        }
         let repositories = match owner {
-            "acme" => Some(vec!["acme/api".to_owned()]),
+            "acme" => Some(self.acme_repositories.lock().unwrap().clone()),
             "labs" => None,
-            other => {
-                return Err(PlatformError::NotGranted {
-                    what: format!("owner {other}"),
-                });
-            }
+            down if down.starts_with("down") => return Err(server_error()),
+            _ => return Err(refused()),
         };
         let lifetime = Duration::from_secs(3600);
         Ok(Grant {
@@ -717,7 +750,7 @@ fn start_tokens(
     let default = Arc::new(TokenCache::new(Arc::clone(platform), policy(), None));
     let refresher = Arc::clone(&default);
     let c = cancel.clone();
-    tokio::spawn(async move { refresher.run_refresher(c, || false).await });
+    tokio::spawn(async move { refresher.run_refresher(c, |_| false).await });
     let tokens = Arc::new(Tokens::new(
         default,
         Arc::clone(platform),
@@ -738,6 +771,15 @@ fn code_of(r: &Response) -> ErrorCode {
     }
 }
 
+fn held_owners(tokens: &Tokens<Arc<GrantingPlatform>>) -> Vec<String> {
+    tokens
+        .status()
+        .owners
+        .iter()
+        .map(|t| t.scope.owner.clone().unwrap_or_default())
+        .collect()
+}
+
 #[tokio::test(start_paused = true)]
 async fn tokens_are_chosen_by_owner_and_held_scope() {
     let platform = Arc::new(GrantingPlatform::default());
@@ -752,15 +794,16 @@ async fn tokens_are_chosen_by_owner_and_held_scope() {
         token_of(&tokens.get(&Want::Owner("acme".into())).await).0,
         "ghs_acme1"
     );
-    // Outside the held scope: refused from memory.
+    // Outside the held scope: the grant is checked once (a new token, the
+    // same scope), then refused.
     let outside = tokens.get(&repo("acme/secret")).await;
     assert_eq!(code_of(&outside), ErrorCode::NotGranted);
-    assert_eq!(platform.calls_for("fetch acme"), 1);
+    assert_eq!(platform.calls_for("fetch acme"), 2);
     // Another owner: a token of its own, with its scope in the answer.
     let labs = tokens.get(&repo("labs/tool")).await;
     match &labs {
         Response::Token { token, scope, .. } => {
-            assert_eq!(token.expose(), "ghs_labs2");
+            assert_eq!(token.expose(), "ghs_labs3");
             assert_eq!(scope.owner.as_deref(), Some("labs"));
             assert_eq!(scope.repositories, None);
         }
@@ -768,7 +811,7 @@ async fn tokens_are_chosen_by_owner_and_held_scope() {
     }
     assert_eq!(
         token_of(&tokens.get(&repo("labs/other")).await).0,
-        "ghs_labs2"
+        "ghs_labs3"
     );
     // An owner outside the grant: not_granted, and asking again does not
     // make the platform hear about it again.
@@ -786,12 +829,138 @@ async fn tokens_are_chosen_by_owner_and_held_scope() {
         .iter()
         .map(|t| (t.scope.owner.clone().unwrap(), t.state))
         .collect();
+    // The refused owner holds no slot.
+    assert_eq!(owners, [("labs".to_owned(), Some(TokenState::Valid))]);
+    cancel.cancel();
+}
+
+/// Issue 20, item 3: a refused owner's cache never retired and kept its
+/// slot, so 32 refused owners (a repository's submodules) locked every
+/// granted owner out. Refused owners hold no slot; each is asked once per
+/// back-off however often git asks, and a granted owner is served after
+/// any number of them.
+#[tokio::test(start_paused = true)]
+async fn refused_owners_hold_no_slot_and_cost_one_call_per_back_off() {
+    let platform = Arc::new(GrantingPlatform::default());
+    let (tokens, cancel) = start_tokens(&platform);
+    for round in 0..3 {
+        for n in 0..100 {
+            let answer = tokens.get(&repo(&format!("evil{n}/x"))).await;
+            assert_eq!(code_of(&answer), ErrorCode::NotGranted, "{answer:?}");
+        }
+        assert_eq!(held_owners(&tokens), Vec::<String>::new(), "round {round}");
+    }
     assert_eq!(
-        owners,
-        [
-            ("evil".to_owned(), Some(TokenState::Missing)),
-            ("labs".to_owned(), Some(TokenState::Valid))
-        ]
+        platform.calls_starting("evil"),
+        100,
+        "one call per refused owner"
+    );
+    let labs = tokens.get(&Want::Owner("labs".into())).await;
+    assert!(token_of(&labs).0.starts_with("ghs_labs"));
+    assert_eq!(held_owners(&tokens), ["labs"]);
+    // After the back-off (at most --backoff-max), one call each again.
+    tokio::time::sleep(policy().backoff_max).await;
+    for n in 0..100 {
+        tokens.get(&repo(&format!("evil{n}/x"))).await;
+        tokens.get(&repo(&format!("evil{n}/y"))).await;
+    }
+    assert_eq!(platform.calls_starting("evil"), 200);
+    cancel.cancel();
+}
+
+/// Slots held by caches without a token that wait out a back-off (a
+/// platform failing for those owners) are freed for a new owner; their
+/// owners are answered from memory until the back-off ends.
+#[tokio::test(start_paused = true)]
+async fn a_full_table_of_failing_owners_makes_room_for_a_new_one() {
+    let platform = Arc::new(GrantingPlatform::default());
+    let (tokens, cancel) = start_tokens(&platform);
+    let mut gets = tokio::task::JoinSet::new();
+    for n in 0..owners::MAX_OWNER_TOKENS {
+        let tokens = Arc::clone(&tokens);
+        gets.spawn(async move { tokens.get(&Want::Owner(format!("down{n}"))).await });
+    }
+    while let Some(answer) = gets.join_next().await {
+        assert_eq!(code_of(&answer.expect("get")), ErrorCode::Unavailable);
+    }
+    let failing = held_owners(&tokens);
+    assert_eq!(failing.len(), owners::MAX_OWNER_TOKENS);
+    let labs = tokens.get(&Want::Owner("labs".into())).await;
+    assert!(token_of(&labs).0.starts_with("ghs_labs"));
+    let held = held_owners(&tokens);
+    assert_eq!(held.len(), owners::MAX_OWNER_TOKENS);
+    assert!(held.contains(&"labs".to_owned()));
+    // The benched owner is answered from memory until its back-off ends.
+    let benched: Vec<&String> = failing.iter().filter(|o| !held.contains(o)).collect();
+    assert_eq!(benched.len(), 1, "{failing:?} -> {held:?}");
+    let calls = platform.calls_starting("down");
+    let answer = tokens.get(&Want::Owner(benched[0].clone())).await;
+    assert_eq!(code_of(&answer), ErrorCode::Unavailable, "{answer:?}");
+    assert_eq!(platform.calls_starting("down"), calls, "no call for it");
+    cancel.cancel();
+}
+
+/// Issue 20, item 7: a 403 for an owner whose token is held used to leave
+/// that token served until it expired. The refusal drops it, for a
+/// per-owner token and for the default one.
+#[tokio::test(start_paused = true)]
+async fn a_revoked_grant_stops_the_held_token_at_the_refusal() {
+    let platform = Arc::new(GrantingPlatform::default());
+    let (tokens, cancel) = start_tokens(&platform);
+    token_of(&tokens.get(&Want::Default).await);
+    token_of(&tokens.get(&Want::Owner("labs".into())).await);
+    platform.revoke("labs");
+    platform.revoke("acme");
+    tokens.refresh_now();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(platform.calls_for("fetch labs"), 2);
+    assert_eq!(platform.calls_for("fetch acme"), 2);
+    for want in [
+        Want::Owner("labs".into()),
+        repo("labs/tool"),
+        Want::Default,
+        repo("acme/api"),
+    ] {
+        let answer = tokens.get(&want).await;
+        assert_eq!(
+            code_of(&answer),
+            ErrorCode::NotGranted,
+            "{want:?}: {answer:?}"
+        );
+    }
+    assert_eq!(held_owners(&tokens), Vec::<String>::new());
+    assert_eq!(tokens.status().token.state, Some(TokenState::Missing));
+    cancel.cancel();
+}
+
+/// Issue 20, item 7: a widened grant was answered `not_granted` from the
+/// held scope until the next scheduled refresh. The next request for the
+/// new repository sees it; a flood of requests outside the grant costs at
+/// most the clients' rate of platform calls.
+#[tokio::test(start_paused = true)]
+async fn a_widened_grant_is_seen_on_the_next_request_at_a_bounded_rate() {
+    let platform = Arc::new(GrantingPlatform::default());
+    let (tokens, cancel) = start_tokens(&platform);
+    token_of(&tokens.get(&Want::Default).await);
+    platform.grant_acme("acme/new");
+    let (token, _) = token_of(&tokens.get(&repo("acme/new")).await);
+    assert_eq!(token, "ghs_acme2", "a fresh token with the wider scope");
+    assert_eq!(platform.calls_for("fetch acme"), 2);
+    // Untrusted content asking for many repositories outside the grant.
+    for n in 0..200 {
+        let answer = tokens.get(&repo(&format!("acme/other{n}"))).await;
+        assert_eq!(code_of(&answer), ErrorCode::NotGranted);
+    }
+    let calls = platform.calls_for("fetch acme");
+    assert!(
+        calls <= 2 + CLIENT_CALLS_PER_WINDOW,
+        "{calls} calls for 200 requests outside the grant"
+    );
+    // The granted ones keep being served meanwhile.
+    assert!(
+        token_of(&tokens.get(&repo("acme/new")).await)
+            .0
+            .starts_with("ghs_acme")
     );
     cancel.cancel();
 }
@@ -836,5 +1005,31 @@ async fn a_refused_token_is_reported_before_the_next_call() {
         .position(|l| *l == format!("refused {}", &hash[..12]))
         .expect("reported");
     assert_eq!(log[reported + 1], "fetch labs", "{log:?}");
+    cancel.cancel();
+}
+
+/// Without grants the platform states no account, and the default token
+/// speaks for every owner. A token git was refused with (erased) must be
+/// replaced there, with the refusal reported first — not fetched again,
+/// unreported, by a new per-owner cache while the default one holds none
+/// (found with the README's configuration: `useHttpPath`, no grants).
+#[tokio::test(start_paused = true)]
+async fn an_erased_unscoped_token_is_replaced_by_the_default_cache_after_its_report() {
+    let platform = FakePlatform::new(vec![], true);
+    let cancel = CancellationToken::new();
+    let default = Arc::new(TokenCache::new(Arc::clone(&platform), policy(), None));
+    let refresher = Arc::clone(&default);
+    let c = cancel.clone();
+    tokio::spawn(async move { refresher.run_refresher(c, |_| false).await });
+    let tokens = Tokens::new(default, Arc::clone(&platform), policy(), cancel.clone());
+    token_of(&tokens.get(&Want::Default).await);
+    let (first, _) = token_of(&tokens.get(&repo("acme/project")).await);
+    let hash = credd_core::secret::sha256_hex(first.as_bytes());
+    assert_eq!(tokens.erase(&hash), Response::Erased { dropped: true });
+    let (second, _) = token_of(&tokens.get(&repo("acme/project")).await);
+    assert_ne!(second, first);
+    assert_eq!(*platform.refusals.lock().unwrap(), [hash]);
+    assert!(tokens.status().owners.is_empty(), "no per-owner cache");
+    assert_eq!(platform.calls(), 2);
     cancel.cancel();
 }

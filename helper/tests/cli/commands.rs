@@ -260,7 +260,11 @@ fn configure_git_writes_the_helper_list_idempotently() {
             let key = format!("credential.https://{host}.helper");
             assert_eq!(
                 helpers(&["--file", file_arg], &key, &home),
-                ["", credd, "store --file /tmp/pat"],
+                [
+                    "",
+                    credd,
+                    &format!("{credd} fallback 'store --file /tmp/pat'")
+                ],
                 "round {round}, {key}"
             );
             // git tells credd the repository, once.
@@ -404,4 +408,122 @@ fn exec_gives_the_enterprise_token_only_to_a_host_credd_serves() {
     let stray = exec("other-ghes.example");
     stray.assert_success("credd exec for a host credd does not serve");
     assert_eq!(stray.stdout, "other-ghes.example|unset|unset\n");
+}
+
+/// Issue 20, item 9, as attacked: with only an Enterprise host in
+/// `CREDD_HOSTS`, a stray `GH_HOST=github.com` (or two Enterprise hosts and
+/// no `GH_HOST`) used to put the Enterprise token in `GH_TOKEN`, which gh
+/// sends to github.com. `GH_TOKEN`/`GITHUB_TOKEN` now carry the token only
+/// when github.com is in `CREDD_HOSTS`; with nowhere to put it, the command
+/// does not run and no token is fetched.
+#[test]
+fn exec_never_hands_an_enterprise_token_to_github_com() {
+    let sandbox = credd_sandbox();
+    let daemon = FakeDaemon::with_token(&sandbox.socket());
+    let script = r#"printf '%s|%s|%s|%s|%s\n' "${GH_HOST-}" "${GH_TOKEN-unset}" "${GITHUB_TOKEN-unset}" "${GH_ENTERPRISE_TOKEN-unset}" "${GITHUB_ENTERPRISE_TOKEN-unset}""#;
+    let exec = |hosts: &str, gh_host: Option<&str>| {
+        sandbox.set_hosts(hosts);
+        let mut cmd = sandbox
+            .credd(&["exec", "--", "sh", "-c", script])
+            .stdout_holds_secret();
+        cmd.command()
+            .env("GH_TOKEN", "stale-inherited-value")
+            .env("GITHUB_TOKEN", "stale-inherited-value");
+        if let Some(host) = gh_host {
+            cmd.command().env("GH_HOST", host);
+        }
+        cmd.run()
+    };
+
+    for (hosts, gh_host) in [
+        ("ghe.example.com", Some("github.com")),
+        ("ghe-a.example.com,ghe-b.example.com", None),
+    ] {
+        let asked = daemon.requests().len();
+        let refused = exec(hosts, gh_host);
+        assert_eq!(refused.code(), Some(1), "{hosts} {gh_host:?}: {refused:?}");
+        assert_eq!(refused.stdout, "", "the command did not run");
+        assert!(
+            refused.stderr.starts_with("credd: error: not running sh: "),
+            "{refused:?}"
+        );
+        assert_eq!(daemon.requests().len(), asked, "no token was fetched");
+    }
+
+    // The only host is Enterprise: its variables, and nothing for github.com.
+    let only = exec("ghe.example.com", None);
+    only.assert_success("credd exec with one Enterprise host");
+    assert_eq!(
+        only.stdout,
+        format!("ghe.example.com|unset|unset|{DAEMON_TOKEN}|{DAEMON_TOKEN}\n")
+    );
+    // Two Enterprise hosts, GH_HOST names one.
+    let named = exec(
+        "ghe-a.example.com,ghe-b.example.com",
+        Some("ghe-b.example.com"),
+    );
+    named.assert_success("credd exec with GH_HOST naming a served Enterprise host");
+    assert_eq!(
+        named.stdout,
+        format!("ghe-b.example.com|unset|unset|{DAEMON_TOKEN}|{DAEMON_TOKEN}\n")
+    );
+    // github.com listed: GH_TOKEN as before.
+    let both = exec("github.com,ghe.example.com", None);
+    both.assert_success("credd exec with github.com served");
+    assert_eq!(
+        both.stdout,
+        format!("|{DAEMON_TOKEN}|{DAEMON_TOKEN}|unset|unset\n")
+    );
+    sandbox.assert_no_secrets();
+}
+
+/// `credd fallback HELPER ACTION` (what configure-git installs): `get` goes
+/// to the helper without `path`; `store` and `erase` of credd's credentials
+/// (username `x-access-token`, or an expiry) never reach it, except an
+/// `erase` of the helper's own credential; anyone else's are passed on.
+#[test]
+fn fallback_passes_on_only_what_the_helper_may_see() {
+    let sandbox = credd_sandbox();
+    let seen = sandbox.path().join("seen");
+    std::fs::create_dir(&seen).expect("mkdir");
+    let helper = format!(
+        "!f() {{ cat > '{dir}'/\"$1\"; [ \"$1\" = get ] && printf 'username=x-access-token\\npassword=ghp_theFallbacksOwn\\n'; true; }}; f",
+        dir = seen.display()
+    );
+    let run = |action: &str, input: &str| {
+        let _ = std::fs::remove_file(seen.join(action));
+        let out = sandbox.run(&["fallback", &helper, action], input);
+        assert_eq!(out.code(), Some(0), "{out:?}");
+        (out, std::fs::read_to_string(seen.join(action)).ok())
+    };
+    let (get, asked) = run(
+        "get",
+        "protocol=https\nhost=github.com\npath=acme/api.git\n",
+    );
+    assert_eq!(
+        get.stdout,
+        "username=x-access-token\npassword=ghp_theFallbacksOwn\n"
+    );
+    assert_eq!(asked.as_deref(), Some("protocol=https\nhost=github.com\n"));
+
+    let typed =
+        "protocol=https\nhost=github.com\npath=acme/api.git\nusername=alice\npassword=typed\n";
+    let (_, stored) = run("store", typed);
+    assert_eq!(
+        stored.as_deref(),
+        Some("protocol=https\nhost=github.com\nusername=alice\npassword=typed\n")
+    );
+    for credds in [
+        "protocol=https\nhost=github.com\nusername=x-access-token\npassword=ghs_fromCredd\n",
+        "protocol=https\nhost=github.com\nusername=bot\npassword=ghs_fromCredd\npassword_expiry_utc=1900000000\n",
+    ] {
+        assert_eq!(run("store", credds).1, None, "not stored: {credds:?}");
+        let (_, erased) = run("erase", credds);
+        assert_eq!(erased, None, "not erased: {credds:?}");
+    }
+    // Its own x-access-token credential refused: erased.
+    let own =
+        "protocol=https\nhost=github.com\nusername=x-access-token\npassword=ghp_theFallbacksOwn\n";
+    assert_eq!(run("erase", own).1.as_deref(), Some(own));
+    sandbox.assert_no_secrets();
 }

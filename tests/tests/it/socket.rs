@@ -371,3 +371,59 @@ fn busy_reaches_the_client_and_never_becomes_a_platform_call() {
     );
     daemon.stop();
 }
+
+/// Issue 20, item 11, as attacked: a same-uid process holding connections
+/// runs the daemon out of descriptors; it used to keep the soft limit it
+/// was started with and log "accept failed" every 50 ms while at the limit.
+/// It raises the soft limit to the hard one at start, and logs the failures
+/// at most once per interval, closing each episode with one line that
+/// counts them.
+#[test]
+fn the_open_file_limit_is_raised_and_accept_failures_are_logged_at_a_bounded_rate() {
+    let (sandbox, _platform) = with_platform(TestPlatform::start());
+    let daemon = sandbox.daemon().open_files(16, 48).start();
+    sandbox.wait_for_token();
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", daemon.pid())).expect("limits");
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("the open-files line");
+    let numbers: Vec<&str> = line.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(numbers, ["48", "48"], "soft raised to hard: {line}");
+
+    // More connections than descriptors: the first ones are accepted and
+    // held (idle) until the daemon's read deadline, the rest wait in the
+    // backlog while every accept fails with EMFILE.
+    let started = std::time::Instant::now();
+    let mut held: Vec<UnixStream> = (0..96)
+        .map(|_| UnixStream::connect(sandbox.socket()).expect("connect"))
+        .collect();
+    daemon.log().wait_for_line("accept failed", WAIT);
+    // The first accepted client is dropped at the read deadline: the daemon
+    // has been at its limit (and retrying every 50 ms) all that time.
+    assert_dropped(held.remove(0), "the first idle client");
+    drop(held);
+    sandbox.wait_for_token();
+    let elapsed = started.elapsed();
+
+    let log = daemon.log().text();
+    let failed_lines = log.lines().filter(|l| l.contains("accept failed")).count();
+    let failures: u64 = log
+        .lines()
+        .filter(|l| l.contains("accepting connections again"))
+        .filter_map(|l| {
+            let (_, rest) = l.split_once("failed=")?;
+            rest.split_whitespace().next()?.parse::<u64>().ok()
+        })
+        .sum();
+    assert!(failed_lines >= 1, "the limit was reached:\n{log}");
+    assert!(
+        failed_lines as u64 <= 1 + elapsed.as_secs() / 10,
+        "{failed_lines} \"accept failed\" lines in {elapsed:?}: at most one per 10 s\n{log}"
+    );
+    assert!(
+        failures > failed_lines as u64,
+        "{failures} failed accepts counted in the recovery lines, {failed_lines} lines:\n{log}"
+    );
+    daemon.stop();
+}
