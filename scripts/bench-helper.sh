@@ -42,20 +42,15 @@ if [ "${#seed_pages[@]}" -eq 0 ]; then
   exit 1
 fi
 
-work=$(mktemp -d "${TMPDIR:-/tmp}/credd-bench.XXXXXX")
-chmod 700 "$work"
-pids=()
+# shellcheck source=scripts/lib/dev-stack.sh
+. "$root/scripts/lib/dev-stack.sh"
+make_work bench
 cache_sock="$work/cache/socket"
-cleanup() {
+before_cleanup() {
   if [ -S "$cache_sock" ]; then
     git credential-cache --socket "$cache_sock" exit 2>/dev/null || true
   fi
-  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
-  rm -rf "$work"
 }
-trap cleanup EXIT
-trap 'exit 130' INT TERM
 
 echo "building (release)…" >&2
 # A static helper skips the dynamic loader (no ld.so, no libc/libgcc_s
@@ -78,8 +73,6 @@ fi
 export CREDD_HOSTS=github.com
 export HOME="$work/home" GIT_CONFIG_NOSYSTEM=1 GIT_TERMINAL_PROMPT=0
 mkdir -p "$HOME"
-# shellcheck source=scripts/lib/dev-stack.sh
-. "$root/scripts/lib/dev-stack.sh"
 start_dev_stack "$bin" "$work/credd" 1h
 
 input="$work/get.in"

@@ -58,20 +58,12 @@ if [ "${HELPER_BUDGET_SKIP_BUILD:-}" != 1 ]; then
 fi
 bin="$root/target/release"
 
-work=$(mktemp -d "${TMPDIR:-/tmp}/credd-budget.XXXXXX")
-chmod 700 "$work"
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
+# shellcheck source=scripts/lib/dev-stack.sh
+. "$root/scripts/lib/dev-stack.sh"
+make_work budget
 
 export CREDD_HOSTS=github.com HOME="$work/home"
 mkdir -p "$HOME" "$work/configs"
-# shellcheck source=scripts/lib/dev-stack.sh
-. "$root/scripts/lib/dev-stack.sh"
 start_dev_stack "$bin" "$bin/credd" 1h
 
 printf 'protocol=https\nhost=github.com\n\n' >"$work/get.in"

@@ -35,19 +35,10 @@ if [ "${SOAK_NO_BUILD:-}" != 1 ]; then
 fi
 bin="$root/target/release"
 
-work=$(mktemp -d "${TMPDIR:-/tmp}/credd-idle.XXXXXX")
-chmod 700 "$work"
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
 # shellcheck source=scripts/lib/dev-stack.sh
 . "$root/scripts/lib/dev-stack.sh"
+make_work idle
+
 start_dev_stack "$bin" "$bin/credd" 1h
 # The daemon answers before its first platform call has returned: wait
 # (bounded) for the token rather than judging the first answer.

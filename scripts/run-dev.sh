@@ -23,19 +23,10 @@ cd "$root"
 scripts/build-release.sh --quiet
 bin="$root/target/release"
 
-work=$(mktemp -d "${TMPDIR:-/tmp}/credd-dev.XXXXXX")
-chmod 700 "$work"
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
 # shellcheck source=scripts/lib/dev-stack.sh
 . "$root/scripts/lib/dev-stack.sh"
+make_work dev
+
 start_dev_stack "$bin" "$bin/credd" "${DEV_TOKEN_TTL:-60m}"
 
 echo "platform (dev mode): $PLATFORM_URL"

@@ -1,6 +1,14 @@
 # shellcheck shell=bash
-# Sourced by scripts/run-dev.sh and scripts/bench-helper.sh: starts the
-# platform in dev mode and one molecule-credd in front of it.
+# Sourced by the scripts that run the release binaries on loopback
+# (run-dev.sh, bench-helper.sh, helper-budget.sh, idle-daemon.sh): a private
+# work folder cleaned up at exit, and the platform in dev mode with one
+# molecule-credd in front of it.
+#
+# make_work NAME
+#   Sets work (a new private folder, credd-NAME.XXXXXX under TMPDIR) and
+#   pids (empty); at exit every process in pids gets SIGTERM and is reaped,
+#   after the caller's before_cleanup function if it defined one, and the
+#   folder is removed. INT and TERM exit with 130 through the same path.
 #
 # start_dev_stack BIN_DIR CREDD TOKEN_TTL
 #   BIN_DIR    folder holding molecule-platform and molecule-credd
@@ -10,6 +18,21 @@
 # process it starts to the caller's pids array, for the caller's cleanup.
 # Exports PLATFORM_URL, CONFIGS_DIR and CREDD_SOCKET and sets daemon_pid.
 # shellcheck disable=SC2154  # work and pids belong to the caller
+
+make_work() {
+  work=$(mktemp -d "${TMPDIR:-/tmp}/credd-$1.XXXXXX")
+  chmod 700 "$work"
+  pids=()
+  trap cleanup_work EXIT
+  trap 'exit 130' INT TERM
+}
+
+cleanup_work() {
+  if declare -F before_cleanup >/dev/null; then before_cleanup; fi
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  rm -rf "$work"
+}
 
 start_dev_stack() {
   local bin=$1 credd=$2 ttl=$3 first_line
