@@ -110,8 +110,7 @@ pub struct Gateway {
     listener: std::net::TcpListener,
     sites: Vec<Site>,
     servers: HashMap<String, Arc<ServerConfig>>,
-    upstream_tls: rustls::ClientConfig,
-    upstream: HashMap<String, SocketAddr>,
+    client: Upstream,
     peer_check: PeerCheck,
 }
 
@@ -136,17 +135,30 @@ impl Gateway {
             .with_context(|| format!("cannot listen on {}", options.listen))?;
         listener.set_nonblocking(true)?;
         tls::write_ca(&options.ca_file, &certificates.ca_pem)?;
-        let upstream = options
-            .upstream
-            .iter()
-            .map(|(host, addr)| (route::normalise_authority(host), *addr))
-            .collect();
+        let dial = Dial {
+            overrides: Arc::new(
+                options
+                    .upstream
+                    .iter()
+                    .map(|(host, addr)| (route::normalise_authority(host), *addr))
+                    .collect(),
+            ),
+        };
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(upstream_tls)
+            .https_only()
+            .enable_http1()
+            .wrap_connector(dial);
+        let client: Upstream = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(POOL_IDLE)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .build(connector);
         Ok(Self {
             listener,
             sites,
             servers: certificates.servers,
-            upstream_tls,
-            upstream,
+            client,
             peer_check,
         })
     }
@@ -193,24 +205,11 @@ pub(crate) async fn serve<T: TokenSource>(
 ) -> anyhow::Result<()> {
     let local = gateway.listener.local_addr()?;
     let listener = tokio::net::TcpListener::from_std(gateway.listener)?;
-    let dial = Dial {
-        overrides: Arc::new(gateway.upstream),
-    };
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(gateway.upstream_tls)
-        .https_only()
-        .enable_http1()
-        .wrap_connector(dial);
-    let client: Upstream = Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(POOL_IDLE)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .build(connector);
     let shared = Arc::new(Shared {
         tokens,
         sites: gateway.sites,
         servers: gateway.servers,
-        client,
+        client: gateway.client,
     });
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let tracker = TaskTracker::new();

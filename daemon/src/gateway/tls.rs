@@ -142,11 +142,10 @@ pub(crate) fn upstream_config(extra_ca: Option<&Path>) -> anyhow::Result<ClientC
             "no system CA certificates found; the gateway could not verify GitHub"
         );
     }
-    let mut config = ClientConfig::builder_with_provider(provider())
+    // ALPN is hyper-rustls's to set (http/1.1 only).
+    Ok(ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .context("TLS versions")?
         .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(config)
+        .with_no_client_auth())
 }
