@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -107,6 +107,8 @@ pub(crate) fn write_ca(path: &Path, pem: &str) -> anyhow::Result<()> {
             .create_new(true)
             .mode(0o644)
             .open(&temp)?;
+        // Readable by the tools whatever the daemon's umask (077).
+        file.set_permissions(std::fs::Permissions::from_mode(0o644))?;
         file.write_all(pem.as_bytes())?;
         file.sync_all()?;
         std::fs::rename(&temp, path)

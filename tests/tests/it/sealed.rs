@@ -31,7 +31,7 @@ permissions = { contents = "write" }
 "#;
 
 /// What gh and the tools get instead of a token.
-const PLACEHOLDER: &str = "ghs_sealedPlaceholderNotAToken000000000000";
+const PLACEHOLDER: &str = "sealed-by-molecule-credd";
 
 /// A platform with [`GRANTS`], a sandbox using it as the granted workspace
 /// with `github.com` as its host.
