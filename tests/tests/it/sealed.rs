@@ -810,3 +810,146 @@ fn a_200_mb_push_streams_through_the_gateway() {
     );
     sealed.daemon.stop();
 }
+
+/// Figures for the README, not a check (timings are not asserted): the
+/// gateway's added latency per API call and per git request. Run with
+/// `cargo test -p credd-tests --test it sealed_latency -- --ignored --nocapture`.
+#[test]
+#[ignore = "a benchmark: prints figures"]
+fn sealed_latency_figures() {
+    const CALLS: usize = 200;
+    const GITS: usize = 20;
+    let (sandbox, platform) = granted_platform();
+    let ca = TestCa::new();
+    let api = ApiStandIn::start(&ca, platform.authority());
+    let server = GitServer::start_tls(
+        &sandbox.path().join("repos"),
+        platform.authority(),
+        ca.server_config(&["github.com"]),
+    );
+    server.create_repo("acme/api");
+    let sealed = SealedWorkspace::start(&sandbox, &ca, Some(&server), Some(&api));
+    sealed.configure_git(&sandbox);
+    let test_ca = sandbox.path().join("test-ca.pem");
+    let urls: Vec<String> = (0..CALLS)
+        .map(|_| "https://api.github.com/repos/acme/api".to_owned())
+        .collect();
+    let mean_ms = |out: &CmdOutput| {
+        let times: Vec<f64> = out
+            .stdout
+            .lines()
+            .filter_map(|l| l.strip_prefix("t="))
+            .filter_map(|t| t.parse().ok())
+            .collect();
+        assert_eq!(times.len(), CALLS, "{}", out.stdout);
+        // The first call opens the tunnel and the upstream connection.
+        times[1..].iter().sum::<f64>() / (times.len() - 1) as f64 * 1000.0
+    };
+    // Through the gateway: one curl, one tunnel, CALLS requests.
+    let mut command = sandbox.command("curl");
+    command
+        .args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "--proxy",
+            &sealed.proxy(),
+            "--cacert",
+        ])
+        .arg(&sealed.ca_file)
+        .args(["-w", "\nt=%{time_total}\n"])
+        .args(&urls);
+    let through = Cmd::new(command, "curl through the gateway").run();
+    through.assert_success("curl");
+    // Direct, with the same token in a header file.
+    gh(&sandbox, &sealed, &["api", "/repos/acme/api"]).assert_success("gh");
+    let acme = platform
+        .issued()
+        .into_iter()
+        .find(|t| t.owner.as_deref() == Some("acme"))
+        .expect("acme token");
+    let header_file = sandbox.path().join("auth-header");
+    testkit::write_file(
+        &header_file,
+        format!("Authorization: token {}\n", acme.token),
+        0o600,
+    );
+    let mut command = sandbox.command("curl");
+    command
+        .args(["-sS", "-o", "/dev/null", "--cacert"])
+        .arg(&test_ca)
+        .arg("--connect-to")
+        .arg(format!(
+            "api.github.com:443:127.0.0.1:{}",
+            api.server.addr().port()
+        ))
+        .arg("-H")
+        .arg(format!("@{}", header_file.display()))
+        .args(["-w", "\nt=%{time_total}\n"])
+        .args(&urls);
+    let direct = Cmd::new(command, "curl direct").run();
+    direct.assert_success("curl direct");
+
+    let dir = sandbox.path().join("work").join("api");
+    clone_commit_push(&sandbox, "git", "https://github.com/acme/api.git", &dir);
+    let time_git = |config: &[&str], url: &str| {
+        let start = std::time::Instant::now();
+        for _ in 0..GITS {
+            let mut args: Vec<&str> = config.to_vec();
+            args.extend(["ls-remote", url]);
+            sandbox.git(&dir, &args).run().assert_success("ls-remote");
+        }
+        start.elapsed().as_secs_f64() * 1000.0 / GITS as f64
+    };
+    let via = time_git(&[], "https://github.com/acme/api.git");
+    let basic = format!(
+        "http.extraHeader=Authorization: Basic {}",
+        base64_of(&format!("x-access-token:{}", acme.token))
+    );
+    let port = server.addr().port();
+    let resolve = format!("http.curloptResolve=github.com:{port}:127.0.0.1");
+    let cainfo = format!("http.sslCAInfo={}", test_ca.display());
+    let direct_git = time_git(
+        &[
+            "-c",
+            &resolve,
+            "-c",
+            &cainfo,
+            "-c",
+            &basic,
+            "-c",
+            "http.https://github.com/.proxy=",
+        ],
+        &format!("https://github.com:{port}/acme/api.git"),
+    );
+    eprintln!(
+        "API call (keep-alive, mean of {}): direct {:.3} ms, through the gateway {:.3} ms\n\
+         git ls-remote (a new process and TLS connection each, mean of {GITS}): direct {direct_git:.1} ms, through the gateway {via:.1} ms",
+        CALLS - 1,
+        mean_ms(&direct),
+        mean_ms(&through)
+    );
+    sealed.daemon.stop();
+}
+
+fn base64_of(text: &str) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let input = text.as_bytes();
+    let mut out = String::new();
+    for chunk in input.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            out.push(if i <= chunk.len() {
+                char::from(ALPHABET[(n >> (18 - 6 * i)) as usize & 63])
+            } else {
+                '='
+            });
+        }
+    }
+    out
+}
