@@ -46,6 +46,18 @@
 #                          supervisor, `root` skips the init phase (all set
 #                          by this script itself when it re-executes)
 #   CREDD_SOCKET, CREDD_HOSTS, CONFIGS_DIR, PLATFORM_URL, WORKSPACE_ID: see credd
+#
+# Sealed mode (CREDD_SEALED=1, root phase only; see workspace-template/README.md):
+#   the daemon runs under CREDD_DAEMON_USER [credd] with --sealed and its
+#   credential gateway on CREDD_GATEWAY [127.0.0.1:8119]; CONFIGS_DIR (the
+#   bearer, and every copy rotated in later) and the socket folder under
+#   CREDD_SEALED_DIR [/run/molecule-credd-sealed] belong to that user, mode
+#   0700: the agent cannot traverse them. The gateway's CA certificate is
+#   written to CREDD_GATEWAY_CA [/run/molecule-credd-ca/gateway-ca.pem].
+#   git gets per-URL proxy and CA settings for each CREDD_HOSTS host and no
+#   credential helper for them; the gh wrapper runs gh through the gateway
+#   with a placeholder token. Nothing else is proxied. If sealing cannot be
+#   arranged, the runtime starts without any token (never unsealed).
 set -u
 
 log() { printf 'entrypoint: %s\n' "$*" >&2; }
@@ -103,9 +115,19 @@ supervise() {
     # SIGHUP is the daemon's "refresh now": passed on, never an exit.
     trap 'if [ -n "$daemon_pid" ]; then kill -HUP "$daemon_pid" 2>/dev/null; fi' HUP
     echo "$$" >"$RUN_DIR/supervisor.pid"
+    set --
+    if [ "${CREDD_SEALED:-}" = 1 ]; then
+        exec 9>>"$RUN_DIR/supervisor.lock"
+        if ! flock -n 9; then
+            log "molecule-credd is already supervised for $CREDD_SOCKET"
+            exit 0
+        fi
+        set -- --sealed --gateway "$CREDD_GATEWAY" --gateway-ca-file "$CREDD_GATEWAY_CA" \
+            --allow-uid "$CREDD_AGENT_UID"
+    fi
     while :; do
         started=$(date +%s)
-        "$DAEMON" --bootstrap-from-stdin <&3 3<&- 9>&- &
+        "$DAEMON" --bootstrap-from-stdin "$@" <&3 3<&- 9>&- &
         daemon_pid=$!
         exec 3</dev/null
         echo "$daemon_pid" >"$RUN_DIR/molecule-credd.pid"
@@ -189,6 +211,159 @@ configure_git() {
         return 1
     fi
 }
+
+# ---------------------------------------------------------------------------
+# Sealed root phase (CREDD_SEALED=1): the daemon under a uid of its own, the
+# bearer and the socket out of the agent's reach, the tools pointed at the
+# gateway; then the runtime as the agent.
+# ---------------------------------------------------------------------------
+DAEMON_USER=${CREDD_DAEMON_USER:-credd}
+SEALED_DIR=${CREDD_SEALED_DIR:-/run/molecule-credd-sealed}
+GATEWAY=${CREDD_GATEWAY:-127.0.0.1:8119}
+GATEWAY_CA=${CREDD_GATEWAY_CA:-/run/molecule-credd-ca/gateway-ca.pem}
+# What gh is given instead of a token: the gateway replaces it.
+GH_PLACEHOLDER=sealed-by-molecule-credd
+
+# as_user UID GID HOME CMD...: CMD as that user, with that HOME.
+as_user() {
+    as_uid=$1 as_gid=$2 as_home=$3
+    shift 3
+    HOME=$as_home setpriv --reuid="$as_uid" --regid="$as_gid" --init-groups -- "$@"
+}
+
+# private_dir PATH UID GID MODE: PATH as a real folder (never a followed
+# symlink) owned by UID:GID with MODE.
+private_dir() {
+    if [ -L "$1" ]; then
+        error "$1 is a symbolic link: refusing it"
+        return 1
+    fi
+    mkdir -p "$1" && chown "$2:$3" "$1" && chmod "$4" "$1" && [ ! -L "$1" ]
+}
+
+sealed_root_phase() {
+    if ! command -v setpriv >/dev/null 2>&1 || ! command -v flock >/dev/null 2>&1; then
+        error "sealed mode needs setpriv and flock (util-linux)"
+        return 1
+    fi
+    if ! agent_uid=$(id -u "$AGENT_USER" 2>/dev/null); then
+        error "user $AGENT_USER does not exist"
+        return 1
+    fi
+    agent_gid=$(id -g "$AGENT_USER")
+    agent_home=$(getent passwd "$AGENT_USER" | cut -d: -f6)
+    agent_home=${agent_home:-/home/$AGENT_USER}
+    if ! daemon_uid=$(id -u "$DAEMON_USER" 2>/dev/null); then
+        error "sealed mode: the daemon's user $DAEMON_USER does not exist (set CREDD_DAEMON_USER)"
+        return 1
+    fi
+    daemon_gid=$(id -g "$DAEMON_USER")
+    if [ "$daemon_uid" -eq 0 ] || [ "$daemon_uid" -eq "$agent_uid" ]; then
+        error "sealed mode: $DAEMON_USER must be neither root nor $AGENT_USER"
+        return 1
+    fi
+    # The bearer (and every copy the platform rotates in later): only the
+    # daemon's uid may traverse the folder.
+    if [ -d "$CONFIGS" ]; then
+        if ! chown -R "$daemon_uid:$daemon_gid" "$CONFIGS" || ! chmod 0700 "$CONFIGS"; then
+            error "could not give $CONFIGS to $DAEMON_USER"
+            return 1
+        fi
+    fi
+    private_dir "$SEALED_DIR" "$daemon_uid" "$daemon_gid" 0700 || return 1
+    ca_dir=$(dirname "$GATEWAY_CA")
+    private_dir "$ca_dir" "$daemon_uid" "$daemon_gid" 0755 || return 1
+    RUN_DIR=$SEALED_DIR/run
+    CREDD_SOCKET=$RUN_DIR/credd.sock
+    export CREDD_SOCKET
+    if ! as_user "$daemon_uid" "$daemon_gid" "$SEALED_DIR" "$DAEMON" --prepare-socket >/dev/null; then
+        error "sealed mode: molecule-credd --prepare-socket refused $CREDD_SOCKET"
+        return 1
+    fi
+    # The token pipe goes to the first daemon only (see launch_supervisor).
+    if [ "${CREDD_TOKEN_FD:-}" = 8 ]; then
+        launch_sealed_supervisor <&8 &
+    else
+        printf '%s\n' "${GITHUB_TOKEN:-${GH_TOKEN:-}}" | launch_sealed_supervisor &
+    fi
+    supervisor_pid=$!
+    tries=50
+    until as_user "$daemon_uid" "$daemon_gid" "$SEALED_DIR" "$CREDD" status >/dev/null 2>&1 &&
+        [ -s "$GATEWAY_CA" ]; do
+        tries=$((tries - 1))
+        if [ "$tries" -le 0 ]; then
+            error "sealed mode: molecule-credd did not answer within 5s"
+            break
+        fi
+        sleep 0.1
+    done
+    # git: the gateway for each GitHub host, and no credential helper there
+    # (an empty helper value resets the list: git never prompts or asks
+    # another helper for these hosts).
+    hosts=$(printf '%s' "${CREDD_HOSTS:-github.com}" | tr ',' ' ')
+    for host in $hosts; do
+        url="https://$host/"
+        for setting in "http.$url.proxy=http://$GATEWAY" "http.$url.sslCAInfo=$GATEWAY_CA" \
+            "credential.$url.helper="; do
+            if ! as_user "$agent_uid" "$agent_gid" "$agent_home" \
+                git config --global "${setting%%=*}" "${setting#*=}"; then
+                error "could not configure git for $host"
+            fi
+        done
+    done
+    return 0
+}
+
+# launch_sealed_supervisor: with the token pipe on stdin, execs the
+# supervisor as the daemon's user (meant to run in the background).
+launch_sealed_supervisor() {
+    exec 8<&-
+    exec setpriv --reuid="$daemon_uid" --regid="$daemon_gid" --init-groups -- \
+        env -u GITHUB_TOKEN -u GH_TOKEN -u CREDD_TOKEN_FD -u CREDD_STOP_WITH_RUNTIME \
+        HOME="$SEALED_DIR" CREDD_ENTRYPOINT_STAGE=supervise RUN_DIR="$RUN_DIR" \
+        CREDD_SEALED=1 CREDD_GATEWAY="$GATEWAY" CREDD_GATEWAY_CA="$GATEWAY_CA" \
+        CREDD_AGENT_UID="$agent_uid" /bin/sh "$script" supervise
+}
+
+if [ "${CREDD_SEALED:-}" = 1 ] && [ "$(id -u)" -eq 0 ] && [ "${CREDD_ENTRYPOINT_STAGE:-}" != user ]; then
+    unset CREDD_ENTRYPOINT_STAGE
+    umask 077
+    supervisor_pid=
+    agent_uid=
+    if ! sealed_root_phase; then
+        error "sealed mode could not be arranged: the workspace runs without any GitHub token"
+    fi
+    if [ "${CREDD_TOKEN_FD:-}" = 8 ]; then
+        exec 8<&-
+    fi
+    stop_with_runtime=${CREDD_STOP_WITH_RUNTIME:-}
+    unset CREDD_TOKEN_FD CREDD_STOP_WITH_RUNTIME GITHUB_TOKEN GH_TOKEN CREDD_SEALED
+    if [ -z "$agent_uid" ]; then
+        error "no agent user: not running the workspace as root in sealed mode"
+        exit 1
+    fi
+    export HOME="$agent_home" USER="$AGENT_USER" LOGNAME="$AGENT_USER"
+    unset XDG_RUNTIME_DIR
+    # The gh wrapper reads these (gh alone goes through the gateway).
+    export CREDD_GH_SEALED=1 CREDD_GATEWAY="$GATEWAY" CREDD_GATEWAY_CA="$GATEWAY_CA" \
+        CREDD_GH_PLACEHOLDER="$GH_PLACEHOLDER"
+    if [ -x "$GH_WRAPPER_DIR/gh" ]; then
+        PATH=$GH_WRAPPER_DIR:$PATH
+        export PATH
+    fi
+    umask 022
+    if [ "$stop_with_runtime" != 1 ] || [ -z "$supervisor_pid" ]; then
+        exec setpriv --reuid="$agent_uid" --regid="$agent_gid" --init-groups -- "$@"
+    fi
+    trap ':' TERM INT HUP
+    setpriv --reuid="$agent_uid" --regid="$agent_gid" --init-groups -- "$@"
+    status=$?
+    kill -TERM "$supervisor_pid" 2>/dev/null
+    while kill -0 "$supervisor_pid" 2>/dev/null; do
+        wait "$supervisor_pid"
+    done
+    exit "$status"
+fi
 
 # ---------------------------------------------------------------------------
 # Root phase

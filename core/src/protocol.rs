@@ -167,6 +167,10 @@ wire_enum! {
         /// (outside its grant, or the GitHub App is not installed there):
         /// a definite answer, so no fallback asks the platform again.
         NotGranted = "not_granted",
+        /// The daemon is sealed (`--sealed`): it never hands a token out
+        /// (`get`, `erase`); its gateway stamps tokens onto GitHub requests.
+        /// A definite answer, so no fallback asks the platform.
+        Sealed = "sealed",
     }
 }
 

@@ -6,6 +6,8 @@
 //! default shown in `--help` is the constant that defines it, not a copy.
 
 use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -102,6 +104,26 @@ pub struct Cli {
     /// GITHUB_TOKEN/GH_TOKEN, so it is in no process's environment
     #[arg(long)]
     pub bootstrap_from_stdin: bool,
+    /// Sealed mode: the socket answers status (and so metrics) only and refuses every request
+    /// that would hand out a token (get, and so `credd token` and `credd exec`) with `sealed`;
+    /// tokens leave the daemon only stamped onto requests by --gateway
+    #[arg(long)]
+    pub sealed: bool,
+    /// Run the credential gateway on this loopback address (HOST:PORT): an HTTPS proxy for
+    /// the CREDD_HOSTS hosts (and api.github.com) that stamps the token onto each request
+    #[arg(long, value_name = "ADDR", requires = "gateway_ca_file")]
+    pub gateway: Option<SocketAddr>,
+    /// With --gateway: write the gateway's CA certificate here (made at start, its key only in
+    /// memory) for the tools to trust
+    #[arg(long, value_name = "PATH", requires = "gateway")]
+    pub gateway_ca_file: Option<PathBuf>,
+    /// With --gateway: also trust this CA (PEM) when connecting to GitHub (a private
+    /// Enterprise CA; tests)
+    #[arg(long, value_name = "PATH", requires = "gateway")]
+    pub gateway_extra_ca: Option<PathBuf>,
+    /// With --gateway: connect to ADDR for HOST instead of resolving it (repeatable; tests)
+    #[arg(long, value_name = "HOST=ADDR", requires = "gateway", value_parser = parse_upstream)]
+    pub gateway_upstream: Vec<(String, SocketAddr)>,
 }
 
 /// How log lines are written on stderr.
@@ -197,6 +219,32 @@ pub fn exit_code(error: &anyhow::Error) -> ExitCode {
         ExitCode::from(EXIT_CONFIGURATION)
     } else {
         ExitCode::FAILURE
+    }
+}
+
+fn parse_upstream(text: &str) -> Result<(String, SocketAddr), String> {
+    let (host, addr) = text
+        .split_once('=')
+        .ok_or_else(|| "write HOST=ADDR, like github.com=127.0.0.1:8443".to_owned())?;
+    let addr = addr
+        .parse()
+        .map_err(|e| format!("{addr:?} is not an address: {e}"))?;
+    if host.is_empty() {
+        return Err("HOST is empty".into());
+    }
+    Ok((host.to_ascii_lowercase(), addr))
+}
+
+/// The gateway's options, when `--gateway` is given.
+impl Cli {
+    pub(crate) fn gateway_options(&self) -> Option<crate::gateway::GatewayOptions> {
+        let listen = self.gateway?;
+        Some(crate::gateway::GatewayOptions {
+            listen,
+            ca_file: self.gateway_ca_file.clone()?,
+            extra_ca: self.gateway_extra_ca.clone(),
+            upstream: self.gateway_upstream.clone(),
+        })
     }
 }
 

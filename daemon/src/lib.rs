@@ -22,6 +22,7 @@ mod cache;
 pub mod cli;
 mod clock;
 pub mod fetch_once;
+pub mod gateway;
 mod metrics;
 mod on_refresh;
 pub mod platform;
@@ -58,6 +59,8 @@ pub struct Settings {
     bootstrap: Option<Token>,
     /// `--on-refresh`.
     on_refresh: Option<String>,
+    /// `--gateway`, bound and ready.
+    gateway: Option<gateway::Gateway>,
 }
 
 /// The socket the daemon serves: adopted from systemd or bound by us.
@@ -106,17 +109,30 @@ pub fn start(
             }
         }
     };
+    let peer_check = PeerCheck::new(nix::unistd::geteuid().as_raw(), &cli.allow_uid);
+    let gateway = cli
+        .gateway_options()
+        .map(|options| gateway::Gateway::prepare(&options, &config.hosts, peer_check.clone()))
+        .transpose()
+        .context("cannot start the gateway")?;
     let settings = Settings {
         client,
         policy,
         server: ServerSettings {
             max_connections: cli.max_connections as usize,
-            peer_check: PeerCheck::new(nix::unistd::geteuid().as_raw(), &cli.allow_uid),
+            peer_check,
             shutdown_grace: policy.wait_timeout + server::READ_DEADLINE,
+            sealed: cli.sealed,
         },
         bootstrap,
         on_refresh: cli.on_refresh.clone(),
+        gateway,
     };
+    if cli.sealed {
+        tracing::info!(
+            "sealed: the socket serves status only; tokens leave only through the gateway"
+        );
+    }
     if !cli.allow_uid.is_empty() {
         tracing::info!(uids = ?cli.allow_uid, "also serving these uids");
     }
@@ -206,12 +222,22 @@ pub async fn run(
         });
     }
 
+    let gateway = settings
+        .gateway
+        .map(|gateway| tokio::spawn(gateway::serve(gateway, Arc::clone(&tokens), stop.clone())));
     let stopped = stop.clone();
     server::run(listener, Arc::clone(&tokens), settings.server, async move {
         stopped.cancelled().await;
     })
     .await;
     stop.cancel();
+    if let Some(gateway) = gateway {
+        match gateway.await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(error = %error, "the gateway failed"),
+            Err(_) => bail!("the gateway task failed"),
+        }
+    }
     if refresher.await.is_err() {
         bail!("the refresher task failed");
     }

@@ -77,6 +77,8 @@ pub(crate) struct ServerSettings {
     pub(crate) peer_check: PeerCheck,
     /// How long requests in progress may take to finish at shutdown.
     pub(crate) shutdown_grace: Duration,
+    /// `--sealed`: status only; no request hands out a token.
+    pub(crate) sealed: bool,
 }
 
 /// Serves `listener` until `shutdown` completes, then drains (bounded).
@@ -152,8 +154,9 @@ pub(crate) async fn run<F: Fetch>(
         };
         let tokens = Arc::clone(&tokens);
         let stop_reading = stop_reading.clone();
+        let sealed = settings.sealed;
         tracker.spawn(async move {
-            serve_connection(stream, peer, &tokens, &stop_reading).await;
+            serve_connection(stream, peer, &tokens, &stop_reading, sealed).await;
             drop(permit);
         });
     }
@@ -295,6 +298,7 @@ async fn serve_connection<F: Fetch>(
     peer: Option<tokio::net::unix::UCred>,
     tokens: &Tokens<F>,
     stop_reading: &CancellationToken,
+    sealed: bool,
 ) {
     let request = tokio::select! {
         () = stop_reading.cancelled() => return,
@@ -317,7 +321,7 @@ async fn serve_connection<F: Fetch>(
     let pid = peer.and_then(|cred| cred.pid());
     let answer = match line {
         RequestLine::TooLong => bad_request(format!("request longer than {MAX_LINE} bytes")),
-        RequestLine::Line(bytes) => dispatch(&bytes, tokens, peer).await,
+        RequestLine::Line(bytes) => dispatch(&bytes, tokens, peer, sealed).await,
         RequestLine::Empty => return,
     };
     tokens.metrics().answered(&answer);
@@ -407,8 +411,13 @@ async fn dispatch<F: Fetch>(
     line: &[u8],
     tokens: &Tokens<F>,
     peer: Option<tokio::net::unix::UCred>,
+    sealed: bool,
 ) -> Response {
     match protocol::decode::<Request>(line) {
+        Ok(Request::Get { .. } | Request::Erase { .. }) if sealed => Response::Error {
+            code: ErrorCode::Sealed,
+            message: "this workspace is sealed: its token is never handed out, only stamped onto GitHub requests by the gateway".into(),
+        },
         Ok(Request::Get { repository, owner }) => {
             match Want::from_request(repository.as_deref(), owner.as_deref()) {
                 Ok(want) => {
@@ -567,6 +576,7 @@ mod tests {
             max_connections,
             peer_check: PeerCheck::new(own_uid, &[]),
             shutdown_grace: Duration::from_secs(5),
+            sealed: false,
         }
     }
 

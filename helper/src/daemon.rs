@@ -98,6 +98,10 @@ impl DaemonError {
             Self::Unintelligible(reason) => {
                 format!("molecule-credd at {socket} gave an answer credd cannot use ({reason})")
             }
+            Self::Refused {
+                code: ErrorCode::Sealed,
+                message,
+            } => format!("molecule-credd at {socket} is sealed ({message})"),
             Self::Refused { code, message } => {
                 format!("molecule-credd at {socket} has no token for us ({code}: {message})")
             }
@@ -324,6 +328,7 @@ mod tests {
         assert!(refused(ErrorCode::UnsupportedVersion).allows_platform_fallback());
         assert!(!refused(ErrorCode::Unavailable).allows_platform_fallback());
         assert!(!refused(ErrorCode::Forbidden).allows_platform_fallback());
+        assert!(!refused(ErrorCode::Sealed).allows_platform_fallback());
         assert!(!refused(ErrorCode::Busy).allows_platform_fallback());
     }
 

@@ -35,6 +35,8 @@ struct GitShared {
     accepted: Mutex<Vec<String>>,
     /// A personal access token `(username, token)` accepted everywhere.
     pat: Mutex<Option<(String, String)>>,
+    /// Every request that arrived, in order: `(method, path)`.
+    requests: Mutex<Vec<(String, String)>>,
 }
 
 /// `git http-backend` behind Basic auth `x-access-token:<current token>`.
@@ -47,6 +49,24 @@ impl GitServer {
     /// Serves bare repositories under `root`, accepting tokens `authority`
     /// considers current.
     pub fn start(root: &Path, authority: TokenAuthority) -> Self {
+        Self::start_with(root, authority, None)
+    }
+
+    /// [`Self::start`] over TLS with `tls` (a [`crate::TestCa`] leaf for
+    /// the host names the clients use, `github.com` say).
+    pub fn start_tls(
+        root: &Path,
+        authority: TokenAuthority,
+        tls: Arc<rustls::ServerConfig>,
+    ) -> Self {
+        Self::start_with(root, authority, Some(tls))
+    }
+
+    fn start_with(
+        root: &Path,
+        authority: TokenAuthority,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> Self {
         let shared = Arc::new(GitShared {
             root: root.to_owned(),
             authority,
@@ -54,14 +74,26 @@ impl GitServer {
             rejected: Mutex::new(0),
             accepted: Mutex::default(),
             pat: Mutex::default(),
+            requests: Mutex::default(),
         });
         let app = Router::new()
             .fallback(git_cgi)
             .with_state(Arc::clone(&shared));
-        Self {
-            shared,
-            server: HttpServer::start(app),
-        }
+        let server = match tls {
+            Some(tls) => HttpServer::start_tls(app, tls),
+            None => HttpServer::start(app),
+        };
+        Self { shared, server }
+    }
+
+    /// `127.0.0.1:PORT`, the address it listens on.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.server.addr()
+    }
+
+    /// Every request that reached the server: `(method, path)`.
+    pub fn requests(&self) -> Vec<(String, String)> {
+        lock(&self.shared.requests).clone()
     }
 
     /// `http://127.0.0.1:PORT` (the credential context for git config).
@@ -161,6 +193,7 @@ fn repository_of(path: &str) -> Option<(String, String)> {
 
 async fn git_cgi(State(shared): State<Arc<GitShared>>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
+    lock(&shared.requests).push((parts.method.to_string(), parts.uri.path().to_owned()));
     let offered = basic_credential(&parts.headers);
     // A token must be current and, for an `OWNER/NAME.git` path, scoped to
     // reach that repository (GitHub refuses an installation token outside

@@ -13,7 +13,8 @@
 //! - [`secrets`]: the one rule that says whether a text leaks a secret;
 //! - [`process`]: children with deadlines ([`process::Cmd`]) and long-running
 //!   ones killed on drop ([`process::Process`]);
-//! - [`http`]: a loopback HTTP server on its own thread;
+//! - [`http`]: a loopback HTTP server on its own thread (TLS with [`tls`]'s
+//!   test CA);
 //! - [`platform`]: the platform doubles, in-process ([`TestPlatform`]) and the
 //!   real binary ([`PlatformProcess`]);
 //! - [`git`]: git's own smart-HTTP backend behind token auth;
@@ -44,6 +45,7 @@ pub mod process;
 pub mod prometheus;
 pub mod sandbox;
 pub mod secrets;
+pub mod tls;
 
 pub use capture::{Captured, Transcript, has_word};
 pub use daemon::{Daemon, DaemonBuilder, FAST_BACKOFF};
@@ -56,6 +58,7 @@ pub use platform::{
 pub use process::{Cmd, CmdOutput, Process};
 pub use sandbox::{Sandbox, write_file};
 pub use secrets::{Secrets, assert_secret, fingerprint, sha256_hex};
+pub use tls::TestCa;
 
 /// How long any single wait may take before the test fails. Generous: the CI
 /// machine has two cores shared with parallel tests; a passing run never

@@ -61,6 +61,12 @@ impl Workspace {
 
     /// The entrypoint with a clean, explicit environment.
     fn command(&self, bin_dir: &Path, runtime_exit: i32) -> Command {
+        let runtime = repo_root().join("tests/tests/deploy/runtime.sh");
+        self.command_with_runtime(bin_dir, &runtime, runtime_exit)
+    }
+
+    /// [`Self::command`] with another runtime script.
+    fn command_with_runtime(&self, bin_dir: &Path, runtime: &Path, runtime_exit: i32) -> Command {
         let deploy = repo_root().join("tests/tests/deploy");
         let path = format!(
             "{}:/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin",
@@ -69,7 +75,7 @@ impl Workspace {
         let mut command = Command::new("/bin/sh");
         command
             .arg(repo_root().join("workspace-template/entrypoint.sh"))
-            .arg(deploy.join("runtime.sh"))
+            .arg(runtime)
             .env_clear()
             .env("PATH", path)
             .env("HOME", &self.home)
@@ -517,4 +523,169 @@ fn the_root_phase_drops_to_the_agent_user() {
     assert_eq!(daemons.len(), 1, "{daemons:?}");
     let daemon = std::fs::metadata(format!("/proc/{}", daemons[0])).expect("daemon proc");
     assert_eq!(daemon.uid(), uid);
+}
+
+const TEST_DAEMON_USER: &str = "credd-deploy-sealed";
+
+/// A system account `name` (no home, no shell): uid and gid.
+fn test_user(name: &str) -> (u32, u32) {
+    if nix::unistd::User::from_name(name).ok().flatten().is_none() {
+        let status = Command::new("useradd")
+            .args(["--system", "--user-group", "--no-create-home"])
+            .args(["--shell", "/usr/sbin/nologin", "--home-dir", "/nonexistent"])
+            .arg(name)
+            .status()
+            .expect("run useradd");
+        assert!(status.success(), "useradd {name}");
+    }
+    let user = nix::unistd::User::from_name(name)
+        .expect("getpwnam")
+        .expect("the account exists");
+    (user.uid.as_raw(), user.gid.as_raw())
+}
+
+#[test]
+fn sealed_the_agent_uses_github_through_the_gateway_and_can_never_read_the_token() {
+    require_root("the sealed root phase");
+    require_tool("setpriv", "util-linux");
+    let (agent_uid, agent_gid, home) = test_agent();
+    let (daemon_uid, _) = test_user(TEST_DAEMON_USER);
+    let _ = std::fs::remove_dir_all(&home);
+    std::fs::create_dir_all(&home).expect("agent home");
+    nix::unistd::chown(&home, Some(agent_uid.into()), Some(agent_gid.into())).expect("chown");
+
+    let mut ws = Workspace::new();
+    open_for_others(ws.dir.path());
+    let sealed_dir = ws.dir.path().join("sealed");
+    let ca = ws.dir.path().join("ca").join("gateway-ca.pem");
+    let gateway = testkit::http::closed_port();
+    let runtime = repo_root().join("tests/tests/deploy/sealed-runtime.sh");
+    let mut command = ws.command_with_runtime(&debug_dir(), &runtime, 0);
+    command
+        .env_remove("CREDD_ENTRYPOINT_STAGE")
+        .env_remove("CREDD_SOCKET")
+        .env("CREDD_SEALED", "1")
+        .env("CREDD_AGENT_USER", TEST_AGENT)
+        .env("CREDD_DAEMON_USER", TEST_DAEMON_USER)
+        .env("CREDD_SEALED_DIR", &sealed_dir)
+        .env("CREDD_GATEWAY", gateway.to_string())
+        .env("CREDD_GATEWAY_CA", &ca)
+        .env("HOME", "/root");
+    let sealed_socket = sealed_dir.join("run").join("credd.sock");
+    let result = ws.run(command);
+    // Whatever happens next, the sealed supervisor and daemon go with the
+    // test (supervisor first: it would respawn the daemon).
+    struct Reap(PathBuf);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let daemon = debug_dir().join("molecule-credd");
+            let all = processes_with(None, "CREDD_SOCKET", self.0.as_os_str());
+            let daemons = processes_with(Some(&daemon), "CREDD_SOCKET", self.0.as_os_str());
+            for pid in all.iter().filter(|p| !daemons.contains(p)) {
+                signal(*pid, Signal::SIGKILL);
+            }
+            for pid in daemons {
+                signal(pid, Signal::SIGKILL);
+            }
+        }
+    }
+    let _reap = Reap(sealed_socket.clone());
+    let transcript = result.transcript();
+    assert_eq!(result.status.code(), Some(0), "{transcript}");
+    assert!(!result.stderr.contains("ERROR"), "{transcript}");
+
+    // The agent runs, and reaches nothing that holds a token.
+    assert_eq!(
+        result.value("runtime-uid"),
+        agent_uid.to_string(),
+        "{transcript}"
+    );
+    assert_eq!(result.value("bearer-readable"), "no", "{transcript}");
+    assert_eq!(result.value("sealed-dir-listable"), "no", "{transcript}");
+    assert_ne!(result.value("credd-token-exit"), "0", "{transcript}");
+    assert_eq!(result.value("credd-token-lines"), "1", "{transcript}");
+    assert_eq!(result.value("su-root"), "failed", "{transcript}");
+    assert_eq!(result.value("sudo"), "failed", "{transcript}");
+    assert_eq!(
+        result.value("git-password"),
+        "",
+        "git has no credential for GitHub"
+    );
+    assert_eq!(
+        result.value("git-helper"),
+        "[]",
+        "no credential helper for GitHub"
+    );
+    assert_eq!(result.value("git-proxy"), format!("http://{gateway}"));
+    assert_eq!(result.value("git-cainfo"), ca.display().to_string());
+    assert_eq!(
+        result.value("https-proxy"),
+        "unset",
+        "other tools are untouched"
+    );
+    assert_eq!(
+        result.value("gh-https-proxy"),
+        format!("http://{gateway}"),
+        "{transcript}"
+    );
+    assert_eq!(result.value("gh-ssl-cert-file"), ca.display().to_string());
+    assert_ne!(
+        result.value("gh-token-sha"),
+        sha256_hex(BOOTSTRAP.as_bytes())
+    );
+    assert!(
+        result
+            .stdout
+            .lines()
+            .any(|l| l.starts_with("agent-process: ")),
+        "the runtime listed its processes: {transcript}"
+    );
+    // (ws.run scanned all of it, the agent's processes' environments and
+    // arguments included, for the provision-time token and the bearer.)
+
+    // The daemon runs as its own user, sealed, with the gateway; the bearer
+    // and the socket folder are its alone; the CA is readable by all.
+    let daemons = processes_with(
+        Some(&debug_dir().join("molecule-credd")),
+        "CREDD_SOCKET",
+        sealed_socket.as_os_str(),
+    );
+    assert_eq!(daemons.len(), 1, "{daemons:?}\n{transcript}");
+    let proc_dir = std::fs::metadata(format!("/proc/{}", daemons[0])).expect("daemon proc");
+    assert_eq!(proc_dir.uid(), daemon_uid, "the daemon is not the agent");
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", daemons[0])).expect("cmdline");
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    assert!(
+        cmdline.contains("--sealed") && cmdline.contains("--gateway"),
+        "{cmdline}"
+    );
+    let configs = std::fs::metadata(ws.platform().configs_dir()).expect("configs");
+    assert_eq!(configs.uid(), daemon_uid);
+    assert_eq!(configs.mode() & 0o777, 0o700);
+    let sealed_meta = std::fs::metadata(&sealed_dir).expect("sealed dir");
+    assert_eq!(
+        (sealed_meta.uid(), sealed_meta.mode() & 0o777),
+        (daemon_uid, 0o700)
+    );
+    let ca_meta = std::fs::metadata(&ca).expect("the gateway CA");
+    assert_eq!(ca_meta.mode() & 0o777, 0o644);
+
+    // A bearer the platform rotates in later is out of the agent's reach too.
+    std::fs::write(
+        ws.platform().configs_dir().join(".auth_token.new"),
+        "rotated",
+    )
+    .expect("write");
+    let read = Command::new("setpriv")
+        .args([
+            &format!("--reuid={agent_uid}"),
+            &format!("--regid={agent_gid}"),
+            "--init-groups",
+            "--",
+            "cat",
+        ])
+        .arg(ws.platform().configs_dir().join(".auth_token.new"))
+        .output()
+        .expect("run cat as the agent");
+    assert!(!read.status.success(), "the agent read a rotated bearer");
 }

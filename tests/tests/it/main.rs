@@ -15,6 +15,7 @@ mod git_versions;
 mod harness;
 mod metrics;
 mod owners;
+mod sealed;
 mod secrets;
 mod socket;
 mod trust;
