@@ -445,6 +445,11 @@ fn a_symlinked_socket_folder_is_refused_and_a_private_one_used_instead() {
 
 const TEST_AGENT: &str = "credd-deploy-agent";
 
+/// Held by each test that runs as [`TEST_AGENT`]: they share the user and
+/// its home (each starts from a fresh one), so two at once would remove
+/// each other's git configuration mid-run.
+static AGENT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// The test agent's uid, gid and home, creating the account if needed.
 fn test_agent() -> (u32, u32, PathBuf) {
     let home = PathBuf::from(format!("/tmp/{TEST_AGENT}-home"));
@@ -470,6 +475,9 @@ fn test_agent() -> (u32, u32, PathBuf) {
 
 #[test]
 fn the_root_phase_drops_to_the_agent_user() {
+    let _agent = AGENT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     require_root("the root phase");
     require_tool("setpriv", "util-linux");
     let (uid, gid, home) = test_agent();
@@ -546,6 +554,9 @@ fn test_user(name: &str) -> (u32, u32) {
 
 #[test]
 fn sealed_the_agent_uses_github_through_the_gateway_and_can_never_read_the_token() {
+    let _agent = AGENT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     require_root("the sealed root phase");
     require_tool("setpriv", "util-linux");
     let (agent_uid, agent_gid, home) = test_agent();
