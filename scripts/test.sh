@@ -28,6 +28,7 @@ needs=(
   setpriv:util-linux                               # the entrypoint's drop to the agent
   useradd:passwd                                   # the test agent user
   strace:strace                                    # the helper's system-call budget
+  redis-server:redis-server                        # the replicas' shared token cache
 )
 
 missing=()

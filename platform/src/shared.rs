@@ -32,8 +32,8 @@
 //! deadline; while Redis is down, slow or answers garbage, the replica
 //! serves from and mints into its local cache (counted in `/metrics` as
 //! `molecule_platform_shared_cache_total{event="fallback"}`, logged once per
-//! episode), retries Redis at most every [`RETRY_DOWN_AFTER`], and shares
-//! again once it answers.
+//! episode), probes Redis every [`RETRY_DOWN_AFTER`], and shares again
+//! once it answers.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -64,8 +64,9 @@ pub const DEFAULT_OP_TIMEOUT: Duration = Duration::from_millis(500);
 /// Default expiry of the mint lock: longer than a mint (GitHub's request
 /// timeout is 15 s), short enough that a killed holder stalls little.
 pub const DEFAULT_LOCK_TTL: Duration = Duration::from_secs(20);
-/// After a failed operation, how long Redis is left alone (requests use the
-/// local cache without waiting for it), so a dead Redis costs no latency.
+/// During a down episode requests use the local cache without asking
+/// Redis (a dead Redis costs them no latency), and a probe asks it this
+/// often whether it is back.
 pub const RETRY_DOWN_AFTER: Duration = Duration::from_secs(1);
 /// How often a replica waiting for another's mint looks for its result.
 const WAIT_POLL: Duration = Duration::from_millis(50);
@@ -367,12 +368,18 @@ impl SharedStore {
     where
         F: Future<Output = redis::RedisResult<T>>,
     {
-        {
-            let down = self.down.lock().unwrap_or_else(PoisonError::into_inner);
-            if down.is_some_and(|retry_at| Instant::now() < retry_at) {
-                return Err(OpError::Skipped);
-            }
+        if self.is_down() {
+            return Err(OpError::Skipped);
         }
+        self.attempt(what, f).await
+    }
+
+    /// Runs one operation under the deadline, down or not: a success ends
+    /// a down episode, a failure starts or prolongs one.
+    async fn attempt<T, F>(&self, what: &'static str, f: F) -> Result<T, OpError>
+    where
+        F: Future<Output = redis::RedisResult<T>>,
+    {
         let outcome = tokio::time::timeout(self.op_timeout, f).await;
         let mut down = self.down.lock().unwrap_or_else(PoisonError::into_inner);
         match outcome {
@@ -407,10 +414,11 @@ impl SharedStore {
                 "[redis] {what} failed ({why}): serving from and minting into this replica's own cache until Redis answers"
             );
         }
-        *down = Some(Instant::now() + RETRY_DOWN_AFTER);
+        *down = Some(Instant::now());
     }
 
-    /// Whether Redis is in a down episode now.
+    /// Whether Redis is in a down episode now (requests then use the local
+    /// cache without asking Redis; [`probe_forever`] ends the episode).
     pub fn is_down(&self) -> bool {
         self.down
             .lock()
@@ -601,8 +609,8 @@ impl SharedStore {
     /// Starts the refusal subscriber (reconnecting with back-off) on the
     /// current runtime. It ends when the store is dropped.
     pub fn start(self: &Arc<Self>) {
-        let store = Arc::downgrade(self);
-        tokio::spawn(subscribe_forever(store));
+        tokio::spawn(subscribe_forever(Arc::downgrade(self)));
+        tokio::spawn(probe_forever(Arc::downgrade(self)));
     }
 
     /// Whether the shared entry of `key` holds the token whose SHA-256 is
@@ -754,6 +762,23 @@ impl Serialize for ExposeForSeal<'_> {
         s.serialize_field("expires_at_ms", &t.expires_at_ms)?;
         s.serialize_field("permissions", &t.permissions)?;
         s.end()
+    }
+}
+
+/// During a down episode, pings Redis every [`RETRY_DOWN_AFTER`] (with
+/// jitter) so requests never wait for a dead server, and sharing resumes
+/// as soon as it answers.
+async fn probe_forever(store: Weak<SharedStore>) {
+    loop {
+        let jitter = rand::rng().random_range(0..=RETRY_DOWN_AFTER.as_millis() as u64 / 4);
+        tokio::time::sleep(RETRY_DOWN_AFTER + Duration::from_millis(jitter)).await;
+        let Some(store) = store.upgrade() else { return };
+        if store.is_down() {
+            let mut connection = store.connection.clone();
+            let _ = store
+                .attempt::<String, _>("PING", redis::cmd("PING").query_async(&mut connection))
+                .await;
+        }
     }
 }
 

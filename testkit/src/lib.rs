@@ -42,9 +42,11 @@ pub mod http;
 pub mod platform;
 pub mod process;
 pub mod prometheus;
+pub mod redis;
 pub mod sandbox;
 pub mod secrets;
 
+pub use self::redis::RedisServer;
 pub use capture::{Captured, Transcript, has_word};
 pub use daemon::{Daemon, DaemonBuilder, FAST_BACKOFF};
 pub use fixture::{start_daemon, start_daemon_with, with_platform};
