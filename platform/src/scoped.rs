@@ -257,6 +257,24 @@ impl ScopedCaches {
                 shared_matches.push(key.clone());
             }
         }
+        let matched = keys
+            .iter()
+            .zip(&local)
+            .find(|(key, held)| **held || shared_matches.contains(key))
+            .map(|(key, _)| key.installation);
+        let Some(installation) = matched else {
+            return RefusalOutcome::NoMatch;
+        };
+        // The rate limit holds for the fleet, not per replica: a load
+        // balancer must not turn one drop per interval into one per replica.
+        if let Some(retry_after) = store
+            .claim_refusal(workspace, installation, REFUSAL_INTERVAL)
+            .await
+        {
+            return RefusalOutcome::Limited {
+                retry_after: retry_after.max(Duration::from_secs(1)),
+            };
+        }
         let outcome = self.refuse_where(workspace, keys, sha256, &shared_matches);
         if outcome == RefusalOutcome::Dropped {
             for key in keys {

@@ -23,6 +23,9 @@
 //!   stalls them at most the lock's expiry.
 //! - `PREFIX refused` (pub/sub channel): the SHA-256 of a refused token; each
 //!   replica drops a matching local copy at once.
+//! - `PREFIX refusal:WORKSPACE-DIGEST:INSTALLATION`: the refusal rate limit
+//!   (one drop per workspace and installation per interval) for the fleet,
+//!   so a load balancer does not multiply it by the replicas.
 //! - [`SharedStore::get_plain`] / [`SharedStore::put_plain`] /
 //!   [`SharedStore::get_sealed`] / [`SharedStore::put_sealed`]: a generic
 //!   record API under the prefix, for state that is not a token (GitHub's
@@ -636,6 +639,53 @@ impl SharedStore {
         {
             count(Event::Refused);
         }
+    }
+
+    /// Claims the fleet's refusal window of (`workspace`, `installation`)
+    /// for `interval`: `None` when claimed (or Redis is unusable: each
+    /// replica's own limit still holds), else how long until it frees.
+    /// The key names the workspace by the first 128 bits of its SHA-256.
+    pub async fn claim_refusal(
+        &self,
+        workspace: &str,
+        installation: u64,
+        interval: Duration,
+    ) -> Option<Duration> {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(workspace.as_bytes());
+        let key = format!(
+            "{}refusal:{}:{installation}",
+            self.prefix,
+            hex(&digest[..16])
+        );
+        let millis = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX);
+        let mut connection = self.connection.clone();
+        let claimed: Option<String> = self
+            .op("SET NX (refusal window)", async {
+                redis::cmd("SET")
+                    .arg(&key)
+                    .arg(1)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(millis)
+                    .query_async(&mut connection)
+                    .await
+            })
+            .await
+            .ok()?;
+        if claimed.is_some() {
+            return None;
+        }
+        let left: i64 = self
+            .op("PTTL", async {
+                redis::cmd("PTTL")
+                    .arg(&key)
+                    .query_async(&mut connection)
+                    .await
+            })
+            .await
+            .unwrap_or(0);
+        Some(Duration::from_millis(u64::try_from(left).unwrap_or(0)))
     }
 
     /// Tells every replica (this one too) to drop the token of `sha256`.

@@ -38,6 +38,7 @@ pub mod client;
 pub mod daemon;
 pub mod fixture;
 pub mod git;
+pub mod haproxy;
 pub mod http;
 pub mod platform;
 pub mod process;
@@ -52,6 +53,7 @@ pub use daemon::{Daemon, DaemonBuilder, FAST_BACKOFF};
 pub use fixture::{start_daemon, start_daemon_with, with_platform};
 pub use git::GitServer;
 pub use github_stand_in;
+pub use haproxy::HaProxy;
 pub use platform::{
     Fault, IssuedToken, PlatformOptions, PlatformProcess, TestPlatform, TokenAuthority,
 };

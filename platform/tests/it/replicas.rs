@@ -371,6 +371,13 @@ async fn metrics(url: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_mint_per_grant_for_the_whole_fleet_over_several_lifetimes() {
     let fleet = Fleet::start().await;
+    // Another application's key in the same Redis: never touched.
+    let mut connection = fleet.redis.connection();
+    let _: () = redis::cmd("SET")
+        .arg("other-app:session")
+        .arg("theirs")
+        .query(&mut connection)
+        .expect("SET");
     let mut all_tokens = BTreeSet::new();
     let mut served = Vec::new();
     const ROUNDS: u64 = 3;
@@ -420,6 +427,16 @@ async fn one_mint_per_grant_for_the_whole_fleet_over_several_lifetimes() {
         "the other replicas read each token from Redis: {hits} hits"
     );
 
+    let theirs: Option<String> = redis::cmd("GET")
+        .arg("other-app:session")
+        .query(&mut connection)
+        .expect("GET");
+    assert_eq!(theirs.as_deref(), Some("theirs"));
+    let _: () = redis::cmd("DEL")
+        .arg("other-app:session")
+        .query(&mut connection)
+        .expect("DEL");
+
     // What Redis holds: sealed tokens under the prefix, nothing in clear.
     let data = fleet.redis_data();
     let token_keys: Vec<&String> = data
@@ -435,7 +452,6 @@ async fn one_mint_per_grant_for_the_whole_fleet_over_several_lifetimes() {
         assert_no_secrets("a Redis key", key, &secrets);
         assert!(!text.contains("ghs_"), "{key} holds a token-shaped value");
     }
-    let mut connection = fleet.redis.connection();
     let _: () = redis::cmd("SAVE").query(&mut connection).expect("SAVE");
     let rdb = std::fs::read(fleet.redis.dir().join("dump.rdb")).expect("the RDB file");
     let rdb_text = String::from_utf8_lossy(&rdb);
@@ -606,6 +622,30 @@ async fn a_refusal_on_one_replica_is_never_served_again_by_the_others() {
         tokens.insert(token);
     }
     assert_eq!(fleet.issued().await, 3, "one new mint for the fleet");
+
+    // The refusal limit is the fleet's: ws-9 refusing again within the
+    // interval, now on replica B, is limited, and the token stays.
+    let again = next.expect("a new token");
+    let response = http()
+        .post(format!(
+            "{}/workspaces/ws-9/github-installation-token/refusals",
+            fleet.url(1)
+        ))
+        .bearer_auth(&fleet.bearers[9])
+        .header("content-type", "application/json")
+        .body(format!(r#"{{"sha256": "{}"}}"#, sha256_hex(&again)))
+        .send()
+        .await
+        .expect("refusal");
+    assert_eq!(
+        response.status().as_u16(),
+        429,
+        "one drop per interval for the fleet"
+    );
+    assert!(response.headers().contains_key("retry-after"));
+    let answer = fleet.get(2, 5).await;
+    assert_eq!(answer.token.as_deref(), Some(again.as_str()));
+    assert_eq!(fleet.issued().await, 3);
     fleet.assert_quiet(&tokens);
 }
 
@@ -737,4 +777,81 @@ async fn a_replica_killed_holding_the_mint_lock_stalls_the_others_only_until_its
     );
     drop(a);
     fleet.assert_quiet(&[b.token.unwrap()].into_iter().collect());
+}
+
+/// End to end through a real load balancer: 100 workspaces → HAProxy
+/// (round robin) → 3 replicas → Redis → the stand-in, over two token
+/// lifetimes: each replica serves part of the fleet, GitHub issues one
+/// token per grant per lifetime, and a refusal through the balancer is
+/// never served again whichever replica answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn through_a_load_balancer_one_mint_per_grant_and_refusals_hold() {
+    let fleet = Fleet::start().await;
+    let backends: Vec<String> = (0..REPLICAS)
+        .map(|r| fleet.url(r).trim_start_matches("http://").to_owned())
+        .collect();
+    let balancer = testkit::HaProxy::start(&backends);
+    let lb = balancer.url();
+    let round = || async {
+        let mut tasks = tokio::task::JoinSet::new();
+        for ws in 0..WORKSPACES {
+            let (lb, bearer) = (lb.clone(), fleet.bearers[ws].clone());
+            tasks.spawn(async move { (ws, get(&lb, ws, &bearer).await) });
+        }
+        let mut served = vec![None; WORKSPACES];
+        while let Some(done) = tasks.join_next().await {
+            let (ws, answer) = done.expect("task");
+            served[ws] = Some(answer);
+        }
+        served
+            .into_iter()
+            .map(|s| s.expect("answered"))
+            .collect::<Vec<_>>()
+    };
+    let mut all = BTreeSet::new();
+    let first = round().await;
+    let by_grant = tokens_by_grant(&first);
+    assert!(by_grant.iter().all(|t| t.len() == 1), "{by_grant:?}");
+    all.extend(by_grant.into_iter().flatten());
+    assert_eq!(fleet.issued().await, GRANTS.len() as u64);
+    until_refresh(&first).await;
+    let second = round().await;
+    let by_grant = tokens_by_grant(&second);
+    assert!(by_grant.iter().all(|t| t.len() == 1), "{by_grant:?}");
+    all.extend(by_grant.iter().flatten().cloned());
+    assert_eq!(fleet.issued().await, 2 * GRANTS.len() as u64);
+    for replica in 0..REPLICAS {
+        let text = metrics(&fleet.url(replica)).await;
+        assert!(
+            metric(
+                &text,
+                "molecule_platform_tokens_served_total{caller=\"workspace\"} "
+            ) > 0,
+            "replica {replica} served part of the fleet"
+        );
+    }
+
+    // A refusal through the balancer: no replica serves that token again.
+    let refused = by_grant[2].first().unwrap().clone();
+    let response = http()
+        .post(format!(
+            "{lb}/workspaces/ws-2/github-installation-token/refusals"
+        ))
+        .bearer_auth(&fleet.bearers[2])
+        .header("content-type", "application/json")
+        .body(format!(r#"{{"sha256": "{}"}}"#, sha256_hex(&refused)))
+        .send()
+        .await
+        .expect("refusal");
+    assert_eq!(response.status().as_u16(), 204);
+    let third = round().await;
+    let by_grant = tokens_by_grant(&third);
+    assert!(
+        !by_grant[2].contains(&refused),
+        "the refused token came back"
+    );
+    assert!(by_grant.iter().all(|t| t.len() == 1), "{by_grant:?}");
+    all.extend(by_grant.into_iter().flatten());
+    assert_eq!(fleet.issued().await, 2 * GRANTS.len() as u64 + 1);
+    fleet.assert_quiet(&all);
 }
