@@ -111,6 +111,13 @@ impl RedisServer {
             .expect("connect to redis-server")
     }
 
+    /// Sends `signal` (SIGSTOP: a Redis that accepts and never answers).
+    pub fn signal(&self, signal: Signal) {
+        if let Some(process) = &self.process {
+            process.signal(signal);
+        }
+    }
+
     /// SIGKILLs it (no save, no goodbye), as a crash would.
     pub fn kill(&mut self) {
         if let Some(mut process) = self.process.take() {

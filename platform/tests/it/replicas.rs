@@ -139,6 +139,11 @@ impl Fleet {
 
     /// A replica of this fleet, sealing with `key_file`.
     fn spawn_replica(&self, key_file: &str) -> PlatformProcess {
+        self.spawn_replica_with(key_file, &self.redis.url())
+    }
+
+    /// A replica sealing with `key_file` and sharing through `redis_url`.
+    fn spawn_replica_with(&self, key_file: &str, redis_url: &str) -> PlatformProcess {
         let dir = self.dir.path();
         let key = dir.join("keys").join("app.pem");
         let tokens = dir.join("workspace-tokens");
@@ -152,7 +157,7 @@ impl Fleet {
                 ("GITHUB_API_URL", &self.stand_in_url),
                 ("PLATFORM_WORKSPACE_TOKENS_FILE", tokens.to_str().unwrap()),
                 ("PLATFORM_GRANTS_FILE", grants.to_str().unwrap()),
-                ("PLATFORM_REDIS_URL", &self.redis.url()),
+                ("PLATFORM_REDIS_URL", redis_url),
                 ("PLATFORM_REDIS_KEY_PREFIX", &self.prefix),
                 ("PLATFORM_CACHE_KEY_FILE", key_file),
                 ("PLATFORM_REDIS_LOCK_TTL", self.lock_ttl),
@@ -853,5 +858,70 @@ async fn through_a_load_balancer_one_mint_per_grant_and_refusals_hold() {
     assert!(by_grant.iter().all(|t| t.len() == 1), "{by_grant:?}");
     all.extend(by_grant.into_iter().flatten());
     assert_eq!(fleet.issued().await, 2 * GRANTS.len() as u64 + 1);
+    fleet.assert_quiet(&all);
+}
+
+/// A Redis that stops answering (SIGSTOP) costs each replica one deadline,
+/// then each serves from and mints into its own cache, and shares again
+/// once it answers; a "Redis" that answers garbage (an HTTP server) is the
+/// same: no request fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stalled_or_garbage_answering_redis_fails_no_request() {
+    let fleet = Fleet::start().await;
+    let grants = GRANTS.len() as u64;
+    let mut all = BTreeSet::new();
+    let served = fleet.round().await;
+    all.extend(tokens_by_grant(&served).into_iter().flatten());
+    assert_eq!(fleet.issued().await, grants);
+
+    fleet.redis.signal(Signal::SIGSTOP);
+    until_refresh(&served).await;
+    let stalled = fleet.round().await;
+    let by_grant = tokens_by_grant(&stalled);
+    assert!(
+        by_grant.iter().all(|t| t.len() == REPLICAS),
+        "each replica minted its own: {by_grant:?}"
+    );
+    all.extend(by_grant.into_iter().flatten());
+    assert_eq!(fleet.issued().await, grants + grants * REPLICAS as u64);
+    fleet.redis.signal(Signal::SIGCONT);
+    for replica in 0..REPLICAS {
+        let stderr = fleet.replicas[replica]
+            .as_ref()
+            .unwrap()
+            .wait_for_stderr("answering again");
+        assert_eq!(
+            stderr
+                .matches("serving from and minting into this replica's own cache")
+                .count(),
+            1,
+            "replica {replica}: one line for the episode:\n{stderr}"
+        );
+    }
+    until_refresh(&stalled).await;
+    let back = fleet.round().await;
+    let by_grant = tokens_by_grant(&back);
+    assert!(by_grant.iter().all(|t| t.len() == 1), "{by_grant:?}");
+    all.extend(by_grant.into_iter().flatten());
+    assert_eq!(fleet.issued().await, 2 * grants + grants * REPLICAS as u64);
+
+    // An HTTP server where Redis should be: garbage answers, no failure.
+    let garbage_url = fleet.stand_in_url.replacen("http://", "redis://", 1);
+    let confused = fleet.spawn_replica_with(&fleet.key_file, &garbage_url);
+    for ws in 0..GRANTS.len() {
+        let answer = get(&confused.url(), ws, &fleet.bearers[ws]).await;
+        assert_eq!(answer.status, 200, "{answer:?}");
+        all.insert(answer.token.expect("token"));
+    }
+    let text = metrics(&confused.url()).await;
+    assert!(
+        metric(
+            &text,
+            "molecule_platform_shared_cache_total{event=\"fallback\"} "
+        ) >= 1,
+        "{text}"
+    );
+    let secrets: Vec<String> = all.iter().cloned().collect();
+    assert_no_secrets("confused replica stderr", &confused.stderr(), &secrets);
     fleet.assert_quiet(&all);
 }
