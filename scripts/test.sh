@@ -28,6 +28,8 @@ needs=(
   setpriv:util-linux                               # the entrypoint's drop to the agent
   useradd:passwd                                   # the test agent user
   strace:strace                                    # the helper's system-call budget
+  redis-server:redis-server                        # the replicas' shared token cache
+  haproxy:haproxy                                  # the load balancer in front of the replicas
 )
 
 missing=()

@@ -15,6 +15,7 @@ use clap::{Parser, ValueEnum};
 use secrecy::SecretString;
 
 use crate::github::{DEFAULT_API_URL, GitHubAppConfig, MAX_KEY_BYTES};
+use crate::shared::{SealKey, SharedConfig};
 
 /// Default listen address in service mode.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
@@ -79,6 +80,25 @@ pub struct Args {
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Replicas: share minted tokens through this Redis
+    /// (`redis://[:PASSWORD@]HOST:PORT[/DB]`; give a password through the
+    /// environment, not the flag). Unset: this process's own cache only.
+    #[arg(long, env = "PLATFORM_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+    /// With --redis-url: every Redis key and channel starts with this.
+    #[arg(long, env = "PLATFORM_REDIS_KEY_PREFIX", default_value = crate::shared::DEFAULT_PREFIX)]
+    pub redis_key_prefix: String,
+    /// With --redis-url: file of 64 hex digits (`openssl rand -hex 32`), the
+    /// AES-256-GCM key sealing tokens in Redis; the same on every replica.
+    #[arg(long, env = "PLATFORM_CACHE_KEY_FILE")]
+    pub cache_key_file: Option<PathBuf>,
+    /// With --redis-url: deadline of each Redis operation (humantime).
+    #[arg(long, env = "PLATFORM_REDIS_TIMEOUT", default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub redis_timeout: Duration,
+    /// With --redis-url: expiry of the cross-replica mint lock (humantime);
+    /// a replica dying mid-mint delays the others at most this long.
+    #[arg(long, env = "PLATFORM_REDIS_LOCK_TTL", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub redis_lock_ttl: Duration,
 }
 
 /// Where tokens come from.
@@ -112,6 +132,8 @@ pub struct Config {
     pub dev_auth_token_file: Option<PathBuf>,
     /// Log format.
     pub log_format: LogFormat,
+    /// `PLATFORM_REDIS_URL` and friends: the replicas' shared cache.
+    pub shared: Option<SharedConfig>,
 }
 
 /// The configuration cannot work; the message says what to change.
@@ -147,6 +169,7 @@ impl Config {
                 "PLATFORM_LISTEN / --listen must be IP:PORT such as {DEFAULT_LISTEN}, got {listen_text:?}"
             ))
         })?;
+        let shared = shared_config(&args)?;
         let app_id = non_empty(args.github_app_id.as_deref());
         let client_id = non_empty(args.github_app_client_id.as_deref());
         let installation = non_empty(args.github_app_installation_id.as_deref());
@@ -214,6 +237,12 @@ impl Config {
                 args.github_api_url,
             ))
         };
+        if args.dev && shared.is_some() {
+            return fail(
+                "--dev is a single process on loopback: unset PLATFORM_REDIS_URL / --redis-url"
+                    .into(),
+            );
+        }
         if !args.dev && args.dev_auth_token_file.is_some() {
             return fail("--dev-auth-token-file only makes sense with --dev".into());
         }
@@ -225,8 +254,72 @@ impl Config {
             provider,
             dev_auth_token_file: non_empty_path(args.dev_auth_token_file),
             log_format: args.log_format,
+            shared,
         })
     }
+}
+
+/// The replicated-cache settings, checked: `None` without a Redis URL.
+fn shared_config(args: &Args) -> Result<Option<SharedConfig>, ConfigError> {
+    let Some(url) = non_empty(args.redis_url.as_deref()) else {
+        if args.cache_key_file.is_some() {
+            return Err(ConfigError(
+                "PLATFORM_CACHE_KEY_FILE is set but PLATFORM_REDIS_URL is not: set both to share tokens between replicas, or neither"
+                    .into(),
+            ));
+        }
+        return Ok(None);
+    };
+    if url.starts_with("rediss://") {
+        return Err(ConfigError(
+            "PLATFORM_REDIS_URL: rediss:// (TLS) is not supported: reach Redis over loopback, a private network or a TLS tunnel with redis://"
+                .into(),
+        ));
+    }
+    if !(url.starts_with("redis://")
+        || url.starts_with("unix://")
+        || url.starts_with("redis+unix://"))
+    {
+        return Err(ConfigError(
+            "PLATFORM_REDIS_URL must be redis://HOST:PORT (or unix:///PATH)".into(),
+        ));
+    }
+    let prefix = args.redis_key_prefix.trim().to_owned();
+    if !crate::shared::valid_prefix(&prefix) {
+        return Err(ConfigError(
+            "PLATFORM_REDIS_KEY_PREFIX must be 1-64 printable characters without spaces".into(),
+        ));
+    }
+    let Some(key_file) = non_empty_path(args.cache_key_file.clone()) else {
+        return Err(ConfigError(
+            "PLATFORM_REDIS_URL is set but PLATFORM_CACHE_KEY_FILE is not: tokens are sealed in Redis under that key \
+             (64 hex digits, e.g. `openssl rand -hex 32 > FILE`, the same file on every replica)"
+                .into(),
+        ));
+    };
+    let seal_key = SealKey::read(&key_file).map_err(|why| {
+        ConfigError(format!(
+            "PLATFORM_CACHE_KEY_FILE {}: {why}",
+            key_file.display()
+        ))
+    })?;
+    if !(Duration::from_millis(10)..=Duration::from_secs(10)).contains(&args.redis_timeout) {
+        return Err(ConfigError(
+            "PLATFORM_REDIS_TIMEOUT must be 10ms to 10s".into(),
+        ));
+    }
+    if !(Duration::from_secs(1)..=Duration::from_secs(600)).contains(&args.redis_lock_ttl) {
+        return Err(ConfigError(
+            "PLATFORM_REDIS_LOCK_TTL must be 1s to 10m".into(),
+        ));
+    }
+    Ok(Some(SharedConfig {
+        url: SecretString::from(url),
+        prefix,
+        seal_key,
+        op_timeout: args.redis_timeout,
+        lock_ttl: args.redis_lock_ttl,
+    }))
 }
 
 fn read_key(path: &Path) -> Result<SecretString, ConfigError> {
@@ -278,6 +371,76 @@ mod tests {
         assert!(err.0.contains("loopback"), "{err}");
         let err = parse(&["--dev", "--github-app-id", "1"]).unwrap_err();
         assert!(err.0.contains("cannot be combined"), "{err}");
+    }
+
+    #[test]
+    fn redis_needs_a_key_file_and_a_redis_url() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("cache.key");
+        std::fs::write(&key, "0f".repeat(32)).unwrap();
+        let key = key.to_str().unwrap();
+        let c = parse(&[
+            "--redis-url",
+            "redis://127.0.0.1:6379",
+            "--cache-key-file",
+            key,
+        ])
+        .unwrap();
+        let shared = c.shared.expect("shared");
+        assert_eq!(shared.prefix, crate::shared::DEFAULT_PREFIX);
+        assert!(
+            !format!("{shared:?}").contains("6379"),
+            "the URL stays out of Debug"
+        );
+        assert!(parse(&[]).unwrap().shared.is_none());
+        for (argv, expected) in [
+            (
+                vec!["--redis-url", "redis://h:1"],
+                "PLATFORM_CACHE_KEY_FILE is not",
+            ),
+            (vec!["--cache-key-file", key], "PLATFORM_REDIS_URL is not"),
+            (
+                vec!["--redis-url", "rediss://h:1", "--cache-key-file", key],
+                "TLS",
+            ),
+            (
+                vec!["--redis-url", "http://h:1", "--cache-key-file", key],
+                "redis://HOST:PORT",
+            ),
+            (
+                vec![
+                    "--redis-url",
+                    "redis://h:1",
+                    "--cache-key-file",
+                    key,
+                    "--redis-key-prefix",
+                    "a b",
+                ],
+                "PREFIX",
+            ),
+            (
+                vec![
+                    "--redis-url",
+                    "redis://h:1",
+                    "--cache-key-file",
+                    "/nonexistent",
+                ],
+                "PLATFORM_CACHE_KEY_FILE /nonexistent",
+            ),
+            (
+                vec![
+                    "--dev",
+                    "--redis-url",
+                    "redis://h:1",
+                    "--cache-key-file",
+                    key,
+                ],
+                "single process",
+            ),
+        ] {
+            let err = parse(&argv).unwrap_err();
+            assert!(err.0.contains(expected), "{argv:?}: {err}");
+        }
     }
 
     #[test]

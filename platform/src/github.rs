@@ -276,6 +276,13 @@ impl GitHubAppProvider {
         Ok(provider)
     }
 
+    /// Shares this provider's tokens with other replicas through `store`
+    /// (see [`crate::shared`]).
+    pub fn with_shared(mut self, store: std::sync::Arc<crate::shared::SharedStore>) -> Self {
+        self.caches = self.caches.with_shared(store);
+        self
+    }
+
     /// How many calls to GitHub's token endpoint were made so far.
     pub fn upstream_calls(&self) -> u64 {
         self.calls.load(Ordering::SeqCst)
@@ -707,7 +714,7 @@ impl TokenProvider for GitHubAppProvider {
                         .map(|id| MintKey::new(id, Some(s))),
                 })
                 .collect();
-            self.caches.refuse(&workspace, &keys, &sha256)
+            self.caches.report(&workspace, &keys, &sha256).await
         })
     }
 }

@@ -14,6 +14,8 @@
 //!   permissions each workspace's tokens are scoped to.
 //! - [`scoped`]: one token cache per (installation, repositories,
 //!   permissions), bounded, and the refusal rate limit.
+//! - [`shared`]: the token cache replicas share through Redis (sealed
+//!   tokens, a mint lock, refusals announced to every replica).
 //! - [`dev`]: a provider minting fake `ghs_` tokens for local runs and tests.
 //! - [`auth`]: admin and per-workspace bearer checks.
 //! - [`metrics`]: the Prometheus metrics behind `GET /metrics`.
@@ -32,6 +34,7 @@ pub mod provider;
 pub mod registry;
 pub mod scoped;
 pub mod service;
+pub mod shared;
 
 pub use auth::{Auth, WorkspaceTokens};
 pub use dev::DevProvider;

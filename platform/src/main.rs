@@ -24,6 +24,7 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use clap::Parser;
 use molecule_platform::config::{Args, Config, LogFormat, ProviderChoice};
+use molecule_platform::shared::SharedStore;
 use molecule_platform::{
     AppState, Auth, DevProvider, GitHubAppProvider, Grants, Registry, WorkspaceTokens,
 };
@@ -197,7 +198,18 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         }
         ProviderChoice::GitHub(github) => {
             let issuer = github.issuer.clone();
-            let provider = GitHubAppProvider::new(github).context("GitHub App configuration")?;
+            let mut provider =
+                GitHubAppProvider::new(github).context("GitHub App configuration")?;
+            if let Some(shared) = config.shared {
+                let prefix = shared.prefix.clone();
+                let store = SharedStore::new(shared)
+                    .map_err(|why| anyhow::anyhow!("PLATFORM_REDIS_URL: {why}"))?;
+                store.start();
+                tracing::info!(
+                    "replicas: tokens shared through Redis under the prefix {prefix:?}, sealed with PLATFORM_CACHE_KEY_FILE"
+                );
+                provider = provider.with_shared(store);
+            }
             tracing::info!("GitHub App {issuer}: tokens from {}", provider.endpoint());
             registry.register(Arc::new(provider));
         }

@@ -61,6 +61,11 @@ struct RequestLabels {
     code: u16,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SharedLabels {
+    event: &'static str,
+}
+
 type RequestHistograms = Family<RequestLabels, Histogram, fn() -> Histogram>;
 
 /// Who was served a token.
@@ -89,6 +94,7 @@ pub struct PlatformMetrics {
     served: Family<CallerLabels, Counter>,
     upstream_errors: Family<UpstreamLabels, Counter>,
     requests: RequestHistograms,
+    shared: Family<SharedLabels, Counter>,
 }
 
 impl std::fmt::Debug for PlatformMetrics {
@@ -115,6 +121,7 @@ impl PlatformMetrics {
         let served = Family::<CallerLabels, Counter>::default();
         let upstream_errors = Family::<UpstreamLabels, Counter>::default();
         let requests = RequestHistograms::new_with_constructor(request_histogram);
+        let shared = Family::<SharedLabels, Counter>::default();
         // Both callers exist from the start, so a rate over them does too.
         for caller in [CallerKind::Workspace, CallerKind::Admin] {
             let _ = served.get_or_create(&CallerLabels {
@@ -148,8 +155,16 @@ impl PlatformMetrics {
             prometheus_client::registry::Unit::Seconds,
             requests.clone(),
         );
+        registry.register(
+            "shared_cache",
+            "Replicated token cache (PLATFORM_REDIS_URL) events: hit (another replica's token), miss (minted under the lock), \
+             waited (for another replica's mint), fallback (Redis unusable: local cache), error (a Redis operation failed), \
+             rejected (an entry that does not open), refused (a shared entry removed after a refusal)",
+            shared.clone(),
+        );
         Self {
             registry,
+            shared,
             minted,
             cache_hits,
             served,
@@ -166,6 +181,15 @@ impl PlatformMetrics {
     /// A token request was answered from the cache.
     pub fn cache_hit(&self) {
         self.cache_hits.inc();
+    }
+
+    /// A replicated-cache event.
+    pub fn shared_cache(&self, event: crate::shared::Event) {
+        self.shared
+            .get_or_create(&SharedLabels {
+                event: event.as_str(),
+            })
+            .inc();
     }
 
     /// A token endpoint handed a token to `caller`.

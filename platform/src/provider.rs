@@ -69,7 +69,12 @@ pub(crate) fn fingerprint(secret: &str) -> String {
 
 /// Whether the SHA-256 of `token`'s text is `sha256` (constant time).
 fn digest_matches(token: &IssuedToken, sha256: &[u8; 32]) -> bool {
-    let digest: [u8; 32] = Sha256::digest(token.token.expose_secret().as_bytes()).into();
+    secret_matches(token.token.expose_secret(), sha256)
+}
+
+/// Whether the SHA-256 of `secret` is `sha256` (constant time).
+pub(crate) fn secret_matches(secret: &str, sha256: &[u8; 32]) -> bool {
+    let digest: [u8; 32] = Sha256::digest(secret.as_bytes()).into();
     bool::from(subtle::ConstantTimeEq::ct_eq(&digest[..], &sha256[..]))
 }
 
@@ -309,6 +314,8 @@ pub struct TokenCache {
     refresh_window: SignedDuration,
     failure_cooldown: SignedDuration,
     clock: Clock,
+    /// With replicas: where this cache's tokens are shared.
+    shared: Option<crate::shared::SharedSlot>,
 }
 
 impl fmt::Debug for TokenCache {
@@ -337,7 +344,16 @@ impl TokenCache {
             refresh_window: signed(refresh_window),
             failure_cooldown: signed(FAILURE_COOLDOWN),
             clock,
+            shared: None,
         }
+    }
+
+    /// Shares this cache's tokens with other replicas (see
+    /// [`crate::shared`]): a miss first looks there, and a mint happens
+    /// under the replicas' lock and is shared.
+    pub fn with_shared(mut self, shared: crate::shared::SharedSlot) -> Self {
+        self.shared = Some(shared);
+        self
     }
 
     /// Sets how long a failure is answered from memory (default
@@ -358,13 +374,26 @@ impl TokenCache {
     fn fresh(&self, now: Timestamp, min_remaining: SignedDuration) -> Option<IssuedToken> {
         let guard = self.current.read().unwrap_or_else(PoisonError::into_inner);
         let cached = guard.as_ref()?;
-        let life = cached.token.expires_at.duration_since(cached.obtained_at);
+        self.acceptable(&cached.token, cached.obtained_at, now, min_remaining)
+            .then(|| cached.token.clone())
+    }
+
+    /// Whether `token`, obtained at `obtained_at`, is outside its refresh
+    /// window at `now` and has at least `min_remaining` of life left.
+    fn acceptable(
+        &self,
+        token: &IssuedToken,
+        obtained_at: Timestamp,
+        now: Timestamp,
+        min_remaining: SignedDuration,
+    ) -> bool {
+        let life = token.expires_at.duration_since(obtained_at);
         let window = self.refresh_window.min(life / 2);
         // Never more than half the token's life: a freshly minted token must
         // satisfy the demand, or every call would mint.
         let demanded = min_remaining.min(signed(MAX_MIN_REMAINING)).min(life / 2);
-        let remaining = cached.token.expires_at.duration_since(now);
-        (remaining > window && remaining >= demanded).then(|| cached.token.clone())
+        let remaining = token.expires_at.duration_since(now);
+        remaining > window && remaining >= demanded
     }
 
     /// Whether the cached token's SHA-256 is `sha256`.
@@ -454,24 +483,52 @@ impl TokenCache {
         }
 
         let obtained_at = self.clock.now();
-        let result = fetch().await.and_then(|token| {
-            let now = self.clock.now();
-            if token.token.expose_secret().is_empty() {
-                Err(ProviderError::Malformed("empty token".into()))
-            } else if token.expires_at <= now {
-                Err(ProviderError::Malformed(format!(
-                    "token already expired at {}",
-                    token.expires_at
-                )))
-            } else {
-                Ok(token)
+        let checked = || async {
+            fetch().await.and_then(|token| {
+                let now = self.clock.now();
+                if token.token.expose_secret().is_empty() {
+                    Err(ProviderError::Malformed("empty token".into()))
+                } else if token.expires_at <= now {
+                    Err(ProviderError::Malformed(format!(
+                        "token already expired at {}",
+                        token.expires_at
+                    )))
+                } else {
+                    Ok(token)
+                }
+            })
+        };
+        let (result, origin, obtained_at) = match &self.shared {
+            None => (checked().await, crate::shared::Origin::Minted, obtained_at),
+            Some(shared) => {
+                let acceptable = |entry: &crate::shared::SharedEntry| {
+                    self.acceptable(
+                        &entry.token,
+                        entry.minted_at,
+                        self.clock.now(),
+                        min_remaining,
+                    )
+                };
+                shared
+                    .store
+                    .mint(
+                        &shared.key,
+                        &acceptable,
+                        &self.clock,
+                        &shared.permissions,
+                        checked,
+                    )
+                    .await
             }
-        });
+        };
         let mut attempts = self.lock_attempts();
         attempts.completed += 1;
         match result {
             Ok(token) => {
-                crate::metrics::metrics().minted();
+                match origin {
+                    crate::shared::Origin::Minted => crate::metrics::metrics().minted(),
+                    crate::shared::Origin::Shared => crate::metrics::metrics().cache_hit(),
+                }
                 attempts.last_failure = None;
                 *self.current.write().unwrap_or_else(PoisonError::into_inner) = Some(Cached {
                     token: token.clone(),

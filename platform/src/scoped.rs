@@ -22,6 +22,7 @@ use jiff::Timestamp;
 
 use crate::grants::{Level, Scope};
 use crate::provider::{Clock, REFUSAL_INTERVAL, RefusalOutcome, TokenCache};
+use crate::shared::{SharedSlot, SharedStore};
 
 /// Most kinds of token cached at once by one provider.
 pub const MAX_CACHED_TOKENS: usize = 4096;
@@ -89,11 +90,13 @@ type RefusalKey = (String, u64);
 /// The bounded map of token caches, and when each workspace last had a
 /// refused token of each installation dropped.
 pub struct ScopedCaches {
-    entries: Mutex<HashMap<MintKey, Entry>>,
+    entries: Arc<Mutex<HashMap<MintKey, Entry>>>,
     refusals: Mutex<HashMap<RefusalKey, Timestamp>>,
     refresh_window: Duration,
     clock: Clock,
     max_entries: usize,
+    /// With replicas: the store every slot shares its tokens through.
+    shared: Option<Arc<SharedStore>>,
 }
 
 impl fmt::Debug for ScopedCaches {
@@ -109,12 +112,35 @@ impl ScopedCaches {
     /// Empty; caches replace tokens `refresh_window` before expiry.
     pub fn new(refresh_window: Duration, clock: Clock) -> Self {
         Self {
-            entries: Mutex::default(),
+            entries: Arc::default(),
             refusals: Mutex::default(),
             refresh_window,
             clock,
             max_entries: MAX_CACHED_TOKENS,
+            shared: None,
         }
+    }
+
+    /// Shares every slot's tokens with the other replicas through `store`,
+    /// and drops a local token at once when any replica reports it refused.
+    pub fn with_shared(mut self, store: Arc<SharedStore>) -> Self {
+        let entries = Arc::downgrade(&self.entries);
+        store.on_refusal(move |sha256| {
+            let Some(entries) = entries.upgrade() else {
+                return;
+            };
+            let slots: Vec<Slot> = entries
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .values()
+                .map(|e| e.slot.clone())
+                .collect();
+            for slot in slots {
+                slot.cache.invalidate_matching(sha256);
+            }
+        });
+        self.shared = Some(store);
+        self
     }
 
     /// Sets the bound on entries (at least 1).
@@ -159,9 +185,18 @@ impl ScopedCaches {
                 entries.remove(&victim);
             }
         }
+        let permissions: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
+        let mut cache = TokenCache::new(self.refresh_window, self.clock.clone());
+        if let Some(store) = &self.shared {
+            cache = cache.with_shared(SharedSlot {
+                store: Arc::clone(store),
+                key: key.clone(),
+                permissions: Arc::clone(&permissions),
+            });
+        }
         let slot = Slot {
-            cache: Arc::new(TokenCache::new(self.refresh_window, self.clock.clone())),
-            permissions: Arc::default(),
+            cache: Arc::new(cache),
+            permissions,
         };
         entries.insert(
             key.clone(),
@@ -190,13 +225,83 @@ impl ScopedCaches {
     /// ever allow a drop, never refuse one, and whoever fills it has caused
     /// as many mints already.
     pub fn refuse(&self, workspace: &str, keys: &[MintKey], sha256: &[u8; 32]) -> RefusalOutcome {
+        self.refuse_where(workspace, keys, sha256, &[])
+    }
+
+    /// [`ScopedCaches::refuse`] on every replica: with a shared store, a
+    /// matching shared entry is removed (and counts as a match, under the
+    /// same rate limit, even when this replica never held the token), and
+    /// every replica is told to drop its copy. Without one, `refuse`.
+    pub async fn report(
+        &self,
+        workspace: &str,
+        keys: &[MintKey],
+        sha256: &[u8; 32],
+    ) -> RefusalOutcome {
+        let Some(store) = &self.shared else {
+            return self.refuse(workspace, keys, sha256);
+        };
+        let local: Vec<bool> = keys
+            .iter()
+            .map(|key| {
+                self.peek(key)
+                    .is_some_and(|slot| slot.cache.holds_matching(sha256))
+            })
+            .collect();
+        let mut shared_matches = Vec::new();
+        for (key, held) in keys.iter().zip(&local) {
+            if *held {
+                continue;
+            }
+            if store.holds_matching(key, sha256).await {
+                shared_matches.push(key.clone());
+            }
+        }
+        let matched = keys
+            .iter()
+            .zip(&local)
+            .find(|(key, held)| **held || shared_matches.contains(key))
+            .map(|(key, _)| key.installation);
+        let Some(installation) = matched else {
+            return RefusalOutcome::NoMatch;
+        };
+        // The rate limit holds for the fleet, not per replica: a load
+        // balancer must not turn one drop per interval into one per replica.
+        if let Some(retry_after) = store
+            .claim_refusal(workspace, installation, REFUSAL_INTERVAL)
+            .await
+        {
+            return RefusalOutcome::Limited {
+                retry_after: retry_after.max(Duration::from_secs(1)),
+            };
+        }
+        let outcome = self.refuse_where(workspace, keys, sha256, &shared_matches);
+        if outcome == RefusalOutcome::Dropped {
+            for key in keys {
+                store.remove_matching(key, sha256).await;
+            }
+            store.announce(sha256).await;
+        }
+        outcome
+    }
+
+    /// `refuse`, also counting the keys of `elsewhere` as holding the token
+    /// (another replica's, shared).
+    fn refuse_where(
+        &self,
+        workspace: &str,
+        keys: &[MintKey],
+        sha256: &[u8; 32],
+        elsewhere: &[MintKey],
+    ) -> RefusalOutcome {
         let interval =
             jiff::SignedDuration::try_from(REFUSAL_INTERVAL).unwrap_or(jiff::SignedDuration::MAX);
         for key in keys {
-            let Some(slot) = self.peek(key) else {
-                continue;
-            };
-            if !slot.cache.holds_matching(sha256) {
+            let slot = self.peek(key);
+            let held = slot
+                .as_ref()
+                .is_some_and(|slot| slot.cache.holds_matching(sha256));
+            if !held && !elsewhere.contains(key) {
                 continue;
             }
             let now = self.clock.now();
@@ -211,7 +316,8 @@ impl ScopedCaches {
                     };
                 }
             }
-            if slot.cache.invalidate_matching(sha256) {
+            let dropped = slot.is_some_and(|slot| slot.cache.invalidate_matching(sha256));
+            if dropped || elsewhere.contains(key) {
                 if refusals.len() >= self.max_entries {
                     refusals.retain(|_, at| now.duration_since(*at) < interval);
                     if refusals.len() >= self.max_entries {

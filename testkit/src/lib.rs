@@ -39,19 +39,23 @@ pub mod client;
 pub mod daemon;
 pub mod fixture;
 pub mod git;
+pub mod haproxy;
 pub mod http;
 pub mod platform;
 pub mod process;
 pub mod prometheus;
+pub mod redis;
 pub mod sandbox;
 pub mod secrets;
 pub mod tls;
 
+pub use self::redis::RedisServer;
 pub use capture::{Captured, Transcript, has_word};
 pub use daemon::{Daemon, DaemonBuilder, FAST_BACKOFF};
 pub use fixture::{start_daemon, start_daemon_with, with_platform};
 pub use git::GitServer;
 pub use github_stand_in;
+pub use haproxy::HaProxy;
 pub use platform::{
     Fault, IssuedToken, PlatformOptions, PlatformProcess, TestPlatform, TokenAuthority,
 };

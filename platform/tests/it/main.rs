@@ -8,6 +8,7 @@ mod github;
 mod github_grants;
 mod grants;
 mod metrics;
+mod replicas;
 mod service;
 mod slow_clients;
 mod support;
