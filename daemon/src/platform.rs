@@ -37,8 +37,9 @@ use credd_core::protocol::Scope;
 use credd_core::repository::{RepositoryRef, is_valid_owner};
 use credd_core::secret::Token;
 
-/// Largest response body read from the platform.
-pub const MAX_BODY: usize = 64 * 1024;
+/// Largest response body read from the platform: a token answer with the
+/// largest token and scope (credd-core's bound, shared with the socket).
+pub const MAX_BODY: usize = credd_core::protocol::MAX_TOKEN_ANSWER;
 /// Largest `.auth_token` file read.
 pub const MAX_BEARER_FILE: u64 = 8 * 1024;
 /// How long reading `.auth_token` may take. It lives on whatever filesystem
@@ -68,11 +69,8 @@ impl Default for Timeouts {
 
 /// Most repositories a token's stated scope may list (GitHub mints with at
 /// most 500).
-pub const MAX_SCOPE_REPOSITORIES: usize = 500;
-/// Most permissions a token's stated scope may list.
-pub const MAX_SCOPE_PERMISSIONS: usize = 100;
-/// Longest permission name or level accepted in a stated scope.
-pub const MAX_PERMISSION_TEXT: usize = 64;
+pub const MAX_SCOPE_REPOSITORIES: usize = credd_core::repository::MAX_REPOSITORIES_PER_TOKEN;
+pub use credd_core::protocol::{MAX_PERMISSION_TEXT, MAX_SCOPE_PERMISSIONS};
 
 /// What a call asks the platform for.
 #[derive(Debug, Clone, Copy, Default)]

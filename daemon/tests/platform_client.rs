@@ -254,7 +254,10 @@ async fn bad_bodies_are_refused_without_quoting_them() {
         reply(
             "200 OK",
             &[],
-            &format!(r#"{{"token":"{TOKEN}","pad":"{}"}}"#, "x".repeat(70_000)),
+            &format!(
+                r#"{{"token":"{TOKEN}","pad":"{}"}}"#,
+                "x".repeat(molecule_credd::platform::MAX_BODY + 1)
+            ),
         ),
     ];
     let (url, _requests) = platform(cases).await;

@@ -59,8 +59,6 @@ pub const INSTALLATIONS_TTL: Duration = Duration::from_secs(10 * 60);
 /// again only when the table is older than this (a new installation shows
 /// up within it; unknown owners cannot make it list on every request).
 pub const RELIST_AFTER_MISS: Duration = Duration::from_secs(30);
-/// Longest token accepted (GitHub is moving to longer, JWT-shaped tokens).
-const MAX_TOKEN_CHARS: usize = 16 * 1024;
 
 /// JWT `iat` is backdated this much to absorb clock drift (GitHub's advice).
 const JWT_BACKDATE: SignedDuration = SignedDuration::from_secs(60);
@@ -381,7 +379,7 @@ impl GitHubAppProvider {
                 serde_json::from_slice(&body).map_err(|e| describe_json_error(&e))?;
             for installation in page {
                 if let Some(account) = installation.account
-                    && crate::grants::valid_owner(&account.login)
+                    && credd_core::repository::is_valid_owner(&account.login)
                 {
                     table.insert(account.login.to_ascii_lowercase(), installation.id);
                 }
@@ -519,15 +517,10 @@ impl GitHubAppProvider {
                         .collect()
                 })
                 .unwrap_or_default();
-        let token = answer.token.expose_secret();
-        if token.is_empty() {
-            return Err(ProviderError::Malformed("empty token".into()));
-        }
-        if token.len() > MAX_TOKEN_CHARS || !token.chars().all(|c| c.is_ascii_graphic()) {
-            return Err(ProviderError::Malformed(format!(
-                "the token is not 1-{MAX_TOKEN_CHARS} printable ASCII characters"
-            )));
-        }
+        // Opaque: classic or stateless (`ghs_<APPID>_<JWT>`), bounded by
+        // credd-core's one limit.
+        credd_core::secret::check_token_text(answer.token.expose_secret())
+            .map_err(|e| ProviderError::Malformed(e.to_string()))?;
         let expires_at: Timestamp = answer.expires_at.trim().parse().map_err(|_| {
             ProviderError::Malformed(format!(
                 "expires_at is not an RFC 3339 timestamp ({} characters)",

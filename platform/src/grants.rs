@@ -30,6 +30,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock};
 
+use credd_core::repository::{NameError, is_valid_name, is_valid_owner};
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
@@ -43,38 +44,11 @@ pub const MAX_GRANT_WORKSPACES: usize = 100_000;
 pub const MAX_OWNERS_PER_WORKSPACE: usize = 100;
 /// Most repositories of one owner in one grant: GitHub mints a token for at
 /// most 500 repositories.
-pub const MAX_REPOSITORIES_PER_OWNER: usize = 500;
+pub const MAX_REPOSITORIES_PER_OWNER: usize = credd_core::repository::MAX_REPOSITORIES_PER_TOKEN;
 /// Most permissions one grant may name.
 pub const MAX_PERMISSIONS: usize = 64;
-/// Longest GitHub account name (GitHub's own limit).
-pub const MAX_OWNER_CHARS: usize = 39;
-/// Longest GitHub repository name (GitHub's own limit).
-pub const MAX_REPOSITORY_CHARS: usize = 100;
 /// Longest permission name accepted (GitHub's are all far shorter).
 pub const MAX_PERMISSION_NAME_CHARS: usize = 64;
-
-/// Whether `owner` is a GitHub account name: 1-39 letters, digits or `-`,
-/// not starting with `-`.
-pub fn valid_owner(owner: &str) -> bool {
-    !owner.is_empty()
-        && owner.len() <= MAX_OWNER_CHARS
-        && !owner.starts_with('-')
-        && owner
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-}
-
-/// Whether `name` is a GitHub repository name: 1-100 letters, digits, `.`,
-/// `_` or `-`, and not `.` or `..`.
-pub fn valid_repository_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= MAX_REPOSITORY_CHARS
-        && name != "."
-        && name != ".."
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-}
 
 /// Whether `name` is a permission name as GitHub spells them
 /// (`contents`, `pull_requests`): lowercase letters, digits and `_`.
@@ -184,11 +158,11 @@ impl Ask {
             .split_once('/')
             .ok_or_else(|| "repository must be OWNER/NAME".to_owned())?;
         let name = name.strip_suffix(".git").unwrap_or(name);
-        if !valid_owner(owner) {
-            return Err(owner_rule());
+        if !is_valid_owner(owner) {
+            return Err(NameError::BadOwner.to_string());
         }
-        if !valid_repository_name(name) {
-            return Err(repository_rule());
+        if !is_valid_name(name) {
+            return Err(NameError::BadName.to_string());
         }
         Ok(Self::Repository {
             owner: owner.to_owned(),
@@ -198,10 +172,10 @@ impl Ask {
 
     /// Parses an `OWNER`.
     pub fn owner(text: &str) -> Result<Self, String> {
-        if valid_owner(text) {
+        if is_valid_owner(text) {
             Ok(Self::Owner(text.to_owned()))
         } else {
-            Err(owner_rule())
+            Err(NameError::BadOwner.to_string())
         }
     }
 
@@ -212,14 +186,6 @@ impl Ask {
             Self::Owner(owner) | Self::Repository { owner, .. } => Some(owner),
         }
     }
-}
-
-fn owner_rule() -> String {
-    format!("an owner is 1-{MAX_OWNER_CHARS} letters, digits or '-', not starting with '-'")
-}
-
-fn repository_rule() -> String {
-    format!("a repository name is 1-{MAX_REPOSITORY_CHARS} letters, digits, '.', '_' or '-'")
 }
 
 /// Why a grant refuses a request (the text is safe to send to the caller:
@@ -424,11 +390,11 @@ impl GrantTable {
                 let (owner, name) = text
                     .split_once('/')
                     .ok_or_else(|| bad("expected OWNER/NAME or OWNER/*".into()))?;
-                if !valid_owner(owner) {
-                    return Err(bad(owner_rule()));
+                if !is_valid_owner(owner) {
+                    return Err(bad(NameError::BadOwner.to_string()));
                 }
-                if name != "*" && !valid_repository_name(name) {
-                    return Err(bad(format!("{} (or * for all)", repository_rule())));
+                if name != "*" && !is_valid_name(name) {
+                    return Err(bad(format!("{} (or * for all)", NameError::BadName)));
                 }
                 let index = match owners
                     .iter()
@@ -694,7 +660,15 @@ repositories = ["solo/*"]
             assert!(Ask::repository(bad).is_err(), "{bad}");
         }
         assert!(Ask::owner(&"a".repeat(40)).is_err());
-        assert!(Ask::owner("a_b").is_err());
+        assert!(Ask::owner(&"a".repeat(39)).is_ok());
+        // Enterprise Managed Users' logins, under credd-core's one rule.
+        assert_eq!(
+            Ask::owner("acme_corp").unwrap(),
+            Ask::Owner("acme_corp".into())
+        );
+        assert!(Ask::repository("alice_acme/dotfiles.git").is_ok());
+        assert!(Ask::owner("_acme").is_err());
+        assert!(Ask::owner("a_b_c").is_err());
         assert!(Ask::repository(&format!("a/{}", "r".repeat(100))).is_ok());
         assert!(Ask::repository(&format!("a/{}", "r".repeat(101))).is_err());
     }

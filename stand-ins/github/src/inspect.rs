@@ -106,7 +106,7 @@ async fn install(
     if !valid_login(&request.login) || request.id == 0 {
         return (
             StatusCode::BAD_REQUEST,
-            "login: 1-39 letters, digits or '-'; id > 0",
+            "login: 1-39 letters, digits, '-' or '_'; id > 0",
         )
             .into_response();
     }

@@ -572,12 +572,15 @@ impl Drop for GitHubStandIn {
     }
 }
 
-/// Whether `login` looks like a GitHub account name.
+/// Whether `login` could be an account GitHub has: 1-39 letters, digits,
+/// `-` and (for Enterprise Managed Users' `handle_shortcode`) `_`. Loose on
+/// purpose: the stand-in plays GitHub, whose accounts the platform must
+/// cope with, so it does not share the platform's rule.
 fn valid_login(login: &str) -> bool {
     !login.is_empty()
         && login.len() <= 39
         && !login.starts_with('-')
         && login
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
