@@ -187,8 +187,8 @@ wire_enum! {
         /// The daemon is at its connection limit or shutting down.
         Busy = "busy",
         /// The workspace may not have a token for that repository or owner
-        /// (outside its grant, or the GitHub App is not installed there):
-        /// a definite answer, so no fallback asks the platform again.
+        /// (outside its grant, or GitHub refuses it): a definite answer, so
+        /// no fallback asks the platform again.
         NotGranted = "not_granted",
     }
 }
@@ -204,12 +204,14 @@ wire_enum! {
         Failing = "failing",
         /// The bearer is missing or refused.
         Unauthorized = "unauthorized",
-        /// The platform has no GitHub App (404).
+        /// The platform has no GitHub App, or it is not installed on the
+        /// account asked for (404).
         NotConfigured = "not_configured",
         /// The platform answers, but with tokens barely above `--min-lifetime`.
         ShortLived = "short_lived",
         /// The platform refuses this owner: outside the workspace's grant,
-        /// or the GitHub App is not installed on that account.
+        /// or GitHub refuses the token (a repository or permission the
+        /// installation lacks, a suspended installation).
         NotGranted = "not_granted",
     }
 }

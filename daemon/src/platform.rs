@@ -113,10 +113,12 @@ pub enum ErrorClass {
     Bearer,
     /// The platform refused the bearer (401).
     Unauthorized,
-    /// No GitHub App is configured on the platform (404).
+    /// No GitHub App is configured on the platform, or it is not installed
+    /// on the account asked for (404): only installing it will help.
     NotConfigured,
-    /// The workspace may not have this token (403, or 404 for an account
-    /// the App is not installed on): only a grant change will help.
+    /// The workspace may not have this token (403: outside its grant, or
+    /// GitHub refuses it; 400: the platform refuses the request itself):
+    /// only a grant change will help.
     NotGranted,
     /// Worth retrying later: network, timeout, 5xx, 429, garbage.
     Transient,
@@ -197,9 +199,11 @@ pub enum PlatformError {
         /// The bearer file used.
         path: PathBuf,
     },
-    /// 403: outside the workspace's grant (or no grant at all).
+    /// 403: outside the workspace's grant (or no grant at all), or GitHub
+    /// refuses the token (a repository or permission the installation does
+    /// not have, a suspended installation).
     #[error(
-        "the platform's grants do not give this workspace a token for {what} (HTTP 403); ask the platform's operator to add it to the workspace's grant"
+        "the platform does not give this workspace a token for {what} (HTTP 403: outside its grant, or GitHub refuses it); ask the platform's operator to fix the grant or the GitHub App's installation"
     )]
     NotGranted {
         /// What was asked for: `acme/api`, `owner acme`, `its default account`.
@@ -210,6 +214,16 @@ pub enum PlatformError {
         "the platform's GitHub App is not installed on the account of {what} (HTTP 404); install the App on that account"
     )]
     NotInstalled {
+        /// What was asked for.
+        what: String,
+    },
+    /// 400: the platform refuses the request as malformed (a name it does
+    /// not accept, a parameter it does not know): asking again the same
+    /// way cannot help.
+    #[error(
+        "the platform refuses the request for {what} as malformed (HTTP 400); credd and the platform may disagree on a name rule or a parameter"
+    )]
+    BadRequest {
         /// What was asked for.
         what: String,
     },
@@ -276,8 +290,8 @@ impl PlatformError {
             | Self::BearerStalled { .. }
             | Self::BearerInvalid { .. } => ErrorClass::Bearer,
             Self::Unauthorized { .. } => ErrorClass::Unauthorized,
-            Self::NotConfigured => ErrorClass::NotConfigured,
-            Self::NotGranted { .. } | Self::NotInstalled { .. } => ErrorClass::NotGranted,
+            Self::NotConfigured | Self::NotInstalled { .. } => ErrorClass::NotConfigured,
+            Self::NotGranted { .. } | Self::BadRequest { .. } => ErrorClass::NotGranted,
             Self::Client(_)
             | Self::InvalidUrl { .. }
             | Self::RateLimited { .. }
@@ -300,6 +314,7 @@ impl PlatformError {
             | Self::Server { status, .. }
             | Self::UnexpectedStatus { status } => Some(*status),
             Self::NotGranted { .. } => Some(403),
+            Self::BadRequest { .. } => Some(400),
             Self::NotInstalled { .. } | Self::NotConfigured => Some(404),
             Self::RateLimited { .. } => Some(429),
             Self::BodyTooLarge | Self::Malformed { .. } | Self::AlreadyExpired { .. } => Some(200),
@@ -433,6 +448,7 @@ impl PlatformClient {
                     path: self.bearer_path.clone(),
                 });
             }
+            400 => return Err(PlatformError::BadRequest { what: asked(ask) }),
             403 => return Err(PlatformError::NotGranted { what: asked(ask) }),
             404 if ask.names_an_account() => {
                 return Err(PlatformError::NotInstalled { what: asked(ask) });

@@ -61,6 +61,51 @@ pub fn valid_permission_name(name: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }
 
+/// The levels GitHub accepts for permission `name` (its `app-permissions`
+/// schema), or `None` when GitHub has no such permission.
+pub fn github_levels(name: &str) -> Option<&'static [&'static str]> {
+    let table = crate::github_permissions::APP_PERMISSIONS;
+    table
+        .binary_search_by(|(known, _)| (*known).cmp(name))
+        .ok()
+        .map(|i| table[i].1)
+}
+
+/// The known permission most like `name` (one or two letters off, or one
+/// is the other plus a suffix), for a hint.
+fn closest_permission(name: &str) -> Option<&'static str> {
+    fn distance(a: &str, b: &str) -> usize {
+        let b: Vec<char> = b.chars().collect();
+        let mut row: Vec<usize> = (0..=b.len()).collect();
+        for (i, ca) in a.chars().enumerate() {
+            let mut previous = row[0];
+            row[0] = i + 1;
+            for (j, cb) in b.iter().enumerate() {
+                let substitution = previous + usize::from(ca != *cb);
+                previous = row[j + 1];
+                row[j + 1] = substitution.min(row[j] + 1).min(row[j + 1] + 1);
+            }
+        }
+        row[b.len()]
+    }
+    crate::github_permissions::APP_PERMISSIONS
+        .iter()
+        .map(|(known, _)| (distance(name, known), *known))
+        .filter(|(d, _)| *d <= 2)
+        .min()
+        .map(|(_, known)| known)
+}
+
+/// `"a", "b" or "c"`.
+fn quoted_list(items: &[&str]) -> String {
+    let quoted: Vec<String> = items.iter().map(|i| format!("{i:?}")).collect();
+    match quoted.split_last() {
+        Some((last, [])) => last.clone(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+        None => String::new(),
+    }
+}
+
 /// A permission level GitHub accepts when minting.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -356,11 +401,28 @@ impl GrantTable {
                                 ),
                             ));
                         }
-                        let Some(parsed) = Level::parse(level.get_ref()) else {
+                        let Some(levels) = github_levels(&name) else {
+                            let hint = closest_permission(&name)
+                                .map(|known| format!(" (did you mean {known}?)"))
+                                .unwrap_or_default();
                             return Err(invalid(
                                 level.span().start,
                                 format!(
-                                    "workspace {id}: permission {name} must be \"read\", \"write\" or \"admin\""
+                                    "workspace {id}: permission {name:?} is not one of GitHub's App permissions{hint}; GitHub would refuse every token of this grant ({})",
+                                    crate::github_permissions::SOURCE
+                                ),
+                            ));
+                        };
+                        let parsed =
+                            Level::parse(level.get_ref()).filter(|l| levels.contains(&l.as_str()));
+                        let Some(parsed) = parsed else {
+                            return Err(invalid(
+                                level.span().start,
+                                format!(
+                                    "workspace {id}: permission {name} is {:?}, but GitHub allows only {} for it ({})",
+                                    level.get_ref(),
+                                    quoted_list(levels),
+                                    crate::github_permissions::SOURCE
                                 ),
                             ));
                         };
@@ -690,7 +752,7 @@ repositories = ["solo/*"]
             (
                 "[workspace.ws-1]\nrepositories = [\"a/b\"]\n\npermissions = { contents = \"all\" }\n",
                 4,
-                "\"read\", \"write\" or \"admin\"",
+                "permission contents is \"all\", but GitHub allows only \"read\" or \"write\" for it (@octokit/openapi",
             ),
             (
                 "[workspace.ws-1]\nrepositories = [\"a/b\"]\npermissions = { Contents = \"read\" }\n",
@@ -720,6 +782,67 @@ repositories = ["solo/*"]
             assert!(err.starts_with(&format!("<t>:{line}: ")), "{text:?}: {err}");
             assert!(err.contains(needle), "{text:?}: {err}");
             assert!(!err.contains('\n'), "one line: {err}");
+        }
+    }
+
+    #[test]
+    fn grants_github_would_refuse_are_refused_at_load_with_their_line() {
+        let grant = |permissions: &str| {
+            format!(
+                "[workspace.ws-1]\nrepositories = [\"a/b\"]\n\n\npermissions = {{ {permissions} }}\n"
+            )
+        };
+        for (permissions, says) in [
+            (
+                "workflows = \"read\"",
+                "permission workflows is \"read\", but GitHub allows only \"write\" for it",
+            ),
+            (
+                "contents = \"admin\"",
+                "permission contents is \"admin\", but GitHub allows only \"read\" or \"write\" for it",
+            ),
+            (
+                "organization_plan = \"write\"",
+                "GitHub allows only \"read\" for it",
+            ),
+            (
+                "pull_request = \"write\"",
+                "permission \"pull_request\" is not one of GitHub's App permissions (did you mean pull_requests?)",
+            ),
+            (
+                "everything = \"read\"",
+                "permission \"everything\" is not one of GitHub's App permissions; GitHub would refuse",
+            ),
+        ] {
+            let err = GrantTable::parse(&grant(permissions), "grants.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with("grants.toml:5: workspace ws-1: "), "{err}");
+            assert!(err.contains(says), "{permissions}: {err}");
+        }
+        // What GitHub allows loads, admin included where it exists.
+        let ok = GrantTable::parse(
+            &grant("workflows = \"write\", repository_projects = \"admin\", metadata = \"read\""),
+            "grants.toml",
+        )
+        .expect("GitHub allows these");
+        let permissions = ok.scopes("ws-1")[0].permissions.clone().unwrap();
+        assert_eq!(permissions["repository_projects"], Level::Admin);
+    }
+
+    #[test]
+    fn the_permission_table_is_githubs() {
+        let table = crate::github_permissions::APP_PERMISSIONS;
+        assert!(
+            table.windows(2).all(|w| w[0].0 < w[1].0),
+            "sorted for lookup"
+        );
+        assert_eq!(github_levels("workflows"), Some(&["write"][..]));
+        assert_eq!(github_levels("pull_requests"), Some(&["read", "write"][..]));
+        assert_eq!(github_levels("pull_request"), None);
+        for (name, levels) in table {
+            assert!(valid_permission_name(name), "{name}");
+            assert!(levels.iter().all(|l| Level::parse(l).is_some()), "{name}");
         }
     }
 
