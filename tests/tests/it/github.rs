@@ -5,7 +5,7 @@
 //! with a grants file, the real daemon, `credd` and git.
 //!
 //! What each GitHub answer becomes for the workspace: a token of either
-//! format through `git credential fill`; an Enterprise Managed User's owner;
+//! format through `git credential fill` and `credd exec`; an Enterprise Managed User's owner;
 //! GitHub's 422 and 403 as `not_granted`; an installation that is not there
 //! (or goes away) as `not_configured`; a rate limit as a wait honouring the
 //! platform's `Retry-After`, with no request to GitHub before it ends.
@@ -168,6 +168,19 @@ fn a_token_of_each_format_reaches_git_credential_fill() {
             .find_map(|l| l.strip_prefix("password="))
             .expect("a password line");
         testkit::assert_secret(Some(password), token, true, "git's password");
+        // And `credd exec` hands it to a child whole.
+        let exec = world
+            .sandbox
+            .credd(&["exec", "--", "printenv", "GH_TOKEN"])
+            .stdout_holds_secret()
+            .run();
+        exec.assert_success("credd exec -- printenv GH_TOKEN");
+        testkit::assert_secret(
+            Some(exec.stdout.trim()),
+            token,
+            true,
+            "credd exec's GH_TOKEN",
+        );
         match format {
             TokenFormat::Classic => assert_eq!(token.len(), 40),
             TokenFormat::Stateless => {
