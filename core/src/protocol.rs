@@ -3,15 +3,18 @@
 //! One request line, one response line, both JSON objects terminated by `\n`,
 //! then the daemon closes the connection. Every message carries `"v"` so a
 //! helper and a daemon of different releases notice instead of misreading each
-//! other. Lines are capped at [`MAX_LINE`]: tokens are growing (GitHub's
-//! JWT-shaped `ghs_` tokens), so no length is assumed beyond that.
+//! other. Lines are capped at [`MAX_LINE`], which fits the largest token
+//! ([`MAX_TOKEN_LEN`]) with the largest scope it can have
+//! ([`MAX_TOKEN_ANSWER`]): tokens are opaque and no length is assumed beyond
+//! that.
 
 use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::secret::Token;
+use crate::repository::{MAX_FULL_NAME_LEN, MAX_REPOSITORIES_PER_TOKEN};
+use crate::secret::{MAX_TOKEN_LEN, Token};
 
 /// An enum whose wire name is written once: serde, `as_str` (status output,
 /// logs, metrics) and `Display` all use it.
@@ -70,8 +73,28 @@ macro_rules! wire_enum {
 /// Protocol version spoken by this build.
 pub const VERSION: u32 = 1;
 
-/// Longest line either side accepts, newline included.
-pub const MAX_LINE: usize = 64 * 1024;
+/// Most permissions a token's stated scope may list (GitHub's
+/// `app-permissions` names about sixty).
+pub const MAX_SCOPE_PERMISSIONS: usize = 100;
+/// Longest permission name or level in a stated scope.
+pub const MAX_PERMISSION_TEXT: usize = 64;
+
+/// The most JSON one token with its stated scope can take: the longest token,
+/// [`MAX_REPOSITORIES_PER_TOKEN`] of the longest `"OWNER/NAME",` and
+/// [`MAX_SCOPE_PERMISSIONS`] of the longest `"name":"level",`, plus the
+/// fixed fields. Names and levels are ASCII without characters JSON escapes,
+/// so this is exact, not a guess. The platform's token answer and the
+/// daemon's `token` line are both bounded by it.
+pub const MAX_TOKEN_ANSWER: usize = MAX_TOKEN_LEN
+    + MAX_REPOSITORIES_PER_TOKEN * (MAX_FULL_NAME_LEN + 3)
+    + MAX_SCOPE_PERMISSIONS * (2 * MAX_PERMISSION_TEXT + 6)
+    + 1024;
+
+/// Longest line either side accepts, newline included: a token answer with
+/// the largest scope fits ([`MAX_TOKEN_ANSWER`]).
+pub const MAX_LINE: usize = 128 * 1024;
+
+const _: () = assert!(MAX_LINE >= MAX_TOKEN_ANSWER);
 
 /// What a client asks the daemon.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -164,8 +187,8 @@ wire_enum! {
         /// The daemon is at its connection limit or shutting down.
         Busy = "busy",
         /// The workspace may not have a token for that repository or owner
-        /// (outside its grant, or the GitHub App is not installed there):
-        /// a definite answer, so no fallback asks the platform again.
+        /// (outside its grant, or GitHub refuses it): a definite answer, so
+        /// no fallback asks the platform again.
         NotGranted = "not_granted",
         /// The daemon is sealed (`--sealed`): it never hands a token out
         /// (`get`, `erase`); its gateway stamps tokens onto GitHub requests.
@@ -185,12 +208,14 @@ wire_enum! {
         Failing = "failing",
         /// The bearer is missing or refused.
         Unauthorized = "unauthorized",
-        /// The platform has no GitHub App (404).
+        /// The platform has no GitHub App, or it is not installed on the
+        /// account asked for (404).
         NotConfigured = "not_configured",
         /// The platform answers, but with tokens barely above `--min-lifetime`.
         ShortLived = "short_lived",
         /// The platform refuses this owner: outside the workspace's grant,
-        /// or the GitHub App is not installed on that account.
+        /// or GitHub refuses the token (a repository or permission the
+        /// installation lacks, a suspended installation).
         NotGranted = "not_granted",
     }
 }
@@ -432,6 +457,36 @@ mod token_serde {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_largest_token_with_the_largest_scope_fits_a_line() {
+        use crate::repository::{MAX_NAME_LEN, MAX_OWNER_LEN};
+        let owner = "o".repeat(MAX_OWNER_LEN);
+        let repositories = (0..MAX_REPOSITORIES_PER_TOKEN)
+            .map(|i| format!("{owner}/{i:0>width$}", width = MAX_NAME_LEN))
+            .collect::<Vec<_>>();
+        let permissions = (0..MAX_SCOPE_PERMISSIONS)
+            .map(|i| {
+                (
+                    format!("{i:p>width$}", width = MAX_PERMISSION_TEXT),
+                    "l".repeat(MAX_PERMISSION_TEXT),
+                )
+            })
+            .collect();
+        let answer = Response::Token {
+            token: Token::new("t".repeat(MAX_TOKEN_LEN)).expect("valid"),
+            expires_at: u64::MAX,
+            source: Source::Platform,
+            scope: Scope {
+                owner: Some(owner),
+                repositories: Some(repositories),
+                permissions: Some(permissions),
+            },
+        };
+        let line = encode(&answer);
+        assert!(line.len() <= MAX_TOKEN_ANSWER, "{} bytes", line.len());
+        assert_eq!(decode::<Response>(&line).expect("fits"), answer);
+    }
 
     #[test]
     fn wire_names_round_trip_and_unknown_names_are_refused() {

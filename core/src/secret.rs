@@ -11,9 +11,18 @@ use std::fmt;
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 
-/// The longest token accepted. GitHub documents no upper bound and is moving to
-/// longer, JWT-shaped `ghs_` tokens, so this is generous; it exists so that a
-/// broken platform cannot make us hold megabytes.
+/// The longest token accepted anywhere on the token's path: the platform's
+/// reading of GitHub's answer, the platform's answer, the daemon, the socket
+/// protocol, git's `password=` line in `credd`, `credd exec`, the bootstrap
+/// token and the test kit's secret scan all bound tokens by this one number.
+///
+/// Tokens are opaque: GitHub's classic installation tokens are `ghs_` and 36
+/// characters; since 2026-04-27 it issues stateless `ghs_<APPID>_<JWT>`
+/// tokens of about 520 characters, variable in length (the JWT carries
+/// claims). GitHub documents no upper bound, so nothing may assume a length
+/// or a shape beyond printable ASCII and this bound, which allows some thirty
+/// times the new format and still keeps a broken platform from making
+/// anyone hold megabytes.
 pub const MAX_TOKEN_LEN: usize = 16 * 1024;
 
 /// A GitHub installation token (or any bearer credential of the same shape).
@@ -40,16 +49,7 @@ impl Token {
     /// an HTTP header. The rejected string is zeroed with the error path too.
     pub fn new(value: String) -> Result<Self, TokenError> {
         let secret = SecretString::from(value);
-        let s = secret.expose_secret();
-        if s.is_empty() {
-            return Err(TokenError::Empty);
-        }
-        if s.len() > MAX_TOKEN_LEN {
-            return Err(TokenError::TooLong);
-        }
-        if !s.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(TokenError::BadCharacters);
-        }
+        check_token_text(secret.expose_secret())?;
         Ok(Self(secret))
     }
 
@@ -107,6 +107,22 @@ impl fmt::Display for Token {
     }
 }
 
+/// Whether `text` can be a token: 1 to [`MAX_TOKEN_LEN`] printable ASCII
+/// characters (it must travel in git's `password=` line and an HTTP header).
+/// Nothing else is assumed: tokens are opaque. The error never holds `text`.
+pub fn check_token_text(text: &str) -> Result<(), TokenError> {
+    if text.is_empty() {
+        return Err(TokenError::Empty);
+    }
+    if text.len() > MAX_TOKEN_LEN {
+        return Err(TokenError::TooLong);
+    }
+    if !text.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(TokenError::BadCharacters);
+    }
+    Ok(())
+}
+
 /// Lower-case hex SHA-256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     use fmt::Write;
@@ -153,9 +169,30 @@ mod tests {
             Token::new("x".repeat(MAX_TOKEN_LEN + 1)).unwrap_err(),
             TokenError::TooLong
         );
-        // Long JWT-shaped tokens are fine.
+        // Long JWT-shaped tokens are fine, up to the bound.
         let long = format!("ghs_{}", "eyJhbGciOiJSUzI1NiJ9.".repeat(200));
         assert!(Token::new(long).is_ok());
+        assert!(Token::new("x".repeat(MAX_TOKEN_LEN)).is_ok());
+    }
+
+    #[test]
+    fn both_of_githubs_formats_are_tokens() {
+        // Classic: ghs_ and 36 characters. Stateless: ghs_<APPID>_<JWT>,
+        // about 520 characters and variable.
+        let classic = format!("ghs_{}", "A1b2C3".repeat(6));
+        assert_eq!(classic.len(), 40);
+        let jwt = format!(
+            "eyJhbGciOiJSUzI1NiIsInR5cCI6IkpXVCJ9.{}.{}",
+            "eyJpc3MiOiI0MjQyIn0".repeat(12),
+            "c2lnbmF0dXJl-_".repeat(20)
+        );
+        let stateless = format!("ghs_4242_{jwt}");
+        assert!(stateless.len() > 520, "{}", stateless.len());
+        for text in [classic, stateless] {
+            let token = Token::new(text.clone()).expect("a token");
+            assert_eq!(token.expose(), text);
+            assert!(!format!("{token:?}").contains("ghs_"));
+        }
     }
 
     #[test]

@@ -36,8 +36,9 @@ use credd_core::protocol::Scope;
 use credd_core::repository::{RepositoryRef, is_valid_owner};
 use credd_core::secret::Token;
 
-/// Largest response body read from the platform.
-pub const MAX_BODY: usize = 64 * 1024;
+/// Largest response body read from the platform: a token answer with the
+/// largest token and scope (credd-core's bound, shared with the socket).
+pub const MAX_BODY: usize = credd_core::protocol::MAX_TOKEN_ANSWER;
 /// Largest `.auth_token` file read.
 pub const MAX_BEARER_FILE: u64 = 8 * 1024;
 /// How long reading `.auth_token` may take. It lives on whatever filesystem
@@ -67,11 +68,8 @@ impl Default for Timeouts {
 
 /// Most repositories a token's stated scope may list (GitHub mints with at
 /// most 500).
-pub const MAX_SCOPE_REPOSITORIES: usize = 500;
-/// Most permissions a token's stated scope may list.
-pub const MAX_SCOPE_PERMISSIONS: usize = 100;
-/// Longest permission name or level accepted in a stated scope.
-pub const MAX_PERMISSION_TEXT: usize = 64;
+pub const MAX_SCOPE_REPOSITORIES: usize = credd_core::repository::MAX_REPOSITORIES_PER_TOKEN;
+pub use credd_core::protocol::{MAX_PERMISSION_TEXT, MAX_SCOPE_PERMISSIONS};
 
 /// What a call asks the platform for.
 #[derive(Debug, Clone, Copy, Default)]
@@ -114,10 +112,12 @@ pub enum ErrorClass {
     Bearer,
     /// The platform refused the bearer (401).
     Unauthorized,
-    /// No GitHub App is configured on the platform (404).
+    /// No GitHub App is configured on the platform, or it is not installed
+    /// on the account asked for (404): only installing it will help.
     NotConfigured,
-    /// The workspace may not have this token (403, or 404 for an account
-    /// the App is not installed on): only a grant change will help.
+    /// The workspace may not have this token (403: outside its grant, or
+    /// GitHub refuses it; 400: the platform refuses the request itself):
+    /// only a grant change will help.
     NotGranted,
     /// Worth retrying later: network, timeout, 5xx, 429, garbage.
     Transient,
@@ -198,9 +198,11 @@ pub enum PlatformError {
         /// The bearer file used.
         path: PathBuf,
     },
-    /// 403: outside the workspace's grant (or no grant at all).
+    /// 403: outside the workspace's grant (or no grant at all), or GitHub
+    /// refuses the token (a repository or permission the installation does
+    /// not have, a suspended installation).
     #[error(
-        "the platform's grants do not give this workspace a token for {what} (HTTP 403); ask the platform's operator to add it to the workspace's grant"
+        "the platform does not give this workspace a token for {what} (HTTP 403: outside its grant, or GitHub refuses it); ask the platform's operator to fix the grant or the GitHub App's installation"
     )]
     NotGranted {
         /// What was asked for: `acme/api`, `owner acme`, `its default account`.
@@ -211,6 +213,16 @@ pub enum PlatformError {
         "the platform's GitHub App is not installed on the account of {what} (HTTP 404); install the App on that account"
     )]
     NotInstalled {
+        /// What was asked for.
+        what: String,
+    },
+    /// 400: the platform refuses the request as malformed (a name it does
+    /// not accept, a parameter it does not know): asking again the same
+    /// way cannot help.
+    #[error(
+        "the platform refuses the request for {what} as malformed (HTTP 400); credd and the platform may disagree on a name rule or a parameter"
+    )]
+    BadRequest {
         /// What was asked for.
         what: String,
     },
@@ -277,8 +289,8 @@ impl PlatformError {
             | Self::BearerStalled { .. }
             | Self::BearerInvalid { .. } => ErrorClass::Bearer,
             Self::Unauthorized { .. } => ErrorClass::Unauthorized,
-            Self::NotConfigured => ErrorClass::NotConfigured,
-            Self::NotGranted { .. } | Self::NotInstalled { .. } => ErrorClass::NotGranted,
+            Self::NotConfigured | Self::NotInstalled { .. } => ErrorClass::NotConfigured,
+            Self::NotGranted { .. } | Self::BadRequest { .. } => ErrorClass::NotGranted,
             Self::Client(_)
             | Self::InvalidUrl { .. }
             | Self::RateLimited { .. }
@@ -301,6 +313,7 @@ impl PlatformError {
             | Self::Server { status, .. }
             | Self::UnexpectedStatus { status } => Some(*status),
             Self::NotGranted { .. } => Some(403),
+            Self::BadRequest { .. } => Some(400),
             Self::NotInstalled { .. } | Self::NotConfigured => Some(404),
             Self::RateLimited { .. } => Some(429),
             Self::BodyTooLarge | Self::Malformed { .. } | Self::AlreadyExpired { .. } => Some(200),
@@ -474,6 +487,7 @@ impl PlatformClient {
                     path: self.bearer_path.clone(),
                 });
             }
+            400 => return Err(PlatformError::BadRequest { what: asked(ask) }),
             403 => return Err(PlatformError::NotGranted { what: asked(ask) }),
             404 if ask.names_an_account() => {
                 return Err(PlatformError::NotInstalled { what: asked(ask) });

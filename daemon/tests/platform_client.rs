@@ -181,12 +181,13 @@ async fn classifies_statuses_and_honours_retry_after() {
         reply("503 Service Unavailable", &[("retry-after", "999999")], ""),
         reply("500 Internal Server Error", &[], TOKEN),
         reply("302 Found", &[("location", "http://127.0.0.1:1/steal")], ""),
+        reply("400 Bad Request", &[], r#"{"error":"bad owner"}"#),
     ];
     let (url, _requests) = platform(cases).await;
     let configs = configs_with_bearer(BEARER);
     let client = client(&url, configs.path(), None, Duration::from_secs(5));
     let mut errors = Vec::new();
-    for _ in 0..7 {
+    for _ in 0..8 {
         errors.push(
             client
                 .fetch(&Ask::default())
@@ -224,6 +225,12 @@ async fn classifies_statuses_and_honours_retry_after() {
         matches!(errors[6], PlatformError::UnexpectedStatus { status: 302 }),
         "redirects are not followed"
     );
+    assert_eq!(
+        errors[7].class(),
+        ErrorClass::NotGranted,
+        "a request the platform refuses as malformed is not retried as transient"
+    );
+    assert_eq!(errors[7].http_status(), Some(400));
 }
 
 #[tokio::test]
@@ -254,7 +261,10 @@ async fn bad_bodies_are_refused_without_quoting_them() {
         reply(
             "200 OK",
             &[],
-            &format!(r#"{{"token":"{TOKEN}","pad":"{}"}}"#, "x".repeat(70_000)),
+            &format!(
+                r#"{{"token":"{TOKEN}","pad":"{}"}}"#,
+                "x".repeat(molecule_credd::platform::MAX_BODY + 1)
+            ),
         ),
     ];
     let (url, _requests) = platform(cases).await;
@@ -395,7 +405,11 @@ async fn asks_for_an_owner_or_repository_and_reads_the_stated_scope() {
         matches!(not_installed, PlatformError::NotInstalled { .. }),
         "{not_installed}"
     );
-    assert_eq!(not_installed.class(), ErrorClass::NotGranted);
+    assert_eq!(
+        not_installed.class(),
+        ErrorClass::NotConfigured,
+        "not installed there: only installing the App helps"
+    );
     assert!(
         not_installed.to_string().contains("elsewhere/tool"),
         "{not_installed}"

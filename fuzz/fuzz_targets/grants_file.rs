@@ -3,10 +3,9 @@
 //! a parsed table obeys the caps and names an owner the table resolves.
 #![no_main]
 
+use credd_core::repository::is_valid_owner;
 use libfuzzer_sys::fuzz_target;
-use molecule_platform::grants::{
-    Ask, GrantTable, GrantsFileError, MAX_REPOSITORIES_PER_OWNER, valid_owner,
-};
+use molecule_platform::grants::{Ask, GrantTable, GrantsFileError, MAX_REPOSITORIES_PER_OWNER};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
@@ -16,7 +15,7 @@ fuzz_target!(|data: &[u8]| {
         Ok(table) => {
             for id in ["ws-1", "ws-42", "a", "x.y"] {
                 for scope in table.scopes(id) {
-                    assert!(valid_owner(&scope.owner));
+                    assert!(is_valid_owner(&scope.owner));
                     if let Some(names) = &scope.repositories {
                         assert!(!names.is_empty() && names.len() <= MAX_REPOSITORIES_PER_OWNER);
                     }

@@ -12,15 +12,22 @@ use std::fmt;
 use std::io::{self, BufRead, Read};
 
 use credd_core::config::Config;
-use credd_core::secret::Token;
+use credd_core::secret::{MAX_TOKEN_LEN, Token};
 use zeroize::Zeroizing;
 
 /// Most bytes read from git's stdin in total.
 pub(crate) const MAX_INPUT: usize = 64 * 1024;
 /// Most `key=value` lines read from git's stdin.
 pub(crate) const MAX_LINES: usize = 100;
-/// Longest single line, without its newline.
-pub(crate) const MAX_LINE_LEN: usize = 8 * 1024;
+/// Longest single line, without its newline: at least a `password=` line
+/// with the longest token (git's `erase` sends the refused one back).
+pub(crate) const MAX_LINE_LEN: usize = if MAX_TOKEN_LEN + 64 > 8 * 1024 {
+    MAX_TOKEN_LEN + 64
+} else {
+    8 * 1024
+};
+
+const _: () = assert!(MAX_INPUT >= 2 * MAX_LINE_LEN);
 
 /// The attributes of git's request that credd looks at.
 #[derive(Default)]
@@ -262,6 +269,25 @@ mod tests {
             Some("ghs_rejected")
         );
         assert!(!format!("{r:?}").contains("ghs_rejected"), "Debug redacts");
+    }
+
+    #[test]
+    fn erase_carries_the_longest_token_of_either_format() {
+        let stateless = format!("ghs_4242_eyJhbGciOiJSUzI1NiJ9.{}.sig", "e".repeat(600));
+        for token in [
+            "ghs_0123456789abcdefABCDEF0123456789abcd".to_owned(),
+            stateless,
+            "t".repeat(MAX_TOKEN_LEN),
+        ] {
+            let r = parse(&format!(
+                "protocol=https\nhost=github.com\nusername=x-access-token\npassword={token}\n\n"
+            ))
+            .expect("git's erase input");
+            assert_eq!(
+                r.password.as_deref().map(String::as_str),
+                Some(token.as_str())
+            );
+        }
     }
 
     #[test]

@@ -17,6 +17,18 @@
 //! repositories, permissions) in [`ScopedCaches`]: workspaces with the same
 //! grant share one token.
 //!
+//! What GitHub answers is read as GitHub documents it (its OpenAPI
+//! description, checked by the stand-in the tests run against): a mint
+//! answer carries a full repository object per repository asked for, so it
+//! is read up to [`MAX_ANSWER_BYTES`] (500 repositories); a listing item
+//! whose account is an enterprise or `null` is skipped, not a failure; a
+//! failed listing is shared by the requests that come within
+//! [`FAILURE_COOLDOWN`]; GitHub's rate limits (`retry-after`,
+//! `x-ratelimit-remaining`/`x-ratelimit-reset`, a 429) hold every request to
+//! GitHub until they end, once for the App; 422 and 403 become refusals with
+//! GitHub's reason and 404 forgets the installation (the next request lists
+//! again). [`crate::answer`] says what each becomes for a workspace.
+//!
 //! Signing uses jsonwebtoken's `aws_lc_rs` backend: the `rust_crypto` one
 //! pulls in the `rsa` crate (RUSTSEC-2023-0071).
 
@@ -32,10 +44,12 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
+use credd_core::repository::MAX_REPOSITORIES_PER_TOKEN;
+
 use crate::grants::Scope;
 use crate::provider::{
-    Clock, IssuedToken, ProviderError, REFRESH_WINDOW, RefusalFuture, ServedFuture, ServedToken,
-    TokenFuture, TokenProvider, TokenRequest,
+    Clock, FAILURE_COOLDOWN, IssuedToken, ProviderError, REFRESH_WINDOW, RefusalFuture,
+    ServedFuture, ServedToken, TokenFuture, TokenProvider, TokenRequest,
 };
 use crate::scoped::{MintKey, ScopedCaches};
 
@@ -43,8 +57,27 @@ use crate::scoped::{MintKey, ScopedCaches};
 pub const DEFAULT_API_URL: &str = "https://api.github.com";
 /// The REST API version we speak (`X-GitHub-Api-Version`).
 pub const GITHUB_API_VERSION: &str = "2022-11-28";
-/// Largest answer body read from GitHub.
-pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
+/// Largest `repository` object GitHub puts in a mint answer for one
+/// repository. GitHub's own example is about 5.6 KB; with the longest owner
+/// (39 characters) and name (100) in each of its URLs it stays well under
+/// this (test `the_largest_repository_object_fits`).
+pub const MAX_REPOSITORY_OBJECT_BYTES: usize = 16 * 1024;
+/// Largest mint answer read: GitHub answers a mint with a full repository
+/// object for each repository asked for, and a token can be minted for
+/// [`MAX_REPOSITORIES_PER_TOKEN`]; plus the token and permissions.
+pub const MAX_ANSWER_BYTES: usize =
+    MAX_REPOSITORIES_PER_TOKEN * MAX_REPOSITORY_OBJECT_BYTES + 64 * 1024;
+/// The buffer a mint answer starts in when GitHub does not say its length
+/// (a token with a few repositories fits; larger answers grow it).
+const INITIAL_ANSWER_BUFFER: usize = 64 * 1024;
+/// Longest GitHub's rate limit is held: a `retry-after` or
+/// `x-ratelimit-reset` further away (a clock error, a garbled header) is
+/// held this long, then GitHub is asked again.
+pub const MAX_RATE_LIMIT_HOLD: Duration = Duration::from_secs(60 * 60);
+/// How long a secondary rate limit without `retry-after` is held the first
+/// time (GitHub: "wait for at least one minute"); it doubles while they
+/// repeat, up to 64 times this.
+pub const BARE_RATE_LIMIT_WAIT: Duration = Duration::from_secs(60);
 /// Largest private key file accepted.
 pub const MAX_KEY_BYTES: usize = 64 * 1024;
 /// Largest page of `GET /app/installations` read (100 installations with
@@ -59,8 +92,6 @@ pub const INSTALLATIONS_TTL: Duration = Duration::from_secs(10 * 60);
 /// again only when the table is older than this (a new installation shows
 /// up within it; unknown owners cannot make it list on every request).
 pub const RELIST_AFTER_MISS: Duration = Duration::from_secs(30);
-/// Longest token accepted (GitHub is moving to longer, JWT-shaped tokens).
-const MAX_TOKEN_CHARS: usize = 16 * 1024;
 
 /// JWT `iat` is backdated this much to absorb clock drift (GitHub's advice).
 const JWT_BACKDATE: SignedDuration = SignedDuration::from_secs(60);
@@ -137,6 +168,16 @@ struct AccessTokenAnswer {
 #[derive(Deserialize)]
 struct ErrorAnswer {
     message: Option<String>,
+    #[serde(default)]
+    errors: Vec<ErrorDetail>,
+}
+
+#[derive(Deserialize)]
+struct ErrorDetail {
+    #[serde(default)]
+    message: Option<String>,
+    #[serde(default)]
+    code: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -153,22 +194,38 @@ struct MintBody<'a> {
     permissions: Option<BTreeMap<&'a str, &'static str>>,
 }
 
+/// One item of `GET /app/installations`, read leniently: GitHub's
+/// `installation` has an `account` that is a user or organisation (with a
+/// `login`), an enterprise (a `slug`, no `login`) or `null`. Only the first
+/// can be an owner a grant names; the others are skipped, never a reason
+/// to fail the listing.
 #[derive(Deserialize)]
 struct InstallationAnswer {
     id: u64,
-    account: Option<AccountAnswer>,
+    #[serde(default)]
+    account: Option<serde_json::Value>,
 }
 
-#[derive(Deserialize)]
-struct AccountAnswer {
-    login: String,
-}
-
-/// Owner (lowercased) → installation, as last listed.
+/// Owner (lowercased) → installation, as last listed, and the last listing's
+/// failure (shared by the requests that come within [`FAILURE_COOLDOWN`]).
 #[derive(Default)]
 struct Directory {
     by_owner: HashMap<String, u64>,
     listed_at: Option<Timestamp>,
+    /// Listings attempted, successful or not: a request that waited for
+    /// another's listing takes its result instead of listing again.
+    attempts: u64,
+    failure: Option<(Timestamp, ProviderError)>,
+}
+
+/// GitHub's rate limit on the App, as last answered: no request goes to
+/// GitHub before `until`.
+#[derive(Default)]
+struct Hold {
+    until: Option<Timestamp>,
+    /// Secondary limits without `retry-after` in a row: each waits twice the
+    /// one before (GitHub: "at least one minute", then exponentially).
+    bare_streak: u32,
 }
 
 /// Mints and caches installation tokens for one GitHub App: the configured
@@ -184,6 +241,7 @@ pub struct GitHubAppProvider {
     caches: ScopedCaches,
     directory: Mutex<Directory>,
     listing: tokio::sync::Mutex<()>,
+    hold: Mutex<Hold>,
     calls: AtomicU64,
     listings: AtomicU64,
 }
@@ -197,6 +255,10 @@ impl fmt::Debug for GitHubAppProvider {
     }
 }
 
+fn signed(d: Duration) -> SignedDuration {
+    SignedDuration::try_from(d).unwrap_or(SignedDuration::MAX)
+}
+
 impl GitHubAppProvider {
     /// Checks `config` (key parses and signs, URL is http(s), ids are sane)
     /// and builds the provider. Errors are [`ProviderError::Config`].
@@ -205,7 +267,7 @@ impl GitHubAppProvider {
     }
 
     /// Like [`GitHubAppProvider::new`], reading time from `clock` (JWT
-    /// claims and cache decisions).
+    /// claims, cache decisions and rate limits).
     pub fn with_clock(config: GitHubAppConfig, clock: Clock) -> Result<Self, ProviderError> {
         let issuer = config.issuer.trim().to_owned();
         if issuer.is_empty()
@@ -267,12 +329,13 @@ impl GitHubAppProvider {
             caches: ScopedCaches::new(config.refresh_window, clock),
             directory: Mutex::default(),
             listing: tokio::sync::Mutex::new(()),
+            hold: Mutex::default(),
             calls: AtomicU64::new(0),
             listings: AtomicU64::new(0),
         };
         // Sign once now so a key that parses but cannot sign refuses to start
         // instead of failing the first request an hour later.
-        provider.jwt(provider.caches.clock().now())?;
+        provider.jwt(provider.now())?;
         Ok(provider)
     }
 
@@ -281,6 +344,10 @@ impl GitHubAppProvider {
     pub fn with_shared(mut self, store: std::sync::Arc<crate::shared::SharedStore>) -> Self {
         self.caches = self.caches.with_shared(store);
         self
+    }
+
+    fn now(&self) -> Timestamp {
+        self.caches.clock().now()
     }
 
     /// How many calls to GitHub's token endpoint were made so far.
@@ -299,70 +366,221 @@ impl GitHubAppProvider {
         &self.endpoint
     }
 
-    fn cached_installation(&self, owner: &str) -> (Option<u64>, Option<Timestamp>) {
-        let directory = self
+    /// When GitHub's rate limit on the App ends, while it holds.
+    pub fn rate_limited_until(&self) -> Option<Timestamp> {
+        let hold = self.hold.lock().unwrap_or_else(PoisonError::into_inner);
+        hold.until.filter(|until| *until > self.now())
+    }
+
+    /// `Err(RateLimited)` while GitHub's limit holds: then nothing may be
+    /// asked of GitHub (the mint and the listing are both the App's JWT
+    /// requests, so one hold covers every installation and scope).
+    fn check_hold(&self) -> Result<(), ProviderError> {
+        let now = self.now();
+        let hold = self.hold.lock().unwrap_or_else(PoisonError::into_inner);
+        match hold.until {
+            Some(until) if now < until => {
+                crate::metrics::metrics().held();
+                Err(ProviderError::RateLimited {
+                    until,
+                    wait: until.duration_since(now).unsigned_abs(),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Holds every request to GitHub until `until` (bounded by
+    /// [`MAX_RATE_LIMIT_HOLD`]); logs one line when an episode begins.
+    fn hold_until(&self, until: Timestamp, why: &str) -> ProviderError {
+        let now = self.now();
+        let until = until
+            .max(now + SignedDuration::from_secs(1))
+            .min(now + signed(MAX_RATE_LIMIT_HOLD));
+        let mut hold = self.hold.lock().unwrap_or_else(PoisonError::into_inner);
+        let new_episode = hold.until.is_none_or(|held| held <= now);
+        if new_episode || hold.until.is_some_and(|held| held < until) {
+            hold.until = Some(until);
+        }
+        let until = hold.until.unwrap_or(until);
+        drop(hold);
+        crate::metrics::metrics().rate_limited(until.as_second(), new_episode);
+        let wait = until.duration_since(now).unsigned_abs();
+        if new_episode {
+            tracing::warn!(
+                "[github] GitHub rate limits the App ({why}): no request goes to GitHub until {until} ({} s); workspaces needing a new token get 503 with Retry-After",
+                wait.as_secs()
+            );
+        }
+        ProviderError::RateLimited { until, wait }
+    }
+
+    /// The rate limit an answer announces, if any (GitHub's rules for its
+    /// REST API): a 403 or 429 with `retry-after` waits that long; with
+    /// `x-ratelimit-remaining: 0`, until `x-ratelimit-reset`; a 429, or a
+    /// 403 whose message names a rate limit, without either header waits a
+    /// minute, doubling while it repeats. Any answer with
+    /// `x-ratelimit-remaining: 0` (a success too) holds until the reset.
+    fn rate_limit_of(
+        &self,
+        status: u16,
+        headers: &reqwest::header::HeaderMap,
+        message: Option<&str>,
+    ) -> Option<(Timestamp, &'static str)> {
+        let now = self.now();
+        let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        let retry_after = text("retry-after").and_then(|v| {
+            let v = v.trim();
+            match v.parse::<u64>() {
+                Ok(secs) => Some(now + signed(Duration::from_secs(secs.min(86_400)))),
+                Err(_) => httpdate::parse_http_date(v)
+                    .ok()
+                    .and_then(|t| Timestamp::try_from(t).ok()),
+            }
+        });
+        let used_up = text("x-ratelimit-remaining").is_some_and(|v| v.trim() == "0");
+        let reset = text("x-ratelimit-reset")
+            .and_then(|v| v.trim().parse::<i64>().ok())
+            .and_then(|secs| Timestamp::from_second(secs).ok());
+        let limited_status = status == 403 || status == 429;
+        if limited_status && let Some(until) = retry_after {
+            return Some((until, "secondary rate limit, retry-after"));
+        }
+        if used_up {
+            let until = reset.unwrap_or(now + SignedDuration::from_secs(60));
+            return Some((until, "primary rate limit used up, x-ratelimit-reset"));
+        }
+        let says_limit = message.is_some_and(|m| m.to_ascii_lowercase().contains("rate limit"));
+        if status == 429 || (status == 403 && says_limit) {
+            let mut hold = self.hold.lock().unwrap_or_else(PoisonError::into_inner);
+            let factor = 1u32 << hold.bare_streak.min(6);
+            hold.bare_streak = hold.bare_streak.saturating_add(1);
+            let wait = BARE_RATE_LIMIT_WAIT.saturating_mul(factor);
+            return Some((
+                now + signed(wait),
+                "secondary rate limit without retry-after: waiting a minute, doubling",
+            ));
+        }
+        None
+    }
+
+    fn cached_installation(&self, owner: &str) -> Option<u64> {
+        self.directory
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .by_owner
+            .get(&owner.to_ascii_lowercase())
+            .copied()
+    }
+
+    /// GitHub said installation `id` does not exist: forget it and make the
+    /// next request list installations at once.
+    fn forget_installation(&self, id: u64) {
+        let mut directory = self
             .directory
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        (
-            directory.by_owner.get(&owner.to_ascii_lowercase()).copied(),
-            directory.listed_at,
-        )
+        directory.by_owner.retain(|_, known| *known != id);
+        directory.listed_at = None;
+        directory.failure = None;
     }
 
     /// The installation of `owner`, from the table when it is recent enough,
-    /// else listed again (one listing at a time).
+    /// else listed again: one listing at a time, and requests that waited
+    /// for a listing (or come within [`FAILURE_COOLDOWN`] of a failed one)
+    /// take its result instead of listing again.
     async fn installation_of(&self, owner: &str) -> Result<u64, ProviderError> {
-        let fresh = |listed_at: Option<Timestamp>, within: Duration| {
-            listed_at.is_some_and(|at| {
-                let age = self.caches.clock().now().duration_since(at);
-                age < SignedDuration::try_from(within).unwrap_or(SignedDuration::MAX)
-            })
+        let key = owner.to_ascii_lowercase();
+        let fresh = |listed_at: Option<Timestamp>, within: Duration, now: Timestamp| {
+            listed_at.is_some_and(|at| now.duration_since(at) < signed(within))
         };
-        match self.cached_installation(owner) {
-            (Some(id), at) if fresh(at, INSTALLATIONS_TTL) => return Ok(id),
-            (None, at) if fresh(at, RELIST_AFTER_MISS) => {
-                return Err(ProviderError::NotInstalled(owner.to_owned()));
-            }
-            _ => {}
-        }
-        let listed_before = self.cached_installation(owner).1;
-        let _flight = self.listing.lock().await;
-        let (known, listed_at) = self.cached_installation(owner);
-        if listed_at == listed_before {
-            // Nobody listed while we waited: list now.
-            match self.list_installations().await {
-                Ok(table) => {
-                    let mut directory = self
-                        .directory
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner);
-                    directory.by_owner = table;
-                    directory.listed_at = Some(self.caches.clock().now());
-                }
-                Err(error) => {
-                    if let Some(id) = known {
-                        tracing::warn!(
-                            "[github] listing installations failed, using the known installation of {owner}: {error}"
-                        );
-                        return Ok(id);
+        let lookup =
+            |directory: &Directory, now: Timestamp| -> Option<Result<u64, ProviderError>> {
+                let known = directory.by_owner.get(&key).copied();
+                match known {
+                    Some(id) if fresh(directory.listed_at, INSTALLATIONS_TTL, now) => {
+                        return Some(Ok(id));
                     }
-                    return Err(error);
+                    None if fresh(directory.listed_at, RELIST_AFTER_MISS, now) => {
+                        return Some(Err(ProviderError::NotInstalled(owner.to_owned())));
+                    }
+                    _ => {}
+                }
+                match &directory.failure {
+                    Some((at, error))
+                        if now.duration_since(*at) < signed(FAILURE_COOLDOWN)
+                            && error.stands_at(now) =>
+                    {
+                        Some(known.ok_or_else(|| error.clone()))
+                    }
+                    _ => None,
+                }
+            };
+        let seen = {
+            let directory = self
+                .directory
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let Some(answer) = lookup(&directory, self.now()) {
+                return answer;
+            }
+            directory.attempts
+        };
+        let _flight = self.listing.lock().await;
+        {
+            let directory = self
+                .directory
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if directory.attempts != seen {
+                // Someone listed while we waited: take that.
+                if let Some(answer) = lookup(&directory, self.now()) {
+                    return answer;
                 }
             }
         }
-        self.cached_installation(owner)
-            .0
+        let listed = self.list_installations().await;
+        let now = self.now();
+        let mut directory = self
+            .directory
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        directory.attempts += 1;
+        match listed {
+            Ok(table) => {
+                directory.by_owner = table;
+                directory.listed_at = Some(now);
+                directory.failure = None;
+            }
+            Err(error) => {
+                directory.failure = Some((now, error.clone()));
+                if let Some(id) = directory.by_owner.get(&key) {
+                    tracing::warn!(
+                        "[github] listing installations failed, using the known installation of {owner}: {error}"
+                    );
+                    return Ok(*id);
+                }
+                return Err(error);
+            }
+        }
+        directory
+            .by_owner
+            .get(&key)
+            .copied()
             .ok_or_else(|| ProviderError::NotInstalled(owner.to_owned()))
     }
 
-    /// Every installation of the App, owner (lowercased) → id, following
-    /// `Link: <…>; rel="next"` on the API's own origin only.
+    /// Every installation of the App on an account a grant can name, owner
+    /// (lowercased) → id, following `Link: <…>; rel="next"` on the API's own
+    /// origin only. Installations on an enterprise or without an account
+    /// are skipped (counted in one log line per listing).
     async fn list_installations(&self) -> Result<HashMap<String, u64>, ProviderError> {
         let mut table = HashMap::new();
+        let mut skipped = 0usize;
         let mut url = format!("{}/app/installations?per_page=100", self.api_url);
         for _ in 0..MAX_INSTALLATION_PAGES {
-            let jwt = self.jwt(self.caches.clock().now())?;
+            self.check_hold()?;
+            let jwt = self.jwt(self.now())?;
             self.listings.fetch_add(1, Ordering::SeqCst);
             let response = self
                 .http
@@ -375,26 +593,45 @@ impl GitHubAppProvider {
                 .map_err(|e| self.classify(&e))?;
             drop(jwt);
             let status = response.status();
-            let next = response
-                .headers()
+            let headers = response.headers().clone();
+            let next = headers
                 .get(reqwest::header::LINK)
                 .and_then(|v| v.to_str().ok())
                 .and_then(next_link);
             let body = self.read_limited(response, MAX_LISTING_PAGE_BYTES).await?;
             if !status.is_success() {
-                return Err(upstream_status(status.as_u16(), &body));
+                return Err(self.upstream_error(status.as_u16(), &headers, &body, None));
             }
-            let page: Vec<InstallationAnswer> =
+            if let Some((until, why)) = self.rate_limit_of(status.as_u16(), &headers, None) {
+                // Used up by this very request: later pages wait.
+                let _ = self.hold_until(until, why);
+            }
+            let page: Vec<serde_json::Value> =
                 serde_json::from_slice(&body).map_err(|e| describe_json_error(&e))?;
-            for installation in page {
-                if let Some(account) = installation.account
-                    && crate::grants::valid_owner(&account.login)
-                {
-                    table.insert(account.login.to_ascii_lowercase(), installation.id);
+            for item in page {
+                let login = serde_json::from_value::<InstallationAnswer>(item)
+                    .ok()
+                    .and_then(|i| {
+                        let login = i.account?.get("login")?.as_str()?.to_owned();
+                        credd_core::repository::is_valid_owner(&login).then_some((login, i.id))
+                    });
+                match login {
+                    Some((login, id)) => {
+                        table.insert(login.to_ascii_lowercase(), id);
+                    }
+                    None => skipped += 1,
                 }
             }
             match next {
-                None => return Ok(table),
+                None => {
+                    if skipped > 0 {
+                        tracing::info!(
+                            "[github] installations listed: {} usable, {skipped} skipped (an enterprise account, no account, or a login no grant can name)",
+                            table.len()
+                        );
+                    }
+                    return Ok(table);
+                }
                 Some(next) if next.starts_with(&format!("{}/", self.api_url)) => url = next,
                 Some(_) => {
                     return Err(ProviderError::Malformed(
@@ -413,10 +650,40 @@ impl GitHubAppProvider {
 
     async fn serve(&self, request: TokenRequest) -> Result<ServedToken, ProviderError> {
         let scope = request.scope.as_ref();
-        let installation = match scope {
+        let mut installation = match scope {
             None => self.default_installation,
             Some(scope) => self.installation_of(&scope.owner).await?,
         };
+        let mut relisted = false;
+        loop {
+            match self.serve_from(installation, &request).await {
+                Err(ProviderError::InstallationGone(gone)) if scope.is_some() => {
+                    let owner = scope.map_or("", |s| s.owner.as_str());
+                    // Uninstalled, or reinstalled under a new id: list at
+                    // once (the table just forgot it) and try the new id
+                    // once, so this very request sees either.
+                    match self.installation_of(owner).await {
+                        Ok(id) if id != gone && !relisted => {
+                            relisted = true;
+                            installation = id;
+                        }
+                        Ok(_) | Err(ProviderError::NotInstalled(_)) => {
+                            return Err(ProviderError::NotInstalled(owner.to_owned()));
+                        }
+                        Err(other) => return Err(other),
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn serve_from(
+        &self,
+        installation: u64,
+        request: &TokenRequest,
+    ) -> Result<ServedToken, ProviderError> {
+        let scope = request.scope.as_ref();
         let key = MintKey::new(installation, scope);
         let slot = self.caches.slot(&key);
         let issued = slot
@@ -461,13 +728,15 @@ impl GitHubAppProvider {
     }
 
     /// Mints a token of `installation`, scoped as `scope` says; the token
-    /// and the permissions GitHub's answer states.
+    /// and the permissions GitHub's answer states. Nothing is sent while
+    /// GitHub's rate limit holds.
     async fn fetch(
         &self,
         installation: u64,
         scope: Option<&Scope>,
     ) -> Result<(IssuedToken, BTreeMap<String, String>), ProviderError> {
-        let jwt = self.jwt(self.caches.clock().now())?;
+        self.check_hold()?;
+        let jwt = self.jwt(self.now())?;
         self.calls.fetch_add(1, Ordering::SeqCst);
         let endpoint = if installation == self.default_installation {
             self.endpoint.clone()
@@ -504,9 +773,18 @@ impl GitHubAppProvider {
         let response = post.send().await.map_err(|e| self.classify(&e))?;
         drop(jwt);
         let status = response.status();
+        let headers = response.headers().clone();
         let body = self.read_body(response).await?;
         if !status.is_success() {
-            return Err(upstream_status(status.as_u16(), &body));
+            return Err(self.upstream_error(status.as_u16(), &headers, &body, Some(installation)));
+        }
+        if let Some((until, why)) = self.rate_limit_of(status.as_u16(), &headers, None) {
+            let _ = self.hold_until(until, why);
+        } else {
+            self.hold
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .bare_streak = 0;
         }
         let answer: AccessTokenAnswer =
             serde_json::from_slice(&body).map_err(|e| describe_json_error(&e))?;
@@ -526,15 +804,10 @@ impl GitHubAppProvider {
                         .collect()
                 })
                 .unwrap_or_default();
-        let token = answer.token.expose_secret();
-        if token.is_empty() {
-            return Err(ProviderError::Malformed("empty token".into()));
-        }
-        if token.len() > MAX_TOKEN_CHARS || !token.chars().all(|c| c.is_ascii_graphic()) {
-            return Err(ProviderError::Malformed(format!(
-                "the token is not 1-{MAX_TOKEN_CHARS} printable ASCII characters"
-            )));
-        }
+        // Opaque: classic or stateless (`ghs_<APPID>_<JWT>`), bounded by
+        // credd-core's one limit.
+        credd_core::secret::check_token_text(answer.token.expose_secret())
+            .map_err(|e| ProviderError::Malformed(e.to_string()))?;
         let expires_at: Timestamp = answer.expires_at.trim().parse().map_err(|_| {
             ProviderError::Malformed(format!(
                 "expires_at is not an RFC 3339 timestamp ({} characters)",
@@ -551,6 +824,42 @@ impl GitHubAppProvider {
             issued.expires_at
         );
         Ok((issued, stated))
+    }
+
+    /// A non-success answer as an error, by what GitHub says: a rate limit
+    /// (held), 404 for the installation (forgotten: the next request lists
+    /// again), 422 and 403 as refusals with GitHub's reason, the rest by
+    /// status. GitHub's `message` is sanitised; the body is never kept.
+    fn upstream_error(
+        &self,
+        status: u16,
+        headers: &reqwest::header::HeaderMap,
+        body: &[u8],
+        installation: Option<u64>,
+    ) -> ProviderError {
+        let answer = serde_json::from_slice::<ErrorAnswer>(body).ok();
+        let message = answer.as_ref().and_then(|a| a.message.as_deref());
+        if let Some((until, why)) = self.rate_limit_of(status, headers, message) {
+            return self.hold_until(until, why);
+        }
+        let detail = message.map(sanitize);
+        match (status, installation) {
+            (404, Some(installation)) => {
+                self.forget_installation(installation);
+                ProviderError::InstallationGone(installation)
+            }
+            (403 | 422, Some(_)) => {
+                let mut reason = detail.unwrap_or_else(|| "no reason given".to_owned());
+                for error in answer.iter().flat_map(|a| &a.errors).take(3) {
+                    if let Some(text) = error.message.as_deref().or(error.code.as_deref()) {
+                        reason.push_str("; ");
+                        reason.push_str(&sanitize(text));
+                    }
+                }
+                ProviderError::Refused { status, reason }
+            }
+            _ => ProviderError::UpstreamStatus { status, detail },
+        }
     }
 
     /// A body of at most `limit` bytes (no secret in it: not zeroized).
@@ -576,26 +885,32 @@ impl GitHubAppProvider {
         Ok(body)
     }
 
+    /// A mint answer (it holds the token) of at most [`MAX_ANSWER_BYTES`].
+    /// Grown by hand: each larger buffer is a new zeroizing one and the old
+    /// is wiped as it goes, so no copy of the token is left in freed memory
+    /// (a plain `Vec` would reallocate without wiping).
     async fn read_body(
         &self,
         mut response: reqwest::Response,
     ) -> Result<Zeroizing<Vec<u8>>, ProviderError> {
-        if response
-            .content_length()
-            .is_some_and(|n| n > MAX_ANSWER_BYTES as u64)
-        {
-            return Err(ProviderError::Malformed(format!(
-                "answer larger than {MAX_ANSWER_BYTES} bytes"
-            )));
+        let too_large =
+            || ProviderError::Malformed(format!("answer larger than {MAX_ANSWER_BYTES} bytes"));
+        let declared = response.content_length();
+        if declared.is_some_and(|n| n > MAX_ANSWER_BYTES as u64) {
+            return Err(too_large());
         }
-        // Capacity fixed up front so growing never leaves a copy of the token
-        // behind in freed memory.
-        let mut body = Zeroizing::new(Vec::with_capacity(MAX_ANSWER_BYTES));
+        let initial = declared.map_or(INITIAL_ANSWER_BUFFER, |n| n as usize);
+        let mut body = Zeroizing::new(Vec::with_capacity(initial.min(MAX_ANSWER_BYTES)));
         while let Some(chunk) = response.chunk().await.map_err(|e| self.classify(&e))? {
-            if body.len() + chunk.len() > MAX_ANSWER_BYTES {
-                return Err(ProviderError::Malformed(format!(
-                    "answer larger than {MAX_ANSWER_BYTES} bytes"
-                )));
+            let needed = body.len() + chunk.len();
+            if needed > MAX_ANSWER_BYTES {
+                return Err(too_large());
+            }
+            if needed > body.capacity() {
+                let capacity = needed.max(body.capacity() * 2).min(MAX_ANSWER_BYTES);
+                let mut larger = Zeroizing::new(Vec::with_capacity(capacity));
+                larger.extend_from_slice(&body);
+                body = larger;
             }
             body.extend_from_slice(&chunk);
         }
@@ -609,15 +924,6 @@ impl GitHubAppProvider {
             ProviderError::Transport(error_chain(error))
         }
     }
-}
-
-/// A non-success answer as an error, with GitHub's `message` sanitised.
-fn upstream_status(status: u16, body: &[u8]) -> ProviderError {
-    let detail = serde_json::from_slice::<ErrorAnswer>(body)
-        .ok()
-        .and_then(|a| a.message)
-        .map(|m| sanitize(&m));
-    ProviderError::UpstreamStatus { status, detail }
 }
 
 /// The `rel="next"` target of a `Link` header.
@@ -710,7 +1016,6 @@ impl TokenProvider for GitHubAppProvider {
                     None => Some(MintKey::new(self.default_installation, None)),
                     Some(s) => self
                         .cached_installation(&s.owner)
-                        .0
                         .map(|id| MintKey::new(id, Some(s))),
                 })
                 .collect();

@@ -30,6 +30,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock};
 
+use credd_core::repository::{NameError, is_valid_name, is_valid_owner};
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
@@ -43,38 +44,11 @@ pub const MAX_GRANT_WORKSPACES: usize = 100_000;
 pub const MAX_OWNERS_PER_WORKSPACE: usize = 100;
 /// Most repositories of one owner in one grant: GitHub mints a token for at
 /// most 500 repositories.
-pub const MAX_REPOSITORIES_PER_OWNER: usize = 500;
+pub const MAX_REPOSITORIES_PER_OWNER: usize = credd_core::repository::MAX_REPOSITORIES_PER_TOKEN;
 /// Most permissions one grant may name.
 pub const MAX_PERMISSIONS: usize = 64;
-/// Longest GitHub account name (GitHub's own limit).
-pub const MAX_OWNER_CHARS: usize = 39;
-/// Longest GitHub repository name (GitHub's own limit).
-pub const MAX_REPOSITORY_CHARS: usize = 100;
 /// Longest permission name accepted (GitHub's are all far shorter).
 pub const MAX_PERMISSION_NAME_CHARS: usize = 64;
-
-/// Whether `owner` is a GitHub account name: 1-39 letters, digits or `-`,
-/// not starting with `-`.
-pub fn valid_owner(owner: &str) -> bool {
-    !owner.is_empty()
-        && owner.len() <= MAX_OWNER_CHARS
-        && !owner.starts_with('-')
-        && owner
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-}
-
-/// Whether `name` is a GitHub repository name: 1-100 letters, digits, `.`,
-/// `_` or `-`, and not `.` or `..`.
-pub fn valid_repository_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= MAX_REPOSITORY_CHARS
-        && name != "."
-        && name != ".."
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-}
 
 /// Whether `name` is a permission name as GitHub spells them
 /// (`contents`, `pull_requests`): lowercase letters, digits and `_`.
@@ -85,6 +59,51 @@ pub fn valid_permission_name(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+/// The levels GitHub accepts for permission `name` (its `app-permissions`
+/// schema), or `None` when GitHub has no such permission.
+pub fn github_levels(name: &str) -> Option<&'static [&'static str]> {
+    let table = crate::github_permissions::APP_PERMISSIONS;
+    table
+        .binary_search_by(|(known, _)| (*known).cmp(name))
+        .ok()
+        .map(|i| table[i].1)
+}
+
+/// The known permission most like `name` (one or two letters off, or one
+/// is the other plus a suffix), for a hint.
+fn closest_permission(name: &str) -> Option<&'static str> {
+    fn distance(a: &str, b: &str) -> usize {
+        let b: Vec<char> = b.chars().collect();
+        let mut row: Vec<usize> = (0..=b.len()).collect();
+        for (i, ca) in a.chars().enumerate() {
+            let mut previous = row[0];
+            row[0] = i + 1;
+            for (j, cb) in b.iter().enumerate() {
+                let substitution = previous + usize::from(ca != *cb);
+                previous = row[j + 1];
+                row[j + 1] = substitution.min(row[j] + 1).min(row[j + 1] + 1);
+            }
+        }
+        row[b.len()]
+    }
+    crate::github_permissions::APP_PERMISSIONS
+        .iter()
+        .map(|(known, _)| (distance(name, known), *known))
+        .filter(|(d, _)| *d <= 2)
+        .min()
+        .map(|(_, known)| known)
+}
+
+/// `"a", "b" or "c"`.
+fn quoted_list(items: &[&str]) -> String {
+    let quoted: Vec<String> = items.iter().map(|i| format!("{i:?}")).collect();
+    match quoted.split_last() {
+        Some((last, [])) => last.clone(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+        None => String::new(),
+    }
 }
 
 /// A permission level GitHub accepts when minting.
@@ -184,11 +203,11 @@ impl Ask {
             .split_once('/')
             .ok_or_else(|| "repository must be OWNER/NAME".to_owned())?;
         let name = name.strip_suffix(".git").unwrap_or(name);
-        if !valid_owner(owner) {
-            return Err(owner_rule());
+        if !is_valid_owner(owner) {
+            return Err(NameError::BadOwner.to_string());
         }
-        if !valid_repository_name(name) {
-            return Err(repository_rule());
+        if !is_valid_name(name) {
+            return Err(NameError::BadName.to_string());
         }
         Ok(Self::Repository {
             owner: owner.to_owned(),
@@ -198,10 +217,10 @@ impl Ask {
 
     /// Parses an `OWNER`.
     pub fn owner(text: &str) -> Result<Self, String> {
-        if valid_owner(text) {
+        if is_valid_owner(text) {
             Ok(Self::Owner(text.to_owned()))
         } else {
-            Err(owner_rule())
+            Err(NameError::BadOwner.to_string())
         }
     }
 
@@ -212,14 +231,6 @@ impl Ask {
             Self::Owner(owner) | Self::Repository { owner, .. } => Some(owner),
         }
     }
-}
-
-fn owner_rule() -> String {
-    format!("an owner is 1-{MAX_OWNER_CHARS} letters, digits or '-', not starting with '-'")
-}
-
-fn repository_rule() -> String {
-    format!("a repository name is 1-{MAX_REPOSITORY_CHARS} letters, digits, '.', '_' or '-'")
 }
 
 /// Why a grant refuses a request (the text is safe to send to the caller:
@@ -390,11 +401,28 @@ impl GrantTable {
                                 ),
                             ));
                         }
-                        let Some(parsed) = Level::parse(level.get_ref()) else {
+                        let Some(levels) = github_levels(&name) else {
+                            let hint = closest_permission(&name)
+                                .map(|known| format!(" (did you mean {known}?)"))
+                                .unwrap_or_default();
                             return Err(invalid(
                                 level.span().start,
                                 format!(
-                                    "workspace {id}: permission {name} must be \"read\", \"write\" or \"admin\""
+                                    "workspace {id}: permission {name:?} is not one of GitHub's App permissions{hint}; GitHub would refuse every token of this grant ({})",
+                                    crate::github_permissions::SOURCE
+                                ),
+                            ));
+                        };
+                        let parsed =
+                            Level::parse(level.get_ref()).filter(|l| levels.contains(&l.as_str()));
+                        let Some(parsed) = parsed else {
+                            return Err(invalid(
+                                level.span().start,
+                                format!(
+                                    "workspace {id}: permission {name} is {:?}, but GitHub allows only {} for it ({})",
+                                    level.get_ref(),
+                                    quoted_list(levels),
+                                    crate::github_permissions::SOURCE
                                 ),
                             ));
                         };
@@ -424,11 +452,11 @@ impl GrantTable {
                 let (owner, name) = text
                     .split_once('/')
                     .ok_or_else(|| bad("expected OWNER/NAME or OWNER/*".into()))?;
-                if !valid_owner(owner) {
-                    return Err(bad(owner_rule()));
+                if !is_valid_owner(owner) {
+                    return Err(bad(NameError::BadOwner.to_string()));
                 }
-                if name != "*" && !valid_repository_name(name) {
-                    return Err(bad(format!("{} (or * for all)", repository_rule())));
+                if name != "*" && !is_valid_name(name) {
+                    return Err(bad(format!("{} (or * for all)", NameError::BadName)));
                 }
                 let index = match owners
                     .iter()
@@ -694,7 +722,15 @@ repositories = ["solo/*"]
             assert!(Ask::repository(bad).is_err(), "{bad}");
         }
         assert!(Ask::owner(&"a".repeat(40)).is_err());
-        assert!(Ask::owner("a_b").is_err());
+        assert!(Ask::owner(&"a".repeat(39)).is_ok());
+        // Enterprise Managed Users' logins, under credd-core's one rule.
+        assert_eq!(
+            Ask::owner("acme_corp").unwrap(),
+            Ask::Owner("acme_corp".into())
+        );
+        assert!(Ask::repository("alice_acme/dotfiles.git").is_ok());
+        assert!(Ask::owner("_acme").is_err());
+        assert!(Ask::owner("a_b_c").is_err());
         assert!(Ask::repository(&format!("a/{}", "r".repeat(100))).is_ok());
         assert!(Ask::repository(&format!("a/{}", "r".repeat(101))).is_err());
     }
@@ -716,7 +752,7 @@ repositories = ["solo/*"]
             (
                 "[workspace.ws-1]\nrepositories = [\"a/b\"]\n\npermissions = { contents = \"all\" }\n",
                 4,
-                "\"read\", \"write\" or \"admin\"",
+                "permission contents is \"all\", but GitHub allows only \"read\" or \"write\" for it (@octokit/openapi",
             ),
             (
                 "[workspace.ws-1]\nrepositories = [\"a/b\"]\npermissions = { Contents = \"read\" }\n",
@@ -746,6 +782,67 @@ repositories = ["solo/*"]
             assert!(err.starts_with(&format!("<t>:{line}: ")), "{text:?}: {err}");
             assert!(err.contains(needle), "{text:?}: {err}");
             assert!(!err.contains('\n'), "one line: {err}");
+        }
+    }
+
+    #[test]
+    fn grants_github_would_refuse_are_refused_at_load_with_their_line() {
+        let grant = |permissions: &str| {
+            format!(
+                "[workspace.ws-1]\nrepositories = [\"a/b\"]\n\n\npermissions = {{ {permissions} }}\n"
+            )
+        };
+        for (permissions, says) in [
+            (
+                "workflows = \"read\"",
+                "permission workflows is \"read\", but GitHub allows only \"write\" for it",
+            ),
+            (
+                "contents = \"admin\"",
+                "permission contents is \"admin\", but GitHub allows only \"read\" or \"write\" for it",
+            ),
+            (
+                "organization_plan = \"write\"",
+                "GitHub allows only \"read\" for it",
+            ),
+            (
+                "pull_request = \"write\"",
+                "permission \"pull_request\" is not one of GitHub's App permissions (did you mean pull_requests?)",
+            ),
+            (
+                "everything = \"read\"",
+                "permission \"everything\" is not one of GitHub's App permissions; GitHub would refuse",
+            ),
+        ] {
+            let err = GrantTable::parse(&grant(permissions), "grants.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with("grants.toml:5: workspace ws-1: "), "{err}");
+            assert!(err.contains(says), "{permissions}: {err}");
+        }
+        // What GitHub allows loads, admin included where it exists.
+        let ok = GrantTable::parse(
+            &grant("workflows = \"write\", repository_projects = \"admin\", metadata = \"read\""),
+            "grants.toml",
+        )
+        .expect("GitHub allows these");
+        let permissions = ok.scopes("ws-1")[0].permissions.clone().unwrap();
+        assert_eq!(permissions["repository_projects"], Level::Admin);
+    }
+
+    #[test]
+    fn the_permission_table_is_githubs() {
+        let table = crate::github_permissions::APP_PERMISSIONS;
+        assert!(
+            table.windows(2).all(|w| w[0].0 < w[1].0),
+            "sorted for lookup"
+        );
+        assert_eq!(github_levels("workflows"), Some(&["write"][..]));
+        assert_eq!(github_levels("pull_requests"), Some(&["read", "write"][..]));
+        assert_eq!(github_levels("pull_request"), None);
+        for (name, levels) in table {
+            assert!(valid_permission_name(name), "{name}");
+            assert!(levels.iter().all(|l| Level::parse(l).is_some()), "{name}");
         }
     }
 

@@ -10,6 +10,9 @@
 //! - [`registry`]: provision-time plugins, one of which may also be the
 //!   token provider.
 //! - [`github`]: the GitHub App provider (JWT → installation access token).
+//! - [`github_permissions`]: GitHub's permission names and levels, generated
+//!   from GitHub's API description.
+//! - [`answer`]: each provider failure mapped to its one HTTP answer.
 //! - [`grants`]: the grants file: which owners, repositories and
 //!   permissions each workspace's tokens are scoped to.
 //! - [`scoped`]: one token cache per (installation, repositories,
@@ -24,10 +27,12 @@
 
 #![forbid(unsafe_code)]
 
+pub mod answer;
 pub mod auth;
 pub mod config;
 pub mod dev;
 pub mod github;
+pub mod github_permissions;
 pub mod grants;
 pub mod metrics;
 pub mod provider;

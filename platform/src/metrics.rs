@@ -26,6 +26,7 @@ use axum::response::Response;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
@@ -95,6 +96,9 @@ pub struct PlatformMetrics {
     upstream_errors: Family<UpstreamLabels, Counter>,
     requests: RequestHistograms,
     shared: Family<SharedLabels, Counter>,
+    rate_limited_until: Gauge,
+    rate_limits: Counter,
+    held: Counter,
 }
 
 impl std::fmt::Debug for PlatformMetrics {
@@ -122,6 +126,9 @@ impl PlatformMetrics {
         let upstream_errors = Family::<UpstreamLabels, Counter>::default();
         let requests = RequestHistograms::new_with_constructor(request_histogram);
         let shared = Family::<SharedLabels, Counter>::default();
+        let rate_limited_until = Gauge::default();
+        let rate_limits = Counter::default();
+        let held = Counter::default();
         // Both callers exist from the start, so a rate over them does too.
         for caller in [CallerKind::Workspace, CallerKind::Admin] {
             let _ = served.get_or_create(&CallerLabels {
@@ -146,8 +153,24 @@ impl PlatformMetrics {
         );
         registry.register(
             "upstream_errors",
-            "Failed mints by GitHub's answer: the HTTP status, or timeout, transport, malformed, config when there was none",
+            "Failed mints by GitHub's answer: the HTTP status, or timeout, transport, malformed, config, rate_limited (GitHub's limit holds) when there was none",
             upstream_errors.clone(),
+        );
+        registry.register_with_unit(
+            "github_rate_limited_until",
+            "When GitHub's rate limit on the App ends (Unix time; no request goes to GitHub before it; 0: never limited)",
+            prometheus_client::registry::Unit::Seconds,
+            rate_limited_until.clone(),
+        );
+        registry.register(
+            "github_rate_limits",
+            "Rate limits GitHub answered the App with (episodes, however many requests each held back)",
+            rate_limits.clone(),
+        );
+        registry.register(
+            "github_requests_held",
+            "Requests to GitHub not made because GitHub's rate limit on the App had not ended",
+            held.clone(),
         );
         registry.register_with_unit(
             "http_request_duration",
@@ -170,7 +193,24 @@ impl PlatformMetrics {
             served,
             upstream_errors,
             requests,
+            rate_limited_until,
+            rate_limits,
+            held,
         }
+    }
+
+    /// GitHub rate limited the App until `until` (Unix seconds): a new
+    /// episode when `new_episode`, else an existing one moved.
+    pub fn rate_limited(&self, until: i64, new_episode: bool) {
+        self.rate_limited_until.set(until);
+        if new_episode {
+            self.rate_limits.inc();
+        }
+    }
+
+    /// A request to GitHub was not made: the App's rate limit holds.
+    pub fn held(&self) {
+        self.held.inc();
     }
 
     /// A token was minted upstream.
@@ -204,7 +244,9 @@ impl PlatformMetrics {
     /// A mint failed with `error`.
     pub fn upstream_error(&self, error: &ProviderError) {
         let status = match error {
-            ProviderError::UpstreamStatus { status, .. } => status.to_string(),
+            ProviderError::UpstreamStatus { status, .. }
+            | ProviderError::Refused { status, .. } => status.to_string(),
+            ProviderError::InstallationGone(_) => "404".to_owned(),
             other => other.class().to_owned(),
         };
         self.upstream_errors
@@ -286,6 +328,9 @@ mod tests {
             detail: Some("bad \"gateway\"".into()),
         });
         m.upstream_error(&ProviderError::Timeout(std::time::Duration::from_secs(1)));
+        m.rate_limited(1_900_000_000, true);
+        m.rate_limited(1_900_000_060, false);
+        m.held();
         m.request(
             "/workspaces/{id}/github-installation-token".into(),
             "GET",
@@ -303,6 +348,9 @@ mod tests {
             "molecule_platform_upstream_errors_total{status=\"timeout\"} 1\n",
             "molecule_platform_http_request_duration_seconds_count{route=\"/workspaces/{id}/github-installation-token\",method=\"GET\",code=\"200\"} 1\n",
             "le=\"0.0025\"} 1\n",
+            "molecule_platform_github_rate_limited_until_seconds 1900000060\n",
+            "molecule_platform_github_rate_limits_total 1\n",
+            "molecule_platform_github_requests_held_total 1\n",
         ] {
             assert!(text.contains(expected), "missing {expected:?} in\n{text}");
         }

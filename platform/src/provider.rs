@@ -105,6 +105,30 @@ pub enum ProviderError {
     /// The GitHub App is not installed on this account.
     #[error("the GitHub App is not installed on account {0}")]
     NotInstalled(String),
+    /// GitHub answered 404 for the installation: it was removed (the App
+    /// uninstalled from its account).
+    #[error("the GitHub App's installation {0} no longer exists")]
+    InstallationGone(u64),
+    /// GitHub refuses this token for a reason only a change of the grant or
+    /// of the installation fixes: 422 (a repository the installation does
+    /// not reach, a permission it lacks), 403 (the installation suspended).
+    #[error("GitHub refuses this token (HTTP {status}): {reason}")]
+    Refused {
+        /// GitHub's status.
+        status: u16,
+        /// GitHub's `message` (and `errors`), sanitised.
+        reason: String,
+    },
+    /// GitHub rate limits the App: nothing is asked of GitHub before
+    /// `until`.
+    #[error("GitHub rate limits the App until {until}")]
+    RateLimited {
+        /// When GitHub may be asked again.
+        until: Timestamp,
+        /// How long that was from when the error was made (on the
+        /// provider's clock): the caller's `Retry-After`.
+        wait: Duration,
+    },
 }
 
 fn detail_suffix(detail: &Option<String>) -> String {
@@ -124,9 +148,38 @@ impl ProviderError {
             Self::Malformed(_) => "malformed",
             Self::Config(_) => "config",
             Self::NotInstalled(_) => "not_installed",
+            Self::InstallationGone(_) => "installation_gone",
+            Self::Refused { .. } => "refused",
+            Self::RateLimited { .. } => "rate_limited",
         }
     }
+
+    /// Whether this failure still stands at `now`: a rate limit does not
+    /// outlive its end (then GitHub may be asked again at once), anything
+    /// else does (until its cool-down).
+    pub fn stands_at(&self, now: Timestamp) -> bool {
+        match self {
+            Self::RateLimited { until, .. } => *until > now,
+            _ => true,
+        }
+    }
+
+    /// Whether GitHub said this definitively: asking again soon gets the
+    /// same answer, so it is remembered for [`DEFINITIVE_COOLDOWN`] rather
+    /// than [`FAILURE_COOLDOWN`] (a rate limit is held to its own end).
+    pub fn is_definitive(&self) -> bool {
+        matches!(
+            self,
+            Self::NotInstalled(_) | Self::InstallationGone(_) | Self::Refused { .. }
+        )
+    }
 }
+
+/// How long a definitive refusal from GitHub ([`ProviderError::is_definitive`])
+/// is answered from memory: a fleet of workspaces asking for a token GitHub
+/// refuses costs one mint per this interval, and a fix on GitHub's side
+/// (installing the App, granting a permission) shows within it.
+pub const DEFINITIVE_COOLDOWN: Duration = Duration::from_secs(30);
 
 /// The future a [`TokenProvider`] returns.
 pub type TokenFuture<'a> =
@@ -475,7 +528,12 @@ impl TokenCache {
             if let Some((failed_at, error)) = &attempts.last_failure {
                 // The call we queued behind failed, or one failed moments ago:
                 // share its answer rather than calling again.
-                let recent = now.duration_since(*failed_at) < self.failure_cooldown;
+                let cooldown = if error.is_definitive() {
+                    self.failure_cooldown.max(signed(DEFINITIVE_COOLDOWN))
+                } else {
+                    self.failure_cooldown
+                };
+                let recent = now.duration_since(*failed_at) < cooldown && error.stands_at(now);
                 if attempts.completed != seen || recent {
                     return self.unexpired(now).ok_or_else(|| error.clone());
                 }

@@ -21,11 +21,15 @@
 //! a missing or wrong bearer (checked before anything else, so strangers
 //! learn nothing about the setup); 400 for a malformed query; 403 when a
 //! grants file is in force and the workspace has no entry or asks outside
-//! it, or is a workspace bearer on the admin route (no token is minted);
-//! 404 when no provider is registered or the App is not installed on the
-//! owner asked for; 500 `token refresh failed` when the provider fails,
-//! logged with a `[github]` prefix and the cause, never the token. Error
-//! bodies name only what the caller asked for: internals stay in the log.
+//! it, or is a workspace bearer on the admin route while grants are in
+//! force (no token is minted); 404 when no provider is registered; and for
+//! what GitHub answers, the one mapping of [`crate::answer`]: 403 when GitHub
+//! refuses the token (its 422 or a suspended installation, with GitHub's
+//! reason), 404 when the App is not installed on the owner (or the
+//! installation is gone), 503 with `Retry-After` while GitHub rate limits the
+//! App, 500 `token refresh failed` for any other failure, logged with a
+//! `[github]` prefix and the cause, never the token. Error bodies name only what the caller asked for: internals stay
+//! in the log.
 //!
 //! `min_remaining_secs=N`: the cached token is served only if it has at
 //! least N seconds of life left (and is outside the platform's own refresh
@@ -84,7 +88,7 @@ use tower_http::timeout::TimeoutLayer;
 
 use crate::auth::{Auth, AuthError, Caller, MAX_BEARER_BYTES, valid_workspace_id};
 use crate::grants::{Ask, Grants, Scope};
-use crate::provider::{ProviderError, RefusalOutcome, ServedToken, TokenRequest};
+use crate::provider::{RefusalOutcome, ServedToken, TokenRequest};
 use crate::registry::Registry;
 
 mod connections;
@@ -345,7 +349,8 @@ fn json(status: StatusCode, body: Vec<u8>) -> Response {
     response
 }
 
-fn json_error(status: StatusCode, message: &str) -> Response {
+/// A JSON `{"error": message}` answer with `status` (never cached).
+pub(crate) fn json_error(status: StatusCode, message: &str) -> Response {
     let body = serde_json::to_vec(&ErrorAnswer { error: message }).unwrap_or_default();
     json(status, body)
 }
@@ -579,23 +584,16 @@ async fn serve_token(state: &AppState, caller: Caller, request: TokenRequest) ->
     let Some(provider) = state.registry.first_token_provider() else {
         return json_error(StatusCode::NOT_FOUND, "no GitHub App configured");
     };
-    let failed = || json_error(StatusCode::INTERNAL_SERVER_ERROR, "token refresh failed");
+    let failed = || {
+        json_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            crate::answer::REFRESH_FAILED,
+        )
+    };
+    // Every provider failure has its one answer (`crate::answer`).
     let served: ServedToken = match provider.scoped_token(request).await {
         Ok(served) => served,
-        Err(ProviderError::NotInstalled(owner)) => {
-            tracing::warn!("[github] the GitHub App is not installed on account {owner}");
-            return json_error(
-                StatusCode::NOT_FOUND,
-                &format!("the GitHub App is not installed on account {owner}"),
-            );
-        }
-        Err(error) => {
-            tracing::error!(
-                class = error.class(),
-                "[github] token refresh failed: {error}"
-            );
-            return failed();
-        }
+        Err(error) => return error.into_response(),
     };
     let issued = &served.issued;
     let token = issued.token.expose_secret();

@@ -133,6 +133,16 @@ impl Sandbox {
         );
     }
 
+    /// Points daemon and helper at a platform started another way (the real
+    /// binary in GitHub mode) at `url`, as workspace `id` with `bearer`
+    /// (written to `configs/.auth_token`, and a secret here).
+    pub fn use_workspace(&self, url: String, id: &str, bearer: &str) {
+        *lock(&self.platform_url) = url;
+        *lock(&self.workspace_id) = Some(id.to_owned());
+        self.add_secret("the workspace bearer", bearer);
+        self.write_bearer(bearer);
+    }
+
     /// Treats `platform`'s tokens and bearer as secrets without using it.
     pub fn watch_platform(&self, platform: &TestPlatform) {
         self.secrets.include(platform.secrets());

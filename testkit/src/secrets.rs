@@ -6,9 +6,16 @@
 //! one suite would catch, every suite catches:
 //!
 //! > A text leaks when it contains a value registered as a secret (of
-//! > [`MIN_LEN`] characters or more), or anything shaped like one: a GitHub
-//! > token prefix (`ghs_`, `ghp_`, `gho_`, `ghu_`, `ghr_`, `github_pat_`) or
-//! > `Bearer ` followed by [`MIN_LEN`] or more token characters.
+//! > [`MIN_LEN`] characters or more) or, for a JWT-shaped secret (GitHub's
+//! > stateless `ghs_<APPID>_<JWT>` tokens, App JWTs), one of its parts of
+//! > [`MIN_PART_LEN`] characters or more; or anything shaped like one: a
+//! > GitHub token prefix (`ghs_`, `ghp_`, `gho_`, `ghu_`, `ghr_`,
+//! > `github_pat_`) or `Bearer ` followed by [`MIN_LEN`] or more token
+//! > characters.
+//!
+//! Tokens are opaque and of either of GitHub's formats (classic, 40
+//! characters; stateless, about 520 and variable), up to credd-core's
+//! [`MAX_TOKEN_LEN`]; the rule assumes no length beyond that.
 //!
 //! Failures name the output and the kind of secret, never the value: the
 //! panic message is captured too and would leak it again. The helpers at the
@@ -16,6 +23,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use credd_core::secret::MAX_TOKEN_LEN;
 use sha2::Digest;
 
 use crate::lock;
@@ -24,6 +32,12 @@ use crate::lock;
 /// accident, and no real token or bearer is that short); token shapes need
 /// this many token characters after their prefix.
 pub const MIN_LEN: usize = 8;
+
+/// A `.`-separated part of a registered secret this long or longer leaks on
+/// its own: a stateless token's or a JWT's payload or signature printed
+/// without the rest is still the secret (a JWT's header, shared by every
+/// JWT of its algorithm, is shorter than this).
+pub const MIN_PART_LEN: usize = 40;
 
 /// Prefixes of GitHub tokens, and of a bearer in an HTTP header.
 const SHAPES: [(&str, &str); 7] = [
@@ -129,7 +143,12 @@ fn leaks(text: &str, known: &[(String, String)]) -> Vec<String> {
         }
     };
     for (kind, value) in known {
-        if value.len() >= MIN_LEN && text.contains(value.as_str()) {
+        let whole = value.len() >= MIN_LEN && text.contains(value.as_str());
+        let part = value.contains('.')
+            && value
+                .split('.')
+                .any(|part| part.len() >= MIN_PART_LEN && text.contains(part));
+        if whole || part {
             note(kind);
         }
     }
@@ -137,7 +156,8 @@ fn leaks(text: &str, known: &[(String, String)]) -> Vec<String> {
         let shaped = text.match_indices(prefix).any(|(at, _)| {
             text[at + prefix.len()..]
                 .bytes()
-                .take_while(|b| b.is_ascii_alphanumeric() || *b == b'_' || *b == b'-')
+                .take(MAX_TOKEN_LEN)
+                .take_while(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
                 .count()
                 >= MIN_LEN
         });
@@ -235,6 +255,37 @@ mod tests {
             ["a bearer header value (Bearer …)"]
         );
         assert!(secrets.leaks("missing bearer token").is_empty());
+    }
+
+    #[test]
+    fn stateless_tokens_leak_whole_or_by_their_jwt_parts() {
+        let payload = "eyJpc3MiOiI0MjQyIiwiaW5zdGFsbGF0aW9uIjo3Nzd9".repeat(4);
+        let signature = "c2lnbmF0dXJlLXNpZ25hdHVyZS1zaWduYXR1cmUt".repeat(8);
+        let token = format!("ghs_4242_eyJhbGciOiJSUzI1NiJ9.{payload}.{signature}");
+        assert!(token.len() > 520);
+        let secrets = Secrets::new();
+        secrets.add("an issued token", token.as_str());
+        assert_eq!(
+            secrets.leaks(&format!("x {token} y")),
+            ["an issued token", "a token-shaped string (ghs_…)"]
+        );
+        assert_eq!(
+            secrets.leaks(&format!("signature={signature}")),
+            ["an issued token"]
+        );
+        assert_eq!(secrets.leaks(&payload), ["an issued token"]);
+        assert!(
+            secrets
+                .leaks("alg eyJhbGciOiJSUzI1NiJ9 is public")
+                .is_empty(),
+            "a JWT header alone is no secret"
+        );
+        let unregistered = Secrets::new();
+        assert_eq!(
+            unregistered.leaks(&format!("log: {token}")),
+            ["a token-shaped string (ghs_…)"]
+        );
+        assert!(redact_passwords(&format!("password={token}")).starts_with("password=<fp:"));
     }
 
     #[test]

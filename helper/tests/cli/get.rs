@@ -81,9 +81,11 @@ fn get_stays_silent_for_other_hosts_and_clear_text() {
 fn malformed_input_gets_one_line_and_no_answer() {
     let sandbox = credd_sandbox();
     let daemon = FakeDaemon::with_token(&sandbox.socket());
+    // A line longer than any git sends (the longest is a `password=` with
+    // the longest token credd-core allows).
     let huge = format!(
         "protocol=https\nhost=github.com\npath={}\n\n",
-        "p".repeat(10_000)
+        "p".repeat(credd_core::secret::MAX_TOKEN_LEN + 4096)
     );
     for input in [
         "protocol=https\nhost=github.com\nghs_notkeyvalue\n\n".to_owned(),

@@ -265,6 +265,22 @@ async fn refuses_to_start_on_bad_configuration() {
     .expect("write");
     let bad_tokens = dir.path().join("tokens");
     std::fs::write(&bad_tokens, "# ok\nws-a\n").expect("write");
+    // Grants GitHub would refuse: refused at start, with FILE:LINE and what
+    // GitHub allows for that permission.
+    let grant = |name: &str, permissions: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(
+            &path,
+            format!(
+                "[workspace.ws-a]\nrepositories = [\"acme/*\"]\npermissions = {{ {permissions} }}\n"
+            ),
+        )
+        .expect("write");
+        path.to_str().expect("utf-8").to_owned()
+    };
+    let workflows_read = grant("workflows.toml", "workflows = \"read\"");
+    let contents_admin = grant("contents.toml", "contents = \"admin\"");
+    let not_a_permission = grant("typo.toml", "pull_request = \"write\"");
     let key = keys().pkcs8_file.to_str().unwrap();
     // (flags, environment, expected part of the error)
     type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
@@ -320,6 +336,21 @@ async fn refuses_to_start_on_bad_configuration() {
             vec!["--dev", "--listen", "0.0.0.0:0"],
             vec![],
             "--dev only listens on loopback",
+        ),
+        (
+            vec!["--dev", "--listen", "127.0.0.1:0"],
+            vec![("PLATFORM_GRANTS_FILE", workflows_read.as_str())],
+            "workflows.toml:3: workspace ws-a: permission workflows is \"read\", but GitHub allows only \"write\" for it",
+        ),
+        (
+            vec!["--dev", "--listen", "127.0.0.1:0"],
+            vec![("PLATFORM_GRANTS_FILE", contents_admin.as_str())],
+            "contents.toml:3: workspace ws-a: permission contents is \"admin\", but GitHub allows only \"read\" or \"write\" for it",
+        ),
+        (
+            vec!["--dev", "--listen", "127.0.0.1:0"],
+            vec![("PLATFORM_GRANTS_FILE", not_a_permission.as_str())],
+            "typo.toml:3: workspace ws-a: permission \"pull_request\" is not one of GitHub's App permissions (did you mean pull_requests?)",
         ),
         (
             vec![],
@@ -569,6 +600,11 @@ async fn github_mode_with_grants_against_the_stand_in_process() {
         .expect("body");
     let record: serde_json::Value = serde_json::from_slice(&bytes).expect("JSON");
     assert_eq!(record["rejections"], serde_json::json!([]), "{record}");
+    assert_eq!(
+        record["violations"],
+        serde_json::json!([]),
+        "every request as GitHub's description allows: {record}"
+    );
     assert_eq!(
         record["mints"],
         serde_json::json!([

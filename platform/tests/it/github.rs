@@ -271,12 +271,11 @@ async fn github_redirect_is_not_followed() {
 
 #[tokio::test]
 async fn github_oversized_answer_is_refused() {
-    failing(
-        Mode::Huge,
-        None,
-        "malformed upstream answer: answer larger than 65536 bytes",
-    )
-    .await;
+    let cause = format!(
+        "malformed upstream answer: answer larger than {} bytes",
+        molecule_platform::github::MAX_ANSWER_BYTES
+    );
+    failing(Mode::Huge, None, &cause).await;
 }
 
 #[tokio::test]

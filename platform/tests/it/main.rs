@@ -6,6 +6,7 @@
 mod binary;
 mod github;
 mod github_grants;
+mod github_spec;
 mod grants;
 mod metrics;
 mod replicas;

@@ -122,7 +122,7 @@ async fn a_github_refusal_is_counted_under_its_status() {
     github.set_mode(Mode::Status(403));
     let mut platform = platform_for(&github, &INSTALLATION_ID.to_string());
     let (status, _) = admin_get(&platform, Some(ADMIN_BEARER)).await;
-    assert_eq!(status, 500);
+    assert_eq!(status, 403, "GitHub's 403 is a refusal, answered as one");
     let (_, failed) = scrape(&platform).await;
     assert_eq!(github.calls(), 1);
     assert_eq!(
@@ -131,6 +131,57 @@ async fn a_github_refusal_is_counted_under_its_status() {
     );
     assert_eq!(failed.get(MINTED), 0.0);
     assert_eq!(failed.get(SERVED_ADMIN), 0.0);
-    assert_eq!(failed.get(&requests(ADMIN_ROUTE, 500)), 1.0);
+    assert_eq!(failed.get(&requests(ADMIN_ROUTE, 403)), 1.0);
     assert!(platform.stop(Signal::SIGTERM).success());
+}
+
+#[tokio::test]
+async fn a_rate_limit_is_a_503_with_retry_after_and_its_wait_is_in_the_metrics() {
+    let github = GitHubStandIn::start();
+    github.rate_limit(github_stand_in::RateLimit::Primary(
+        jiff::SignedDuration::from_secs(600),
+    ));
+    let mut platform = platform_for(&github, &INSTALLATION_ID.to_string());
+    let mut waits = Vec::new();
+    for _ in 0..3 {
+        let response = http()
+            .get(format!("{}{ADMIN_ROUTE}", platform.url()))
+            .bearer_auth(ADMIN_BEARER)
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(response.status().as_u16(), 503);
+        let wait: u64 = response.headers()["retry-after"]
+            .to_str()
+            .expect("text")
+            .parse()
+            .expect("seconds");
+        waits.push(wait);
+    }
+    assert!(waits.iter().all(|w| (590..=600).contains(w)), "{waits:?}");
+    let until = github.limited_until().expect("limited").as_second() as f64;
+    let (_, samples) = scrape(&platform).await;
+    assert_eq!(
+        samples.get("molecule_platform_github_rate_limited_until_seconds"),
+        until
+    );
+    assert_eq!(
+        samples.get("molecule_platform_github_rate_limits_total"),
+        1.0
+    );
+    assert_eq!(
+        github.calls(),
+        1,
+        "only the mint that was limited reached GitHub"
+    );
+    assert_eq!(samples.get(&requests(ADMIN_ROUTE, 503)), 3.0);
+    assert!(platform.stop(Signal::SIGTERM).success());
+    let stderr = platform.stderr();
+    assert_eq!(
+        stderr
+            .matches("[github] GitHub rate limits the App")
+            .count(),
+        1,
+        "one line per episode: {stderr}"
+    );
 }

@@ -164,10 +164,11 @@ impl GitHubStandIn {
     }
 }
 
-/// A clock that starts at the real time and moves only when told.
+/// A clock that starts at the real time (a whole second, as GitHub's
+/// timestamps are) and moves only when told.
 pub(crate) fn manual_clock() -> (Clock, Arc<std::sync::atomic::AtomicI64>) {
     use std::sync::atomic::{AtomicI64, Ordering};
-    let start = Timestamp::now();
+    let start = Timestamp::from_second(Timestamp::now().as_second()).expect("now");
     let offset = Arc::new(AtomicI64::new(0));
     let o = Arc::clone(&offset);
     let clock = Clock::from_fn(move || start + SignedDuration::from_secs(o.load(Ordering::SeqCst)));

@@ -8,9 +8,20 @@
 //!
 //! - `GET /_stand-in/record`: `{"calls", "listings", "issued", "rejections",
 //!   "mints": [{"installation", "repositories", "permissions"}]}`;
+//! - `GET /_stand-in/record`: also `"violations"` (requests GitHub's
+//!   description refuses, requests during a rate limit, answers not matching
+//!   it: must be empty), `"requests"` (`[{"method", "path", "at"}]`) and
+//!   `"limited_until"`;
 //! - `PUT /_stand-in/mode` with `{"issue_secs": N}`, `{"status": CODE}` or
 //!   `{"mode": "garbage" | "hang" | "redirect" | "huge" | "expired"}`;
-//! - `POST /_stand-in/installations` with `{"login": "acme", "id": 1001}`;
+//! - `PUT /_stand-in/token-format` with `{"format": "classic" | "stateless"}`;
+//! - `PUT /_stand-in/rate-limit` with `{"kind": "primary" | "secondary" |
+//!   "secondary-403" | "secondary-bare", "secs": N}`: the next request is
+//!   answered with that limit;
+//! - `POST /_stand-in/installations` with `{"login": "acme", "id": 1001}`,
+//!   optionally `"kind": "organization" | "user" | "enterprise" | "none"`,
+//!   `"repositories": [NAME…]`, `"suspended": true`;
+//! - `DELETE /_stand-in/installations/{id}`: uninstall;
 //! - `PUT /_stand-in/page-size` with `{"page_size": N}`.
 //!
 //! [`GitHubStandIn`]: crate::GitHubStandIn
@@ -24,7 +35,10 @@ use axum::response::{IntoResponse, Response};
 use jiff::SignedDuration;
 use serde::Deserialize;
 
-use crate::{Mode, StandInState, lock, valid_login};
+use crate::{
+    Account, Installation, Mode, RateLimit, StandInState, TokenFormat, default_permissions, lock,
+    valid_login,
+};
 
 /// Adds the inspection routes to `app`.
 pub(crate) fn routes(app: Router, state: Arc<StandInState>) -> Router {
@@ -32,6 +46,12 @@ pub(crate) fn routes(app: Router, state: Arc<StandInState>) -> Router {
         .route("/_stand-in/record", axum::routing::get(record))
         .route("/_stand-in/mode", axum::routing::put(set_mode))
         .route("/_stand-in/installations", axum::routing::post(install))
+        .route(
+            "/_stand-in/installations/{id}",
+            axum::routing::delete(uninstall),
+        )
+        .route("/_stand-in/token-format", axum::routing::put(token_format))
+        .route("/_stand-in/rate-limit", axum::routing::put(rate_limit))
         .route("/_stand-in/page-size", axum::routing::put(page_size))
         .with_state(state);
     app.merge(inspect)
@@ -48,11 +68,18 @@ async fn record(State(state): State<Arc<StandInState>>) -> Response {
             })
         })
         .collect();
+    let requests: Vec<serde_json::Value> = lock(&state.requests)
+        .iter()
+        .map(|r| serde_json::json!({"method": r.method, "path": r.path, "at": r.at.to_string()}))
+        .collect();
     axum::Json(serde_json::json!({
         "calls": *state.calls.borrow(),
         "listings": *lock(&state.listings),
         "issued": lock(&state.issued).len(),
         "rejections": lock(&state.rejections).clone(),
+        "violations": lock(&state.violations).clone(),
+        "requests": requests,
+        "limited_until": lock(&state.limit).as_ref().and_then(|l| l.until).map(|t| t.to_string()),
         "mints": mints,
     }))
     .into_response()
@@ -94,23 +121,113 @@ async fn set_mode(
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Installation {
+struct InstallRequest {
     login: String,
     id: u64,
+    #[serde(default)]
+    kind: Option<String>,
+    #[serde(default)]
+    repositories: Option<Vec<String>>,
+    #[serde(default)]
+    suspended: bool,
 }
 
 async fn install(
     State(state): State<Arc<StandInState>>,
-    axum::Json(request): axum::Json<Installation>,
+    axum::Json(request): axum::Json<InstallRequest>,
 ) -> Response {
     if !valid_login(&request.login) || request.id == 0 {
         return (
             StatusCode::BAD_REQUEST,
-            "login: 1-39 letters, digits or '-'; id > 0",
+            "login: 1-39 letters, digits, '-' or '_'; id > 0",
         )
             .into_response();
     }
-    lock(&state.installations).push((request.login, request.id));
+    let account = match request.kind.as_deref() {
+        None | Some("organization") => Account::Organization(request.login),
+        Some("user") => Account::User(request.login),
+        Some("enterprise") => Account::Enterprise(request.login),
+        Some("none") => Account::Missing,
+        Some(_) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                "kind: organization, user, enterprise or none",
+            )
+                .into_response();
+        }
+    };
+    let installation = Installation {
+        id: request.id,
+        account,
+        repositories: request.repositories,
+        permissions: default_permissions(),
+        suspended: request.suspended,
+    };
+    let mut all = lock(&state.installations);
+    all.retain(|i| i.id != installation.id);
+    all.push(installation);
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn uninstall(
+    State(state): State<Arc<StandInState>>,
+    axum::extract::Path(id): axum::extract::Path<u64>,
+) -> Response {
+    lock(&state.installations).retain(|i| i.id != id);
+    StatusCode::NO_CONTENT.into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FormatRequest {
+    format: String,
+}
+
+async fn token_format(
+    State(state): State<Arc<StandInState>>,
+    axum::Json(request): axum::Json<FormatRequest>,
+) -> Response {
+    let format = match request.format.as_str() {
+        "classic" => TokenFormat::Classic,
+        "stateless" => TokenFormat::Stateless,
+        _ => return (StatusCode::BAD_REQUEST, "format: classic or stateless").into_response(),
+    };
+    *lock(&state.format) = format;
+    StatusCode::NO_CONTENT.into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RateLimitRequest {
+    kind: String,
+    secs: i64,
+}
+
+async fn rate_limit(
+    State(state): State<Arc<StandInState>>,
+    axum::Json(request): axum::Json<RateLimitRequest>,
+) -> Response {
+    let length = SignedDuration::from_secs(request.secs.clamp(1, 3600));
+    let kind = match request.kind.as_str() {
+        "primary" => RateLimit::Primary(length),
+        "secondary" => RateLimit::Secondary {
+            status: 429,
+            retry_after: length,
+        },
+        "secondary-403" => RateLimit::Secondary {
+            status: 403,
+            retry_after: length,
+        },
+        "secondary-bare" => RateLimit::SecondaryWithoutHeaders(length),
+        _ => {
+            return (
+                StatusCode::BAD_REQUEST,
+                "kind: primary, secondary, secondary-403 or secondary-bare",
+            )
+                .into_response();
+        }
+    };
+    *lock(&state.limit) = Some(crate::Limit { kind, until: None });
     StatusCode::NO_CONTENT.into_response()
 }
 

@@ -12,6 +12,7 @@ mod fallback;
 mod gh;
 mod git;
 mod git_versions;
+mod github;
 mod harness;
 mod metrics;
 mod owners;

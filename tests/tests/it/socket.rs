@@ -197,9 +197,9 @@ fn garbage_oversized_and_foreign_version_lines_get_errors() {
         "the daemon's answer",
     );
 
-    // More than 64 KiB without a newline: an error or a closed connection,
-    // within the daemon's read deadline, never a hang.
-    let oversized = vec![b'a'; 70 * 1024];
+    // More than a line's bound without a newline: an error or a closed
+    // connection, within the daemon's read deadline, never a hang.
+    let oversized = vec![b'a'; credd_core::protocol::MAX_LINE + 6 * 1024];
     let answer = exchange_raw(&socket, &oversized).expect("answer or close, not a hang");
     if !answer.is_empty() {
         let answer: Response = decode(answer.as_bytes()).expect("a protocol answer");

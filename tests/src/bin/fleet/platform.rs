@@ -362,7 +362,10 @@ impl Platform {
         }
         Ok(Some(Mints {
             per_installation,
-            rejections: record["rejections"].as_array().map_or(0, Vec::len),
+            // Refused JWTs, and requests GitHub's description refuses or
+            // that came during a rate limit: none may happen.
+            rejections: record["rejections"].as_array().map_or(0, Vec::len)
+                + record["violations"].as_array().map_or(0, Vec::len),
         }))
     }
 

@@ -1,0 +1,347 @@
+//! The whole chain against a GitHub that speaks GitHub's documented shapes:
+//! the GitHub stand-in (checked against GitHub's API description; a request
+//! the description refuses or one made during a rate limit fails the test
+//! when it is dropped), the real `molecule-platform` binary in GitHub mode
+//! with a grants file, the real daemon, `credd` and git.
+//!
+//! What each GitHub answer becomes for the workspace: a token of either
+//! format through `git credential fill` and `credd exec`; an Enterprise Managed User's owner;
+//! GitHub's 422 and 403 as `not_granted`; an installation that is not there
+//! (or goes away) as `not_configured`; a rate limit as a wait honouring the
+//! platform's `Retry-After`, with no request to GitHub before it ends.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use credd_core::protocol::{PlatformHealth, Request, Response, TokenStatus};
+use testkit::github_stand_in::{
+    GitHubStandIn, Installation, RateLimit, TokenFormat, default_permissions,
+};
+use testkit::{Daemon, FAST_BACKOFF, PlatformProcess, Sandbox, sha256_hex};
+
+const WORKSPACE: &str = "ws-github";
+const BEARER: &str = "bearer-of-the-github-workspace-0123456789";
+
+fn openssl(args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("these tests generate the App's key with the openssl CLI");
+    assert!(out.status.success(), "openssl {args:?} failed");
+}
+
+/// The App's key pair in `dir`: (private key file, public key PEM).
+fn app_keys(dir: &Path) -> (PathBuf, String) {
+    let private = dir.join("app.pem");
+    let public = dir.join("app.pub.pem");
+    let s = |p: &Path| p.to_str().expect("utf-8").to_owned();
+    openssl(&[
+        "genpkey",
+        "-algorithm",
+        "RSA",
+        "-pkeyopt",
+        "rsa_keygen_bits:2048",
+        "-out",
+        &s(&private),
+    ]);
+    openssl(&["pkey", "-in", &s(&private), "-pubout", "-out", &s(&public)]);
+    let public = std::fs::read_to_string(&public).expect("public key");
+    (private, public)
+}
+
+/// One test's world. Field order is drop order: the daemon, then the
+/// platform, then the stand-in (which checks what it saw), then the sandbox
+/// (which scans every output).
+struct World {
+    daemon: Option<Daemon>,
+    platform: PlatformProcess,
+    github: GitHubStandIn,
+    sandbox: Sandbox,
+    _dir: tempfile::TempDir,
+}
+
+impl World {
+    /// The stand-in (set up by `setup`), the platform with `grants` for
+    /// [`WORKSPACE`], and a sandbox using it; no daemon yet.
+    fn new(grants: &str, setup: impl FnOnce(&GitHubStandIn)) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (key, public) = app_keys(dir.path());
+        let github = GitHubStandIn::start(&public);
+        setup(&github);
+        let tokens = dir.path().join("workspace-tokens");
+        std::fs::write(&tokens, format!("{WORKSPACE} {}\n", sha256_hex(BEARER))).expect("write");
+        let grants_file = dir.path().join("grants.toml");
+        std::fs::write(&grants_file, format!("[workspace.{WORKSPACE}]\n{grants}")).expect("write");
+        let platform = PlatformProcess::spawn(
+            &["--listen", "127.0.0.1:0"],
+            &[
+                ("GITHUB_APP_ID", testkit::github_stand_in::APP_ID),
+                ("GITHUB_APP_INSTALLATION_ID", "777"),
+                ("GITHUB_APP_PRIVATE_KEY_FILE", key.to_str().expect("utf-8")),
+                ("GITHUB_API_URL", github.url()),
+                (
+                    "PLATFORM_WORKSPACE_TOKENS_FILE",
+                    tokens.to_str().expect("utf-8"),
+                ),
+                ("PLATFORM_GRANTS_FILE", grants_file.to_str().expect("utf-8")),
+            ],
+        );
+        let sandbox = Sandbox::new();
+        sandbox.use_workspace(platform.url(), WORKSPACE, BEARER);
+        Self {
+            daemon: None,
+            platform,
+            github,
+            sandbox,
+            _dir: dir,
+        }
+    }
+
+    fn start_daemon(&mut self, args: &[&str]) {
+        let mut builder = self.sandbox.daemon().args(args);
+        if !builder.has_arg("--backoff-initial") {
+            builder = builder.args(FAST_BACKOFF);
+        }
+        self.daemon = Some(builder.start());
+    }
+
+    /// The status of the daemon's token for `owner`.
+    fn owner_status(&self, owner: &str) -> Option<TokenStatus> {
+        let status = self.sandbox.status();
+        std::iter::once(status.token)
+            .chain(status.owners)
+            .find(|t| t.scope.owner.as_deref() == Some(owner))
+    }
+
+    /// Waits until the daemon's token for `owner` shows `health`.
+    fn wait_for_owner(&self, owner: &str, health: PlatformHealth) -> TokenStatus {
+        self.sandbox
+            .wait_for_status(&format!("{owner}: {health}"), |status| {
+                std::iter::once(&status.token)
+                    .chain(&status.owners)
+                    .any(|t| t.scope.owner.as_deref() == Some(owner) && t.platform == health)
+            });
+        self.owner_status(owner).expect("the owner's token")
+    }
+
+    fn token_for(&self, owner: &str) -> testkit::CmdOutput {
+        self.sandbox
+            .credd(&["token", "--owner", owner])
+            .stdout_holds_secret()
+            .run()
+    }
+
+    fn stop(mut self) -> String {
+        if let Some(daemon) = self.daemon.take() {
+            daemon.stop();
+        }
+        let stderr = self.platform.stderr();
+        let secrets = testkit::Secrets::new();
+        secrets.add("the workspace bearer", BEARER);
+        for secret in self.github.secrets() {
+            secrets.add("a token or JWT of the GitHub stand-in", secret.as_str());
+            self.sandbox
+                .add_secret("a token or JWT of the GitHub stand-in", &secret);
+        }
+        secrets.assert_clean("molecule-platform stderr", &stderr);
+        stderr
+    }
+}
+
+#[test]
+fn a_token_of_each_format_reaches_git_credential_fill() {
+    for format in [TokenFormat::Classic, TokenFormat::Stateless] {
+        let mut world = World::new("repositories = [\"default-org/*\"]\n", |github| {
+            github.set_token_format(format);
+        });
+        world.sandbox.configure_git("https://github.com", &[]);
+        world.start_daemon(&[]);
+        let fill = world.sandbox.credential_fill();
+        fill.assert_success("git credential fill");
+        let issued = world.github.issued();
+        assert_eq!(issued.len(), 1, "{format:?}");
+        let token = &issued[0].0;
+        let password = fill
+            .stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("password="))
+            .expect("a password line");
+        testkit::assert_secret(Some(password), token, true, "git's password");
+        // And `credd exec` hands it to a child whole.
+        let exec = world
+            .sandbox
+            .credd(&["exec", "--", "printenv", "GH_TOKEN"])
+            .stdout_holds_secret()
+            .run();
+        exec.assert_success("credd exec -- printenv GH_TOKEN");
+        testkit::assert_secret(
+            Some(exec.stdout.trim()),
+            token,
+            true,
+            "credd exec's GH_TOKEN",
+        );
+        match format {
+            TokenFormat::Classic => assert_eq!(token.len(), 40),
+            TokenFormat::Stateless => {
+                assert!(
+                    token.starts_with("ghs_4242_") && token.len() > 520,
+                    "{}",
+                    token.len()
+                );
+            }
+        }
+        assert!(world.github.violations().is_empty());
+        world.stop();
+    }
+}
+
+#[test]
+fn an_enterprise_managed_users_owner_works_end_to_end() {
+    let mut world = World::new("repositories = [\"acme_corp/*\"]\n", |github| {
+        github.install(Installation::organization("acme_corp", 1001));
+    });
+    world.start_daemon(&[]);
+    let out = world.token_for("acme_corp");
+    out.assert_success("credd token --owner acme_corp");
+    let issued = world.github.issued();
+    testkit::assert_secret(Some(out.stdout.trim()), &issued[0].0, true, "the token");
+    assert_eq!(world.github.mints()[0].installation, 1001);
+    let held = world.owner_status("acme_corp").expect("held");
+    assert_eq!(held.platform, PlatformHealth::Ok);
+    world.stop();
+}
+
+#[test]
+fn githubs_refusals_reach_the_daemon_as_not_granted_and_not_configured() {
+    let mut world = World::new(
+        "repositories = [\"default-org/*\", \"frozen/*\", \"readers/*\", \"nowhere/*\"]\npermissions = { contents = \"write\" }\n",
+        |github| {
+            github.install(Installation {
+                suspended: true,
+                ..Installation::organization("frozen", 1001)
+            });
+            github.install(Installation {
+                permissions: [("contents".to_owned(), "read".to_owned())].into(),
+                ..Installation::organization("readers", 1002)
+            });
+        },
+    );
+    world.start_daemon(&["--backoff-initial", "100ms", "--backoff-max", "5m"]);
+    for (owner, health, says) in [
+        ("frozen", PlatformHealth::NotGranted, "HTTP 403"),
+        ("readers", PlatformHealth::NotGranted, "HTTP 403"),
+        ("nowhere", PlatformHealth::NotConfigured, "not installed"),
+    ] {
+        let out = world.token_for(owner);
+        assert!(!out.status.success(), "{owner}: no token");
+        let held = world.wait_for_owner(owner, health);
+        let error = held.last_error.unwrap_or_default();
+        assert!(error.contains(says), "{owner}: {error}");
+        // A definite answer waits the longest (3/4 of --backoff-max at
+        // least), never a transient's short back-off.
+        assert!(
+            held.next_refresh_in_secs.unwrap_or(0) >= 200,
+            "{owner}: {:?}",
+            held.next_refresh_in_secs
+        );
+    }
+    let stderr = world.stop();
+    assert!(
+        stderr
+            .contains("GitHub refuses this token (HTTP 403): This installation has been suspended"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("The permissions requested are not granted to this installation."),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_rate_limit_is_a_wait_honoured_by_the_daemon_and_no_request_reaches_github() {
+    let mut world = World::new("repositories = [\"default-org/*\"]\n", |github| {
+        github.rate_limit(RateLimit::Secondary {
+            status: 429,
+            retry_after: jiff::SignedDuration::from_secs(90),
+        });
+    });
+    world.start_daemon(&[]);
+    let status = world
+        .sandbox
+        .wait_for_status("the default token failing", |s| {
+            s.token.platform == PlatformHealth::Failing
+        });
+    let held = status.token;
+    let next = held.next_refresh_in_secs.expect("scheduled");
+    assert!(
+        (60..=90).contains(&next),
+        "the daemon waits out the platform's Retry-After, not its fast back-off: {next}"
+    );
+    assert!(
+        held.last_error.unwrap_or_default().contains("503"),
+        "503 from the platform"
+    );
+    // Clients asking meanwhile do not make the daemon (or the platform) ask.
+    for _ in 0..3 {
+        assert!(!world.token_for("default-org").status.success());
+    }
+    let requests = world.github.requests();
+    assert_eq!(
+        requests.len(),
+        1,
+        "only the request that was limited: {requests:?}"
+    );
+    let stderr = world.stop();
+    assert_eq!(
+        stderr
+            .matches("[github] GitHub rate limits the App")
+            .count(),
+        1,
+        "{stderr}"
+    );
+}
+
+#[test]
+fn an_uninstall_is_seen_on_the_next_request() {
+    let mut world = World::new(
+        "repositories = [\"default-org/*\", \"acme/*\"]\n",
+        |github| {
+            github.install(Installation {
+                permissions: default_permissions(),
+                ..Installation::organization("acme", 1001)
+            });
+        },
+    );
+    world.start_daemon(&[]);
+    let first = world.token_for("acme");
+    first.assert_success("the first token");
+    let token = first.stdout.trim().to_owned();
+    // The App is uninstalled: GitHub revokes its tokens, so git is refused
+    // and erases it; the daemon reports the refusal and asks again.
+    world.github.uninstall(1001);
+    let erased = world.sandbox.request(&Request::Erase {
+        sha256: sha256_hex(&token),
+    });
+    assert!(
+        matches!(erased, Ok(Response::Erased { dropped: true })),
+        "{erased:?}"
+    );
+    let after = world.token_for("acme");
+    assert!(!after.status.success(), "no token from a gone installation");
+    let held = world.wait_for_owner("acme", PlatformHealth::NotConfigured);
+    assert!(
+        held.last_error
+            .unwrap_or_default()
+            .contains("not installed"),
+        "the next request says so"
+    );
+    let mints: Vec<u64> = world
+        .github
+        .mints()
+        .iter()
+        .map(|m| m.installation)
+        .collect();
+    assert_eq!(mints.iter().filter(|i| **i == 1001).count(), 2, "{mints:?}");
+    world.stop();
+}
