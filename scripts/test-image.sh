@@ -4,12 +4,18 @@
 # entrypoint drops to `agent`, `credd status` shows a valid token, git and the
 # gh wrapper get the daemon's token, no process keeps GH_TOKEN/GITHUB_TOKEN,
 # the runtime's exit code is the container's, a killed daemon is respawned,
-# and `docker stop` lets the daemon finish its shutdown.
+# and `docker stop` lets the daemon finish its shutdown. Then the same image
+# sealed (CREDD_SEALED=1): the daemon runs as the image's `credd` account
+# (no shell, no home, no password, no sudo); as the agent, git clone and push
+# and `gh api` work through the daemon's credential gateway against a TLS
+# stand-in of github.com and api.github.com, which sees the daemon's token;
+# `credd token` is refused in one line; the bearer is unreadable; no process
+# of the agent's uid holds the token.
 #
 #   scripts/test-image.sh      # as root; CI runs it (.ci/run)
 #
 # Needs root, docker.io (dockerd, docker, containerd, runc), debootstrap,
-# python3, util-linux; Debian's package mirror (debootstrap and the image's
+# python3, openssl, git, util-linux; Debian's package mirror (debootstrap and the image's
 # apt-get) and the crate registry (scripts/build-release.sh). No container
 # registry is used:
 #   - the base image is Debian 13 (trixie) minbase made by debootstrap from
@@ -82,7 +88,7 @@ step "preflight"
 [ "$(id -u)" = 0 ] || fail "run as root (it starts a dockerd)"
 for tool in dockerd:docker.io "$docker":docker.io containerd:containerd runc:runc \
   debootstrap:debootstrap python3:python3 flock:util-linux findmnt:util-linux \
-  tar:tar ip:iproute2 sha256sum:coreutils; do
+  tar:tar ip:iproute2 sha256sum:coreutils openssl:openssl git:git; do
   command -v "${tool%%:*}" >/dev/null ||
     fail "${tool%%:*} is missing (Debian: apt-get install ${tool#*:})"
 done
@@ -140,6 +146,8 @@ diagnostics() {
   tail -n 10 "$run/platform.log" 2>/dev/null
   echo "---- GitHub API stand-in (last lines) ----"
   tail -n 10 "$run/standin.log" 2>/dev/null
+  echo "---- TLS stand-in of github.com and api.github.com (last lines) ----"
+  tail -n 10 "$run/tls-standin.log" 2>/dev/null
 }
 
 cleanup() {
@@ -475,3 +483,234 @@ daemon_log=$(grep -F molecule_credd "$run/exit.log" || true)
 grep -qE '(^| )stopped$' <<<"$(tail -n 1 <<<"$daemon_log")" ||
   fail "after the runtime exited, the daemon's last line is not 'stopped': $(tail -n 2 <<<"$daemon_log")"
 ok "docker run … sh -c 'exit 7' exited 7 in $(($(now_ms) - started)) ms, after the daemon came up and logged 'stopped'"
+
+# ---- sealed: the same image with CREDD_SEALED=1 -----------------------------
+
+# The agent (uid 1000) uses git and gh through the daemon's credential
+# gateway and can never read the token. "github.com" and "api.github.com"
+# behind the gateway are the stand-in over TLS on loopback (a CA made here),
+# reached with the daemon's --gateway-upstream and --gateway-extra-ca: the
+# image's daemon is started through a two-line wrapper (CREDD_BIN_DIR) that
+# adds those test flags when the entrypoint starts it with --gateway.
+step "sealed: github.com and api.github.com stand-in over TLS (test CA), a bare repository"
+tls=$run/tls
+mount=$run/sealed-mount
+mkdir -m 0700 "$tls"
+mkdir -m 0755 "$mount" "$mount/bin"
+openssl_quiet() { openssl "$@" 2>>"$run/openssl.log" || fail "openssl $1 failed: $(tail -n 3 "$run/openssl.log")"; }
+openssl_quiet req -x509 -new -nodes -newkey ec -pkeyopt ec_paramgen_curve:P-256 \
+  -keyout "$tls/ca.key" -out "$mount/ca.pem" -days 2 -subj "/CN=molecule-credd image test CA" \
+  -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign
+openssl_quiet req -new -nodes -newkey ec -pkeyopt ec_paramgen_curve:P-256 \
+  -keyout "$tls/server.key" -out "$tls/server.csr" -subj /CN=github.com
+printf '%s\n' subjectAltName=DNS:github.com,DNS:api.github.com basicConstraints=critical,CA:FALSE \
+  keyUsage=critical,digitalSignature extendedKeyUsage=serverAuth >"$tls/server.ext"
+openssl_quiet x509 -req -in "$tls/server.csr" -CA "$mount/ca.pem" -CAkey "$tls/ca.key" \
+  -set_serial "0x$(openssl rand -hex 8)" -days 2 -extfile "$tls/server.ext" -out "$tls/server.pem"
+chmod 0644 "$mount/ca.pem"
+git_root=$run/git
+seed=$run/seed
+git init -q -b main "$seed"
+git -C "$seed" -c user.name=test -c user.email=test@example.invalid commit -q --allow-empty -m seed
+mkdir -p "$git_root/acme"
+git clone -q --bare "$seed" "$git_root/acme/api.git"
+first_line tls-standin python3 "$root/scripts/lib/github-api-standin.py" "$run/tls-requests" \
+  --tls "$tls/server.pem" "$tls/server.key" --git-root "$git_root"
+upstream=${first_line##*//}
+case $first_line in *https://127.0.0.1:*) ;; *) fail "the TLS stand-in said: $first_line" ;; esac
+cat >"$mount/bin/molecule-credd" <<WRAPPER
+#!/bin/sh
+# scripts/test-image.sh: the image's daemon; its gateway goes to the stand-in.
+case " \$* " in *" --gateway "*)
+  set -- "\$@" --gateway-extra-ca /sealed-test/ca.pem \\
+    --gateway-upstream github.com=$upstream --gateway-upstream api.github.com=$upstream ;;
+esac
+exec /usr/local/bin/molecule-credd "\$@"
+WRAPPER
+chmod 0755 "$mount/bin/molecule-credd"
+ln -s /usr/local/bin/credd "$mount/bin/credd"
+# A loopback port for the gateway (host network): free when asked.
+gateway_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+# The bearer, in a folder of its own: the sealed entrypoint gives it to credd.
+mkdir -m 0700 "$run/sealed-configs"
+cp "$run/configs/.auth_token" "$run/sealed-configs/.auth_token"
+ok "stand-in of github.com (git http-backend over $git_root) and api.github.com over TLS at $upstream; the gateway will listen on 127.0.0.1:$gateway_port"
+
+step "sealed: docker run -e CREDD_SEALED=1"
+container=credd-test-ws-sealed
+sealed_socket=/run/molecule-credd-sealed/run/credd.sock
+started=$(now_ms)
+"$docker" run -d --name "$container" --network host --stop-timeout "$stop_timeout" \
+  -e PLATFORM_URL="$platform_url" -e GITHUB_TOKEN="$bootstrap_token" -e CREDD_SEALED=1 \
+  -e CREDD_GATEWAY="127.0.0.1:$gateway_port" -e CREDD_BIN_DIR=/sealed-test/bin \
+  -v "$run/sealed-configs:/configs" -v "$mount:/sealed-test:ro" "$image" >/dev/null ||
+  fail "docker run (sealed) failed"
+daemon_uid=$(in_ws id -u credd) || fail "the image has no credd account"
+daemon_gid=$(in_ws id -g credd)
+# credd status as the daemon's own user (root and the agent cannot pass the
+# folder check / enter the folder).
+as_daemon_status() {
+  status_text=$(in_ws setpriv --reuid "$daemon_uid" --regid "$daemon_gid" --clear-groups \
+    env -u GITHUB_TOKEN CREDD_SOCKET="$sealed_socket" credd status 2>&1) &&
+    grep -qE '^state: +valid$' <<<"$status_text" && grep -qE '^source: +platform$' <<<"$status_text"
+}
+wait_for "$daemon_answer_limit" "the sealed daemon answering with a platform token on $sealed_socket" as_daemon_status
+ok "sealed: the daemon answers on $sealed_socket with a valid platform token after $(($(now_ms) - started)) ms"
+
+# -- the credd account
+passwd_line=$(in_ws getent passwd credd)
+IFS=: read -r _ _ _ _ _ daemon_home daemon_shell <<<"$passwd_line"
+if [ "$daemon_uid" -eq 0 ] || [ "$daemon_uid" -eq "$agent_uid" ] || [ "$daemon_uid" -ge 1000 ]; then
+  fail "credd's uid $daemon_uid is not a system uid of its own"
+fi
+[ "$daemon_shell" = /usr/sbin/nologin ] || fail "credd's shell is $daemon_shell, not /usr/sbin/nologin"
+if in_ws test -e "$daemon_home"; then fail "credd's home $daemon_home exists"; fi
+password_field=$(in_ws getent shadow credd | cut -d: -f2)
+case $password_field in '!'* | '*'*) ;; *) fail "credd's password is not locked" ;; esac
+agent_groups=$(in_ws id -G agent)
+case " $agent_groups " in *" $daemon_gid "* | *" 0 "*) fail "agent is in credd's or root's group: $agent_groups" ;; esac
+if in_ws sh -c 'command -v sudo || test -e /etc/sudoers'; then fail "the image has sudo"; fi
+setuid=$(in_ws find / -xdev -perm /6000 -type f 2>/dev/null | sort | tr '\n' ' ')
+case $setuid in *"/usr/local/"*) fail "a setuid/setgid program of ours: $setuid" ;; esac
+su_said=
+for target in root credd; do
+  if said=$(in_workspace -u "$agent_uid" "$container" su -s /bin/sh -c id "$target" </dev/null 2>&1); then
+    fail "the agent became $target with su: $said"
+  fi
+  su_said+=" su $target: '$(head -n 1 <<<"$said")';"
+done
+ok "credd account: uid $daemon_uid, gid $daemon_gid, shell $daemon_shell, home $daemon_home (absent), password locked; agent's groups: $agent_groups; no sudo;$su_said setuid/setgid files (Debian's): ${setuid:-none}"
+
+# -- who runs what
+sealed_run=$(dirname "$sealed_socket")
+daemon_pid=$(in_ws cat "$sealed_run/molecule-credd.pid") || fail "no $sealed_run/molecule-credd.pid"
+supervisor_pid=$(in_ws cat "$sealed_run/supervisor.pid") || fail "no $sealed_run/supervisor.pid"
+for pid in "$daemon_pid" "$supervisor_pid"; do
+  [ "$(uid_of "$pid")" = "$daemon_uid" ] || fail "pid $pid (daemon/supervisor) runs as uid $(uid_of "$pid"), not credd ($daemon_uid)"
+done
+# shellcheck disable=SC2016  # expanded by the container's sh
+daemon_cmdline=$(as_root_clean sh -c 'tr "\0" " " <"/proc/$1/cmdline"' sh "$daemon_pid")
+for word in "--sealed" "--gateway 127.0.0.1:$gateway_port" "--allow-uid $agent_uid"; do
+  case " $daemon_cmdline " in *" $word "*) ;;
+    *) fail "the daemon's command line lacks $word: $daemon_cmdline" ;;
+  esac
+done
+runtime_pid=$(pid_of "sleep infinity")
+if [ -z "$runtime_pid" ] || [ "$(uid_of "$runtime_pid")" != "$agent_uid" ]; then
+  fail "no 'sleep infinity' runtime as uid $agent_uid"
+fi
+ok "sealed: daemon (pid $daemon_pid) and supervisor (pid $supervisor_pid) run as credd ($daemon_uid), the daemon with --sealed --gateway … --allow-uid $agent_uid; the runtime (pid $runtime_pid) as agent"
+
+# -- git clone and push as the agent, through the gateway
+: >"$run/tls-requests"
+# shellcheck disable=SC2016  # expanded by the container's sh
+pushed=$(in_workspace "$container" workspace-entrypoint sh -c 'set -e; cd "$HOME"; rm -rf api
+  git clone -q https://github.com/acme/api.git; cd api
+  git -c user.name=agent -c user.email=agent@example.invalid commit -q --allow-empty -m "sealed push"
+  git push -q origin HEAD:main; git rev-parse HEAD' 2>"$run/sealed-git.log") ||
+  fail "git clone/push as the agent failed: $(tail -n 5 "$run/sealed-git.log")"
+[ "$(git --git-dir "$git_root/acme/api.git" rev-parse main)" = "$pushed" ] ||
+  fail "the stand-in's acme/api main is not the agent's pushed commit $pushed"
+git_lines=$(grep -c ' github.com /acme/api.git/' "$run/tls-requests" || true)
+grep -q ' github.com /acme/api.git/git-receive-pack 200 ' "$run/tls-requests" || fail "no receive-pack reached the stand-in: $(cat "$run/tls-requests")"
+if grep -v ' 200 [0-9a-f]\{64\} [0-9a-f]\{64\}$' "$run/tls-requests" | grep -q .; then
+  fail "a git request reached the stand-in without the stamped credential: $(grep -v ' 200 ' "$run/tls-requests")"
+fi
+stamped=$(awk '{ print $5 }' "$run/tls-requests" | sort -u)
+[ "$(wc -l <<<"$stamped")" = 1 ] || fail "git requests carried different tokens: $stamped"
+ok "git clone and push of https://github.com/acme/api.git as the agent through the gateway: $git_lines requests reached the stand-in, each 200 with Basic x-access-token:TOKEN (token sha256 ${stamped:0:12}…); the stand-in's main is the agent's commit ${pushed:0:12}"
+
+# -- gh api as the agent
+: >"$run/tls-requests"
+said=$(in_workspace "$container" workspace-entrypoint gh api /user 2>&1) || fail "gh api /user (sealed) failed: $said"
+grep -q '"login": *"agent"' <<<"$said" || fail "gh api /user did not print the stand-in's user: $said"
+grep -q "^GET api.github.com /user 200 $stamped " "$run/tls-requests" ||
+  fail "gh api /user did not reach the stand-in with 'Authorization: token <the token git got>': $(cat "$run/tls-requests")"
+said=$(in_workspace "$container" workspace-entrypoint gh auth status 2>&1) || fail "gh auth status (sealed) failed: $said"
+ok "gh api /user as the agent through the gateway: the stand-in saw 'Authorization: token <the same token>' (never the placeholder); gh auth status: $(grep -m1 -o 'Logged in[^(]*([^)]*)' <<<"$said" || head -n 2 <<<"$said" | tr '\n' ' ')"
+
+# -- the token is the daemon's
+as_daemon_status || fail "the sealed daemon stopped answering: $status_text"
+fingerprint=$(sed -n 's/^fingerprint: *//p' <<<"$status_text")
+if [ -z "$fingerprint" ] || [ "${stamped:0:${#fingerprint}}" != "$fingerprint" ]; then
+  fail "the stamped token (sha256 ${stamped:0:12}) is not the daemon's (fingerprint $fingerprint)"
+fi
+ok "the stamped token is the daemon's: credd status fingerprint $fingerprint = SHA-256 prefix of what the stand-in received"
+
+# -- credd token is refused, the bearer unreadable
+set +e
+token_out=$(in_workspace "$container" workspace-entrypoint credd token 2>"$run/sealed-token.err")
+token_status=$?
+set -e
+token_err=$(grep -v '^entrypoint: ' "$run/sealed-token.err" || true)
+if [ "$token_status" = 0 ] || [ -n "$token_out" ]; then
+  fail "credd token as the agent printed ${#token_out} characters (exit $token_status)"
+fi
+[ "$(wc -l <<<"$token_err")" = 1 ] || fail "credd token's refusal is not one line: $token_err"
+for reader in "workspace-entrypoint cat /configs/.auth_token" "cat /configs/.auth_token" "ls /configs"; do
+  # shellcheck disable=SC2086  # the words of $reader
+  if said=$(in_workspace -u "$agent_uid" "$container" $reader 2>&1); then
+    fail "the agent ran '$reader': ${#said} characters"
+  fi
+done
+if in_workspace -u "$agent_uid" "$container" ls "$(dirname "$sealed_run")" >/dev/null 2>&1; then
+  fail "the agent can list the sealed folder"
+fi
+ok "credd token as the agent: exit $token_status, nothing on stdout, one line: $token_err; /configs/.auth_token, /configs and the sealed folder are closed to the agent"
+
+# -- no process of the agent's uid holds the token
+# shellcheck disable=SC2016  # expanded by the container's sh
+in_workspace -d "$container" workspace-entrypoint sh -c 'gh api /user >/dev/null 2>&1; git -C "$HOME/api" fetch -q; exec sleep 600'
+sleeping() { [ -n "$(pid_of "sleep 600")" ]; }
+wait_for 30 "the agent's gh and git, then sleep 600" sleeping
+agent_pids=()
+scanned=0
+runtime_env=
+while read -r host_pid ns_pid; do
+  scanned=$((scanned + 1))
+  if grep -qF "$bootstrap_token" "/proc/$host_pid/environ" "/proc/$host_pid/cmdline"; then
+    fail "pid $ns_pid keeps the provision-time token"
+  fi
+  [ "$(sed -n 's/^Uid:[[:space:]]*\([0-9]*\).*/\1/p' "/proc/$host_pid/status")" = "$agent_uid" ] || continue
+  agent_pids+=("$host_pid")
+  case $(tr '\0' ' ' <"/proc/$host_pid/cmdline") in *molecule-credd*)
+    fail "a daemon runs as the agent (pid $ns_pid): $(tr '\0' ' ' <"/proc/$host_pid/cmdline")" ;;
+  esac
+  if [ "$ns_pid" = "$runtime_pid" ]; then runtime_env=$(tr '\0' '\n' <"/proc/$host_pid/environ"); fi
+done < <(container_processes)
+[ "${#agent_pids[@]}" -ge 2 ] || fail "only ${#agent_pids[@]} processes of uid $agent_uid found"
+grep -q '^CREDD_GH_SEALED=1$' <<<"$runtime_env" || fail "the runtime's environment has no CREDD_GH_SEALED=1 (is this the runtime?)"
+# Every run of token characters, and every base64 word decoded (Basic
+# credentials), hashed and compared with what the stand-in received.
+holders=$(python3 - "$stamped" "${agent_pids[@]}" <<'PY'
+import base64, binascii, hashlib, re, sys
+want, found = sys.argv[1], []
+for pid in sys.argv[2:]:
+    for name in ("environ", "cmdline"):
+        try:
+            data = open(f"/proc/{pid}/{name}", "rb").read()
+        except OSError as error:
+            sys.exit(f"cannot read /proc/{pid}/{name}: {error}")
+        words = re.findall(rb"[A-Za-z0-9_]{8,}", data)
+        for b64 in re.findall(rb"[A-Za-z0-9+/]{12,}={0,2}", data):
+            try:
+                words += re.findall(rb"[A-Za-z0-9_]{8,}", base64.b64decode(b64 + b"=" * (-len(b64) % 4)))
+            except (binascii.Error, ValueError):
+                pass
+        if any(hashlib.sha256(w).hexdigest() == want for w in words) or b"ghs_" in data:
+            found.append(f"{pid}/{name}")
+print(" ".join(found))
+PY
+) || fail "scanning the agent's processes failed"
+[ -z "$holders" ] || fail "processes of uid $agent_uid hold the token or a ghs_ string: $holders"
+ok "none of the ${#agent_pids[@]} processes of uid $agent_uid (of $scanned in the container: the runtime, and a docker exec'd shell that ran gh and git, then exec'd sleep 600) has the stamped token (or any ghs_ string) in /proc/PID/environ or cmdline; none of the $scanned has the provision-time token"
+
+# -- docker stop: the sealed daemon finishes its shutdown
+started=$(now_ms)
+"$docker" stop -t "$stop_timeout" "$container" >/dev/null || fail "docker stop (sealed) failed"
+stop_ms=$(($(now_ms) - started))
+exit_code=$("$docker" inspect -f '{{.State.ExitCode}}' "$container")
+daemon_log=$(timeout 20 "$docker" logs "$container" 2>&1 | grep -F molecule_credd || true)
+grep -qE '(^| )stopped$' <<<"$(tail -n 1 <<<"$daemon_log")" ||
+  fail "docker stop (sealed): the daemon's last line is not 'stopped' (exit $exit_code after $stop_ms ms): $(tail -n 2 <<<"$daemon_log")"
+ok "docker stop -t $stop_timeout (sealed): container exit $exit_code after $stop_ms ms; the daemon logged 'stopped'"

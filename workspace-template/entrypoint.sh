@@ -57,7 +57,9 @@
 #   git gets per-URL proxy and CA settings for each CREDD_HOSTS host and no
 #   credential helper for them; the gh wrapper runs gh through the gateway
 #   with a placeholder token. Nothing else is proxied. If sealing cannot be
-#   arranged, the runtime starts without any token (never unsealed).
+#   arranged, the runtime starts without any token (never unsealed); so it
+#   does when the entrypoint runs sealed but not as root (no daemon of the
+#   caller's uid is started).
 set -u
 
 log() { printf 'entrypoint: %s\n' "$*" >&2; }
@@ -114,9 +116,9 @@ supervise() {
     trap stop_supervisor TERM INT
     # SIGHUP is the daemon's "refresh now": passed on, never an exit.
     trap 'if [ -n "$daemon_pid" ]; then kill -HUP "$daemon_pid" 2>/dev/null; fi' HUP
-    echo "$$" >"$RUN_DIR/supervisor.pid"
     set --
     if [ "${CREDD_SEALED:-}" = 1 ]; then
+        # (Unsealed, launch_supervisor took the lock before exec'ing us.)
         exec 9>>"$RUN_DIR/supervisor.lock"
         if ! flock -n 9; then
             log "molecule-credd is already supervised for $CREDD_SOCKET"
@@ -125,6 +127,9 @@ supervise() {
         set -- --sealed --gateway "$CREDD_GATEWAY" --gateway-ca-file "$CREDD_GATEWAY_CA" \
             --allow-uid "$CREDD_AGENT_UID"
     fi
+    # Only once the lock is ours: a second entrypoint run (docker exec) must
+    # not overwrite the running supervisor's pid.
+    echo "$$" >"$RUN_DIR/supervisor.pid"
     while :; do
         started=$(date +%s)
         "$DAEMON" --bootstrap-from-stdin "$@" <&3 3<&- 9>&- &
@@ -363,6 +368,26 @@ if [ "${CREDD_SEALED:-}" = 1 ] && [ "$(id -u)" -eq 0 ] && [ "${CREDD_ENTRYPOINT_
         wait "$supervisor_pid"
     done
     exit "$status"
+fi
+
+# Sealed but not root (`docker exec -u agent …`, `docker run --user …`):
+# sealing can only be arranged as root, and the user phase would start a
+# daemon of this uid, handing it the provision-time token, where this uid
+# can read it. So no daemon: the tokens are dropped and the runtime runs
+# with the tools pointed at the gateway (if the root entrypoint started one).
+if [ "${CREDD_SEALED:-}" = 1 ] && [ "$(id -u)" -ne 0 ]; then
+    error "sealed mode: not started as root, so no daemon is started by uid $(id -u) (the runtime gets no token)"
+    if [ "${CREDD_TOKEN_FD:-}" = 8 ]; then
+        exec 8<&-
+    fi
+    unset CREDD_TOKEN_FD CREDD_STOP_WITH_RUNTIME GITHUB_TOKEN GH_TOKEN CREDD_SEALED CREDD_ENTRYPOINT_STAGE
+    export CREDD_GH_SEALED=1 CREDD_GATEWAY="$GATEWAY" CREDD_GATEWAY_CA="$GATEWAY_CA" \
+        CREDD_GH_PLACEHOLDER="$GH_PLACEHOLDER"
+    if [ -x "$GH_WRAPPER_DIR/gh" ]; then
+        PATH=$GH_WRAPPER_DIR:$PATH
+        export PATH
+    fi
+    exec "$@"
 fi
 
 # ---------------------------------------------------------------------------

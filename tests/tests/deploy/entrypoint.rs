@@ -700,3 +700,66 @@ fn sealed_the_agent_uses_github_through_the_gateway_and_can_never_read_the_token
         .expect("run cat as the agent");
     assert!(!read.status.success(), "the agent read a rotated bearer");
 }
+
+/// Sealed, but the entrypoint is not started as root (`docker exec -u
+/// agent … workspace-entrypoint`, `docker run --user`): no daemon of the
+/// caller's uid is started (it would get the provision-time token, which
+/// that uid could then read from it), the tokens are dropped, and the
+/// runtime still runs, with gh pointed at the gateway.
+#[test]
+fn sealed_but_not_root_starts_no_daemon_and_hands_the_caller_no_token() {
+    require_root("running the entrypoint as another uid");
+    require_tool("setpriv", "util-linux");
+    let (uid, gid, _) = test_agent();
+    let mut ws = Workspace::new();
+    open_for_others(ws.dir.path());
+    let gateway = testkit::http::closed_port().to_string();
+    let base = ws.command(&debug_dir(), 4);
+    let mut command = Command::new("setpriv");
+    command
+        .args(["--reuid", &uid.to_string(), "--regid", &gid.to_string()])
+        .args(["--clear-groups", "--", "/bin/sh"])
+        .args(base.get_args())
+        .env_clear();
+    for (name, value) in base.get_envs() {
+        if let Some(value) = value {
+            command.env(name, value);
+        }
+    }
+    command
+        .env_remove("CREDD_ENTRYPOINT_STAGE")
+        .env("CREDD_SEALED", "1")
+        .env("CREDD_GATEWAY", &gateway);
+    let result = ws.run(command);
+    let transcript = result.transcript();
+    assert_eq!(result.status.code(), Some(4), "{transcript}");
+    assert!(
+        result.has_error_line("sealed mode: not started as root"),
+        "{transcript}"
+    );
+    assert_eq!(result.value("runtime-uid"), uid.to_string(), "{transcript}");
+    assert_eq!(result.value("runtime-gh-token"), "unset", "{transcript}");
+    assert_eq!(
+        result.value("runtime-github-token"),
+        "unset",
+        "{transcript}"
+    );
+    let bootstrap = sha256_hex(BOOTSTRAP.as_bytes());
+    assert_ne!(result.value("git-token-sha"), bootstrap, "{transcript}");
+    // gh got the placeholder and the gateway, never a token.
+    assert_eq!(
+        result.value("gh-token-sha"),
+        sha256_hex(b"sealed-by-molecule-credd"),
+        "{transcript}"
+    );
+    assert_eq!(
+        result.value("gh-https-proxy"),
+        format!("http://{gateway}"),
+        "{transcript}"
+    );
+    assert!(ws.daemons().is_empty(), "{transcript}");
+    assert!(
+        !ws.socket.exists(),
+        "a daemon's socket appeared: {transcript}"
+    );
+}
