@@ -453,24 +453,26 @@ static AGENT: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// The test agent's uid, gid and home, creating the account if needed.
 fn test_agent() -> (u32, u32, PathBuf) {
     let home = PathBuf::from(format!("/tmp/{TEST_AGENT}-home"));
-    if nix::unistd::User::from_name(TEST_AGENT)
-        .ok()
-        .flatten()
-        .is_none()
-    {
+    let user = system_user(TEST_AGENT, &home);
+    (user.uid.as_raw(), user.gid.as_raw(), user.dir)
+}
+
+/// The system account `name` (no shell; `home` recorded, not created),
+/// made with useradd if it does not exist yet.
+fn system_user(name: &str, home: &std::path::Path) -> nix::unistd::User {
+    if nix::unistd::User::from_name(name).ok().flatten().is_none() {
         let status = Command::new("useradd")
             .args(["--system", "--user-group", "--no-create-home"])
             .args(["--shell", "/usr/sbin/nologin", "--home-dir"])
-            .arg(&home)
-            .arg(TEST_AGENT)
+            .arg(home)
+            .arg(name)
             .status()
             .expect("run useradd");
-        assert!(status.success(), "useradd {TEST_AGENT}");
+        assert!(status.success(), "useradd {name}");
     }
-    let user = nix::unistd::User::from_name(TEST_AGENT)
+    nix::unistd::User::from_name(name)
         .expect("getpwnam")
-        .expect("the test agent exists");
-    (user.uid.as_raw(), user.gid.as_raw(), user.dir)
+        .expect("the account exists")
 }
 
 #[test]
@@ -537,18 +539,7 @@ const TEST_DAEMON_USER: &str = "credd-deploy-sealed";
 
 /// A system account `name` (no home, no shell): uid and gid.
 fn test_user(name: &str) -> (u32, u32) {
-    if nix::unistd::User::from_name(name).ok().flatten().is_none() {
-        let status = Command::new("useradd")
-            .args(["--system", "--user-group", "--no-create-home"])
-            .args(["--shell", "/usr/sbin/nologin", "--home-dir", "/nonexistent"])
-            .arg(name)
-            .status()
-            .expect("run useradd");
-        assert!(status.success(), "useradd {name}");
-    }
-    let user = nix::unistd::User::from_name(name)
-        .expect("getpwnam")
-        .expect("the account exists");
+    let user = system_user(name, std::path::Path::new("/nonexistent"));
     (user.uid.as_raw(), user.gid.as_raw())
 }
 
