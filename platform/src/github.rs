@@ -242,8 +242,31 @@ pub struct GitHubAppProvider {
     directory: Mutex<Directory>,
     listing: tokio::sync::Mutex<()>,
     hold: Mutex<Hold>,
+    /// Replicas' shared state: the installations table and GitHub's rate
+    /// limit are read from and written to it (see [`crate::shared`]).
+    shared: Option<std::sync::Arc<crate::shared::SharedStore>>,
     calls: AtomicU64,
     listings: AtomicU64,
+}
+
+/// The shared record of the installations table.
+const INSTALLATIONS_RECORD: &str = "github:installations";
+/// The shared record of GitHub's rate limit on the App.
+const RATE_LIMIT_RECORD: &str = "github:rate-limit";
+
+/// The installations table as replicas share it.
+#[derive(Serialize, Deserialize)]
+struct SharedDirectory {
+    /// When it was listed (Unix seconds, the lister's clock).
+    listed_at: i64,
+    by_owner: HashMap<String, u64>,
+}
+
+/// GitHub's rate limit on the App as replicas share it.
+#[derive(Serialize, Deserialize)]
+struct SharedHold {
+    /// No request goes to GitHub before this (Unix seconds).
+    until: i64,
 }
 
 impl fmt::Debug for GitHubAppProvider {
@@ -330,6 +353,7 @@ impl GitHubAppProvider {
             directory: Mutex::default(),
             listing: tokio::sync::Mutex::new(()),
             hold: Mutex::default(),
+            shared: None,
             calls: AtomicU64::new(0),
             listings: AtomicU64::new(0),
         };
@@ -342,8 +366,95 @@ impl GitHubAppProvider {
     /// Shares this provider's tokens with other replicas through `store`
     /// (see [`crate::shared`]).
     pub fn with_shared(mut self, store: std::sync::Arc<crate::shared::SharedStore>) -> Self {
-        self.caches = self.caches.with_shared(store);
+        self.caches = self.caches.with_shared(store.clone());
+        self.shared = Some(store);
         self
+    }
+
+    /// `Err(RateLimited)` while a rate limit another replica was told about
+    /// holds (read before each request to GitHub: they are rare, one per
+    /// token lifetime per grant, so one Redis read each costs nothing).
+    async fn check_shared_hold(&self) -> Result<(), ProviderError> {
+        let Some(shared) = &self.shared else {
+            return Ok(());
+        };
+        let Some(plain) = shared.get_record(RATE_LIMIT_RECORD).await else {
+            return Ok(());
+        };
+        let until = serde_json::from_slice::<SharedHold>(&plain)
+            .ok()
+            .and_then(|hold| Timestamp::from_second(hold.until).ok());
+        match until {
+            Some(until) if until > self.now() => {
+                crate::metrics::metrics().held();
+                Err(self.hold_until(until, "announced to another replica"))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Holds every request to GitHub until `until`, on this replica and,
+    /// shared, on every other before this returns.
+    async fn hold(&self, until: Timestamp, why: &str) -> ProviderError {
+        let error = self.hold_until(until, why);
+        if let (Some(shared), ProviderError::RateLimited { until, wait }) = (&self.shared, &error) {
+            let record = SharedHold {
+                until: until.as_second(),
+            };
+            if let Ok(plain) = serde_json::to_vec(&record) {
+                shared
+                    .put_record(RATE_LIMIT_RECORD, &plain, *wait + Duration::from_secs(1))
+                    .await;
+            }
+        }
+        error
+    }
+
+    /// The installations table another replica listed, if it is no older
+    /// than `INSTALLATIONS_TTL` (a lister's clock ahead of ours counts as
+    /// now).
+    async fn shared_directory(&self) -> Option<(Timestamp, HashMap<String, u64>)> {
+        let plain = self.shared.as_ref()?.get_record(INSTALLATIONS_RECORD).await?;
+        let record: SharedDirectory = serde_json::from_slice(&plain).ok()?;
+        let now = self.now();
+        let listed_at = Timestamp::from_second(record.listed_at).ok()?.min(now);
+        let by_owner = record
+            .by_owner
+            .into_iter()
+            .filter(|(owner, id)| {
+                *id > 0
+                    && credd_core::repository::is_valid_owner(owner)
+                    && *owner == owner.to_ascii_lowercase()
+            })
+            .collect();
+        (now.duration_since(listed_at) < signed(INSTALLATIONS_TTL)).then_some((listed_at, by_owner))
+    }
+
+    /// Shares the table this replica just listed.
+    async fn share_directory(&self, listed_at: Timestamp, by_owner: HashMap<String, u64>) {
+        let Some(shared) = &self.shared else {
+            return;
+        };
+        let record = SharedDirectory {
+            listed_at: listed_at.as_second(),
+            by_owner,
+        };
+        if let Ok(plain) = serde_json::to_vec(&record) {
+            shared
+                .put_record(INSTALLATIONS_RECORD, &plain, INSTALLATIONS_TTL)
+                .await;
+        }
+    }
+
+    /// The installation of `owner` as this replica or another already
+    /// knows it, asking GitHub nothing (a refusal's keys: a token of an
+    /// owner nobody resolved was never minted).
+    async fn known_installation(&self, owner: &str) -> Option<u64> {
+        if let Some(id) = self.cached_installation(owner) {
+            return Some(id);
+        }
+        let (_, table) = self.shared_directory().await?;
+        table.get(&owner.to_ascii_lowercase()).copied()
     }
 
     fn now(&self) -> Timestamp {
@@ -539,8 +650,26 @@ impl GitHubAppProvider {
                 }
             }
         }
+        if let Some((listed_at, table)) = self.shared_directory().await {
+            // Another replica listed recently: take its table.
+            let mut directory = self
+                .directory
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if directory.listed_at.is_none_or(|at| at < listed_at) {
+                directory.by_owner = table;
+                directory.listed_at = Some(listed_at);
+                directory.failure = None;
+            }
+            if let Some(answer) = lookup(&directory, self.now()) {
+                return answer;
+            }
+        }
         let listed = self.list_installations().await;
         let now = self.now();
+        if let Ok(table) = &listed {
+            self.share_directory(now, table.clone()).await;
+        }
         let mut directory = self
             .directory
             .lock()
@@ -580,6 +709,7 @@ impl GitHubAppProvider {
         let mut url = format!("{}/app/installations?per_page=100", self.api_url);
         for _ in 0..MAX_INSTALLATION_PAGES {
             self.check_hold()?;
+            self.check_shared_hold().await?;
             let jwt = self.jwt(self.now())?;
             self.listings.fetch_add(1, Ordering::SeqCst);
             let response = self
@@ -600,11 +730,13 @@ impl GitHubAppProvider {
                 .and_then(next_link);
             let body = self.read_limited(response, MAX_LISTING_PAGE_BYTES).await?;
             if !status.is_success() {
-                return Err(self.upstream_error(status.as_u16(), &headers, &body, None));
+                return Err(self
+                    .upstream_error(status.as_u16(), &headers, &body, None)
+                    .await);
             }
             if let Some((until, why)) = self.rate_limit_of(status.as_u16(), &headers, None) {
                 // Used up by this very request: later pages wait.
-                let _ = self.hold_until(until, why);
+                let _ = self.hold(until, why).await;
             }
             let page: Vec<serde_json::Value> =
                 serde_json::from_slice(&body).map_err(|e| describe_json_error(&e))?;
@@ -736,6 +868,7 @@ impl GitHubAppProvider {
         scope: Option<&Scope>,
     ) -> Result<(IssuedToken, BTreeMap<String, String>), ProviderError> {
         self.check_hold()?;
+        self.check_shared_hold().await?;
         let jwt = self.jwt(self.now())?;
         self.calls.fetch_add(1, Ordering::SeqCst);
         let endpoint = if installation == self.default_installation {
@@ -776,10 +909,12 @@ impl GitHubAppProvider {
         let headers = response.headers().clone();
         let body = self.read_body(response).await?;
         if !status.is_success() {
-            return Err(self.upstream_error(status.as_u16(), &headers, &body, Some(installation)));
+            return Err(self
+                .upstream_error(status.as_u16(), &headers, &body, Some(installation))
+                .await);
         }
         if let Some((until, why)) = self.rate_limit_of(status.as_u16(), &headers, None) {
-            let _ = self.hold_until(until, why);
+            let _ = self.hold(until, why).await;
         } else {
             self.hold
                 .lock()
@@ -830,7 +965,7 @@ impl GitHubAppProvider {
     /// (held), 404 for the installation (forgotten: the next request lists
     /// again), 422 and 403 as refusals with GitHub's reason, the rest by
     /// status. GitHub's `message` is sanitised; the body is never kept.
-    fn upstream_error(
+    async fn upstream_error(
         &self,
         status: u16,
         headers: &reqwest::header::HeaderMap,
@@ -840,12 +975,15 @@ impl GitHubAppProvider {
         let answer = serde_json::from_slice::<ErrorAnswer>(body).ok();
         let message = answer.as_ref().and_then(|a| a.message.as_deref());
         if let Some((until, why)) = self.rate_limit_of(status, headers, message) {
-            return self.hold_until(until, why);
+            return self.hold(until, why).await;
         }
         let detail = message.map(sanitize);
         match (status, installation) {
             (404, Some(installation)) => {
                 self.forget_installation(installation);
+                if let Some(shared) = &self.shared {
+                    shared.remove_record(INSTALLATIONS_RECORD).await;
+                }
                 ProviderError::InstallationGone(installation)
             }
             (403 | 422, Some(_)) => {
@@ -1010,15 +1148,17 @@ impl TokenProvider for GitHubAppProvider {
         sha256: [u8; 32],
     ) -> RefusalFuture<'_> {
         Box::pin(async move {
-            let keys: Vec<MintKey> = scopes
-                .iter()
-                .filter_map(|scope| match scope {
-                    None => Some(MintKey::new(self.default_installation, None)),
-                    Some(s) => self
-                        .cached_installation(&s.owner)
-                        .map(|id| MintKey::new(id, Some(s))),
-                })
-                .collect();
+            let mut keys = Vec::with_capacity(scopes.len());
+            for scope in &scopes {
+                match scope {
+                    None => keys.push(MintKey::new(self.default_installation, None)),
+                    Some(s) => {
+                        if let Some(id) = self.known_installation(&s.owner).await {
+                            keys.push(MintKey::new(id, Some(s)));
+                        }
+                    }
+                }
+            }
             self.caches.report(&workspace, &keys, &sha256).await
         })
     }

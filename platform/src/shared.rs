@@ -26,10 +26,15 @@
 //! - `PREFIX refusal:WORKSPACE-DIGEST:INSTALLATION`: the refusal rate limit
 //!   (one drop per workspace and installation per interval) for the fleet,
 //!   so a load balancer does not multiply it by the replicas.
-//! - [`SharedStore::get_plain`] / [`SharedStore::put_plain`] /
-//!   [`SharedStore::get_sealed`] / [`SharedStore::put_sealed`]: a generic
-//!   record API under the prefix, for state that is not a token (GitHub's
-//!   rate-limit state) to be shared the same way.
+//! - `PREFIX github:installations` and `PREFIX github:rate-limit`: the App's
+//!   installations table (owner → installation, when listed) and GitHub's
+//!   rate limit on the App (until when), each a sealed record
+//!   ([`SharedStore::get_record`] / [`SharedStore::put_record`], owned and
+//!   read by [`crate::github`]). Sealed although neither is a secret: a
+//!   forged table would send one owner's grant to another's installation,
+//!   a forged limit would stop every mint; with sealing, whoever can write
+//!   to Redis but lacks the key can only delete them (a miss: the replica
+//!   asks GitHub).
 //!
 //! Redis failing never fails a request: every operation has a short
 //! deadline; while Redis is down, slow or answers garbage, the replica
@@ -79,6 +84,9 @@ const MAX_KEY_FILE_BYTES: u64 = 256;
 const SEAL_VERSION: u8 = 1;
 /// Largest sealed entry read back (a token is ~520 bytes; permissions few).
 const MAX_ENTRY_BYTES: usize = 64 * 1024;
+/// Largest shared record read back: the installations table of 10,000
+/// owners (the listing's page cap) is ~400 KiB of JSON.
+const MAX_RECORD_BYTES: usize = 4 * 1024 * 1024;
 
 /// The replicated-cache settings (`PLATFORM_REDIS_URL` and friends).
 pub struct SharedConfig {
@@ -491,8 +499,44 @@ impl SharedStore {
     /// A sealed record's plaintext (`None`: missing, or not opening, which
     /// is logged once and counted).
     pub async fn get_sealed(&self, redis_key: &str) -> Result<Option<Zeroizing<Vec<u8>>>, OpError> {
+        self.get_sealed_within(redis_key, MAX_ENTRY_BYTES).await
+    }
+
+    /// Where the record `name` is shared (`PREFIX name`).
+    pub fn record_key(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+
+    /// The shared record `name` (sealed; up to [`MAX_RECORD_BYTES`]):
+    /// `None` when missing, not opening (logged once, counted), or Redis is
+    /// unusable — every caller then asks GitHub itself.
+    pub async fn get_record(&self, name: &str) -> Option<Zeroizing<Vec<u8>>> {
+        self.get_sealed_within(&self.record_key(name), MAX_RECORD_BYTES)
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Shares the record `name` for `ttl` (Redis failing: not shared, and
+    /// the caller carries on).
+    pub async fn put_record(&self, name: &str, plain: &[u8], ttl: Duration) {
+        let _ = self.put_sealed(&self.record_key(name), plain, ttl).await;
+    }
+
+    /// Removes the record `name`.
+    pub async fn remove_record(&self, name: &str) {
+        let mut connection = self.connection.clone();
+        let key = self.record_key(name);
+        let _ = self.op::<i64, _>("DEL", connection.del(&key)).await;
+    }
+
+    async fn get_sealed_within(
+        &self,
+        redis_key: &str,
+        limit: usize,
+    ) -> Result<Option<Zeroizing<Vec<u8>>>, OpError> {
         debug_assert!(redis_key.starts_with(&self.prefix));
-        let Some(sealed) = self.get_plain(redis_key).await? else {
+        let Some(sealed) = self.get_plain_within(redis_key, limit).await? else {
             return Ok(None);
         };
         match self.sealer.open(redis_key.as_bytes(), &sealed) {
@@ -522,12 +566,20 @@ impl SharedStore {
 
     /// A plain record (bounded size; a larger one is garbage).
     pub async fn get_plain(&self, redis_key: &str) -> Result<Option<Vec<u8>>, OpError> {
+        self.get_plain_within(redis_key, MAX_ENTRY_BYTES).await
+    }
+
+    async fn get_plain_within(
+        &self,
+        redis_key: &str,
+        limit: usize,
+    ) -> Result<Option<Vec<u8>>, OpError> {
         if !redis_key.starts_with(&self.prefix) {
             return Ok(None);
         }
         let mut connection = self.connection.clone();
         let value: Option<Vec<u8>> = self.op("GET", connection.get(redis_key)).await?;
-        Ok(value.filter(|v| v.len() <= MAX_ENTRY_BYTES))
+        Ok(value.filter(|v| v.len() <= limit))
     }
 
     /// Stores a plain record for `ttl` (at least 1 ms).

@@ -925,3 +925,120 @@ async fn a_stalled_or_garbage_answering_redis_fails_no_request() {
     assert_no_secrets("confused replica stderr", &confused.stderr(), &secrets);
     fleet.assert_quiet(&all);
 }
+
+/// A refusal reported to a replica that never resolved the token's owner
+/// still removes the fleet's entry: the installations table is shared, so
+/// that replica finds the installation without asking GitHub, and no
+/// replica serves the refused token again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refusal_on_a_replica_that_never_resolved_the_owner_is_never_served_again() {
+    let fleet = Fleet::start().await;
+    // Workspaces 2, 6 and 10 have grant 2 (acme-labs/*); only replica 1
+    // resolves acme-labs, and replica 0 has answered nothing at all.
+    let first = fleet.get(1, 2).await;
+    assert_eq!(first.status, 200);
+    let refused = first.token.clone().expect("token");
+    let listings = fleet.record().await["listings"].as_u64().expect("listings");
+    assert_eq!(fleet.issued().await, 1);
+
+    let response = http()
+        .post(format!(
+            "{}/workspaces/ws-6/github-installation-token/refusals",
+            fleet.url(0)
+        ))
+        .bearer_auth(&fleet.bearers[6])
+        .header("content-type", "application/json")
+        .body(format!(r#"{{"sha256": "{}"}}"#, sha256_hex(&refused)))
+        .send()
+        .await
+        .expect("refusal");
+    assert_eq!(response.status().as_u16(), 204);
+
+    let mut tokens = BTreeSet::from([refused.clone()]);
+    let mut next = None;
+    for (replica, ws) in [(1, 2), (2, 6), (0, 10), (1, 14)] {
+        let answer = fleet.get(replica, ws).await;
+        assert_eq!(answer.status, 200, "replica {replica}");
+        let token = answer.token.expect("token");
+        assert_ne!(token, refused, "replica {replica} served the refused token");
+        if let Some(next) = &next {
+            assert_eq!(&token, next, "one new token for the fleet");
+        }
+        next = Some(token.clone());
+        tokens.insert(token);
+    }
+    assert_eq!(fleet.issued().await, 2, "one new mint for the fleet");
+    assert_eq!(
+        fleet.record().await["listings"].as_u64(),
+        Some(listings),
+        "replicas 0 and 2 took the installations table from Redis"
+    );
+    fleet.assert_quiet(&tokens);
+}
+
+/// A rate limit GitHub gives one replica holds the whole fleet: until it
+/// ends no replica sends GitHub anything (the stand-in records any request
+/// during a limit as a violation), workspaces needing a new token get 503
+/// with `Retry-After` from every replica, and after it they get tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rate_limit_given_to_one_replica_holds_every_replica_until_it_ends() {
+    let fleet = Fleet::start().await;
+    let answer = http()
+        .put(format!("{}/_stand-in/rate-limit", fleet.stand_in_url))
+        .header("content-type", "application/json")
+        .body(r#"{"kind": "secondary", "secs": 3}"#)
+        .send()
+        .await
+        .expect("rate limit");
+    assert_eq!(answer.status().as_u16(), 204);
+
+    // Replica 0 is told; replicas 1 and 2 then need GitHub for other grants.
+    let mut waits = Vec::new();
+    for (replica, ws) in [(0, 0), (1, 1), (2, 2)] {
+        let response = http()
+            .get(format!(
+                "{}/workspaces/ws-{ws}/github-installation-token?owner={}",
+                fleet.url(replica),
+                GRANTS[ws % GRANTS.len()].0
+            ))
+            .bearer_auth(&fleet.bearers[ws])
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(response.status().as_u16(), 503, "replica {replica}");
+        let wait: u64 = response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("replica {replica}: a Retry-After in seconds"));
+        assert!((1..=4).contains(&wait), "replica {replica}: {wait}");
+        waits.push(wait);
+    }
+    let record = fleet.record().await;
+    assert_eq!(
+        record["requests"].as_array().map(Vec::len),
+        Some(1),
+        "only replica 0's request reached GitHub: {record}"
+    );
+    assert_eq!(fleet.issued().await, 0);
+
+    // Retry-After is the signal: after it, every replica gets its token.
+    let longest = waits.into_iter().max().expect("waits");
+    tokio::time::sleep(Duration::from_secs(longest)).await;
+    for (replica, ws) in [(0, 0), (1, 1), (2, 2)] {
+        assert_eq!(
+            fleet.get(replica, ws).await.status,
+            200,
+            "replica {replica}: {}",
+            fleet.replicas[replica].as_ref().unwrap().stderr()
+        );
+    }
+    let record = fleet.record().await;
+    assert_eq!(
+        record["violations"],
+        serde_json::json!([]),
+        "no request during the limit: {record}"
+    );
+    fleet.assert_quiet(&BTreeSet::new());
+}

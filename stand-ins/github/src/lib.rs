@@ -595,7 +595,10 @@ fn arrive(state: &StandInState, method: &str, path: &str) -> Option<Response> {
     let body = json!({"message": message, "documentation_url": RATE_LIMIT_DOCS, "status": status.as_u16().to_string()});
     let mut response = (status, axum::Json(body)).into_response();
     let h = response.headers_mut();
-    let left = until.duration_since(now).as_secs().max(0);
+    // Whole seconds, rounded up as GitHub's header promises: a client that
+    // waits exactly this long must not arrive before the end.
+    let remaining = until.duration_since(now);
+    let left = (remaining.as_secs() + i64::from(remaining.subsec_nanos() > 0)).max(0);
     match active.kind {
         RateLimit::Primary(_) => {
             h.insert("x-ratelimit-limit", HeaderValue::from(5000));
