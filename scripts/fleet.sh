@@ -19,6 +19,8 @@
 # github when the workspace has the github-stand-in crate, else dev, said so on
 # stderr), FLEET_OUT=DIR writes fleet.svg and fleet.json there (the committed
 # ones: FLEET_OUT=docs/fleet). FLEET_NO_BUILD=1 uses target/release as is.
+# FLEET_REPLICAS=N (GitHub mode) runs the replicated deployment instead of
+# one platform: N replicas sharing one redis-server, behind HAProxy.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -57,7 +59,7 @@ work=$(mktemp -d "${TMPDIR:-/tmp}/credd-fleet-run.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 args=(--bin-dir target/release --daemons "$daemons" --seconds "$duration"
   --token-ttl-secs "$ttl" --refresh-margin-secs "$margin" --min-lifetime-secs "$min_lifetime"
-  --platform "$platform")
+  --platform "$platform" --replicas "${FLEET_REPLICAS:-1}")
 if [ -n "${FLEET_OUT:-}" ]; then
   args+=(--out "$FLEET_OUT")
 fi

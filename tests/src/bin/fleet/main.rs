@@ -17,8 +17,11 @@
 //! ```text
 //! fleet --bin-dir target/release [--daemons 200] [--seconds 1500]
 //!       [--token-ttl-secs 300] [--refresh-margin-secs 60] [--min-lifetime-secs 20]
-//!       [--platform github|dev] [--out DIR]
+//!       [--platform github|dev] [--replicas 1] [--out DIR]
 //! ```
+//!
+//! `--replicas N` (GitHub mode): N platform replicas sharing one Redis
+//! behind HAProxy instead of one platform (see [`platform`]).
 //!
 //! Prints a plain-text report, then one line `FLEET_RESULT {json}`; with
 //! `--out`, writes `fleet.svg` and `fleet.json` there. Exits 1 when a target
@@ -54,6 +57,8 @@ pub(crate) struct Options {
     pub(crate) refresh_margin: Duration,
     pub(crate) min_lifetime: Duration,
     pub(crate) mode: Mode,
+    /// Platform processes: 1, or replicas sharing Redis behind HAProxy.
+    pub(crate) replicas: usize,
     pub(crate) out: Option<PathBuf>,
 }
 
@@ -90,8 +95,15 @@ impl Options {
             refresh_margin: Duration::from_secs(number("--refresh-margin-secs", 60)?),
             min_lifetime: Duration::from_secs(number("--min-lifetime-secs", 20)?),
             mode,
+            replicas: number("--replicas", 1)? as usize,
             out: value("--out")?.map(PathBuf::from),
         };
+        if !(1..=8).contains(&options.replicas) {
+            bail!("--replicas must be 1-8");
+        }
+        if options.replicas > 1 && options.mode != Mode::GitHub {
+            bail!("--replicas shares GitHub tokens: it needs --platform github");
+        }
         let mut needed = vec!["molecule-credd", "molecule-platform"];
         if options.mode == Mode::GitHub {
             needed.push("github-stand-in");
@@ -130,10 +142,11 @@ fn run(options: &Options) -> anyhow::Result<bool> {
     let workspaces = daemons::workspaces(options.daemons);
     let platform = Platform::start(dir.path(), &bin_dir, options, &workspaces)?;
     eprintln!(
-        "fleet: {} daemons, {}s, {} platform ({}), tokens of {}s, --refresh-margin {}s --min-lifetime {}s",
+        "fleet: {} daemons, {}s, {} platform x{} ({}), tokens of {}s, --refresh-margin {}s --min-lifetime {}s",
         options.daemons,
         options.seconds,
         options.mode.name(),
+        options.replicas,
         platform.url(),
         options.token_ttl.as_secs(),
         options.refresh_margin.as_secs(),

@@ -10,6 +10,13 @@
 //! which is the platform-side request timeline. In GitHub mode the stand-in's
 //! record (`GET /_stand-in/record`, counts and scopes only) says how many
 //! tokens were minted for which installation.
+//!
+//! With `--replicas N` (N > 1, GitHub mode) the platform is the replicated
+//! deployment: N real `molecule-platform` processes sharing one real
+//! `redis-server` (`PLATFORM_REDIS_URL`, a fresh sealing key), behind a real
+//! HAProxy balancing round robin; the daemons know only HAProxy's URL. Every
+//! replica's log feeds the one timeline, so calls and mints are counted for
+//! the whole fleet.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -244,13 +251,17 @@ pub(crate) struct Mints {
     pub(crate) rejections: usize,
 }
 
-/// The platform process, its log, and the stand-in behind it.
+/// The platform processes (one, or the replicas), their one log, the
+/// stand-in behind them and, replicated, Redis and the load balancer.
 pub(crate) struct Platform {
-    child: Mutex<Option<Child>>,
+    children: Mutex<Vec<Child>>,
     stand_in: Mutex<Option<StandIn>>,
     url: String,
     log: PlatformLog,
-    stderr_reader: Mutex<Option<std::thread::JoinHandle<()>>>,
+    stderr_readers: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// Replicated: HAProxy in front, then Redis (stopped in that order,
+    /// after the replicas).
+    shared: Mutex<Option<(testkit::HaProxy, testkit::RedisServer)>>,
 }
 
 impl Platform {
@@ -302,35 +313,73 @@ impl Platform {
                 Some(stand_in)
             }
         };
+        let mut platform = Self {
+            children: Mutex::new(Vec::new()),
+            stand_in: Mutex::new(stand_in),
+            url: String::new(),
+            log: PlatformLog::default(),
+            stderr_readers: Mutex::new(Vec::new()),
+            shared: Mutex::new(None),
+        };
+        let mut redis = None;
+        if options.replicas > 1 {
+            let server = testkit::RedisServer::start();
+            let key_file = dir.join("cache.key");
+            let key: String = (0..32)
+                .map(|_| format!("{:02x}", rand::random::<u8>()))
+                .collect();
+            testkit::write_file(&key_file, &key, 0o600);
+            command
+                .env("PLATFORM_REDIS_URL", server.url())
+                .env("PLATFORM_CACHE_KEY_FILE", &key_file);
+            redis = Some(server);
+        }
+        let mut urls = Vec::new();
+        for replica in 0..options.replicas {
+            match platform.spawn(&mut command) {
+                Ok(url) => urls.push(url),
+                Err(error) => {
+                    platform.stop();
+                    return Err(error.context(format!(
+                        "replica {replica} of {}; the log:\n{}",
+                        options.replicas,
+                        platform.log.tail(20)
+                    )));
+                }
+            }
+        }
+        platform.url = match redis {
+            None => urls.swap_remove(0),
+            Some(redis) => {
+                let backends: Vec<String> = urls
+                    .iter()
+                    .map(|u| u.trim_start_matches("http://").to_owned())
+                    .collect();
+                let balancer = testkit::HaProxy::start(&backends);
+                let url = balancer.url();
+                *lock(&platform.shared) = Some((balancer, redis));
+                url
+            }
+        };
+        Ok(platform)
+    }
+
+    /// Starts one platform process from `command`, its stderr feeding the
+    /// log; its URL.
+    fn spawn(&self, command: &mut Command) -> anyhow::Result<String> {
         let mut child = command.spawn().context("cannot start molecule-platform")?;
         let stdout = lines_of(child.stdout.take().context("stdout")?);
         let stderr = lines_of(child.stderr.take().context("stderr")?);
-        let log = PlatformLog::default();
-        let stderr_reader = {
-            let log = log.clone();
-            std::thread::spawn(move || {
-                for line in stderr {
-                    log.record(line);
-                }
-            })
-        };
-        let mut platform = Self {
-            child: Mutex::new(Some(child)),
-            stand_in: Mutex::new(stand_in),
-            url: String::new(),
-            log,
-            stderr_reader: Mutex::new(Some(stderr_reader)),
-        };
-        let url = match start_line(&stdout, LISTENING_PREFIX, "molecule-platform") {
-            Ok(url) => url,
-            Err(error) => {
-                platform.stop();
-                return Err(error.context(format!("its log:\n{}", platform.log.tail(20))));
+        let log = self.log.clone();
+        lock(&self.stderr_readers).push(std::thread::spawn(move || {
+            for line in stderr {
+                log.record(line);
             }
-        };
+        }));
+        lock(&self.children).push(child);
+        let url = start_line(&stdout, LISTENING_PREFIX, "molecule-platform")?;
         drain(stdout);
-        platform.url = url;
-        Ok(platform)
+        Ok(url)
     }
 
     pub(crate) fn url(&self) -> String {
@@ -381,10 +430,14 @@ impl Platform {
 
     /// Stops the platform and the stand-in; everything the platform logged.
     pub(crate) fn stop(&self) -> String {
-        if let Some(mut child) = lock(&self.child).take() {
+        let shared = lock(&self.shared).take();
+        let (balancer, redis) = shared.unzip();
+        drop(balancer);
+        for mut child in std::mem::take(&mut *lock(&self.children)) {
             stop_child(&mut child);
         }
-        if let Some(reader) = lock(&self.stderr_reader).take() {
+        drop(redis);
+        for reader in std::mem::take(&mut *lock(&self.stderr_readers)) {
             let _ = reader.join();
         }
         if let Some(mut stand_in) = lock(&self.stand_in).take() {
