@@ -147,6 +147,14 @@ impl<'a> Cmd<'a> {
         self
     }
 
+    /// A deadline other than [`WAIT`]: a hang guard for work whose length
+    /// is the load (a 200 MB transfer in a debug build on a busy machine),
+    /// never a speed check.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
     /// Records stderr (and stdout, see [`Self::stdout_holds_secret`]) for the
     /// secret scan.
     pub fn transcript(mut self, transcript: &'a Transcript) -> Self {

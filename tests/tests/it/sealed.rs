@@ -780,7 +780,9 @@ fn a_200_mb_push_streams_through_the_gateway() {
         &["-c", "core.compression=0", "push", "origin", "HEAD:main"],
     );
     push.command().env("GIT_TRACE_PACKET", "0");
-    push.run().assert_success("the 200 MB push");
+    push.timeout(std::time::Duration::from_secs(600))
+        .run()
+        .assert_success("the 200 MB push");
     let peak = memory_kib(pid, "VmHWM:");
     let after = memory_kib(pid, "VmRSS:");
     let sent: u64 = sealed
