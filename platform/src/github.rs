@@ -414,7 +414,11 @@ impl GitHubAppProvider {
     /// than `INSTALLATIONS_TTL` (a lister's clock ahead of ours counts as
     /// now).
     async fn shared_directory(&self) -> Option<(Timestamp, HashMap<String, u64>)> {
-        let plain = self.shared.as_ref()?.get_record(INSTALLATIONS_RECORD).await?;
+        let plain = self
+            .shared
+            .as_ref()?
+            .get_record(INSTALLATIONS_RECORD)
+            .await?;
         let record: SharedDirectory = serde_json::from_slice(&plain).ok()?;
         let now = self.now();
         let listed_at = Timestamp::from_second(record.listed_at).ok()?.min(now);
