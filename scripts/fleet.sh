@@ -8,7 +8,7 @@
 # GitHub mints per installation per lifetime; prints one `FLEET_RESULT {json}`
 # line and exits non-zero when a target is missed (the definitions:
 # tests/src/bin/fleet/verdict.rs). The spread target (peak < 2x mean) is a
-# known miss, reported but gated only with FLEET_STRICT_SPREAD=1 (README, "Fleet").
+# known miss, reported but gated only with FLEET_STRICT_SPREAD=1 (docs/verification.md, "Fleet").
 #
 #   scripts/fleet.sh [DAEMONS] [DURATION]   # default 200 daemons, 1200 s; CI: 200 210
 #

@@ -13,7 +13,7 @@
 #   private RSS   RssAnon + RssShmem (memory this daemon alone costs) < 5 MiB
 #   VmRSS         < 5 MiB: reported, and enforced only with IDLE_STRICT_RSS=1 —
 #                 it is missed today; most of it is the binary's own code
-#                 pages, shared page cache (the README's verification section
+#                 pages, shared page cache (docs/verification.md, "Small at rest",
 #                 says what reaching it would cost)
 # SOAK_NO_BUILD=1 (shared with scripts/soak.sh) uses the binaries already in
 # target/release.

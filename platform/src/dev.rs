@@ -1,9 +1,9 @@
 //! A provider that mints fake `ghs_` tokens, for local runs and tests.
 //!
-//! It goes through the same [`TokenCache`] as the GitHub provider, with the
-//! same refresh window, so a short lifetime makes refresh behaviour visible
-//! in minutes: what a daemon sees from it is what it would see from GitHub,
-//! minus GitHub.
+//! It goes through the same [`TokenCache`](crate::provider::TokenCache) as
+//! the GitHub provider, with the same refresh window, so a short lifetime
+//! makes refresh behaviour visible in minutes: what a daemon sees from it is
+//! what it would see from GitHub, minus GitHub.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -7,8 +7,9 @@
 //! upstream's version skipped is here: the status is checked, the body is
 //! size-capped and parsed as JSON, every call has connect and total
 //! timeouts, redirects are refused (they would carry the JWT elsewhere), and
-//! tokens are cached and refreshed through one [`TokenCache`] so GitHub sees
-//! one call per token lifetime whatever the request rate.
+//! tokens are cached and refreshed through one
+//! [`TokenCache`](crate::provider::TokenCache) so GitHub sees one call per
+//! token lifetime whatever the request rate.
 //!
 //! With grants, each owner's installation is found from the App itself
 //! (`GET /app/installations`, paginated through `Link`), cached for

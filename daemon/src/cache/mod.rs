@@ -18,11 +18,13 @@
 //! a workspace clock ahead of the platform's must not make git discard a
 //! live token.
 //!
-//! Schedule (see [`refresh_delay`] and [`backoff_delay`]):
+//! Schedule (see [`refresh_delay`](schedule::refresh_delay) and
+//! [`backoff_delay`](schedule::backoff_delay)):
 //! - after a success, refresh `margin + jitter` before expiry, jitter uniform
 //!   in `[0, margin/4]` so a fleet started together spreads out;
 //! - a token with less life than that is refreshed at half of its *usable*
-//!   life (life above `--min-lifetime`), never sooner than [`MIN_REFRESH_DELAY`];
+//!   life (life above `--min-lifetime`), never sooner than
+//!   [`MIN_REFRESH_DELAY`](policy::MIN_REFRESH_DELAY);
 //! - failures back off exponentially with jitter, uniform in `[cap/2, cap]`
 //!   with `cap = min(max, initial·2ⁿ)` ("equal jitter": unlike full jitter
 //!   over `[0, cap]`, the shortest possible wait grows too, so no unlucky
@@ -36,7 +38,8 @@
 //!   least the failure back-off, and status says `short_lived`;
 //! - clients that find no usable token bring the next call forward only while
 //!   the refresher is not backing off, and at most
-//!   [`CLIENT_CALLS_PER_WINDOW`] times per [`CLIENT_CALL_WINDOW`]. SIGHUP
+//!   [`CLIENT_CALLS_PER_WINDOW`](policy::CLIENT_CALLS_PER_WINDOW) times per
+//!   [`CLIENT_CALL_WINDOW`](policy::CLIENT_CALL_WINDOW). SIGHUP
 //!   ([`TokenCache::refresh_now`]) is the operator's override and always calls.
 
 mod owners;

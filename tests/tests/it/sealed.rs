@@ -813,7 +813,7 @@ fn a_200_mb_push_streams_through_the_gateway() {
     sealed.daemon.stop();
 }
 
-/// Figures for the README, not a check (timings are not asserted): the
+/// Figures for docs/benchmarks.md, not a check (timings are not asserted): the
 /// gateway's added latency per API call and per git request. Run with
 /// `cargo test -p credd-tests --test it sealed_latency -- --ignored --nocapture`.
 #[test]

@@ -134,7 +134,7 @@ pub(crate) fn judge(run: &Run<'_>) -> Verdict {
             "steady-state peak {peak_rps:.2} calls/s in {}s is {peak_to_mean:.1}x the mean {mean_rps:.3} calls/s (target < {PEAK_TO_MEAN_TARGET}x)",
             WINDOW.as_secs()
         );
-        // A known miss (README, "Fleet"): every daemon holds the platform's
+        // A known miss (docs/verification.md, "Fleet"): every daemon holds the platform's
         // one shared token, so the fleet re-bunches each round within the
         // jitter window. Judged only when asked for.
         if std::env::var_os(STRICT_SPREAD_VAR).is_some() {
