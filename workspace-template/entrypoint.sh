@@ -52,7 +52,11 @@
 #   credential gateway on CREDD_GATEWAY [127.0.0.1:8119]; CONFIGS_DIR (the
 #   bearer, and every copy rotated in later) and the socket folder under
 #   CREDD_SEALED_DIR [/run/molecule-credd-sealed] belong to that user, mode
-#   0700: the agent cannot traverse them. The gateway's CA certificate is
+#   0700: the agent cannot traverse them. The agent reaches the daemon's
+#   status and metrics on CREDD_AGENT_SOCKET_DIR [/run/molecule-credd-agent]
+#   /credd.sock, a folder of its own that root binds the socket in and hands
+#   to the daemon (molecule-credd --bind-socket-for, socket activation); the
+#   daemon refuses it every token. The gateway's CA certificate is
 #   written to CREDD_GATEWAY_CA [/run/molecule-credd-ca/gateway-ca.pem].
 #   git gets per-URL proxy and CA settings for each CREDD_HOSTS host and no
 #   credential helper for them; the gh wrapper runs gh through the gateway
@@ -110,6 +114,14 @@ stop_supervisor() {
 # the first daemon only; later daemons get an empty stdin (the provision-time
 # token is never handed out twice, and respawns do not need it).
 supervise() {
+    handed_socket=
+    if [ "${LISTEN_FDS:-}" = 1 ]; then
+        # The socket `molecule-credd --bind-socket-for` bound (on fd 3): held
+        # on fd 4 for the supervisor's life, given to each daemon as fd 3.
+        exec 4<&3 3<&-
+        unset LISTEN_FDS LISTEN_PID LISTEN_FDNAMES
+        handed_socket=1
+    fi
     exec 3<&0 </dev/null
     delay=$BACKOFF_INITIAL
     daemon_pid=
@@ -132,7 +144,15 @@ supervise() {
     echo "$$" >"$RUN_DIR/supervisor.pid"
     while :; do
         started=$(date +%s)
-        "$DAEMON" --bootstrap-from-stdin "$@" <&3 3<&- 9>&- &
+        if [ -n "$handed_socket" ]; then
+            # Socket activation: LISTEN_PID must be the daemon's own pid, so
+            # a shell sets it to its $$ and execs the daemon (same pid).
+            # shellcheck disable=SC2016
+            LISTEN_FDS=1 LISTEN_FDNAMES=credd sh -c 'LISTEN_PID=$$; export LISTEN_PID; exec "$@"' \
+                molecule-credd "$DAEMON" --bootstrap-from-stdin "$@" <&3 3<&4 4<&- 9>&- &
+        else
+            "$DAEMON" --bootstrap-from-stdin "$@" <&3 3<&- 9>&- &
+        fi
         daemon_pid=$!
         exec 3</dev/null
         echo "$daemon_pid" >"$RUN_DIR/molecule-credd.pid"
@@ -224,6 +244,7 @@ configure_git() {
 # ---------------------------------------------------------------------------
 DAEMON_USER=${CREDD_DAEMON_USER:-credd}
 SEALED_DIR=${CREDD_SEALED_DIR:-/run/molecule-credd-sealed}
+AGENT_SOCKET_DIR=${CREDD_AGENT_SOCKET_DIR:-/run/molecule-credd-agent}
 GATEWAY=${CREDD_GATEWAY:-127.0.0.1:8119}
 GATEWAY_CA=${CREDD_GATEWAY_CA:-/run/molecule-credd-ca/gateway-ca.pem}
 # What gh is given instead of a token: the gateway replaces it.
@@ -281,6 +302,10 @@ sealed_root_phase() {
     RUN_DIR=$SEALED_DIR/run
     CREDD_SOCKET=$RUN_DIR/credd.sock
     export CREDD_SOCKET
+    # The agent's socket: in a folder of the agent's own, bound by root (see
+    # launch_sealed_supervisor).
+    private_dir "$AGENT_SOCKET_DIR" "$agent_uid" "$agent_gid" 0700 || return 1
+    agent_socket=$AGENT_SOCKET_DIR/credd.sock
     if ! as_user "$daemon_uid" "$daemon_gid" "$SEALED_DIR" "$DAEMON" --prepare-socket >/dev/null; then
         error "sealed mode: molecule-credd --prepare-socket refused $CREDD_SOCKET"
         return 1
@@ -293,7 +318,8 @@ sealed_root_phase() {
     fi
     supervisor_pid=$!
     tries=50
-    until as_user "$daemon_uid" "$daemon_gid" "$SEALED_DIR" "$CREDD" status >/dev/null 2>&1 &&
+    until as_user "$agent_uid" "$agent_gid" "$agent_home" \
+        env CREDD_SOCKET="$agent_socket" "$CREDD" status >/dev/null 2>&1 &&
         [ -s "$GATEWAY_CA" ]; do
         tries=$((tries - 1))
         if [ "$tries" -le 0 ]; then
@@ -302,6 +328,8 @@ sealed_root_phase() {
         fi
         sleep 0.1
     done
+    # From here on (the runtime, as the agent): the agent's socket.
+    CREDD_SOCKET=$agent_socket
     # git: the gateway for each GitHub host, and no credential helper there
     # (an empty helper value resets the list: git never prompts or asks
     # another helper for these hosts).
@@ -323,11 +351,12 @@ sealed_root_phase() {
 # supervisor as the daemon's user (meant to run in the background).
 launch_sealed_supervisor() {
     exec 8<&-
-    exec setpriv --reuid="$daemon_uid" --regid="$daemon_gid" --init-groups -- \
+    exec "$DAEMON" --socket "$agent_socket" --bind-socket-for "$agent_uid" -- \
+        setpriv --reuid="$daemon_uid" --regid="$daemon_gid" --init-groups -- \
         env -u GITHUB_TOKEN -u GH_TOKEN -u CREDD_TOKEN_FD -u CREDD_STOP_WITH_RUNTIME \
         HOME="$SEALED_DIR" CREDD_ENTRYPOINT_STAGE=supervise RUN_DIR="$RUN_DIR" \
         CREDD_SEALED=1 CREDD_GATEWAY="$GATEWAY" CREDD_GATEWAY_CA="$GATEWAY_CA" \
-        CREDD_AGENT_UID="$agent_uid" /bin/sh "$script" supervise
+        CREDD_AGENT_UID="$agent_uid" /bin/sh "$script" supervise 3<&-
 }
 
 if [ "${CREDD_SEALED:-}" = 1 ] && [ "$(id -u)" -eq 0 ] && [ "${CREDD_ENTRYPOINT_STAGE:-}" != user ]; then

@@ -100,6 +100,16 @@ pub struct Cli {
     /// (for entrypoints and scripts)
     #[arg(long)]
     pub prepare_socket: bool,
+    /// As root: bind the socket (--socket) for uid UID in that uid's private folder (created
+    /// 0700 when missing), owned by it, then run COMMAND (after --) with it socket-activated
+    /// (fd 3, LISTEN_FDS, LISTEN_PID) — how a sealed workspace hands the agent's socket to a
+    /// daemon under a uid of its own; start with fd 3 closed
+    #[arg(long, value_name = "UID", requires = "command",
+          conflicts_with_all = ["fetch_once", "prepare_socket"])]
+    pub bind_socket_for: Option<u32>,
+    /// With --bind-socket-for: the command given the socket
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<OsString>,
     /// Read the provision-time token from stdin (until end of file, at most 2 s) instead of
     /// GITHUB_TOKEN/GH_TOKEN, so it is in no process's environment
     #[arg(long)]

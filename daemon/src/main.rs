@@ -20,6 +20,11 @@ fn main() -> ExitCode {
     if cli.prepare_socket {
         return prepare_socket(&cli);
     }
+    if let Some(owner) = cli.bind_socket_for {
+        let Err(error) = socket::hand_over(std::path::Path::new(&cli.socket), owner, &cli.command);
+        eprintln!("error: {}", credd_core::text::error_chain(&error));
+        return cli::exit_code(&anyhow::Error::new(error));
+    }
     // Single-threaded work first (see the library's docs).
     let activated = systemd::take_activated_listener();
     process::restrict_umask();

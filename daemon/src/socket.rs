@@ -202,6 +202,102 @@ pub(crate) fn bind(path: &Path) -> Result<(UnixListener, SocketFile), SocketErro
     Ok((listener, file))
 }
 
+/// `--bind-socket-for UID -- COMMAND…`: binds the socket at `path` for
+/// another uid and execs `command` with it, socket-activated (fd 3,
+/// `LISTEN_FDS=1`, `LISTEN_PID`, as `systemd-socket-activate` does). Returns
+/// only on failure.
+///
+/// Why: in a sealed workspace the daemon runs under a uid of its own and the
+/// agent must still reach `status` and `metrics`, yet the folder rule (owner
+/// only, no group/other bits) keeps every uid out of another's socket
+/// folder. So root binds the socket in the *agent's* private folder (created
+/// 0700 and given to `owner` when missing; refused unless it passes the same
+/// rule for `owner`), the socket file owned by `owner`, mode 0600. The
+/// listener's credentials are then root's, which `credd` trusts, and the
+/// daemon, started by `command` under its own uid, adopts the socket; its
+/// own folder stays closed to the agent. Run with fd 3 closed (`3<&-`): the
+/// socket must land there.
+pub fn hand_over(
+    path: &Path,
+    owner: u32,
+    command: &[std::ffi::OsString],
+) -> Result<std::convert::Infallible, SocketError> {
+    use std::os::unix::process::CommandExt;
+
+    let folder =
+        socket_folder::folder_of(path).map_err(|_| SocketError::NoFolder(path.to_owned()))?;
+    match std::fs::DirBuilder::new().mode(0o700).create(folder) {
+        Ok(()) => std::os::unix::fs::chown(folder, Some(owner), None).map_err(|source| {
+            SocketError::Io {
+                action: "give the socket folder to its user",
+                path: folder.to_owned(),
+                source,
+            }
+        })?,
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(source) => {
+            return Err(SocketError::CreateFolder {
+                path: folder.to_owned(),
+                source,
+            });
+        }
+    }
+    ensure_private_folder(folder, owner)?;
+    take_over_stale(path)?;
+    let io_err = |action| {
+        move |source| SocketError::Io {
+            action,
+            path: path.to_owned(),
+            source,
+        }
+    };
+    // Close-on-exec: only the copy on fd 3 below crosses the exec.
+    let listener = UnixListener::bind(path).map_err(io_err("bind the socket"))?;
+    std::os::unix::fs::chown(path, Some(owner), None)
+        .map_err(io_err("give the socket to its user"))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(io_err("set the mode of the socket"))?;
+    // On fd 3 without close-on-exec: the listener itself when it got fd 3
+    // (the lowest free one), else its copy on the lowest free fd from 3 on —
+    // 3 unless something holds 3, which is then refused (never replaced).
+    let fd = if std::os::fd::AsRawFd::as_raw_fd(&listener) == 3 {
+        nix::fcntl::fcntl(
+            &listener,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+        )
+        .map_err(|errno| io_err("pass the socket on")(errno.into()))?;
+        std::os::fd::IntoRawFd::into_raw_fd(listener)
+    } else {
+        nix::fcntl::fcntl(&listener, nix::fcntl::FcntlArg::F_DUPFD(3))
+            .map_err(|errno| io_err("pass the socket on")(errno.into()))?
+    };
+    if fd != 3 {
+        return Err(SocketError::Io {
+            action: "pass the socket on as fd 3 (start with fd 3 closed: 3<&-)",
+            path: path.to_owned(),
+            source: io::Error::other(format!("it became fd {fd}")),
+        });
+    }
+    let Some((program, args)) = command.split_first() else {
+        return Err(SocketError::Io {
+            action: "pass the socket on",
+            path: path.to_owned(),
+            source: io::Error::other("no COMMAND after --"),
+        });
+    };
+    let error = std::process::Command::new(program)
+        .args(args)
+        .env("LISTEN_FDS", "1")
+        .env("LISTEN_PID", std::process::id().to_string())
+        .env("LISTEN_FDNAMES", "credd")
+        .exec();
+    Err(SocketError::Io {
+        action: "run the command given the socket",
+        path: PathBuf::from(program),
+        source: error,
+    })
+}
+
 /// Creates `folder` 0700 if missing; refuses it unless it is a real folder,
 /// owned by `uid`, with no group/other permissions.
 pub(crate) fn ensure_private_folder(folder: &Path, uid: u32) -> Result<(), SocketError> {

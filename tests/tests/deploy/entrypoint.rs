@@ -7,7 +7,7 @@
 //! dropping privileges — so they exercise the user phase as the current user;
 //! `the_root_phase_drops_to_the_agent_user` runs the root phase for real.
 
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -559,6 +559,7 @@ fn sealed_the_agent_uses_github_through_the_gateway_and_can_never_read_the_token
     let mut ws = Workspace::new();
     open_for_others(ws.dir.path());
     let sealed_dir = ws.dir.path().join("sealed");
+    let agent_run = ws.dir.path().join("agent-run");
     let ca = ws.dir.path().join("ca").join("gateway-ca.pem");
     let gateway = testkit::http::closed_port();
     let runtime = repo_root().join("tests/tests/deploy/sealed-runtime.sh");
@@ -570,6 +571,7 @@ fn sealed_the_agent_uses_github_through_the_gateway_and_can_never_read_the_token
         .env("CREDD_AGENT_USER", TEST_AGENT)
         .env("CREDD_DAEMON_USER", TEST_DAEMON_USER)
         .env("CREDD_SEALED_DIR", &sealed_dir)
+        .env("CREDD_AGENT_SOCKET_DIR", &agent_run)
         .env("CREDD_GATEWAY", gateway.to_string())
         .env("CREDD_GATEWAY_CA", &ca)
         .env("HOME", "/root");
@@ -606,6 +608,26 @@ fn sealed_the_agent_uses_github_through_the_gateway_and_can_never_read_the_token
     assert_eq!(result.value("sealed-dir-listable"), "no", "{transcript}");
     assert_ne!(result.value("credd-token-exit"), "0", "{transcript}");
     assert_eq!(result.value("credd-token-lines"), "1", "{transcript}");
+    assert_eq!(result.value("credd-token-sealed"), "yes", "{transcript}");
+    // ... but reaches the daemon's status and metrics, on a socket root
+    // bound in a folder of the agent's own and handed to the daemon.
+    let agent_socket = agent_run.join("credd.sock");
+    assert_eq!(
+        result.value("credd-socket"),
+        agent_socket.display().to_string(),
+        "{transcript}"
+    );
+    assert_eq!(result.value("credd-status-exit"), "0", "{transcript}");
+    assert_eq!(result.value("credd-metrics-exit"), "0", "{transcript}");
+    let folder = std::fs::metadata(&agent_run).expect("the agent's socket folder");
+    assert_eq!((folder.uid(), folder.mode() & 0o777), (agent_uid, 0o700));
+    let socket = std::fs::symlink_metadata(&agent_socket).expect("the agent's socket");
+    assert!(socket.file_type().is_socket());
+    assert_eq!((socket.uid(), socket.mode() & 0o777), (agent_uid, 0o600));
+    assert!(
+        !sealed_dir.join("run").join("credd.sock").exists(),
+        "the daemon binds no socket of its own"
+    );
     assert_eq!(result.value("su-root"), "failed", "{transcript}");
     assert_eq!(result.value("sudo"), "failed", "{transcript}");
     assert_eq!(

@@ -20,6 +20,16 @@ fi
 said=$("${CREDD_BIN_DIR:-/usr/local/bin}/credd" token 2>&1)
 echo "credd-token-exit=$?"
 echo "credd-token-lines=$(printf '%s\n' "$said" | wc -l)"
+case $said in
+    *sealed*) echo "credd-token-sealed=yes" ;;
+    *) echo "credd-token-sealed=no" ;;
+esac
+# What the agent may have: the daemon's status and metrics, on its socket.
+echo "credd-socket=${CREDD_SOCKET:-unset}"
+"${CREDD_BIN_DIR:-/usr/local/bin}/credd" status >/dev/null 2>&1
+echo "credd-status-exit=$?"
+"${CREDD_BIN_DIR:-/usr/local/bin}/credd" metrics >/dev/null 2>&1
+echo "credd-metrics-exit=$?"
 if su -c true root </dev/null >/dev/null 2>&1; then echo "su-root=ok"; else echo "su-root=failed"; fi
 if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
     echo "sudo=ok"
