@@ -198,12 +198,20 @@ pub(crate) fn judge(run: &Run<'_>) -> Verdict {
         text.push('\n');
     };
     line(format!(
-        "fleet: {} daemons, {:.0}s ({:.1} token lifetimes of {}s), {} platform; daemons --refresh-margin {}s (jitter 0-{}s) --min-lifetime {}s",
+        "fleet: {} daemons, {:.0}s ({:.1} token lifetimes of {}s), {} platform{}; daemons --refresh-margin {}s (jitter 0-{}s) --min-lifetime {}s",
         options.daemons,
         elapsed,
         elapsed / ttl,
         options.token_ttl.as_secs(),
         options.mode.name(),
+        if options.replicas > 1 {
+            format!(
+                " x{} replicas sharing Redis behind HAProxy (calls and mints counted for all)",
+                options.replicas
+            )
+        } else {
+            String::new()
+        },
         options.refresh_margin.as_secs(),
         jitter_max.as_secs_f64(),
         options.min_lifetime.as_secs()
@@ -275,6 +283,7 @@ pub(crate) fn judge(run: &Run<'_>) -> Verdict {
     let json = json!({
         "daemons": options.daemons,
         "platform": options.mode.name(),
+        "replicas": options.replicas,
         "seconds": elapsed.round(),
         "token_ttl_s": options.token_ttl.as_secs(),
         "refresh_margin_s": options.refresh_margin.as_secs(),
