@@ -538,7 +538,10 @@ ok "stand-in of github.com (git http-backend over $git_root) and api.github.com 
 
 step "sealed: docker run -e CREDD_SEALED=1"
 container=credd-test-ws-sealed
-sealed_socket=/run/molecule-credd-sealed/run/credd.sock
+# The daemon's own folder (pid files, lock), closed to the agent; the
+# agent's socket, bound by root in the agent's folder and handed over.
+sealed_run=/run/molecule-credd-sealed/run
+agent_socket=/run/molecule-credd-agent/credd.sock
 started=$(now_ms)
 "$docker" run -d --name "$container" --network host --stop-timeout "$stop_timeout" \
   -e PLATFORM_URL="$platform_url" -e GITHUB_TOKEN="$bootstrap_token" -e CREDD_SEALED=1 \
@@ -547,15 +550,17 @@ started=$(now_ms)
   fail "docker run (sealed) failed"
 daemon_uid=$(in_ws id -u credd) || fail "the image has no credd account"
 daemon_gid=$(in_ws id -g credd)
-# credd status as the daemon's own user (root and the agent cannot pass the
-# folder check / enter the folder).
-as_daemon_status() {
-  status_text=$(in_ws setpriv --reuid "$daemon_uid" --regid "$daemon_gid" --clear-groups \
-    env -u GITHUB_TOKEN CREDD_SOCKET="$sealed_socket" credd status 2>&1) &&
+# credd status as the agent, entered as the README says.
+as_agent_status() {
+  status_text=$(in_workspace "$container" workspace-entrypoint credd status 2>&1) &&
     grep -qE '^state: +valid$' <<<"$status_text" && grep -qE '^source: +platform$' <<<"$status_text"
 }
-wait_for "$daemon_answer_limit" "the sealed daemon answering with a platform token on $sealed_socket" as_daemon_status
-ok "sealed: the daemon answers on $sealed_socket with a valid platform token after $(($(now_ms) - started)) ms"
+wait_for "$daemon_answer_limit" "the sealed daemon answering the agent with a platform token on $agent_socket" as_agent_status
+ok "sealed: the daemon answers the agent's credd status on $agent_socket with a valid platform token after $(($(now_ms) - started)) ms"
+metrics_text=$(in_workspace -u "$agent_uid" "$container" workspace-entrypoint credd metrics 2>&1) ||
+  fail "credd metrics as the agent (docker exec -u agent) failed: $metrics_text"
+grep -q '^credd_token_valid' <<<"$metrics_text" || fail "credd metrics printed no credd_token_valid: $metrics_text"
+ok "sealed: credd metrics as the agent (docker exec -u $agent_uid): $(grep -c '^credd_' <<<"$metrics_text") samples"
 
 # -- the credd account
 passwd_line=$(in_ws getent passwd credd)
@@ -582,7 +587,6 @@ done
 ok "credd account: uid $daemon_uid, gid $daemon_gid, shell $daemon_shell, home $daemon_home (absent), password locked; agent's groups: $agent_groups; no sudo;$su_said setuid/setgid files (Debian's): ${setuid:-none}"
 
 # -- who runs what
-sealed_run=$(dirname "$sealed_socket")
 daemon_pid=$(in_ws cat "$sealed_run/molecule-credd.pid") || fail "no $sealed_run/molecule-credd.pid"
 supervisor_pid=$(in_ws cat "$sealed_run/supervisor.pid") || fail "no $sealed_run/supervisor.pid"
 for pid in "$daemon_pid" "$supervisor_pid"; do
@@ -630,7 +634,7 @@ said=$(in_workspace "$container" workspace-entrypoint gh auth status 2>&1) || fa
 ok "gh api /user as the agent through the gateway: the stand-in saw 'Authorization: token <the same token>' (never the placeholder); gh auth status: $(grep -m1 -o 'Logged in[^(]*([^)]*)' <<<"$said" || head -n 2 <<<"$said" | tr '\n' ' ')"
 
 # -- the token is the daemon's
-as_daemon_status || fail "the sealed daemon stopped answering: $status_text"
+as_agent_status || fail "the sealed daemon stopped answering: $status_text"
 fingerprint=$(sed -n 's/^fingerprint: *//p' <<<"$status_text")
 if [ -z "$fingerprint" ] || [ "${stamped:0:${#fingerprint}}" != "$fingerprint" ]; then
   fail "the stamped token (sha256 ${stamped:0:12}) is not the daemon's (fingerprint $fingerprint)"

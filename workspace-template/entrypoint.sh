@@ -311,12 +311,17 @@ sealed_root_phase() {
         return 1
     fi
     # The token pipe goes to the first daemon only (see launch_supervisor).
-    if [ "${CREDD_TOKEN_FD:-}" = 8 ]; then
+    # A second run (docker exec … workspace-entrypoint) finds the supervisor
+    # holding its lock and starts nothing: the socket is bound already.
+    if [ -e "$RUN_DIR/supervisor.lock" ] && ! flock -n "$RUN_DIR/supervisor.lock" true; then
+        :
+    elif [ "${CREDD_TOKEN_FD:-}" = 8 ]; then
         launch_sealed_supervisor <&8 &
+        supervisor_pid=$!
     else
         printf '%s\n' "${GITHUB_TOKEN:-${GH_TOKEN:-}}" | launch_sealed_supervisor &
+        supervisor_pid=$!
     fi
-    supervisor_pid=$!
     tries=50
     until as_user "$agent_uid" "$agent_gid" "$agent_home" \
         env CREDD_SOCKET="$agent_socket" "$CREDD" status >/dev/null 2>&1 &&
@@ -412,6 +417,11 @@ if [ "${CREDD_SEALED:-}" = 1 ] && [ "$(id -u)" -ne 0 ]; then
     unset CREDD_TOKEN_FD CREDD_STOP_WITH_RUNTIME GITHUB_TOKEN GH_TOKEN CREDD_SEALED CREDD_ENTRYPOINT_STAGE
     export CREDD_GH_SEALED=1 CREDD_GATEWAY="$GATEWAY" CREDD_GATEWAY_CA="$GATEWAY_CA" \
         CREDD_GH_PLACEHOLDER="$GH_PLACEHOLDER"
+    # The agent's socket (status and metrics), when the root phase made it.
+    if [ -S "$AGENT_SOCKET_DIR/credd.sock" ]; then
+        CREDD_SOCKET=$AGENT_SOCKET_DIR/credd.sock
+        export CREDD_SOCKET
+    fi
     if [ -x "$GH_WRAPPER_DIR/gh" ]; then
         PATH=$GH_WRAPPER_DIR:$PATH
         export PATH
