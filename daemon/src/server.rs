@@ -319,8 +319,11 @@ async fn serve_connection<F: Fetch>(
 
     let uid = peer.map(|cred| cred.uid());
     let pid = peer.and_then(|cred| cred.pid());
-    let answer = match line {
-        RequestLine::TooLong => bad_request(format!("request longer than {MAX_LINE} bytes")),
+    let (answer, audit) = match line {
+        RequestLine::TooLong => (
+            bad_request(format!("request longer than {MAX_LINE} bytes")),
+            None,
+        ),
         RequestLine::Line(bytes) => dispatch(&bytes, tokens, peer, sealed).await,
         RequestLine::Empty => return,
     };
@@ -347,6 +350,12 @@ async fn serve_connection<F: Fetch>(
     })
     .await;
     drop(encoded);
+    // Logged once the answer is on its way: the caller's wait is the hot
+    // path, the line's formatting and write are not (its facts were taken
+    // before, while the caller surely lived).
+    if let Some(audit) = audit {
+        audit.log();
+    }
     if !matches!(written, Ok(Ok(()))) {
         tracing::debug!("a client went away before reading its answer");
         return;
@@ -365,29 +374,51 @@ async fn serve_connection<F: Fetch>(
 
 /// The audit line for a served token: who (pid, uid, executable), what for,
 /// and the token's fingerprint, which matches the platform's log of what it
-/// minted and so GitHub's audit log — never the token.
+/// minted and so GitHub's audit log — never the token. Taken before the
+/// answer is written (the caller still lives: its executable can be read),
+/// logged after (see [`serve_connection`]).
 ///
 /// Every text field goes to the log as a `&str`, which the text format
 /// writes quoted and escaped (`"`, `\\`, control characters, line and
 /// paragraph separators, bidi controls: Rust's `Debug`) and the JSON format
 /// as a JSON string: a caller's path with spaces, `uid=0 exe=…` or U+2028 in
 /// it cannot add a field or a line of its own.
-fn audit(peer: Option<tokio::net::unix::UCred>, want: &Want, fingerprint: &str) {
-    let pid = peer.and_then(|cred| cred.pid());
-    // procfs, not a disk: the link reads at once (or fails for a caller of
-    // another uid we may not inspect, or one that has exited).
-    let exe = pid
-        .and_then(|pid| std::fs::read_link(format!("/proc/{pid}/exe")).ok())
-        .map_or_else(|| "?".to_owned(), |path| path.display().to_string());
-    tracing::info!(
-        target: "audit",
-        pid = pid.unwrap_or(-1),
-        uid = peer.map_or(-1, |cred| i64::from(cred.uid())),
-        exe = bounded(&exe, MAX_EXE_TEXT),
-        asked = want.describe().as_str(),
-        fingerprint,
-        "token served"
-    );
+struct Audit {
+    pid: i64,
+    uid: i64,
+    exe: String,
+    asked: String,
+    fingerprint: String,
+}
+
+impl Audit {
+    fn take(peer: Option<tokio::net::unix::UCred>, want: &Want, fingerprint: String) -> Self {
+        let pid = peer.and_then(|cred| cred.pid());
+        // procfs, not a disk: the link reads at once (or fails for a caller
+        // of another uid we may not inspect, or one that has exited).
+        let exe = pid
+            .and_then(|pid| std::fs::read_link(format!("/proc/{pid}/exe")).ok())
+            .map_or_else(|| "?".to_owned(), |path| path.display().to_string());
+        Self {
+            pid: pid.map_or(-1, i64::from),
+            uid: peer.map_or(-1, |cred| i64::from(cred.uid())),
+            exe,
+            asked: want.describe(),
+            fingerprint,
+        }
+    }
+
+    fn log(&self) {
+        tracing::info!(
+            target: "audit",
+            pid = self.pid,
+            uid = self.uid,
+            exe = bounded(&self.exe, MAX_EXE_TEXT),
+            asked = self.asked.as_str(),
+            fingerprint = self.fingerprint.as_str(),
+            "token served"
+        );
+    }
 }
 
 /// `text` cut to at most `max` bytes on a character boundary (nothing else
@@ -412,8 +443,8 @@ async fn dispatch<F: Fetch>(
     tokens: &Tokens<F>,
     peer: Option<tokio::net::unix::UCred>,
     sealed: bool,
-) -> Response {
-    match protocol::decode::<Request>(line) {
+) -> (Response, Option<Audit>) {
+    let answer = match protocol::decode::<Request>(line) {
         Ok(Request::Get { .. } | Request::Erase { .. }) if sealed => Response::Error {
             code: ErrorCode::Sealed,
             message: "this workspace is sealed: its token is never handed out, only stamped onto GitHub requests by the gateway".into(),
@@ -422,10 +453,13 @@ async fn dispatch<F: Fetch>(
             match Want::from_request(repository.as_deref(), owner.as_deref()) {
                 Ok(want) => {
                     let answer = tokens.get(&want).await;
-                    if let Response::Token { token, .. } = &answer {
-                        audit(peer, &want, &token.fingerprint());
-                    }
-                    answer
+                    let audit = match &answer {
+                        Response::Token { token, .. } => {
+                            Some(Audit::take(peer, &want, token.fingerprint()))
+                        }
+                        _ => None,
+                    };
+                    return (answer, audit);
                 }
                 Err(problem) => bad_request(problem),
             }
@@ -443,7 +477,8 @@ async fn dispatch<F: Fetch>(
             tracing::debug!(%error, "malformed request");
             bad_request(format!("{error}; expected one JSON request line"))
         }
-    }
+    };
+    (answer, None)
 }
 
 #[cfg(test)]
