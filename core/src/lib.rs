@@ -7,7 +7,9 @@
 //! owner name may be ([`repository`]), which socket folder is
 //! safe ([`socket_folder`]), the time limits that span both processes
 //! ([`deadlines`]) and how text from another process is printed ([`text`]);
-//! plus the one process limit both long-running binaries raise ([`limits`]).
+//! plus the one process limit both long-running binaries raise ([`limits`])
+//! and, behind the `logging` feature, their one log setup (`logging`); and
+//! how often an event a caller can repeat is logged ([`log_limit`]).
 //! The token itself is a [`secret::Token`], which cannot be printed by
 //! accident.
 //!
@@ -20,6 +22,9 @@
 pub mod config;
 pub mod deadlines;
 pub mod limits;
+pub mod log_limit;
+#[cfg(feature = "logging")]
+pub mod logging;
 pub mod protocol;
 pub mod repository;
 pub mod secret;

@@ -64,12 +64,10 @@ impl Token {
         sha256_hex(self.expose().as_bytes())
     }
 
-    /// A short, non-reversible name for logs and `credd status`: the first 12
-    /// hex digits of the SHA-256.
+    /// A short, non-reversible name for logs and `credd status`: see
+    /// [`fingerprint`].
     pub fn fingerprint(&self) -> String {
-        let mut hex = self.sha256_hex();
-        hex.truncate(12);
-        hex
+        fingerprint(self.expose())
     }
 
     /// Whether `hex` is this token's [`sha256_hex`](Self::sha256_hex), compared
@@ -123,6 +121,55 @@ pub fn check_token_text(text: &str) -> Result<(), TokenError> {
     Ok(())
 }
 
+/// The username that goes with an installation token wherever GitHub takes
+/// one as a password: the helper's answer to git, and the gateway's Basic
+/// stamp (git smart HTTP and LFS accept only Basic). git hands the
+/// answering helper's username back on `store` and `erase`, which is how
+/// `credd fallback` recognises credd's credentials.
+pub const GITHUB_TOKEN_USERNAME: &str = "x-access-token";
+
+/// Hex digits in a fingerprint: the first 12 of the SHA-256 (48 bits), as
+/// every log, `credd status` and the platform's and gateway's audit lines
+/// name a token — enough to tell a workspace's tokens apart, too few to
+/// matter to anyone holding only the log.
+pub const FINGERPRINT_HEX_LEN: usize = 12;
+
+/// The fingerprint of `secret`'s text (see [`FINGERPRINT_HEX_LEN`]).
+pub fn fingerprint(secret: &str) -> String {
+    fingerprint_of_digest(&Sha256::digest(secret.as_bytes()).into())
+}
+
+/// The fingerprint of a token known by its SHA-256 only (a refusal report).
+pub fn fingerprint_of_digest(sha256: &[u8; 32]) -> String {
+    use fmt::Write;
+    sha256[..FINGERPRINT_HEX_LEN / 2].iter().fold(
+        String::with_capacity(FINGERPRINT_HEX_LEN),
+        |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        },
+    )
+}
+
+/// A SHA-256 as every contract writes it — 64 lower-case hex digits — as
+/// bytes; `None` for anything else. The one parser of it: an erase on the
+/// socket, a refusal report at the platform, a refusal announced on Redis.
+pub fn parse_sha256_hex(hex: &[u8]) -> Option<[u8; 32]> {
+    let digit = |b: u8| match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        _ => None,
+    };
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (byte, pair) in out.iter_mut().zip(hex.chunks_exact(2)) {
+        *byte = digit(pair[0])? << 4 | digit(pair[1])?;
+    }
+    Some(out)
+}
+
 /// Lower-case hex SHA-256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     use fmt::Write;
@@ -136,6 +183,22 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn sha256_hex_parses_only_what_sha256_hex_writes() {
+        let digest: [u8; 32] = Sha256::digest(b"x").into();
+        let hex = sha256_hex(b"x");
+        assert_eq!(super::parse_sha256_hex(hex.as_bytes()), Some(digest));
+        assert_eq!(
+            super::parse_sha256_hex(hex.to_ascii_uppercase().as_bytes()),
+            None
+        );
+        assert_eq!(super::parse_sha256_hex(&hex.as_bytes()[1..]), None);
+        assert_eq!(super::parse_sha256_hex(format!("{hex}0").as_bytes()), None);
+        assert_eq!(super::parse_sha256_hex("g".repeat(64).as_bytes()), None);
+        assert_eq!(fingerprint("x"), &hex[..FINGERPRINT_HEX_LEN]);
+        assert_eq!(fingerprint_of_digest(&digest), &hex[..FINGERPRINT_HEX_LEN]);
+    }
+
     use super::*;
 
     const SAMPLE: &str = "ghs_0123456789abcdefABCDEF0123456789abcd";

@@ -9,12 +9,17 @@
 use std::error::Error;
 use std::fmt::Write as _;
 
-/// `error -> source -> source…`, the whole chain on one line.
+/// `error -> source -> source…`, the whole chain on one line. A cause
+/// whose text the line already holds is left out (some errors, reqwest's
+/// among them, repeat their source in their own message).
 pub fn error_chain(error: &(dyn Error + 'static)) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
-        let _ = write!(text, " -> {cause}");
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            let _ = write!(text, " -> {cause_text}");
+        }
         source = cause.source();
     }
     text

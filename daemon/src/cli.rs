@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use credd_core::config::{self, Config, ConfigError, vars};
 use credd_core::deadlines;
 use credd_core::repository::{NameError, RepositoryRef, is_valid_owner};
@@ -136,14 +136,8 @@ pub struct Cli {
     pub gateway_upstream: Vec<(String, SocketAddr)>,
 }
 
-/// How log lines are written on stderr.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines (no timestamps under journald).
-    Text,
-    /// One JSON object per line.
-    Json,
-}
+/// How log lines are written on stderr: the platform's format, defined once.
+pub use credd_core::logging::LogFormat;
 
 fn parse_duration(value: &str) -> Result<humantime::Duration, String> {
     let d: humantime::Duration = value

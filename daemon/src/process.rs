@@ -9,7 +9,6 @@
 //! [`Command`]s, so a SIGTERM that arrives before the runtime runs is queued,
 //! not lost.
 
-use std::io::IsTerminal;
 use std::thread::JoinHandle;
 
 use anyhow::Context;
@@ -37,36 +36,10 @@ pub fn restrict_umask() {
     nix::sys::stat::umask(Mode::from_bits_truncate(0o077));
 }
 
-/// Logs to stderr in `format`, at `RUST_LOG` (default `info`).
+/// Logs to stderr in `format`, at `RUST_LOG` (default `info`): the one
+/// setup the platform shares.
 pub fn init_logging(format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    // The HTTP stack's own trace output describes connections and frames; it
-    // is noise for operators and not ours to vouch for, so it stays at info
-    // whatever RUST_LOG says. Our own logs carry no secret at any level.
-    for quiet in [
-        "hyper=info",
-        "hyper_util=info",
-        "reqwest=info",
-        "h2=info",
-        "rustls=info",
-    ] {
-        if let Ok(directive) = quiet.parse() {
-            filter = filter.add_directive(directive);
-        }
-    }
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    match format {
-        LogFormat::Json => builder.json().init(),
-        // journald stamps every line itself.
-        LogFormat::Text if std::env::var_os("JOURNAL_STREAM").is_some() => {
-            builder.without_time().init();
-        }
-        LogFormat::Text => builder.init(),
-    }
+    credd_core::logging::init(format);
 }
 
 /// Non-dumpable, and as many descriptors as the hard limit allows (one per

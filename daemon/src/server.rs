@@ -18,6 +18,7 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
+use credd_core::log_limit::{LOG_INTERVAL, LogLimit};
 use credd_core::protocol::{self, ErrorCode, MAX_LINE, ProtocolError, Request, Response};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -33,8 +34,6 @@ use crate::metrics::answer_kind;
 pub(crate) const DEFAULT_MAX_CONNECTIONS: u32 = 1024;
 /// How long a client has to send its request line.
 pub(crate) const READ_DEADLINE: Duration = Duration::from_secs(2);
-/// Refused and busy answers are logged at most once per this interval each.
-const LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// How long writing the answer may take.
 const WRITE_DEADLINE: Duration = Duration::from_secs(2);
 /// After an oversized request, how much of the rest is read and discarded
@@ -92,8 +91,9 @@ pub(crate) async fn run<F: Fetch>(
     let peer_check = settings.peer_check;
     let tracker = TaskTracker::new();
     let stop_reading = CancellationToken::new();
-    let mut refused_log = RateLimitedLog::new(LOG_INTERVAL);
-    let mut busy_log = RateLimitedLog::new(LOG_INTERVAL);
+    // Refused and busy answers are logged at most once per interval each.
+    let mut refused_log = LogLimit::new(LOG_INTERVAL);
+    let mut busy_log = LogLimit::new(LOG_INTERVAL);
     let mut accept_failures = AcceptFailures::new(LOG_INTERVAL);
     tokio::pin!(shutdown);
     loop {
@@ -115,14 +115,14 @@ pub(crate) async fn run<F: Fetch>(
         // answered at once and never holds a connection slot.
         let peer = stream.peer_cred().ok();
         if !peer.is_some_and(|cred| peer_check.allows(cred.uid())) {
-            refused_log.note(|suppressed| {
+            if let Some(suppressed) = refused_log.admit(now()) {
                 tracing::warn!(
                     uid = peer.map_or(-1, |c| i64::from(c.uid())),
                     pid = peer.and_then(|c| c.pid()).unwrap_or(-1),
                     suppressed,
                     "refused a caller whose uid may not use this daemon (start it with --allow-uid UID to admit it)"
                 );
-            });
+            }
             let answer = Response::Error {
                 code: ErrorCode::Forbidden,
                 message: "this uid may not use molecule-credd (ask its owner to add --allow-uid)"
@@ -143,13 +143,13 @@ pub(crate) async fn run<F: Fetch>(
             };
             tokens.metrics().answered(&answer);
             answer_unread(&stream, &answer);
-            busy_log.note(|suppressed| {
+            if let Some(suppressed) = busy_log.admit(now()) {
                 tracing::warn!(
                     max_connections = settings.max_connections,
                     suppressed,
                     "connection limit reached; answering busy"
                 );
-            });
+            }
             continue;
         };
         let tokens = Arc::clone(&tokens);
@@ -187,38 +187,9 @@ fn answer_unread(stream: &UnixStream, response: &Response) {
     let _ = stream.try_write(&protocol::encode(response));
 }
 
-/// Logs an event at most once per interval, counting the ones left out, so
-/// a flood of refused callers cannot flood the journal.
-struct RateLimitedLog {
-    interval: Duration,
-    last: Option<tokio::time::Instant>,
-    suppressed: u64,
-}
-
-impl RateLimitedLog {
-    fn new(interval: Duration) -> Self {
-        Self {
-            interval,
-            last: None,
-            suppressed: 0,
-        }
-    }
-
-    /// Calls `log` with the number of events suppressed since the last line,
-    /// if a line is due.
-    fn note(&mut self, log: impl FnOnce(u64)) {
-        let now = tokio::time::Instant::now();
-        if self
-            .last
-            .is_some_and(|last| now.duration_since(last) < self.interval)
-        {
-            self.suppressed += 1;
-            return;
-        }
-        log(self.suppressed);
-        self.last = Some(now);
-        self.suppressed = 0;
-    }
+/// Now, on tokio's clock (paused in tests), for [`LogLimit`].
+fn now() -> std::time::Instant {
+    tokio::time::Instant::now().into_std()
 }
 
 /// Failed `accept(2)`s, logged at a bounded rate: at the open-file limit the
@@ -227,7 +198,7 @@ impl RateLimitedLog {
 /// at most one more per interval (with the number left out), and one when
 /// accepting works again (with the whole episode's count).
 struct AcceptFailures {
-    log: RateLimitedLog,
+    log: LogLimit,
     /// Failures since the last successful accept.
     episode: u64,
 }
@@ -235,16 +206,16 @@ struct AcceptFailures {
 impl AcceptFailures {
     fn new(interval: Duration) -> Self {
         Self {
-            log: RateLimitedLog::new(interval),
+            log: LogLimit::new(interval),
             episode: 0,
         }
     }
 
     fn note(&mut self, error: &io::Error) {
         self.episode += 1;
-        self.log.note(|suppressed| {
+        if let Some(suppressed) = self.log.admit(now()) {
             tracing::warn!(%error, suppressed, "accept failed");
-        });
+        }
     }
 
     /// An accept worked: closes an episode of failures with one line.
@@ -493,10 +464,10 @@ mod tests {
     /// limit) is three lines, not 500: at 0, 10 and 20 s.
     #[tokio::test(start_paused = true)]
     async fn a_flood_of_events_is_logged_once_per_interval_with_the_rest_counted() {
-        let mut log = RateLimitedLog::new(LOG_INTERVAL);
+        let mut log = LogLimit::new(LOG_INTERVAL);
         let mut lines = Vec::new();
         for _ in 0..500 {
-            log.note(|suppressed| lines.push(suppressed));
+            lines.extend(log.admit(now()));
             tokio::time::advance(Duration::from_millis(50)).await;
         }
         assert_eq!(lines, [0, 199, 199]);

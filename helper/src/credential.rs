@@ -211,11 +211,10 @@ pub(crate) fn is_served(config: &Config, request: &GitRequest) -> bool {
     scheme_ok && config.serves_host(host)
 }
 
-/// The username of every credential credd answers with (GitHub's for
-/// installation tokens). git hands the answering helper's username back on
-/// `store` and `erase` (both 2.39 and 2.47 replace the one it asked with),
-/// which is how `credd fallback` recognises credd's credentials.
-pub(crate) const USERNAME: &str = "x-access-token";
+/// The username of every credential credd answers with (credd-core's
+/// [`GITHUB_TOKEN_USERNAME`](credd_core::secret::GITHUB_TOKEN_USERNAME);
+/// both gits, 2.39 and 2.47, hand it back on `store` and `erase`).
+pub(crate) const USERNAME: &str = credd_core::secret::GITHUB_TOKEN_USERNAME;
 
 /// git's answer: exactly these three lines. Never `quit=1`, which would stop
 /// git from asking the helpers after us.

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use credd_core::log_limit::{LOG_INTERVAL, SharedLogLimit};
 
 use crate::provider::ProviderError;
 use crate::service::json_error;
@@ -29,13 +30,20 @@ pub const REFRESH_FAILED: &str = "token refresh failed";
 impl IntoResponse for ProviderError {
     fn into_response(self) -> Response {
         match &self {
-            Self::NotInstalled(_) | Self::InstallationGone(_) => {
-                tracing::warn!("[github] {self}");
-                json_error(StatusCode::NOT_FOUND, &self.to_string())
-            }
-            Self::Refused { .. } => {
-                tracing::warn!("[github] {self}");
-                json_error(StatusCode::FORBIDDEN, &self.to_string())
+            // Answered from memory for a while, so a workspace can repeat
+            // them cheaply: each reason logged at a bounded rate.
+            Self::NotInstalled(_) | Self::InstallationGone(_) | Self::Refused { .. } => {
+                static LOG: SharedLogLimit = SharedLogLimit::new(LOG_INTERVAL);
+                let reason = self.to_string();
+                if let Some(suppressed) = LOG.admit(&reason) {
+                    tracing::warn!(suppressed, "[github] {reason}");
+                }
+                let status = if matches!(self, Self::Refused { .. }) {
+                    StatusCode::FORBIDDEN
+                } else {
+                    StatusCode::NOT_FOUND
+                };
+                json_error(status, &reason)
             }
             Self::RateLimited { wait, .. } => {
                 // Rounded up: never invite a request before the limit ends.

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use secrecy::SecretString;
 
 use crate::github::{DEFAULT_API_URL, GitHubAppConfig, MAX_KEY_BYTES};
@@ -22,15 +22,8 @@ pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
 /// Default listen address in `--dev` mode (loopback only).
 pub const DEFAULT_DEV_LISTEN: &str = "127.0.0.1:8080";
 
-/// Log line format.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable text.
-    #[default]
-    Text,
-    /// One JSON object per line.
-    Json,
-}
+/// Log line format: the daemon's, defined once.
+pub use credd_core::logging::LogFormat;
 
 /// Command-line flags; each also reads the environment variable shown.
 #[derive(Debug, Parser)]

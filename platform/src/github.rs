@@ -340,7 +340,10 @@ impl GitHubAppProvider {
             .user_agent(config.user_agent)
             .build()
             .map_err(|e| {
-                ProviderError::Config(format!("cannot build the HTTP client: {}", error_chain(&e)))
+                ProviderError::Config(format!(
+                    "cannot build the HTTP client: {}",
+                    credd_core::text::error_chain(&e)
+                ))
             })?;
         let provider = Self {
             issuer,
@@ -1064,7 +1067,7 @@ impl GitHubAppProvider {
         if error.is_timeout() {
             ProviderError::Timeout(self.request_timeout)
         } else {
-            ProviderError::Transport(error_chain(error))
+            ProviderError::Transport(credd_core::text::error_chain(error))
         }
     }
 }
@@ -1079,21 +1082,6 @@ fn next_link(header: &str) -> Option<String> {
         let target = target.trim().strip_prefix('<')?.strip_suffix('>')?;
         is_next.then(|| target.to_owned())
     })
-}
-
-/// `error` and its sources joined with `: `.
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(s) = source {
-        let s_text = s.to_string();
-        if !text.contains(&s_text) {
-            text.push_str(": ");
-            text.push_str(&s_text);
-        }
-        source = s.source();
-    }
-    text
 }
 
 /// GitHub's error `message`, reduced to printable ASCII and 200 characters.

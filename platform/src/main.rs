@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use molecule_platform::config::{Args, Config, LogFormat, ProviderChoice};
+use molecule_platform::config::{Args, Config, ProviderChoice};
 use molecule_platform::shared::SharedStore;
 use molecule_platform::{
     AppState, Auth, DevProvider, GitHubAppProvider, Grants, Registry, WorkspaceTokens,
@@ -32,7 +32,6 @@ use rand::Rng;
 use rand::distr::Alphanumeric;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::signal::unix::{SignalKind, signal};
-use tracing_subscriber::EnvFilter;
 
 /// The variable holding the admin bearer.
 const ADMIN_TOKEN: &str = "ADMIN_TOKEN";
@@ -52,13 +51,18 @@ fn main() -> ExitCode {
         Err(error) => return exit_for(&error),
     };
     let log_format = args.log_format;
-    init_tracing(log_format);
+    credd_core::logging::init(log_format);
     if admin_token.left_in_environment {
         tracing::warn!(
             "ADMIN_TOKEN could not be removed from the environment (the process was not single-threaded at start)"
         );
     }
-    raise_open_file_limit();
+    // One descriptor per connection: use what the hard limit allows (the
+    // service's connection cap is 4096; a soft limit of 1024 is common). The
+    // server evicts slow connections when it runs out anyway.
+    if let Err(error) = credd_core::limits::raise_open_file_limit() {
+        tracing::debug!(%error, "could not raise the open-file limit");
+    }
     match run(args, admin_token.value) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -139,26 +143,6 @@ fn exit_for(error: &clap::Error) -> ExitCode {
     match written {
         Ok(()) => ExitCode::from(u8::try_from(error.exit_code()).unwrap_or(2)),
         Err(_) => ExitCode::FAILURE,
-    }
-}
-
-/// One descriptor per connection: use what the hard limit allows (the
-/// service's connection cap is 4096; a soft limit of 1024 is common). The
-/// server evicts slow connections when it runs out anyway.
-fn raise_open_file_limit() {
-    if let Err(error) = credd_core::limits::raise_open_file_limit() {
-        tracing::debug!(%error, "could not raise the open-file limit");
-    }
-}
-
-fn init_tracing(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
     }
 }
 
@@ -282,7 +266,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                 Ok(n) => tracing::info!("SIGHUP: reloaded workspace tokens ({n} entries)"),
                 Err(error) => tracing::error!(
                     "SIGHUP: keeping the previous workspace tokens: {}",
-                    error_chain(&error)
+                    credd_core::text::error_chain(&error)
                 ),
             }
             if grants.source().is_some() {
@@ -290,7 +274,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                     Ok(n) => tracing::info!("SIGHUP: reloaded grants ({n} workspaces)"),
                     Err(error) => tracing::error!(
                         "SIGHUP: keeping the previous grants: {}",
-                        error_chain(&error)
+                        credd_core::text::error_chain(&error)
                     ),
                 }
             }
@@ -331,16 +315,6 @@ fn listen(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(LISTEN_BACKLOG)
-}
-
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts = vec![error.to_string()];
-    let mut source = error.source();
-    while let Some(s) = source {
-        parts.push(s.to_string());
-        source = s.source();
-    }
-    parts.join(" -> ")
 }
 
 /// Prints the two start-up lines on stdout, flushed at once.

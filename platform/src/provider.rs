@@ -61,11 +61,8 @@ impl IssuedToken {
     }
 }
 
-/// The first 12 hex digits of the SHA-256 of `secret`.
-pub(crate) fn fingerprint(secret: &str) -> String {
-    let digest = Sha256::digest(secret.as_bytes());
-    digest[..6].iter().map(|b| format!("{b:02x}")).collect()
-}
+/// The fingerprint of `secret` (credd-core's one rule).
+pub(crate) use credd_core::secret::fingerprint;
 
 /// Whether the SHA-256 of `token`'s text is `sha256` (constant time).
 fn digest_matches(token: &IssuedToken, sha256: &[u8; 32]) -> bool {

@@ -74,6 +74,7 @@ use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use credd_core::log_limit::{LOG_INTERVAL, SharedLogLimit};
 use hyper_util::rt::TokioIo;
 use jiff::Timestamp;
 use secrecy::ExposeSecret;
@@ -435,7 +436,11 @@ async fn workspace_token(
     let scope = match resolve_scope(&state.grants, &id, &query.ask) {
         Ok(scope) => scope,
         Err(error) => {
-            tracing::warn!(workspace = %id, "token refused: {error}");
+            // A workspace can ask outside its grant as often as it likes.
+            static LOG: SharedLogLimit = SharedLogLimit::new(LOG_INTERVAL);
+            if let Some(suppressed) = LOG.admit(&id) {
+                tracing::warn!(workspace = %id, suppressed, "token refused: {error}");
+            }
             return json_error(StatusCode::FORBIDDEN, &error.to_string());
         }
     };
@@ -478,10 +483,14 @@ async fn admin_token(
     let caller = bearer(&headers).and_then(|b| state.auth.authorize_admin(Some(b)));
     match caller {
         Ok(Caller::Workspace(id)) if state.grants.current().is_some() => {
-            tracing::warn!(
-                workspace = %id,
-                "admin route refused to a workspace bearer: grants are in force (ask the workspace route)"
-            );
+            static LOG: SharedLogLimit = SharedLogLimit::new(LOG_INTERVAL);
+            if let Some(suppressed) = LOG.admit(&id) {
+                tracing::warn!(
+                    workspace = %id,
+                    suppressed,
+                    "admin route refused to a workspace bearer: grants are in force (ask the workspace route)"
+                );
+            }
             json_error(StatusCode::FORBIDDEN, ADMIN_ROUTE_CLOSED)
         }
         Ok(caller) => serve_token(&state, caller, TokenRequest::default()).await,
@@ -496,21 +505,6 @@ pub const MAX_REFUSAL_BODY_BYTES: usize = 1024;
 #[serde(deny_unknown_fields)]
 struct RefusalReport {
     sha256: String,
-}
-
-fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
-    if hex.len() != 64
-        || !hex
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, pair) in hex.as_bytes().chunks(2).enumerate() {
-        out[i] = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
-    }
-    Some(out)
 }
 
 async fn workspace_refusal(
@@ -532,7 +526,7 @@ async fn workspace_refusal(
     }
     let Some(sha256) = serde_json::from_slice::<RefusalReport>(&body)
         .ok()
-        .and_then(|r| parse_sha256(&r.sha256))
+        .and_then(|r| credd_core::secret::parse_sha256_hex(r.sha256.as_bytes()))
     else {
         return json_error(
             StatusCode::BAD_REQUEST,
@@ -546,7 +540,7 @@ async fn workspace_refusal(
         None => vec![None],
         Some(table) => table.scopes(&id).into_iter().map(Some).collect(),
     };
-    let prefix: String = body_prefix(&sha256);
+    let prefix: String = credd_core::secret::fingerprint_of_digest(&sha256);
     match provider.report_refusal(id.clone(), scopes, sha256).await {
         RefusalOutcome::Dropped => {
             tracing::info!(
@@ -557,11 +551,15 @@ async fn workspace_refusal(
         }
         RefusalOutcome::NoMatch => StatusCode::NO_CONTENT.into_response(),
         RefusalOutcome::Limited { retry_after } => {
-            tracing::warn!(
-                workspace = %id,
-                "[github] refusal of token {prefix} rate-limited (one drop per workspace and installation per {})",
-                humantime::format_duration(crate::provider::REFUSAL_INTERVAL)
-            );
+            static LOG: SharedLogLimit = SharedLogLimit::new(LOG_INTERVAL);
+            if let Some(suppressed) = LOG.admit(&id) {
+                tracing::warn!(
+                    workspace = %id,
+                    suppressed,
+                    "[github] refusal of token {prefix} rate-limited (one drop per workspace and installation per {})",
+                    humantime::format_duration(crate::provider::REFUSAL_INTERVAL)
+                );
+            }
             let mut response = json_error(
                 StatusCode::TOO_MANY_REQUESTS,
                 "this workspace had a refused token of this installation dropped moments ago; retry later",
@@ -573,11 +571,6 @@ async fn workspace_refusal(
             response
         }
     }
-}
-
-/// The fingerprint logs use (first 12 hex digits of the SHA-256).
-fn body_prefix(sha256: &[u8; 32]) -> String {
-    sha256[..6].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 async fn serve_token(state: &AppState, caller: Caller, request: TokenRequest) -> Response {

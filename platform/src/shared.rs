@@ -910,7 +910,7 @@ async fn subscribe_forever(store: Weak<SharedStore>) {
                 let Some(message) = next else { break };
                 let Some(store) = store.upgrade() else { return };
                 let payload: Vec<u8> = message.get_payload_bytes().to_vec();
-                if let Some(sha256) = unhex32(&payload) {
+                if let Some(sha256) = credd_core::secret::parse_sha256_hex(&payload) {
                     store.refused(&sha256);
                 }
             }
@@ -959,19 +959,6 @@ fn describe_error(error: &RedisError) -> String {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex32(text: &[u8]) -> Option<[u8; 32]> {
-    if text.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, pair) in text.chunks(2).enumerate() {
-        let h = (pair[0] as char).to_digit(16)?;
-        let l = (pair[1] as char).to_digit(16)?;
-        out[i] = (h * 16 + l) as u8;
-    }
-    Some(out)
 }
 
 #[cfg(test)]
@@ -1031,7 +1018,10 @@ mod tests {
         };
         assert_eq!(describe(&key), "i=7;r=api,web;p=contents=read");
         assert_eq!(describe(&MintKey::new(7, None)), "i=7;r=*;p=*");
-        assert_eq!(unhex32(hex(&[9; 32]).as_bytes()), Some([9; 32]));
+        assert_eq!(
+            credd_core::secret::parse_sha256_hex(hex(&[9; 32]).as_bytes()),
+            Some([9; 32])
+        );
         assert!(valid_prefix("molecule-platform:"));
         assert!(!valid_prefix("has space") && !valid_prefix(""));
     }

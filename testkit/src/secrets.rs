@@ -24,7 +24,6 @@
 use std::sync::{Arc, Mutex};
 
 use credd_core::secret::MAX_TOKEN_LEN;
-use sha2::Digest;
 
 use crate::lock;
 
@@ -182,17 +181,15 @@ pub fn random_secret(prefix: &str) -> String {
     format!("{prefix}-{}", &hex[..40])
 }
 
-/// Hex SHA-256, as `sha256sum` prints it.
+/// Hex SHA-256, as `sha256sum` prints it (credd-core's, taking anything
+/// byte-like).
 pub fn sha256_hex(bytes: impl AsRef<[u8]>) -> String {
-    sha2::Sha256::digest(bytes.as_ref())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    credd_core::secret::sha256_hex(bytes.as_ref())
 }
 
 /// A short, printable stand-in for a secret in failure messages.
 pub fn fingerprint(secret: &str) -> String {
-    format!("fp:{}", &sha256_hex(secret.as_bytes())[..12])
+    format!("fp:{}", credd_core::secret::fingerprint(secret))
 }
 
 /// `password=` values and `ghs_…` words replaced by fingerprints, for

@@ -56,12 +56,18 @@ const CORE_FUNCTIONS: &[&str] = &[
     "default_socket_path_from_env",
     "folder_of",
     "one_line",
+    "error_chain",
+    "fingerprint_of_digest",
+    "parse_sha256_hex",
+    "raise_open_file_limit",
 ];
 
 /// Constants `credd-core` defines for every crate: limits, defaults,
 /// variable names and the cross-process deadlines.
 const CORE_CONSTANTS: &[&str] = &[
     "MAX_TOKEN_LEN",
+    "FINGERPRINT_HEX_LEN",
+    "GITHUB_TOKEN_USERNAME",
     "MAX_OWNER_LEN",
     "MAX_NAME_LEN",
     "MAX_FULL_NAME_LEN",
@@ -89,6 +95,9 @@ const CORE_CONSTANTS: &[&str] = &[
     "FETCH_ONCE_TOTAL",
     "HELPER_FETCH_ONCE",
 ];
+
+/// Types `credd-core` defines for every crate.
+const CORE_TYPES: &[&str] = &["LogFormat", "Token", "TokenError"];
 
 /// Macros `credd-core` defines: the wire names.
 const CORE_MACROS: &[&str] = &["wire_enum"];
@@ -574,10 +583,12 @@ fn definitions(source: &str) -> Vec<(usize, &'static str)> {
             continue;
         }
         let code = code.split("//").next().unwrap_or_default();
-        let kinds: [(&str, &[&'static str]); 4] = [
+        let kinds: [(&str, &[&'static str]); 6] = [
             ("fn ", CORE_FUNCTIONS),
             ("const ", CORE_CONSTANTS),
             ("static ", CORE_CONSTANTS),
+            ("enum ", CORE_TYPES),
+            ("struct ", CORE_TYPES),
             ("macro_rules! ", CORE_MACROS),
         ];
         for (keyword, names) in kinds {
@@ -711,6 +722,7 @@ fn names_core_owns_are_defined_only_in_core() {
     for name in CORE_FUNCTIONS
         .iter()
         .chain(CORE_CONSTANTS)
+        .chain(CORE_TYPES)
         .chain(CORE_MACROS)
     {
         assert!(

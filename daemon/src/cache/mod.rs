@@ -470,9 +470,10 @@ impl Benched {
     }
 }
 
-/// Whether `text` is a lower- or upper-case hex SHA-256 (64 digits).
+/// Whether `text` is a hex SHA-256 as the protocol writes it (credd-core's
+/// one rule: 64 lower-case digits).
 pub(crate) fn is_sha256_hex(text: &str) -> bool {
-    text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit())
+    credd_core::secret::parse_sha256_hex(text.as_bytes()).is_some()
 }
 
 /// The `bad_request` answer to an erase without a SHA-256.

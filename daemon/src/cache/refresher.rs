@@ -187,7 +187,7 @@ impl<F: Fetch> TokenCache<F> {
     /// Tells the platform about a refused token; the outcome is only logged
     /// (the platform rate-limits these, and the call after it still runs).
     async fn report_refusal(&self, sha256: &str) {
-        let fingerprint = &sha256[..12.min(sha256.len())];
+        let fingerprint = &sha256[..credd_core::secret::FINGERPRINT_HEX_LEN.min(sha256.len())];
         match self.fetcher.report_refusal(sha256).await {
             Ok(RefusalOutcome::Accepted) => tracing::info!(
                 fingerprint,

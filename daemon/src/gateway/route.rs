@@ -128,7 +128,7 @@ impl Stamp {
         match self {
             Self::Basic => format!(
                 "Basic {}",
-                base64(format!("x-access-token:{token}").as_bytes())
+                base64(format!("{}:{token}", credd_core::secret::GITHUB_TOKEN_USERNAME).as_bytes())
             ),
             Self::Token => format!("token {token}"),
         }

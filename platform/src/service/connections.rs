@@ -49,7 +49,7 @@ use super::ServiceLimits;
 
 /// How often each summary may be logged: of slow clients (timeouts,
 /// evictions, refused connections) and of unauthenticated requests.
-pub const LOG_SUMMARY_INTERVAL: Duration = Duration::from_secs(10);
+pub const LOG_SUMMARY_INTERVAL: Duration = credd_core::log_limit::LOG_INTERVAL;
 
 /// Most workspace IDs one summary of unauthenticated requests names.
 const MOST_WORKSPACES_NAMED: usize = 8;
