@@ -152,7 +152,11 @@ fn each_owner_is_served_its_own_scoped_token_and_an_ungranted_one_falls_through(
         );
     }
     // One audit line per token served: who asked (pid, uid, executable),
-    // for what, and the fingerprint — never the token.
+    // for what, and the fingerprint — never the token. It is written after
+    // the answer, so the caller may be back before it.
+    daemon
+        .log()
+        .wait_for_line("asked=\"acme/api\"", testkit::WAIT);
     let log = daemon.log().text();
     let audit: Vec<&str> = log.lines().filter(|l| l.contains("token served")).collect();
     assert!(
@@ -257,6 +261,8 @@ fn the_audit_line_cannot_be_forged_by_the_callers_path() {
     let acme = platform.last_issued().expect("issued");
     assert_eq!(token.stdout.trim(), acme, "the acme token");
 
+    // The audit line is written after the answer: wait for it.
+    daemon.log().wait_for_line("token served", testkit::WAIT);
     let log = daemon.log().text();
     assert!(
         !log.contains(['\u{2028}', '\u{202e}']),
