@@ -3,10 +3,12 @@
 //! One request line, one response line, both JSON objects terminated by `\n`,
 //! then the daemon closes the connection. Every message carries `"v"` so a
 //! helper and a daemon of different releases notice instead of misreading each
-//! other. Lines are capped at [`MAX_LINE`], which fits the largest token
-//! ([`MAX_TOKEN_LEN`]) with the largest scope it can have
+//! other. Requests and token answers are capped at [`MAX_LINE`], which fits
+//! the largest token ([`MAX_TOKEN_LEN`]) with the largest scope it can have
 //! ([`MAX_TOKEN_ANSWER`]): tokens are opaque and no length is assumed beyond
-//! that.
+//! that. A status answer holds up to [`MAX_OWNER_TOKENS`] + 1 tokens' states,
+//! each listing at most [`MAX_STATUS_REPOSITORIES`] repositories; what a
+//! client reads is capped at [`MAX_ANSWER_LINE`], which fits the largest.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -95,6 +97,25 @@ pub const MAX_TOKEN_ANSWER: usize = MAX_TOKEN_LEN
 pub const MAX_LINE: usize = 128 * 1024;
 
 const _: () = assert!(MAX_LINE >= MAX_TOKEN_ANSWER);
+
+/// Longest answer line a client reads: the largest status answer fits (see
+/// `the_largest_status_fits_a_line`). Requests stay within [`MAX_LINE`],
+/// which the daemon's reader enforces before decoding; this bound is what
+/// [`decode`] and `credd` allow for a line the daemon wrote.
+pub const MAX_ANSWER_LINE: usize = 1024 * 1024;
+
+const _: () = assert!(MAX_ANSWER_LINE >= MAX_LINE);
+
+/// Per-owner tokens a daemon holds besides its default one (what untrusted
+/// repository content, say many submodule owners, can fill is bounded by
+/// it, and so is a status answer).
+pub const MAX_OWNER_TOKENS: usize = 32;
+
+/// Repositories a status answer lists per token; a token naming more lists
+/// the first ones and counts them all in `repositories_total`. Listed whole,
+/// the daemon's 33 tokens of 500 repositories each would not fit a line,
+/// and no reader of `credd status` wants 16,500 names.
+pub const MAX_STATUS_REPOSITORIES: usize = 10;
 
 /// What a client asks the daemon.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -363,16 +384,35 @@ pub struct TokenStatus {
     pub platform_calls: u64,
     /// Times this token was served since start.
     pub served: u64,
-    /// What the token may reach (for a per-owner token, at least its owner).
+    /// What the token may reach (for a per-owner token, at least its owner);
+    /// in a status answer, at most [`MAX_STATUS_REPOSITORIES`] repositories.
     #[serde(flatten)]
     pub scope: Scope,
+    /// How many repositories the token names, when `repositories` lists
+    /// only the first [`MAX_STATUS_REPOSITORIES`] of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repositories_total: Option<usize>,
+}
+
+impl TokenStatus {
+    /// Cuts the listed repositories to [`MAX_STATUS_REPOSITORIES`], counting
+    /// them all in `repositories_total`.
+    pub fn bounded(mut self) -> Self {
+        if let Some(list) = &mut self.scope.repositories {
+            if list.len() > MAX_STATUS_REPOSITORIES {
+                self.repositories_total = Some(list.len());
+                list.truncate(MAX_STATUS_REPOSITORIES);
+            }
+        }
+        self
+    }
 }
 
 /// Why a protocol line was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ProtocolError {
-    /// Longer than [`MAX_LINE`].
-    #[error("message longer than {MAX_LINE} bytes")]
+    /// Longer than [`MAX_ANSWER_LINE`].
+    #[error("message longer than {MAX_ANSWER_LINE} bytes")]
     TooLong,
     /// Not JSON, or not a message this version knows. Never echoes the line.
     #[error("malformed message (line {line}, column {column})")]
@@ -421,7 +461,7 @@ pub fn encode<T: Serialize>(message: &T) -> Vec<u8> {
 
 /// Parses one protocol line (with or without its newline).
 pub fn decode<T: for<'de> Deserialize<'de>>(line: &[u8]) -> Result<T, ProtocolError> {
-    if line.len() > MAX_LINE {
+    if line.len() > MAX_ANSWER_LINE {
         return Err(ProtocolError::TooLong);
     }
     let malformed = |e: serde_json::Error| ProtocolError::Malformed {
@@ -486,6 +526,60 @@ mod tests {
         let line = encode(&answer);
         assert!(line.len() <= MAX_TOKEN_ANSWER, "{} bytes", line.len());
         assert_eq!(decode::<Response>(&line).expect("fits"), answer);
+    }
+
+    /// The largest status a daemon can give: its default token and
+    /// [`MAX_OWNER_TOKENS`] more, each naming the most repositories with the
+    /// longest names, the most permissions and the longest error text.
+    #[test]
+    fn the_largest_status_fits_a_line() {
+        use crate::repository::{MAX_NAME_LEN, MAX_OWNER_LEN};
+        let owner = "o".repeat(MAX_OWNER_LEN);
+        let token = TokenStatus {
+            state: Some(TokenState::Valid),
+            source: Some(Source::Platform),
+            fingerprint: Some("f".repeat(12)),
+            expires_at: Some(u64::MAX),
+            expires_in_secs: Some(u64::MAX),
+            next_refresh_in_secs: Some(u64::MAX),
+            last_refresh_at: Some(u64::MAX),
+            last_error: Some("\u{7f}".repeat(512)),
+            platform: PlatformHealth::Ok,
+            platform_calls: u64::MAX,
+            served: u64::MAX,
+            scope: Scope {
+                owner: Some(owner.clone()),
+                repositories: Some(
+                    (0..MAX_REPOSITORIES_PER_TOKEN)
+                        .map(|i| format!("{owner}/{i:0>width$}", width = MAX_NAME_LEN))
+                        .collect(),
+                ),
+                permissions: Some(
+                    (0..MAX_SCOPE_PERMISSIONS)
+                        .map(|i| {
+                            (
+                                format!("{i:p>width$}", width = MAX_PERMISSION_TEXT),
+                                "w".repeat(MAX_PERMISSION_TEXT),
+                            )
+                        })
+                        .collect(),
+                ),
+            },
+            repositories_total: None,
+        }
+        .bounded();
+        assert_eq!(token.repositories_total, Some(MAX_REPOSITORIES_PER_TOKEN));
+        let status = Response::Status(Box::new(Status {
+            version: "v".repeat(64),
+            pid: u32::MAX,
+            uptime_secs: u64::MAX,
+            token: token.clone(),
+            owners: vec![token; MAX_OWNER_TOKENS],
+            counters: None,
+        }));
+        let line = encode(&status);
+        assert!(line.len() <= MAX_ANSWER_LINE, "{} bytes", line.len());
+        assert_eq!(decode::<Response>(&line).expect("fits"), status);
     }
 
     #[test]
@@ -611,7 +705,7 @@ mod tests {
         .expect_err("invalid token");
         assert!(matches!(err, ProtocolError::Malformed { .. }), "{err}");
         assert!(matches!(
-            decode::<Request>(&vec![b' '; MAX_LINE + 1]),
+            decode::<Request>(&vec![b' '; MAX_ANSWER_LINE + 1]),
             Err(ProtocolError::TooLong)
         ));
     }

@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 
 use credd_core::config::Config;
 use credd_core::deadlines;
-use credd_core::protocol::{self, ErrorCode, MAX_LINE, Request, Response};
+use credd_core::protocol::{self, ErrorCode, MAX_ANSWER_LINE, Request, Response};
 use credd_core::socket_folder;
 use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, UnixAddr, sockopt};
 use nix::sys::time::TimeVal;
@@ -239,7 +239,7 @@ fn connect(path: &Path, deadline: Duration) -> io::Result<UnixStream> {
     Ok(UnixStream::from(fd))
 }
 
-/// Reads one line (up to [`MAX_LINE`]) within `deadline` in total, so a
+/// Reads one line (up to [`MAX_ANSWER_LINE`]) within `deadline` in total, so a
 /// daemon trickling bytes cannot stretch it.
 fn read_line(
     stream: &mut UnixStream,
@@ -288,9 +288,9 @@ fn read_line(
         } else {
             line.extend_from_slice(got);
         }
-        if line.len() > MAX_LINE {
+        if line.len() > MAX_ANSWER_LINE {
             return Err(DaemonError::Unintelligible(format!(
-                "its answer is longer than {MAX_LINE} bytes"
+                "its answer is longer than {MAX_ANSWER_LINE} bytes"
             )));
         }
         if line.last() == Some(&b'\n') {

@@ -107,7 +107,13 @@ fn render_token(out: &mut String, indent: &str, status: &TokenStatus, now: Syste
             "repositories:",
             &status.scope.repositories.as_ref().map_or_else(
                 || "all of the account's".to_owned(),
-                |list| daemon::printable(&list.join(", ")),
+                |list| match status.repositories_total {
+                    // The count first: a long list is cut at the line's end.
+                    Some(total) => {
+                        daemon::printable(&format!("{total} in all: {}, …", list.join(", ")))
+                    }
+                    None => daemon::printable(&list.join(", ")),
+                },
             ),
         );
         line(
@@ -174,6 +180,7 @@ mod tests {
             platform_calls: 7,
             served: 99,
             scope: credd_core::protocol::Scope::default(),
+            repositories_total: None,
         };
         let labs = TokenStatus {
             scope: credd_core::protocol::Scope {
@@ -183,12 +190,21 @@ mod tests {
             },
             ..token.clone()
         };
+        let big = TokenStatus {
+            scope: credd_core::protocol::Scope {
+                owner: Some("big".into()),
+                repositories: Some((0..500).map(|i| format!("big/r{i}")).collect()),
+                permissions: None,
+            },
+            ..token.clone()
+        }
+        .bounded();
         let status = Status {
             version: "0.1.0".into(),
             pid: 42,
             uptime_secs: 3_723,
             token,
-            owners: vec![labs],
+            owners: vec![labs, big],
             counters: None,
         };
         let text = render(&status, &config, now);
@@ -207,6 +223,7 @@ mod tests {
             "daemon:         molecule-credd 0.1.0 (pid 42) at /run/credd.sock\n",
             "\ntoken for labs:\n  state:        valid\n  owner:        labs\n",
             "  repositories: labs/a, labs/b\n  permissions:  contents=read\n",
+            "  repositories: 500 in all: big/r0, big/r1, big/r2, big/r3, big/r4, big/r5, big/r6, big/r7, big/r8, big/r9, …\n",
         ] {
             assert!(text.contains(expected), "missing {expected:?} in\n{text}");
         }

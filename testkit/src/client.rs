@@ -19,7 +19,7 @@ pub fn request_over(path: &Path, request: &Request) -> Result<Response, String> 
 }
 
 /// Writes raw bytes to the socket at `path` and reads one line back (bounded
-/// by [`protocol::MAX_LINE`] and a deadline). An empty string means the
+/// by [`protocol::MAX_ANSWER_LINE`] and a deadline). An empty string means the
 /// daemon closed without answering.
 pub fn exchange_raw(path: &Path, bytes: &[u8]) -> Result<String, String> {
     let mut stream =
@@ -46,7 +46,7 @@ pub fn assert_error(answer: &Response, code: ErrorCode, what: &str) {
 pub fn read_line(stream: UnixStream) -> Result<String, String> {
     let mut line = String::new();
     BufReader::new(stream)
-        .take(protocol::MAX_LINE as u64 + 1)
+        .take(protocol::MAX_ANSWER_LINE as u64 + 1)
         .read_line(&mut line)
         .map_err(|e| format!("read answer: {e}"))?;
     Ok(line)

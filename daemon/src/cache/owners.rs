@@ -46,7 +46,7 @@ use super::{Benched, CachePolicy, Fetch, Retirement, TokenCache, bad_erase, is_s
 use crate::metrics::Metrics;
 
 /// Most accounts a daemon holds tokens for besides the default one.
-pub(crate) const MAX_OWNER_TOKENS: usize = 32;
+pub(crate) use credd_core::protocol::MAX_OWNER_TOKENS;
 /// Most owners whose refusal (or failure) is remembered without a cache.
 pub(crate) const MAX_BENCHED: usize = 1024;
 

@@ -45,7 +45,9 @@ impl<F: Fetch> TokenCache<F> {
             platform_calls: st.platform_calls,
             served: st.served,
             scope,
+            repositories_total: None,
         }
+        .bounded()
     }
 
     /// One line for systemd's `STATUS=`.

@@ -15,7 +15,7 @@ use std::process::Stdio;
 
 use credd_core::protocol::{PlatformHealth, Request, Response, TokenStatus};
 use testkit::github_stand_in::{
-    GitHubStandIn, Installation, RateLimit, TokenFormat, default_permissions,
+    Account, GitHubStandIn, Installation, RateLimit, TokenFormat, default_permissions,
 };
 use testkit::{Daemon, FAST_BACKOFF, PlatformProcess, Sandbox, sha256_hex};
 
@@ -216,7 +216,148 @@ fn an_enterprise_managed_users_owner_works_end_to_end() {
     assert_eq!(world.github.mints()[0].installation, 1001);
     let held = world.owner_status("acme_corp").expect("held");
     assert_eq!(held.platform, PlatformHealth::Ok);
+
+    // And through git, asking for a repository as `credd configure-git`
+    // sets it up (useHttpPath): the owner's token, from the same installation.
+    world.sandbox.configure_git("https://github.com", &[]);
+    let fill = world
+        .sandbox
+        .git(
+            world.sandbox.path(),
+            &["-c", "credential.useHttpPath=true", "credential", "fill"],
+        )
+        .stdin("protocol=https\nhost=github.com\npath=acme_corp/api.git\n\n")
+        .stdout_holds_secret()
+        .run();
+    fill.assert_success("git credential fill for acme_corp/api.git");
+    let password = fill
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("password="))
+        .expect("a password line");
+    assert!(
+        world
+            .github
+            .issued()
+            .iter()
+            .any(|(token, ..)| token == password),
+        "git's password is a token the stand-in issued"
+    );
+    assert!(
+        world.github.mints().iter().all(|m| m.installation == 1001),
+        "every mint was for acme_corp's installation"
+    );
     world.stop();
+}
+
+/// The real binaries with GitHub's largest scoped answer and the
+/// installations that broke every owner before: a grant of 500 repositories
+/// with the longest names GitHub allows (about 5 KB of repository object
+/// each in the mint answer), beside an enterprise installation, one without
+/// an account and a managed user's. The daemon holds the token with all 500
+/// in its scope; one listing, one mint, nothing GitHub's description refuses.
+#[test]
+fn a_grant_of_500_repositories_beside_enterprise_installations_is_served() {
+    let owner = "o".repeat(39);
+    let listed: Vec<String> = (0..500).map(|i| format!("\"{owner}/{i:r>100}\"")).collect();
+    let grants = format!(
+        "repositories = [{}]\npermissions = {{ contents = \"write\" }}\n",
+        listed.join(", ")
+    );
+    let mut world = World::new(&grants, |github| {
+        github.install(Installation {
+            account: Account::Enterprise("octo-business".into()),
+            ..Installation::organization("unused", 1002)
+        });
+        github.install(Installation {
+            account: Account::Missing,
+            ..Installation::organization("unused", 1003)
+        });
+        github.install(Installation {
+            account: Account::User("alice_acme".into()),
+            ..Installation::organization("unused", 1004)
+        });
+        github.install(Installation::organization(&owner, 1001));
+    });
+    world.start_daemon(&[]);
+    let out = world.token_for(&owner);
+    out.assert_success("credd token --owner (500 repositories)");
+    let issued = world.github.issued();
+    assert_eq!(issued.len(), 1);
+    testkit::assert_secret(Some(out.stdout.trim()), &issued[0].0, true, "the token");
+    let mints = world.github.mints();
+    assert_eq!(mints.len(), 1);
+    assert_eq!(mints[0].installation, 1001);
+    assert_eq!(mints[0].repositories.as_ref().map(Vec::len), Some(500));
+    let held = world.owner_status(&owner).expect("held");
+    assert_eq!(held.platform, PlatformHealth::Ok);
+    // Status lists the first few and counts them all (listed whole, 33
+    // such tokens would not fit a status line).
+    assert_eq!(held.repositories_total, Some(500));
+    assert_eq!(
+        held.scope.repositories.map(|r| r.len()),
+        Some(credd_core::protocol::MAX_STATUS_REPOSITORIES)
+    );
+    let status = world.sandbox.credd(&["status"]).run();
+    status.assert_success("credd status");
+    assert!(
+        status.stdout.contains("repositories: 500 in all: "),
+        "{}",
+        status.stdout
+    );
+    assert!(world.github.violations().is_empty());
+    let stderr = world.stop();
+    assert!(
+        stderr.contains("2 skipped"),
+        "the skipped installations are named once:\n{stderr}"
+    );
+}
+
+/// Issue 20's first attack, made as it was found: `molecule-credd
+/// --fetch-once` without `WORKSPACE_ID` asks the admin route with the
+/// workspace's own bearer. With grants in force and no `ADMIN_TOKEN` it gets
+/// no token and nothing is minted; with `WORKSPACE_ID` the same command gets
+/// exactly its grant (so the refusal is the route's, not a broken setup).
+#[test]
+fn fetch_once_without_a_workspace_id_gets_nothing_broader_than_the_grant() {
+    let world = World::new(
+        "repositories = [\"default-org/api\"]\npermissions = { contents = \"read\" }\n",
+        |_| {},
+    );
+    let fetch_once = |workspace_id: bool| {
+        let mut command = world.sandbox.command(testkit::bin::daemon());
+        command.arg("--fetch-once");
+        if !workspace_id {
+            command.env_remove("WORKSPACE_ID");
+        }
+        testkit::Cmd::new(command, "molecule-credd --fetch-once")
+            .stdout_holds_secret()
+            .run()
+    };
+
+    let granted = fetch_once(true);
+    granted.assert_success("molecule-credd --fetch-once with WORKSPACE_ID");
+    let mints = world.github.mints();
+    assert_eq!(mints.len(), 1);
+    assert_eq!(mints[0].repositories, Some(vec!["api".to_owned()]));
+    let permissions = mints[0].permissions.clone().expect("permissions");
+    assert_eq!(
+        permissions.into_iter().collect::<Vec<_>>(),
+        vec![("contents".to_owned(), "read".to_owned())]
+    );
+
+    let admin = fetch_once(false);
+    assert!(
+        !admin.status.success(),
+        "no token without WORKSPACE_ID: {:?}",
+        admin.status
+    );
+    assert_eq!(world.github.mints().len(), 1, "nothing more was minted");
+    let stderr = world.stop();
+    assert!(
+        stderr.contains("admin route closed to workspace bearers"),
+        "the platform said why at start"
+    );
 }
 
 #[test]
