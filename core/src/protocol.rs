@@ -398,11 +398,11 @@ impl TokenStatus {
     /// Cuts the listed repositories to [`MAX_STATUS_REPOSITORIES`], counting
     /// them all in `repositories_total`.
     pub fn bounded(mut self) -> Self {
-        if let Some(list) = &mut self.scope.repositories {
-            if list.len() > MAX_STATUS_REPOSITORIES {
-                self.repositories_total = Some(list.len());
-                list.truncate(MAX_STATUS_REPOSITORIES);
-            }
+        if let Some(list) = &mut self.scope.repositories
+            && list.len() > MAX_STATUS_REPOSITORIES
+        {
+            self.repositories_total = Some(list.len());
+            list.truncate(MAX_STATUS_REPOSITORIES);
         }
         self
     }
