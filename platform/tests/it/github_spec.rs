@@ -97,18 +97,12 @@ fn the_largest_repository_object_fits() {
 async fn enterprise_and_accountless_installations_are_skipped_not_fatal() {
     let (logs, _guard) = Logs::capture();
     let github = GitHubStandIn::start();
-    github.install(Installation {
-        account: Account::Enterprise("octo-business".into()),
-        ..Installation::organization("unused", 1002)
-    });
-    github.install(Installation {
-        account: Account::Missing,
-        ..Installation::organization("unused", 1003)
-    });
-    github.install(Installation {
-        account: Account::User("alice_acme".into()),
-        ..Installation::organization("unused", 1004)
-    });
+    github.install(Installation::on(
+        Account::Enterprise("octo-business".into()),
+        1002,
+    ));
+    github.install(Installation::on(Account::Missing, 1003));
+    github.install(Installation::on(Account::User("alice_acme".into()), 1004));
     github.add_installation("acme", 1001);
     let (app, _) = service(
         &github,

@@ -168,6 +168,14 @@ impl Installation {
             suspended: false,
         }
     }
+
+    /// The same on `account` (a user, an enterprise, none).
+    pub fn on(account: Account, id: u64) -> Self {
+        Self {
+            account,
+            ..Self::organization("", id)
+        }
+    }
 }
 
 /// What an installation is granted unless a test says otherwise: the

@@ -265,18 +265,12 @@ fn a_grant_of_500_repositories_beside_enterprise_installations_is_served() {
         listed.join(", ")
     );
     let mut world = World::new(&grants, |github| {
-        github.install(Installation {
-            account: Account::Enterprise("octo-business".into()),
-            ..Installation::organization("unused", 1002)
-        });
-        github.install(Installation {
-            account: Account::Missing,
-            ..Installation::organization("unused", 1003)
-        });
-        github.install(Installation {
-            account: Account::User("alice_acme".into()),
-            ..Installation::organization("unused", 1004)
-        });
+        github.install(Installation::on(
+            Account::Enterprise("octo-business".into()),
+            1002,
+        ));
+        github.install(Installation::on(Account::Missing, 1003));
+        github.install(Installation::on(Account::User("alice_acme".into()), 1004));
         github.install(Installation::organization(&owner, 1001));
     });
     world.start_daemon(&[]);
