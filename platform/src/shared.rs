@@ -775,25 +775,21 @@ impl SharedStore {
             count(Event::Hit);
             (Ok(entry.token), Origin::Shared, entry.minted_at)
         };
-        match self.get_token(key).await {
-            Ok(Some(entry)) if acceptable(&entry) => return take(entry),
-            Ok(_) => {}
-            Err(_) => {
-                count(Event::Fallback);
-                return (fetch().await, Origin::Minted, obtained_at);
-            }
-        }
         let owner = hex(&rand::random::<[u8; 16]>());
         let give_up_at = Instant::now() + self.lock_ttl + self.op_timeout * 2;
         let mut waited = false;
-        loop {
+        // Shared already, or ours to mint once the lock is ours; `false`:
+        // Redis is unusable or the lock outlived its expiry, so mint here.
+        let locked = loop {
+            match self.get_token(key).await {
+                Ok(Some(entry)) if acceptable(&entry) => return take(entry),
+                Ok(_) => {}
+                Err(_) => break false,
+            }
             match self.try_lock(key, &owner).await {
-                Ok(true) => break,
+                Ok(true) => break true,
                 Ok(false) => {}
-                Err(_) => {
-                    count(Event::Fallback);
-                    return (fetch().await, Origin::Minted, obtained_at);
-                }
+                Err(_) => break false,
             }
             if !waited {
                 waited = true;
@@ -804,19 +800,14 @@ impl SharedStore {
                     "[redis] another replica held the mint lock of {} past its expiry: minting here",
                     describe(key)
                 );
-                count(Event::Fallback);
-                return (fetch().await, Origin::Minted, obtained_at);
+                break false;
             }
             let jitter = rand::rng().random_range(0..WAIT_POLL.as_millis() as u64);
             tokio::time::sleep(WAIT_POLL + Duration::from_millis(jitter)).await;
-            match self.get_token(key).await {
-                Ok(Some(entry)) if acceptable(&entry) => return take(entry),
-                Ok(_) => {}
-                Err(_) => {
-                    count(Event::Fallback);
-                    return (fetch().await, Origin::Minted, obtained_at);
-                }
-            }
+        };
+        if !locked {
+            count(Event::Fallback);
+            return (fetch().await, Origin::Minted, obtained_at);
         }
         // Ours: another replica may have shared a token just before.
         if let Ok(Some(entry)) = self.get_token(key).await
