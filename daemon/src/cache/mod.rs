@@ -357,15 +357,22 @@ impl<F: Fetch> TokenCache<F> {
     /// out a back-off: marks it retired and returns what its owner is
     /// answered until the back-off ends (see [`Tokens`]).
     fn bench(&self) -> Option<Benched> {
-        let mut st = self.lock();
+        let st = self.lock();
         if st.in_flight || !st.backing_off || st.usable(&self.policy, self.now()).is_some() {
             return None;
         }
+        Some(self.retire(st))
+    }
+
+    /// Marks this cache retired (under `st`, its lock) and wakes the clients
+    /// waiting on it, which then answer from what it says until its back-off
+    /// ends.
+    fn retire(&self, mut st: MutexGuard<'_, State>) -> Benched {
         st.retired = true;
         let benched = Benched::of(&st);
         drop(st);
         self.bump();
-        Some(benched)
+        benched
     }
 
     /// Answers an `erase`: drops the cached (or bootstrap) token if its SHA-256

@@ -90,7 +90,7 @@ impl<F: Fetch> TokenCache<F> {
     /// After a call the platform refused: marks this per-owner cache
     /// retired and returns what it answers until its back-off ends.
     fn retire_refused(&self) -> Option<Benched> {
-        let mut st = self.lock();
+        let st = self.lock();
         let now = self.now();
         if st.health != credd_core::protocol::PlatformHealth::NotGranted
             || st.in_flight
@@ -98,12 +98,7 @@ impl<F: Fetch> TokenCache<F> {
         {
             return None;
         }
-        st.retired = true;
-        let benched = Benched::of(&st);
-        drop(st);
-        // Clients waiting on it answer now.
-        self.bump();
-        Some(benched)
+        Some(self.retire(st))
     }
 
     /// Decides whether an out-of-schedule request leads to a call now.
