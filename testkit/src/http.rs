@@ -6,6 +6,7 @@
 //! without stalling them. Stopping one drops its runtime, and with it every
 //! open connection: clients see a reset, new ones are refused.
 
+use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -29,6 +30,42 @@ impl HttpServer {
     /// Serves `app` on `listener` (bound by the caller, to a loopback
     /// address: a port reserved earlier, say).
     pub fn serve(listener: TcpListener, app: Router) -> Self {
+        Self::run(listener, |listener| async move {
+            axum::serve(listener, app).await.expect("HTTP server");
+        })
+    }
+
+    /// Serves `app` over TLS with `tls` on a fresh port of 127.0.0.1 (HTTP/1.1).
+    pub fn start_tls(app: Router, tls: Arc<rustls::ServerConfig>) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
+        Self::run(listener, |listener| async move {
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let acceptor = acceptor.clone();
+                let app = app.clone();
+                tokio::spawn(async move {
+                    let Ok(stream) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let service = hyper_util::service::TowerToHyperService::new(app);
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        })
+    }
+
+    /// Runs `serve` on `listener` (loopback only) on a thread and runtime of
+    /// its own until stopped or dropped.
+    fn run<F, Fut>(listener: TcpListener, serve: F) -> Self
+    where
+        F: FnOnce(tokio::net::TcpListener) -> Fut + Send + 'static,
+        Fut: Future<Output = ()>,
+    {
         let addr = listener.local_addr().expect("listener address");
         assert!(
             addr.ip().is_loopback(),
@@ -44,57 +81,11 @@ impl HttpServer {
             runtime.block_on(async move {
                 let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
                 tokio::select! {
-                    result = axum::serve(listener, app) => result.expect("HTTP server"),
+                    () = serve(listener) => {}
                     _ = stop_rx => {}
                 }
             });
             // Dropping the runtime drops every connection task.
-            drop(runtime);
-        });
-        Self {
-            addr,
-            stop: Some(stop),
-            thread: Some(thread),
-        }
-    }
-
-    /// Serves `app` over TLS with `tls` on a fresh port of 127.0.0.1 (HTTP/1.1).
-    pub fn start_tls(app: Router, tls: Arc<rustls::ServerConfig>) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
-        let addr = listener.local_addr().expect("listener address");
-        listener.set_nonblocking(true).expect("nonblocking");
-        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("server runtime");
-            runtime.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
-                let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-                let serve = async {
-                    loop {
-                        let Ok((tcp, _)) = listener.accept().await else {
-                            continue;
-                        };
-                        let acceptor = acceptor.clone();
-                        let app = app.clone();
-                        tokio::spawn(async move {
-                            let Ok(stream) = acceptor.accept(tcp).await else {
-                                return;
-                            };
-                            let service = hyper_util::service::TowerToHyperService::new(app);
-                            let _ = hyper::server::conn::http1::Builder::new()
-                                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                                .await;
-                        });
-                    }
-                };
-                tokio::select! {
-                    () = serve => {}
-                    _ = stop_rx => {}
-                }
-            });
             drop(runtime);
         });
         Self {
