@@ -57,6 +57,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{Value, json};
 
 pub mod inspect;
+pub mod keys;
 pub mod spec;
 
 /// How long [`GitHubStandIn::wait_for_calls`] waits before failing.

@@ -10,9 +10,6 @@
 //! (or goes away) as `not_configured`; a rate limit as a wait honouring the
 //! platform's `Retry-After`, with no request to GitHub before it ends.
 
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
-
 use credd_core::protocol::{PlatformHealth, Request, Response, TokenStatus};
 use testkit::github_stand_in::{
     Account, GitHubStandIn, Installation, RateLimit, TokenFormat, default_permissions,
@@ -21,34 +18,6 @@ use testkit::{Daemon, FAST_BACKOFF, PlatformProcess, Sandbox, sha256_hex};
 
 const WORKSPACE: &str = "ws-github";
 const BEARER: &str = "bearer-of-the-github-workspace-0123456789";
-
-fn openssl(args: &[&str]) {
-    let out = std::process::Command::new("openssl")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("these tests generate the App's key with the openssl CLI");
-    assert!(out.status.success(), "openssl {args:?} failed");
-}
-
-/// The App's key pair in `dir`: (private key file, public key PEM).
-fn app_keys(dir: &Path) -> (PathBuf, String) {
-    let private = dir.join("app.pem");
-    let public = dir.join("app.pub.pem");
-    let s = |p: &Path| p.to_str().expect("utf-8").to_owned();
-    openssl(&[
-        "genpkey",
-        "-algorithm",
-        "RSA",
-        "-pkeyopt",
-        "rsa_keygen_bits:2048",
-        "-out",
-        &s(&private),
-    ]);
-    openssl(&["pkey", "-in", &s(&private), "-pubout", "-out", &s(&public)]);
-    let public = std::fs::read_to_string(&public).expect("public key");
-    (private, public)
-}
 
 /// One test's world. Field order is drop order: the daemon, then the
 /// platform, then the stand-in (which checks what it saw), then the sandbox
@@ -66,7 +35,8 @@ impl World {
     /// [`WORKSPACE`], and a sandbox using it; no daemon yet.
     fn new(grants: &str, setup: impl FnOnce(&GitHubStandIn)) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (key, public) = app_keys(dir.path());
+        let public = testkit::github_stand_in::keys::generate(dir.path()).expect("the App's keys");
+        let key = dir.path().join("app.pem");
         let github = GitHubStandIn::start(&public);
         setup(&github);
         let tokens = dir.path().join("workspace-tokens");

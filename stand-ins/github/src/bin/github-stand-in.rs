@@ -18,9 +18,7 @@
 //! `inspect` module). Loopback only: it hands out fake tokens to anyone.
 
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use github_stand_in::{APP_ID, GitHubStandIn, INSTALLATION_ID};
@@ -75,55 +73,6 @@ fn parse_args() -> anyhow::Result<Options> {
     Ok(options)
 }
 
-fn openssl(args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new("openssl")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .context("the stand-in generates its App key with the openssl CLI")?;
-    if !out.status.success() {
-        bail!(
-            "openssl {} failed: {}",
-            args.first().copied().unwrap_or(""),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
-/// Generates `app.pem` (PKCS#8, 0600) and `app.pub.pem` in `dir`; the
-/// public key's text.
-fn generate_keys(dir: &Path) -> anyhow::Result<String> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .with_context(|| format!("cannot create {}", dir.display()))?;
-    let private = dir.join("app.pem");
-    let public = dir.join("app.pub.pem");
-    let text = |p: &Path| p.to_str().map(str::to_owned).context("non-UTF-8 path");
-    openssl(&[
-        "genpkey",
-        "-algorithm",
-        "RSA",
-        "-pkeyopt",
-        "rsa_keygen_bits:2048",
-        "-out",
-        &text(&private)?,
-    ])?;
-    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("cannot restrict {}", private.display()))?;
-    openssl(&[
-        "pkey",
-        "-in",
-        &text(&private)?,
-        "-pubout",
-        "-out",
-        &text(&public)?,
-    ])?;
-    std::fs::read_to_string(&public).with_context(|| format!("cannot read {}", public.display()))
-}
-
 fn main() -> anyhow::Result<()> {
     let options = parse_args()?;
     let addr: std::net::SocketAddr = options
@@ -141,7 +90,7 @@ fn main() -> anyhow::Result<()> {
             github_stand_in::random_alnum(8)
         )),
     };
-    let public = generate_keys(&keys_dir)?;
+    let public = github_stand_in::keys::generate(&keys_dir)?;
     let stand_in = GitHubStandIn::on(
         &public,
         std::sync::Arc::new(jiff::Timestamp::now),
