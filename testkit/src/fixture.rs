@@ -12,13 +12,25 @@
 //! not `_`, which would drop it at once.
 
 use crate::daemon::{Daemon, DaemonBuilder, FAST_BACKOFF};
-use crate::platform::TestPlatform;
+use crate::platform::{PlatformOptions, TestPlatform};
 use crate::sandbox::Sandbox;
 
 /// A fresh sandbox using `platform`, and the platform.
 pub fn with_platform(platform: TestPlatform) -> (Sandbox, TestPlatform) {
     let sandbox = Sandbox::new();
     sandbox.use_platform(&platform);
+    (sandbox, platform)
+}
+
+/// A platform with `grants` (a grants file's TOML) and a fresh sandbox using
+/// it as the granted workspace ([`Sandbox::use_platform_as_workspace`]).
+pub fn granted_platform(grants: &str) -> (Sandbox, TestPlatform) {
+    let platform = TestPlatform::with_options(PlatformOptions {
+        grants: Some(grants.to_owned()),
+        ..PlatformOptions::default()
+    });
+    let (sandbox, platform) = with_platform(platform);
+    sandbox.use_platform_as_workspace(&platform);
     (sandbox, platform)
 }
 

@@ -52,12 +52,13 @@ pub mod tls;
 pub use self::redis::RedisServer;
 pub use capture::{Captured, Transcript, has_word};
 pub use daemon::{Daemon, DaemonBuilder, FAST_BACKOFF};
-pub use fixture::{start_daemon, start_daemon_with, with_platform};
+pub use fixture::{granted_platform, start_daemon, start_daemon_with, with_platform};
 pub use git::GitServer;
 pub use github_stand_in;
 pub use haproxy::HaProxy;
 pub use platform::{
-    Fault, IssuedToken, PlatformOptions, PlatformProcess, TestPlatform, TokenAuthority,
+    Fault, IssuedToken, PlatformOptions, PlatformProcess, StandInProcess, TestPlatform,
+    TokenAuthority,
 };
 pub use process::{Cmd, CmdOutput, Process};
 pub use sandbox::{Sandbox, write_file};

@@ -11,7 +11,7 @@
 mod binary;
 mod in_process;
 
-pub use binary::PlatformProcess;
+pub use binary::{PlatformProcess, StandInProcess};
 pub use in_process::{
     Fault, IssuedToken, PlatformOptions, SeenRequest, TestPlatform, TokenAuthority, WORKSPACE_ID,
 };

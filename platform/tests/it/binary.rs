@@ -530,8 +530,11 @@ async fn github_mode_with_grants_against_the_stand_in_process() {
     // tokens from it; the stand-in's record says what each mint asked for.
     let dir = tempfile::tempdir().expect("tempdir");
     let keys_dir = dir.path().join("keys");
-    let mut command = std::process::Command::new(testkit::bin::github_stand_in());
-    command.args([
+    let testkit::StandInProcess {
+        process: stand_in,
+        line,
+        ..
+    } = testkit::StandInProcess::spawn(&[
         "--keys-dir",
         keys_dir.to_str().unwrap(),
         "--install",
@@ -541,11 +544,6 @@ async fn github_mode_with_grants_against_the_stand_in_process() {
         "--page-size",
         "1",
     ]);
-    let stand_in = testkit::Process::spawn(command, "github-stand-in");
-    let line = stand_in
-        .stdout()
-        .wait_until(testkit::WAIT, |text, closed| text.contains('\n') || closed)
-        .expect("the stand-in's line");
     let words: Vec<&str> = line.split_whitespace().collect();
     assert_eq!(
         &words[..3],

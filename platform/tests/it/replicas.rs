@@ -79,8 +79,11 @@ impl Fleet {
         let dir = tempfile::tempdir().expect("tempdir");
         let redis = RedisServer::start();
         let keys_dir = dir.path().join("keys");
-        let mut command = std::process::Command::new(testkit::bin::github_stand_in());
-        command.args([
+        let testkit::StandInProcess {
+            process: stand_in,
+            url: stand_in_url,
+            ..
+        } = testkit::StandInProcess::spawn(&[
             "--keys-dir",
             keys_dir.to_str().unwrap(),
             "--install",
@@ -88,12 +91,6 @@ impl Fleet {
             "--install",
             "acme-labs=1002",
         ]);
-        let stand_in = testkit::Process::spawn(command, "github-stand-in");
-        let line = stand_in
-            .stdout()
-            .wait_until(testkit::WAIT, |text, closed| text.contains('\n') || closed)
-            .expect("the stand-in's line");
-        let stand_in_url = line.split_whitespace().nth(3).expect("URL").to_owned();
         let answer = http()
             .put(format!("{stand_in_url}/_stand-in/mode"))
             .header("content-type", "application/json")
@@ -277,6 +274,21 @@ impl Fleet {
         }
         assert_no_secrets("stand-in stdout", &self.stand_in.stdout().text(), &secrets);
     }
+}
+
+/// Workspace `ws` reports (at `url`: a replica or the balancer) that GitHub
+/// refused `token`.
+async fn refuse(url: &str, ws: usize, bearer: &str, token: &str) -> reqwest::Response {
+    http()
+        .post(format!(
+            "{url}/workspaces/ws-{ws}/github-installation-token/refusals"
+        ))
+        .bearer_auth(bearer)
+        .header("content-type", "application/json")
+        .body(format!(r#"{{"sha256": "{}"}}"#, sha256_hex(token)))
+        .send()
+        .await
+        .expect("refusal")
 }
 
 async fn get(url: &str, ws: usize, bearer: &str) -> Served {
@@ -596,17 +608,7 @@ async fn a_refusal_on_one_replica_is_never_served_again_by_the_others() {
     assert_eq!(on_c.token.as_deref(), Some(refused.as_str()), "shared");
     assert_eq!(fleet.issued().await, 2);
 
-    let response = http()
-        .post(format!(
-            "{}/workspaces/ws-9/github-installation-token/refusals",
-            fleet.url(0)
-        ))
-        .bearer_auth(&fleet.bearers[9])
-        .header("content-type", "application/json")
-        .body(format!(r#"{{"sha256": "{}"}}"#, sha256_hex(&refused)))
-        .send()
-        .await
-        .expect("refusal");
+    let response = refuse(&fleet.url(0), 9, &fleet.bearers[9], &refused).await;
     assert_eq!(
         response.status().as_u16(),
         204,
@@ -631,17 +633,7 @@ async fn a_refusal_on_one_replica_is_never_served_again_by_the_others() {
     // The refusal limit is the fleet's: ws-9 refusing again within the
     // interval, now on replica B, is limited, and the token stays.
     let again = next.expect("a new token");
-    let response = http()
-        .post(format!(
-            "{}/workspaces/ws-9/github-installation-token/refusals",
-            fleet.url(1)
-        ))
-        .bearer_auth(&fleet.bearers[9])
-        .header("content-type", "application/json")
-        .body(format!(r#"{{"sha256": "{}"}}"#, sha256_hex(&again)))
-        .send()
-        .await
-        .expect("refusal");
+    let response = refuse(&fleet.url(1), 9, &fleet.bearers[9], &again).await;
     assert_eq!(
         response.status().as_u16(),
         429,
@@ -838,16 +830,7 @@ async fn through_a_load_balancer_one_mint_per_grant_and_refusals_hold() {
 
     // A refusal through the balancer: no replica serves that token again.
     let refused = by_grant[2].first().unwrap().clone();
-    let response = http()
-        .post(format!(
-            "{lb}/workspaces/ws-2/github-installation-token/refusals"
-        ))
-        .bearer_auth(&fleet.bearers[2])
-        .header("content-type", "application/json")
-        .body(format!(r#"{{"sha256": "{}"}}"#, sha256_hex(&refused)))
-        .send()
-        .await
-        .expect("refusal");
+    let response = refuse(&lb, 2, &fleet.bearers[2], &refused).await;
     assert_eq!(response.status().as_u16(), 204);
     let third = round().await;
     let by_grant = tokens_by_grant(&third);
@@ -941,17 +924,7 @@ async fn a_refusal_on_a_replica_that_never_resolved_the_owner_is_never_served_ag
     let listings = fleet.record().await["listings"].as_u64().expect("listings");
     assert_eq!(fleet.issued().await, 1);
 
-    let response = http()
-        .post(format!(
-            "{}/workspaces/ws-6/github-installation-token/refusals",
-            fleet.url(0)
-        ))
-        .bearer_auth(&fleet.bearers[6])
-        .header("content-type", "application/json")
-        .body(format!(r#"{{"sha256": "{}"}}"#, sha256_hex(&refused)))
-        .send()
-        .await
-        .expect("refusal");
+    let response = refuse(&fleet.url(0), 6, &fleet.bearers[6], &refused).await;
     assert_eq!(response.status().as_u16(), 204);
 
     let mut tokens = BTreeSet::from([refused.clone()]);

@@ -214,3 +214,33 @@ fn configure(mut command: Command, args: &[&str], env: &[(&str, &str)]) -> Comma
     command.args(args).envs(env.iter().copied());
     command
 }
+
+/// The `github-stand-in` binary, running (killed on drop), and the line it
+/// printed first: `github-stand-in listening on URL keys DIR`.
+pub struct StandInProcess {
+    /// The process.
+    pub process: Process,
+    /// Its first line, whole.
+    pub line: String,
+    /// `http://127.0.0.1:PORT`, the line's fourth word.
+    pub url: String,
+}
+
+impl StandInProcess {
+    /// Starts the stand-in with `args` and waits for its first line.
+    pub fn spawn(args: &[&str]) -> Self {
+        let mut command = Command::new(bin::github_stand_in());
+        command.args(args);
+        let process = Process::spawn(command, "github-stand-in");
+        let line = process
+            .stdout()
+            .wait_until(WAIT, |text, closed| text.contains('\n') || closed)
+            .expect("the stand-in's line");
+        let url = line
+            .split_whitespace()
+            .nth(3)
+            .expect("the stand-in's URL")
+            .to_owned();
+        Self { process, line, url }
+    }
+}

@@ -17,13 +17,7 @@ permissions = { contents = "write" }
 
 /// A platform with [`GRANTS`], a sandbox using it as the granted workspace.
 fn granted_platform() -> (Sandbox, TestPlatform) {
-    let platform = TestPlatform::with_options(PlatformOptions {
-        grants: Some(GRANTS.to_owned()),
-        ..PlatformOptions::default()
-    });
-    let (sandbox, platform) = with_platform(platform);
-    sandbox.use_platform_as_workspace(&platform);
-    (sandbox, platform)
+    testkit::granted_platform(GRANTS)
 }
 
 /// git asks credd first, with the repository path, then a fallback helper

@@ -20,8 +20,8 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use testkit::http::HttpServer;
 use testkit::{
-    Cmd, CmdOutput, Daemon, FAST_BACKOFF, GitServer, PlatformOptions, Sandbox, TestCa,
-    TestPlatform, TokenAuthority, WAIT, with_platform,
+    Cmd, CmdOutput, Daemon, FAST_BACKOFF, GitServer, Sandbox, TestCa, TestPlatform, TokenAuthority,
+    WAIT,
 };
 
 const GRANTS: &str = r#"
@@ -36,12 +36,7 @@ const PLACEHOLDER: &str = "sealed-by-molecule-credd";
 /// A platform with [`GRANTS`], a sandbox using it as the granted workspace
 /// with `github.com` as its host.
 fn granted_platform() -> (Sandbox, TestPlatform) {
-    let platform = TestPlatform::with_options(PlatformOptions {
-        grants: Some(GRANTS.to_owned()),
-        ..PlatformOptions::default()
-    });
-    let (sandbox, platform) = with_platform(platform);
-    sandbox.use_platform_as_workspace(&platform);
+    let (sandbox, platform) = testkit::granted_platform(GRANTS);
     sandbox.set_hosts("github.com");
     (sandbox, platform)
 }
