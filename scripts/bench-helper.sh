@@ -112,7 +112,7 @@ check "credd get (dynamic)" "$work/credd-dynamic" get
 check "git credential-cache get" git credential-cache --socket "$cache_sock" get
 check "seed helper" bash "$seed" get
 
-echo "$(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg), $runs runs each, interleaved" >&2
+echo "$(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg), $runs runs each, interleaved in a shuffled order" >&2
 "$bin/exec-bench" "$runs" "$input" \
   "/bin/true=/bin/true" \
   "credd get (static)=$work/credd get" \

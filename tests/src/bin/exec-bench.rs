@@ -7,6 +7,14 @@
 //! median of each is then compared with the first contender's (the floor,
 //! `/bin/true`). Each run is spawn to reap: what git pays per helper call.
 //!
+//! The order within a round is shuffled afresh each round. A fixed order
+//! gives every contender the same predecessor every time, and a predecessor
+//! leaves the machine in its own state: after 20 ms of bash and curl both
+//! CPUs are awake and the caches hold bash, after `/bin/true` a CPU may
+//! already be idling again. Shuffled, each contender follows each other one
+//! equally often, so that state is spread over all of them instead of
+//! favouring one.
+//!
 //! ```text
 //! exec-bench RUNS INPUT NAME=COMMAND [NAME=COMMAND…]
 //! ```
@@ -66,9 +74,13 @@ fn main() -> ExitCode {
             micros: Vec::with_capacity(runs),
         });
     }
+    let mut order: Vec<usize> = (0..contenders.len()).collect();
+    let mut shuffle = Shuffle::seeded();
     // A few unmeasured rounds bring binaries and pages into the cache.
     for round in 0..runs + 20 {
-        for contender in &mut contenders {
+        shuffle.shuffle(&mut order);
+        for &at in &order {
+            let contender = &mut contenders[at];
             match run_once(&contender.argv, &input) {
                 Ok(micros) if round >= 20 => contender.micros.push(micros),
                 Ok(_) => {}
@@ -103,6 +115,34 @@ fn main() -> ExitCode {
         println!("{{\"runs\":{runs},{}}}", lines.join(","));
     }
     ExitCode::SUCCESS
+}
+
+/// Fisher–Yates with xorshift64: the order of a round, not cryptography, so
+/// std's clock is seed enough and no crate is needed.
+struct Shuffle(u64);
+
+impl Shuffle {
+    fn seeded() -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        // xorshift must not start at 0.
+        Self(u64::from(nanos) | 1)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn shuffle(&mut self, items: &mut [usize]) {
+        for i in (1..items.len()).rev() {
+            let j = (self.next() % (i as u64 + 1)) as usize;
+            items.swap(i, j);
+        }
+    }
 }
 
 /// One spawn-to-reap of `argv` with `input` as stdin, in microseconds; a
