@@ -24,7 +24,9 @@
 //!   characters in all. So one `_` is allowed, with letters, digits and `-`
 //!   before it and only letters and digits after it.
 //! - **Repositories**: 1-100 ASCII letters, digits, `.`, `-` and `_`, but not
-//!   `.` or `..`.
+//!   `.` or `..`; and never ending in `.git`, which GitHub removes from a
+//!   new repository's name (so `acme/api.git` in a URL is always `acme/api`,
+//!   and a name written without it reads back as itself).
 
 use std::fmt;
 
@@ -62,7 +64,7 @@ pub enum NameError {
     BadOwner,
     /// The name has characters or a length GitHub does not allow.
     #[error(
-        "the repository name is not one GitHub allows (1-{MAX_NAME_LEN} letters, digits, '.', '-' and '_', not . or ..)"
+        "the repository name is not one GitHub allows (1-{MAX_NAME_LEN} letters, digits, '.', '-' and '_', not . or .., not ending in .git)"
     )]
     BadName,
 }
@@ -90,6 +92,7 @@ pub fn is_valid_name(name: &str) -> bool {
         && name.len() <= MAX_NAME_LEN
         && name != "."
         && name != ".."
+        && !name.ends_with(".git")
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
@@ -240,7 +243,18 @@ mod tests {
             assert!(is_valid_name(name), "{name:?}");
         }
         let too_long = "n".repeat(MAX_NAME_LEN + 1);
-        for name in ["", ".", "..", "a b", "a/b", "caf\u{e9}", too_long.as_str()] {
+        // GitHub drops a `.git` from a new name, so none ends in one.
+        for name in [
+            "",
+            ".",
+            "..",
+            "a b",
+            "a/b",
+            "caf\u{e9}",
+            "api.git",
+            ".git",
+            too_long.as_str(),
+        ] {
             assert!(!is_valid_name(name), "{name:?}");
         }
         let owner_and_name = format!("{}/{}", "o".repeat(MAX_OWNER_LEN), longest);
