@@ -162,12 +162,10 @@ impl Config {
 
     /// The token endpoint: the workspace route when the id is known, else the admin route.
     pub fn token_endpoint(&self) -> String {
+        use crate::platform_api::{ADMIN_TOKEN_ROUTE, token_path};
         match &self.workspace_id {
-            Some(id) => format!(
-                "{}/workspaces/{id}/github-installation-token",
-                self.platform_url
-            ),
-            None => format!("{}/admin/github-installation-token", self.platform_url),
+            Some(id) => format!("{}{}", self.platform_url, token_path(id)),
+            None => format!("{}{ADMIN_TOKEN_ROUTE}", self.platform_url),
         }
     }
 

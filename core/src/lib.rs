@@ -1,9 +1,10 @@
-//! The contract between `molecule-credd` (the daemon) and `credd` (the
-//! helper), and nothing else.
+//! The contracts between `molecule-credd` (the daemon), `credd` (the
+//! helper) and `molecule-platform`, and nothing else.
 //!
 //! Both sides must agree byte for byte on a few things, so they are defined
 //! once, here: how configuration is read from the environment ([`config`]),
-//! what travels over the Unix socket ([`protocol`]), what a repository or
+//! what travels over the Unix socket ([`protocol`]), the platform's HTTP
+//! API the daemon calls ([`platform_api`]), what a repository or
 //! owner name may be ([`repository`]), which socket folder is
 //! safe ([`socket_folder`]), the time limits that span both processes
 //! ([`deadlines`]) and how text from another process is printed ([`text`]);
@@ -25,6 +26,7 @@ pub mod limits;
 pub mod log_limit;
 #[cfg(feature = "logging")]
 pub mod logging;
+pub mod platform_api;
 pub mod protocol;
 pub mod repository;
 pub mod secret;

@@ -18,8 +18,9 @@ use credd_core::text::error_chain;
 use zeroize::Zeroizing;
 
 use crate::cli::Cli;
-use crate::platform::{Ask, PlatformClient, PlatformError, Timeouts};
+use crate::platform::{PlatformClient, PlatformError, Timeouts};
 use crate::process;
+use credd_core::platform_api::{TokenQuery, Which};
 
 /// Time limits for the one call: git is waiting on `credd`.
 const TIMEOUTS: Timeouts = Timeouts {
@@ -38,12 +39,12 @@ pub fn run(cli: &Cli) -> ExitCode {
             .enable_all()
             .build()
             .context("cannot start the async runtime")?;
-        let ask = Ask {
-            owner: cli.owner.as_deref(),
-            repository: cli.repo.as_ref(),
-            min_remaining: None,
+        let which = match (&cli.repo, &cli.owner) {
+            (Some(repository), _) => Which::Repository(repository.clone()),
+            (None, Some(owner)) => Which::Owner(owner.clone()),
+            (None, None) => Which::Default,
         };
-        Ok(runtime.block_on(client.fetch(&ask))?)
+        Ok(runtime.block_on(client.fetch(&TokenQuery::for_which(which)))?)
     })();
     let (response, code) = match fetched {
         Ok(grant) => (

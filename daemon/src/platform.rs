@@ -19,6 +19,7 @@
 //!
 //! No error built here contains the token, the bearer or the response body.
 
+use std::borrow::Cow;
 use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -27,13 +28,14 @@ use std::time::{Duration, SystemTime};
 
 use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_LENGTH, DATE, HeaderValue, RETRY_AFTER};
 use secrecy::{ExposeSecret, SecretString};
-use serde::Deserialize;
 use zeroize::Zeroizing;
 
 use credd_core::config::Config;
 use credd_core::deadlines;
+use credd_core::platform_api::{
+    CheckedAnswer, REFUSALS_SEGMENT, RefusalReport, Status, TokenAnswer, TokenQuery, Which,
+};
 use credd_core::protocol::Scope;
-use credd_core::repository::{RepositoryRef, is_valid_owner};
 use credd_core::secret::Token;
 
 /// Largest response body read from the platform: a token answer with the
@@ -70,26 +72,6 @@ impl Default for Timeouts {
 /// most 500).
 pub const MAX_SCOPE_REPOSITORIES: usize = credd_core::repository::MAX_REPOSITORIES_PER_TOKEN;
 pub use credd_core::protocol::{MAX_PERMISSION_TEXT, MAX_SCOPE_PERMISSIONS};
-
-/// What a call asks the platform for.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Ask<'a> {
-    /// The account the token is for (`?owner=`); the default token when
-    /// neither this nor `repository` is given.
-    pub owner: Option<&'a str>,
-    /// The repository the token is for (`?repository=`).
-    pub repository: Option<&'a RepositoryRef>,
-    /// The least life a cached token must have for the platform to hand it
-    /// out rather than mint a new one (`min_remaining_secs`).
-    pub min_remaining: Option<Duration>,
-}
-
-impl Ask<'_> {
-    /// Whether a particular account was asked for.
-    fn names_an_account(&self) -> bool {
-        self.owner.is_some() || self.repository.is_some()
-    }
-}
 
 /// A token as granted by the platform.
 #[derive(Debug, Clone)]
@@ -436,29 +418,22 @@ impl PlatformClient {
         Ok(auth)
     }
 
-    /// The token URL for `ask`.
-    fn url_for(&self, ask: &Ask<'_>) -> reqwest::Url {
+    /// The token URL for `query`.
+    fn url_for(&self, query: &TokenQuery) -> reqwest::Url {
         let mut url = self.endpoint.clone();
-        if ask.names_an_account() || ask.min_remaining.is_some() {
-            let mut query = url.query_pairs_mut();
-            if let Some(repository) = ask.repository {
-                query.append_pair("repository", &repository.to_string());
-            } else if let Some(owner) = ask.owner {
-                query.append_pair("owner", owner);
-            }
-            if let Some(min) = ask.min_remaining {
-                query.append_pair("min_remaining_secs", &min.as_secs().to_string());
-            }
+        let pairs = query.pairs();
+        if !pairs.is_empty() {
+            url.query_pairs_mut().extend_pairs(pairs);
         }
         url
     }
 
-    /// Fetches a token for `ask`, reading the bearer file afresh.
-    pub async fn fetch(&self, ask: &Ask<'_>) -> Result<Grant, PlatformError> {
+    /// Fetches the token `query` asks for, reading the bearer file afresh.
+    pub async fn fetch(&self, query: &TokenQuery) -> Result<Grant, PlatformError> {
         let auth = self.authorization().await?;
         let mut response = self
             .http
-            .get(self.url_for(ask))
+            .get(self.url_for(query))
             .header(AUTHORIZATION, auth)
             .header(ACCEPT, "application/json")
             .send()
@@ -478,29 +453,31 @@ impl PlatformClient {
             .get(CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
 
-        let status = response.status().as_u16();
-        match status {
-            200 => {}
-            401 => {
+        let what = || query.which.to_string();
+        match Status::of(response.status().as_u16()) {
+            Status::Granted => {}
+            Status::Unauthorized => {
                 return Err(PlatformError::Unauthorized {
-                    status,
+                    status: Status::Unauthorized.code(),
                     path: self.bearer_path.clone(),
                 });
             }
-            400 => return Err(PlatformError::BadRequest { what: asked(ask) }),
-            403 => return Err(PlatformError::NotGranted { what: asked(ask) }),
-            404 if ask.names_an_account() => {
-                return Err(PlatformError::NotInstalled { what: asked(ask) });
+            Status::BadRequest => return Err(PlatformError::BadRequest { what: what() }),
+            Status::NotGranted => return Err(PlatformError::NotGranted { what: what() }),
+            Status::NotFound if query.which != Which::Default => {
+                return Err(PlatformError::NotInstalled { what: what() });
             }
-            404 => return Err(PlatformError::NotConfigured),
-            429 => return Err(PlatformError::RateLimited { retry_after }),
-            500..=599 => {
+            Status::NotFound => return Err(PlatformError::NotConfigured),
+            Status::TooManyRequests => return Err(PlatformError::RateLimited { retry_after }),
+            Status::Unavailable(status) => {
                 return Err(PlatformError::Server {
                     status,
                     retry_after,
                 });
             }
-            _ => return Err(PlatformError::UnexpectedStatus { status }),
+            Status::Unexpected(status) => {
+                return Err(PlatformError::UnexpectedStatus { status });
+            }
         }
 
         if declared_len.is_some_and(|n| n > MAX_BODY as u64) {
@@ -532,8 +509,11 @@ impl PlatformClient {
             .map_err(|()| PlatformError::InvalidUrl {
                 problem: "the endpoint cannot have a path".into(),
             })?
-            .push("refusals");
-        let body = serde_json::json!({ "sha256": sha256 }).to_string();
+            .push(REFUSALS_SEGMENT);
+        let body = serde_json::to_vec(&RefusalReport {
+            sha256: Cow::Borrowed(sha256),
+        })
+        .unwrap_or_default();
         let response = self
             .http
             .post(url)
@@ -646,15 +626,6 @@ pub enum RefusalOutcome {
     },
 }
 
-/// Words for what `ask` named, for errors.
-fn asked(ask: &Ask<'_>) -> String {
-    match (ask.repository, ask.owner) {
-        (Some(repository), _) => repository.to_string(),
-        (None, Some(owner)) => format!("owner {owner}"),
-        (None, None) => "its default account".to_owned(),
-    }
-}
-
 /// Clears the bearer read in flight when dropped.
 struct ClearOnDrop(Arc<BearerReads>);
 
@@ -740,67 +711,10 @@ pub fn read_bearer(path: &Path) -> Result<SecretString, PlatformError> {
     Ok(SecretString::from(trimmed.to_owned()))
 }
 
-#[derive(Deserialize)]
-struct TokenBody {
-    token: String,
-    expires_at: String,
-    #[serde(default)]
-    owner: Option<String>,
-    #[serde(default)]
-    repositories: Option<Vec<String>>,
-    #[serde(default)]
-    permissions: Option<std::collections::BTreeMap<String, String>>,
-}
-
-/// Checks the scope a platform stated; a scope we cannot trust is a
-/// malformed answer, not an unscoped token.
-fn checked_scope(body: TokenBody) -> Result<(String, String, Scope), String> {
-    if let Some(owner) = &body.owner
-        && !is_valid_owner(owner)
-    {
-        return Err("\"owner\" is not a GitHub account name".into());
-    }
-    if let Some(list) = &body.repositories {
-        if list.len() > MAX_SCOPE_REPOSITORIES {
-            return Err(format!(
-                "\"repositories\" lists more than {MAX_SCOPE_REPOSITORIES}"
-            ));
-        }
-        if let Some(bad) = list.iter().position(|r| RepositoryRef::parse(r).is_err()) {
-            return Err(format!("\"repositories\"[{bad}] is not OWNER/NAME"));
-        }
-    }
-    if let Some(permissions) = &body.permissions {
-        let word = |s: &str| {
-            !s.is_empty()
-                && s.len() <= MAX_PERMISSION_TEXT
-                && s.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
-        };
-        if permissions.len() > MAX_SCOPE_PERMISSIONS
-            || !permissions
-                .iter()
-                .all(|(name, level)| word(name) && word(level))
-        {
-            return Err(format!(
-                "\"permissions\" must map at most {MAX_SCOPE_PERMISSIONS} lower-case names to levels"
-            ));
-        }
-    }
-    Ok((
-        body.token,
-        body.expires_at,
-        Scope {
-            owner: body.owner,
-            repositories: body.repositories,
-            permissions: body.permissions,
-        },
-    ))
-}
-
 /// Parses a 200 body. `now` is the platform's clock (its `Date` header).
 pub fn parse_grant(body: &[u8], now: SystemTime) -> Result<Grant, PlatformError> {
     let malformed = |problem: String| PlatformError::Malformed { problem };
-    let parsed: TokenBody = serde_json::from_slice(body).map_err(|e| {
+    let parsed: TokenAnswer<'_> = serde_json::from_slice(body).map_err(|e| {
         // serde_json's message can quote the offending value; describe the
         // error by its category and position only.
         malformed(match e.classify() {
@@ -817,8 +731,11 @@ pub fn parse_grant(body: &[u8], now: SystemTime) -> Result<Grant, PlatformError>
             ),
         })
     })?;
-    let (token, expires_at, scope) = checked_scope(parsed).map_err(malformed)?;
-    let token = Token::new(token).map_err(|e| malformed(format!("\"token\": {e}")))?;
+    let CheckedAnswer {
+        token,
+        expires_at,
+        scope,
+    } = parsed.check().map_err(|e| malformed(e.to_string()))?;
     let stated: jiff::Timestamp = expires_at.parse().map_err(|_| {
         malformed("\"expires_at\" is not an RFC 3339 timestamp such as 2026-01-01T12:00:00Z".into())
     })?;

@@ -456,7 +456,8 @@ async fn dispatch<F: Fetch>(
 mod tests {
     use super::*;
     use crate::cache::{CachePolicy, TokenCache};
-    use crate::platform::{Ask, Grant, PlatformError, RefusalOutcome};
+    use crate::platform::{Grant, PlatformError, RefusalOutcome};
+    use credd_core::platform_api::TokenQuery;
     use credd_core::secret::Token;
     use std::time::SystemTime;
 
@@ -497,7 +498,7 @@ mod tests {
     #[derive(Clone)]
     struct Fixed;
     impl Fetch for Fixed {
-        async fn fetch(&self, _ask: Ask<'_>) -> Result<Grant, PlatformError> {
+        async fn fetch(&self, _query: TokenQuery) -> Result<Grant, PlatformError> {
             Ok(Grant {
                 token: Token::new("ghs_serverTestToken".into()).unwrap(),
                 expires_at: SystemTime::now() + Duration::from_secs(3600),

@@ -4,6 +4,7 @@
 //! platform answers (odd layouts, bad statuses, hangs) and sees the exact
 //! request the client sent.
 
+use credd_core::platform_api::{TokenQuery, Which};
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::path::Path;
@@ -12,7 +13,7 @@ use std::time::{Duration, SystemTime};
 use credd_core::config::Config;
 use credd_core::repository::RepositoryRef;
 use molecule_credd::platform::{
-    Ask, ErrorClass, PlatformClient, PlatformError, RefusalOutcome, Timeouts,
+    ErrorClass, PlatformClient, PlatformError, RefusalOutcome, Timeouts,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -117,7 +118,7 @@ async fn parses_any_layout_and_measures_life_against_the_date_header() {
     .await;
     let configs = configs_with_bearer(&format!("  {BEARER}\n"));
     let grant = client(&url, configs.path(), Some("ws-7"), Duration::from_secs(5))
-        .fetch(&Ask::default())
+        .fetch(&TokenQuery::default())
         .await
         .expect("grant");
     assert_eq!(grant.token.expose(), TOKEN);
@@ -154,9 +155,9 @@ async fn rereads_the_bearer_on_every_call() {
     let (url, mut requests) = platform(vec![ok.clone(), ok]).await;
     let configs = configs_with_bearer("first-bearer");
     let client = client(&url, configs.path(), None, Duration::from_secs(5));
-    client.fetch(&Ask::default()).await.expect("first");
+    client.fetch(&TokenQuery::default()).await.expect("first");
     std::fs::write(configs.path().join(".auth_token"), "rotated-bearer\n").expect("rotate");
-    client.fetch(&Ask::default()).await.expect("second");
+    client.fetch(&TokenQuery::default()).await.expect("second");
     let first = requests.recv().await.expect("first request");
     let second = requests.recv().await.expect("second request");
     assert!(
@@ -190,7 +191,7 @@ async fn classifies_statuses_and_honours_retry_after() {
     for _ in 0..8 {
         errors.push(
             client
-                .fetch(&Ask::default())
+                .fetch(&TokenQuery::default())
                 .await
                 .expect_err("non-200 is an error"),
         );
@@ -279,7 +280,10 @@ async fn bad_bodies_are_refused_without_quoting_them() {
         "expired at",
         "larger than",
     ] {
-        let err = client.fetch(&Ask::default()).await.expect_err("bad body");
+        let err = client
+            .fetch(&TokenQuery::default())
+            .await
+            .expect_err("bad body");
         assert_no_secret(&err);
         assert!(
             err.to_string().contains(expected),
@@ -294,7 +298,7 @@ async fn hangs_time_out_and_closed_ports_are_unreachable() {
     let (url, mut requests) = platform(vec!["HANG".into()]).await;
     let configs = configs_with_bearer(BEARER);
     let err = client(&url, configs.path(), None, Duration::from_millis(300))
-        .fetch(&Ask::default())
+        .fetch(&TokenQuery::default())
         .await
         .expect_err("hang");
     assert!(matches!(err, PlatformError::Timeout { .. }), "{err}");
@@ -304,7 +308,7 @@ async fn hangs_time_out_and_closed_ports_are_unreachable() {
     let url = format!("http://{}", closed.local_addr().expect("addr"));
     drop(closed);
     let err = client(&url, configs.path(), None, Duration::from_secs(2))
-        .fetch(&Ask::default())
+        .fetch(&TokenQuery::default())
         .await
         .expect_err("closed");
     assert!(err.is_unreachable(), "{err}");
@@ -317,7 +321,7 @@ async fn bearer_file_problems_are_reported_before_calling() {
     let dir = tempfile::tempdir().expect("tempdir");
     let client = client(&url, dir.path(), None, Duration::from_secs(2));
     let err = client
-        .fetch(&Ask::default())
+        .fetch(&TokenQuery::default())
         .await
         .expect_err("missing file");
     assert_eq!(err.class(), ErrorClass::Bearer);
@@ -328,7 +332,10 @@ async fn bearer_file_problems_are_reported_before_calling() {
         ("x\u{1}y", "non-printable"),
     ] {
         std::fs::write(dir.path().join(".auth_token"), content).expect("write");
-        let err = client.fetch(&Ask::default()).await.expect_err(problem);
+        let err = client
+            .fetch(&TokenQuery::default())
+            .await
+            .expect_err(problem);
         assert!(err.to_string().contains(problem), "{err}");
         assert!(
             content.trim().is_empty() || !err.to_string().contains(content.trim()),
@@ -338,7 +345,7 @@ async fn bearer_file_problems_are_reported_before_calling() {
     std::fs::write(dir.path().join(".auth_token"), "x".repeat(9000)).expect("write");
     assert!(
         client
-            .fetch(&Ask::default())
+            .fetch(&TokenQuery::default())
             .await
             .expect_err("huge")
             .to_string()
@@ -366,9 +373,8 @@ async fn asks_for_an_owner_or_repository_and_reads_the_stated_scope() {
     let configs = configs_with_bearer(BEARER);
     let client = client(&url, configs.path(), Some("ws-7"), Duration::from_secs(5));
     let grant = client
-        .fetch(&Ask {
-            owner: Some("acme"),
-            repository: None,
+        .fetch(&TokenQuery {
+            which: Which::owner("acme").expect("valid"),
             min_remaining: Some(Duration::from_secs(750)),
         })
         .await
@@ -396,10 +402,7 @@ async fn asks_for_an_owner_or_repository_and_reads_the_stated_scope() {
     );
 
     let repo = RepositoryRef::parse("elsewhere/tool").expect("valid");
-    let ask = Ask {
-        repository: Some(&repo),
-        ..Ask::default()
-    };
+    let ask = TokenQuery::for_which(Which::Repository(repo));
     let not_installed = client.fetch(&ask).await.expect_err("404");
     assert!(
         matches!(not_installed, PlatformError::NotInstalled { .. }),
@@ -421,7 +424,10 @@ async fn asks_for_an_owner_or_repository_and_reads_the_stated_scope() {
         matches!(refused, PlatformError::NotGranted { .. }),
         "{refused}"
     );
-    let bad_scope = client.fetch(&Ask::default()).await.expect_err("bad scope");
+    let bad_scope = client
+        .fetch(&TokenQuery::default())
+        .await
+        .expect_err("bad scope");
     assert!(
         matches!(bad_scope, PlatformError::Malformed { .. }),
         "{bad_scope}"

@@ -5,7 +5,8 @@
 
 use credd_core::repository::is_valid_owner;
 use libfuzzer_sys::fuzz_target;
-use molecule_platform::grants::{Ask, GrantTable, GrantsFileError, MAX_REPOSITORIES_PER_OWNER};
+use credd_core::platform_api::Which;
+use molecule_platform::grants::{GrantTable, GrantsFileError, MAX_REPOSITORIES_PER_OWNER};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
@@ -20,7 +21,7 @@ fuzz_target!(|data: &[u8]| {
                         assert!(!names.is_empty() && names.len() <= MAX_REPOSITORIES_PER_OWNER);
                     }
                     let again = table
-                        .resolve(id, &Ask::Owner(scope.owner.clone()))
+                        .resolve(id, &Which::Owner(scope.owner.clone()))
                         .expect("a granted owner resolves");
                     assert_eq!(again, scope);
                 }

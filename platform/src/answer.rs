@@ -16,9 +16,11 @@
 
 use std::time::Duration;
 
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use credd_core::log_limit::{LOG_INTERVAL, SharedLogLimit};
+
+use credd_core::platform_api::Status;
 
 use crate::provider::ProviderError;
 use crate::service::json_error;
@@ -39,9 +41,9 @@ impl IntoResponse for ProviderError {
                     tracing::warn!(suppressed, "[github] {reason}");
                 }
                 let status = if matches!(self, Self::Refused { .. }) {
-                    StatusCode::FORBIDDEN
+                    Status::NotGranted
                 } else {
-                    StatusCode::NOT_FOUND
+                    Status::NotFound
                 };
                 json_error(status, &reason)
             }
@@ -49,7 +51,7 @@ impl IntoResponse for ProviderError {
                 // Rounded up: never invite a request before the limit ends.
                 let wait = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
                 let mut response = json_error(
-                    StatusCode::SERVICE_UNAVAILABLE,
+                    Status::RATE_LIMITED,
                     &format!(
                         "GitHub rate limits the platform's GitHub App; retry after {} s",
                         wait
@@ -69,7 +71,7 @@ impl IntoResponse for ProviderError {
                     class = self.class(),
                     "[github] token refresh failed: {self}"
                 );
-                json_error(StatusCode::INTERNAL_SERVER_ERROR, REFRESH_FAILED)
+                json_error(Status::REFRESH_FAILED, REFRESH_FAILED)
             }
         }
     }
@@ -90,6 +92,7 @@ pub fn retry_after(response: &Response) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::http::StatusCode;
 
     #[test]
     fn each_failure_has_its_one_answer() {

@@ -167,7 +167,7 @@ struct AccessTokenAnswer {
 }
 
 #[derive(Deserialize)]
-struct ErrorAnswer {
+struct GitHubErrorBody {
     message: Option<String>,
     #[serde(default)]
     errors: Vec<ErrorDetail>,
@@ -980,7 +980,7 @@ impl GitHubAppProvider {
         body: &[u8],
         installation: Option<u64>,
     ) -> ProviderError {
-        let answer = serde_json::from_slice::<ErrorAnswer>(body).ok();
+        let answer = serde_json::from_slice::<GitHubErrorBody>(body).ok();
         let message = answer.as_ref().and_then(|a| a.message.as_deref());
         if let Some((until, why)) = self.rate_limit_of(status, headers, message) {
             return self.hold(until, why).await;

@@ -30,6 +30,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock};
 
+use credd_core::platform_api::Which;
 use credd_core::repository::{NameError, is_valid_name, is_valid_owner};
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
@@ -178,61 +179,6 @@ impl Scope {
     }
 }
 
-/// What a request asks for.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Ask {
-    /// No query: the workspace's first granted owner (or, without a grants
-    /// file, the configured installation).
-    Default,
-    /// `?owner=OWNER`.
-    Owner(String),
-    /// `?repository=OWNER/NAME`.
-    Repository {
-        /// The account.
-        owner: String,
-        /// The repository name.
-        name: String,
-    },
-}
-
-impl Ask {
-    /// Parses `OWNER/NAME` (a trailing `.git`, as git's `path` has it, is
-    /// dropped).
-    pub fn repository(text: &str) -> Result<Self, String> {
-        let (owner, name) = text
-            .split_once('/')
-            .ok_or_else(|| "repository must be OWNER/NAME".to_owned())?;
-        let name = name.strip_suffix(".git").unwrap_or(name);
-        if !is_valid_owner(owner) {
-            return Err(NameError::BadOwner.to_string());
-        }
-        if !is_valid_name(name) {
-            return Err(NameError::BadName.to_string());
-        }
-        Ok(Self::Repository {
-            owner: owner.to_owned(),
-            name: name.to_owned(),
-        })
-    }
-
-    /// Parses an `OWNER`.
-    pub fn owner(text: &str) -> Result<Self, String> {
-        if is_valid_owner(text) {
-            Ok(Self::Owner(text.to_owned()))
-        } else {
-            Err(NameError::BadOwner.to_string())
-        }
-    }
-
-    /// The owner asked for, if any.
-    pub fn owner_name(&self) -> Option<&str> {
-        match self {
-            Self::Default => None,
-            Self::Owner(owner) | Self::Repository { owner, .. } => Some(owner),
-        }
-    }
-}
-
 /// Why a grant refuses a request (the text is safe to send to the caller:
 /// it names only what the caller asked for).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -255,20 +201,21 @@ struct WorkspaceGrant {
 }
 
 impl WorkspaceGrant {
-    fn resolve(&self, ask: &Ask) -> Result<Scope, GrantError> {
+    fn resolve(&self, which: &Which) -> Result<Scope, GrantError> {
         let find = |owner: &str| {
             self.owners
                 .iter()
                 .find(|scope| scope.owner.eq_ignore_ascii_case(owner))
         };
-        match ask {
-            Ask::Default => Ok(self.owners[0].clone()),
-            Ask::Owner(owner) => find(owner)
+        match which {
+            Which::Default => Ok(self.owners[0].clone()),
+            Which::Owner(owner) => find(owner)
                 .cloned()
                 .ok_or_else(|| GrantError::OwnerNotGranted(owner.clone())),
-            Ask::Repository { owner, name } => {
-                let refused = || GrantError::RepositoryNotGranted(format!("{owner}/{name}"));
-                let scope = find(owner).ok_or_else(refused)?;
+            Which::Repository(repository) => {
+                let name = repository.name();
+                let refused = || GrantError::RepositoryNotGranted(repository.to_string());
+                let scope = find(repository.owner()).ok_or_else(refused)?;
                 match &scope.repositories {
                     None => Ok(scope.clone()),
                     Some(names) if names.iter().any(|n| n.eq_ignore_ascii_case(name)) => {
@@ -521,12 +468,12 @@ impl GrantTable {
         self.workspaces.is_empty()
     }
 
-    /// The scope `workspace` gets for `ask`, or why it gets nothing.
-    pub fn resolve(&self, workspace: &str, ask: &Ask) -> Result<Scope, GrantError> {
+    /// The scope `workspace` gets for `which`, or why it gets nothing.
+    pub fn resolve(&self, workspace: &str, which: &Which) -> Result<Scope, GrantError> {
         self.workspaces
             .get(workspace)
             .ok_or_else(|| GrantError::NoEntry(workspace.to_owned()))?
-            .resolve(ask)
+            .resolve(which)
     }
 
     /// Every scope `workspace` may have a token for (none without an entry).
@@ -691,27 +638,27 @@ repositories = ["solo/*"]
     #[test]
     fn resolve_per_owner() {
         let t = table();
-        let acme = t.resolve("ws-42", &Ask::Default).unwrap();
+        let acme = t.resolve("ws-42", &Which::Default).unwrap();
         assert_eq!(acme.owner, "acme");
         assert_eq!(
-            t.resolve("ws-42", &Ask::repository("ACME/web.git").unwrap()),
+            t.resolve("ws-42", &Which::repository("ACME/web.git").unwrap()),
             Ok(acme.clone())
         );
-        assert_eq!(t.resolve("ws-42", &Ask::owner("Acme").unwrap()), Ok(acme));
+        assert_eq!(t.resolve("ws-42", &Which::owner("Acme").unwrap()), Ok(acme));
         let labs = t
-            .resolve("ws-42", &Ask::repository("acme-labs/anything").unwrap())
+            .resolve("ws-42", &Which::repository("acme-labs/anything").unwrap())
             .unwrap();
         assert_eq!(labs.repositories, None);
         assert_eq!(
-            t.resolve("ws-42", &Ask::repository("acme/secret").unwrap()),
+            t.resolve("ws-42", &Which::repository("acme/secret").unwrap()),
             Err(GrantError::RepositoryNotGranted("acme/secret".into()))
         );
         assert_eq!(
-            t.resolve("ws-42", &Ask::owner("evil").unwrap()),
+            t.resolve("ws-42", &Which::owner("evil").unwrap()),
             Err(GrantError::OwnerNotGranted("evil".into()))
         );
         assert_eq!(
-            t.resolve("ws-9", &Ask::Default),
+            t.resolve("ws-9", &Which::Default),
             Err(GrantError::NoEntry("ws-9".into()))
         );
     }
@@ -719,20 +666,20 @@ repositories = ["solo/*"]
     #[test]
     fn asks_are_validated() {
         for bad in ["acme", "/api", "acme/", "-x/y", "a/..", "a/b c", "a/b/c"] {
-            assert!(Ask::repository(bad).is_err(), "{bad}");
+            assert!(Which::repository(bad).is_err(), "{bad}");
         }
-        assert!(Ask::owner(&"a".repeat(40)).is_err());
-        assert!(Ask::owner(&"a".repeat(39)).is_ok());
+        assert!(Which::owner(&"a".repeat(40)).is_err());
+        assert!(Which::owner(&"a".repeat(39)).is_ok());
         // Enterprise Managed Users' logins, under credd-core's one rule.
         assert_eq!(
-            Ask::owner("acme_corp").unwrap(),
-            Ask::Owner("acme_corp".into())
+            Which::owner("acme_corp").unwrap(),
+            Which::Owner("acme_corp".into())
         );
-        assert!(Ask::repository("alice_acme/dotfiles.git").is_ok());
-        assert!(Ask::owner("_acme").is_err());
-        assert!(Ask::owner("a_b_c").is_err());
-        assert!(Ask::repository(&format!("a/{}", "r".repeat(100))).is_ok());
-        assert!(Ask::repository(&format!("a/{}", "r".repeat(101))).is_err());
+        assert!(Which::repository("alice_acme/dotfiles.git").is_ok());
+        assert!(Which::owner("_acme").is_err());
+        assert!(Which::owner("a_b_c").is_err());
+        assert!(Which::repository(&format!("a/{}", "r".repeat(100))).is_ok());
+        assert!(Which::repository(&format!("a/{}", "r".repeat(101))).is_err());
     }
 
     #[test]
@@ -871,7 +818,7 @@ repositories = ["solo/*"]
         let owner = |g: &Grants| {
             g.current()
                 .unwrap()
-                .resolve("ws-1", &Ask::Default)
+                .resolve("ws-1", &Which::Default)
                 .map(|s| s.owner)
         };
         assert_eq!(owner(&grants).unwrap(), "a");

@@ -44,7 +44,7 @@ pub mod shared;
 pub use auth::{Auth, WorkspaceTokens};
 pub use dev::DevProvider;
 pub use github::{GitHubAppConfig, GitHubAppProvider};
-pub use grants::{Ask, GrantError, GrantTable, Grants, GrantsFileError, Scope};
+pub use grants::{GrantError, GrantTable, Grants, GrantsFileError, Scope};
 pub use provider::{
     Clock, IssuedToken, ProviderError, RefusalOutcome, ServedToken, TokenCache, TokenProvider,
     TokenRequest,

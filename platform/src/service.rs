@@ -61,6 +61,7 @@
 //! [`serve`] or [`serve_with_limits`] has no such report and logs each 401
 //! as a warning of its own.)
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -75,10 +76,13 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use credd_core::log_limit::{LOG_INTERVAL, SharedLogLimit};
+use credd_core::platform_api::{
+    ADMIN_TOKEN_ROUTE, ErrorAnswer, REFUSALS_ROUTE, RefusalReport, Status, TOKEN_ROUTE,
+    TokenAnswer, TokenQuery, Which,
+};
 use hyper_util::rt::TokioIo;
 use jiff::Timestamp;
 use secrecy::ExposeSecret;
-use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tower::limit::GlobalConcurrencyLimitLayer;
@@ -88,7 +92,7 @@ use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
 
 use crate::auth::{Auth, AuthError, Caller, MAX_BEARER_BYTES, valid_workspace_id};
-use crate::grants::{Ask, Grants, Scope};
+use crate::grants::{Grants, Scope};
 use crate::provider::{RefusalOutcome, ServedToken, TokenRequest};
 use crate::registry::Registry;
 
@@ -223,15 +227,9 @@ impl AppState {
 pub fn app(state: AppState) -> Router {
     let limits = state.limits.clone();
     Router::new()
-        .route(
-            "/workspaces/{id}/github-installation-token",
-            get(workspace_token),
-        )
-        .route(
-            "/workspaces/{id}/github-installation-token/refusals",
-            post(workspace_refusal),
-        )
-        .route("/admin/github-installation-token", get(admin_token))
+        .route(TOKEN_ROUTE, get(workspace_token))
+        .route(REFUSALS_ROUTE, post(workspace_refusal))
+        .route(ADMIN_TOKEN_ROUTE, get(admin_token))
         .route("/healthz", get(healthz))
         .route("/metrics", get(serve_metrics))
         .fallback(not_found)
@@ -258,85 +256,17 @@ pub fn app(state: AppState) -> Router {
         )
 }
 
-#[derive(Serialize)]
-struct TokenAnswer<'a> {
-    token: &'a str,
-    expires_at: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    owner: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    repositories: Option<&'a [String]>,
-    permissions: &'a std::collections::BTreeMap<String, String>,
-}
-
-/// Query parameters of the token route.
-pub const MIN_REMAINING_PARAMETER: &str = "min_remaining_secs";
-
-/// What a token request's query asks.
-#[derive(Debug, PartialEq, Eq)]
-struct TokenQuery {
-    ask: Ask,
-    min_remaining: Duration,
-}
-
-/// Parses the token route's query; `Err` is the 400 message.
-fn parse_token_query(pairs: &[(String, String)]) -> Result<TokenQuery, String> {
-    let mut ask = Ask::Default;
-    let mut min_remaining = None;
-    for (name, value) in pairs {
-        match name.as_str() {
-            "repository" | "owner" => {
-                if ask != Ask::Default {
-                    return Err("give one of repository and owner, once".into());
-                }
-                ask = if name == "repository" {
-                    Ask::repository(value)?
-                } else {
-                    Ask::owner(value)?
-                };
-            }
-            MIN_REMAINING_PARAMETER => {
-                if min_remaining.is_some() {
-                    return Err(format!("{MIN_REMAINING_PARAMETER} given twice"));
-                }
-                let secs: u64 = value
-                    .parse()
-                    .ok()
-                    .filter(|_| value.len() <= 10)
-                    .ok_or_else(|| {
-                        format!("{MIN_REMAINING_PARAMETER} must be a whole number of seconds")
-                    })?;
-                min_remaining = Some(Duration::from_secs(secs));
-            }
-            _ => {
-                return Err(format!(
-                    "unknown query parameter (known: repository, owner, {MIN_REMAINING_PARAMETER})"
-                ));
-            }
-        }
-    }
-    Ok(TokenQuery {
-        ask,
-        min_remaining: min_remaining.unwrap_or_default(),
-    })
-}
-
 /// The scope a request gets under the grants in force: `Ok(None)` is the
 /// configured installation, unscoped (no grants file).
 fn resolve_scope(
     grants: &Grants,
     workspace: &str,
-    ask: &Ask,
+    which: &Which,
 ) -> Result<Option<Scope>, crate::grants::GrantError> {
     match grants.current() {
         None => Ok(None),
-        Some(table) => table.resolve(workspace, ask).map(Some),
+        Some(table) => table.resolve(workspace, which).map(Some),
     }
-}
-
-#[derive(Serialize)]
-struct ErrorAnswer<'a> {
-    error: &'a str,
 }
 
 fn json(status: StatusCode, body: Vec<u8>) -> Response {
@@ -350,9 +280,14 @@ fn json(status: StatusCode, body: Vec<u8>) -> Response {
     response
 }
 
-/// A JSON `{"error": message}` answer with `status` (never cached).
-pub(crate) fn json_error(status: StatusCode, message: &str) -> Response {
-    let body = serde_json::to_vec(&ErrorAnswer { error: message }).unwrap_or_default();
+/// A JSON `{"error": message}` answer with `status` (never cached): every
+/// failure of the API is one of the meanings of [`Status`].
+pub(crate) fn json_error(status: Status, message: &str) -> Response {
+    let status = StatusCode::from_u16(status.code()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let body = serde_json::to_vec(&ErrorAnswer {
+        error: Cow::Borrowed(message),
+    })
+    .unwrap_or_default();
     json(status, body)
 }
 
@@ -410,7 +345,7 @@ fn refused(route: &str, workspace: Option<&str>, error: AuthError, tally: AuthTa
         }
         None => tracing::warn!(route, workspace, "request refused: {error}"),
     }
-    json_error(StatusCode::UNAUTHORIZED, &error.to_string())
+    json_error(Status::Unauthorized, &error.to_string())
 }
 
 async fn workspace_token(
@@ -426,14 +361,15 @@ async fn workspace_token(
         Err(error) => return refused("workspace", Some(&id), error, tally),
     };
     let query = match query {
-        Ok(Query(pairs)) => parse_token_query(&pairs),
+        Ok(Query(pairs)) => TokenQuery::parse(pairs.iter().map(|(n, v)| (n.as_str(), v.as_str())))
+            .map_err(|e| e.to_string()),
         Err(_) => Err("the query is not URL-encoded".to_owned()),
     };
     let query = match query {
         Ok(query) => query,
-        Err(message) => return json_error(StatusCode::BAD_REQUEST, &message),
+        Err(message) => return json_error(Status::BadRequest, &message),
     };
-    let scope = match resolve_scope(&state.grants, &id, &query.ask) {
+    let scope = match resolve_scope(&state.grants, &id, &query.which) {
         Ok(scope) => scope,
         Err(error) => {
             // A workspace can ask outside its grant as often as it likes.
@@ -441,12 +377,12 @@ async fn workspace_token(
             if let Some(suppressed) = LOG.admit(&id) {
                 tracing::warn!(workspace = %id, suppressed, "token refused: {error}");
             }
-            return json_error(StatusCode::FORBIDDEN, &error.to_string());
+            return json_error(Status::NotGranted, &error.to_string());
         }
     };
     let request = TokenRequest {
         scope,
-        min_remaining: query.min_remaining,
+        min_remaining: query.min_remaining.unwrap_or_default(),
     };
     serve_token(&state, caller, request).await
 }
@@ -491,7 +427,7 @@ async fn admin_token(
                     "admin route refused to a workspace bearer: grants are in force (ask the workspace route)"
                 );
             }
-            json_error(StatusCode::FORBIDDEN, ADMIN_ROUTE_CLOSED)
+            json_error(Status::NotGranted, ADMIN_ROUTE_CLOSED)
         }
         Ok(caller) => serve_token(&state, caller, TokenRequest::default()).await,
         Err(error) => refused("admin", None, error, tally),
@@ -500,12 +436,6 @@ async fn admin_token(
 
 /// Largest refusal report body read.
 pub const MAX_REFUSAL_BODY_BYTES: usize = 1024;
-
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RefusalReport {
-    sha256: String,
-}
 
 async fn workspace_refusal(
     State(state): State<AppState>,
@@ -520,16 +450,16 @@ async fn workspace_refusal(
     }
     if body.len() > MAX_REFUSAL_BODY_BYTES {
         return json_error(
-            StatusCode::BAD_REQUEST,
+            Status::BadRequest,
             &format!("the body is larger than {MAX_REFUSAL_BODY_BYTES} bytes"),
         );
     }
-    let Some(sha256) = serde_json::from_slice::<RefusalReport>(&body)
+    let Some(sha256) = serde_json::from_slice::<RefusalReport<'_>>(&body)
         .ok()
         .and_then(|r| credd_core::secret::parse_sha256_hex(r.sha256.as_bytes()))
     else {
         return json_error(
-            StatusCode::BAD_REQUEST,
+            Status::BadRequest,
             "expected {\"sha256\": \"<64 lowercase hex digits of the refused token's SHA-256>\"}",
         );
     };
@@ -561,7 +491,7 @@ async fn workspace_refusal(
                 );
             }
             let mut response = json_error(
-                StatusCode::TOO_MANY_REQUESTS,
+                Status::TooManyRequests,
                 "this workspace had a refused token of this installation dropped moments ago; retry later",
             );
             response.headers_mut().insert(
@@ -575,14 +505,9 @@ async fn workspace_refusal(
 
 async fn serve_token(state: &AppState, caller: Caller, request: TokenRequest) -> Response {
     let Some(provider) = state.registry.first_token_provider() else {
-        return json_error(StatusCode::NOT_FOUND, "no GitHub App configured");
+        return json_error(Status::NotFound, "no GitHub App configured");
     };
-    let failed = || {
-        json_error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            crate::answer::REFRESH_FAILED,
-        )
-    };
+    let failed = || json_error(Status::REFRESH_FAILED, crate::answer::REFRESH_FAILED);
     // Every provider failure has its one answer (`crate::answer`).
     let served: ServedToken = match provider.scoped_token(request).await {
         Ok(served) => served,
@@ -615,11 +540,11 @@ async fn serve_token(state: &AppState, caller: Caller, request: TokenRequest) ->
         issued.expires_at
     );
     let answer = TokenAnswer {
-        token,
-        expires_at: format_expiry(issued.expires_at),
-        owner: served.owner.as_deref(),
-        repositories: served.repositories.as_deref(),
-        permissions: &served.permissions,
+        token: Cow::Borrowed(token),
+        expires_at: Cow::Owned(format_expiry(issued.expires_at)),
+        owner: served.owner.as_deref().map(Cow::Borrowed),
+        repositories: served.repositories.as_deref().map(Cow::Borrowed),
+        permissions: Some(Cow::Borrowed(&served.permissions)),
     };
     match serde_json::to_vec(&answer) {
         Ok(body) => json(StatusCode::OK, body),
@@ -643,7 +568,7 @@ async fn serve_metrics() -> Response {
 }
 
 async fn not_found() -> Response {
-    json_error(StatusCode::NOT_FOUND, "not found")
+    json_error(Status::NotFound, "not found")
 }
 
 /// Serves `app` on `listener` with default [`ServiceLimits`] until

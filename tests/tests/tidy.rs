@@ -60,6 +60,7 @@ const CORE_FUNCTIONS: &[&str] = &[
     "fingerprint_of_digest",
     "parse_sha256_hex",
     "raise_open_file_limit",
+    "token_path",
 ];
 
 /// Constants `credd-core` defines for every crate: limits, defaults,
@@ -97,10 +98,26 @@ const CORE_CONSTANTS: &[&str] = &[
     "FETCH_ONCE_CONNECT",
     "FETCH_ONCE_TOTAL",
     "HELPER_FETCH_ONCE",
+    "TOKEN_ROUTE",
+    "REFUSALS_ROUTE",
+    "REFUSALS_SEGMENT",
+    "ADMIN_TOKEN_ROUTE",
+    "REPOSITORY_PARAMETER",
+    "OWNER_PARAMETER",
+    "MIN_REMAINING_PARAMETER",
 ];
 
 /// Types `credd-core` defines for every crate.
-const CORE_TYPES: &[&str] = &["LogFormat", "Token", "TokenError"];
+const CORE_TYPES: &[&str] = &[
+    "LogFormat",
+    "Token",
+    "TokenError",
+    "Which",
+    "TokenQuery",
+    "TokenAnswer",
+    "RefusalReport",
+    "ErrorAnswer",
+];
 
 /// Macros `credd-core` defines: the wire names.
 const CORE_MACROS: &[&str] = &["wire_enum"];

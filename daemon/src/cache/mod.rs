@@ -68,13 +68,15 @@ pub(crate) use self::refresher::Retirement;
 use self::state::{Deadline, HeldToken, Now, Requester, State};
 use crate::clock::{self, BootClock};
 use crate::metrics::Metrics;
-use crate::platform::{Ask, Grant, PlatformClient, PlatformError, RefusalOutcome};
+use crate::platform::{Grant, PlatformClient, PlatformError, RefusalOutcome};
+use credd_core::platform_api::TokenQuery;
 
 /// The platform calls the cache makes; implemented by [`PlatformClient`]
 /// and by test fakes. Cloned once per owner the daemon holds a token for.
 pub(crate) trait Fetch: Clone + Send + Sync + 'static {
-    /// Asks the platform for a token.
-    fn fetch(&self, ask: Ask<'_>) -> impl Future<Output = Result<Grant, PlatformError>> + Send;
+    /// Asks the platform for the token `query` names.
+    fn fetch(&self, query: TokenQuery)
+    -> impl Future<Output = Result<Grant, PlatformError>> + Send;
 
     /// Reports a token git was refused with (its SHA-256).
     fn report_refusal(
@@ -84,8 +86,8 @@ pub(crate) trait Fetch: Clone + Send + Sync + 'static {
 }
 
 impl Fetch for PlatformClient {
-    async fn fetch(&self, ask: Ask<'_>) -> Result<Grant, PlatformError> {
-        PlatformClient::fetch(self, &ask).await
+    async fn fetch(&self, query: TokenQuery) -> Result<Grant, PlatformError> {
+        PlatformClient::fetch(self, &query).await
     }
 
     fn report_refusal(

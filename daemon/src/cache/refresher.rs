@@ -11,7 +11,8 @@ use tokio_util::sync::CancellationToken;
 use super::state::{Accepted, Deadline, Failure, OnDemand, Requester};
 use super::{Benched, Fetch, TokenCache};
 use crate::metrics::CallOutcome;
-use crate::platform::{Ask, RefusalOutcome};
+use crate::platform::RefusalOutcome;
+use credd_core::platform_api::{TokenQuery, Which};
 
 /// Why a per-owner cache's refresher offers to end (see [`super::Tokens`]).
 pub(crate) enum Retirement {
@@ -140,13 +141,12 @@ impl<F: Fetch> TokenCache<F> {
             self.report_refusal(&sha256).await;
         }
         tracing::debug!("calling the platform");
-        let ask = Ask {
-            owner: self.owner.as_deref(),
-            repository: None,
+        let query = TokenQuery {
+            which: self.owner.clone().map_or(Which::Default, Which::Owner),
             min_remaining,
         };
         let started = std::time::Instant::now();
-        let result = self.fetcher.fetch(ask).await;
+        let result = self.fetcher.fetch(query).await;
         let took = started.elapsed();
         let now = self.now();
         let unit = rand::random::<f64>();

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use credd_core::platform_api::TokenQuery;
 use credd_core::protocol::{ErrorCode, Response, Scope, Source, TokenState};
 use credd_core::repository::RepositoryRef;
 use credd_core::secret::Token;
@@ -52,7 +53,7 @@ impl FakePlatform {
 }
 
 impl Fetch for Arc<FakePlatform> {
-    async fn fetch(&self, ask: Ask<'_>) -> Result<Grant, PlatformError> {
+    async fn fetch(&self, ask: TokenQuery) -> Result<Grant, PlatformError> {
         let n = self.calls.fetch_add(1, Ordering::SeqCst);
         self.asked_min_remaining
             .lock()
@@ -115,7 +116,7 @@ impl RotatingPlatform {
 }
 
 impl Fetch for Arc<RotatingPlatform> {
-    async fn fetch(&self, ask: Ask<'_>) -> Result<Grant, PlatformError> {
+    async fn fetch(&self, ask: TokenQuery) -> Result<Grant, PlatformError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         let now = Instant::now();
         let mut current = self.current.lock().unwrap();
@@ -702,8 +703,8 @@ impl GrantingPlatform {
 }
 
 impl Fetch for Arc<GrantingPlatform> {
-    async fn fetch(&self, ask: Ask<'_>) -> Result<Grant, PlatformError> {
-        let owner = ask.owner.unwrap_or("acme");
+    async fn fetch(&self, ask: TokenQuery) -> Result<Grant, PlatformError> {
+        let owner = ask.which.owner_name().unwrap_or("acme");
         let n = {
             let mut log = self.log.lock().unwrap();
             log.push(format!("fetch {owner}"));

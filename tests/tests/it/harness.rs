@@ -8,7 +8,8 @@ use std::ffi::OsString;
 use std::time::Duration;
 
 use credd_core::config::Config;
-use molecule_credd::platform::{Ask, ErrorClass, PlatformClient, PlatformError, Timeouts};
+use credd_core::platform_api::TokenQuery;
+use molecule_credd::platform::{ErrorClass, PlatformClient, PlatformError, Timeouts};
 
 use testkit::{
     Fault, GitServer, Sandbox, TestPlatform, WAIT, assert_secret, with_platform, write_file,
@@ -44,27 +45,29 @@ fn fault_switch_produces_each_failure() {
     let rt = runtime();
 
     let grant = rt
-        .block_on(client.fetch(&Ask::default()))
+        .block_on(client.fetch(&TokenQuery::default()))
         .expect("pass-through serves a token");
     platform.assert_last_issued(grant.token.expose(), "issued");
     assert!(grant.lifetime > Duration::from_secs(60));
 
     platform.set_fault(Fault::Status(500));
-    let err = rt.block_on(client.fetch(&Ask::default())).expect_err("500");
+    let err = rt
+        .block_on(client.fetch(&TokenQuery::default()))
+        .expect_err("500");
     assert!(
         matches!(err, PlatformError::Server { status: 500, .. }),
         "{err:?}"
     );
     platform.set_fault(Fault::Status(401));
     assert_eq!(
-        rt.block_on(client.fetch(&Ask::default()))
+        rt.block_on(client.fetch(&TokenQuery::default()))
             .unwrap_err()
             .class(),
         ErrorClass::Unauthorized
     );
     platform.set_fault(Fault::Status(404));
     assert_eq!(
-        rt.block_on(client.fetch(&Ask::default()))
+        rt.block_on(client.fetch(&TokenQuery::default()))
             .unwrap_err()
             .class(),
         ErrorClass::NotConfigured
@@ -72,28 +75,32 @@ fn fault_switch_produces_each_failure() {
     platform.set_fault(Fault::RateLimited {
         retry_after_secs: 7,
     });
-    let err = rt.block_on(client.fetch(&Ask::default())).unwrap_err();
+    let err = rt
+        .block_on(client.fetch(&TokenQuery::default()))
+        .unwrap_err();
     assert_eq!(err.retry_after(), Some(Duration::from_secs(7)), "{err:?}");
     platform.set_fault(Fault::NotJson);
     assert!(matches!(
-        rt.block_on(client.fetch(&Ask::default())).unwrap_err(),
+        rt.block_on(client.fetch(&TokenQuery::default()))
+            .unwrap_err(),
         PlatformError::Malformed { .. }
     ));
     platform.set_fault(Fault::Hang);
     assert!(matches!(
-        rt.block_on(client.fetch(&Ask::default())).unwrap_err(),
+        rt.block_on(client.fetch(&TokenQuery::default()))
+            .unwrap_err(),
         PlatformError::Timeout { .. }
     ));
     platform.set_fault(Fault::Down);
     assert!(
-        rt.block_on(client.fetch(&Ask::default()))
+        rt.block_on(client.fetch(&TokenQuery::default()))
             .unwrap_err()
             .is_unreachable()
     );
     let before = platform.requests();
     platform.set_fault(Fault::ShortLife(Duration::from_secs(30)));
     let grant = rt
-        .block_on(client.fetch(&Ask::default()))
+        .block_on(client.fetch(&TokenQuery::default()))
         .expect("back up on the same port");
     assert!(
         grant.lifetime <= Duration::from_secs(31),
@@ -114,7 +121,7 @@ fn fault_switch_produces_each_failure() {
     // but measured against the platform's Date the token has its full life.
     platform.set_fault(Fault::ClockSkew(7200));
     let grant = rt
-        .block_on(client.fetch(&Ask::default()))
+        .block_on(client.fetch(&TokenQuery::default()))
         .expect("skewed but valid");
     assert!(grant.expires_at < std::time::SystemTime::now());
     assert!(
@@ -131,7 +138,7 @@ fn fault_switch_produces_each_failure() {
     );
     platform.set_fault(Fault::PassThrough);
     assert_eq!(
-        rt.block_on(client.fetch(&Ask::default()))
+        rt.block_on(client.fetch(&TokenQuery::default()))
             .unwrap_err()
             .class(),
         ErrorClass::Unauthorized
@@ -145,7 +152,7 @@ fn git_server_accepts_only_current_tokens() {
     let url = server.create_repo("solo");
     let rt = runtime();
     let token = rt
-        .block_on(client(&sandbox, &platform.url()).fetch(&Ask::default()))
+        .block_on(client(&sandbox, &platform.url()).fetch(&TokenQuery::default()))
         .expect("token");
 
     // A shell helper answering with a fixed password: first a wrong one.
