@@ -10,7 +10,6 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -47,17 +46,11 @@ pub(crate) struct AppKeys {
     pub(crate) pkcs8_file: PathBuf,
 }
 
+/// `openssl ARGS…`, which must succeed (the stand-in's own wrapper).
 fn openssl(args: &[&str]) {
-    let out = std::process::Command::new("openssl")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("these tests generate RSA keys with the openssl CLI: {e}"));
-    assert!(
-        out.status.success(),
-        "openssl {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    if let Err(e) = github_stand_in::keys::openssl(args) {
+        panic!("these tests generate RSA keys with the openssl CLI: {e:#}");
+    }
 }
 
 /// The keys, generated once per test binary (2048-bit RSA).
@@ -79,16 +72,9 @@ pub(crate) fn keys() -> &'static AppKeys {
             &s(&pkcs8),
         ]);
         openssl(&["rsa", "-in", &s(&pkcs1), "-pubout", "-out", &s(&public)]);
-        let other = p("other.pkcs8.pem");
-        openssl(&[
-            "genpkey",
-            "-algorithm",
-            "RSA",
-            "-pkeyopt",
-            "rsa_keygen_bits:2048",
-            "-out",
-            &s(&other),
-        ]);
+        // Another App's key, made as the stand-in process makes its own.
+        github_stand_in::keys::generate(&p("other")).expect("another App's key");
+        let other = p("other").join("app.pem");
         let read = |path: &Path| std::fs::read_to_string(path).expect("read key");
         let keys = AppKeys {
             pkcs1_pem: read(&pkcs1),

@@ -8,7 +8,8 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, bail};
 
-fn openssl(args: &[&str]) -> anyhow::Result<()> {
+/// Runs `openssl ARGS…` (stdin closed); its stderr's gist when it fails.
+pub fn openssl(args: &[&str]) -> anyhow::Result<()> {
     let out = Command::new("openssl")
         .args(args)
         .stdin(Stdio::null())
