@@ -13,6 +13,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use credd_core::deadlines;
+use credd_core::platform_api::{TokenQuery, Which};
 use credd_core::protocol::{self, ErrorCode, Response, Source};
 use credd_core::text::error_chain;
 use zeroize::Zeroizing;
@@ -20,7 +21,6 @@ use zeroize::Zeroizing;
 use crate::cli::Cli;
 use crate::platform::{PlatformClient, PlatformError, Timeouts};
 use crate::process;
-use credd_core::platform_api::{TokenQuery, Which};
 
 /// Time limits for the one call: git is waiting on `credd`.
 const TIMEOUTS: Timeouts = Timeouts {

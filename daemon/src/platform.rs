@@ -68,11 +68,6 @@ impl Default for Timeouts {
     }
 }
 
-/// Most repositories a token's stated scope may list (GitHub mints with at
-/// most 500).
-pub const MAX_SCOPE_REPOSITORIES: usize = credd_core::repository::MAX_REPOSITORIES_PER_TOKEN;
-pub use credd_core::protocol::{MAX_PERMISSION_TEXT, MAX_SCOPE_PERMISSIONS};
-
 /// A token as granted by the platform.
 #[derive(Debug, Clone)]
 pub struct Grant {

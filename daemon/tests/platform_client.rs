@@ -4,13 +4,13 @@
 //! platform answers (odd layouts, bad statuses, hangs) and sees the exact
 //! request the client sent.
 
-use credd_core::platform_api::{TokenQuery, Which};
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use credd_core::config::Config;
+use credd_core::platform_api::{TokenQuery, Which};
 use credd_core::repository::RepositoryRef;
 use molecule_credd::platform::{
     ErrorClass, PlatformClient, PlatformError, RefusalOutcome, Timeouts,

@@ -3,9 +3,9 @@
 //! a parsed table obeys the caps and names an owner the table resolves.
 #![no_main]
 
+use credd_core::platform_api::Which;
 use credd_core::repository::is_valid_owner;
 use libfuzzer_sys::fuzz_target;
-use credd_core::platform_api::Which;
 use molecule_platform::grants::{GrantTable, GrantsFileError, MAX_REPOSITORIES_PER_OWNER};
 
 fuzz_target!(|data: &[u8]| {

@@ -19,7 +19,6 @@ use std::time::Duration;
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use credd_core::log_limit::{LOG_INTERVAL, SharedLogLimit};
-
 use credd_core::platform_api::Status;
 
 use crate::provider::ProviderError;

@@ -56,6 +56,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use credd_core::platform_api::TokenQuery;
 use credd_core::protocol::{ErrorCode, PlatformHealth, Response, Scope};
 use credd_core::repository::RepositoryRef;
 use credd_core::secret::Token;
@@ -69,7 +70,6 @@ use self::state::{Deadline, HeldToken, Now, Requester, State};
 use crate::clock::{self, BootClock};
 use crate::metrics::Metrics;
 use crate::platform::{Grant, PlatformClient, PlatformError, RefusalOutcome};
-use credd_core::platform_api::TokenQuery;
 
 /// The platform calls the cache makes; implemented by [`PlatformClient`]
 /// and by test fakes. Cloned once per owner the daemon holds a token for.

@@ -5,6 +5,7 @@
 //! outcome to the state's transitions ([`super::state`]). Being the only
 //! caller is what makes any number of clients cost one call.
 
+use credd_core::platform_api::{TokenQuery, Which};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -12,7 +13,6 @@ use super::state::{Accepted, Deadline, Failure, OnDemand, Requester};
 use super::{Benched, Fetch, TokenCache};
 use crate::metrics::CallOutcome;
 use crate::platform::RefusalOutcome;
-use credd_core::platform_api::{TokenQuery, Which};
 
 /// Why a per-owner cache's refresher offers to end (see [`super::Tokens`]).
 pub(crate) enum Retirement {
