@@ -477,6 +477,25 @@ mod tests {
     }
 
     #[test]
+    fn which_holds_the_one_name_rule() {
+        for bad in ["acme", "/api", "acme/", "-x/y", "a/..", "a/b c", "a/b/c"] {
+            assert!(Which::repository(bad).is_err(), "{bad}");
+        }
+        assert!(Which::owner(&"a".repeat(40)).is_err());
+        assert!(Which::owner(&"a".repeat(39)).is_ok());
+        // Enterprise Managed Users' logins.
+        assert_eq!(
+            Which::owner("acme_corp").unwrap(),
+            Which::Owner("acme_corp".into())
+        );
+        assert!(Which::repository("alice_acme/dotfiles.git").is_ok());
+        assert!(Which::owner("_acme").is_err());
+        assert!(Which::owner("a_b_c").is_err());
+        assert!(Which::repository(&format!("a/{}", "r".repeat(100))).is_ok());
+        assert!(Which::repository(&format!("a/{}", "r".repeat(101))).is_err());
+    }
+
+    #[test]
     fn which_says_what_it_names() {
         assert_eq!(Which::Default.to_string(), "its default account");
         assert_eq!(Which::owner("acme").unwrap().to_string(), "owner acme");
