@@ -216,8 +216,9 @@ impl TokenQuery {
 
 /// The token route's `200` body. Borrowing, so the platform writes it
 /// without copying the token; the daemon reads it and calls
-/// [`TokenAnswer::check`].
-#[derive(Debug, Serialize, Deserialize)]
+/// [`TokenAnswer::check`]. Not `Debug`: it holds the token in clear, and a
+/// `{:?}` in a log line must not compile (the checked [`Token`] redacts).
+#[derive(Serialize, Deserialize)]
 pub struct TokenAnswer<'a> {
     /// The installation token.
     #[serde(borrow)]
