@@ -404,7 +404,7 @@ impl Auth {
     /// `GET /admin/…`: the admin bearer; when no admin bearer is configured,
     /// any workspace's bearer (a workspace that does not know its ID can
     /// still fetch a token; the route's handler turns it away while grants
-    /// are in force, see `service::ADMIN_ROUTE_CLOSED`). With `ADMIN_TOKEN`
+    /// are in force, see `service::admin_route_closed`). With `ADMIN_TOKEN`
     /// set, workspace bearers are refused here.
     pub fn authorize_admin(&self, bearer: Option<&str>) -> Result<Caller, AuthError> {
         let bearer = bearer.ok_or(AuthError::MissingBearer)?;

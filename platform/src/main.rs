@@ -23,6 +23,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use credd_core::platform_api::{ADMIN_TOKEN_ROUTE, TOKEN_ROUTE};
 use molecule_platform::config::{Args, Config, ProviderChoice};
 use molecule_platform::shared::SharedStore;
 use molecule_platform::{
@@ -243,8 +244,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     if grants.current().is_some() && !auth.has_admin() {
         tracing::warn!(
             "admin route closed to workspace bearers: a grants file is in force and ADMIN_TOKEN is unset, \
-             so GET /admin/github-installation-token answers 403 (set ADMIN_TOKEN to open it to the admin only); \
-             workspaces get their scoped tokens from /workspaces/{{id}}/github-installation-token"
+             so GET {ADMIN_TOKEN_ROUTE} answers 403 (set ADMIN_TOKEN to open it to the admin only); \
+             workspaces get their scoped tokens from {TOKEN_ROUTE}"
         );
     }
     let state = AppState::new(Arc::clone(&registry), auth).with_grants(Arc::new(grants));

@@ -8,7 +8,7 @@
 //!   `{"sha256": HEX}`: the workspace reports that GitHub refused that token;
 //! - `GET /admin/github-installation-token`: the admin bearer (any workspace
 //!   bearer when no admin bearer is configured and no grants are in force:
-//!   see [`ADMIN_ROUTE_CLOSED`]): the configured installation's token,
+//!   see [`admin_route_closed`]): the configured installation's token,
 //!   unscoped;
 //! - `GET /healthz`;
 //! - `GET /metrics`: Prometheus text, unauthenticated (counts only, see
@@ -389,8 +389,12 @@ async fn workspace_token(
 
 /// Why the admin route refuses a workspace bearer while grants are in
 /// force (the 403's text).
-pub const ADMIN_ROUTE_CLOSED: &str = "the admin route is closed to workspace bearers while a grants file is in force: \
-     ask GET /workspaces/{id}/github-installation-token (set WORKSPACE_ID) for a token scoped to your grant";
+pub fn admin_route_closed() -> String {
+    format!(
+        "the admin route is closed to workspace bearers while a grants file is in force: \
+         ask GET {TOKEN_ROUTE} (set WORKSPACE_ID) for a token scoped to your grant"
+    )
+}
 
 /// `GET /admin/github-installation-token`: the configured installation's
 /// token, unscoped.
@@ -402,7 +406,7 @@ pub const ADMIN_ROUTE_CLOSED: &str = "the admin route is closed to workspace bea
 /// (every repository, every permission) past its grant. So while grants
 /// are in force — checked on every request, so grants that appear later
 /// (a reload, [`Grants::replace`]) close it at once — a workspace bearer
-/// here gets 403 [`ADMIN_ROUTE_CLOSED`] and nothing is minted; only the
+/// here gets 403 [`admin_route_closed`] and nothing is minted; only the
 /// admin bearer, when `ADMIN_TOKEN` is set, is served. The platform keeps
 /// starting with grants and no `ADMIN_TOKEN` (and says at start-up that
 /// this route is closed) rather than refusing to start: refusing would
@@ -427,7 +431,7 @@ async fn admin_token(
                     "admin route refused to a workspace bearer: grants are in force (ask the workspace route)"
                 );
             }
-            json_error(Status::NotGranted, ADMIN_ROUTE_CLOSED)
+            json_error(Status::NotGranted, &admin_route_closed())
         }
         Ok(caller) => serve_token(&state, caller, TokenRequest::default()).await,
         Err(error) => refused("admin", None, error, tally),
