@@ -99,15 +99,6 @@ impl Which {
         let text = text.strip_suffix(".git").unwrap_or(text);
         RepositoryRef::parse(text).map(Self::Repository)
     }
-
-    /// The account asked for, if any.
-    pub fn owner_name(&self) -> Option<&str> {
-        match self {
-            Self::Default => None,
-            Self::Owner(owner) => Some(owner),
-            Self::Repository(repository) => Some(repository.owner()),
-        }
-    }
 }
 
 impl fmt::Display for Which {
@@ -501,8 +492,6 @@ mod tests {
         assert_eq!(Which::Default.to_string(), "its default account");
         assert_eq!(Which::owner("acme").unwrap().to_string(), "owner acme");
         assert_eq!(repository("acme/api.git").to_string(), "acme/api");
-        assert_eq!(repository("acme/api").owner_name(), Some("acme"));
-        assert_eq!(Which::Default.owner_name(), None);
     }
 
     #[test]

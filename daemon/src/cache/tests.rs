@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use credd_core::platform_api::TokenQuery;
+use credd_core::platform_api::{TokenQuery, Which};
 use credd_core::protocol::{ErrorCode, Response, Scope, Source, TokenState};
 use credd_core::repository::RepositoryRef;
 use credd_core::secret::Token;
@@ -704,7 +704,10 @@ impl GrantingPlatform {
 
 impl Fetch for Arc<GrantingPlatform> {
     async fn fetch(&self, ask: TokenQuery) -> Result<Grant, PlatformError> {
-        let owner = ask.which.owner_name().unwrap_or("acme");
+        let owner = match &ask.which {
+            Which::Owner(owner) => owner.as_str(),
+            _ => "acme",
+        };
         let n = {
             let mut log = self.log.lock().unwrap();
             log.push(format!("fetch {owner}"));
