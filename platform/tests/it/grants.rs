@@ -30,11 +30,14 @@ permissions = { pull_requests = "write", contents = "write" }
 repositories = ["ghost/*", "acme/api"]
 "#;
 
-const BEARERS: [(&str, &str); 4] = [
+const BEARERS: [(&str, &str); 5] = [
     ("ws-a", "bearer-of-workspace-a-0123456789"),
     ("ws-b", "bearer-of-workspace-b-0123456789"),
     ("ws-c", "bearer-of-workspace-c-0123456789"),
     ("ws-x", "bearer-of-workspace-x-0123456789"),
+    // Only `a_workspace_asking_outside_its_grant_is_logged_once_a_while`:
+    // the log limit is per workspace and process-wide.
+    ("ws-flood", "bearer-of-workspace-flood-0123456"),
 ];
 
 fn bearer(id: &str) -> &'static str {
@@ -194,6 +197,33 @@ async fn outside_the_grant_is_403_and_mints_nothing() {
             .map(|(_, b)| (*b).to_owned())
             .collect::<Vec<_>>(),
     );
+}
+
+#[tokio::test]
+async fn a_workspace_asking_outside_its_grant_is_logged_once_a_while() {
+    // A prompt-injected agent can ask for what it may not have in a loop;
+    // each ask is answered, but the log gets one line per interval.
+    let (logs, _guard) = Logs::capture();
+    let f = fixture(Some(GRANTS), Duration::from_secs(3600));
+    for n in 0..500 {
+        let query = format!("?repository=evil/repo-{n}");
+        let answer = f.token("ws-flood", &query).await;
+        assert_eq!(answer.status, StatusCode::FORBIDDEN, "{query}");
+    }
+    let text = logs.text();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("token refused") && l.contains("ws-flood"))
+        .collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "one line for 500 refusals, not {}; the first: {:?}",
+        lines.len(),
+        lines.first()
+    );
+    assert!(lines[0].contains("WARN"), "{}", lines[0]);
+    assert!(f.mints().is_empty());
 }
 
 #[tokio::test]
