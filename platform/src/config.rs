@@ -163,73 +163,7 @@ impl Config {
             ))
         })?;
         let shared = shared_config(&args)?;
-        let app_id = non_empty(args.github_app_id.as_deref());
-        let client_id = non_empty(args.github_app_client_id.as_deref());
-        let installation = non_empty(args.github_app_installation_id.as_deref());
-        let key_file = non_empty_path(args.github_app_private_key_file);
-        let github_vars_set =
-            app_id.is_some() || client_id.is_some() || installation.is_some() || key_file.is_some();
-
-        let provider = if args.dev {
-            if github_vars_set {
-                return fail(
-                    "--dev serves fake tokens and cannot be combined with GITHUB_APP_* settings: \
-                     unset them, or drop --dev to use the GitHub App"
-                        .into(),
-                );
-            }
-            if !listen.ip().is_loopback() {
-                return fail(format!(
-                    "--dev only listens on loopback (127.0.0.1 or ::1), got {listen}: \
-                     dev tokens are for this machine only"
-                ));
-            }
-            if args.dev_token_ttl < Duration::from_secs(1) {
-                return fail("--dev-token-ttl must be at least 1s".into());
-            }
-            ProviderChoice::Dev {
-                token_ttl: args.dev_token_ttl,
-            }
-        } else if app_id.is_none() && client_id.is_none() {
-            if installation.is_some() || key_file.is_some() {
-                return fail(
-                    "GITHUB_APP_INSTALLATION_ID or GITHUB_APP_PRIVATE_KEY_FILE is set but GITHUB_APP_ID is not: \
-                     set GITHUB_APP_ID (or GITHUB_APP_CLIENT_ID) to serve tokens, or unset them all to turn the feature off"
-                        .into(),
-                );
-            }
-            ProviderChoice::Off
-        } else {
-            let issuer = client_id.or(app_id).unwrap_or_default();
-            let Some(installation) = installation else {
-                return fail(
-                    "GITHUB_APP_ID is set but GITHUB_APP_INSTALLATION_ID is not: set it to the installation's \
-                     numeric ID (github.com/settings/installations/ID)"
-                        .into(),
-                );
-            };
-            let installation_id: u64 = installation.parse().ok().filter(|n| *n > 0).ok_or_else(
-                || {
-                    ConfigError(format!(
-                        "GITHUB_APP_INSTALLATION_ID must be a positive number, got {installation:?}"
-                    ))
-                },
-            )?;
-            let Some(key_file) = key_file else {
-                return fail(
-                    "GITHUB_APP_ID is set but GITHUB_APP_PRIVATE_KEY_FILE is not: point it at the App's \
-                     private key (.pem)"
-                        .into(),
-                );
-            };
-            let key = read_key(&key_file)?;
-            ProviderChoice::GitHub(GitHubAppConfig::new(
-                issuer,
-                installation_id,
-                key,
-                args.github_api_url,
-            ))
-        };
+        let provider = provider_choice(&args, listen)?;
         if args.dev && shared.is_some() {
             return fail(
                 "--dev is a single process on loopback: unset PLATFORM_REDIS_URL / --redis-url"
@@ -249,6 +183,83 @@ impl Config {
             log_format: args.log_format,
             shared,
         })
+    }
+}
+
+/// Which provider `args` ask for: dev (loopback only, never with GitHub
+/// App settings), a GitHub App (every setting it needs present and sane,
+/// the key read, bounded), or none.
+fn provider_choice(args: &Args, listen: SocketAddr) -> Result<ProviderChoice, ConfigError> {
+    let fail = |m: String| Err(ConfigError(m));
+    let app_id = non_empty(args.github_app_id.as_deref());
+    let client_id = non_empty(args.github_app_client_id.as_deref());
+    let installation = non_empty(args.github_app_installation_id.as_deref());
+    let key_file = non_empty_path(args.github_app_private_key_file.clone());
+    let github_vars_set =
+        app_id.is_some() || client_id.is_some() || installation.is_some() || key_file.is_some();
+
+    if args.dev {
+        if github_vars_set {
+            return fail(
+                "--dev serves fake tokens and cannot be combined with GITHUB_APP_* settings: \
+                 unset them, or drop --dev to use the GitHub App"
+                    .into(),
+            );
+        }
+        if !listen.ip().is_loopback() {
+            return fail(format!(
+                "--dev only listens on loopback (127.0.0.1 or ::1), got {listen}: \
+                 dev tokens are for this machine only"
+            ));
+        }
+        if args.dev_token_ttl < Duration::from_secs(1) {
+            return fail("--dev-token-ttl must be at least 1s".into());
+        }
+        Ok(ProviderChoice::Dev {
+            token_ttl: args.dev_token_ttl,
+        })
+    } else if app_id.is_none() && client_id.is_none() {
+        if installation.is_some() || key_file.is_some() {
+            return fail(
+                "GITHUB_APP_INSTALLATION_ID or GITHUB_APP_PRIVATE_KEY_FILE is set but GITHUB_APP_ID is not: \
+                 set GITHUB_APP_ID (or GITHUB_APP_CLIENT_ID) to serve tokens, or unset them all to turn the feature off"
+                    .into(),
+            );
+        }
+        Ok(ProviderChoice::Off)
+    } else {
+        let issuer = client_id.or(app_id).unwrap_or_default();
+        let Some(installation) = installation else {
+            return fail(
+                "GITHUB_APP_ID is set but GITHUB_APP_INSTALLATION_ID is not: set it to the installation's \
+                 numeric ID (github.com/settings/installations/ID)"
+                    .into(),
+            );
+        };
+        let installation_id: u64 =
+            installation
+                .parse()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| {
+                    ConfigError(format!(
+                        "GITHUB_APP_INSTALLATION_ID must be a positive number, got {installation:?}"
+                    ))
+                })?;
+        let Some(key_file) = key_file else {
+            return fail(
+                "GITHUB_APP_ID is set but GITHUB_APP_PRIVATE_KEY_FILE is not: point it at the App's \
+                 private key (.pem)"
+                    .into(),
+            );
+        };
+        let key = read_key(&key_file)?;
+        Ok(ProviderChoice::GitHub(GitHubAppConfig::new(
+            issuer,
+            installation_id,
+            key,
+            args.github_api_url.clone(),
+        )))
     }
 }
 

@@ -1,6 +1,6 @@
 //! A provider that mints fake `ghs_` tokens, for local runs and tests.
 //!
-//! It goes through the same [`TokenCache`](crate::provider::TokenCache) as
+//! It goes through the same [`TokenCache`](crate::token_cache::TokenCache) as
 //! the GitHub provider, with the same refresh window, so a short lifetime
 //! makes refresh behaviour visible in minutes: what a daemon sees from it is
 //! what it would see from GitHub, minus GitHub.
@@ -15,11 +15,11 @@ use rand::Rng;
 use rand::distr::Alphanumeric;
 use secrecy::SecretString;
 
-use crate::grants::{Permissions, Scope};
 use crate::provider::{
     Clock, IssuedToken, ProviderError, REFRESH_WINDOW, RefusalFuture, ServedFuture, ServedToken,
     TokenFuture, TokenProvider, TokenRequest,
 };
+use crate::scope::{Permissions, Scope};
 use crate::scoped::{MintKey, ScopedCaches};
 
 /// Characters after the `ghs_` prefix (GitHub's classic installation tokens

@@ -32,10 +32,17 @@ use std::sync::{Arc, PoisonError, RwLock};
 
 use credd_core::platform_api::Which;
 use credd_core::repository::{NameError, is_valid_name, is_valid_owner};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use toml::Spanned;
 
 use crate::auth::valid_workspace_id;
+// The scope types live in `scope.rs` (providers use them without the
+// grants file); these names stay reachable here for the file's readers.
+pub use crate::scope::{
+    Level, MAX_PERMISSION_NAME_CHARS, MAX_PERMISSIONS, Permissions, Scope, github_levels,
+    valid_permission_name,
+};
+use crate::scope::{closest_permission, quoted_list};
 
 /// Largest grants file accepted.
 pub const MAX_GRANTS_FILE_BYTES: u64 = 16 * 1024 * 1024;
@@ -46,139 +53,6 @@ pub const MAX_OWNERS_PER_WORKSPACE: usize = 100;
 /// Most repositories of one owner in one grant: GitHub mints a token for at
 /// most 500 repositories.
 pub const MAX_REPOSITORIES_PER_OWNER: usize = credd_core::repository::MAX_REPOSITORIES_PER_TOKEN;
-/// Most permissions one grant may name.
-pub const MAX_PERMISSIONS: usize = 64;
-/// Longest permission name accepted (GitHub's are all far shorter).
-pub const MAX_PERMISSION_NAME_CHARS: usize = 64;
-
-/// Whether `name` is a permission name as GitHub spells them
-/// (`contents`, `pull_requests`): lowercase letters, digits and `_`.
-pub fn valid_permission_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= MAX_PERMISSION_NAME_CHARS
-        && name.starts_with(|c: char| c.is_ascii_lowercase())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-}
-
-/// The levels GitHub accepts for permission `name` (its `app-permissions`
-/// schema), or `None` when GitHub has no such permission.
-pub fn github_levels(name: &str) -> Option<&'static [&'static str]> {
-    let table = crate::github_permissions::APP_PERMISSIONS;
-    table
-        .binary_search_by(|(known, _)| (*known).cmp(name))
-        .ok()
-        .map(|i| table[i].1)
-}
-
-/// The known permission most like `name` (one or two letters off, or one
-/// is the other plus a suffix), for a hint.
-fn closest_permission(name: &str) -> Option<&'static str> {
-    fn distance(a: &str, b: &str) -> usize {
-        let b: Vec<char> = b.chars().collect();
-        let mut row: Vec<usize> = (0..=b.len()).collect();
-        for (i, ca) in a.chars().enumerate() {
-            let mut previous = row[0];
-            row[0] = i + 1;
-            for (j, cb) in b.iter().enumerate() {
-                let substitution = previous + usize::from(ca != *cb);
-                previous = row[j + 1];
-                row[j + 1] = substitution.min(row[j] + 1).min(row[j + 1] + 1);
-            }
-        }
-        row[b.len()]
-    }
-    crate::github_permissions::APP_PERMISSIONS
-        .iter()
-        .map(|(known, _)| (distance(name, known), *known))
-        .filter(|(d, _)| *d <= 2)
-        .min()
-        .map(|(_, known)| known)
-}
-
-/// `"a", "b" or "c"`.
-fn quoted_list(items: &[&str]) -> String {
-    let quoted: Vec<String> = items.iter().map(|i| format!("{i:?}")).collect();
-    match quoted.split_last() {
-        Some((last, [])) => last.clone(),
-        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
-        None => String::new(),
-    }
-}
-
-/// A permission level GitHub accepts when minting.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Level {
-    /// `read`.
-    Read,
-    /// `write`.
-    Write,
-    /// `admin`.
-    Admin,
-}
-
-impl Level {
-    /// GitHub's spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Read => "read",
-            Self::Write => "write",
-            Self::Admin => "admin",
-        }
-    }
-
-    fn parse(text: &str) -> Option<Self> {
-        match text {
-            "read" => Some(Self::Read),
-            "write" => Some(Self::Write),
-            "admin" => Some(Self::Admin),
-            _ => None,
-        }
-    }
-}
-
-/// Permission name → level, as sent to GitHub.
-pub type Permissions = BTreeMap<String, Level>;
-
-/// What one token is minted for: an owner, optionally some of its
-/// repositories, optionally some permissions.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Scope {
-    /// The account, as the grant spells it.
-    pub owner: String,
-    /// Repository names without the owner, sorted and deduplicated
-    /// (case-insensitively); `None`: every repository of the installation.
-    pub repositories: Option<Vec<String>>,
-    /// `None`: the installation's own permissions.
-    pub permissions: Option<Permissions>,
-}
-
-impl Scope {
-    /// `OWNER/NAME` of each repository, when limited.
-    pub fn full_names(&self) -> Option<Vec<String>> {
-        self.repositories.as_ref().map(|names| {
-            names
-                .iter()
-                .map(|name| format!("{}/{name}", self.owner))
-                .collect()
-        })
-    }
-
-    /// The owner in the form used to compare and to key caches.
-    pub fn owner_key(&self) -> String {
-        self.owner.to_ascii_lowercase()
-    }
-
-    /// The repositories in the form used to compare and to key caches.
-    pub fn repositories_key(&self) -> Option<Vec<String>> {
-        self.repositories
-            .as_ref()
-            .map(|names| names.iter().map(|n| n.to_ascii_lowercase()).collect())
-    }
-}
-
 /// Why a grant refuses a request (the text is safe to send to the caller:
 /// it names only what the caller asked for).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -279,39 +153,46 @@ pub struct GrantTable {
     workspaces: HashMap<String, WorkspaceGrant>,
 }
 
-fn line_of(text: &str, offset: usize) -> usize {
-    let end = offset.min(text.len());
-    text.as_bytes()[..end]
-        .iter()
-        .filter(|b| **b == b'\n')
-        .count()
-        + 1
+/// The grants file being read: its text, and its name for messages.
+struct Source<'a> {
+    text: &'a str,
+    origin: &'a str,
+}
+
+impl Source<'_> {
+    /// The error at byte `offset`, named by its line.
+    fn invalid(&self, offset: usize, reason: String) -> GrantsFileError {
+        let end = offset.min(self.text.len());
+        let line = self.text.as_bytes()[..end]
+            .iter()
+            .filter(|b| **b == b'\n')
+            .count()
+            + 1;
+        GrantsFileError::Invalid {
+            origin: self.origin.to_owned(),
+            line,
+            reason,
+        }
+    }
 }
 
 impl GrantTable {
     /// Parses the TOML format (see the module docs); errors name the line.
     pub fn parse(text: &str, origin: &str) -> Result<Self, GrantsFileError> {
-        let invalid = |offset: usize, reason: String| GrantsFileError::Invalid {
-            origin: origin.to_owned(),
-            line: line_of(text, offset),
-            reason,
-        };
+        let source = Source { text, origin };
         let doc: FileDoc = toml::from_str(text).map_err(|e| {
             let offset = e.span().map_or(0, |s| s.start);
-            invalid(offset, e.message().trim().replace('\n', " "))
+            source.invalid(offset, e.message().trim().replace('\n', " "))
         })?;
         if doc.workspace.len() > MAX_GRANT_WORKSPACES {
-            return Err(invalid(
-                0,
-                format!("more than {MAX_GRANT_WORKSPACES} workspaces"),
-            ));
+            return Err(source.invalid(0, format!("more than {MAX_GRANT_WORKSPACES} workspaces")));
         }
         let mut workspaces = HashMap::with_capacity(doc.workspace.len());
         for (id, entry) in doc.workspace {
             let entry_at = entry.span().start;
             let entry = entry.into_inner();
             if !valid_workspace_id(&id) {
-                return Err(invalid(
+                return Err(source.invalid(
                     entry_at,
                     format!(
                         "workspace ID {id:?} is not 1-{} characters of letters, digits, '.', '_' or '-' (not starting with '.')",
@@ -321,138 +202,10 @@ impl GrantTable {
             }
             let permissions = match entry.permissions {
                 None => None,
-                Some(spanned) => {
-                    let at = spanned.span().start;
-                    let map = spanned.into_inner();
-                    if map.is_empty() {
-                        return Err(invalid(
-                            at,
-                            format!(
-                                "workspace {id}: permissions is empty: name at least one, or leave it out for the installation's own"
-                            ),
-                        ));
-                    }
-                    if map.len() > MAX_PERMISSIONS {
-                        return Err(invalid(
-                            at,
-                            format!("workspace {id}: more than {MAX_PERMISSIONS} permissions"),
-                        ));
-                    }
-                    let mut permissions = Permissions::new();
-                    for (name, level) in map {
-                        if !valid_permission_name(&name) {
-                            return Err(invalid(
-                                level.span().start,
-                                format!(
-                                    "workspace {id}: permission {name:?} is not a GitHub permission name (lowercase letters, digits and '_', such as contents or pull_requests)"
-                                ),
-                            ));
-                        }
-                        let Some(levels) = github_levels(&name) else {
-                            let hint = closest_permission(&name)
-                                .map(|known| format!(" (did you mean {known}?)"))
-                                .unwrap_or_default();
-                            return Err(invalid(
-                                level.span().start,
-                                format!(
-                                    "workspace {id}: permission {name:?} is not one of GitHub's App permissions{hint}; GitHub would refuse every token of this grant ({})",
-                                    crate::github_permissions::SOURCE
-                                ),
-                            ));
-                        };
-                        let parsed =
-                            Level::parse(level.get_ref()).filter(|l| levels.contains(&l.as_str()));
-                        let Some(parsed) = parsed else {
-                            return Err(invalid(
-                                level.span().start,
-                                format!(
-                                    "workspace {id}: permission {name} is {:?}, but GitHub allows only {} for it ({})",
-                                    level.get_ref(),
-                                    quoted_list(levels),
-                                    crate::github_permissions::SOURCE
-                                ),
-                            ));
-                        };
-                        permissions.insert(name, parsed);
-                    }
-                    Some(permissions)
-                }
+                Some(spanned) => Some(parse_permissions(&source, &id, spanned)?),
             };
-            let repositories_at = entry.repositories.span().start;
-            let repositories = entry.repositories.into_inner();
-            if repositories.is_empty() {
-                return Err(invalid(
-                    repositories_at,
-                    format!(
-                        "workspace {id}: repositories is empty: list OWNER/NAME or OWNER/* entries, or remove the workspace"
-                    ),
-                ));
-            }
-            // owner key → (scope, every repository?)
-            let mut owners: Vec<(Scope, bool)> = Vec::new();
-            for repository in repositories {
-                let at = repository.span().start;
-                let text = repository.into_inner();
-                let bad = |why: String| {
-                    invalid(at, format!("workspace {id}: repository {text:?}: {why}"))
-                };
-                let (owner, name) = text
-                    .split_once('/')
-                    .ok_or_else(|| bad("expected OWNER/NAME or OWNER/*".into()))?;
-                if !is_valid_owner(owner) {
-                    return Err(bad(NameError::BadOwner.to_string()));
-                }
-                if name != "*" && !is_valid_name(name) {
-                    return Err(bad(format!("{} (or * for all)", NameError::BadName)));
-                }
-                let index = match owners
-                    .iter()
-                    .position(|(s, _)| s.owner.eq_ignore_ascii_case(owner))
-                {
-                    Some(index) => index,
-                    None => {
-                        if owners.len() >= MAX_OWNERS_PER_WORKSPACE {
-                            return Err(bad(format!(
-                                "more than {MAX_OWNERS_PER_WORKSPACE} owners in one workspace"
-                            )));
-                        }
-                        owners.push((
-                            Scope {
-                                owner: owner.to_owned(),
-                                repositories: Some(Vec::new()),
-                                permissions: permissions.clone(),
-                            },
-                            false,
-                        ));
-                        owners.len() - 1
-                    }
-                };
-                let (scope, all) = &mut owners[index];
-                if name == "*" {
-                    *all = true;
-                    continue;
-                }
-                let names = scope.repositories.get_or_insert_with(Vec::new);
-                if !names.iter().any(|n| n.eq_ignore_ascii_case(name)) {
-                    if names.len() >= MAX_REPOSITORIES_PER_OWNER {
-                        return Err(bad(format!(
-                            "more than {MAX_REPOSITORIES_PER_OWNER} repositories of {owner} (GitHub's limit for one token): use {owner}/* instead"
-                        )));
-                    }
-                    names.push(name.to_owned());
-                }
-            }
-            let owners = owners
-                .into_iter()
-                .map(|(mut scope, all)| {
-                    if all {
-                        scope.repositories = None;
-                    } else if let Some(names) = &mut scope.repositories {
-                        names.sort_by_key(|n| n.to_ascii_lowercase());
-                    }
-                    scope
-                })
-                .collect();
+            let owners =
+                parse_repositories(&source, &id, entry.repositories, permissions.as_ref())?;
             workspaces.insert(id, WorkspaceGrant { owners });
         }
         Ok(Self { workspaces })
@@ -483,6 +236,164 @@ impl GrantTable {
             .map(|grant| grant.owners.clone())
             .unwrap_or_default()
     }
+}
+
+/// A workspace's `permissions` table: each a GitHub App permission at a
+/// level GitHub allows for it (checked against GitHub's own table, so no
+/// grant GitHub would refuse is ever sent).
+fn parse_permissions(
+    source: &Source<'_>,
+    id: &str,
+    spanned: Spanned<BTreeMap<String, Spanned<String>>>,
+) -> Result<Permissions, GrantsFileError> {
+    let invalid = |offset, reason| source.invalid(offset, reason);
+    let at = spanned.span().start;
+    let map = spanned.into_inner();
+    if map.is_empty() {
+        return Err(invalid(
+            at,
+            format!(
+                "workspace {id}: permissions is empty: name at least one, or leave it out for the installation's own"
+            ),
+        ));
+    }
+    if map.len() > MAX_PERMISSIONS {
+        return Err(invalid(
+            at,
+            format!("workspace {id}: more than {MAX_PERMISSIONS} permissions"),
+        ));
+    }
+    let mut permissions = Permissions::new();
+    for (name, level) in map {
+        if !valid_permission_name(&name) {
+            return Err(invalid(
+                level.span().start,
+                format!(
+                    "workspace {id}: permission {name:?} is not a GitHub permission name (lowercase letters, digits and '_', such as contents or pull_requests)"
+                ),
+            ));
+        }
+        let Some(levels) = github_levels(&name) else {
+            let hint = closest_permission(&name)
+                .map(|known| format!(" (did you mean {known}?)"))
+                .unwrap_or_default();
+            return Err(invalid(
+                level.span().start,
+                format!(
+                    "workspace {id}: permission {name:?} is not one of GitHub's App permissions{hint}; GitHub would refuse every token of this grant ({})",
+                    crate::github_permissions::SOURCE
+                ),
+            ));
+        };
+        let parsed = Level::parse(level.get_ref()).filter(|l| levels.contains(&l.as_str()));
+        let Some(parsed) = parsed else {
+            return Err(invalid(
+                level.span().start,
+                format!(
+                    "workspace {id}: permission {name} is {:?}, but GitHub allows only {} for it ({})",
+                    level.get_ref(),
+                    quoted_list(levels),
+                    crate::github_permissions::SOURCE
+                ),
+            ));
+        };
+        permissions.insert(name, parsed);
+    }
+    Ok(permissions)
+}
+
+/// The index of `owner`'s scope in `owners` (case-insensitive), added
+/// with every repository unset and `permissions` when it is new; refused
+/// past [`MAX_OWNERS_PER_WORKSPACE`].
+fn owner_slot(
+    owners: &mut Vec<(Scope, bool)>,
+    owner: &str,
+    permissions: Option<&Permissions>,
+) -> Result<usize, String> {
+    if let Some(index) = owners
+        .iter()
+        .position(|(s, _)| s.owner.eq_ignore_ascii_case(owner))
+    {
+        return Ok(index);
+    }
+    if owners.len() >= MAX_OWNERS_PER_WORKSPACE {
+        return Err(format!(
+            "more than {MAX_OWNERS_PER_WORKSPACE} owners in one workspace"
+        ));
+    }
+    owners.push((
+        Scope {
+            owner: owner.to_owned(),
+            repositories: Some(Vec::new()),
+            permissions: permissions.cloned(),
+        },
+        false,
+    ));
+    Ok(owners.len() - 1)
+}
+
+/// A workspace's `repositories` list, grouped by owner (case-insensitive):
+/// `OWNER/*` grants every repository of the owner, else its names, sorted
+/// and de-duplicated, within GitHub's limit for one token.
+fn parse_repositories(
+    source: &Source<'_>,
+    id: &str,
+    repositories: Spanned<Vec<Spanned<String>>>,
+    permissions: Option<&Permissions>,
+) -> Result<Vec<Scope>, GrantsFileError> {
+    let invalid = |offset, reason| source.invalid(offset, reason);
+    let repositories_at = repositories.span().start;
+    let repositories = repositories.into_inner();
+    if repositories.is_empty() {
+        return Err(invalid(
+            repositories_at,
+            format!(
+                "workspace {id}: repositories is empty: list OWNER/NAME or OWNER/* entries, or remove the workspace"
+            ),
+        ));
+    }
+    // owner key → (scope, every repository?)
+    let mut owners: Vec<(Scope, bool)> = Vec::new();
+    for repository in repositories {
+        let at = repository.span().start;
+        let text = repository.into_inner();
+        let bad = |why: String| invalid(at, format!("workspace {id}: repository {text:?}: {why}"));
+        let (owner, name) = text
+            .split_once('/')
+            .ok_or_else(|| bad("expected OWNER/NAME or OWNER/*".into()))?;
+        if !is_valid_owner(owner) {
+            return Err(bad(NameError::BadOwner.to_string()));
+        }
+        if name != "*" && !is_valid_name(name) {
+            return Err(bad(format!("{} (or * for all)", NameError::BadName)));
+        }
+        let index = owner_slot(&mut owners, owner, permissions).map_err(&bad)?;
+        let (scope, all) = &mut owners[index];
+        if name == "*" {
+            *all = true;
+            continue;
+        }
+        let names = scope.repositories.get_or_insert_with(Vec::new);
+        if !names.iter().any(|n| n.eq_ignore_ascii_case(name)) {
+            if names.len() >= MAX_REPOSITORIES_PER_OWNER {
+                return Err(bad(format!(
+                    "more than {MAX_REPOSITORIES_PER_OWNER} repositories of {owner} (GitHub's limit for one token): use {owner}/* instead"
+                )));
+            }
+            names.push(name.to_owned());
+        }
+    }
+    Ok(owners
+        .into_iter()
+        .map(|(mut scope, all)| {
+            if all {
+                scope.repositories = None;
+            } else if let Some(names) = &mut scope.repositories {
+                names.sort_by_key(|n| n.to_ascii_lowercase());
+            }
+            scope
+        })
+        .collect())
 }
 
 /// The grants in force: none (no grants file: every workspace gets the

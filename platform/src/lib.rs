@@ -5,8 +5,9 @@
 //! crate is the broker that hands out a live token on demand:
 //!
 //! - [`provider`]: the [`TokenProvider`](provider::TokenProvider) contract
-//!   (never an expired token, refresh ahead of expiry, single flight) and the
-//!   [`TokenCache`](provider::TokenCache) that implements it for providers.
+//!   (never an expired token, refresh ahead of expiry, single flight).
+//! - [`token_cache`]: the [`TokenCache`] that keeps that contract for every
+//!   provider.
 //! - [`registry`]: provision-time plugins, one of which may also be the
 //!   token provider.
 //! - [`github`]: the GitHub App provider (JWT → installation access token).
@@ -15,6 +16,8 @@
 //! - [`answer`]: each provider failure mapped to its one HTTP answer.
 //! - [`grants`]: the grants file: which owners, repositories and
 //!   permissions each workspace's tokens are scoped to.
+//! - [`scope`]: what one token is minted for ([`Scope`]) and GitHub's
+//!   permission names and levels.
 //! - [`scoped`]: one token cache per (installation, repositories,
 //!   permissions), bounded, and the refusal rate limit.
 //! - [`shared`]: the token cache replicas share through Redis (sealed
@@ -22,7 +25,8 @@
 //! - [`dev`]: a provider minting fake `ghs_` tokens for local runs and tests.
 //! - [`auth`]: admin and per-workspace bearer checks.
 //! - [`metrics`]: the Prometheus metrics behind `GET /metrics`.
-//! - [`service`]: the HTTP endpoints (axum) and a bounded server loop.
+//! - [`service`]: the HTTP endpoints (axum) and, in `service/accept.rs`, a
+//!   bounded server loop.
 //! - [`config`]: the `molecule-platform` binary's configuration.
 
 #![forbid(unsafe_code)]
@@ -37,17 +41,20 @@ pub mod grants;
 pub mod metrics;
 pub mod provider;
 pub mod registry;
+pub mod scope;
 pub mod scoped;
 pub mod service;
 pub mod shared;
+pub mod token_cache;
 
 pub use auth::{Auth, WorkspaceTokens};
 pub use dev::DevProvider;
 pub use github::{GitHubAppConfig, GitHubAppProvider};
-pub use grants::{GrantError, GrantTable, Grants, GrantsFileError, Scope};
+pub use grants::{GrantError, GrantTable, Grants, GrantsFileError};
 pub use provider::{
-    Clock, IssuedToken, ProviderError, RefusalOutcome, ServedToken, TokenCache, TokenProvider,
-    TokenRequest,
+    Clock, IssuedToken, ProviderError, RefusalOutcome, ServedToken, TokenProvider, TokenRequest,
 };
 pub use registry::{ProvisionPlugin, Registry};
+pub use scope::Scope;
 pub use service::{AppState, ServiceLimits, app, serve};
+pub use token_cache::TokenCache;

@@ -25,7 +25,7 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use credd_core::platform_api::{ADMIN_TOKEN_ROUTE, TOKEN_ROUTE};
 use molecule_platform::config::{Args, Config, ProviderChoice};
-use molecule_platform::shared::SharedStore;
+use molecule_platform::shared::{SharedConfig, SharedStore};
 use molecule_platform::{
     AppState, Auth, DevProvider, GitHubAppProvider, Grants, Registry, WorkspaceTokens,
 };
@@ -167,10 +167,47 @@ fn random_bearer() -> SecretString {
     SecretString::from(format!("dev-{random}"))
 }
 
+/// The composition root: the provider, the bearers and the grants from
+/// `config`, the router over them, served until SIGTERM or SIGINT.
 async fn serve(config: Config) -> anyhow::Result<()> {
     let registry = Arc::new(Registry::new());
     let dev = matches!(config.provider, ProviderChoice::Dev { .. });
-    match config.provider {
+    register_provider(&registry, config.provider, config.shared)?;
+    let (auth, dev_bearer_file) = bearers(
+        config.admin_token,
+        config.workspace_tokens_file.as_deref(),
+        config.dev_auth_token_file.as_deref(),
+        dev,
+    )?;
+    let grants = load_grants(config.grants_file.as_deref(), &auth)?;
+    let state = AppState::new(Arc::clone(&registry), auth).with_grants(Arc::new(grants));
+    let limits = state.limits().clone();
+
+    let listener =
+        listen(config.listen).with_context(|| format!("cannot listen on {}", config.listen))?;
+    let addr = listener.local_addr().context("listener address")?;
+
+    announce(&format!("http://{addr}"), dev_bearer_file.as_deref())?;
+    tracing::info!("listening on http://{addr}");
+
+    reload_on_hangup(Arc::clone(state.auth()), Arc::clone(state.grants()))?;
+    let shutdown = shutdown_signal()?;
+    let app = molecule_platform::app(state);
+    molecule_platform::service::serve_with_limits(listener, app, shutdown, &limits)
+        .await
+        .context("server")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Registers the configured provider (none, dev or a GitHub App, shared
+/// through Redis when `shared` is set).
+fn register_provider(
+    registry: &Registry,
+    provider: ProviderChoice,
+    shared: Option<SharedConfig>,
+) -> anyhow::Result<()> {
+    match provider {
         ProviderChoice::Off => tracing::warn!(
             "no GitHub App configured (GITHUB_APP_ID unset): the token endpoints answer 404"
         ),
@@ -185,7 +222,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             let issuer = github.issuer.clone();
             let mut provider =
                 GitHubAppProvider::new(github).context("GitHub App configuration")?;
-            if let Some(shared) = config.shared {
+            if let Some(shared) = shared {
                 let prefix = shared.prefix.clone();
                 let store = SharedStore::new(shared)
                     .map_err(|why| anyhow::anyhow!("PLATFORM_REDIS_URL: {why}"))?;
@@ -199,13 +236,23 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             registry.register(Arc::new(provider));
         }
     }
+    Ok(())
+}
 
-    let workspaces = match &config.workspace_tokens_file {
+/// The admin bearer (from `ADMIN_TOKEN`, or random in dev mode) and the
+/// workspace bearers; in dev mode, where the random bearer was written.
+fn bearers(
+    admin_token: Option<SecretString>,
+    workspace_tokens_file: Option<&Path>,
+    dev_auth_token_file: Option<&Path>,
+    dev: bool,
+) -> anyhow::Result<(Auth, Option<PathBuf>)> {
+    let workspaces = match workspace_tokens_file {
         Some(path) => WorkspaceTokens::load(path).context("PLATFORM_WORKSPACE_TOKENS_FILE")?,
         None => WorkspaceTokens::empty(),
     };
-    let admin_from_env = config.admin_token.is_some();
-    let admin = match (config.admin_token, dev) {
+    let admin_from_env = admin_token.is_some();
+    let admin = match (admin_token, dev) {
         (Some(admin), _) => Some(admin),
         (None, true) => Some(random_bearer()),
         (None, false) => None,
@@ -217,7 +264,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
     // A random dev bearer is useless unless written somewhere; one from
     // ADMIN_TOKEN is already known to the user, so only an explicit file.
-    let dev_bearer_file = match (&admin, dev, &config.dev_auth_token_file) {
+    let dev_bearer_file = match (&admin, dev, dev_auth_token_file) {
         (Some(admin), true, Some(file)) => Some(write_dev_bearer(Some(file), admin)?),
         (Some(admin), true, None) if !admin_from_env => Some(write_dev_bearer(None, admin)?),
         _ => None,
@@ -228,7 +275,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         if auth.has_admin() { "set" } else { "unset" },
         auth.workspaces().len()
     );
-    let grants = match &config.grants_file {
+    Ok((auth, dev_bearer_file))
+}
+
+/// The grants file, when one is configured, and what it means for the
+/// admin route.
+fn load_grants(grants_file: Option<&Path>, auth: &Auth) -> anyhow::Result<Grants> {
+    let grants = match grants_file {
         Some(path) => Grants::load(path).context("PLATFORM_GRANTS_FILE")?,
         None => Grants::none(),
     };
@@ -248,18 +301,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
              workspaces get their scoped tokens from {TOKEN_ROUTE}"
         );
     }
-    let state = AppState::new(Arc::clone(&registry), auth).with_grants(Arc::new(grants));
-    let limits = state.limits().clone();
-    let auth = Arc::clone(state.auth());
-    let grants = Arc::clone(state.grants());
+    Ok(grants)
+}
 
-    let listener =
-        listen(config.listen).with_context(|| format!("cannot listen on {}", config.listen))?;
-    let addr = listener.local_addr().context("listener address")?;
-
-    announce(&format!("http://{addr}"), dev_bearer_file.as_deref())?;
-    tracing::info!("listening on http://{addr}");
-
+/// On each SIGHUP, reloads the workspace bearers and the grants file,
+/// keeping the previous ones when a file does not load.
+fn reload_on_hangup(auth: Arc<Auth>, grants: Arc<Grants>) -> anyhow::Result<()> {
     let mut hangups = signal(SignalKind::hangup()).context("SIGHUP handler")?;
     tokio::spawn(async move {
         while hangups.recv().await.is_some() {
@@ -281,21 +328,21 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             }
         }
     });
+    Ok(())
+}
+
+/// Completes at SIGTERM or SIGINT (both handlers installed before it
+/// returns, so a signal that comes at once is not lost).
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()> + Send + 'static> {
     let mut terms = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut ints = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-    let shutdown = async move {
+    Ok(async move {
         let which = tokio::select! {
             _ = terms.recv() => "SIGTERM",
             _ = ints.recv() => "SIGINT",
         };
         tracing::info!("{which}: shutting down, finishing in-flight requests");
-    };
-    let app = molecule_platform::app(state);
-    molecule_platform::service::serve_with_limits(listener, app, shutdown, &limits)
-        .await
-        .context("server")?;
-    tracing::info!("stopped");
-    Ok(())
+    })
 }
 
 /// Connections the kernel queues for `accept` (it caps this at

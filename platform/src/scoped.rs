@@ -20,9 +20,10 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 
-use crate::grants::{Level, Scope};
-use crate::provider::{Clock, REFUSAL_INTERVAL, RefusalOutcome, TokenCache};
+use crate::provider::{Clock, REFUSAL_INTERVAL, RefusalOutcome};
+use crate::scope::{Level, Scope};
 use crate::shared::{SharedSlot, SharedStore};
+use crate::token_cache::TokenCache;
 
 /// Most kinds of token cached at once by one provider.
 pub const MAX_CACHED_TOKENS: usize = 4096;
