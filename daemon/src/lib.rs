@@ -154,15 +154,49 @@ pub fn start(
     result
 }
 
+/// Acts on the signal handler's commands: SIGHUP refreshes now; SIGTERM
+/// and SIGINT stop the daemon, the socket file removed first.
+async fn follow_commands<F: cache::Fetch>(
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    tokens: Arc<Tokens<F>>,
+    notifier: systemd::Notifier,
+    mut socket_file: Option<SocketFile>,
+    stop: CancellationToken,
+) {
+    while let Some(command) = commands.recv().await {
+        match command {
+            Command::Refresh => {
+                // Flags and environment are fixed for the process; what can
+                // change (the bearer file) is re-read on every call.
+                tracing::info!("SIGHUP: refreshing the tokens now");
+                tokens.refresh_now();
+            }
+            Command::Shutdown { signal } => {
+                tracing::info!("{signal}: shutting down");
+                notifier.stopping();
+                // Unlinked while our listener still holds the address, so a
+                // daemon starting meanwhile never sees a socket that is ours
+                // but dead and takes it over (we would then remove its
+                // socket instead of ours).
+                if let Some(file) = socket_file.take() {
+                    file.remove();
+                }
+                stop.cancel();
+                return;
+            }
+        }
+    }
+}
+
 /// Serves `listener` until a [`Command::Shutdown`] arrives on `commands`.
 pub async fn run(
     settings: Settings,
     listener: Listener,
-    mut commands: mpsc::UnboundedReceiver<Command>,
+    commands: mpsc::UnboundedReceiver<Command>,
 ) -> anyhow::Result<()> {
     let Listener {
         listener,
-        file: mut socket_file,
+        file: socket_file,
         path,
     } = listener;
     let listener = tokio::net::UnixListener::from_std(listener)
@@ -190,37 +224,13 @@ pub async fn run(
     };
     notifier.ready();
     systemd::follow(&cache, &notifier, &stop);
-    {
-        let tokens = Arc::clone(&tokens);
-        let notifier = notifier.clone();
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            while let Some(command) = commands.recv().await {
-                match command {
-                    Command::Refresh => {
-                        // Flags and environment are fixed for the process;
-                        // what can change (the bearer file) is re-read on
-                        // every call.
-                        tracing::info!("SIGHUP: refreshing the tokens now");
-                        tokens.refresh_now();
-                    }
-                    Command::Shutdown { signal } => {
-                        tracing::info!("{signal}: shutting down");
-                        notifier.stopping();
-                        // Unlinked while our listener still holds the
-                        // address, so a daemon starting meanwhile never sees
-                        // a socket that is ours but dead and takes it over
-                        // (we would then remove its socket instead of ours).
-                        if let Some(file) = socket_file.take() {
-                            file.remove();
-                        }
-                        stop.cancel();
-                        return;
-                    }
-                }
-            }
-        });
-    }
+    tokio::spawn(follow_commands(
+        commands,
+        Arc::clone(&tokens),
+        notifier.clone(),
+        socket_file,
+        stop.clone(),
+    ));
 
     let gateway = settings
         .gateway

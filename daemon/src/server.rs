@@ -21,6 +21,7 @@ use std::time::Duration;
 use credd_core::log_limit::{LOG_INTERVAL, LogLimit};
 use credd_core::protocol::{self, ErrorCode, MAX_LINE, ProtocolError, Request, Response};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::UCred;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -115,41 +116,12 @@ pub(crate) async fn run<F: Fetch>(
         // answered at once and never holds a connection slot.
         let peer = stream.peer_cred().ok();
         if !peer.is_some_and(|cred| peer_check.allows(cred.uid())) {
-            if let Some(suppressed) = refused_log.admit(now()) {
-                tracing::warn!(
-                    uid = peer.map_or(-1, |c| i64::from(c.uid())),
-                    pid = peer.and_then(|c| c.pid()).unwrap_or(-1),
-                    suppressed,
-                    "refused a caller whose uid may not use this daemon (start it with --allow-uid UID to admit it)"
-                );
-            }
-            let answer = Response::Error {
-                code: ErrorCode::Forbidden,
-                message: "this uid may not use molecule-credd (ask its owner to add --allow-uid)"
-                    .into(),
-            };
-            tokens.metrics().answered(&answer);
-            answer_unread(&stream, &answer);
+            refuse_uid(&stream, peer, &tokens, &mut refused_log);
             continue;
         }
         let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
             // Never wait here: answer without reading and move on.
-            let answer = Response::Error {
-                code: ErrorCode::Busy,
-                message: format!(
-                    "molecule-credd is serving {} connections already; try again",
-                    settings.max_connections
-                ),
-            };
-            tokens.metrics().answered(&answer);
-            answer_unread(&stream, &answer);
-            if let Some(suppressed) = busy_log.admit(now()) {
-                tracing::warn!(
-                    max_connections = settings.max_connections,
-                    suppressed,
-                    "connection limit reached; answering busy"
-                );
-            }
+            answer_busy(&stream, settings.max_connections, &tokens, &mut busy_log);
             continue;
         };
         let tokens = Arc::clone(&tokens);
@@ -170,6 +142,55 @@ pub(crate) async fn run<F: Fetch>(
         tracing::warn!(
             open = tracker.len(),
             "connections still open after the shutdown grace period; closing them"
+        );
+    }
+}
+
+/// Answers a caller whose uid may not use the daemon, without reading
+/// its request; logged at most once per interval.
+fn refuse_uid<F: Fetch>(
+    stream: &UnixStream,
+    peer: Option<UCred>,
+    tokens: &Tokens<F>,
+    log: &mut LogLimit,
+) {
+    if let Some(suppressed) = log.admit(now()) {
+        tracing::warn!(
+            uid = peer.map_or(-1, |c| i64::from(c.uid())),
+            pid = peer.and_then(|c| c.pid()).unwrap_or(-1),
+            suppressed,
+            "refused a caller whose uid may not use this daemon (start it with --allow-uid UID to admit it)"
+        );
+    }
+    let answer = Response::Error {
+        code: ErrorCode::Forbidden,
+        message: "this uid may not use molecule-credd (ask its owner to add --allow-uid)".into(),
+    };
+    tokens.metrics().answered(&answer);
+    answer_unread(stream, &answer);
+}
+
+/// Answers `busy` when every connection slot is taken, without reading the
+/// request; logged at most once per interval.
+fn answer_busy<F: Fetch>(
+    stream: &UnixStream,
+    max_connections: usize,
+    tokens: &Tokens<F>,
+    log: &mut LogLimit,
+) {
+    let answer = Response::Error {
+        code: ErrorCode::Busy,
+        message: format!(
+            "molecule-credd is serving {max_connections} connections already; try again"
+        ),
+    };
+    tokens.metrics().answered(&answer);
+    answer_unread(stream, &answer);
+    if let Some(suppressed) = log.admit(now()) {
+        tracing::warn!(
+            max_connections,
+            suppressed,
+            "connection limit reached; answering busy"
         );
     }
 }
@@ -266,7 +287,7 @@ async fn read_request(stream: &mut UnixStream) -> io::Result<RequestLine> {
 
 async fn serve_connection<F: Fetch>(
     mut stream: UnixStream,
-    peer: Option<tokio::net::unix::UCred>,
+    peer: Option<UCred>,
     tokens: &Tokens<F>,
     stop_reading: &CancellationToken,
     sealed: bool,
@@ -363,7 +384,7 @@ struct Audit {
 }
 
 impl Audit {
-    fn take(peer: Option<tokio::net::unix::UCred>, want: &Want, fingerprint: String) -> Self {
+    fn take(peer: Option<UCred>, want: &Want, fingerprint: String) -> Self {
         let pid = peer.and_then(|cred| cred.pid());
         // procfs, not a disk: the link reads at once (or fails for a caller
         // of another uid we may not inspect, or one that has exited).
@@ -412,7 +433,7 @@ fn bad_request(message: String) -> Response {
 async fn dispatch<F: Fetch>(
     line: &[u8],
     tokens: &Tokens<F>,
-    peer: Option<tokio::net::unix::UCred>,
+    peer: Option<UCred>,
     sealed: bool,
 ) -> (Response, Option<Audit>) {
     let answer = match protocol::decode::<Request>(line) {

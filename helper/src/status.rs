@@ -103,32 +103,8 @@ fn render_token(out: &mut String, indent: &str, status: &TokenStatus, now: Syste
     line("state:", state);
     if let Some(owner) = &status.scope.owner {
         line("owner:", &daemon::printable(owner));
-        line(
-            "repositories:",
-            &status.scope.repositories.as_ref().map_or_else(
-                || "all of the account's".to_owned(),
-                |list| match status.repositories_total {
-                    // The count first: a long list is cut at the line's end.
-                    Some(total) => {
-                        daemon::printable(&format!("{total} in all: {}, …", list.join(", ")))
-                    }
-                    None => daemon::printable(&list.join(", ")),
-                },
-            ),
-        );
-        line(
-            "permissions:",
-            &status.scope.permissions.as_ref().map_or_else(
-                || "the installation's".to_owned(),
-                |map| {
-                    let pairs: Vec<String> = map
-                        .iter()
-                        .map(|(name, level)| format!("{name}={level}"))
-                        .collect();
-                    daemon::printable(&pairs.join(", "))
-                },
-            ),
-        );
+        line("repositories:", &repositories_text(status));
+        line("permissions:", &permissions_text(status));
     }
     line("source:", source);
     line("fingerprint:", status.fingerprint.as_deref().unwrap_or("-"));
@@ -155,6 +131,34 @@ fn render_token(out: &mut String, indent: &str, status: &TokenStatus, now: Syste
     line("platform:", status.platform.as_str());
     line("platform calls:", &status.platform_calls.to_string());
     line("served:", &status.served.to_string());
+}
+
+/// The token's repositories in words: all of the account's, or the list
+/// (with the count first when the daemon sent only the first few).
+fn repositories_text(status: &TokenStatus) -> String {
+    status.scope.repositories.as_ref().map_or_else(
+        || "all of the account's".to_owned(),
+        |list| match status.repositories_total {
+            // The count first: a long list is cut at the line's end.
+            Some(total) => daemon::printable(&format!("{total} in all: {}, …", list.join(", "))),
+            None => daemon::printable(&list.join(", ")),
+        },
+    )
+}
+
+/// The token's permissions in words: the installation's, or `name=level`
+/// pairs.
+fn permissions_text(status: &TokenStatus) -> String {
+    status.scope.permissions.as_ref().map_or_else(
+        || "the installation's".to_owned(),
+        |map| {
+            let pairs: Vec<String> = map
+                .iter()
+                .map(|(name, level)| format!("{name}={level}"))
+                .collect();
+            daemon::printable(&pairs.join(", "))
+        },
+    )
 }
 
 #[cfg(test)]

@@ -271,32 +271,7 @@ impl State {
             return Accepted::TooShort;
         }
         let unchanged = self.cached.as_ref().is_some_and(|c| c.token == grant.token);
-        let mut delay = refresh_delay(
-            life,
-            policy.refresh_margin,
-            policy.min_lifetime,
-            unit,
-            unchanged,
-        );
-        // So little servable life that the schedule would call again within
-        // seconds: the platform is handing out nearly dead tokens. From the
-        // second such token in a row, calls are bounded like failures. (A
-        // deployment with short tokens, say 2 minutes, schedules tens of
-        // seconds apart and never gets here.)
-        if delay < SHORT_LIVED_DELAY {
-            self.short_streak = self.short_streak.saturating_add(1);
-        } else {
-            self.short_streak = 0;
-        }
-        let short_lived = self.short_streak >= 2;
-        if short_lived {
-            delay = delay.max(backoff_delay(
-                policy.backoff_initial,
-                policy.backoff_max,
-                self.short_streak - 2,
-                unit,
-            ));
-        }
+        let (delay, short_lived) = self.next_refresh(policy, life, unit, unchanged);
         let fingerprint = grant.token.fingerprint();
         tracing::info!(
             fingerprint,
@@ -329,6 +304,65 @@ impl State {
                 "the platform's token replaces the bootstrap token from the environment"
             );
         }
+        self.report_health(policy, short_lived, life, delay);
+        self.last_refresh_at = Some(unix_secs(SystemTime::now()));
+        self.failures = 0;
+        self.unauthorized_retried = false;
+        // Clients may still bring a call forward (rate limited): a token
+        // that is no longer servable must not wait out the whole back-off.
+        self.backing_off = false;
+        self.next_attempt = now.mono + delay;
+        Accepted::Cached(token)
+    }
+
+    /// When to call next for a token with `life` left: the refresh delay,
+    /// bounded like failures from the second nearly dead token in a row;
+    /// and whether that bound applies (the platform is short-lived).
+    fn next_refresh(
+        &mut self,
+        policy: &CachePolicy,
+        life: Duration,
+        unit: f64,
+        unchanged: bool,
+    ) -> (Duration, bool) {
+        let mut delay = refresh_delay(
+            life,
+            policy.refresh_margin,
+            policy.min_lifetime,
+            unit,
+            unchanged,
+        );
+        // So little servable life that the schedule would call again within
+        // seconds: the platform is handing out nearly dead tokens. From the
+        // second such token in a row, calls are bounded like failures. (A
+        // deployment with short tokens, say 2 minutes, schedules tens of
+        // seconds apart and never gets here.)
+        if delay < SHORT_LIVED_DELAY {
+            self.short_streak = self.short_streak.saturating_add(1);
+        } else {
+            self.short_streak = 0;
+        }
+        let short_lived = self.short_streak >= 2;
+        if short_lived {
+            delay = delay.max(backoff_delay(
+                policy.backoff_initial,
+                policy.backoff_max,
+                self.short_streak - 2,
+                unit,
+            ));
+        }
+        (delay, short_lived)
+    }
+
+    /// The platform's health after a token was accepted: short-lived (with
+    /// the words for `status`), or well.
+    fn report_health(
+        &mut self,
+        policy: &CachePolicy,
+        short_lived: bool,
+        life: Duration,
+        delay: Duration,
+    ) {
         if short_lived {
             let text = format!(
                 "the platform handed out {} tokens in a row with only {}s of life (--min-lifetime {}s); next call in {}s",
@@ -344,14 +378,6 @@ impl State {
             self.health = PlatformHealth::Ok;
             self.last_error = None;
         }
-        self.last_refresh_at = Some(unix_secs(SystemTime::now()));
-        self.failures = 0;
-        self.unauthorized_retried = false;
-        // Clients may still bring a call forward (rate limited): a token
-        // that is no longer servable must not wait out the whole back-off.
-        self.backing_off = false;
-        self.next_attempt = now.mono + delay;
-        Accepted::Cached(token)
     }
 
     /// Records a failed call (or an unservable grant) and schedules the

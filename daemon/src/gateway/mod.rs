@@ -30,20 +30,22 @@
 //!    repository outside the grant is answered 403 with the reason before
 //!    anything is sent upstream.
 //! 5. The client's credentials and hop-by-hop headers are dropped, the
-//!    token stamped, and the request forwarded over TLS (system roots) to
+//!    token stamped, and the request forwarded ([`upstream`]) over TLS (system roots) to
 //!    the real host on a pooled connection; bodies stream both ways, no
 //!    redirect is followed (a 3xx goes back to the client, whose next
 //!    request meets these same rules).
 //! 6. A 401 from GitHub erases that token (as git's `erase` does: dropped,
 //!    reported to the platform), and a request without a body is sent once
 //!    more with the fresh token.
-//! 7. One audit line per request when its response body ends (target
-//!    `audit`): uid, method, host, repository, status, bytes each way, the
+//! 7. One audit line per request when its response body ends ([`audit`],
+//!    target `audit`): uid, method, host, repository, status, bytes each way, the
 //!    token's fingerprint — never the token.
 
+mod audit;
 mod peer;
 pub(crate) mod route;
 mod tls;
+mod upstream;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -51,30 +53,28 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use bytes::Bytes;
 use credd_core::protocol::{ErrorCode, Response as DaemonAnswer};
 use credd_core::secret::Token;
-use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http::{Method, Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Empty, Full};
-use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use http_body_util::{BodyExt, Empty};
+use hyper::body::{Body, Incoming};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls::ServerConfig;
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use self::audit::{Audit, Audited, Counted};
 use self::route::{Refusal, Route, Site};
+use self::upstream::{Outbound, Upstream};
 use crate::cache::{Fetch, Tokens, Want};
 use crate::server::PeerCheck;
 
@@ -85,13 +85,6 @@ const MAX_CONNECTIONS: usize = 256;
 const HEAD_DEADLINE: Duration = Duration::from_secs(30);
 /// The TLS handshake with the client.
 const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
-/// TCP connect to GitHub.
-const CONNECT_DEADLINE: Duration = Duration::from_secs(10);
-/// GitHub's response head (a large fetch's negotiation can take a while).
-const RESPONSE_DEADLINE: Duration = Duration::from_secs(300);
-/// Idle pooled connections to GitHub are closed after this.
-const POOL_IDLE: Duration = Duration::from_secs(60);
-
 /// What `--gateway` and its companion flags ask for.
 #[derive(Debug, Clone)]
 pub struct GatewayOptions {
@@ -135,25 +128,7 @@ impl Gateway {
             .with_context(|| format!("cannot listen on {}", options.listen))?;
         listener.set_nonblocking(true)?;
         tls::write_ca(&options.ca_file, &certificates.ca_pem)?;
-        let dial = Dial {
-            overrides: Arc::new(
-                options
-                    .upstream
-                    .iter()
-                    .map(|(host, addr)| (route::normalise_authority(host), *addr))
-                    .collect(),
-            ),
-        };
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(upstream_tls)
-            .https_only()
-            .enable_http1()
-            .wrap_connector(dial);
-        let client: Upstream = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(POOL_IDLE)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(connector);
+        let client = upstream::client(upstream_tls, &options.upstream);
         Ok(Self {
             listener,
             sites,
@@ -188,8 +163,6 @@ impl<F: Fetch> TokenSource for Tokens<F> {
 }
 
 type ProxyBody = BoxBody<Bytes, hyper::Error>;
-type Upstream = Client<HttpsConnector<Dial>, ProxyBody>;
-
 struct Shared<T> {
     tokens: Arc<T>,
     sites: Vec<Site>,
@@ -323,20 +296,31 @@ fn outer<T: TokenSource>(
     let Some(server) = shared.servers.get(&site.authority).cloned() else {
         return audit.refuse(&Refusal::new(StatusCode::BAD_GATEWAY, "no certificate"));
     };
-    tokio::spawn(async move {
-        let upgraded = match hyper::upgrade::on(request).await {
-            Ok(upgraded) => upgraded,
-            Err(error) => {
-                tracing::debug!(%error, "gateway: CONNECT upgrade failed");
-                return;
-            }
-        };
-        let acceptor = tokio_rustls::TlsAcceptor::from(server);
-        let tls = match tokio::time::timeout(
-            HANDSHAKE_DEADLINE,
-            acceptor.accept(TokioIo::new(upgraded)),
-        )
-        .await
+    tokio::spawn(tunnel(request, server, site, uid, shared));
+    audit.note_connect();
+    Response::new(empty())
+}
+
+/// The tunnel a `CONNECT` opened: TLS with the site's leaf certificate
+/// (the client's SNI must name the site), then each request in it.
+async fn tunnel<T: TokenSource>(
+    request: Request<Incoming>,
+    server: Arc<ServerConfig>,
+    site: Site,
+    uid: Option<u32>,
+    shared: Arc<Shared<T>>,
+) {
+    let upgraded = match hyper::upgrade::on(request).await {
+        Ok(upgraded) => upgraded,
+        Err(error) => {
+            tracing::debug!(%error, "gateway: CONNECT upgrade failed");
+            return;
+        }
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(server);
+    let tls =
+        match tokio::time::timeout(HANDSHAKE_DEADLINE, acceptor.accept(TokioIo::new(upgraded)))
+            .await
         {
             Ok(Ok(tls)) => tls,
             Ok(Err(error)) => {
@@ -345,33 +329,30 @@ fn outer<T: TokenSource>(
             }
             Err(_) => return,
         };
-        if let Some(sni) = tls.get_ref().1.server_name()
-            && !sni.eq_ignore_ascii_case(site.host())
-        {
-            tracing::warn!(
-                target: "audit",
-                uid = uid.map_or(-1, i64::from),
-                host = %site.authority,
-                sni,
-                "gateway: refused a tunnel whose TLS name is another host"
-            );
-            return;
-        }
-        let site = Arc::new(site);
-        let service = hyper::service::service_fn(move |request| {
-            let shared = Arc::clone(&shared);
-            let site = Arc::clone(&site);
-            async move { Ok::<_, Infallible>(inner(request, uid, &site, &shared).await) }
-        });
-        let mut http = hyper::server::conn::http1::Builder::new();
-        http.timer(TokioTimer::new())
-            .header_read_timeout(HEAD_DEADLINE);
-        if let Err(error) = http.serve_connection(TokioIo::new(tls), service).await {
-            tracing::debug!(%error, "gateway: a tunnel ended with an error");
-        }
+    if let Some(sni) = tls.get_ref().1.server_name()
+        && !sni.eq_ignore_ascii_case(site.host())
+    {
+        tracing::warn!(
+            target: "audit",
+            uid = uid.map_or(-1, i64::from),
+            host = %site.authority,
+            sni,
+            "gateway: refused a tunnel whose TLS name is another host"
+        );
+        return;
+    }
+    let site = Arc::new(site);
+    let service = hyper::service::service_fn(move |request| {
+        let shared = Arc::clone(&shared);
+        let site = Arc::clone(&site);
+        async move { Ok::<_, Infallible>(inner(request, uid, &site, &shared).await) }
     });
-    audit.note_connect();
-    Response::new(empty())
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(HEAD_DEADLINE);
+    if let Err(error) = http.serve_connection(TokioIo::new(tls), service).await {
+        tracing::debug!(%error, "gateway: a tunnel ended with an error");
+    }
 }
 
 /// One request inside a tunnel.
@@ -408,33 +389,23 @@ async fn inner<T: TokenSource>(
     let path_and_query = uri
         .path_and_query()
         .map_or_else(|| uri.path().to_owned(), |pq| pq.as_str().to_owned());
-    let target = format!("https://{}{path_and_query}", site.authority);
     let token = match token_for(shared, &route).await {
         Ok(token) => token,
         Err(refusal) => return audit.refuse(&refusal),
     };
     audit.fingerprint = Some(token.fingerprint());
     let (parts, body) = request.into_parts();
-    let headers = route::forwarded_headers(&parts.headers);
+    let outbound = Outbound {
+        method: parts.method,
+        target: format!("https://{}{path_and_query}", site.authority),
+        authority: &site.authority,
+        headers: route::forwarded_headers(&parts.headers),
+        stamp: route.stamp,
+    };
     let bodyless = body.is_end_stream();
     let sent = Arc::new(AtomicU64::new(0));
-    let body = Counted {
-        inner: body,
-        count: Arc::clone(&sent),
-    }
-    .boxed();
-
-    let mut answer = forward(
-        shared,
-        &parts.method,
-        &target,
-        site,
-        &headers,
-        &route,
-        &token,
-        body,
-    )
-    .await;
+    let body = Counted::new(body, Arc::clone(&sent)).boxed();
+    let mut answer = upstream::forward(&shared.client, &outbound, &token, body).await;
     if let Ok(response) = &answer
         && response.status() == StatusCode::UNAUTHORIZED
     {
@@ -452,33 +423,11 @@ async fn inner<T: TokenSource>(
             && fresh != token
         {
             audit.fingerprint = Some(fresh.fingerprint());
-            answer = forward(
-                shared,
-                &parts.method,
-                &target,
-                site,
-                &headers,
-                &route,
-                &fresh,
-                empty(),
-            )
-            .await;
+            answer = upstream::forward(&shared.client, &outbound, &fresh, empty()).await;
         }
     }
     match answer {
-        Ok(response) => {
-            let (mut parts, body) = response.into_parts();
-            route::strip_response_headers(&mut parts.headers);
-            let status = parts.status;
-            let body = Audited {
-                inner: body,
-                received: 0,
-                sent,
-                status,
-                audit: Some(audit),
-            };
-            Response::from_parts(parts, body.boxed())
-        }
+        Ok(response) => Audited::answer(response, sent, audit),
         Err(refusal) => audit.refuse(&refusal),
     }
 }
@@ -505,249 +454,6 @@ async fn token_for<T: TokenSource>(shared: &Shared<T>, route: &Route) -> Result<
     }
 }
 
-/// Sends the request upstream with `token` stamped.
-#[allow(clippy::too_many_arguments)]
-async fn forward<T: TokenSource>(
-    shared: &Shared<T>,
-    method: &Method,
-    target: &str,
-    site: &Site,
-    headers: &http::HeaderMap,
-    route: &Route,
-    token: &Token,
-    body: ProxyBody,
-) -> Result<Response<Incoming>, Refusal> {
-    let mut request = Request::builder()
-        .method(method.clone())
-        .uri(target)
-        .body(body)
-        .map_err(|_| Refusal::new(StatusCode::BAD_REQUEST, "the request target is not a URI"))?;
-    *request.headers_mut() = headers.clone();
-    let host = HeaderValue::from_str(&site.authority)
-        .map_err(|_| Refusal::new(StatusCode::BAD_GATEWAY, "host"))?;
-    request.headers_mut().insert(header::HOST, host);
-    let stamp = zeroize::Zeroizing::new(route.stamp.header_value(token.expose()));
-    let mut value = HeaderValue::from_str(&stamp).map_err(|_| {
-        Refusal::new(
-            StatusCode::BAD_GATEWAY,
-            "the token cannot be sent in a header",
-        )
-    })?;
-    value.set_sensitive(true);
-    request.headers_mut().insert(header::AUTHORIZATION, value);
-    match tokio::time::timeout(RESPONSE_DEADLINE, shared.client.request(request)).await {
-        Ok(Ok(response)) => Ok(response),
-        Ok(Err(error)) => {
-            tracing::warn!(
-                host = %site.authority,
-                error = %credd_core::text::error_chain(&error),
-                "gateway: GitHub could not be reached"
-            );
-            Err(Refusal::new(
-                StatusCode::BAD_GATEWAY,
-                format!("{} could not be reached", site.authority),
-            ))
-        }
-        Err(_) => Err(Refusal::new(
-            StatusCode::GATEWAY_TIMEOUT,
-            format!(
-                "{} gave no answer within {} s",
-                site.authority,
-                RESPONSE_DEADLINE.as_secs()
-            ),
-        )),
-    }
-}
-
 fn empty() -> ProxyBody {
     Empty::new().map_err(|never| match never {}).boxed()
-}
-
-/// What one audit line says.
-struct Audit {
-    uid: Option<u32>,
-    method: Method,
-    host: String,
-    repository: String,
-    fingerprint: Option<String>,
-}
-
-impl Audit {
-    /// A request answered by the gateway itself.
-    fn refuse(self, refusal: &Refusal) -> Response<ProxyBody> {
-        tracing::info!(
-            target: "audit",
-            uid = self.uid.map_or(-1, i64::from),
-            method = %self.method,
-            host = %credd_core::text::one_line(&self.host, 256),
-            repository = %self.repository,
-            status = refusal.status.as_u16(),
-            refused = %refusal.reason,
-            "gateway request"
-        );
-        let mut response = Response::new(
-            Full::new(Bytes::from(format!("credd gateway: {}\n", refusal.reason)))
-                .map_err(|never| match never {})
-                .boxed(),
-        );
-        *response.status_mut() = refusal.status;
-        response.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; charset=utf-8"),
-        );
-        response
-    }
-
-    fn note_connect(&self) {
-        tracing::debug!(
-            uid = self.uid.map_or(-1, i64::from),
-            host = %self.host,
-            "gateway: tunnel opened"
-        );
-    }
-
-    fn log(&self, status: StatusCode, sent: u64, received: u64) {
-        tracing::info!(
-            target: "audit",
-            uid = self.uid.map_or(-1, i64::from),
-            method = %self.method,
-            host = %self.host,
-            repository = %self.repository,
-            status = status.as_u16(),
-            sent,
-            received,
-            fingerprint = self.fingerprint.as_deref().unwrap_or("-"),
-            "gateway request"
-        );
-    }
-}
-
-/// A request body that counts what passes through.
-struct Counted {
-    inner: Incoming,
-    count: Arc<AtomicU64>,
-}
-
-impl Body for Counted {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled
-            && let Some(data) = frame.data_ref()
-        {
-            self.count.fetch_add(data.len() as u64, Ordering::Relaxed);
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// A response body that counts what passes through and writes the audit
-/// line when it is done (or dropped: the client went away).
-struct Audited {
-    inner: Incoming,
-    received: u64,
-    sent: Arc<AtomicU64>,
-    status: StatusCode,
-    audit: Option<Audit>,
-}
-
-impl Body for Audited {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    self.received += data.len() as u64;
-                }
-            }
-            Poll::Ready(None) => self.finish(),
-            _ => {}
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Audited {
-    fn finish(&mut self) {
-        if let Some(audit) = self.audit.take() {
-            audit.log(
-                self.status,
-                self.sent.load(Ordering::Relaxed),
-                self.received,
-            );
-        }
-    }
-}
-
-impl Drop for Audited {
-    fn drop(&mut self) {
-        self.finish();
-    }
-}
-
-/// Connects to GitHub: the host resolved by the system, or the override
-/// `--gateway-upstream` names for it (tests).
-#[derive(Clone)]
-struct Dial {
-    overrides: Arc<HashMap<String, SocketAddr>>,
-}
-
-impl tower_service::Service<http::Uri> for Dial {
-    type Response = TokioIo<TcpStream>;
-    type Error = io::Error;
-    type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: http::Uri) -> Self::Future {
-        let overrides = Arc::clone(&self.overrides);
-        Box::pin(async move {
-            let host = uri
-                .host()
-                .ok_or_else(|| io::Error::other("no host"))?
-                .to_owned();
-            let port = uri.port_u16().unwrap_or(443);
-            let authority = route::normalise_authority(&format!("{host}:{port}"));
-            let connect = async {
-                match overrides.get(&authority) {
-                    Some(addr) => TcpStream::connect(addr).await,
-                    None => TcpStream::connect((host.trim_matches(['[', ']']), port)).await,
-                }
-            };
-            let stream = tokio::time::timeout(CONNECT_DEADLINE, connect)
-                .await
-                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
-            let _ = stream.set_nodelay(true);
-            Ok(TokioIo::new(stream))
-        })
-    }
 }
