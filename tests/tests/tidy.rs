@@ -13,6 +13,11 @@
 //!   defined only in `core/`: a second `fn`/`const` of that name elsewhere
 //!   is a second definition of the meaning.
 //!
+//! - Production code stays small enough to read: no file in the production
+//!   crates over [`MAX_FILE_LINES`] lines before its tests, no function
+//!   over [`MAX_FUNCTION_LINES`] (a declarative table may be longer when
+//!   the line before it says so: [`LONG_TABLE`]).
+//!
 //! Std only, plain text scans: each check is a function from text (and a
 //! way to ask the file system) to the list of offenders, tested on its own
 //! below with planted offenders, then run over the real tree.
@@ -43,6 +48,19 @@ const DOCS: &[&str] = &[
     "systemd/README.md",
     "workspace-template/README.md",
 ];
+
+/// The production crates' source, held to the size limits.
+const PRODUCTION_ROOTS: &[&str] = &["core/src", "daemon/src", "helper/src", "platform/src"];
+
+/// Most lines of a production file before its `#[cfg(test)]` module.
+const MAX_FILE_LINES: usize = 600;
+
+/// Most lines of a production function, its signature to its closing brace.
+const MAX_FUNCTION_LINES: usize = 80;
+
+/// Written on the line before a function that is a declarative table (a
+/// list of cases, not steps), which may be longer.
+const LONG_TABLE: &str = "// tidy: a declarative table";
 
 /// Functions `credd-core` defines for every crate: the name rules, the
 /// token text rule, the socket paths and folder, the text rules.
@@ -645,6 +663,86 @@ fn second_definitions(files: &[(String, String)]) -> Vec<String> {
     problems
 }
 
+/// The lines of `source` before its test module: a production file's
+/// size. A file that is a test module of its own (`tests.rs`) has none.
+fn production_lines(source: &str) -> Vec<&str> {
+    source
+        .lines()
+        .take_while(|line| line.trim() != "#[cfg(test)]")
+        .collect()
+}
+
+/// The name of the function `line` declares, if it does: `fn NAME` after
+/// any of `pub`, `pub(…)`, `const`, `async`, `unsafe`, `extern "…"`.
+fn function_name(line: &str) -> Option<&str> {
+    let mut rest = line.trim_start();
+    loop {
+        if let Some(after) = rest.strip_prefix("fn ") {
+            let end = after.find(|c: char| !ident_char(c)).unwrap_or(after.len());
+            return (end > 0).then(|| &after[..end]);
+        }
+        let word_end = rest.find(' ')?;
+        let word = &rest[..word_end];
+        let qualifier = matches!(word, "pub" | "const" | "async" | "unsafe" | "extern")
+            || word.starts_with("pub(")
+            || (word.starts_with('"') && word.ends_with('"'));
+        if !qualifier {
+            return None;
+        }
+        rest = rest[word_end..].trim_start();
+    }
+}
+
+/// The functions of `lines` longer than `max` lines, as (line, name,
+/// length): from the `fn` line to the line that closes it at the same
+/// indent (a one-line function or a declaration without a body is one
+/// line). A function under a [`LONG_TABLE`] line is exempt.
+fn long_functions(lines: &[&str], max: usize) -> Vec<(usize, String, usize)> {
+    let mut found = Vec::new();
+    for (at, line) in lines.iter().enumerate() {
+        let Some(name) = function_name(line) else {
+            continue;
+        };
+        let exempt = at > 0 && lines[at - 1].trim() == LONG_TABLE;
+        let code = line.trim_end();
+        if exempt || code.ends_with(';') || (code.ends_with('}') && code.contains('{')) {
+            continue;
+        }
+        let indent = &line[..line.len() - line.trim_start().len()];
+        let closing = format!("{indent}}}");
+        let end = lines[at..]
+            .iter()
+            .position(|l| l.trim_end() == closing)
+            .map_or(lines.len(), |offset| at + offset);
+        let length = end - at + 1;
+        if length > max {
+            found.push((at + 1, name.to_owned(), length));
+        }
+    }
+    found
+}
+
+/// Files over [`MAX_FILE_LINES`] and functions over
+/// [`MAX_FUNCTION_LINES`] among `files` (path, text).
+fn oversized(files: &[(String, String)]) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (path, source) in files {
+        let lines = production_lines(source);
+        if lines.len() > MAX_FILE_LINES {
+            problems.push(format!(
+                "{path}: {} lines before its tests (at most {MAX_FILE_LINES}): split it by job",
+                lines.len()
+            ));
+        }
+        for (line, name, length) in long_functions(&lines, MAX_FUNCTION_LINES) {
+            problems.push(format!(
+                "{path}:{line}: fn {name} is {length} lines (at most {MAX_FUNCTION_LINES}; a declarative table may say `{LONG_TABLE}` above it)"
+            ));
+        }
+    }
+    problems
+}
+
 // ---- the tree -------------------------------------------------------------------
 
 #[track_caller]
@@ -764,6 +862,26 @@ fn names_core_owns_are_defined_only_in_core() {
         "names credd-core owns are defined again outside core/",
         &second_definitions(&others),
     );
+}
+
+#[test]
+fn production_files_and_functions_stay_small() {
+    let root = root();
+    let files: Vec<(String, String)> = PRODUCTION_ROOTS
+        .iter()
+        .flat_map(|dir| files_under(&root, &root.join(dir), ".rs", &[]))
+        .filter(|path| !path.ends_with("/tests.rs"))
+        .map(|path| {
+            let source = read(&root.join(&path));
+            (path, source)
+        })
+        .collect();
+    assert!(
+        files.len() > 40,
+        "found only {} production files",
+        files.len()
+    );
+    fail_with("production code over the size limits", &oversized(&files));
 }
 
 // ---- the checks themselves, on planted offenders ----------------------------
@@ -917,4 +1035,41 @@ let x = is_valid_owner(\"a\");
     let problems = second_definitions(&[("platform/src/x.rs".to_owned(), source.to_owned())]);
     assert_eq!(problems.len(), 3);
     assert!(problems[0].starts_with("platform/src/x.rs:3: defines `is_valid_owner`"));
+}
+
+#[test]
+fn the_size_check_counts_functions_and_files_as_written() {
+    let body = |n: usize| "    step();\n".repeat(n);
+    let source = format!(
+        "pub(crate) async fn long(x: u8) -> u8 {{\n{}}}\n\
+         fn short() {{ step(); }}\n\
+         fn declared();\n\
+         // tidy: a declarative table\n\
+         const fn table() {{\n{}}}\n\
+         impl A {{\n    pub fn method(&self) {{\n{}    }}\n}}\n\
+         #[cfg(test)]\n\
+         fn in_tests() {{\n{}}}\n",
+        body(85),
+        body(90),
+        body(79),
+        body(200),
+    );
+    let lines = production_lines(&source);
+    assert_eq!(
+        long_functions(&lines, 80),
+        [(1, "long".to_owned(), 87), (184, "method".to_owned(), 81)]
+    );
+    assert_eq!(function_name("    pub(super) fn go<T>(x: T)"), Some("go"));
+    assert_eq!(function_name("extern \"C\" fn main() {"), Some("main"));
+    assert_eq!(function_name("let f = fn_like();"), None);
+    assert_eq!(function_name("// fn in a comment"), None);
+    let problems = oversized(&[("platform/src/x.rs".to_owned(), source.clone())]);
+    assert_eq!(problems.len(), 2, "{problems:?}");
+    assert!(problems[0].starts_with("platform/src/x.rs:1: fn long is 87 lines"));
+    let big = "// a line\n".repeat(MAX_FILE_LINES + 1);
+    let problems = oversized(&[("helper/src/big.rs".to_owned(), big)]);
+    assert_eq!(
+        problems,
+        ["helper/src/big.rs: 601 lines before its tests (at most 600): split it by job"]
+    );
 }
