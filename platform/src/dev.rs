@@ -5,7 +5,7 @@
 //! makes refresh behaviour visible in minutes: what a daemon sees from it is
 //! what it would see from GitHub, minus GitHub.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
@@ -16,11 +16,10 @@ use rand::distr::Alphanumeric;
 use secrecy::SecretString;
 
 use crate::provider::{
-    Clock, IssuedToken, ProviderError, REFRESH_WINDOW, RefusalFuture, ServedFuture, ServedToken,
-    TokenFuture, TokenProvider, TokenRequest,
+    Clock, IssuedToken, ProviderError, REFRESH_WINDOW, ServedToken, TokenRequest,
 };
 use crate::scope::{Permissions, Scope};
-use crate::scoped::{MintKey, ScopedCaches};
+use crate::scoped::{ScopedCaches, ScopedProvider};
 
 /// Characters after the `ghs_` prefix (GitHub's classic installation tokens
 /// have 36).
@@ -150,7 +149,7 @@ impl DevProvider {
 
     /// The installation of `owner` if the provider handed it one (no new
     /// number, for refusals).
-    fn known_installation(&self, owner: &str) -> Option<u64> {
+    fn installation_handed_out(&self, owner: &str) -> Option<u64> {
         let state = self.owners.lock().unwrap_or_else(PoisonError::into_inner);
         state
             .installations
@@ -190,75 +189,44 @@ impl DevProvider {
         });
         token
     }
+}
 
+impl ScopedProvider for DevProvider {
     async fn serve(&self, request: TokenRequest) -> Result<ServedToken, ProviderError> {
         let scope = request.scope.as_ref();
         let installation = match scope {
             None => DEV_DEFAULT_INSTALLATION,
             Some(scope) => self.installation_of(&scope.owner)?,
         };
-        let key = MintKey::new(installation, scope);
-        let slot = self.caches.slot(&key);
-        let issued = slot
-            .cache
-            .get_or_refresh_with(request.min_remaining, || async {
+        self.caches
+            .serve(installation, &request, || async {
                 let token = self.mint(installation, scope);
                 tracing::info!(
                     "[github] dev provider minted a token (fingerprint {}, expires at {})",
                     token.fingerprint(),
                     token.expires_at
                 );
-                let permissions: BTreeMap<String, String> =
-                    match scope.and_then(|s| s.permissions.as_ref()) {
-                        Some(p) => p
-                            .iter()
-                            .map(|(k, v)| (k.clone(), v.as_str().to_owned()))
-                            .collect(),
-                        None => DEV_INSTALLATION_PERMISSIONS
-                            .iter()
-                            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                            .collect(),
-                    };
-                slot.set_permissions(permissions);
-                Ok(token)
+                let permissions = scope.and_then(Scope::permissions_text).unwrap_or_else(|| {
+                    DEV_INSTALLATION_PERMISSIONS
+                        .iter()
+                        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                        .collect()
+                });
+                Ok((token, permissions))
             })
-            .await?;
-        Ok(ServedToken {
-            issued,
-            owner: scope.map(|s| s.owner.clone()),
-            repositories: scope.and_then(Scope::full_names),
-            permissions: slot.permissions(),
-        })
-    }
-}
-
-impl TokenProvider for DevProvider {
-    fn token(&self) -> TokenFuture<'_> {
-        crate::provider::unscoped_token(self.serve(TokenRequest::default()))
+            .await
     }
 
-    fn scoped_token(&self, request: TokenRequest) -> ServedFuture<'_> {
-        Box::pin(self.serve(request))
+    fn default_installation(&self) -> u64 {
+        DEV_DEFAULT_INSTALLATION
     }
 
-    fn report_refusal(
-        &self,
-        workspace: String,
-        scopes: Vec<Option<Scope>>,
-        sha256: [u8; 32],
-    ) -> RefusalFuture<'_> {
-        Box::pin(async move {
-            let keys: Vec<MintKey> = scopes
-                .iter()
-                .filter_map(|scope| match scope {
-                    None => Some(MintKey::new(DEV_DEFAULT_INSTALLATION, None)),
-                    Some(s) => self
-                        .known_installation(&s.owner)
-                        .map(|id| MintKey::new(id, Some(s))),
-                })
-                .collect();
-            self.caches.refuse(&workspace, &keys, &sha256)
-        })
+    async fn known_installation(&self, owner: &str) -> Option<u64> {
+        self.installation_handed_out(owner)
+    }
+
+    fn caches(&self) -> &ScopedCaches {
+        &self.caches
     }
 }
 
@@ -267,6 +235,7 @@ crate::registry::github_token_plugin!(DevProvider, "dev-github-token");
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::provider::TokenProvider;
     use secrecy::ExposeSecret;
     use std::sync::Arc;
     use std::sync::atomic::AtomicI64;

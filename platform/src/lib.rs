@@ -19,7 +19,9 @@
 //! - [`scope`]: what one token is minted for ([`Scope`]) and GitHub's
 //!   permission names and levels.
 //! - [`scoped`]: one token cache per (installation, repositories,
-//!   permissions), bounded, and the refusal rate limit.
+//!   permissions), bounded, and the refusal rate limit; the
+//!   [`ScopedProvider`](scoped::ScopedProvider) trait both providers
+//!   implement to be a `TokenProvider`.
 //! - [`shared`]: the token cache replicas share through Redis (sealed
 //!   tokens, a mint lock, refusals announced to every replica).
 //! - [`dev`]: a provider minting fake `ghs_` tokens for local runs and tests.

@@ -129,6 +129,16 @@ impl Scope {
         })
     }
 
+    /// The permissions the scope names, as `name → level` text (`None`:
+    /// the installation's own).
+    pub fn permissions_text(&self) -> Option<BTreeMap<String, String>> {
+        self.permissions.as_ref().map(|p| {
+            p.iter()
+                .map(|(name, level)| (name.clone(), level.as_str().to_owned()))
+                .collect()
+        })
+    }
+
     /// The owner in the form used to compare and to key caches.
     pub fn owner_key(&self) -> String {
         self.owner.to_ascii_lowercase()

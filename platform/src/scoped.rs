@@ -15,15 +15,73 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use jiff::Timestamp;
 
-use crate::provider::{Clock, REFUSAL_INTERVAL, RefusalOutcome};
+use crate::provider::{
+    Clock, IssuedToken, ProviderError, REFUSAL_INTERVAL, RefusalFuture, RefusalOutcome,
+    ServedFuture, ServedToken, TokenFuture, TokenProvider, TokenRequest, unscoped_token,
+};
 use crate::scope::{Level, Scope};
 use crate::shared::{SharedSlot, SharedStore};
 use crate::token_cache::TokenCache;
+
+/// A provider that mints through [`ScopedCaches`]: the GitHub App and dev
+/// providers. Each says how it serves a request and which installation an
+/// owner is known under; [`TokenProvider`] is implemented once for all of
+/// them (below), so the unscoped token and refusals work alike in both.
+pub trait ScopedProvider: Send + Sync {
+    /// A token for `request`, through this provider's caches.
+    fn serve(
+        &self,
+        request: TokenRequest,
+    ) -> impl Future<Output = Result<ServedToken, ProviderError>> + Send;
+
+    /// The installation the unscoped token is minted under.
+    fn default_installation(&self) -> u64;
+
+    /// The installation `owner` is already known under, asking upstream
+    /// nothing: a token of an owner nobody resolved was never minted, so a
+    /// refusal of it matches nothing.
+    fn known_installation(&self, owner: &str) -> impl Future<Output = Option<u64>> + Send;
+
+    /// The caches this provider's tokens are kept in.
+    fn caches(&self) -> &ScopedCaches;
+}
+
+impl<P: ScopedProvider> TokenProvider for P {
+    fn token(&self) -> TokenFuture<'_> {
+        unscoped_token(self.serve(TokenRequest::default()))
+    }
+
+    fn scoped_token(&self, request: TokenRequest) -> ServedFuture<'_> {
+        Box::pin(self.serve(request))
+    }
+
+    fn report_refusal(
+        &self,
+        workspace: String,
+        scopes: Vec<Option<Scope>>,
+        sha256: [u8; 32],
+    ) -> RefusalFuture<'_> {
+        Box::pin(async move {
+            let mut keys = Vec::with_capacity(scopes.len());
+            for scope in &scopes {
+                let installation = match scope {
+                    None => Some(self.default_installation()),
+                    Some(s) => self.known_installation(&s.owner).await,
+                };
+                if let Some(id) = installation {
+                    keys.push(MintKey::new(id, scope.as_ref()));
+                }
+            }
+            self.caches().report(&workspace, &keys, &sha256).await
+        })
+    }
+}
 
 /// Most kinds of token cached at once by one provider.
 pub const MAX_CACHED_TOKENS: usize = 4096;
@@ -207,6 +265,37 @@ impl ScopedCaches {
             },
         );
         slot
+    }
+
+    /// A token for `request` minted at `installation`, from its slot: the
+    /// cached one, or on a miss (single flight, see [`TokenCache`]) one
+    /// from `mint`, which also gives the permissions the token carries.
+    pub async fn serve<F, Fut>(
+        &self,
+        installation: u64,
+        request: &TokenRequest,
+        mint: F,
+    ) -> Result<ServedToken, ProviderError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<(IssuedToken, BTreeMap<String, String>), ProviderError>>,
+    {
+        let scope = request.scope.as_ref();
+        let slot = self.slot(&MintKey::new(installation, scope));
+        let issued = slot
+            .cache
+            .get_or_refresh_with(request.min_remaining, || async {
+                let (token, permissions) = mint().await?;
+                slot.set_permissions(permissions);
+                Ok(token)
+            })
+            .await?;
+        Ok(ServedToken {
+            issued,
+            owner: scope.map(|s| s.owner.clone()),
+            repositories: scope.and_then(Scope::full_names),
+            permissions: slot.permissions(),
+        })
     }
 
     /// The slot of `key` if it exists (does not count as a use).

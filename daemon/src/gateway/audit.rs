@@ -74,16 +74,62 @@ impl Audit {
     }
 }
 
-/// A request body that counts what passes through.
+/// A body that counts the bytes passing through. A response's also writes
+/// the audit line when it ends, or is dropped (the client went away).
 pub(super) struct Counted {
     inner: Incoming,
     count: Arc<AtomicU64>,
+    line: Option<AuditLine>,
+}
+
+/// What a response's audit line needs besides its own count.
+struct AuditLine {
+    audit: Audit,
+    status: StatusCode,
+    /// The request body's count.
+    sent: Arc<AtomicU64>,
 }
 
 impl Counted {
-    /// `inner`, counted into `count`.
+    /// A request body `inner`, counted into `count`.
     pub(super) fn new(inner: Incoming, count: Arc<AtomicU64>) -> Self {
-        Self { inner, count }
+        Self {
+            inner,
+            count,
+            line: None,
+        }
+    }
+
+    /// GitHub's `response`, its headers stripped as for any answer, with a
+    /// body that writes `audit`'s line (with `sent`, the request body's
+    /// count) when it ends.
+    pub(super) fn answer(
+        response: Response<Incoming>,
+        sent: Arc<AtomicU64>,
+        audit: Audit,
+    ) -> Response<ProxyBody> {
+        let (mut parts, body) = response.into_parts();
+        route::strip_response_headers(&mut parts.headers);
+        let body = Self {
+            inner: body,
+            count: Arc::new(AtomicU64::new(0)),
+            line: Some(AuditLine {
+                audit,
+                status: parts.status,
+                sent,
+            }),
+        };
+        Response::from_parts(parts, body.boxed())
+    }
+
+    fn finish(&mut self) {
+        if let Some(line) = self.line.take() {
+            line.audit.log(
+                line.status,
+                line.sent.load(Ordering::Relaxed),
+                self.count.load(Ordering::Relaxed),
+            );
+        }
     }
 }
 
@@ -96,46 +142,10 @@ impl Body for Counted {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled
-            && let Some(data) = frame.data_ref()
-        {
-            self.count.fetch_add(data.len() as u64, Ordering::Relaxed);
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// A response body that counts what passes through and writes the audit
-/// line when it is done (or dropped: the client went away).
-pub(super) struct Audited {
-    inner: Incoming,
-    received: u64,
-    sent: Arc<AtomicU64>,
-    status: StatusCode,
-    audit: Option<Audit>,
-}
-
-impl Body for Audited {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
-                    self.received += data.len() as u64;
+                    self.count.fetch_add(data.len() as u64, Ordering::Relaxed);
                 }
             }
             Poll::Ready(None) => self.finish(),
@@ -153,39 +163,7 @@ impl Body for Audited {
     }
 }
 
-impl Audited {
-    /// GitHub's `response`, its headers stripped as for any answer, with a
-    /// body that writes `audit`'s line (with `sent`, the request body's
-    /// count) when it ends.
-    pub(super) fn answer(
-        response: Response<Incoming>,
-        sent: Arc<AtomicU64>,
-        audit: Audit,
-    ) -> Response<ProxyBody> {
-        let (mut parts, body) = response.into_parts();
-        route::strip_response_headers(&mut parts.headers);
-        let body = Self {
-            inner: body,
-            received: 0,
-            sent,
-            status: parts.status,
-            audit: Some(audit),
-        };
-        Response::from_parts(parts, body.boxed())
-    }
-
-    fn finish(&mut self) {
-        if let Some(audit) = self.audit.take() {
-            audit.log(
-                self.status,
-                self.sent.load(Ordering::Relaxed),
-                self.received,
-            );
-        }
-    }
-}
-
-impl Drop for Audited {
+impl Drop for Counted {
     fn drop(&mut self) {
         self.finish();
     }

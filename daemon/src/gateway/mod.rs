@@ -72,7 +72,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use self::audit::{Audit, Audited, Counted};
+use self::audit::{Audit, Counted};
 use self::route::{Refusal, Route, Site};
 use self::upstream::{Outbound, Upstream};
 use crate::cache::{Fetch, Tokens, Want};
@@ -427,7 +427,7 @@ async fn inner<T: TokenSource>(
         }
     }
     match answer {
-        Ok(response) => Audited::answer(response, sent, audit),
+        Ok(response) => Counted::answer(response, sent, audit),
         Err(refusal) => audit.refuse(&refusal),
     }
 }

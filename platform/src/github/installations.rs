@@ -86,7 +86,7 @@ impl GitHubAppProvider {
     /// The installations table another replica listed, if it is no older
     /// than `INSTALLATIONS_TTL` (a lister's clock ahead of ours counts as
     /// now).
-    async fn shared_directory(&self) -> Option<(Timestamp, HashMap<String, u64>)> {
+    pub(super) async fn shared_directory(&self) -> Option<(Timestamp, HashMap<String, u64>)> {
         let plain = self
             .shared
             .as_ref()?
@@ -123,18 +123,7 @@ impl GitHubAppProvider {
         }
     }
 
-    /// The installation of `owner` as this replica or another already
-    /// knows it, asking GitHub nothing (a refusal's keys: a token of an
-    /// owner nobody resolved was never minted).
-    pub(super) async fn known_installation(&self, owner: &str) -> Option<u64> {
-        if let Some(id) = self.cached_installation(owner) {
-            return Some(id);
-        }
-        let (_, table) = self.shared_directory().await?;
-        table.get(&owner.to_ascii_lowercase()).copied()
-    }
-
-    fn cached_installation(&self, owner: &str) -> Option<u64> {
+    pub(super) fn cached_installation(&self, owner: &str) -> Option<u64> {
         self.directory()
             .by_owner
             .get(&owner.to_ascii_lowercase())

@@ -51,13 +51,9 @@ use zeroize::Zeroizing;
 
 use credd_core::repository::MAX_REPOSITORIES_PER_TOKEN;
 
-use crate::provider::signed;
-use crate::provider::{
-    Clock, ProviderError, REFRESH_WINDOW, RefusalFuture, ServedFuture, ServedToken, TokenFuture,
-    TokenProvider, TokenRequest,
-};
+use crate::provider::{Clock, ProviderError, REFRESH_WINDOW, ServedToken, TokenRequest, signed};
 use crate::scope::Scope;
-use crate::scoped::{MintKey, ScopedCaches};
+use crate::scoped::{ScopedCaches, ScopedProvider};
 
 mod installations;
 mod mint;
@@ -314,6 +310,41 @@ impl GitHubAppProvider {
         &self.endpoint
     }
 
+    async fn serve_from(
+        &self,
+        installation: u64,
+        request: &TokenRequest,
+    ) -> Result<ServedToken, ProviderError> {
+        let scope = request.scope.as_ref();
+        self.caches
+            .serve(installation, request, || async {
+                let (token, stated) = self.fetch(installation, scope).await?;
+                // GitHub states them; an answer without them keeps the grant's.
+                let permissions = if stated.is_empty() {
+                    scope.and_then(Scope::permissions_text).unwrap_or_default()
+                } else {
+                    stated
+                };
+                Ok((token, permissions))
+            })
+            .await
+    }
+
+    fn jwt(&self, now: Timestamp) -> Result<Zeroizing<String>, ProviderError> {
+        let claims = Claims {
+            iat: (now - JWT_BACKDATE).as_second(),
+            exp: (now + JWT_LIFETIME).as_second(),
+            iss: &self.issuer,
+        };
+        jsonwebtoken::encode(&Header::new(Algorithm::RS256), &claims, &self.key)
+            .map(Zeroizing::new)
+            .map_err(|e| {
+                ProviderError::Config(format!("cannot sign the App JWT with the private key: {e}"))
+            })
+    }
+}
+
+impl ScopedProvider for GitHubAppProvider {
     async fn serve(&self, request: TokenRequest) -> Result<ServedToken, ProviderError> {
         let scope = request.scope.as_ref();
         let mut installation = match scope {
@@ -344,85 +375,20 @@ impl GitHubAppProvider {
         }
     }
 
-    async fn serve_from(
-        &self,
-        installation: u64,
-        request: &TokenRequest,
-    ) -> Result<ServedToken, ProviderError> {
-        let scope = request.scope.as_ref();
-        let key = MintKey::new(installation, scope);
-        let slot = self.caches.slot(&key);
-        let issued = slot
-            .cache
-            .get_or_refresh_with(request.min_remaining, || async {
-                let (token, stated) = self.fetch(installation, scope).await?;
-                let permissions = if stated.is_empty() {
-                    scope
-                        .and_then(|s| s.permissions.as_ref())
-                        .map(|p| {
-                            p.iter()
-                                .map(|(k, v)| (k.clone(), v.as_str().to_owned()))
-                                .collect()
-                        })
-                        .unwrap_or_default()
-                } else {
-                    stated
-                };
-                slot.set_permissions(permissions);
-                Ok(token)
-            })
-            .await?;
-        Ok(ServedToken {
-            issued,
-            owner: scope.map(|s| s.owner.clone()),
-            repositories: scope.and_then(Scope::full_names),
-            permissions: slot.permissions(),
-        })
+    fn default_installation(&self) -> u64 {
+        self.default_installation
     }
 
-    fn jwt(&self, now: Timestamp) -> Result<Zeroizing<String>, ProviderError> {
-        let claims = Claims {
-            iat: (now - JWT_BACKDATE).as_second(),
-            exp: (now + JWT_LIFETIME).as_second(),
-            iss: &self.issuer,
-        };
-        jsonwebtoken::encode(&Header::new(Algorithm::RS256), &claims, &self.key)
-            .map(Zeroizing::new)
-            .map_err(|e| {
-                ProviderError::Config(format!("cannot sign the App JWT with the private key: {e}"))
-            })
-    }
-}
-
-impl TokenProvider for GitHubAppProvider {
-    fn token(&self) -> TokenFuture<'_> {
-        crate::provider::unscoped_token(self.serve(TokenRequest::default()))
+    async fn known_installation(&self, owner: &str) -> Option<u64> {
+        if let Some(id) = self.cached_installation(owner) {
+            return Some(id);
+        }
+        let (_, table) = self.shared_directory().await?;
+        table.get(&owner.to_ascii_lowercase()).copied()
     }
 
-    fn scoped_token(&self, request: TokenRequest) -> ServedFuture<'_> {
-        Box::pin(self.serve(request))
-    }
-
-    fn report_refusal(
-        &self,
-        workspace: String,
-        scopes: Vec<Option<Scope>>,
-        sha256: [u8; 32],
-    ) -> RefusalFuture<'_> {
-        Box::pin(async move {
-            let mut keys = Vec::with_capacity(scopes.len());
-            for scope in &scopes {
-                match scope {
-                    None => keys.push(MintKey::new(self.default_installation, None)),
-                    Some(s) => {
-                        if let Some(id) = self.known_installation(&s.owner).await {
-                            keys.push(MintKey::new(id, Some(s)));
-                        }
-                    }
-                }
-            }
-            self.caches.report(&workspace, &keys, &sha256).await
-        })
+    fn caches(&self) -> &ScopedCaches {
+        &self.caches
     }
 }
 
