@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use axum::body::Body;
 use axum::http::Request;
 use criterion::Criterion;
-use molecule_platform::{AppState, Auth, DevProvider, Registry, WorkspaceTokens, app, serve};
+use molecule_platform::{AppState, Auth, DevProvider, TokenProvider, WorkspaceTokens, app, serve};
 use secrecy::SecretString;
 use tower::ServiceExt;
 
@@ -38,10 +38,9 @@ fn main() {
         .expect("runtime");
     // One-hour dev tokens: the whole run lives inside one token's life.
     let provider = Arc::new(DevProvider::new(Duration::from_secs(3600)));
-    let registry = Arc::new(Registry::new());
-    registry.register(Arc::clone(&provider) as _);
+    let served: Option<Arc<dyn TokenProvider>> = Some(Arc::clone(&provider) as _);
     let auth = Auth::new(Some(SecretString::from(ADMIN)), WorkspaceTokens::empty());
-    let router = app(AppState::new(registry, auth));
+    let router = app(AppState::new(served, auth));
 
     let listener = runtime
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))

@@ -230,8 +230,6 @@ impl ScopedProvider for DevProvider {
     }
 }
 
-crate::registry::github_token_plugin!(DevProvider, "dev-github-token");
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,8 +8,7 @@
 //!   (never an expired token, refresh ahead of expiry, single flight).
 //! - [`token_cache`]: the [`TokenCache`] that keeps that contract for every
 //!   provider.
-//! - [`registry`]: provision-time plugins, one of which may also be the
-//!   token provider.
+//! - [`provision`]: the token a workspace gets at provision time.
 //! - [`github`]: the GitHub App provider (JWT → installation access token).
 //! - [`github_permissions`]: GitHub's permission names and levels, generated
 //!   from GitHub's API description.
@@ -42,7 +41,7 @@ pub mod github_permissions;
 pub mod grants;
 pub mod metrics;
 pub mod provider;
-pub mod registry;
+pub mod provision;
 pub mod scope;
 pub mod scoped;
 pub mod service;
@@ -56,7 +55,6 @@ pub use grants::{GrantError, GrantTable, Grants, GrantsFileError};
 pub use provider::{
     Clock, IssuedToken, ProviderError, RefusalOutcome, ServedToken, TokenProvider, TokenRequest,
 };
-pub use registry::{ProvisionPlugin, Registry};
 pub use scope::Scope;
 pub use service::{AppState, ServiceLimits, app, serve};
 pub use token_cache::TokenCache;

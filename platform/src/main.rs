@@ -27,7 +27,7 @@ use credd_core::platform_api::{ADMIN_TOKEN_ROUTE, TOKEN_ROUTE};
 use molecule_platform::config::{Args, Config, ProviderChoice};
 use molecule_platform::shared::{SharedConfig, SharedStore};
 use molecule_platform::{
-    AppState, Auth, DevProvider, GitHubAppProvider, Grants, Registry, WorkspaceTokens,
+    AppState, Auth, DevProvider, GitHubAppProvider, Grants, TokenProvider, WorkspaceTokens,
 };
 use rand::Rng;
 use rand::distr::Alphanumeric;
@@ -170,9 +170,8 @@ fn random_bearer() -> SecretString {
 /// The composition root: the provider, the bearers and the grants from
 /// `config`, the router over them, served until SIGTERM or SIGINT.
 async fn serve(config: Config) -> anyhow::Result<()> {
-    let registry = Arc::new(Registry::new());
     let dev = matches!(config.provider, ProviderChoice::Dev { .. });
-    register_provider(&registry, config.provider, config.shared)?;
+    let provider = configured_provider(config.provider, config.shared)?;
     let (auth, dev_bearer_file) = bearers(
         config.admin_token,
         config.workspace_tokens_file.as_deref(),
@@ -180,7 +179,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         dev,
     )?;
     let grants = load_grants(config.grants_file.as_deref(), &auth)?;
-    let state = AppState::new(Arc::clone(&registry), auth).with_grants(Arc::new(grants));
+    let state = AppState::new(provider, auth).with_grants(Arc::new(grants));
     let limits = state.limits().clone();
 
     let listener =
@@ -200,23 +199,25 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Registers the configured provider (none, dev or a GitHub App, shared
-/// through Redis when `shared` is set).
-fn register_provider(
-    registry: &Registry,
+/// The configured provider: none, dev, or a GitHub App (shared through
+/// Redis when `shared` is set).
+fn configured_provider(
     provider: ProviderChoice,
     shared: Option<SharedConfig>,
-) -> anyhow::Result<()> {
-    match provider {
-        ProviderChoice::Off => tracing::warn!(
-            "no GitHub App configured (GITHUB_APP_ID unset): the token endpoints answer 404"
-        ),
+) -> anyhow::Result<Option<Arc<dyn TokenProvider>>> {
+    Ok(match provider {
+        ProviderChoice::Off => {
+            tracing::warn!(
+                "no GitHub App configured (GITHUB_APP_ID unset): the token endpoints answer 404"
+            );
+            None
+        }
         ProviderChoice::Dev { token_ttl } => {
             tracing::info!(
                 "dev mode: minting fake ghs_ tokens living {}",
                 humantime::format_duration(token_ttl)
             );
-            registry.register(Arc::new(DevProvider::new(token_ttl)));
+            Some(Arc::new(DevProvider::new(token_ttl)))
         }
         ProviderChoice::GitHub(github) => {
             let issuer = github.issuer.clone();
@@ -233,10 +234,9 @@ fn register_provider(
                 provider = provider.with_shared(store);
             }
             tracing::info!("GitHub App {issuer}: tokens from {}", provider.endpoint());
-            registry.register(Arc::new(provider));
+            Some(Arc::new(provider))
         }
-    }
-    Ok(())
+    })
 }
 
 /// The admin bearer (from `ADMIN_TOKEN`, or random in dev mode) and the

@@ -6,8 +6,8 @@
 //! (see there): never an expired token, replaced ahead of expiry, one
 //! upstream call however many callers.
 //!
-//! The trait returns a boxed future so it stays object safe: the registry and
-//! the service hold providers as `Arc<dyn TokenProvider>`.
+//! The trait returns a boxed future so it stays object safe: the service
+//! holds its provider as `Arc<dyn TokenProvider>`.
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -87,8 +87,8 @@ use tower_http::timeout::TimeoutLayer;
 
 use crate::auth::{Auth, AuthError, Caller, MAX_BEARER_BYTES, valid_workspace_id};
 use crate::grants::Grants;
+use crate::provider::TokenProvider;
 use crate::provider::{RefusalOutcome, ServedToken, TokenRequest};
-use crate::registry::Registry;
 use crate::scope::Scope;
 
 mod accept;
@@ -154,33 +154,40 @@ impl Default for ServiceLimits {
     }
 }
 
-/// What the handlers share: the plugin registry and the bearer checks.
+/// What the handlers share: the token provider and the bearer checks.
 ///
 /// ```
 /// use std::{sync::Arc, time::Duration};
-/// use molecule_platform::{app, AppState, Auth, DevProvider, Registry, WorkspaceTokens};
+/// use molecule_platform::{app, AppState, Auth, DevProvider, WorkspaceTokens};
 ///
 /// let provider = Arc::new(DevProvider::new(Duration::from_secs(600)));
-/// let registry = Arc::new(Registry::new());
-/// registry.register(provider.clone());
 /// let auth = Auth::new(Some("admin-bearer".into()), WorkspaceTokens::empty());
-/// let router: axum::Router = app(AppState::new(registry, auth));
+/// let router: axum::Router = app(AppState::new(Some(provider.clone()), auth));
 /// # let _ = (router, provider.minted());
 /// ```
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct AppState {
-    registry: Arc<Registry>,
+    provider: Option<Arc<dyn TokenProvider>>,
     auth: Arc<Auth>,
     grants: Arc<Grants>,
     limits: ServiceLimits,
 }
 
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState")
+            .field("provider", &self.provider.is_some())
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
 impl AppState {
-    /// State serving the first token provider in `registry`, guarded by
-    /// `auth`, with default [`ServiceLimits`].
-    pub fn new(registry: Arc<Registry>, auth: Auth) -> Self {
+    /// State serving `provider` (`None`: no GitHub App, the token routes
+    /// answer 404), guarded by `auth`, with default [`ServiceLimits`].
+    pub fn new(provider: Option<Arc<dyn TokenProvider>>, auth: Auth) -> Self {
         Self {
-            registry,
+            provider,
             auth: Arc::new(auth),
             grants: Arc::new(Grants::none()),
             limits: ServiceLimits::default(),
@@ -205,9 +212,9 @@ impl AppState {
         self
     }
 
-    /// The plugin registry.
-    pub fn registry(&self) -> &Arc<Registry> {
-        &self.registry
+    /// The token provider, when one is configured.
+    pub fn provider(&self) -> Option<&Arc<dyn TokenProvider>> {
+        self.provider.as_ref()
     }
 
     /// The bearer checks (to reload the workspace table on SIGHUP).
@@ -465,7 +472,7 @@ async fn workspace_refusal(
             "expected {\"sha256\": \"<64 lowercase hex digits of the refused token's SHA-256>\"}",
         );
     };
-    let Some(provider) = state.registry.first_token_provider() else {
+    let Some(provider) = &state.provider else {
         return StatusCode::NO_CONTENT.into_response();
     };
     let scopes: Vec<Option<Scope>> = match state.grants.current() {
@@ -506,7 +513,7 @@ async fn workspace_refusal(
 }
 
 async fn serve_token(state: &AppState, caller: Caller, request: TokenRequest) -> Response {
-    let Some(provider) = state.registry.first_token_provider() else {
+    let Some(provider) = &state.provider else {
         return json_error(Status::NotFound, "no GitHub App configured");
     };
     let failed = || json_error(Status::REFRESH_FAILED, crate::answer::REFRESH_FAILED);

@@ -392,8 +392,6 @@ impl ScopedProvider for GitHubAppProvider {
     }
 }
 
-crate::registry::github_token_plugin!(GitHubAppProvider, "github-app-auth");
-
 #[cfg(test)]
 mod tests {
     use super::installations::next_link;

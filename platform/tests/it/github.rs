@@ -9,7 +9,7 @@ use axum::Router;
 use axum::http::StatusCode;
 use jiff::SignedDuration;
 use molecule_platform::service::format_expiry;
-use molecule_platform::{AppState, Auth, GitHubAppProvider, Registry, WorkspaceTokens, app};
+use molecule_platform::{AppState, Auth, GitHubAppProvider, TokenProvider, WorkspaceTokens, app};
 use secrecy::SecretString;
 
 use crate::support::{GitHubStandIn, Logs, Mode, assert_no_secrets, get, keys, manual_clock};
@@ -19,10 +19,9 @@ const ROUTE: &str = "/admin/github-installation-token";
 
 fn service(provider: GitHubAppProvider) -> (Router, Arc<GitHubAppProvider>) {
     let provider = Arc::new(provider);
-    let registry = Arc::new(Registry::new());
-    registry.register(Arc::clone(&provider) as _);
+    let served: Option<Arc<dyn TokenProvider>> = Some(Arc::clone(&provider) as _);
     let auth = Auth::new(Some(SecretString::from(ADMIN)), WorkspaceTokens::empty());
-    (app(AppState::new(registry, auth)), provider)
+    (app(AppState::new(served, auth)), provider)
 }
 
 #[tokio::test]
@@ -325,10 +324,11 @@ async fn serves_the_cached_token_while_a_refresh_fails() {
 #[tokio::test]
 async fn provisions_gh_token_and_github_token() {
     let github = GitHubStandIn::start();
-    let registry = Registry::new();
-    registry.register(Arc::new(github.provider()));
+    let provider = github.provider();
     let mut env = BTreeMap::from([("HOME".to_owned(), "/home/agent".to_owned())]);
-    registry.mutate_env(&mut env).await.expect("mutate_env");
+    molecule_platform::provision::set_github_token_env(&provider, &mut env)
+        .await
+        .expect("provision");
     let token = &github.issued()[0].0;
     assert_eq!(env["GITHUB_TOKEN"], *token);
     assert_eq!(env["GH_TOKEN"], *token);

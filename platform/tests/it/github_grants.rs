@@ -7,7 +7,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::http::StatusCode;
 use molecule_platform::{
-    AppState, Auth, GitHubAppProvider, Grants, Registry, WorkspaceTokens, app,
+    AppState, Auth, GitHubAppProvider, Grants, TokenProvider, WorkspaceTokens, app,
 };
 use secrecy::SecretString;
 
@@ -37,15 +37,14 @@ fn service(github: &GitHubStandIn) -> (Router, Arc<GitHubAppProvider>) {
     github.add_installation("Acme-Labs", 1002);
     github.set_page_size(1);
     let provider = Arc::new(github.provider());
-    let registry = Arc::new(Registry::new());
-    registry.register(Arc::clone(&provider) as _);
+    let served: Option<Arc<dyn TokenProvider>> = Some(Arc::clone(&provider) as _);
     let auth = Auth::new(
         None,
         WorkspaceTokens::from_bearers(BEARERS.iter().map(|(id, b)| (*id, SecretString::from(*b)))),
     );
     let grants = Arc::new(Grants::parse(GRANTS).expect("grants"));
     (
-        app(AppState::new(registry, auth).with_grants(grants)),
+        app(AppState::new(served, auth).with_grants(grants)),
         provider,
     )
 }

@@ -14,7 +14,7 @@ use axum::http::StatusCode;
 use github_stand_in::{Account, Installation, RateLimit, TokenFormat, default_permissions};
 use jiff::SignedDuration;
 use molecule_platform::{
-    AppState, Auth, GitHubAppProvider, Grants, Registry, WorkspaceTokens, app,
+    AppState, Auth, GitHubAppProvider, Grants, TokenProvider, WorkspaceTokens, app,
 };
 use secrecy::SecretString;
 
@@ -24,15 +24,14 @@ const BEARER: &str = "github-spec-bearer-0123456789abcdef";
 
 fn service(github: &GitHubStandIn, grants: &str) -> (Router, Arc<GitHubAppProvider>) {
     let provider = Arc::new(github.provider());
-    let registry = Arc::new(Registry::new());
-    registry.register(Arc::clone(&provider) as _);
+    let served: Option<Arc<dyn TokenProvider>> = Some(Arc::clone(&provider) as _);
     let auth = Auth::new(
         None,
         WorkspaceTokens::from_bearers([("ws-1", SecretString::from(BEARER))]),
     );
     let grants = Arc::new(Grants::parse(grants).expect("grants"));
     (
-        app(AppState::new(registry, auth).with_grants(grants)),
+        app(AppState::new(served, auth).with_grants(grants)),
         provider,
     )
 }

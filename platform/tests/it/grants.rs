@@ -11,7 +11,7 @@ use axum::http::{Request, StatusCode};
 use molecule_platform::dev::DevMint;
 use molecule_platform::grants::Level;
 use molecule_platform::provider::{MAX_MIN_REMAINING, REFUSAL_INTERVAL};
-use molecule_platform::{AppState, Auth, DevProvider, Grants, Registry, WorkspaceTokens, app};
+use molecule_platform::{AppState, Auth, DevProvider, Grants, TokenProvider, WorkspaceTokens, app};
 use secrecy::SecretString;
 use tower::ServiceExt;
 
@@ -55,8 +55,7 @@ fn fixture(grants: Option<&str>, ttl: Duration) -> Fixture {
     let (clock, offset) = manual_clock();
     let provider = Arc::new(DevProvider::with_clock(ttl, clock));
     provider.set_not_installed(["ghost"]);
-    let registry = Arc::new(Registry::new());
-    registry.register(Arc::clone(&provider) as _);
+    let served: Option<Arc<dyn TokenProvider>> = Some(Arc::clone(&provider) as _);
     let auth = Auth::new(
         None,
         WorkspaceTokens::from_bearers(BEARERS.iter().map(|(id, b)| (*id, SecretString::from(*b)))),
@@ -65,7 +64,7 @@ fn fixture(grants: Option<&str>, ttl: Duration) -> Fixture {
         Some(text) => Grants::parse(text).expect("grants"),
         None => Grants::none(),
     });
-    let app = app(AppState::new(registry, auth).with_grants(Arc::clone(&grants)));
+    let app = app(AppState::new(served, auth).with_grants(Arc::clone(&grants)));
     Fixture {
         app,
         provider,

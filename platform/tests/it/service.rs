@@ -7,7 +7,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::http::StatusCode;
 use molecule_platform::{
-    AppState, Auth, DevProvider, Grants, Registry, WorkspaceTokens, app, serve,
+    AppState, Auth, DevProvider, Grants, TokenProvider, WorkspaceTokens, app, serve,
 };
 use secrecy::SecretString;
 
@@ -26,10 +26,9 @@ fn workspaces() -> WorkspaceTokens {
 
 fn dev_app(admin: Option<&str>) -> (Router, Arc<DevProvider>) {
     let provider = Arc::new(DevProvider::new(Duration::from_secs(600)));
-    let registry = Arc::new(Registry::new());
-    registry.register(Arc::clone(&provider) as _);
+    let served: Option<Arc<dyn TokenProvider>> = Some(Arc::clone(&provider) as _);
     let auth = Auth::new(admin.map(SecretString::from), workspaces());
-    (app(AppState::new(registry, auth)), provider)
+    (app(AppState::new(served, auth)), provider)
 }
 
 const WS_A_ROUTE: &str = "/workspaces/ws-a/github-installation-token";
@@ -156,15 +155,12 @@ async fn without_admin_token_the_admin_route_takes_workspace_bearers() {
 async fn while_grants_are_in_force_the_admin_route_is_closed_to_workspace_bearers() {
     let (logs, _guard) = Logs::capture();
     let provider = Arc::new(DevProvider::new(Duration::from_secs(600)));
-    let registry = Arc::new(Registry::new());
-    registry.register(Arc::clone(&provider) as _);
+    let served: Option<Arc<dyn TokenProvider>> = Some(Arc::clone(&provider) as _);
     let grants = Arc::new(Grants::none());
-    let no_admin = app(
-        AppState::new(Arc::clone(&registry), Auth::new(None, workspaces()))
-            .with_grants(Arc::clone(&grants)),
-    );
+    let no_admin = app(AppState::new(served.clone(), Auth::new(None, workspaces()))
+        .with_grants(Arc::clone(&grants)));
     let with_admin = app(AppState::new(
-        Arc::clone(&registry),
+        served,
         Auth::new(Some(SecretString::from(ADMIN)), workspaces()),
     )
     .with_grants(Arc::clone(&grants)));
@@ -225,26 +221,26 @@ async fn while_grants_are_in_force_the_admin_route_is_closed_to_workspace_bearer
 }
 
 #[tokio::test]
-async fn unconfigured_is_404_after_auth_and_registering_turns_it_on() {
-    let registry = Arc::new(Registry::new());
-    let auth = Auth::new(Some(SecretString::from(ADMIN)), workspaces());
-    let app = app(AppState::new(Arc::clone(&registry), auth));
-    let answer = get(&app, ADMIN_ROUTE, Some(ADMIN)).await;
+async fn unconfigured_is_404_after_auth_and_a_provider_turns_it_on() {
+    let auth = || Auth::new(Some(SecretString::from(ADMIN)), workspaces());
+    let unconfigured = app(AppState::new(None, auth()));
+    let answer = get(&unconfigured, ADMIN_ROUTE, Some(ADMIN)).await;
     assert_eq!(answer.status, StatusCode::NOT_FOUND);
     assert_eq!(
         answer.body,
         serde_json::json!({"error": "no GitHub App configured"})
     );
-    let answer = get(&app, WS_A_ROUTE, Some(WS_A)).await;
+    let answer = get(&unconfigured, WS_A_ROUTE, Some(WS_A)).await;
     assert_eq!(answer.status, StatusCode::NOT_FOUND);
     // Strangers learn nothing about the setup.
     assert_eq!(
-        get(&app, ADMIN_ROUTE, Some("nope")).await.status,
+        get(&unconfigured, ADMIN_ROUTE, Some("nope")).await.status,
         StatusCode::UNAUTHORIZED
     );
-    registry.register(Arc::new(DevProvider::new(Duration::from_secs(600))));
+    let provider: Arc<dyn TokenProvider> = Arc::new(DevProvider::new(Duration::from_secs(600)));
+    let configured = app(AppState::new(Some(provider), auth()));
     assert_eq!(
-        get(&app, ADMIN_ROUTE, Some(ADMIN)).await.status,
+        get(&configured, ADMIN_ROUTE, Some(ADMIN)).await.status,
         StatusCode::OK
     );
 }
@@ -289,10 +285,10 @@ async fn sighup_style_reload_changes_who_is_accepted() {
         format!("ws-a {}\n", crate::support::sha256_hex(WS_A)),
     )
     .expect("write");
-    let registry = Arc::new(Registry::new());
-    registry.register(Arc::new(DevProvider::new(Duration::from_secs(600))));
+    let served: Option<Arc<dyn TokenProvider>> =
+        Some(Arc::new(DevProvider::new(Duration::from_secs(600))));
     let state = AppState::new(
-        registry,
+        served,
         Auth::new(None, WorkspaceTokens::load(&file).expect("load")),
     );
     let auth = Arc::clone(state.auth());
@@ -434,8 +430,6 @@ impl molecule_platform::TokenProvider for BrokenProvider {
     }
 }
 
-crate::support::token_plugin!(BrokenProvider, "broken");
-
 #[tokio::test]
 async fn empty_or_expired_tokens_from_a_provider_are_a_500() {
     let cases = [
@@ -452,10 +446,8 @@ async fn empty_or_expired_tokens_from_a_provider_are_a_500() {
     ];
     for (token, expires_in, cause) in cases {
         let (logs, _guard) = Logs::capture();
-        let registry = Arc::new(Registry::new());
-        registry.register(Arc::new(BrokenProvider { token, expires_in }));
         let app = app(AppState::new(
-            registry,
+            Some(Arc::new(BrokenProvider { token, expires_in })),
             Auth::new(Some(ADMIN.into()), workspaces()),
         ));
         let answer = get(&app, ADMIN_ROUTE, Some(ADMIN)).await;
@@ -487,19 +479,16 @@ impl molecule_platform::TokenProvider for StalledProvider {
     }
 }
 
-crate::support::token_plugin!(StalledProvider, "stalled");
-
 #[tokio::test]
 async fn at_the_concurrency_limit_requests_are_refused_at_once_not_queued() {
     let provider = Arc::new(StalledProvider::default());
-    let registry = Arc::new(Registry::new());
-    registry.register(Arc::clone(&provider) as _);
+    let served: Option<Arc<dyn TokenProvider>> = Some(Arc::clone(&provider) as _);
     let auth = Auth::new(Some(SecretString::from(ADMIN)), workspaces());
     let limits = molecule_platform::ServiceLimits {
         max_concurrent_requests: 1,
         ..Default::default()
     };
-    let app = app(AppState::new(registry, auth).with_limits(limits));
+    let app = app(AppState::new(served, auth).with_limits(limits));
     // The one slot: a token request stuck on the stalled upstream.
     let held = {
         let app = app.clone();

@@ -20,7 +20,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use molecule_platform::{AppState, Auth, DevProvider, Registry, ServiceLimits, WorkspaceTokens};
+use molecule_platform::{
+    AppState, Auth, DevProvider, ServiceLimits, TokenProvider, WorkspaceTokens,
+};
 use secrecy::SecretString;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -41,10 +43,10 @@ const TRICKLE: Duration = Duration::from_millis(50);
 const ANSWER_WITHIN: Duration = Duration::from_secs(1);
 
 fn dev_app() -> Router {
-    let registry = Arc::new(Registry::new());
-    registry.register(Arc::new(DevProvider::new(Duration::from_secs(600))));
+    let served: Option<Arc<dyn TokenProvider>> =
+        Some(Arc::new(DevProvider::new(Duration::from_secs(600))));
     let auth = Auth::new(Some(SecretString::from(ADMIN)), WorkspaceTokens::empty());
-    molecule_platform::app(AppState::new(registry, auth))
+    molecule_platform::app(AppState::new(served, auth))
 }
 
 /// `GET /healthz` on a fresh connection; the whole answer.
@@ -547,8 +549,6 @@ impl molecule_platform::TokenProvider for GatedProvider {
     }
 }
 
-crate::support::token_plugin!(GatedProvider, "gated");
-
 /// `GET /admin/github-installation-token` on a fresh connection; the status line.
 async fn admin_request(addr: SocketAddr) -> String {
     let mut stream = TcpStream::connect(addr).await.expect("connect");
@@ -574,13 +574,12 @@ async fn admin_request(addr: SocketAddr) -> String {
 async fn connections_in_a_request_are_never_evicted() {
     let (gate_tx, gate) = watch::channel(false);
     let calls = watch::Sender::new(0u64);
-    let registry = Arc::new(Registry::new());
-    registry.register(Arc::new(GatedProvider {
+    let served: Option<Arc<dyn TokenProvider>> = Some(Arc::new(GatedProvider {
         gate,
         calls: calls.clone(),
     }));
     let auth = Auth::new(Some(SecretString::from(ADMIN)), WorkspaceTokens::empty());
-    let app = molecule_platform::app(AppState::new(registry, auth));
+    let app = molecule_platform::app(AppState::new(served, auth));
     let limits = ServiceLimits {
         max_connections: 2,
         header_read_timeout: Duration::from_secs(120),

@@ -295,30 +295,6 @@ pub(crate) fn run_to_exit(
     (out.status, out.stdout, out.stderr)
 }
 
-/// Makes a test's `TokenProvider` a plugin of the registry: named `$name`,
-/// its own token provider, changing no environment.
-macro_rules! token_plugin {
-    ($provider:ty, $name:literal) => {
-        impl molecule_platform::ProvisionPlugin for $provider {
-            fn name(&self) -> &str {
-                $name
-            }
-            fn mutate_env<'a>(
-                &'a self,
-                _env: &'a mut std::collections::BTreeMap<String, String>,
-            ) -> molecule_platform::registry::EnvFuture<'a> {
-                Box::pin(async { Ok(()) })
-            }
-            fn as_token_provider(
-                self: std::sync::Arc<Self>,
-            ) -> Option<std::sync::Arc<dyn molecule_platform::TokenProvider>> {
-                Some(self)
-            }
-        }
-    };
-}
-pub(crate) use token_plugin;
-
 /// An HTTP client for the real binary (no proxy, short timeouts).
 pub(crate) fn http() -> reqwest::Client {
     reqwest::Client::builder()

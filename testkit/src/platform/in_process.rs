@@ -543,7 +543,7 @@ struct PlatformService {
 /// provider, an admin bearer, one workspace bearer and the grants of
 /// `options`.
 fn platform_service(options: &PlatformOptions) -> PlatformService {
-    use molecule_platform::{AppState, Auth, DevProvider, Grants, Registry, WorkspaceTokens};
+    use molecule_platform::{AppState, Auth, DevProvider, Grants, TokenProvider, WorkspaceTokens};
     use secrecy::SecretString;
 
     let bearers = Bearers {
@@ -552,8 +552,7 @@ fn platform_service(options: &PlatformOptions) -> PlatformService {
     };
     let provider = Arc::new(DevProvider::new(options.token_ttl));
     provider.set_not_installed(options.not_installed.iter());
-    let registry = Arc::new(Registry::new());
-    registry.register(Arc::clone(&provider) as _);
+    let served: Option<Arc<dyn TokenProvider>> = Some(Arc::clone(&provider) as _);
     let auth = Auth::new(
         Some(SecretString::from(bearers.admin.clone())),
         WorkspaceTokens::from_bearers([(
@@ -566,8 +565,7 @@ fn platform_service(options: &PlatformOptions) -> PlatformService {
             .unwrap_or_else(|e| panic!("PlatformOptions::grants does not parse: {e}")),
         None => Grants::none(),
     });
-    let app =
-        molecule_platform::app(AppState::new(registry, auth).with_grants(Arc::clone(&grants)));
+    let app = molecule_platform::app(AppState::new(served, auth).with_grants(Arc::clone(&grants)));
     PlatformService {
         app,
         bearers,
