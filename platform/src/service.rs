@@ -72,7 +72,6 @@ use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use credd_core::log_limit::{LOG_INTERVAL, SharedLogLimit};
 use credd_core::platform_api::{
     ADMIN_TOKEN_ROUTE, ErrorAnswer, REFUSALS_ROUTE, RefusalReport, Status, TOKEN_ROUTE,
     TokenAnswer, TokenQuery, Which,
@@ -85,7 +84,7 @@ use tower::load_shed::LoadShedLayer;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
 
-use crate::auth::{Auth, AuthError, Caller, MAX_BEARER_BYTES, valid_workspace_id};
+use crate::auth::{Auth, AuthError, Caller, MAX_BEARER_BYTES};
 use crate::grants::Grants;
 use crate::provider::TokenProvider;
 use crate::provider::{RefusalOutcome, ServedToken, TokenRequest};
@@ -93,11 +92,13 @@ use crate::scope::Scope;
 
 mod accept;
 mod connections;
+mod error;
 
 pub use accept::{serve, serve_with_limits};
 
 use connections::AuthRefusals;
 pub use connections::LOG_SUMMARY_INTERVAL;
+use error::ApiError;
 
 /// Longest a client may take to deliver a complete request head: from
 /// connecting, or from the first byte of its next request on a kept-alive
@@ -330,27 +331,19 @@ fn bearer(headers: &HeaderMap) -> Result<&str, AuthError> {
 /// served otherwise).
 type AuthTally = Option<Extension<Arc<AuthRefusals>>>;
 
-/// The 401 for a missing or wrong bearer. Counted for the server's periodic
-/// summary (one warning per [`LOG_SUMMARY_INTERVAL`], see the
-/// `connections` module) and logged here at debug only, so a flood of
-/// unauthenticated requests cannot flood the log; without a server loop to
-/// report it, a warning of its own.
-fn refused(route: &str, workspace: Option<&str>, error: AuthError, tally: AuthTally) -> Response {
-    let workspace = workspace.map(|id| {
-        if valid_workspace_id(id) {
-            id
-        } else {
-            "<invalid id>"
-        }
-    });
-    match tally {
-        Some(Extension(tally)) => {
-            tally.count(error == AuthError::MissingBearer, workspace);
-            tracing::debug!(route, workspace, "request refused: {error}");
-        }
-        None => tracing::warn!(route, workspace, "request refused: {error}"),
+/// The 401 for a missing or wrong bearer on `route`.
+fn refused(
+    route: &'static str,
+    workspace: Option<&str>,
+    error: AuthError,
+    tally: AuthTally,
+) -> ApiError {
+    ApiError::Unauthorized {
+        route,
+        workspace: workspace.map(str::to_owned),
+        error,
+        tally: tally.map(|Extension(tally)| tally),
     }
-    json_error(Status::Unauthorized, &error.to_string())
 }
 
 async fn workspace_token(
@@ -359,32 +352,22 @@ async fn workspace_token(
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
     tally: AuthTally,
     headers: HeaderMap,
-) -> Response {
-    let caller = bearer(&headers).and_then(|b| state.auth.authorize_workspace(&id, Some(b)));
-    let caller = match caller {
-        Ok(caller) => caller,
-        Err(error) => return refused("workspace", Some(&id), error, tally),
-    };
+) -> Result<Response, ApiError> {
+    let caller = bearer(&headers)
+        .and_then(|b| state.auth.authorize_workspace(&id, Some(b)))
+        .map_err(|error| refused("workspace", Some(&id), error, tally))?;
     let query = match query {
         Ok(Query(pairs)) => TokenQuery::parse(pairs.iter().map(|(n, v)| (n.as_str(), v.as_str())))
             .map_err(|e| e.to_string()),
         Err(_) => Err("the query is not URL-encoded".to_owned()),
     };
-    let query = match query {
-        Ok(query) => query,
-        Err(message) => return json_error(Status::BadRequest, &message),
-    };
-    let scope = match resolve_scope(&state.grants, &id, &query.which) {
-        Ok(scope) => scope,
-        Err(error) => {
-            // A workspace can ask outside its grant as often as it likes.
-            static LOG: SharedLogLimit = SharedLogLimit::new(LOG_INTERVAL);
-            if let Some(suppressed) = LOG.admit(&id) {
-                tracing::warn!(workspace = %id, suppressed, "token refused: {error}");
-            }
-            return json_error(Status::NotGranted, &error.to_string());
+    let query = query.map_err(ApiError::BadRequest)?;
+    let scope = resolve_scope(&state.grants, &id, &query.which).map_err(|error| {
+        ApiError::OutsideGrant {
+            workspace: id.clone(),
+            reason: error.to_string(),
         }
-    };
+    })?;
     let request = TokenRequest {
         scope,
         min_remaining: query.min_remaining.unwrap_or_default(),
@@ -424,22 +407,15 @@ async fn admin_token(
     State(state): State<AppState>,
     tally: AuthTally,
     headers: HeaderMap,
-) -> Response {
-    let caller = bearer(&headers).and_then(|b| state.auth.authorize_admin(Some(b)));
+) -> Result<Response, ApiError> {
+    let caller = bearer(&headers)
+        .and_then(|b| state.auth.authorize_admin(Some(b)))
+        .map_err(|error| refused("admin", None, error, tally))?;
     match caller {
-        Ok(Caller::Workspace(id)) if state.grants.current().is_some() => {
-            static LOG: SharedLogLimit = SharedLogLimit::new(LOG_INTERVAL);
-            if let Some(suppressed) = LOG.admit(&id) {
-                tracing::warn!(
-                    workspace = %id,
-                    suppressed,
-                    "admin route refused to a workspace bearer: grants are in force (ask the workspace route)"
-                );
-            }
-            json_error(Status::NotGranted, &admin_route_closed())
+        Caller::Workspace(workspace) if state.grants.current().is_some() => {
+            Err(ApiError::AdminRouteClosed { workspace })
         }
-        Ok(caller) => serve_token(&state, caller, TokenRequest::default()).await,
-        Err(error) => refused("admin", None, error, tally),
+        caller => serve_token(&state, caller, TokenRequest::default()).await,
     }
 }
 
@@ -452,28 +428,26 @@ async fn workspace_refusal(
     tally: AuthTally,
     headers: HeaderMap,
     body: axum::body::Bytes,
-) -> Response {
-    if let Err(error) = bearer(&headers).and_then(|b| state.auth.authorize_workspace(&id, Some(b)))
-    {
-        return refused("refusal", Some(&id), error, tally);
-    }
+) -> Result<Response, ApiError> {
+    bearer(&headers)
+        .and_then(|b| state.auth.authorize_workspace(&id, Some(b)))
+        .map_err(|error| refused("refusal", Some(&id), error, tally))?;
     if body.len() > MAX_REFUSAL_BODY_BYTES {
-        return json_error(
-            Status::BadRequest,
-            &format!("the body is larger than {MAX_REFUSAL_BODY_BYTES} bytes"),
-        );
+        return Err(ApiError::BadRequest(format!(
+            "the body is larger than {MAX_REFUSAL_BODY_BYTES} bytes"
+        )));
     }
-    let Some(sha256) = serde_json::from_slice::<RefusalReport<'_>>(&body)
+    let sha256 = serde_json::from_slice::<RefusalReport<'_>>(&body)
         .ok()
         .and_then(|r| credd_core::secret::parse_sha256_hex(r.sha256.as_bytes()))
-    else {
-        return json_error(
-            Status::BadRequest,
-            "expected {\"sha256\": \"<64 lowercase hex digits of the refused token's SHA-256>\"}",
-        );
-    };
+        .ok_or_else(|| {
+            ApiError::BadRequest(
+                "expected {\"sha256\": \"<64 lowercase hex digits of the refused token's SHA-256>\"}"
+                    .to_owned(),
+            )
+        })?;
     let Some(provider) = &state.provider else {
-        return StatusCode::NO_CONTENT.into_response();
+        return Ok(StatusCode::NO_CONTENT.into_response());
     };
     let scopes: Vec<Option<Scope>> = match state.grants.current() {
         None => vec![None],
@@ -486,54 +460,36 @@ async fn workspace_refusal(
                 workspace = %id,
                 "[github] refused token (fingerprint {prefix}) dropped from the cache"
             );
-            StatusCode::NO_CONTENT.into_response()
+            Ok(StatusCode::NO_CONTENT.into_response())
         }
-        RefusalOutcome::NoMatch => StatusCode::NO_CONTENT.into_response(),
-        RefusalOutcome::Limited { retry_after } => {
-            static LOG: SharedLogLimit = SharedLogLimit::new(LOG_INTERVAL);
-            if let Some(suppressed) = LOG.admit(&id) {
-                tracing::warn!(
-                    workspace = %id,
-                    suppressed,
-                    "[github] refusal of token {prefix} rate-limited (one drop per workspace and installation per {})",
-                    humantime::format_duration(crate::provider::REFUSAL_INTERVAL)
-                );
-            }
-            let mut response = json_error(
-                Status::TooManyRequests,
-                "this workspace had a refused token of this installation dropped moments ago; retry later",
-            );
-            response.headers_mut().insert(
-                header::RETRY_AFTER,
-                HeaderValue::from(retry_after.as_secs().max(1)),
-            );
-            response
-        }
+        RefusalOutcome::NoMatch => Ok(StatusCode::NO_CONTENT.into_response()),
+        RefusalOutcome::Limited { retry_after } => Err(ApiError::RefusalLimited {
+            workspace: id,
+            fingerprint: prefix,
+            retry_after,
+        }),
     }
 }
 
-async fn serve_token(state: &AppState, caller: Caller, request: TokenRequest) -> Response {
-    let Some(provider) = &state.provider else {
-        return json_error(Status::NotFound, "no GitHub App configured");
-    };
-    let failed = || json_error(Status::REFRESH_FAILED, crate::answer::REFRESH_FAILED);
-    // Every provider failure has its one answer (`crate::answer`).
-    let served: ServedToken = match provider.scoped_token(request).await {
-        Ok(served) => served,
-        Err(error) => return error.into_response(),
-    };
+async fn serve_token(
+    state: &AppState,
+    caller: Caller,
+    request: TokenRequest,
+) -> Result<Response, ApiError> {
+    let provider = state.provider.as_ref().ok_or(ApiError::NotConfigured)?;
+    let served: ServedToken = provider.scoped_token(request).await?;
     let issued = &served.issued;
     let token = issued.token.expose_secret();
     if token.is_empty() {
-        tracing::error!("[github] token refresh failed: the provider returned an empty token");
-        return failed();
+        return Err(ApiError::Unusable(
+            "the provider returned an empty token".to_owned(),
+        ));
     }
     if issued.expires_at <= Timestamp::now() {
-        tracing::error!(
-            "[github] token refresh failed: the provider returned a token that expired at {}",
+        return Err(ApiError::Unusable(format!(
+            "the provider returned a token that expired at {}",
             issued.expires_at
-        );
-        return failed();
+        )));
     }
     crate::metrics::metrics().served(match &caller {
         Caller::Admin => crate::metrics::CallerKind::Admin,
@@ -555,10 +511,9 @@ async fn serve_token(state: &AppState, caller: Caller, request: TokenRequest) ->
         repositories: served.repositories.as_deref().map(Cow::Borrowed),
         permissions: Some(Cow::Borrowed(&served.permissions)),
     };
-    match serde_json::to_vec(&answer) {
-        Ok(body) => json(StatusCode::OK, body),
-        Err(_) => failed(),
-    }
+    let body = serde_json::to_vec(&answer)
+        .map_err(|_| ApiError::Unusable("the answer could not be encoded".to_owned()))?;
+    Ok(json(StatusCode::OK, body))
 }
 
 async fn healthz() -> Response {
@@ -576,8 +531,8 @@ async fn serve_metrics() -> Response {
     response
 }
 
-async fn not_found() -> Response {
-    json_error(Status::NotFound, "not found")
+async fn not_found() -> ApiError {
+    ApiError::NoRoute
 }
 
 #[cfg(test)]
