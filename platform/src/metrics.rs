@@ -9,8 +9,10 @@
 //!
 //! Why one process-wide set: the counters are incremented where things
 //! happen — the token cache every provider uses, the token handlers, a
-//! layer around the router — and those are built independently (plugins in
-//! the registry, routers in tests); a process has one `/metrics`.
+//! layer around the router — and those are built independently (providers,
+//! routers in tests); a process has one `/metrics`. The set depends on no
+//! other module of the crate (its callers pass labels, not their types), so
+//! it sits below everything that counts.
 //!
 //! What the labels may hold: route templates (`/workspaces/{id}/…`, never a
 //! workspace id), HTTP status codes, error classes, the caller's kind
@@ -29,8 +31,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-
-use crate::provider::ProviderError;
 
 /// The `Content-Type` of `/metrics`.
 pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
@@ -223,13 +223,9 @@ impl PlatformMetrics {
         self.cache_hits.inc();
     }
 
-    /// A replicated-cache event.
-    pub fn shared_cache(&self, event: crate::shared::Event) {
-        self.shared
-            .get_or_create(&SharedLabels {
-                event: event.as_str(),
-            })
-            .inc();
+    /// A replicated-cache event, by its label (`shared::Event::as_str`).
+    pub fn shared_cache(&self, event: &'static str) {
+        self.shared.get_or_create(&SharedLabels { event }).inc();
     }
 
     /// A token endpoint handed a token to `caller`.
@@ -241,14 +237,9 @@ impl PlatformMetrics {
             .inc();
     }
 
-    /// A mint failed with `error`.
-    pub fn upstream_error(&self, error: &ProviderError) {
-        let status = match error {
-            ProviderError::UpstreamStatus { status, .. }
-            | ProviderError::Refused { status, .. } => status.to_string(),
-            ProviderError::InstallationGone(_) => "404".to_owned(),
-            other => other.class().to_owned(),
-        };
+    /// A mint failed; `status` is GitHub's status, or the failure's class
+    /// when GitHub answered none (`ProviderError::status_label`).
+    pub fn upstream_error(&self, status: String) {
         self.upstream_errors
             .get_or_create(&UpstreamLabels { status })
             .inc();
@@ -323,11 +314,17 @@ mod tests {
         m.cache_hit();
         m.cache_hit();
         m.served(CallerKind::Workspace);
-        m.upstream_error(&ProviderError::UpstreamStatus {
-            status: 502,
-            detail: Some("bad \"gateway\"".into()),
-        });
-        m.upstream_error(&ProviderError::Timeout(std::time::Duration::from_secs(1)));
+        m.upstream_error(
+            crate::provider::ProviderError::UpstreamStatus {
+                status: 502,
+                detail: Some("bad \"gateway\"".into()),
+            }
+            .status_label(),
+        );
+        m.upstream_error(
+            crate::provider::ProviderError::Timeout(std::time::Duration::from_secs(1))
+                .status_label(),
+        );
         m.rate_limited(1_900_000_000, true);
         m.rate_limited(1_900_000_060, false);
         m.held();

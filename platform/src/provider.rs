@@ -146,6 +146,18 @@ impl ProviderError {
         }
     }
 
+    /// The `status` label of the upstream-errors metric: GitHub's status
+    /// when it answered one, else the class.
+    pub fn status_label(&self) -> String {
+        match self {
+            Self::UpstreamStatus { status, .. } | Self::Refused { status, .. } => {
+                status.to_string()
+            }
+            Self::InstallationGone(_) => "404".to_owned(),
+            other => other.class().to_owned(),
+        }
+    }
+
     /// Whether this failure still stands at `now`: a rate limit does not
     /// outlive its end (then GitHub may be asked again at once), anything
     /// else does (until its cool-down).

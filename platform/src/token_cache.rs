@@ -290,7 +290,7 @@ impl TokenCache {
             }
             Err(error) => error,
         };
-        crate::metrics::metrics().upstream_error(&error);
+        crate::metrics::metrics().upstream_error(error.status_label());
         attempts.last_failure = Some((self.clock.now(), error.clone()));
         drop(attempts);
         let Some(stale) = self.unexpired(self.clock.now()) else {

@@ -884,6 +884,23 @@ fn production_files_and_functions_stay_small() {
     fail_with("production code over the size limits", &oversized(&files));
 }
 
+#[test]
+fn the_platform_metrics_use_no_other_module_of_their_crate() {
+    let path = "platform/src/metrics.rs";
+    let source = read(&root().join(path));
+    let uses: Vec<String> = production_lines(&source)
+        .iter()
+        .enumerate()
+        .filter(|(_, line)| !line.trim_start().starts_with("//"))
+        .filter(|(_, line)| line.contains("crate::"))
+        .map(|(n, line)| format!("{path}:{}: {}", n + 1, line.trim()))
+        .collect();
+    fail_with(
+        "the platform's metrics name another module of the crate (pass a label instead; everything counts through them, so this makes a cycle)",
+        &uses,
+    );
+}
+
 // ---- the checks themselves, on planted offenders ----------------------------
 
 const MAP: &str = "\

@@ -177,7 +177,7 @@ impl Event {
 }
 
 fn count(event: Event) {
-    crate::metrics::metrics().shared_cache(event);
+    crate::metrics::metrics().shared_cache(event.as_str());
 }
 
 /// Deletes `KEYS[1]` only if it holds `ARGV[1]`: releasing a lock only by
