@@ -22,7 +22,7 @@
 //! learn nothing about the setup); 400 for a malformed query; 403 when a
 //! grants file is in force and the workspace has no entry or asks outside
 //! it, or is a workspace bearer on the admin route while grants are in
-//! force (no token is minted); 404 when no provider is registered; and for
+//! force (no token is minted); 404 when no provider is configured; and for
 //! what GitHub answers, the one mapping of [`crate::answer`]: 403 when GitHub
 //! refuses the token (its 422 or a suspended installation, with GitHub's
 //! reason), 404 when the App is not installed on the owner (or the
