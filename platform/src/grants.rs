@@ -36,13 +36,10 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::auth::valid_workspace_id;
-// The scope types live in `scope.rs` (providers use them without the
-// grants file); these names stay reachable here for the file's readers.
-pub use crate::scope::{
-    Level, MAX_PERMISSION_NAME_CHARS, MAX_PERMISSIONS, Permissions, Scope, github_levels,
+use crate::scope::{
+    Level, MAX_PERMISSIONS, Permissions, Scope, closest_permission, github_levels,
     valid_permission_name,
 };
-use crate::scope::{closest_permission, quoted_list};
 
 /// Largest grants file accepted.
 pub const MAX_GRANTS_FILE_BYTES: u64 = 16 * 1024 * 1024;
@@ -153,6 +150,16 @@ pub struct GrantTable {
     workspaces: HashMap<String, WorkspaceGrant>,
 }
 
+/// `"a", "b" or "c"`.
+fn quoted_list(items: &[&str]) -> String {
+    let quoted: Vec<String> = items.iter().map(|i| format!("{i:?}")).collect();
+    match quoted.split_last() {
+        Some((last, [])) => last.clone(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+        None => String::new(),
+    }
+}
+
 /// The grants file being read: its text, and its name for messages.
 struct Source<'a> {
     text: &'a str,
@@ -246,11 +253,10 @@ fn parse_permissions(
     id: &str,
     spanned: Spanned<BTreeMap<String, Spanned<String>>>,
 ) -> Result<Permissions, GrantsFileError> {
-    let invalid = |offset, reason| source.invalid(offset, reason);
     let at = spanned.span().start;
     let map = spanned.into_inner();
     if map.is_empty() {
-        return Err(invalid(
+        return Err(source.invalid(
             at,
             format!(
                 "workspace {id}: permissions is empty: name at least one, or leave it out for the installation's own"
@@ -258,7 +264,7 @@ fn parse_permissions(
         ));
     }
     if map.len() > MAX_PERMISSIONS {
-        return Err(invalid(
+        return Err(source.invalid(
             at,
             format!("workspace {id}: more than {MAX_PERMISSIONS} permissions"),
         ));
@@ -266,7 +272,7 @@ fn parse_permissions(
     let mut permissions = Permissions::new();
     for (name, level) in map {
         if !valid_permission_name(&name) {
-            return Err(invalid(
+            return Err(source.invalid(
                 level.span().start,
                 format!(
                     "workspace {id}: permission {name:?} is not a GitHub permission name (lowercase letters, digits and '_', such as contents or pull_requests)"
@@ -277,7 +283,7 @@ fn parse_permissions(
             let hint = closest_permission(&name)
                 .map(|known| format!(" (did you mean {known}?)"))
                 .unwrap_or_default();
-            return Err(invalid(
+            return Err(source.invalid(
                 level.span().start,
                 format!(
                     "workspace {id}: permission {name:?} is not one of GitHub's App permissions{hint}; GitHub would refuse every token of this grant ({})",
@@ -287,7 +293,7 @@ fn parse_permissions(
         };
         let parsed = Level::parse(level.get_ref()).filter(|l| levels.contains(&l.as_str()));
         let Some(parsed) = parsed else {
-            return Err(invalid(
+            return Err(source.invalid(
                 level.span().start,
                 format!(
                     "workspace {id}: permission {name} is {:?}, but GitHub allows only {} for it ({})",
@@ -341,11 +347,10 @@ fn parse_repositories(
     repositories: Spanned<Vec<Spanned<String>>>,
     permissions: Option<&Permissions>,
 ) -> Result<Vec<Scope>, GrantsFileError> {
-    let invalid = |offset, reason| source.invalid(offset, reason);
     let repositories_at = repositories.span().start;
     let repositories = repositories.into_inner();
     if repositories.is_empty() {
-        return Err(invalid(
+        return Err(source.invalid(
             repositories_at,
             format!(
                 "workspace {id}: repositories is empty: list OWNER/NAME or OWNER/* entries, or remove the workspace"
@@ -357,7 +362,8 @@ fn parse_repositories(
     for repository in repositories {
         let at = repository.span().start;
         let text = repository.into_inner();
-        let bad = |why: String| invalid(at, format!("workspace {id}: repository {text:?}: {why}"));
+        let bad =
+            |why: String| source.invalid(at, format!("workspace {id}: repository {text:?}: {why}"));
         let (owner, name) = text
             .split_once('/')
             .ok_or_else(|| bad("expected OWNER/NAME or OWNER/*".into()))?;

@@ -60,16 +60,6 @@ pub(crate) fn closest_permission(name: &str) -> Option<&'static str> {
         .map(|(_, known)| known)
 }
 
-/// `"a", "b" or "c"`.
-pub(crate) fn quoted_list(items: &[&str]) -> String {
-    let quoted: Vec<String> = items.iter().map(|i| format!("{i:?}")).collect();
-    match quoted.split_last() {
-        Some((last, [])) => last.clone(),
-        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
-        None => String::new(),
-    }
-}
-
 /// A permission level GitHub accepts when minting.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]

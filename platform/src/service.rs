@@ -213,11 +213,6 @@ impl AppState {
         self
     }
 
-    /// The token provider, when one is configured.
-    pub fn provider(&self) -> Option<&Arc<dyn TokenProvider>> {
-        self.provider.as_ref()
-    }
-
     /// The bearer checks (to reload the workspace table on SIGHUP).
     pub fn auth(&self) -> &Arc<Auth> {
         &self.auth
