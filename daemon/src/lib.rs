@@ -8,15 +8,18 @@
 //! logging, hardens and dispatches to [`start`] or a one-shot command.
 //!
 //! Data flows one way: command line and environment ([`cli`]) → the platform
-//! client ([`platform`]) → the token cache (`cache`, which owns every platform
-//! call) → the socket server (`server`, which owns every connection).
+//! client ([`platform`]) → the token store (`cache`, which owns every token,
+//! every refresher and so every platform call, and what is daemon-wide) →
+//! the socket server (`server`, which owns every connection, and `answer`,
+//! which says the store's outcomes in the protocol's words).
 //! [`socket`] sets the socket up safely, [`systemd`] adopts a socket-activated
 //! listener and talks `sd_notify`, `on_refresh` runs the operator's hook;
-//! both are subscribers of the cache's changes.
+//! both hear of every token's changes from the store.
 //!
 //! Everything that needs a single-threaded process (adopting systemd's
 //! socket, the umask) happens before the async runtime starts.
 
+mod answer;
 pub mod bootstrap;
 mod cache;
 pub mod cli;
@@ -40,7 +43,7 @@ use credd_core::secret::Token;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::cache::{CachePolicy, TokenCache, Tokens};
+use crate::cache::{CachePolicy, TokenStore};
 use crate::cli::Cli;
 use crate::platform::{PlatformClient, Timeouts};
 use crate::process::{Command, SignalThread};
@@ -158,7 +161,7 @@ pub fn start(
 /// and SIGINT stop the daemon, the socket file removed first.
 async fn follow_commands<F: cache::Fetch>(
     mut commands: mpsc::UnboundedReceiver<Command>,
-    tokens: Arc<Tokens<F>>,
+    tokens: Arc<TokenStore<F>>,
     notifier: systemd::Notifier,
     mut socket_file: Option<SocketFile>,
     stop: CancellationToken,
@@ -201,29 +204,18 @@ pub async fn run(
     } = listener;
     let listener = tokio::net::UnixListener::from_std(listener)
         .context("cannot register the socket with the async runtime")?;
-    let mut cache = TokenCache::new(settings.client.clone(), settings.policy, settings.bootstrap);
-    if let Some(command) = settings.on_refresh {
-        cache = cache.with_refresh_hook(on_refresh::hook(command));
-    }
-    let cache = Arc::new(cache);
     let notifier = systemd::Notifier::from_env();
     let stop = CancellationToken::new();
-    let tokens = Arc::new(Tokens::new(
-        Arc::clone(&cache),
+    let tokens = Arc::new(TokenStore::start(
         settings.client,
         settings.policy,
-        stop.clone(),
+        settings.bootstrap,
+        settings.on_refresh.map(on_refresh::hook),
+        &stop,
     ));
-
     tracing::info!("listening on {}", path.display());
-    let refresher = {
-        let cache = Arc::clone(&cache);
-        let stop = stop.clone();
-        // The default token is kept fresh for the daemon's whole life.
-        tokio::spawn(async move { cache.run_refresher(stop, |_| false).await })
-    };
     notifier.ready();
-    systemd::follow(&cache, &notifier, &stop);
+    systemd::follow(&tokens, &notifier, &stop);
     tokio::spawn(follow_commands(
         commands,
         Arc::clone(&tokens),
@@ -247,9 +239,6 @@ pub async fn run(
             Ok(Err(error)) => tracing::warn!(error = %error, "the gateway failed"),
             Err(_) => bail!("the gateway task failed"),
         }
-    }
-    if refresher.await.is_err() {
-        bail!("the refresher task failed");
     }
     tokens.stopped().await;
     tracing::info!("stopped");

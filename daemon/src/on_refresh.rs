@@ -12,8 +12,10 @@
 //! script that echoes its input would otherwise put the token in the journal.
 //! We log what is safe: exit status and duration.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use credd_core::secret::Token;
@@ -52,54 +54,76 @@ enum Outcome {
 /// How long one `--on-refresh` run may take before it is killed.
 pub(crate) const TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The cache's hook for `--on-refresh COMMAND`: runs it with the newest
-/// token, one run at a time; tokens that arrive while it runs are coalesced
-/// into the next run.
+/// The variable that names the account a token is for, in the hook's
+/// environment (absent when the platform stated none: a platform without
+/// grants).
+pub(crate) const OWNER_VARIABLE: &str = "CREDD_OWNER";
+
+/// The store's hook for `--on-refresh COMMAND`: runs it with the newest
+/// token of each account, one run at a time; tokens of one account that
+/// arrive while it runs are coalesced into its next run (an account's
+/// token never stands in for another's).
 pub(crate) fn hook(command: String) -> RefreshHook {
-    let (latest, mut updates) = tokio::sync::watch::channel::<Option<Token>>(None);
+    // At most one entry per account the store holds a token for.
+    let pending: Arc<Mutex<BTreeMap<Option<String>, Token>>> = Arc::default();
+    let (ready, mut updates) = tokio::sync::watch::channel(());
+    let queue = Arc::clone(&pending);
     tokio::spawn(async move {
+        // Ends when the hook (the sender) is dropped with the store.
         while updates.changed().await.is_ok() {
-            let token = updates.borrow_and_update().clone();
-            if let Some(token) = token {
-                run(&command, &token, TIMEOUT).await;
+            let batch = std::mem::take(&mut *queue.lock().unwrap_or_else(|e| e.into_inner()));
+            for (account, token) in batch {
+                run(&command, &token, account.as_deref(), TIMEOUT).await;
             }
         }
     });
-    Box::new(move |token: &Token| {
-        latest.send_replace(Some(token.clone()));
+    Box::new(move |token: &Token, account: Option<&str>| {
+        pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(account.map(str::to_owned), token.clone());
+        ready.send_replace(());
     })
 }
 
-/// Runs `command` through `/bin/sh -c` with `token` and a newline on stdin.
+/// Runs `command` through `/bin/sh -c` with `token` and a newline on stdin,
+/// and `account` in [`OWNER_VARIABLE`].
 ///
 /// Waits at most `timeout` (then kills the command's process group); logs the
 /// outcome (exit status, duration — never output) and never returns an error:
 /// a broken hook must not affect serving. Run it in a spawned task so the
 /// refresh path does not wait for it.
-pub(crate) async fn run(command: &str, token: &Token, timeout: Duration) {
+pub(crate) async fn run(command: &str, token: &Token, account: Option<&str>, timeout: Duration) {
     let started = Instant::now();
-    let outcome = execute(command, token, timeout).await;
+    let outcome = execute(command, token, account, timeout).await;
     let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let owner = account.unwrap_or("-");
     match outcome {
         Outcome::Finished(status) if status.success() => {
-            tracing::info!(elapsed_ms, "on-refresh command succeeded");
+            tracing::info!(owner, elapsed_ms, "on-refresh command succeeded");
         }
         Outcome::Finished(status) => {
-            tracing::warn!(%status, elapsed_ms, "on-refresh command failed");
+            tracing::warn!(owner, %status, elapsed_ms, "on-refresh command failed");
         }
         Outcome::TimedOut => {
             tracing::warn!(
+                owner,
                 timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
                 "on-refresh command did not finish in time and was killed"
             );
         }
         Outcome::Failed(error) => {
-            tracing::warn!(%error, "on-refresh command could not be run");
+            tracing::warn!(owner, %error, "on-refresh command could not be run");
         }
     }
 }
 
-async fn execute(command: &str, token: &Token, timeout: Duration) -> Outcome {
+async fn execute(
+    command: &str,
+    token: &Token,
+    account: Option<&str>,
+    timeout: Duration,
+) -> Outcome {
     let mut shell = Command::new("/bin/sh");
     shell
         .arg("-c")
@@ -116,6 +140,10 @@ async fn execute(command: &str, token: &Token, timeout: Duration) -> Outcome {
     {
         shell.env_remove(name);
     }
+    match account {
+        Some(account) => shell.env(OWNER_VARIABLE, account),
+        None => shell.env_remove(OWNER_VARIABLE),
+    };
     let mut child = match shell.spawn() {
         Ok(child) => child,
         Err(error) => return Outcome::Failed(error),
@@ -200,7 +228,7 @@ mod tests {
             sh_quote(&seen),
             sh_quote(&stdin_copy),
         );
-        let outcome = execute(&command, &token(), Duration::from_secs(30)).await;
+        let outcome = execute(&command, &token(), None, Duration::from_secs(30)).await;
         assert!(
             matches!(outcome, Outcome::Finished(s) if s.success()),
             "{outcome:?}"
@@ -223,7 +251,7 @@ mod tests {
         let pids = dir.path().join("pids");
         // The shell starts a grandchild and waits; both must die.
         let command = format!("sleep 300 & echo \"$$ $!\" > {}; wait", sh_quote(&pids));
-        let outcome = execute(&command, &token(), Duration::from_millis(500)).await;
+        let outcome = execute(&command, &token(), None, Duration::from_millis(500)).await;
         assert!(matches!(outcome, Outcome::TimedOut), "{outcome:?}");
         let pids = std::fs::read_to_string(&pids).expect("the hook wrote its pids");
         for pid in pids.split_whitespace() {
@@ -239,19 +267,60 @@ mod tests {
 
     #[tokio::test]
     async fn failures_are_outcomes_not_errors() {
-        let outcome = execute("exit 3", &token(), Duration::from_secs(30)).await;
+        let outcome = execute("exit 3", &token(), None, Duration::from_secs(30)).await;
         assert!(
             matches!(&outcome, Outcome::Finished(s) if s.code() == Some(3)),
             "{outcome:?}"
         );
         // Ignores its stdin entirely: no EPIPE surfaces as a failure.
-        let outcome = execute("exec true", &token(), Duration::from_secs(30)).await;
+        let outcome = execute("exec true", &token(), None, Duration::from_secs(30)).await;
         assert!(
             matches!(&outcome, Outcome::Finished(s) if s.success()),
             "{outcome:?}"
         );
         // The public entry point returns () whatever happens.
-        run("exit 7", &token(), Duration::from_secs(30)).await;
-        run("sleep 300", &token(), Duration::from_millis(100)).await;
+        run("exit 7", &token(), None, Duration::from_secs(30)).await;
+        run("sleep 300", &token(), None, Duration::from_millis(100)).await;
+    }
+
+    #[tokio::test]
+    async fn each_accounts_newest_token_runs_the_hook_with_its_account_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let seen = dir.path().join("seen");
+        let command = format!(
+            "echo \"${{{OWNER_VARIABLE}-default}} $(cat)\" >> {}",
+            sh_quote(&seen)
+        );
+        let hook = hook(command);
+        let tokens: Vec<Token> = (0..3)
+            .map(|n| Token::new(format!("{TOKEN}{n}")).expect("valid token"))
+            .collect();
+        hook(&tokens[0], Some("acme"));
+        hook(&tokens[1], Some("labs"));
+        hook(&tokens[2], Some("acme"));
+        hook(&tokens[1], None);
+        let expected = [
+            format!("labs {TOKEN}1"),
+            format!("acme {TOKEN}2"),
+            format!("default {TOKEN}1"),
+        ];
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let lines = loop {
+            let text = std::fs::read_to_string(&seen).unwrap_or_default();
+            let lines: Vec<String> = text.lines().map(str::to_owned).collect();
+            if expected.iter().all(|e| lines.contains(e)) {
+                break lines;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the hook never ran for all: {lines:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        // An account's older token may have run first (it was not yet
+        // coalesced), never after its newer one.
+        let last_acme = lines.iter().rev().find(|l| l.starts_with("acme "));
+        assert_eq!(last_acme, Some(&expected[1]), "{lines:?}");
+        assert!(lines.len() <= 4, "{lines:?}");
     }
 }

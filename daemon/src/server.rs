@@ -28,7 +28,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use zeroize::Zeroizing;
 
-use crate::cache::{Fetch, Tokens, Want};
+use crate::answer;
+use crate::cache::{Fetch, Got, Sha256Hex, TokenStore, Want};
 use crate::metrics::answer_kind;
 
 /// `--max-connections` by default.
@@ -84,7 +85,7 @@ pub(crate) struct ServerSettings {
 /// Serves `listener` until `shutdown` completes, then drains (bounded).
 pub(crate) async fn run<F: Fetch>(
     listener: UnixListener,
-    tokens: Arc<Tokens<F>>,
+    tokens: Arc<TokenStore<F>>,
     settings: ServerSettings,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -151,7 +152,7 @@ pub(crate) async fn run<F: Fetch>(
 fn refuse_uid<F: Fetch>(
     stream: &UnixStream,
     peer: Option<UCred>,
-    tokens: &Tokens<F>,
+    tokens: &TokenStore<F>,
     log: &mut LogLimit,
 ) {
     if let Some(suppressed) = log.admit(now()) {
@@ -175,7 +176,7 @@ fn refuse_uid<F: Fetch>(
 fn answer_busy<F: Fetch>(
     stream: &UnixStream,
     max_connections: usize,
-    tokens: &Tokens<F>,
+    tokens: &TokenStore<F>,
     log: &mut LogLimit,
 ) {
     let answer = Response::Error {
@@ -288,7 +289,7 @@ async fn read_request(stream: &mut UnixStream) -> io::Result<RequestLine> {
 async fn serve_connection<F: Fetch>(
     mut stream: UnixStream,
     peer: Option<UCred>,
-    tokens: &Tokens<F>,
+    tokens: &TokenStore<F>,
     stop_reading: &CancellationToken,
     sealed: bool,
 ) {
@@ -432,7 +433,7 @@ fn bad_request(message: String) -> Response {
 
 async fn dispatch<F: Fetch>(
     line: &[u8],
-    tokens: &Tokens<F>,
+    tokens: &TokenStore<F>,
     peer: Option<UCred>,
     sealed: bool,
 ) -> (Response, Option<Audit>) {
@@ -444,19 +445,22 @@ async fn dispatch<F: Fetch>(
         Ok(Request::Get { repository, owner }) => {
             match Want::from_request(repository.as_deref(), owner.as_deref()) {
                 Ok(want) => {
-                    let answer = tokens.get(&want).await;
-                    let audit = match &answer {
-                        Response::Token { token, .. } => {
-                            Some(Audit::take(peer, &want, token.fingerprint()))
+                    let got = tokens.get(&want).await;
+                    let audit = match &got {
+                        Got::Token(served) => {
+                            Some(Audit::take(peer, &want, served.token.fingerprint()))
                         }
-                        _ => None,
+                        Got::NotGranted(_) | Got::Unavailable(_) => None,
                     };
-                    return (answer, audit);
+                    return (answer::to_get(got), audit);
                 }
                 Err(problem) => bad_request(problem),
             }
         }
-        Ok(Request::Erase { sha256 }) => tokens.erase(&sha256),
+        Ok(Request::Erase { sha256 }) => match Sha256Hex::parse(&sha256) {
+            Some(sha256) => answer::to_erase(tokens.erase(&sha256)),
+            None => answer::bad_erase(),
+        },
         Ok(Request::Status) => Response::Status(Box::new(tokens.status())),
         Err(ProtocolError::Version(v)) => {
             tracing::debug!(version = v, "request in another protocol version");
@@ -476,7 +480,7 @@ async fn dispatch<F: Fetch>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::{CachePolicy, TokenCache};
+    use crate::cache::CachePolicy;
     use crate::platform::{Grant, PlatformError, RefusalOutcome};
     use credd_core::platform_api::TokenQuery;
     use credd_core::secret::Token;
@@ -533,19 +537,15 @@ mod tests {
         }
     }
 
-    fn cache() -> Arc<TokenCache<Fixed>> {
-        Arc::new(TokenCache::new(
-            Fixed,
-            CachePolicy {
-                refresh_margin: Duration::from_secs(600),
-                min_lifetime: Duration::from_secs(60),
-                wait_timeout: Duration::from_secs(4),
-                bootstrap_max_age: Duration::from_secs(3000),
-                backoff_initial: Duration::from_secs(1),
-                backoff_max: Duration::from_secs(300),
-            },
-            None,
-        ))
+    fn policy() -> CachePolicy {
+        CachePolicy {
+            refresh_margin: Duration::from_secs(600),
+            min_lifetime: Duration::from_secs(60),
+            wait_timeout: Duration::from_secs(4),
+            bootstrap_max_age: Duration::from_secs(3000),
+            backoff_initial: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(300),
+        }
     }
 
     async fn exchange(path: &std::path::Path, bytes: &[u8]) -> String {
@@ -570,17 +570,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("s.sock");
         let listener = UnixListener::bind(&path).expect("bind");
-        let cache = cache();
         let stop = CancellationToken::new();
-        let refresher = Arc::clone(&cache);
-        let c = stop.clone();
-        tokio::spawn(async move { refresher.run_refresher(c, |_| false).await });
-        let tokens = Arc::new(Tokens::new(
-            cache,
-            Fixed,
-            CachePolicy::DEFAULT,
-            stop.clone(),
-        ));
+        let tokens = Arc::new(TokenStore::start(Fixed, policy(), None, None, &stop));
         let s = stop.clone();
         let server = tokio::spawn(async move {
             run(
@@ -640,6 +631,25 @@ mod tests {
             code(&exchange(&server.path, &oversized).await),
             ErrorCode::BadRequest
         );
+        // An erase is checked here, at the boundary: the store takes only
+        // a SHA-256.
+        let erase = |sha256: &str| {
+            protocol::encode(&Request::Erase {
+                sha256: sha256.to_owned(),
+            })
+        };
+        assert_eq!(
+            code(&exchange(&server.path, &erase("ZZ")).await),
+            ErrorCode::BadRequest
+        );
+        assert!(matches!(
+            protocol::decode::<Response>(
+                exchange(&server.path, &erase(&"0".repeat(64)))
+                    .await
+                    .as_bytes()
+            ),
+            Ok(Response::Erased { dropped: false })
+        ));
         server.stop.cancel();
         server.server.await.expect("server ends");
     }

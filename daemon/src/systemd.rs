@@ -35,7 +35,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::cache::{Fetch, TokenCache};
+use crate::cache::{Fetch, TokenStore};
 
 use nix::sys::socket::{
     AddressFamily, SockType, SockaddrLike, SockaddrStorage, getsockname, getsockopt, sockopt,
@@ -312,11 +312,11 @@ fn status_text(text: &str) -> String {
     credd_core::text::one_line(text, MAX_STATUS_LEN)
 }
 
-/// Subscribes systemd to the cache: a `STATUS=` line whenever the cache's
-/// state changes, and watchdog pings while it can serve. Nothing without
+/// Subscribes systemd to the token store: a `STATUS=` line whenever any
+/// token's state changes, and watchdog pings while it can serve. Nothing without
 /// `NOTIFY_SOCKET`.
 pub(crate) fn follow<F: Fetch>(
-    cache: &Arc<TokenCache<F>>,
+    cache: &Arc<TokenStore<F>>,
     notifier: &Notifier,
     stop: &CancellationToken,
 ) {

@@ -908,6 +908,49 @@ fn the_platform_metrics_use_no_other_module_of_their_crate() {
     );
 }
 
+/// Lines of `source` (production part, not comments) naming one of `words`.
+fn naming(path: &str, source: &str, words: &[&str]) -> Vec<String> {
+    production_lines(source)
+        .iter()
+        .enumerate()
+        .filter(|(_, line)| !line.trim_start().starts_with("//"))
+        .filter(|(_, line)| {
+            line.split(|c: char| !ident_char(c))
+                .any(|word| words.contains(&word))
+        })
+        .map(|(n, line)| format!("{path}:{}: {}", n + 1, line.trim()))
+        .collect()
+}
+
+#[test]
+fn the_daemons_token_store_never_builds_a_wire_answer() {
+    let root = root();
+    let files = files_under(
+        &root,
+        &root.join("daemon/src/cache"),
+        ".rs",
+        &["daemon/src/cache/tests.rs"],
+    );
+    assert!(files.len() > 5, "the store's files: {files:?}");
+    let uses: Vec<String> = files
+        .iter()
+        .flat_map(|path| naming(path, &read(&root.join(path)), &["Response", "ErrorCode"]))
+        .collect();
+    fail_with(
+        "the daemon's token store names a wire answer (return a `cache::Got` or another outcome; `daemon/src/answer.rs` says it)",
+        &uses,
+    );
+}
+
+#[test]
+fn the_wire_answer_check_finds_uses_not_comments() {
+    let planted = "//! A `Response` in a doc.\nuse credd_core::protocol::Response;\nfn f() -> ResponseLike {}\n";
+    assert_eq!(
+        naming("x.rs", planted, &["Response"]),
+        ["x.rs:2: use credd_core::protocol::Response;"]
+    );
+}
+
 // ---- the checks themselves, on planted offenders ----------------------------
 
 const MAP: &str = "\

@@ -1,9 +1,11 @@
-//! The token cache and the one task that refreshes it.
+//! The token store: each token's keeper and the one task that refreshes it.
 //!
 //! Why it is shaped like this: every git operation in the workspace asks for a
 //! token, but the platform should see about one call per token lifetime. So
-//! the cache answers from memory, and a single refresher task owns every
-//! platform call and its schedule. Clients never call the platform themselves;
+//! each keeper answers from memory, and a single refresher task per token
+//! owns every platform call and its schedule. The [`TokenStore`] owns the
+//! keepers, their refreshers and what is daemon-wide ([`Daemonwide`]); it
+//! answers in its own terms ([`Got`]), never in the protocol's. Clients never call the platform themselves;
 //! a client that finds no usable token *asks* the refresher (rate limited) and
 //! waits on a `watch` channel for at most `--wait-timeout`. Any number of
 //! concurrent clients therefore cause at most one call (single flight).
@@ -40,33 +42,34 @@
 //!   the refresher is not backing off, and at most
 //!   [`CLIENT_CALLS_PER_WINDOW`](policy::CLIENT_CALLS_PER_WINDOW) times per
 //!   [`CLIENT_CALL_WINDOW`](policy::CLIENT_CALL_WINDOW). SIGHUP
-//!   ([`TokenCache::refresh_now`]) is the operator's override and always calls.
+//!   ([`TokenKeeper::refresh_now`]) is the operator's override and always calls.
 
-mod owners;
+mod outcome;
 mod policy;
 mod refresher;
 mod schedule;
 mod state;
 mod status;
+mod store;
 #[cfg(test)]
 mod tests;
 
-use std::fmt::Write as _;
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use credd_core::platform_api::TokenQuery;
-use credd_core::protocol::{ErrorCode, PlatformHealth, Response, Scope};
+use credd_core::protocol::{PlatformHealth, Scope};
 use credd_core::repository::RepositoryRef;
 use credd_core::secret::Token;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
-pub(crate) use self::owners::{Tokens, Want};
+pub(crate) use self::outcome::{Got, NotGranted, Unavailable};
 pub(crate) use self::policy::CachePolicy;
 pub(crate) use self::refresher::Retirement;
 use self::state::{Deadline, HeldToken, Now, Requester, State};
+pub(crate) use self::store::{TokenStore, Want};
 use crate::clock::{self, BootClock};
 use crate::metrics::Metrics;
 use crate::platform::{Grant, PlatformClient, PlatformError, RefusalOutcome};
@@ -98,35 +101,87 @@ impl Fetch for PlatformClient {
     }
 }
 
-/// Called with every freshly fetched token (the `--on-refresh` hook).
-pub(crate) type RefreshHook = Box<dyn Fn(&Token) + Send + Sync>;
+/// Called with every freshly fetched token and the account it is for, when
+/// known (the `--on-refresh` hook).
+pub(crate) type RefreshHook = Box<dyn Fn(&Token, Option<&str>) + Send + Sync>;
 
-/// The in-memory token, its refresh schedule and the counters for status.
-pub(crate) struct TokenCache<F> {
+/// How a keeper lives: the one difference between the default token and an
+/// account's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Lifecycle {
+    /// The workspace's default token, seeded with the bootstrap token and
+    /// kept fresh for the daemon's whole life.
+    Kept,
+    /// `owner`'s token: refreshed only while someone asks for it, dropped
+    /// at expiry once nobody did during its whole life (see `OnDemand`), or
+    /// at once when the platform refuses the owner (see [`TokenStore`]).
+    OnDemand {
+        /// The account.
+        owner: String,
+    },
+}
+
+impl Lifecycle {
+    /// The account this keeper is for; `None` for the default token.
+    fn owner(&self) -> Option<&str> {
+        match self {
+            Self::Kept => None,
+            Self::OnDemand { owner } => Some(owner),
+        }
+    }
+}
+
+/// What belongs to the daemon, not to one token: its counters, start time
+/// and `--on-refresh` hook, and the signal its reporters (systemd's
+/// `STATUS=`) follow. The [`TokenStore`] owns it; each keeper holds a share.
+pub(crate) struct Daemonwide {
+    metrics: Metrics,
+    started: Instant,
+    on_refresh: Option<RefreshHook>,
+    /// Bumped whenever any keeper's state changed.
+    changed: watch::Sender<u64>,
+    boot_clock: BootClock,
+}
+
+impl Daemonwide {
+    /// Counters from zero, started now, calling `on_refresh` with every new token.
+    pub(crate) fn new(on_refresh: Option<RefreshHook>) -> Self {
+        Self {
+            metrics: Metrics::default(),
+            started: Instant::now(),
+            on_refresh,
+            changed: watch::Sender::new(0),
+            boot_clock: clock::boottime,
+        }
+    }
+}
+
+/// One token: held in memory, its refresh schedule and the counters for status.
+pub(crate) struct TokenKeeper<F> {
     fetcher: F,
     policy: CachePolicy,
-    /// The account this cache holds a token for; `None` for the default token.
-    owner: Option<String>,
-    /// A per-owner token is refreshed only while someone asks for it: one
-    /// nobody asked for during its whole life is dropped at expiry.
-    on_demand: bool,
+    lifecycle: Lifecycle,
     state: Mutex<State>,
     /// Wakes the refresher for a request outside its schedule.
     wake: Notify,
     /// Bumped whenever something a waiting client cares about changed.
     changed: watch::Sender<u64>,
-    started: Instant,
-    on_refresh: Option<RefreshHook>,
     boot_clock: BootClock,
-    /// The daemon's counters, shared by every cache (see [`Metrics`]).
-    metrics: Arc<Metrics>,
+    daemon: Arc<Daemonwide>,
 }
 
-impl<F: Fetch> TokenCache<F> {
-    /// A cache that will call `fetcher`; `bootstrap` is the provision-time env token.
-    pub(crate) fn new(fetcher: F, policy: CachePolicy, bootstrap: Option<Token>) -> Self {
+impl<F: Fetch> TokenKeeper<F> {
+    /// A keeper that will call `fetcher`, living by `lifecycle`;
+    /// `bootstrap` is the provision-time env token (the default token's).
+    pub(crate) fn new(
+        fetcher: F,
+        policy: CachePolicy,
+        lifecycle: Lifecycle,
+        bootstrap: Option<Token>,
+        daemon: Arc<Daemonwide>,
+    ) -> Self {
         let started = Instant::now();
-        let boot_clock: BootClock = clock::boottime;
+        let boot_clock = daemon.boot_clock;
         let bootstrap = bootstrap.map(|token| HeldToken {
             token,
             deadline: Deadline {
@@ -139,36 +194,26 @@ impl<F: Fetch> TokenCache<F> {
         Self {
             fetcher,
             policy,
-            owner: None,
-            on_demand: false,
+            lifecycle,
             state: Mutex::new(State::new(started, bootstrap)),
             wake: Notify::new(),
             changed: watch::Sender::new(0),
-            started,
-            on_refresh: None,
             boot_clock,
-            metrics: Arc::default(),
+            daemon,
         }
     }
 
-    /// A cache for `owner`'s token, refreshed on demand (see [`Tokens`]),
-    /// counting into `metrics`.
-    pub(crate) fn for_owner(
-        fetcher: F,
-        policy: CachePolicy,
-        owner: String,
-        metrics: Arc<Metrics>,
-    ) -> Self {
-        let mut cache = Self::new(fetcher, policy, None);
-        cache.owner = Some(owner);
-        cache.on_demand = true;
-        cache.metrics = metrics;
-        cache
-    }
-
-    /// The counters this cache adds to.
-    pub(crate) fn metrics(&self) -> &Arc<Metrics> {
-        &self.metrics
+    /// The default token's keeper with a daemon of its own (the cache's
+    /// unit tests).
+    #[cfg(test)]
+    fn kept(fetcher: F, policy: CachePolicy, bootstrap: Option<Token>) -> Self {
+        Self::new(
+            fetcher,
+            policy,
+            Lifecycle::Kept,
+            bootstrap,
+            Arc::new(Daemonwide::new(None)),
+        )
     }
 
     /// Reads the suspend-counting clock from `clock` instead (tests simulate
@@ -187,12 +232,6 @@ impl<F: Fetch> TokenCache<F> {
         }
     }
 
-    /// Runs `hook` after every successful refresh.
-    pub(crate) fn with_refresh_hook(mut self, hook: RefreshHook) -> Self {
-        self.on_refresh = Some(hook);
-        self
-    }
-
     fn lock(&self) -> MutexGuard<'_, State> {
         // No code path panics while holding the lock; if one did, the state
         // is still consistent field by field, so keep serving.
@@ -201,31 +240,27 @@ impl<F: Fetch> TokenCache<F> {
 
     fn bump(&self) {
         self.changed.send_modify(|n| *n = n.wrapping_add(1));
-    }
-
-    /// A receiver that sees every state change (for systemd's `STATUS=`).
-    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
-        self.changed.subscribe()
+        self.daemon.changed.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// The answer from what is held now, if anything is usable: the token,
-    /// or `not_granted` when its scope does not cover `repository`.
+    /// or `OutOfScope` when its scope does not cover `repository`.
     fn serve(&self, st: &mut State, repository: Option<&RepositoryRef>) -> Option<Served> {
         let usable = st.usable(&self.policy, self.now())?;
         if let Some(repository) = repository
             && !usable.scope.covers(repository)
         {
-            return Some(Served::OutOfScope(Response::Error {
-                code: ErrorCode::NotGranted,
-                message: format!(
-                    "the workspace's token for {} does not cover {repository}; ask the platform's operator to add it to the workspace's grant",
-                    usable.scope.owner.as_deref().unwrap_or(repository.owner())
-                ),
+            return Some(Served::OutOfScope(NotGranted::OutsideScope {
+                owner: usable
+                    .scope
+                    .owner
+                    .unwrap_or_else(|| repository.owner().to_owned()),
+                repository: repository.clone(),
             }));
         }
         st.served += 1;
         st.asked_since_fetch = true;
-        Some(Served::Token(Response::Token {
+        Some(Served::Token(outcome::Served {
             token: usable.token,
             expires_at: local_expiry(usable.left),
             source: usable.source,
@@ -251,7 +286,7 @@ impl<F: Fetch> TokenCache<F> {
         }
     }
 
-    /// Someone asked for this cache's token (see [`Tokens`]: called under
+    /// Someone asked for this cache's token (see [`TokenStore`]: called under
     /// its map's lock, so the cache cannot retire in between).
     pub(crate) fn note_asked(&self) {
         self.lock().asked_since_fetch = true;
@@ -263,34 +298,9 @@ impl<F: Fetch> TokenCache<F> {
         self.lock().is_wanted()
     }
 
-    fn unavailable(st: &State, now: Instant) -> Response {
-        if st.health == PlatformHealth::NotGranted {
-            return Response::Error {
-                code: ErrorCode::NotGranted,
-                message: st
-                    .last_error
-                    .clone()
-                    .unwrap_or_else(|| "the platform refuses this token".into()),
-            };
-        }
-        let mut message = match &st.last_error {
-            Some(error) => format!("no usable token: {error}"),
-            None if st.in_flight => {
-                "no usable token yet: the platform has not answered in time".to_owned()
-            }
-            None => "no usable token yet".to_owned(),
-        };
-        if !st.in_flight {
-            let _ = write!(
-                message,
-                "; next platform call in {}s",
-                st.next_attempt.saturating_duration_since(now).as_secs()
-            );
-        }
-        Response::Error {
-            code: ErrorCode::Unavailable,
-            message,
-        }
+    /// What a client gets when nothing is servable.
+    fn unavailable(st: &State, now: Instant) -> Got {
+        no_token(st, (!st.in_flight).then_some(st.next_attempt), now)
     }
 
     /// Answers a `get` (for `repository`, when given): the cached token, or
@@ -299,14 +309,14 @@ impl<F: Fetch> TokenCache<F> {
     /// refresher to check the grant first ([`Requester::ScopeCheck`], rate
     /// limited): a grant widened since the token was minted is seen on this
     /// request, and `not_granted` comes once the refresher has answered.
-    pub(crate) async fn get(&self, repository: Option<&RepositoryRef>) -> Response {
+    pub(crate) async fn get(&self, repository: Option<&RepositoryRef>) -> Got {
         let deadline = Instant::now() + self.policy.wait_timeout;
         // Subscribed before looking, so no change between look and wait is missed.
         let mut changes = self.changed.subscribe();
         {
             let mut st = self.lock();
             match self.serve(&mut st, repository) {
-                Some(Served::Token(answer)) => {
+                Some(Served::Token(served)) => {
                     // A parked per-owner refresher is needed again.
                     if st.parked && !st.retired {
                         st.parked = false;
@@ -314,9 +324,11 @@ impl<F: Fetch> TokenCache<F> {
                         drop(st);
                         self.wake.notify_one();
                     }
-                    return answer;
+                    return Got::Token(served);
                 }
-                Some(Served::OutOfScope(answer)) if st.retired => return answer,
+                Some(Served::OutOfScope(refused)) if st.retired => {
+                    return Got::NotGranted(refused);
+                }
                 None if st.retired => return Self::unavailable(&st, Instant::now()),
                 Some(Served::OutOfScope(_)) => {
                     st.requested = st.requested.max(Some(Requester::ScopeCheck));
@@ -331,9 +343,11 @@ impl<F: Fetch> TokenCache<F> {
                 let mut st = self.lock();
                 let settled = st.retired || (!st.in_flight && st.requested.is_none());
                 match self.serve(&mut st, repository) {
-                    Some(Served::Token(answer)) => return answer,
+                    Some(Served::Token(served)) => return Got::Token(served),
                     // The refresher has looked (called, or declined to).
-                    Some(Served::OutOfScope(answer)) if settled => return answer,
+                    Some(Served::OutOfScope(refused)) if settled => {
+                        return Got::NotGranted(refused);
+                    }
                     Some(Served::OutOfScope(_)) => {}
                     // Nothing will happen before our deadline: say so now.
                     None if st.retired || (settled && st.next_attempt >= deadline) => {
@@ -348,7 +362,8 @@ impl<F: Fetch> TokenCache<F> {
             {
                 let mut st = self.lock();
                 return match self.serve(&mut st, repository) {
-                    Some(Served::Token(answer) | Served::OutOfScope(answer)) => answer,
+                    Some(Served::Token(served)) => Got::Token(served),
+                    Some(Served::OutOfScope(refused)) => Got::NotGranted(refused),
                     None => Self::unavailable(&st, Instant::now()),
                 };
             }
@@ -357,7 +372,7 @@ impl<F: Fetch> TokenCache<F> {
 
     /// Frees this per-owner cache's slot if it holds nothing and is waiting
     /// out a back-off: marks it retired and returns what its owner is
-    /// answered until the back-off ends (see [`Tokens`]).
+    /// answered until the back-off ends (see [`TokenStore`]).
     fn bench(&self) -> Option<Benched> {
         let st = self.lock();
         if st.in_flight || !st.backing_off || st.usable(&self.policy, self.now()).is_some() {
@@ -380,10 +395,9 @@ impl<F: Fetch> TokenCache<F> {
     /// Answers an `erase`: drops the cached (or bootstrap) token if its SHA-256
     /// is `sha256`. The next `get` then fetches a fresh one.
     /// Whether it was dropped; the refresher reports it to the platform
-    /// before its next call. `sha256` is checked by the caller
-    /// ([`is_sha256_hex`]).
-    pub(crate) fn erase(&self, sha256: &str) -> bool {
-        let dropped = self.lock().erase(sha256);
+    /// before its next call.
+    pub(crate) fn erase(&self, sha256: &Sha256Hex) -> bool {
+        let dropped = self.lock().erase(&sha256.0);
         if dropped {
             self.bump();
         }
@@ -403,12 +417,12 @@ impl<F: Fetch> TokenCache<F> {
     }
 }
 
-/// A client waiting in [`TokenCache::get`], counted while it waits
+/// A client waiting in [`TokenKeeper::get`], counted while it waits
 /// (however the wait ends, a dropped future included).
-struct Waiting<'a, F: Fetch>(&'a TokenCache<F>);
+struct Waiting<'a, F: Fetch>(&'a TokenKeeper<F>);
 
 impl<'a, F: Fetch> Waiting<'a, F> {
-    fn new(cache: &'a TokenCache<F>) -> Self {
+    fn new(cache: &'a TokenKeeper<F>) -> Self {
         cache.lock().waiting += 1;
         Self(cache)
     }
@@ -421,13 +435,13 @@ impl<F: Fetch> Drop for Waiting<'_, F> {
     }
 }
 
-/// What [`TokenCache::serve`] found.
+/// What [`TokenKeeper::serve`] found.
 enum Served {
     /// The token (served and counted).
-    Token(Response),
+    Token(outcome::Served),
     /// A usable token whose scope does not cover the repository: the
-    /// `not_granted` answer from memory.
-    OutOfScope(Response),
+    /// refusal from memory.
+    OutOfScope(NotGranted),
 }
 
 /// What an owner whose cache left its map is answered until `until` (the
@@ -436,60 +450,69 @@ enum Served {
 pub(crate) struct Benched {
     /// When the owner may have a cache (and a platform call) again.
     pub(crate) until: Instant,
-    code: ErrorCode,
-    message: String,
+    /// Whether the platform refused the owner (else it failed).
+    refused: bool,
+    last_error: Option<String>,
 }
 
 impl Benched {
-    /// The answer `st` gives now, kept.
+    /// What `st` says now, kept.
     fn of(st: &State) -> Self {
-        let code = if st.health == PlatformHealth::NotGranted {
-            ErrorCode::NotGranted
-        } else {
-            ErrorCode::Unavailable
-        };
-        let message = match (&st.last_error, code) {
-            (Some(error), ErrorCode::NotGranted) => error.clone(),
-            (None, ErrorCode::NotGranted) => "the platform refuses this token".to_owned(),
-            (Some(error), _) => format!("no usable token: {error}"),
-            (None, _) => "no usable token yet".to_owned(),
-        };
         Self {
             until: st.next_attempt,
-            code,
-            message,
+            refused: st.health == PlatformHealth::NotGranted,
+            last_error: st.last_error.clone(),
         }
     }
 
     /// The answer at `now`.
-    pub(crate) fn answer(&self, now: Instant) -> Response {
-        let message = if self.code == ErrorCode::NotGranted {
-            self.message.clone()
-        } else {
-            format!(
-                "{}; next platform call in {}s",
-                self.message,
-                self.until.saturating_duration_since(now).as_secs()
-            )
-        };
-        Response::Error {
-            code: self.code,
-            message,
-        }
+    pub(crate) fn answer(&self, now: Instant) -> Got {
+        refusal_or_wait(self.refused, self.last_error.clone(), Some(self.until), now)
     }
 }
 
-/// Whether `text` is a hex SHA-256 as the protocol writes it (credd-core's
-/// one rule: 64 lower-case digits).
-pub(crate) fn is_sha256_hex(text: &str) -> bool {
-    credd_core::secret::parse_sha256_hex(text.as_bytes()).is_some()
+/// What a client gets from a keeper that holds nothing servable: the
+/// platform's refusal, or the wait until `next_call` (`None`: a call is in
+/// flight).
+fn no_token(st: &State, next_call: Option<Instant>, now: Instant) -> Got {
+    refusal_or_wait(
+        st.health == PlatformHealth::NotGranted,
+        st.last_error.clone(),
+        next_call,
+        now,
+    )
 }
 
-/// The `bad_request` answer to an erase without a SHA-256.
-fn bad_erase() -> Response {
-    Response::Error {
-        code: ErrorCode::BadRequest,
-        message: "erase needs the 64-hex-digit SHA-256 of the rejected password".into(),
+fn refusal_or_wait(
+    refused: bool,
+    last_error: Option<String>,
+    next_call: Option<Instant>,
+    now: Instant,
+) -> Got {
+    if refused {
+        return Got::NotGranted(NotGranted::Refused { reason: last_error });
+    }
+    Got::Unavailable(Unavailable::NoToken {
+        last_error,
+        next_call_in: next_call.map(|at| at.saturating_duration_since(now)),
+    })
+}
+
+/// A SHA-256 as the protocol writes it, checked by credd-core's one rule
+/// (64 lower-case hex digits) where it enters: an erase on the socket, a
+/// token the gateway saw refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Sha256Hex(String);
+
+impl Sha256Hex {
+    /// `text` if it is one.
+    pub(crate) fn parse(text: &str) -> Option<Self> {
+        credd_core::secret::parse_sha256_hex(text.as_bytes()).map(|_| Self(text.to_owned()))
+    }
+
+    /// The SHA-256 of `token`.
+    pub(crate) fn of(token: &Token) -> Self {
+        Self(token.sha256_hex())
     }
 }
 

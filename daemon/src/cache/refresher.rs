@@ -10,11 +10,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::state::{Accepted, Deadline, Failure, OnDemand, Requester};
-use super::{Benched, Fetch, TokenCache};
+use super::{Benched, Fetch, Lifecycle, TokenKeeper};
 use crate::metrics::CallOutcome;
 use crate::platform::RefusalOutcome;
 
-/// Why a per-owner cache's refresher offers to end (see [`super::Tokens`]).
+/// Why a per-owner cache's refresher offers to end (see [`super::TokenStore`]).
 pub(crate) enum Retirement {
     /// Nobody asked for its token during its life, and it has none left:
     /// gone unless asked again meanwhile.
@@ -26,11 +26,11 @@ pub(crate) enum Retirement {
     Refused(Benched),
 }
 
-impl<F: Fetch> TokenCache<F> {
+impl<F: Fetch> TokenKeeper<F> {
     /// The refresher: the only caller of the platform. Runs until `cancel`,
     /// or — for a per-owner cache nobody asks for any more, or whose owner
     /// is refused — until `retire` agrees that the cache is gone (see
-    /// [`super::Tokens`]).
+    /// [`super::TokenStore`]).
     pub(crate) async fn run_refresher(
         &self,
         cancel: CancellationToken,
@@ -51,7 +51,7 @@ impl<F: Fetch> TokenCache<F> {
                     if Instant::now() < self.lock().next_attempt {
                         continue;
                     }
-                    if self.on_demand {
+                    if matches!(self.lifecycle, Lifecycle::OnDemand { .. }) {
                         let now = self.now();
                         // Its own statement: `retire` takes the lock too.
                         let due = self.lock().on_demand_due(now);
@@ -60,7 +60,7 @@ impl<F: Fetch> TokenCache<F> {
                             OnDemand::Parked => continue,
                             OnDemand::Idle if retire(Retirement::Idle) => {
                                 tracing::debug!(
-                                    owner = self.owner.as_deref().unwrap_or("-"),
+                                    owner = self.lifecycle.owner().unwrap_or("-"),
                                     "nobody asked for this owner's token during its life; dropped it"
                                 );
                                 return;
@@ -75,11 +75,11 @@ impl<F: Fetch> TokenCache<F> {
                 () = cancel.cancelled() => return,
                 () = self.attempt() => {}
             }
-            if self.on_demand
+            if matches!(self.lifecycle, Lifecycle::OnDemand { .. })
                 && let Some(benched) = self.retire_refused()
             {
                 tracing::debug!(
-                    owner = self.owner.as_deref().unwrap_or("-"),
+                    owner = self.lifecycle.owner().unwrap_or("-"),
                     "the platform refuses this owner; its cache is dropped, its answer kept until the back-off ends"
                 );
                 retire(Retirement::Refused(benched));
@@ -142,7 +142,10 @@ impl<F: Fetch> TokenCache<F> {
         }
         tracing::debug!("calling the platform");
         let query = TokenQuery {
-            which: self.owner.clone().map_or(Which::Default, Which::Owner),
+            which: self
+                .lifecycle
+                .owner()
+                .map_or(Which::Default, |owner| Which::Owner(owner.to_owned())),
             min_remaining,
         };
         let started = std::time::Instant::now();
@@ -155,30 +158,43 @@ impl<F: Fetch> TokenCache<F> {
         let fresh = match result {
             Ok(grant) => match st.accept(&self.policy, grant, sent_at, now, unit, scope_check) {
                 Accepted::Cached(fresh) => {
-                    self.metrics.platform_call(took, &CallOutcome::Granted);
+                    self.daemon
+                        .metrics
+                        .platform_call(took, &CallOutcome::Granted);
                     fresh
                 }
                 Accepted::TooShort => {
-                    self.metrics.platform_call(took, &CallOutcome::TooShort);
+                    self.daemon
+                        .metrics
+                        .platform_call(took, &CallOutcome::TooShort);
                     None
                 }
             },
             Err(error) => {
                 st.fail(&self.policy, &Failure::Platform(&error), now, unit);
-                self.metrics
+                self.daemon
+                    .metrics
                     .platform_call(took, &CallOutcome::Failed(&error));
                 None
             }
         };
+        // The account the new token is for: the keeper's, or the one the
+        // platform stated for the default token.
+        let account = fresh.as_ref().and_then(|_| {
+            self.lifecycle
+                .owner()
+                .map(str::to_owned)
+                .or_else(|| st.owner_seen.clone())
+        });
         drop(st);
         self.bump();
-        if let (Some(token), Some(hook)) = (fresh, &self.on_refresh) {
-            hook(&token);
+        if let (Some(token), Some(hook)) = (fresh, &self.daemon.on_refresh) {
+            hook(&token, account.as_deref());
         }
     }
 }
 
-impl<F: Fetch> TokenCache<F> {
+impl<F: Fetch> TokenKeeper<F> {
     /// Tells the platform about a refused token; the outcome is only logged
     /// (the platform rate-limits these, and the call after it still runs).
     async fn report_refusal(&self, sha256: &str) {

@@ -5,21 +5,16 @@ use std::fmt::Write as _;
 
 use credd_core::protocol::{PlatformHealth, Source, TokenState, TokenStatus};
 
-use super::{Fetch, TokenCache, human_secs, local_expiry, scope_of_owner};
+use super::{Fetch, TokenKeeper, human_secs, local_expiry, scope_of_owner};
 
-impl<F: Fetch> TokenCache<F> {
-    /// Seconds since this cache was made (the default one's: the daemon's uptime).
-    pub(crate) fn uptime_secs(&self) -> u64 {
-        self.now().mono.duration_since(self.started).as_secs()
-    }
-
+impl<F: Fetch> TokenKeeper<F> {
     /// This token's state for `credd status` (never the token).
     pub(crate) fn status(&self) -> TokenStatus {
         let now = self.now();
         let st = self.lock();
         let current = st.usable(&self.policy, now);
         let scope = current.as_ref().map_or_else(
-            || scope_of_owner(self.owner.as_deref().or(st.owner_seen.as_deref())),
+            || scope_of_owner(self.lifecycle.owner().or(st.owner_seen.as_deref())),
             |c| c.scope.clone(),
         );
         TokenStatus {
@@ -50,27 +45,6 @@ impl<F: Fetch> TokenCache<F> {
         .bounded()
     }
 
-    /// One line for systemd's `STATUS=`.
-    pub(crate) fn status_line(&self) -> String {
-        let status = self.status();
-        let mut line = match (status.source, status.expires_in_secs) {
-            (Some(Source::Platform), Some(secs)) => {
-                format!("token from platform, expires in {}", human_secs(secs))
-            }
-            (Some(Source::Env), Some(secs)) => {
-                format!("bootstrap token from env, served for {}", human_secs(secs))
-            }
-            _ => "no usable token".to_owned(),
-        };
-        let _ = write!(line, "; platform {}", status.platform);
-        if status.platform != PlatformHealth::Ok
-            && let Some(error) = &status.last_error
-        {
-            let _ = write!(line, ": {error}");
-        }
-        line
-    }
-
     /// Healthy for the systemd watchdog: a token can be served, or the
     /// platform has not (yet) failed.
     pub(crate) fn is_healthy(&self) -> bool {
@@ -81,4 +55,41 @@ impl<F: Fetch> TokenCache<F> {
                 PlatformHealth::Unknown | PlatformHealth::Ok | PlatformHealth::ShortLived
             )
     }
+}
+
+/// One line for systemd's `STATUS=`: the default token, then each account's
+/// (`acme expires in 48m`, `labs no token (platform not_granted)`).
+pub(super) fn line(default: &TokenStatus, owners: &[TokenStatus]) -> String {
+    let mut line = match (default.source, default.expires_in_secs) {
+        (Some(Source::Platform), Some(secs)) => {
+            format!("token from platform, expires in {}", human_secs(secs))
+        }
+        (Some(Source::Env), Some(secs)) => {
+            format!("bootstrap token from env, served for {}", human_secs(secs))
+        }
+        _ => "no usable token".to_owned(),
+    };
+    let _ = write!(line, "; platform {}", default.platform);
+    if default.platform != PlatformHealth::Ok
+        && let Some(error) = &default.last_error
+    {
+        let _ = write!(line, ": {error}");
+    }
+    for (i, owner) in owners.iter().enumerate() {
+        let name = owner.scope.owner.as_deref().unwrap_or("-");
+        let _ = write!(
+            line,
+            "{}{name} ",
+            if i == 0 { "; accounts: " } else { ", " }
+        );
+        match owner.expires_in_secs {
+            Some(secs) => {
+                let _ = write!(line, "expires in {}", human_secs(secs));
+            }
+            None => {
+                let _ = write!(line, "no token (platform {})", owner.platform);
+            }
+        }
+    }
+    line
 }

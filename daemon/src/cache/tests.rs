@@ -151,7 +151,7 @@ impl Fetch for Arc<RotatingPlatform> {
 /// default margins: (calls, mints); never without a token.
 async fn ten_hours_against(platform: RotatingPlatform) -> (usize, usize) {
     let platform = Arc::new(platform);
-    let cache = Arc::new(TokenCache::new(
+    let cache = Arc::new(TokenKeeper::kept(
         Arc::clone(&platform),
         CachePolicy::DEFAULT,
         None,
@@ -161,7 +161,7 @@ async fn ten_hours_against(platform: RotatingPlatform) -> (usize, usize) {
     let c = cancel.clone();
     tokio::spawn(async move { refresher.run_refresher(c, |_| false).await });
     for _ in 0..600 {
-        let answer = cache.get(None).await;
+        let answer = wire(cache.get(None).await);
         assert!(matches!(answer, Response::Token { .. }), "{answer:?}");
         tokio::time::sleep(Duration::from_secs(60)).await;
     }
@@ -212,7 +212,7 @@ fn start(
     platform: &Arc<FakePlatform>,
     policy: CachePolicy,
     bootstrap: Option<&str>,
-) -> (Arc<TokenCache<Arc<FakePlatform>>>, CancellationToken) {
+) -> (Arc<TokenKeeper<Arc<FakePlatform>>>, CancellationToken) {
     // tokio's paused clock drives these tests; a boot clock that stands
     // still leaves every deadline to it (suspend has its own test).
     start_with_boot_clock(platform, policy, bootstrap, || Duration::ZERO)
@@ -223,9 +223,9 @@ fn start_with_boot_clock(
     policy: CachePolicy,
     bootstrap: Option<&str>,
     boot_clock: BootClock,
-) -> (Arc<TokenCache<Arc<FakePlatform>>>, CancellationToken) {
+) -> (Arc<TokenKeeper<Arc<FakePlatform>>>, CancellationToken) {
     let cache = Arc::new(
-        TokenCache::new(
+        TokenKeeper::kept(
             Arc::clone(platform),
             policy,
             bootstrap.map(|b| Token::new(b.into()).unwrap()),
@@ -237,6 +237,15 @@ fn start_with_boot_clock(
     let c = cancel.clone();
     tokio::spawn(async move { refresher.run_refresher(c, |_| false).await });
     (cache, cancel)
+}
+
+/// The store's outcome as the socket says it.
+fn wire(got: Got) -> Response {
+    crate::answer::to_get(got)
+}
+
+fn sha(hex: &str) -> Sha256Hex {
+    Sha256Hex::parse(hex).expect("a SHA-256")
 }
 
 fn token_of(r: &Response) -> (String, Source) {
@@ -260,7 +269,7 @@ async fn concurrent_gets_on_an_empty_cache_share_one_call() {
     let gets: Vec<_> = (0..100)
         .map(|_| {
             let cache = Arc::clone(&cache);
-            tokio::spawn(async move { cache.get(None).await })
+            tokio::spawn(async move { wire(cache.get(None).await) })
         })
         .collect();
     tokio::task::yield_now().await;
@@ -277,13 +286,13 @@ async fn concurrent_gets_on_an_empty_cache_share_one_call() {
 async fn refreshes_ahead_of_expiry_once_per_lifetime() {
     let platform = FakePlatform::new(vec![], true);
     let (cache, cancel) = start(&platform, policy(), None);
-    assert_eq!(token_of(&cache.get(None).await).0, "ghs_fake0");
+    assert_eq!(token_of(&wire(cache.get(None).await)).0, "ghs_fake0");
     // 50 minutes later, no second call yet (refresh at 47.5..50 min).
     tokio::time::sleep(Duration::from_secs(47 * 60)).await;
     assert_eq!(platform.calls(), 1);
     tokio::time::sleep(Duration::from_secs(3 * 60 + 1)).await;
     assert_eq!(platform.calls(), 2);
-    assert_eq!(token_of(&cache.get(None).await).0, "ghs_fake1");
+    assert_eq!(token_of(&wire(cache.get(None).await)).0, "ghs_fake1");
     cancel.cancel();
 }
 
@@ -299,13 +308,13 @@ async fn failures_back_off_and_keep_serving_the_cached_token() {
         true,
     );
     let (cache, cancel) = start(&platform, policy(), None);
-    cache.get(None).await;
+    wire(cache.get(None).await);
     cache.refresh_now();
     tokio::time::sleep(Duration::from_millis(1)).await;
     assert_eq!(platform.calls(), 2);
     // While failing: served from cache, no call per client.
     for _ in 0..50 {
-        assert_eq!(token_of(&cache.get(None).await).0, "ghs_fake0");
+        assert_eq!(token_of(&wire(cache.get(None).await)).0, "ghs_fake0");
     }
     assert_eq!(platform.calls(), 2);
     let status = cache.status();
@@ -334,7 +343,7 @@ async fn unauthorized_is_retried_once_then_backs_off() {
     p.backoff_initial = Duration::from_secs(3600);
     p.backoff_max = Duration::from_secs(3600);
     let (cache, cancel) = start(&platform, p, None);
-    let answer = cache.get(None).await;
+    let answer = wire(cache.get(None).await);
     assert!(
         matches!(answer, Response::Error { code: ErrorCode::Unavailable, ref message } if message.contains("401")),
         "{answer:?}"
@@ -343,7 +352,7 @@ async fn unauthorized_is_retried_once_then_backs_off() {
     assert_eq!(cache.status().platform.as_str(), "unauthorized");
     // Clients cannot override the back-off.
     for _ in 0..10 {
-        cache.get(None).await;
+        wire(cache.get(None).await);
     }
     assert_eq!(platform.calls(), 2);
     cancel.cancel();
@@ -380,12 +389,12 @@ async fn bootstrap_is_served_until_the_platform_answers_or_its_age_is_up() {
     let mut p = policy();
     p.bootstrap_max_age = Duration::from_secs(600);
     let (cache, cancel) = start(&platform, p, Some("ghs_bootstrap"));
-    let (token, source) = token_of(&cache.get(None).await);
+    let (token, source) = token_of(&wire(cache.get(None).await));
     assert_eq!((token.as_str(), source), ("ghs_bootstrap", Source::Env));
     assert_eq!(cache.status().source, Some(Source::Env));
     tokio::time::sleep(Duration::from_secs(601)).await;
     assert!(matches!(
-        cache.get(None).await,
+        wire(cache.get(None).await),
         Response::Error {
             code: ErrorCode::Unavailable,
             ..
@@ -397,7 +406,7 @@ async fn bootstrap_is_served_until_the_platform_answers_or_its_age_is_up() {
     let (cache, cancel) = start(&platform, policy(), Some("ghs_bootstrap"));
     tokio::time::sleep(Duration::from_millis(10)).await;
     assert_eq!(
-        token_of(&cache.get(None).await),
+        token_of(&wire(cache.get(None).await)),
         ("ghs_fake0".into(), Source::Platform)
     );
     cancel.cancel();
@@ -407,17 +416,17 @@ async fn bootstrap_is_served_until_the_platform_answers_or_its_age_is_up() {
 async fn erase_drops_only_a_matching_token_and_clients_are_rate_limited() {
     let platform = FakePlatform::new(vec![], true);
     let (cache, cancel) = start(&platform, policy(), None);
-    let (first, _) = token_of(&cache.get(None).await);
+    let (first, _) = token_of(&wire(cache.get(None).await));
     let other = credd_core::secret::sha256_hex(b"something else");
-    assert!(!cache.erase(&other));
-    assert!(!is_sha256_hex("not-hex"));
+    assert!(!cache.erase(&sha(&other)));
+    assert!(Sha256Hex::parse("not-hex").is_none());
     // Erase after erase: only CLIENT_CALLS_PER_WINDOW client-caused calls a minute.
     let mut current = first;
     for _ in 0..(CLIENT_CALLS_PER_WINDOW + 3) {
         let hash = credd_core::secret::sha256_hex(current.as_bytes());
-        assert!(cache.erase(&hash));
+        assert!(cache.erase(&sha(&hash)));
         assert_eq!(cache.status().state, Some(TokenState::Missing));
-        match cache.get(None).await {
+        match wire(cache.get(None).await) {
             Response::Token { token, .. } => current = token.expose().to_owned(),
             Response::Error { .. } => break,
             other => panic!("{other:?}"),
@@ -437,7 +446,7 @@ async fn a_token_below_the_minimum_life_is_never_served() {
         true,
     );
     let (cache, cancel) = start(&platform, policy(), None);
-    let answer = cache.get(None).await;
+    let answer = wire(cache.get(None).await);
     assert!(
         matches!(answer, Response::Error { code: ErrorCode::Unavailable, ref message } if message.contains("min-lifetime")),
         "{answer:?}"
@@ -462,7 +471,7 @@ async fn sighup_overrides_the_back_off_and_many_make_one_follow_up_call() {
     // The operator's override: a call now, whatever the back-off says.
     cache.refresh_now();
     platform.gate.add_permits(1);
-    assert_eq!(token_of(&cache.get(None).await).0, "ghs_fake1");
+    assert_eq!(token_of(&wire(cache.get(None).await)).0, "ghs_fake1");
     assert_eq!(platform.calls(), 2);
     // SIGHUPs during a call (it may have read the old bearer) lead to one
     // more call after it, not one each.
@@ -487,7 +496,7 @@ async fn status_and_health_follow_the_token() {
         true,
     );
     let (cache, cancel) = start(&platform, policy(), None);
-    cache.get(None).await;
+    wire(cache.get(None).await);
     let status = cache.status();
     assert_eq!(status.state, Some(TokenState::Valid));
     assert_eq!(status.source, Some(Source::Platform));
@@ -496,7 +505,7 @@ async fn status_and_health_follow_the_token() {
     assert_eq!((status.platform_calls, status.served), (1, 1));
     let next = status.next_refresh_in_secs.expect("scheduled");
     assert!((2850..=3000).contains(&next), "{next}");
-    let line = cache.status_line();
+    let line = super::status::line(&cache.status(), &[]);
     assert!(
         line.starts_with("token from platform, expires in 1h"),
         "{line}"
@@ -511,7 +520,7 @@ async fn status_and_health_follow_the_token() {
     assert_eq!(status.state, Some(TokenState::Missing));
     assert_eq!(status.platform.as_str(), "failing");
     assert!(!cache.is_healthy());
-    let line = cache.status_line();
+    let line = super::status::line(&cache.status(), &[]);
     assert!(
         line.starts_with("no usable token; platform failing: "),
         "{line}"
@@ -524,7 +533,7 @@ async fn a_get_waits_at_most_the_wait_timeout() {
     let platform = FakePlatform::new(vec![], false);
     let (cache, cancel) = start(&platform, policy(), None);
     let started = Instant::now();
-    let answer = cache.get(None).await;
+    let answer = wire(cache.get(None).await);
     assert!(matches!(
         answer,
         Response::Error {
@@ -553,13 +562,13 @@ async fn a_suspend_longer_than_the_life_left_makes_the_token_unservable() {
         true,
     );
     let (cache, cancel) = start_with_boot_clock(&platform, policy(), None, suspended_clock);
-    let (first, _) = token_of(&cache.get(None).await);
+    let (first, _) = token_of(&wire(cache.get(None).await));
     assert_eq!(platform.calls(), 1);
     // The machine sleeps 70 minutes; the monotonic (paused) clock does
     // not move, exactly as CLOCK_MONOTONIC does not during suspend.
     SUSPENDED_SECS.store(70 * 60, Ordering::SeqCst);
     assert_eq!(cache.status().state, Some(TokenState::Missing));
-    let (second, _) = token_of(&cache.get(None).await);
+    let (second, _) = token_of(&wire(cache.get(None).await));
     assert_ne!(
         first, second,
         "the dead token is never served after the wake"
@@ -572,7 +581,7 @@ async fn a_suspend_longer_than_the_life_left_makes_the_token_unservable() {
 async fn served_expiry_is_this_machines_clock_plus_the_life_left() {
     let platform = FakePlatform::new(vec![Ok(Duration::from_secs(3600))], true);
     let (cache, cancel) = start(&platform, policy(), None);
-    let Response::Token { expires_at, .. } = cache.get(None).await else {
+    let Response::Token { expires_at, .. } = wire(cache.get(None).await) else {
         panic!("a token");
     };
     let expected = unix_secs(SystemTime::now() + Duration::from_secs(3600));
@@ -597,7 +606,7 @@ async fn tokens_barely_above_the_minimum_life_are_fetched_at_a_bounded_rate() {
         true,
     );
     let (cache, cancel) = start(&platform, policy(), None);
-    cache.get(None).await;
+    wire(cache.get(None).await);
     tokio::time::sleep(Duration::from_secs(20 * 60)).await;
     let calls = platform.calls();
     // Unbounded, that is one call a second (1,200); with the back-off
@@ -625,13 +634,13 @@ async fn two_minute_tokens_stay_servable_however_the_short_lived_back_off_counts
         Duration::from_secs(60),
     ));
     let cache = Arc::new(
-        TokenCache::new(Arc::clone(&platform), policy(), None).with_boot_clock(|| Duration::ZERO),
+        TokenKeeper::kept(Arc::clone(&platform), policy(), None).with_boot_clock(|| Duration::ZERO),
     );
     let cancel = CancellationToken::new();
     let refresher = Arc::clone(&cache);
     let c = cancel.clone();
     tokio::spawn(async move { refresher.run_refresher(c, |_| false).await });
-    cache.get(None).await;
+    wire(cache.get(None).await);
     let samples = 20 * 60 / 5;
     let mut unserved = 0;
     for _ in 0..samples {
@@ -653,7 +662,7 @@ async fn two_minute_tokens_stay_servable_however_the_short_lived_back_off_counts
 /// A platform with grants: the default account is `acme` (limited to
 /// `acme/api` unless widened), `labs` is granted whole, owners starting
 /// with `down` fail (HTTP 500), every other owner is refused; a test can
-/// revoke an owner or widen `acme`'s repositories. Tokens live an hour;
+/// revoke an owner or widen `acme`'s repositories. TokenStore live an hour;
 /// every call and refusal report is logged in order.
 struct GrantingPlatform {
     log: Mutex<Vec<String>>,
@@ -749,19 +758,10 @@ impl Fetch for Arc<GrantingPlatform> {
 
 fn start_tokens(
     platform: &Arc<GrantingPlatform>,
-) -> (Arc<Tokens<Arc<GrantingPlatform>>>, CancellationToken) {
+) -> (Arc<TokenStore<Arc<GrantingPlatform>>>, CancellationToken) {
     let cancel = CancellationToken::new();
-    let default = Arc::new(TokenCache::new(Arc::clone(platform), policy(), None));
-    let refresher = Arc::clone(&default);
-    let c = cancel.clone();
-    tokio::spawn(async move { refresher.run_refresher(c, |_| false).await });
-    let tokens = Arc::new(Tokens::new(
-        default,
-        Arc::clone(platform),
-        policy(),
-        cancel.clone(),
-    ));
-    (tokens, cancel)
+    let tokens = TokenStore::start(Arc::clone(platform), policy(), None, None, &cancel);
+    (Arc::new(tokens), cancel)
 }
 
 fn repo(text: &str) -> Want {
@@ -775,7 +775,7 @@ fn code_of(r: &Response) -> ErrorCode {
     }
 }
 
-fn held_owners(tokens: &Tokens<Arc<GrantingPlatform>>) -> Vec<String> {
+fn held_owners(tokens: &TokenStore<Arc<GrantingPlatform>>) -> Vec<String> {
     tokens
         .status()
         .owners
@@ -788,23 +788,26 @@ fn held_owners(tokens: &Tokens<Arc<GrantingPlatform>>) -> Vec<String> {
 async fn tokens_are_chosen_by_owner_and_held_scope() {
     let platform = Arc::new(GrantingPlatform::default());
     let (tokens, cancel) = start_tokens(&platform);
-    assert_eq!(token_of(&tokens.get(&Want::Default).await).0, "ghs_acme1");
+    assert_eq!(
+        token_of(&wire(tokens.get(&Want::Default).await)).0,
+        "ghs_acme1"
+    );
     // The default token is acme's: acme's repositories need no call of their own.
     assert_eq!(
-        token_of(&tokens.get(&repo("Acme/API")).await).0,
+        token_of(&wire(tokens.get(&repo("Acme/API")).await)).0,
         "ghs_acme1"
     );
     assert_eq!(
-        token_of(&tokens.get(&Want::Owner("acme".into())).await).0,
+        token_of(&wire(tokens.get(&Want::Owner("acme".into())).await)).0,
         "ghs_acme1"
     );
     // Outside the held scope: the grant is checked once (a new token, the
     // same scope), then refused.
-    let outside = tokens.get(&repo("acme/secret")).await;
+    let outside = wire(tokens.get(&repo("acme/secret")).await);
     assert_eq!(code_of(&outside), ErrorCode::NotGranted);
     assert_eq!(platform.calls_for("fetch acme"), 2);
     // Another owner: a token of its own, with its scope in the answer.
-    let labs = tokens.get(&repo("labs/tool")).await;
+    let labs = wire(tokens.get(&repo("labs/tool")).await);
     match &labs {
         Response::Token { token, scope, .. } => {
             assert_eq!(token.expose(), "ghs_labs3");
@@ -814,14 +817,14 @@ async fn tokens_are_chosen_by_owner_and_held_scope() {
         other => panic!("{other:?}"),
     }
     assert_eq!(
-        token_of(&tokens.get(&repo("labs/other")).await).0,
+        token_of(&wire(tokens.get(&repo("labs/other")).await)).0,
         "ghs_labs3"
     );
     // An owner outside the grant: not_granted, and asking again does not
     // make the platform hear about it again.
     for _ in 0..5 {
         assert_eq!(
-            code_of(&tokens.get(&repo("evil/x")).await),
+            code_of(&wire(tokens.get(&repo("evil/x")).await)),
             ErrorCode::NotGranted
         );
     }
@@ -849,7 +852,7 @@ async fn refused_owners_hold_no_slot_and_cost_one_call_per_back_off() {
     let (tokens, cancel) = start_tokens(&platform);
     for round in 0..3 {
         for n in 0..100 {
-            let answer = tokens.get(&repo(&format!("evil{n}/x"))).await;
+            let answer = wire(tokens.get(&repo(&format!("evil{n}/x"))).await);
             assert_eq!(code_of(&answer), ErrorCode::NotGranted, "{answer:?}");
         }
         assert_eq!(held_owners(&tokens), Vec::<String>::new(), "round {round}");
@@ -859,14 +862,14 @@ async fn refused_owners_hold_no_slot_and_cost_one_call_per_back_off() {
         100,
         "one call per refused owner"
     );
-    let labs = tokens.get(&Want::Owner("labs".into())).await;
+    let labs = wire(tokens.get(&Want::Owner("labs".into())).await);
     assert!(token_of(&labs).0.starts_with("ghs_labs"));
     assert_eq!(held_owners(&tokens), ["labs"]);
     // After the back-off (at most --backoff-max), one call each again.
     tokio::time::sleep(policy().backoff_max).await;
     for n in 0..100 {
-        tokens.get(&repo(&format!("evil{n}/x"))).await;
-        tokens.get(&repo(&format!("evil{n}/y"))).await;
+        wire(tokens.get(&repo(&format!("evil{n}/x"))).await);
+        wire(tokens.get(&repo(&format!("evil{n}/y"))).await);
     }
     assert_eq!(platform.calls_starting("evil"), 200);
     cancel.cancel();
@@ -880,25 +883,25 @@ async fn a_full_table_of_failing_owners_makes_room_for_a_new_one() {
     let platform = Arc::new(GrantingPlatform::default());
     let (tokens, cancel) = start_tokens(&platform);
     let mut gets = tokio::task::JoinSet::new();
-    for n in 0..owners::MAX_OWNER_TOKENS {
+    for n in 0..store::MAX_OWNER_TOKENS {
         let tokens = Arc::clone(&tokens);
-        gets.spawn(async move { tokens.get(&Want::Owner(format!("down{n}"))).await });
+        gets.spawn(async move { wire(tokens.get(&Want::Owner(format!("down{n}"))).await) });
     }
     while let Some(answer) = gets.join_next().await {
         assert_eq!(code_of(&answer.expect("get")), ErrorCode::Unavailable);
     }
     let failing = held_owners(&tokens);
-    assert_eq!(failing.len(), owners::MAX_OWNER_TOKENS);
-    let labs = tokens.get(&Want::Owner("labs".into())).await;
+    assert_eq!(failing.len(), store::MAX_OWNER_TOKENS);
+    let labs = wire(tokens.get(&Want::Owner("labs".into())).await);
     assert!(token_of(&labs).0.starts_with("ghs_labs"));
     let held = held_owners(&tokens);
-    assert_eq!(held.len(), owners::MAX_OWNER_TOKENS);
+    assert_eq!(held.len(), store::MAX_OWNER_TOKENS);
     assert!(held.contains(&"labs".to_owned()));
     // The benched owner is answered from memory until its back-off ends.
     let benched: Vec<&String> = failing.iter().filter(|o| !held.contains(o)).collect();
     assert_eq!(benched.len(), 1, "{failing:?} -> {held:?}");
     let calls = platform.calls_starting("down");
-    let answer = tokens.get(&Want::Owner(benched[0].clone())).await;
+    let answer = wire(tokens.get(&Want::Owner(benched[0].clone())).await);
     assert_eq!(code_of(&answer), ErrorCode::Unavailable, "{answer:?}");
     assert_eq!(platform.calls_starting("down"), calls, "no call for it");
     cancel.cancel();
@@ -911,8 +914,8 @@ async fn a_full_table_of_failing_owners_makes_room_for_a_new_one() {
 async fn a_revoked_grant_stops_the_held_token_at_the_refusal() {
     let platform = Arc::new(GrantingPlatform::default());
     let (tokens, cancel) = start_tokens(&platform);
-    token_of(&tokens.get(&Want::Default).await);
-    token_of(&tokens.get(&Want::Owner("labs".into())).await);
+    token_of(&wire(tokens.get(&Want::Default).await));
+    token_of(&wire(tokens.get(&Want::Owner("labs".into())).await));
     platform.revoke("labs");
     platform.revoke("acme");
     tokens.refresh_now();
@@ -925,7 +928,7 @@ async fn a_revoked_grant_stops_the_held_token_at_the_refusal() {
         Want::Default,
         repo("acme/api"),
     ] {
-        let answer = tokens.get(&want).await;
+        let answer = wire(tokens.get(&want).await);
         assert_eq!(
             code_of(&answer),
             ErrorCode::NotGranted,
@@ -945,14 +948,14 @@ async fn a_revoked_grant_stops_the_held_token_at_the_refusal() {
 async fn a_widened_grant_is_seen_on_the_next_request_at_a_bounded_rate() {
     let platform = Arc::new(GrantingPlatform::default());
     let (tokens, cancel) = start_tokens(&platform);
-    token_of(&tokens.get(&Want::Default).await);
+    token_of(&wire(tokens.get(&Want::Default).await));
     platform.grant_acme("acme/new");
-    let (token, _) = token_of(&tokens.get(&repo("acme/new")).await);
+    let (token, _) = token_of(&wire(tokens.get(&repo("acme/new")).await));
     assert_eq!(token, "ghs_acme2", "a fresh token with the wider scope");
     assert_eq!(platform.calls_for("fetch acme"), 2);
     // Untrusted content asking for many repositories outside the grant.
     for n in 0..200 {
-        let answer = tokens.get(&repo(&format!("acme/other{n}"))).await;
+        let answer = wire(tokens.get(&repo(&format!("acme/other{n}"))).await);
         assert_eq!(code_of(&answer), ErrorCode::NotGranted);
     }
     let calls = platform.calls_for("fetch acme");
@@ -962,7 +965,7 @@ async fn a_widened_grant_is_seen_on_the_next_request_at_a_bounded_rate() {
     );
     // The granted ones keep being served meanwhile.
     assert!(
-        token_of(&tokens.get(&repo("acme/new")).await)
+        token_of(&wire(tokens.get(&repo("acme/new")).await))
             .0
             .starts_with("ghs_acme")
     );
@@ -973,7 +976,7 @@ async fn a_widened_grant_is_seen_on_the_next_request_at_a_bounded_rate() {
 async fn an_owner_token_nobody_asks_for_is_dropped_at_expiry() {
     let platform = Arc::new(GrantingPlatform::default());
     let (tokens, cancel) = start_tokens(&platform);
-    token_of(&tokens.get(&repo("labs/tool")).await);
+    token_of(&wire(tokens.get(&repo("labs/tool")).await));
     // Served during its life: refreshed once. The next one nobody asks for.
     tokio::time::sleep(Duration::from_secs(3 * 3600)).await;
     assert_eq!(platform.calls_for("fetch labs"), 2);
@@ -981,12 +984,12 @@ async fn an_owner_token_nobody_asks_for_is_dropped_at_expiry() {
     // The default token is kept fresh meanwhile.
     assert!(platform.calls_for("fetch acme") >= 3);
     // Asked again: a new cache, a new call.
-    token_of(&tokens.get(&Want::Owner("labs".into())).await);
+    token_of(&wire(tokens.get(&Want::Owner("labs".into())).await));
     assert_eq!(platform.calls_for("fetch labs"), 3);
     // Asked during its life: kept fresh.
     for _ in 0..6 {
         tokio::time::sleep(Duration::from_secs(1800)).await;
-        token_of(&tokens.get(&Want::Owner("labs".into())).await);
+        token_of(&wire(tokens.get(&Want::Owner("labs".into())).await));
     }
     assert!(platform.calls_for("fetch labs") >= 5);
     cancel.cancel();
@@ -996,12 +999,15 @@ async fn an_owner_token_nobody_asks_for_is_dropped_at_expiry() {
 async fn a_refused_token_is_reported_before_the_next_call() {
     let platform = Arc::new(GrantingPlatform::default());
     let (tokens, cancel) = start_tokens(&platform);
-    let (labs, _) = token_of(&tokens.get(&Want::Owner("labs".into())).await);
+    let (labs, _) = token_of(&wire(tokens.get(&Want::Owner("labs".into())).await));
     let hash = credd_core::secret::sha256_hex(labs.as_bytes());
-    assert_eq!(tokens.erase(&hash), Response::Erased { dropped: true });
-    assert_eq!(tokens.erase(&hash), Response::Erased { dropped: false });
-    assert_eq!(code_of(&tokens.erase("zz")), ErrorCode::BadRequest);
-    let (fresh, _) = token_of(&tokens.get(&Want::Owner("labs".into())).await);
+    assert!(tokens.erase(&sha(&hash)));
+    assert!(!tokens.erase(&sha(&hash)));
+    assert!(
+        Sha256Hex::parse("zz").is_none(),
+        "an erase without a SHA-256 never reaches the store"
+    );
+    let (fresh, _) = token_of(&wire(tokens.get(&Want::Owner("labs".into())).await));
     assert_ne!(fresh, labs);
     let log = platform.log();
     let reported = log
@@ -1021,19 +1027,69 @@ async fn a_refused_token_is_reported_before_the_next_call() {
 async fn an_erased_unscoped_token_is_replaced_by_the_default_cache_after_its_report() {
     let platform = FakePlatform::new(vec![], true);
     let cancel = CancellationToken::new();
-    let default = Arc::new(TokenCache::new(Arc::clone(&platform), policy(), None));
-    let refresher = Arc::clone(&default);
-    let c = cancel.clone();
-    tokio::spawn(async move { refresher.run_refresher(c, |_| false).await });
-    let tokens = Tokens::new(default, Arc::clone(&platform), policy(), cancel.clone());
-    token_of(&tokens.get(&Want::Default).await);
-    let (first, _) = token_of(&tokens.get(&repo("acme/project")).await);
+    let tokens = TokenStore::start(Arc::clone(&platform), policy(), None, None, &cancel);
+    token_of(&wire(tokens.get(&Want::Default).await));
+    let (first, _) = token_of(&wire(tokens.get(&repo("acme/project")).await));
     let hash = credd_core::secret::sha256_hex(first.as_bytes());
-    assert_eq!(tokens.erase(&hash), Response::Erased { dropped: true });
-    let (second, _) = token_of(&tokens.get(&repo("acme/project")).await);
+    assert!(tokens.erase(&sha(&hash)));
+    let (second, _) = token_of(&wire(tokens.get(&repo("acme/project")).await));
     assert_ne!(second, first);
     assert_eq!(*platform.refusals.lock().unwrap(), [hash]);
     assert!(tokens.status().owners.is_empty(), "no per-owner cache");
     assert_eq!(platform.calls(), 2);
     cancel.cancel();
+}
+
+/// The store owns what belongs to the daemon: an account's token runs the
+/// `--on-refresh` hook and shows in systemd's `STATUS=` just as the
+/// default one does, and its changes reach the store's subscribers.
+#[tokio::test(start_paused = true)]
+async fn every_accounts_token_reaches_the_hook_and_the_status_line() {
+    let platform = Arc::new(GrantingPlatform::default());
+    type Heard = Vec<(String, Option<String>)>;
+    let heard: Arc<Mutex<Heard>> = Arc::default();
+    let hook: RefreshHook = {
+        let heard = Arc::clone(&heard);
+        Box::new(move |token: &Token, account: Option<&str>| {
+            heard
+                .lock()
+                .unwrap()
+                .push((token.expose().to_owned(), account.map(str::to_owned)));
+        })
+    };
+    let cancel = CancellationToken::new();
+    let tokens = TokenStore::start(Arc::clone(&platform), policy(), None, Some(hook), &cancel);
+    let mut changes = tokens.subscribe();
+    token_of(&wire(tokens.get(&Want::Default).await));
+    assert!(changes.has_changed().unwrap(), "the default token's change");
+    changes.mark_unchanged();
+    token_of(&wire(tokens.get(&repo("labs/tool")).await));
+    assert!(changes.has_changed().unwrap(), "an account's change");
+    assert_eq!(
+        code_of(&wire(tokens.get(&repo("evil/x")).await)),
+        ErrorCode::NotGranted
+    );
+    assert_eq!(
+        *heard.lock().unwrap(),
+        [
+            ("ghs_acme1".to_owned(), Some("acme".to_owned())),
+            ("ghs_labs2".to_owned(), Some("labs".to_owned())),
+        ]
+    );
+    let line = tokens.status_line();
+    assert!(
+        line.starts_with("token from platform, expires in 59m")
+            && line.contains("; platform ok; accounts: labs expires in 59m"),
+        "{line}"
+    );
+    assert!(
+        !line.contains("evil"),
+        "a refused owner holds no slot: {line}"
+    );
+    assert!(!line.contains("ghs_"), "{line}");
+    // Dropping the store stops every refresher: no call after it.
+    let calls = platform.log().len();
+    drop(tokens);
+    tokio::time::sleep(Duration::from_secs(24 * 3600)).await;
+    assert_eq!(platform.log().len(), calls, "{:?}", platform.log());
 }

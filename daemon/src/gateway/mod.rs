@@ -59,7 +59,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use bytes::Bytes;
-use credd_core::protocol::{ErrorCode, Response as DaemonAnswer};
+use credd_core::protocol::ErrorCode;
 use credd_core::secret::Token;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
@@ -75,7 +75,8 @@ use tokio_util::task::TaskTracker;
 use self::audit::{Audit, Counted};
 use self::route::{Refusal, Route, Site};
 use self::upstream::{Outbound, Upstream};
-use crate::cache::{Fetch, Tokens, Want};
+use crate::answer;
+use crate::cache::{Fetch, Got, Sha256Hex, TokenStore, Want};
 use crate::server::PeerCheck;
 
 /// Tunnels open at once; more callers are dropped at accept.
@@ -147,18 +148,18 @@ impl Gateway {
 /// What the gateway asks of the token store.
 pub(crate) trait TokenSource: Send + Sync + 'static {
     /// A token for `want`, or why not.
-    fn get(&self, want: &Want) -> impl Future<Output = DaemonAnswer> + Send;
-    /// GitHub refused the token with this SHA-256.
-    fn refused(&self, sha256: &str);
+    fn get(&self, want: &Want) -> impl Future<Output = Got> + Send;
+    /// GitHub refused this token.
+    fn refused(&self, token: &Token);
 }
 
-impl<F: Fetch> TokenSource for Tokens<F> {
-    fn get(&self, want: &Want) -> impl Future<Output = DaemonAnswer> + Send {
-        Tokens::get(self, want)
+impl<F: Fetch> TokenSource for TokenStore<F> {
+    fn get(&self, want: &Want) -> impl Future<Output = Got> + Send {
+        TokenStore::get(self, want)
     }
 
-    fn refused(&self, sha256: &str) {
-        let _ = self.erase(sha256);
+    fn refused(&self, token: &Token) {
+        let _ = self.erase(&Sha256Hex::of(token));
     }
 }
 
@@ -417,7 +418,7 @@ async fn inner<T: TokenSource>(
             fingerprint = %token.fingerprint(),
             "gateway: GitHub refused a token (401); erased it"
         );
-        shared.tokens.refused(&token.sha256_hex());
+        shared.tokens.refused(&token);
         if bodyless
             && let Ok(fresh) = token_for(shared, &route).await
             && fresh != token
@@ -435,21 +436,21 @@ async fn inner<T: TokenSource>(
 /// The token `route` needs, or the answer to give instead.
 async fn token_for<T: TokenSource>(shared: &Shared<T>, route: &Route) -> Result<Token, Refusal> {
     match shared.tokens.get(&route.want).await {
-        DaemonAnswer::Token { token, .. } => Ok(token),
-        DaemonAnswer::Error {
-            code: ErrorCode::NotGranted,
-            message,
-        } => Err(Refusal::new(
+        Got::Token(served) => Ok(served.token),
+        Got::NotGranted(why) => Err(Refusal::new(
             StatusCode::FORBIDDEN,
-            format!("outside this workspace's grant: {message}"),
+            format!(
+                "outside this workspace's grant: {}",
+                answer::not_granted(&why)
+            ),
         )),
-        DaemonAnswer::Error { code, message } => Err(Refusal::new(
+        Got::Unavailable(why) => Err(Refusal::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("no token to stamp ({code}: {message})"),
-        )),
-        _ => Err(Refusal::new(
-            StatusCode::BAD_GATEWAY,
-            "the token store answered something other than a token",
+            format!(
+                "no token to stamp ({}: {})",
+                ErrorCode::Unavailable,
+                answer::unavailable(&why)
+            ),
         )),
     }
 }

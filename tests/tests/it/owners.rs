@@ -536,3 +536,53 @@ fn a_sighup_with_nine_tokens_held_refreshes_them_all_without_a_bearer_failure() 
     );
     daemon.stop();
 }
+
+/// `--on-refresh` hears every token the daemon refreshes, an account's as
+/// well as the default one, with the account in `CREDD_OWNER`: per-owner
+/// tokens are not second class (their `STATUS=` part is the store's unit
+/// test, `every_accounts_token_reaches_the_hook_and_the_status_line`).
+#[test]
+fn every_accounts_new_token_reaches_the_on_refresh_hook_with_its_account_named() {
+    let (sandbox, _platform) = granted_platform();
+    let seen = sandbox.path().join("hook-seen");
+    // Only hashes reach the disk; the account names are not secret.
+    let hook = format!(
+        "echo \"${{CREDD_OWNER:-none}} $(sha256sum | cut -d' ' -f1)\" >> '{}'",
+        seen.display()
+    );
+    let daemon = sandbox
+        .daemon()
+        .args(FAST_BACKOFF)
+        .args(["--on-refresh", hook.as_str()])
+        .start();
+    let (default, _, _) = sandbox.wait_for_token();
+    let labs = sandbox
+        .credd(&["token", "--owner", "labs"])
+        .stdout_holds_secret()
+        .run();
+    labs.assert_success("credd token --owner labs");
+    let labs = labs.stdout.trim_end().to_owned();
+    assert_ne!(labs, default, "labs has a token of its own");
+    let default_owner = sandbox
+        .status()
+        .token
+        .scope
+        .owner
+        .expect("a granted platform states the default token's account");
+    let expected = [
+        format!(
+            "{default_owner} {}",
+            testkit::sha256_hex(format!("{default}\n"))
+        ),
+        format!("labs {}", testkit::sha256_hex(format!("{labs}\n"))),
+    ];
+    let lines = testkit::process::eventually("the hook ran for both tokens", || {
+        let text = std::fs::read_to_string(&seen).unwrap_or_default();
+        expected
+            .iter()
+            .all(|line| text.lines().any(|l| l == line))
+            .then_some(text)
+    });
+    assert_eq!(lines.lines().count(), 2, "one run per new token: {lines}");
+    daemon.stop();
+}

@@ -6,11 +6,11 @@
 //! out the token of that repository's owner — scoped by the platform to the
 //! workspace's grant — instead of one broad token for everything.
 //!
-//! The default cache is today's token, kept fresh for the daemon's whole
-//! life (and seeded with the bootstrap token). A request for an owner goes to
+//! The default token ([`Lifecycle::Kept`]) is kept fresh for the daemon's
+//! whole life (and seeded with the bootstrap token). A request for an owner goes to
 //! it when its token is that owner's (the platform says whose token it is),
 //! so a single-owner workspace makes one platform call per lifetime however
-//! git asks. Any other owner gets a [`TokenCache`] of its own, made on the
+//! git asks. Any other owner gets a [`TokenKeeper`] of its own, made on the
 //! first request (at most [`MAX_OWNER_TOKENS`]), with its own schedule,
 //! back-off and single flight; it is refreshed only while someone asks for
 //! it and dropped at expiry once nobody has (see `OnDemand`).
@@ -36,13 +36,18 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use credd_core::protocol::{ErrorCode, Response, Status};
+use credd_core::protocol::Status;
 use credd_core::repository::{NameError, RepositoryRef, is_valid_owner};
+use credd_core::secret::Token;
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{Benched, CachePolicy, Fetch, Retirement, TokenCache, bad_erase, is_sha256_hex};
+use super::{
+    Benched, CachePolicy, Daemonwide, Fetch, Got, Lifecycle, RefreshHook, Retirement, Sha256Hex,
+    TokenKeeper, Unavailable,
+};
 use crate::metrics::Metrics;
 
 /// Most accounts a daemon holds tokens for besides the default one.
@@ -90,7 +95,7 @@ impl Want {
 
 /// A per-owner cache and the token that stops its refresher.
 struct Held<F> {
-    cache: Arc<TokenCache<F>>,
+    cache: Arc<TokenKeeper<F>>,
     stop: CancellationToken,
 }
 
@@ -142,25 +147,50 @@ impl<F: Fetch> Owners<F> {
     }
 }
 
-/// The default token and the per-owner ones.
-pub(crate) struct Tokens<F> {
-    default: Arc<TokenCache<F>>,
+/// The daemon's token store: the default token, one per account asked for,
+/// every refresher, and what belongs to the daemon rather than to one token
+/// ([`Daemonwide`]: counters, uptime, the `--on-refresh` hook, the signal
+/// systemd's `STATUS=` follows). One handle starts and stops all of it, as
+/// mini-redis's `Db`: dropping the last handle stops every refresher.
+pub(crate) struct TokenStore<F> {
+    default: Arc<TokenKeeper<F>>,
     owners: Arc<Mutex<Owners<F>>>,
     fetcher: F,
     policy: CachePolicy,
+    daemon: Arc<Daemonwide>,
     stop: CancellationToken,
     refreshers: TaskTracker,
 }
 
-impl<F: Fetch> Tokens<F> {
-    /// Wraps the default cache; per-owner caches call through clones of
-    /// `fetcher` and run their refreshers until `stop`.
-    pub(crate) fn new(
-        default: Arc<TokenCache<F>>,
+impl<F: Fetch> TokenStore<F> {
+    /// Starts the store: the default token's keeper (seeded with
+    /// `bootstrap`) and its refresher. Per-owner keepers are made on the
+    /// first request for their owner, calling through clones of `fetcher`;
+    /// every refresher runs until `stop` is cancelled or the store is
+    /// dropped. `on_refresh` hears every new token, the default and each
+    /// account's.
+    pub(crate) fn start(
         fetcher: F,
         policy: CachePolicy,
-        stop: CancellationToken,
+        bootstrap: Option<Token>,
+        on_refresh: Option<RefreshHook>,
+        stop: &CancellationToken,
     ) -> Self {
+        let daemon = Arc::new(Daemonwide::new(on_refresh));
+        let default = Arc::new(TokenKeeper::new(
+            fetcher.clone(),
+            policy,
+            Lifecycle::Kept,
+            bootstrap,
+            Arc::clone(&daemon),
+        ));
+        let stop = stop.child_token();
+        let refreshers = TaskTracker::new();
+        {
+            let (default, stop) = (Arc::clone(&default), stop.clone());
+            // The default token is kept fresh for the daemon's whole life.
+            refreshers.spawn(async move { default.run_refresher(stop, |_| false).await });
+        }
         Self {
             default,
             owners: Arc::new(Mutex::new(Owners {
@@ -169,8 +199,9 @@ impl<F: Fetch> Tokens<F> {
             })),
             fetcher,
             policy,
+            daemon,
             stop,
-            refreshers: TaskTracker::new(),
+            refreshers,
         }
     }
 
@@ -179,7 +210,7 @@ impl<F: Fetch> Tokens<F> {
     }
 
     /// Answers a `get`.
-    pub(crate) async fn get(&self, want: &Want) -> Response {
+    pub(crate) async fn get(&self, want: &Want) -> Got {
         let (owner, repository) = match want {
             Want::Default => return self.default.get(None).await,
             Want::Owner(owner) => (owner.as_str(), None),
@@ -196,7 +227,7 @@ impl<F: Fetch> Tokens<F> {
 
     /// The cache for `owner`, made (and its refresher started) if needed;
     /// the answer from memory for a benched owner or when no slot is free.
-    fn cache_for(&self, owner: &str) -> Result<Arc<TokenCache<F>>, Response> {
+    fn cache_for(&self, owner: &str) -> Result<Arc<TokenKeeper<F>>, Got> {
         let key = owner.to_ascii_lowercase();
         let mut owners = self.lock_owners();
         if let Some(held) = owners.caches.get(&key) {
@@ -212,18 +243,18 @@ impl<F: Fetch> Tokens<F> {
             owners.benched.remove(&key);
         }
         if owners.caches.len() >= MAX_OWNER_TOKENS && !owners.free_a_slot() {
-            return Err(Response::Error {
-                code: ErrorCode::Unavailable,
-                message: format!(
-                    "this daemon holds tokens for {MAX_OWNER_TOKENS} accounts already; tokens nobody asks for are dropped at expiry"
-                ),
-            });
+            return Err(Got::Unavailable(Unavailable::SlotsFull {
+                max: MAX_OWNER_TOKENS,
+            }));
         }
-        let cache = Arc::new(TokenCache::for_owner(
+        let cache = Arc::new(TokenKeeper::new(
             self.fetcher.clone(),
             self.policy,
-            owner.to_owned(),
-            Arc::clone(self.default.metrics()),
+            Lifecycle::OnDemand {
+                owner: owner.to_owned(),
+            },
+            None,
+            Arc::clone(&self.daemon),
         ));
         cache.note_asked();
         let stop = self.stop.child_token();
@@ -262,17 +293,13 @@ impl<F: Fetch> Tokens<F> {
     }
 
     /// Answers an `erase`: drops the held token (default or per owner) whose
-    /// SHA-256 is `sha256`.
-    pub(crate) fn erase(&self, sha256: &str) -> Response {
-        if !is_sha256_hex(sha256) {
-            return bad_erase();
-        }
-        let dropped = self.default.erase(sha256)
+    /// SHA-256 is `sha256`; whether one was dropped.
+    pub(crate) fn erase(&self, sha256: &Sha256Hex) -> bool {
+        self.default.erase(sha256)
             || self
                 .snapshot()
                 .into_iter()
-                .any(|(_, cache)| cache.erase(sha256));
-        Response::Erased { dropped }
+                .any(|(_, cache)| cache.erase(sha256))
     }
 
     /// The daemon's state: the default token and every per-owner one.
@@ -282,16 +309,42 @@ impl<F: Fetch> Tokens<F> {
         Status {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             pid: std::process::id(),
-            uptime_secs: self.default.uptime_secs(),
+            uptime_secs: self.daemon.started.elapsed().as_secs(),
             token: self.default.status(),
             owners: owners.into_iter().map(|(_, c)| c.status()).collect(),
-            counters: Some(self.default.metrics().snapshot()),
+            counters: Some(self.daemon.metrics.snapshot()),
         }
     }
 
-    /// The daemon's counters (every cache counts into the default one's).
+    /// One line for systemd's `STATUS=`: the default token's state, then
+    /// each account's.
+    pub(crate) fn status_line(&self) -> String {
+        let mut owners: Vec<_> = self
+            .snapshot()
+            .into_iter()
+            .map(|(_, c)| c.status())
+            .collect();
+        owners.sort_by(|a, b| a.scope.owner.cmp(&b.scope.owner));
+        super::status::line(&self.default.status(), &owners)
+    }
+
+    /// Healthy for the systemd watchdog: the default token can be served,
+    /// or the platform has not (yet) failed for it. Accounts do not count:
+    /// git asks for whatever owner a repository names, and a refused or
+    /// failing account must not get the daemon restarted.
+    pub(crate) fn is_healthy(&self) -> bool {
+        self.default.is_healthy()
+    }
+
+    /// A receiver that sees every change of any token's state (for
+    /// systemd's `STATUS=`).
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
+        self.daemon.changed.subscribe()
+    }
+
+    /// The daemon's counters.
     pub(crate) fn metrics(&self) -> &Metrics {
-        self.default.metrics()
+        &self.daemon.metrics
     }
 
     /// SIGHUP: every held token is refreshed now.
@@ -302,17 +355,23 @@ impl<F: Fetch> Tokens<F> {
         }
     }
 
-    /// Waits for the per-owner refreshers after `stop` was cancelled.
+    /// Waits for every refresher after `stop` was cancelled.
     pub(crate) async fn stopped(&self) {
         self.refreshers.close();
         self.refreshers.wait().await;
     }
 
-    fn snapshot(&self) -> Vec<(String, Arc<TokenCache<F>>)> {
+    fn snapshot(&self) -> Vec<(String, Arc<TokenKeeper<F>>)> {
         self.lock_owners()
             .caches
             .iter()
             .map(|(k, held)| (k.clone(), Arc::clone(&held.cache)))
             .collect()
+    }
+}
+
+impl<F> Drop for TokenStore<F> {
+    fn drop(&mut self) {
+        self.stop.cancel();
     }
 }
