@@ -1,9 +1,12 @@
-//! Configuration both binaries read from the environment.
+//! Configuration read from the environment, each variable by one rule.
 //!
-//! The daemon and the helper must find the same socket and the same platform
-//! without being told twice, so the variable names, defaults and validation
-//! live here. Values are looked up through a closure so the daemon can layer
-//! its command-line flags over the environment and tests can pass a map.
+//! The daemon and the helper must find the same socket without being told
+//! twice, so the variable names, defaults and validation live here. Each
+//! binary reads only what it uses — [`PlatformConfig`] the daemon (and its
+//! `--fetch-once`), [`HelperConfig`] `credd` — so a value only one of them
+//! needs can never stop the other. Values are looked up through a closure so
+//! the daemon can layer its command-line flags over the environment and
+//! tests can pass a map.
 
 use std::ffi::OsString;
 use std::fmt;
@@ -45,18 +48,27 @@ const MAX_HOSTS: usize = 64;
 /// Longest workspace id.
 pub const MAX_WORKSPACE_ID_LEN: usize = 128;
 
-/// Validated configuration shared by the daemon and the helper.
+/// Where the platform is and which workspace asks: what every platform call
+/// needs (the daemon's, and `molecule-credd --fetch-once`'s for `credd`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Config {
+pub struct PlatformConfig {
     /// Platform base URL, without a trailing slash.
     pub platform_url: String,
     /// Folder holding [`AUTH_TOKEN_FILE`].
     pub configs_dir: PathBuf,
     /// Workspace id, when known.
     pub workspace_id: Option<String>,
-    /// The daemon's socket.
+}
+
+/// What `credd` reads: the daemon's socket, the hosts it answers for, the
+/// listener it trusts. Nothing about the platform: `credd` never calls it
+/// itself (`molecule-credd --fetch-once` does, reading [`PlatformConfig`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HelperConfig {
+    /// The daemon's socket ([`socket_path_from_lookup`]).
     pub socket_path: PathBuf,
-    /// Hosts (lower case, optionally `host:port`) the helper answers for.
+    /// Hosts (lower case, optionally `host:port`) the helper answers for
+    /// ([`hosts_from_lookup`]).
     pub hosts: Vec<String>,
     /// A listener uid to trust besides our own and root's ([`vars::CREDD_DAEMON_UID`]).
     pub daemon_uid: Option<u32>,
@@ -81,77 +93,56 @@ impl ConfigError {
     }
 }
 
-impl Config {
+/// Variables read through a lookup: an empty value counts as unset; one
+/// that is not UTF-8 or longer than [`MAX_VALUE_LEN`] is an error.
+struct Values<F>(F);
+
+impl<F: Fn(&str) -> Option<OsString>> Values<F> {
+    fn get(&self, var: &'static str) -> Result<Option<String>, ConfigError> {
+        let Some(raw) = (self.0)(var) else {
+            return Ok(None);
+        };
+        let value = raw.into_string().map_err(|_| {
+            ConfigError::new(var, "is not valid UTF-8; set it to a plain text value")
+        })?;
+        if value.len() > MAX_VALUE_LEN {
+            return Err(ConfigError::new(
+                var,
+                format_args!("is longer than {MAX_VALUE_LEN} bytes"),
+            ));
+        }
+        let value = value.trim();
+        Ok((!value.is_empty()).then(|| value.to_owned()))
+    }
+}
+
+impl PlatformConfig {
     /// Reads the process environment.
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(|name| std::env::var_os(name))
     }
 
-    /// Reads values through `lookup`; empty values count as unset.
+    /// Reads `PLATFORM_URL`, `CONFIGS_DIR` and `WORKSPACE_ID` through `lookup`.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<OsString>) -> Result<Self, ConfigError> {
-        let get = |var: &'static str| -> Result<Option<String>, ConfigError> {
-            let Some(raw) = lookup(var) else {
-                return Ok(None);
-            };
-            let value = raw.into_string().map_err(|_| {
-                ConfigError::new(var, "is not valid UTF-8; set it to a plain text value")
-            })?;
-            if value.len() > MAX_VALUE_LEN {
-                return Err(ConfigError::new(
-                    var,
-                    format_args!("is longer than {MAX_VALUE_LEN} bytes"),
-                ));
-            }
-            let value = value.trim();
-            Ok((!value.is_empty()).then(|| value.to_owned()))
-        };
-
-        let platform_url = parse_platform_url(
-            get(vars::PLATFORM_URL)?
-                .as_deref()
-                .unwrap_or(DEFAULT_PLATFORM_URL),
-        )?;
-        let configs_dir = absolute_path(
-            vars::CONFIGS_DIR,
-            get(vars::CONFIGS_DIR)?
-                .as_deref()
-                .unwrap_or(DEFAULT_CONFIGS_DIR),
-        )?;
-        let workspace_id = get(vars::WORKSPACE_ID)?
-            .map(|id| parse_workspace_id(&id))
-            .transpose()?;
-        let socket_path = match get(vars::CREDD_SOCKET)? {
-            Some(path) => absolute_path(vars::CREDD_SOCKET, &path)?,
-            None => default_socket_path(get(vars::XDG_RUNTIME_DIR)?.as_deref()),
-        };
-        if socket_path.as_os_str().len() > MAX_SOCKET_PATH_LEN {
-            return Err(ConfigError::new(
-                vars::CREDD_SOCKET,
-                format_args!(
-                    "socket path {} is longer than the {MAX_SOCKET_PATH_LEN} bytes a Unix socket allows; choose a shorter path",
-                    socket_path.display()
-                ),
-            ));
-        }
-        let hosts = parse_hosts(get(vars::CREDD_HOSTS)?.as_deref().unwrap_or(DEFAULT_HOSTS))?;
-        let daemon_uid = get(vars::CREDD_DAEMON_UID)?
-            .map(|uid| {
-                uid.parse::<u32>().map_err(|_| {
-                    ConfigError::new(
-                        vars::CREDD_DAEMON_UID,
-                        format_args!("{uid:?} is not a numeric uid; set it to the daemon's uid, e.g. `id -u molecule-credd`"),
-                    )
-                })
-            })
-            .transpose()?;
-
+        let values = Values(lookup);
         Ok(Self {
-            platform_url,
-            configs_dir,
-            workspace_id,
-            socket_path,
-            hosts,
-            daemon_uid,
+            platform_url: parse_platform_url(
+                values
+                    .get(vars::PLATFORM_URL)?
+                    .as_deref()
+                    .unwrap_or(DEFAULT_PLATFORM_URL),
+            )?,
+            configs_dir: absolute_path(
+                vars::CONFIGS_DIR,
+                values
+                    .get(vars::CONFIGS_DIR)?
+                    .as_deref()
+                    .unwrap_or(DEFAULT_CONFIGS_DIR),
+            )?,
+            workspace_id: values
+                .get(vars::WORKSPACE_ID)?
+                .map(|id| parse_workspace_id(&id))
+                .transpose()?,
         })
     }
 
@@ -167,6 +158,67 @@ impl Config {
             Some(id) => format!("{}{}", self.platform_url, token_path(id)),
             None => format!("{}{ADMIN_TOKEN_ROUTE}", self.platform_url),
         }
+    }
+}
+
+/// The daemon's socket: `CREDD_SOCKET`, else [`default_socket_path`] for
+/// `XDG_RUNTIME_DIR`; absolute and short enough for `sun_path`. The one
+/// rule for the daemon and the helper.
+pub fn socket_path_from_lookup(
+    lookup: impl Fn(&str) -> Option<OsString>,
+) -> Result<PathBuf, ConfigError> {
+    let values = Values(lookup);
+    let socket_path = match values.get(vars::CREDD_SOCKET)? {
+        Some(path) => absolute_path(vars::CREDD_SOCKET, &path)?,
+        None => default_socket_path(values.get(vars::XDG_RUNTIME_DIR)?.as_deref()),
+    };
+    if socket_path.as_os_str().len() > MAX_SOCKET_PATH_LEN {
+        return Err(ConfigError::new(
+            vars::CREDD_SOCKET,
+            format_args!(
+                "socket path {} is longer than the {MAX_SOCKET_PATH_LEN} bytes a Unix socket allows; choose a shorter path",
+                socket_path.display()
+            ),
+        ));
+    }
+    Ok(socket_path)
+}
+
+/// The hosts `CREDD_HOSTS` lists (default [`DEFAULT_HOSTS`]): what the
+/// helper answers for and what the daemon's gateway tunnels.
+pub fn hosts_from_lookup(
+    lookup: impl Fn(&str) -> Option<OsString>,
+) -> Result<Vec<String>, ConfigError> {
+    let listed = Values(lookup).get(vars::CREDD_HOSTS)?;
+    parse_hosts(listed.as_deref().unwrap_or(DEFAULT_HOSTS))
+}
+
+impl HelperConfig {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var_os(name))
+    }
+
+    /// Reads the socket, `CREDD_HOSTS` and `CREDD_DAEMON_UID` through `lookup`.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<OsString>) -> Result<Self, ConfigError> {
+        let socket_path = socket_path_from_lookup(&lookup)?;
+        let hosts = hosts_from_lookup(&lookup)?;
+        let daemon_uid = Values(&lookup)
+            .get(vars::CREDD_DAEMON_UID)?
+            .map(|uid| {
+                uid.parse::<u32>().map_err(|_| {
+                    ConfigError::new(
+                        vars::CREDD_DAEMON_UID,
+                        format_args!("{uid:?} is not a numeric uid; set it to the daemon's uid, e.g. `id -u molecule-credd`"),
+                    )
+                })
+            })
+            .transpose()?;
+        Ok(Self {
+            socket_path,
+            hosts,
+            daemon_uid,
+        })
     }
 
     /// The uids that may own the socket's folder: our own and root's (a
@@ -331,26 +383,35 @@ mod tests {
     use super::*;
     use std::collections::HashMap;
 
-    fn config(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+    fn lookup(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<OsString> + use<> {
         let map: HashMap<String, OsString> = pairs
             .iter()
             .map(|(k, v)| ((*k).to_owned(), OsString::from(v)))
             .collect();
-        Config::from_lookup(|k| map.get(k).cloned())
+        move |k| map.get(k).cloned()
+    }
+
+    fn config(pairs: &[(&str, &str)]) -> Result<HelperConfig, ConfigError> {
+        HelperConfig::from_lookup(lookup(pairs))
+    }
+
+    fn platform(pairs: &[(&str, &str)]) -> Result<PlatformConfig, ConfigError> {
+        PlatformConfig::from_lookup(lookup(pairs))
     }
 
     #[test]
     fn defaults_match_the_documented_contract() {
         let c = config(&[("XDG_RUNTIME_DIR", "/run/user/1000")]).expect("defaults are valid");
-        assert_eq!(c.platform_url, "http://platform:8080");
-        assert_eq!(c.auth_token_path(), Path::new("/configs/.auth_token"));
         assert_eq!(
             c.socket_path,
             Path::new("/run/user/1000/molecule-credd/credd.sock")
         );
         assert_eq!(c.hosts, ["github.com"]);
+        let p = platform(&[]).expect("defaults are valid");
+        assert_eq!(p.platform_url, "http://platform:8080");
+        assert_eq!(p.auth_token_path(), Path::new("/configs/.auth_token"));
         assert_eq!(
-            c.token_endpoint(),
+            p.token_endpoint(),
             "http://platform:8080/admin/github-installation-token"
         );
         let tmp = config(&[]).expect("defaults are valid");
@@ -364,8 +425,18 @@ mod tests {
     }
 
     #[test]
+    fn each_reads_only_its_own_variables() {
+        // credd never calls the platform, the platform client never needs
+        // the helper's hosts: a bad value of the other's stops neither.
+        let bad_platform = [("PLATFORM_URL", "nonsense"), ("WORKSPACE_ID", "../x")];
+        assert!(config(&bad_platform).is_ok());
+        let bad_helper = [("CREDD_HOSTS", " , "), ("CREDD_DAEMON_UID", "x")];
+        assert!(platform(&bad_helper).is_ok());
+    }
+
+    #[test]
     fn workspace_id_selects_the_workspace_route() {
-        let c = config(&[
+        let c = platform(&[
             ("PLATFORM_URL", "https://platform.internal:8443/"),
             ("WORKSPACE_ID", "ws-42"),
         ])
@@ -409,7 +480,11 @@ mod tests {
             ("CREDD_HOSTS", " , "),
             ("CREDD_DAEMON_UID", "molecule-credd"),
         ] {
-            let err = config(&[(var, value)]).expect_err(value);
+            let err = if var.starts_with("CREDD_") {
+                config(&[(var, value)]).expect_err(value)
+            } else {
+                platform(&[(var, value)]).expect_err(value)
+            };
             assert_eq!(err.var, var, "{err}");
             assert!(err.to_string().starts_with(var), "{err}");
         }
@@ -448,7 +523,7 @@ mod tests {
 
     #[test]
     fn empty_values_count_as_unset() {
-        let c = config(&[("WORKSPACE_ID", "  "), ("PLATFORM_URL", "")]).expect("valid");
+        let c = platform(&[("WORKSPACE_ID", "  "), ("PLATFORM_URL", "")]).expect("valid");
         assert_eq!(c.workspace_id, None);
         assert_eq!(c.platform_url, DEFAULT_PLATFORM_URL);
     }

@@ -1,31 +1,26 @@
-//! The command line, and its mapping onto the configuration.
+//! The command line: the low level of the daemon's configuration.
 //!
 //! Flags are layered over the environment (clap reads each flag's variable),
-//! then validated by credd-core exactly as the helper validates the same
-//! variables, so the two binaries can never disagree about a value. Every
-//! default shown in `--help` is the constant that defines it, not a copy.
+//! then checked once into [`Settings`](crate::settings::Settings) by
+//! credd-core's rules, the ones the helper reads the same variables by, so
+//! the two binaries can never disagree about a value. Every default shown in
+//! `--help` is the constant that defines it, not a copy.
 
 use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use credd_core::config::{self, Config, ConfigError, vars};
-use credd_core::deadlines;
+use credd_core::config::{self, vars};
 use credd_core::repository::{NameError, RepositoryRef, is_valid_owner};
 
 use crate::cache::CachePolicy;
-use crate::platform::PlatformError;
 use crate::server;
-use crate::socket::SocketError;
 
 /// Longest value any duration flag accepts; keeps monotonic-clock arithmetic
 /// far from overflow and catches unit typos (`10y`).
 pub const MAX_FLAG_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
-/// Exit code for a configuration the daemon refuses: restarting cannot help.
-pub const EXIT_CONFIGURATION: u8 = 2;
 
 /// Keeps a fresh GitHub installation token in memory and serves it to `credd`
 /// over a Unix socket.
@@ -152,80 +147,6 @@ fn parse_duration(value: &str) -> Result<humantime::Duration, String> {
     Ok(d)
 }
 
-/// A bad flag value or combination.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct UsageError(String);
-
-impl Cli {
-    /// The shared configuration: these flags over the rest of the environment.
-    pub fn config(&self) -> Result<Config, ConfigError> {
-        Config::from_lookup(|name| match name {
-            vars::PLATFORM_URL => Some(self.platform_url.clone()),
-            vars::CONFIGS_DIR => Some(self.configs_dir.clone()),
-            vars::WORKSPACE_ID => self.workspace_id.clone(),
-            vars::CREDD_SOCKET => Some(self.socket.clone()),
-            other => std::env::var_os(other),
-        })
-    }
-
-    /// The cache's timing, checked for combinations that cannot work.
-    pub(crate) fn policy(&self) -> Result<CachePolicy, UsageError> {
-        let show = |d: Duration| humantime::format_duration(d).to_string();
-        let policy = CachePolicy {
-            refresh_margin: *self.refresh_margin,
-            min_lifetime: *self.min_lifetime,
-            wait_timeout: *self.wait_timeout,
-            bootstrap_max_age: *self.bootstrap_max_age,
-            backoff_initial: *self.backoff_initial,
-            backoff_max: *self.backoff_max,
-        };
-        if policy.refresh_margin <= policy.min_lifetime {
-            return Err(UsageError(format!(
-                "--refresh-margin ({}) must be longer than --min-lifetime ({}): a token must be refreshed before it is too old to serve",
-                show(policy.refresh_margin),
-                show(policy.min_lifetime)
-            )));
-        }
-        if policy.wait_timeout > deadlines::DAEMON_WAIT_MAX {
-            return Err(UsageError(format!(
-                "--wait-timeout ({}) is longer than {}: credd stops reading after {}",
-                show(policy.wait_timeout),
-                show(deadlines::DAEMON_WAIT_MAX),
-                show(deadlines::HELPER_READ)
-            )));
-        }
-        if policy.backoff_initial.is_zero() || policy.backoff_initial > policy.backoff_max {
-            return Err(UsageError(format!(
-                "--backoff-initial ({}) must be above zero and at most --backoff-max ({})",
-                show(policy.backoff_initial),
-                show(policy.backoff_max)
-            )));
-        }
-        Ok(policy)
-    }
-}
-
-/// The exit code for a failed run: [`EXIT_CONFIGURATION`] when only a change
-/// of configuration can fix it (supervisors stop restarting), else 1.
-pub fn exit_code(error: &anyhow::Error) -> ExitCode {
-    let configuration = error.chain().any(|e| {
-        e.is::<ConfigError>()
-            || e.is::<UsageError>()
-            || e.downcast_ref::<SocketError>()
-                .is_some_and(SocketError::is_configuration)
-            || matches!(
-                e.downcast_ref::<PlatformError>(),
-                Some(PlatformError::InvalidUrl { .. })
-            )
-    });
-    if configuration {
-        ExitCode::from(EXIT_CONFIGURATION)
-    } else {
-        ExitCode::FAILURE
-    }
-}
-
 fn parse_upstream(text: &str) -> Result<(String, SocketAddr), String> {
     let (host, addr) = text
         .split_once('=')
@@ -237,19 +158,6 @@ fn parse_upstream(text: &str) -> Result<(String, SocketAddr), String> {
         return Err("HOST is empty".into());
     }
     Ok((host.to_ascii_lowercase(), addr))
-}
-
-/// The gateway's options, when `--gateway` is given.
-impl Cli {
-    pub(crate) fn gateway_options(&self) -> Option<crate::gateway::GatewayOptions> {
-        let listen = self.gateway?;
-        Some(crate::gateway::GatewayOptions {
-            listen,
-            ca_file: self.gateway_ca_file.clone()?,
-            extra_ca: self.gateway_extra_ca.clone(),
-            upstream: self.gateway_upstream.clone(),
-        })
-    }
 }
 
 fn parse_repository(text: &str) -> Result<RepositoryRef, String> {
@@ -283,7 +191,6 @@ mod tests {
         assert_eq!(*c.backoff_max, Duration::from_secs(300));
         assert_eq!(c.max_connections, 1024);
         assert_eq!(c.log_format, LogFormat::Text);
-        assert_eq!(c.policy().expect("valid"), CachePolicy::DEFAULT);
     }
 
     #[test]
@@ -304,7 +211,7 @@ mod tests {
     }
 
     #[test]
-    fn flags_parse_and_bad_combinations_are_usage_errors() {
+    fn flags_parse_and_bad_values_are_refused() {
         let c = cli(&[
             "--allow-uid",
             "0",
@@ -322,16 +229,7 @@ mod tests {
         .expect("parses");
         assert_eq!(c.allow_uid, [0, 1000]);
         assert_eq!(c.log_format, LogFormat::Json);
-        assert!(c.policy().is_ok());
-
-        let c = cli(&["--refresh-margin", "30s", "--min-lifetime", "1m"]).expect("parses");
-        let err = anyhow::Error::new(c.policy().expect_err("margin below minimum"));
-        assert_eq!(exit_code(&err), ExitCode::from(EXIT_CONFIGURATION));
-        let c = cli(&["--backoff-initial", "10m", "--backoff-max", "1m"]).expect("parses");
-        assert!(c.policy().is_err());
         assert!(cli(&["--wait-timeout", "soon"]).is_err());
-        let c = cli(&["--wait-timeout", "10m"]).expect("parses");
-        assert!(c.policy().is_err());
         assert!(cli(&["--backoff-max", "30d"]).is_err());
         assert!(cli(&["--max-connections", "0"]).is_err());
         assert!(cli(&["--log-format", "xml"]).is_err());

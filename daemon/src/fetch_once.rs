@@ -20,7 +20,7 @@ use zeroize::Zeroizing;
 
 use crate::cli::Cli;
 use crate::platform::{PlatformClient, PlatformError, Timeouts};
-use crate::process;
+use crate::{process, settings};
 
 /// Time limits for the one call: git is waiting on `credd`.
 const TIMEOUTS: Timeouts = Timeouts {
@@ -32,9 +32,8 @@ const TIMEOUTS: Timeouts = Timeouts {
 pub fn run(cli: &Cli) -> ExitCode {
     let fetched = (|| -> anyhow::Result<_> {
         process::harden()?;
-        let config = cli.config().context("invalid configuration")?;
-        let client =
-            PlatformClient::new(&config, TIMEOUTS).context("cannot set up the platform client")?;
+        let config = settings::platform_config(cli)?;
+        let client = PlatformClient::new(&config, TIMEOUTS)?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

@@ -31,6 +31,7 @@ mod on_refresh;
 pub mod platform;
 pub mod process;
 mod server;
+pub mod settings;
 pub mod socket;
 pub mod systemd;
 
@@ -44,14 +45,14 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::{CachePolicy, TokenStore};
-use crate::cli::Cli;
 use crate::platform::{PlatformClient, Timeouts};
 use crate::process::{Command, SignalThread};
 use crate::server::{PeerCheck, ServerSettings};
+pub use crate::settings::{Settings, StartError};
 use crate::socket::SocketFile;
 
-/// What [`run`] needs besides its socket.
-pub struct Settings {
+/// What [`run`] needs besides its socket: [`Settings`] made live.
+pub struct Prepared {
     /// The platform client every call goes through.
     client: PlatformClient,
     /// The cache's timing.
@@ -76,17 +77,14 @@ pub struct Listener {
     pub path: PathBuf,
 }
 
-/// The daemon's life: checks the configuration, binds (unless systemd
-/// passed a socket), runs [`run`] on a single-thread runtime until SIGTERM.
+/// The daemon's life: binds (unless systemd passed a socket), runs [`run`]
+/// on a single-thread runtime until SIGTERM.
 pub fn start(
-    cli: &Cli,
+    settings: Settings,
     activated: std::io::Result<Option<StdUnixListener>>,
     bootstrap: Option<Token>,
-) -> anyhow::Result<()> {
-    let config = cli.config().context("invalid configuration")?;
-    let policy = cli.policy().context("invalid configuration")?;
-    let client = PlatformClient::new(&config, Timeouts::default())
-        .context("cannot set up the platform client")?;
+) -> Result<(), StartError> {
+    let client = PlatformClient::new(&settings.platform, Timeouts::default())?;
     // Before the socket exists, so a SIGTERM from now on is a clean shutdown
     // (queued until the runtime runs) rather than a death that leaves it behind.
     let (signals, commands) = SignalThread::start()?;
@@ -96,7 +94,7 @@ pub fn start(
                 .local_addr()
                 .ok()
                 .and_then(|a| a.as_pathname().map(PathBuf::from))
-                .unwrap_or_else(|| config.socket_path.clone());
+                .unwrap_or_else(|| settings.socket_path.clone());
             Listener {
                 listener,
                 file: None,
@@ -104,40 +102,41 @@ pub fn start(
             }
         }
         None => {
-            let (listener, file) = socket::bind(&config.socket_path)?;
+            let (listener, file) = socket::bind(&settings.socket_path)?;
             Listener {
                 listener,
                 file: Some(file),
-                path: config.socket_path.clone(),
+                path: settings.socket_path.clone(),
             }
         }
     };
-    let peer_check = PeerCheck::new(nix::unistd::geteuid().as_raw(), &cli.allow_uid);
-    let gateway = cli
-        .gateway_options()
-        .map(|options| gateway::Gateway::prepare(&options, &config.hosts, peer_check.clone()))
+    let peer_check = PeerCheck::new(nix::unistd::geteuid().as_raw(), &settings.allow_uids);
+    let gateway = settings
+        .gateway
+        .as_ref()
+        .map(|g| gateway::Gateway::prepare(&g.options, &g.hosts, peer_check.clone()))
         .transpose()
         .context("cannot start the gateway")?;
-    let settings = Settings {
+    let prepared = Prepared {
         client,
-        policy,
+        policy: settings.policy,
         server: ServerSettings {
-            max_connections: cli.max_connections as usize,
+            max_connections: settings.max_connections,
             peer_check,
-            shutdown_grace: policy.wait_timeout + server::READ_DEADLINE,
-            sealed: cli.sealed,
+            shutdown_grace: settings.policy.wait_timeout + server::READ_DEADLINE,
+            sealed: settings.sealed,
         },
         bootstrap,
-        on_refresh: cli.on_refresh.clone(),
+        on_refresh: settings.on_refresh.clone(),
         gateway,
     };
-    if cli.sealed {
+    if settings.sealed {
         tracing::info!(
             "sealed: the socket serves status only; tokens leave only through the gateway"
         );
     }
-    if !cli.allow_uid.is_empty() {
-        tracing::info!(uids = ?cli.allow_uid, "also serving these uids");
+    if !settings.allow_uids.is_empty() {
+        tracing::info!(uids = ?settings.allow_uids, "also serving these uids");
     }
     // One thread runs everything: the socket, the refreshers, the hook.
     // Why: a `get` is answered in microseconds, and on a multi-thread
@@ -151,10 +150,10 @@ pub fn start(
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let result = runtime.block_on(run(settings, listener, commands));
+    let result = runtime.block_on(run(prepared, listener, commands));
     signals.stop();
     drop(runtime);
-    result
+    Ok(result?)
 }
 
 /// Acts on the signal handler's commands: SIGHUP refreshes now; SIGTERM
@@ -193,7 +192,7 @@ async fn follow_commands<F: cache::Fetch>(
 
 /// Serves `listener` until a [`Command::Shutdown`] arrives on `commands`.
 pub async fn run(
-    settings: Settings,
+    settings: Prepared,
     listener: Listener,
     commands: mpsc::UnboundedReceiver<Command>,
 ) -> anyhow::Result<()> {

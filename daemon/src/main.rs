@@ -4,9 +4,9 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::Parser;
-use molecule_credd::cli::{self, Cli};
+use molecule_credd::cli::Cli;
+use molecule_credd::settings::{EXIT_CONFIGURATION, Settings, StartError};
 use molecule_credd::{bootstrap, fetch_once, process, socket, systemd};
 
 fn main() -> ExitCode {
@@ -22,28 +22,34 @@ fn main() -> ExitCode {
     }
     if let Some(owner) = cli.bind_socket_for {
         let Err(error) = socket::hand_over(std::path::Path::new(&cli.socket), owner, &cli.command);
-        eprintln!("error: {}", credd_core::text::error_chain(&error));
-        return cli::exit_code(&anyhow::Error::new(error));
+        return fail(&StartError::from(error));
     }
+    let settings = match Settings::from_cli(&cli) {
+        Ok(settings) => settings,
+        Err(error) => return fail(&error),
+    };
     // Single-threaded work first (see the library's docs).
     let activated = systemd::take_activated_listener();
     process::restrict_umask();
     process::init_logging(cli.log_format);
-    let result = process::harden().and_then(|()| {
+    let result = process::harden().map_err(StartError::from).and_then(|()| {
         let bootstrap = if cli.bootstrap_from_stdin {
             bootstrap::from_stdin()
         } else {
             bootstrap::from_env()
         };
-        molecule_credd::start(&cli, activated, bootstrap)
+        molecule_credd::start(settings, activated, bootstrap)
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("error: {}", credd_core::text::error_chain(error.as_ref()));
-            cli::exit_code(&error)
-        }
+        Err(error) => fail(&error),
     }
+}
+
+/// Prints `error` (its whole chain, one line) and gives its exit code.
+fn fail(error: &StartError) -> ExitCode {
+    eprintln!("error: {}", credd_core::text::error_chain(error));
+    error.exit_code()
 }
 
 /// `--help`, `--version` or a usage error, printed without panicking on a
@@ -67,13 +73,10 @@ fn clap_exit(error: &clap::Error) -> ExitCode {
 /// code the daemon binds with, so a shell entrypoint never re-implements the
 /// path rule or the folder rule (and never follows a planted symlink).
 fn prepare_socket(cli: &Cli) -> ExitCode {
-    let prepared = cli
-        .config()
-        .context("invalid configuration")
-        .and_then(|config| {
-            socket::prepare_folder(&config.socket_path)?;
-            Ok(config.socket_path)
-        });
+    let prepared = Settings::from_cli(cli).and_then(|settings| {
+        socket::prepare_folder(&settings.socket_path)?;
+        Ok(settings.socket_path)
+    });
     match prepared {
         Ok(path) => {
             let mut out = std::io::stdout().lock();
@@ -83,11 +86,11 @@ fn prepare_socket(cli: &Cli) -> ExitCode {
             }
         }
         Err(error) => {
-            eprintln!("error: {}", credd_core::text::error_chain(error.as_ref()));
-            if error.downcast_ref::<socket::SocketError>().is_some() {
+            eprintln!("error: {}", credd_core::text::error_chain(&error));
+            if matches!(error, StartError::Socket(_)) {
                 ExitCode::from(socket::EXIT_FOLDER_REFUSED)
             } else {
-                ExitCode::from(cli::EXIT_CONFIGURATION)
+                ExitCode::from(EXIT_CONFIGURATION)
             }
         }
     }

@@ -30,7 +30,7 @@ use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_LENGTH, DATE, HeaderValue, 
 use secrecy::{ExposeSecret, SecretString};
 use zeroize::Zeroizing;
 
-use credd_core::config::Config;
+use credd_core::config::PlatformConfig;
 use credd_core::deadlines;
 use credd_core::platform_api::{
     CheckedAnswer, REFUSALS_SEGMENT, RefusalReport, Status, TokenAnswer, TokenQuery, Which,
@@ -364,7 +364,7 @@ impl BearerReads {
 
 impl PlatformClient {
     /// Builds a client for `config`'s endpoint and bearer file.
-    pub fn new(config: &Config, timeouts: Timeouts) -> Result<Self, PlatformError> {
+    pub fn new(config: &PlatformConfig, timeouts: Timeouts) -> Result<Self, PlatformError> {
         let endpoint = reqwest::Url::parse(&config.token_endpoint()).map_err(|e| {
             PlatformError::InvalidUrl {
                 problem: e.to_string(),
@@ -823,7 +823,7 @@ mod tests {
     /// A client of a configs folder whose `.auth_token` holds `bearer`.
     fn client(dir: &Path, bearer: &str, reader: BearerReader) -> PlatformClient {
         std::fs::write(dir.join(".auth_token"), format!("{bearer}\n")).expect("bearer");
-        let config = Config::from_lookup(|name| match name {
+        let config = PlatformConfig::from_lookup(|name| match name {
             "CONFIGS_DIR" => Some(dir.into()),
             "PLATFORM_URL" => Some("http://127.0.0.1:9".into()),
             _ => None,

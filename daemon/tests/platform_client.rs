@@ -9,7 +9,7 @@ use std::ffi::OsString;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
-use credd_core::config::Config;
+use credd_core::config::PlatformConfig;
 use credd_core::platform_api::{TokenQuery, Which};
 use credd_core::repository::RepositoryRef;
 use molecule_credd::platform::{
@@ -71,7 +71,7 @@ fn client(url: &str, configs: &Path, workspace: Option<&str>, total: Duration) -
     if let Some(id) = workspace {
         env.insert("WORKSPACE_ID", id.into());
     }
-    let config = Config::from_lookup(|k| env.get(k).cloned()).expect("config");
+    let config = PlatformConfig::from_lookup(|k| env.get(k).cloned()).expect("config");
     PlatformClient::new(
         &config,
         Timeouts {

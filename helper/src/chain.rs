@@ -19,7 +19,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use credd_core::config::Config;
+use credd_core::config::HelperConfig;
 use credd_core::protocol::{self, ErrorCode, MAX_LINE, Request, Response};
 use credd_core::repository::RepositoryRef;
 use credd_core::secret::Token;
@@ -78,7 +78,7 @@ pub(crate) enum Progress {
 /// unintelligible. `Err` is the reason, for the caller to print after `credd: `
 /// (with [`Progress::EachStep`], only the last step's; earlier ones are out).
 pub(crate) fn obtain_token(
-    config: &Config,
+    config: &HelperConfig,
     progress: Progress,
     want: &TokenFor,
 ) -> Result<Issued, String> {

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, bail};
-use credd_core::config::Config;
+use credd_core::config::HelperConfig;
 
 /// Options of `credd configure-git`.
 #[derive(Debug, Default)]
@@ -34,7 +34,7 @@ pub(crate) struct Options {
 
 /// Writes the helper configuration for every configured host.
 pub(crate) fn run(options: &Options) -> anyhow::Result<()> {
-    let config = Config::from_env().context("configuration")?;
+    let config = HelperConfig::from_env().context("configuration")?;
     let exe =
         std::env::current_exe().context("cannot find credd's own path (is /proc mounted?)")?;
     let helper = helper_value(&exe)?;

@@ -11,7 +11,7 @@
 use std::fmt;
 use std::io::{self, BufRead, Read};
 
-use credd_core::config::Config;
+use credd_core::config::HelperConfig;
 use credd_core::secret::{MAX_TOKEN_LEN, Token};
 use zeroize::Zeroizing;
 
@@ -201,7 +201,7 @@ pub(crate) fn is_loopback_host(host: &str) -> bool {
 /// Whether credd answers `request`: its host is one of `CREDD_HOSTS` and it is
 /// `https` (plain `http` only on loopback, where the tests' git server lives —
 /// a token must never cross a network in clear text).
-pub(crate) fn is_served(config: &Config, request: &GitRequest) -> bool {
+pub(crate) fn is_served(config: &HelperConfig, request: &GitRequest) -> bool {
     let (Some(protocol), Some(host)) = (request.protocol.as_deref(), request.host.as_deref())
     else {
         return false;
@@ -234,8 +234,8 @@ mod tests {
         read_request(input.as_bytes())
     }
 
-    fn config(hosts: &str) -> Config {
-        Config::from_lookup(|name| (name == "CREDD_HOSTS").then(|| OsString::from(hosts)))
+    fn config(hosts: &str) -> HelperConfig {
+        HelperConfig::from_lookup(|name| (name == "CREDD_HOSTS").then(|| OsString::from(hosts)))
             .expect("valid config")
     }
 

@@ -37,7 +37,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use credd_core::config::Config;
+use credd_core::config::HelperConfig;
 use credd_core::deadlines;
 use credd_core::protocol::{self, ErrorCode, MAX_ANSWER_LINE, Request, Response};
 use credd_core::socket_folder;
@@ -123,7 +123,7 @@ pub(crate) struct Endpoint {
 
 impl Endpoint {
     /// The endpoint `config` names.
-    pub(crate) fn from_config(config: &Config) -> Self {
+    pub(crate) fn from_config(config: &HelperConfig) -> Self {
         let folder_owners = config.trusted_folder_owners();
         Self {
             path: config.socket_path.clone(),

@@ -25,7 +25,7 @@ use std::io;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, ExitCode};
 
-use credd_core::config::Config;
+use credd_core::config::HelperConfig;
 
 use crate::chain::{self, Progress, TokenFor};
 
@@ -46,7 +46,7 @@ enum TokenVar {
 /// The token variables of the child's environment. `gh_host` is the
 /// caller's `GH_HOST`. `Err`: no variable may carry the token (the reason).
 fn token_env(
-    config: &Config,
+    config: &HelperConfig,
     gh_host: Option<&str>,
 ) -> Result<Vec<(&'static str, TokenVar)>, String> {
     let github_com = config.serves_host(GITHUB_COM);
@@ -98,7 +98,7 @@ fn token_env(
 
 /// Runs CMD; returns only when it could not be started (or no token was had).
 pub(crate) fn run(program: &OsString, args: &[OsString], want: &TokenFor) -> ExitCode {
-    let config = match Config::from_env() {
+    let config = match HelperConfig::from_env() {
         Ok(config) => config,
         Err(e) => {
             eprintln!("credd: error: configuration -> {e}");
@@ -160,8 +160,9 @@ pub(crate) fn run(program: &OsString, args: &[OsString], want: &TokenFor) -> Exi
 mod tests {
     use super::*;
 
-    fn config(hosts: &str) -> Config {
-        Config::from_lookup(|name| (name == "CREDD_HOSTS").then(|| hosts.into())).expect("valid")
+    fn config(hosts: &str) -> HelperConfig {
+        HelperConfig::from_lookup(|name| (name == "CREDD_HOSTS").then(|| hosts.into()))
+            .expect("valid")
     }
 
     fn vars(hosts: &str, gh_host: Option<&str>) -> Vec<(&'static str, TokenVar)> {

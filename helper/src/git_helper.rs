@@ -7,7 +7,7 @@
 
 use std::io::{self, Write};
 
-use credd_core::config::Config;
+use credd_core::config::HelperConfig;
 use credd_core::protocol::Request;
 use credd_core::secret::sha256_hex;
 
@@ -67,7 +67,7 @@ pub(crate) fn erase() {
 
 /// Reads git's input and the configuration; `Some` only when credd answers
 /// for this host. Problems are reported in one line each.
-fn read_served_request() -> Option<(Config, GitRequest)> {
+fn read_served_request() -> Option<(HelperConfig, GitRequest)> {
     let request = match credential::read_request(io::stdin().lock()) {
         Ok(request) => request,
         Err(e) => {
@@ -75,7 +75,7 @@ fn read_served_request() -> Option<(Config, GitRequest)> {
             return None;
         }
     };
-    let config = match Config::from_env() {
+    let config = match HelperConfig::from_env() {
         Ok(config) => config,
         Err(e) => {
             eprintln!("credd: configuration error: {e}; answering nothing");

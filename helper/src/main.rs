@@ -47,7 +47,7 @@ use std::ffi::{OsStr, OsString};
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use credd_core::config::Config;
+use credd_core::config::HelperConfig;
 use credd_core::repository::{NameError, RepositoryRef, is_valid_owner};
 
 use crate::chain::TokenFor;
@@ -257,7 +257,7 @@ fn token(args: Vec<OsString>) -> ExitCode {
             "`credd token` takes only --repo or --owner, got {extra:?}"
         ));
     }
-    let config = match Config::from_env() {
+    let config = match HelperConfig::from_env() {
         Ok(config) => config,
         Err(e) => return report(&anyhow::Error::new(e).context("configuration")),
     };

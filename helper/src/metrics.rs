@@ -16,7 +16,7 @@ use std::collections::BTreeSet;
 use std::fmt::Write as _;
 
 use anyhow::{Context, bail};
-use credd_core::config::Config;
+use credd_core::config::HelperConfig;
 use credd_core::protocol::{
     Counters, Histogram, PlatformHealth, Request, Response, Status, TokenState, TokenStatus,
 };
@@ -29,7 +29,7 @@ const DEFAULT_OWNER_LABEL: &str = "default";
 /// Runs `credd metrics`: the exposition text, or `Err` when the daemon cannot
 /// be asked (the caller exits 1, so a textfile job keeps the last good file).
 pub(crate) fn run() -> anyhow::Result<String> {
-    let config = Config::from_env().context("configuration")?;
+    let config = HelperConfig::from_env().context("configuration")?;
     match daemon::round_trip(&daemon::Endpoint::from_config(&config), &Request::Status) {
         Ok(Response::Status(status)) => render(&status),
         Ok(_) => bail!(

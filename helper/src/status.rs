@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
-use credd_core::config::Config;
+use credd_core::config::HelperConfig;
 use credd_core::protocol::{Request, Response, Source, Status, TokenState, TokenStatus};
 
 use crate::daemon;
@@ -16,7 +16,7 @@ use crate::daemon;
 /// Runs `credd status`: the text to print, or `Err` when the daemon cannot
 /// be asked.
 pub(crate) fn run(json: bool) -> anyhow::Result<String> {
-    let config = Config::from_env().context("configuration")?;
+    let config = HelperConfig::from_env().context("configuration")?;
     let status = match daemon::round_trip(&daemon::Endpoint::from_config(&config), &Request::Status)
     {
         Ok(Response::Status(status)) => status,
@@ -38,7 +38,7 @@ pub(crate) fn run(json: bool) -> anyhow::Result<String> {
 
 /// The human form, one `label: value` per line: the default token, the
 /// daemon, then a block per per-owner token.
-pub(crate) fn render(status: &Status, config: &Config, now: SystemTime) -> String {
+pub(crate) fn render(status: &Status, config: &HelperConfig, now: SystemTime) -> String {
     let mut out = String::new();
     render_token(&mut out, "", &status.token, now);
     let mut line = |label: &str, value: &str| {
@@ -167,9 +167,10 @@ mod tests {
 
     #[test]
     fn renders_every_field_for_people() {
-        let config =
-            Config::from_lookup(|name| (name == "CREDD_SOCKET").then(|| "/run/credd.sock".into()))
-                .expect("valid");
+        let config = HelperConfig::from_lookup(|name| {
+            (name == "CREDD_SOCKET").then(|| "/run/credd.sock".into())
+        })
+        .expect("valid");
         let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
         let token = TokenStatus {
             state: Some(TokenState::Valid),

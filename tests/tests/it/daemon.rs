@@ -579,6 +579,11 @@ fn configuration_errors_exit_2_with_the_chain() {
     for (args, env, what) in [
         (&["--refresh-margin", "soon"][..], None, "--refresh-margin"),
         (
+            &["--refresh-margin", "30s", "--min-lifetime", "1m"][..],
+            None,
+            "--refresh-margin",
+        ),
+        (
             &[][..],
             Some(("PLATFORM_URL", "ftp://platform")),
             "PLATFORM_URL",
@@ -606,6 +611,34 @@ fn configuration_errors_exit_2_with_the_chain() {
             "{what} not named:\n{log}"
         );
     }
+}
+
+/// The daemon reads only what it uses: `CREDD_HOSTS` and `CREDD_DAEMON_UID`
+/// are the helper's (the hosts the gateway's too), so values the helper
+/// would refuse stop neither a daemon without `--gateway` nor its serving;
+/// with `--gateway` the hosts are its own and a bad list stops it (exit 2).
+#[test]
+fn helper_only_variables_never_stop_the_daemon() {
+    let (sandbox, _platform, daemon) = start_daemon_with(TestPlatform::start(), |daemon| {
+        daemon
+            .env("CREDD_HOSTS", " , ")
+            .env("CREDD_DAEMON_UID", "nobody")
+    });
+    let (token, _, source) = sandbox.wait_for_token();
+    assert!(!token.is_empty());
+    assert_eq!(source, Source::Platform);
+    daemon.stop();
+
+    let ca = sandbox.path().join("ca.pem");
+    let ca = ca.to_str().expect("UTF-8 path");
+    let (status, log) = sandbox
+        .daemon()
+        .env("CREDD_HOSTS", " , ")
+        .args(["--gateway", "127.0.0.1:0", "--gateway-ca-file", ca])
+        .spawn()
+        .wait_exit();
+    assert_eq!(status.code(), Some(2), "{status:?}\n{log}");
+    assert!(log.contains("CREDD_HOSTS"), "{log}");
 }
 
 /// `n` protocol gets at once from threads of this process.

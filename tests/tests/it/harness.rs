@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::ffi::OsString;
 use std::time::Duration;
 
-use credd_core::config::Config;
+use credd_core::config::PlatformConfig;
 use credd_core::platform_api::TokenQuery;
 use molecule_credd::platform::{ErrorClass, PlatformClient, PlatformError, Timeouts};
 
@@ -20,7 +20,7 @@ fn client(sandbox: &Sandbox, url: &str) -> PlatformClient {
         ("PLATFORM_URL", url.into()),
         ("CONFIGS_DIR", sandbox.configs_dir().into()),
     ]);
-    let config = Config::from_lookup(|k| env.get(k).cloned()).expect("config");
+    let config = PlatformConfig::from_lookup(|k| env.get(k).cloned()).expect("config");
     PlatformClient::new(
         &config,
         Timeouts {
