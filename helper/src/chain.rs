@@ -8,10 +8,11 @@
 //! start-up (an 8 MB static binary relocating itself) for a path taken only
 //! when the daemon is down.
 //!
-//! Each step that fails writes one `credd: ` line to stderr so a person can see
-//! why git fell through to its next helper; none of them contains a secret
-//! (daemon messages are secret-free by contract, platform errors are built
-//! without the token, bearer or body by the daemon's platform client).
+//! Each step that fails has its reason ([`NoToken`], [`Fallback`]); the
+//! command says them, one `credd: ` line each, so a person can see why git
+//! fell through to its next helper. None contains a secret (daemon messages
+//! are secret-free by contract, platform errors are built without the
+//! token, bearer or body by the daemon's platform client).
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -63,25 +64,69 @@ impl TokenFor {
     }
 }
 
-/// How [`obtain_token`] reports the steps it takes.
+/// A step of the chain past the daemon, for the command to say (or not):
+/// `get` says why before the platform is asked (git's user sees why a fetch
+/// pauses), `token` and `exec` only when the platform then served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Progress {
-    /// `get`: a line as each step fails, before the next one starts (git's
-    /// user sees why a fetch pauses while the platform is asked).
-    EachStep,
-    /// `token`/`exec`: their contract is one line of reason, so the steps are
-    /// joined into the error; a successful fallback still gets its line.
-    OneLine,
+pub(crate) enum Fallback<'a> {
+    /// The daemon gave no token for `daemon`'s reason; the platform is asked.
+    Asking {
+        /// Why the daemon gave none.
+        daemon: &'a str,
+    },
+    /// The platform gave the token the daemon did not.
+    Served {
+        /// Why the daemon gave none.
+        daemon: &'a str,
+    },
+}
+
+/// Why [`obtain_token`] got no token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum NoToken {
+    /// The daemon's answer stands (a refusal, or a failure the platform
+    /// cannot help with): no fallback was tried.
+    Daemon(String),
+    /// The daemon gave none, and the platform gave none either.
+    Neither {
+        /// Why the daemon gave none.
+        daemon: String,
+        /// Why the platform gave none.
+        platform: String,
+    },
+}
+
+impl NoToken {
+    /// The last step's reason only (what `get` prints after having said
+    /// [`Fallback::Asking`]).
+    pub(crate) fn last_step(&self) -> String {
+        match self {
+            Self::Daemon(daemon) => daemon.clone(),
+            Self::Neither { platform, .. } => {
+                format!("the platform gave no token either: {platform}")
+            }
+        }
+    }
+}
+
+/// Every step's reason, on one line (what `token` and `exec` print).
+impl std::fmt::Display for NoToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Daemon(daemon) => f.write_str(daemon),
+            Self::Neither { daemon, .. } => write!(f, "{daemon}; {}", self.last_step()),
+        }
+    }
 }
 
 /// Asks the daemon, then the platform if the daemon is unreachable or
-/// unintelligible. `Err` is the reason, for the caller to print after `credd: `
-/// (with [`Progress::EachStep`], only the last step's; earlier ones are out).
+/// unintelligible; tells `on_fallback` each step past the daemon. Prints
+/// nothing: what to say is the command's.
 pub(crate) fn obtain_token(
     config: &HelperConfig,
-    progress: Progress,
     want: &TokenFor,
-) -> Result<Issued, String> {
+    mut on_fallback: impl FnMut(Fallback<'_>),
+) -> Result<Issued, NoToken> {
     let endpoint = daemon::Endpoint::from_config(config);
     let failure = match daemon::round_trip(&endpoint, &want.request()) {
         Ok(Response::Token {
@@ -90,27 +135,17 @@ pub(crate) fn obtain_token(
         Ok(_) => DaemonError::Unintelligible("it answered something other than a token".into()),
         Err(e) => e,
     };
-    let described = failure.describe(&config.socket_path);
+    let daemon = failure.describe(&config.socket_path);
     if !failure.allows_platform_fallback() {
-        return Err(described);
+        return Err(NoToken::Daemon(daemon));
     }
-    if progress == Progress::EachStep {
-        eprintln!("credd: {described}; asking the platform directly");
-    }
+    on_fallback(Fallback::Asking { daemon: &daemon });
     match fetch_from_platform(want) {
         Ok(issued) => {
-            if progress == Progress::OneLine {
-                eprintln!("credd: {described}; got a token from the platform directly");
-            }
+            on_fallback(Fallback::Served { daemon: &daemon });
             Ok(issued)
         }
-        Err(e) => {
-            let platform = format!("the platform gave no token either: {e}");
-            Err(match progress {
-                Progress::EachStep => platform,
-                Progress::OneLine => format!("{described}; {platform}"),
-            })
-        }
+        Err(platform) => Err(NoToken::Neither { daemon, platform }),
     }
 }
 
@@ -185,5 +220,28 @@ fn fetch_from_platform(want: &TokenFor) -> Result<Issued, String> {
             "{DAEMON_BINARY} --fetch-once answered something other than a token"
         )),
         Err(e) => Err(format!("{DAEMON_BINARY} --fetch-once: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_token_says_every_step_on_one_line_or_only_the_last() {
+        let neither = NoToken::Neither {
+            daemon: "no daemon answers on /run/credd.sock".into(),
+            platform: "401 from the platform".into(),
+        };
+        assert_eq!(
+            neither.to_string(),
+            "no daemon answers on /run/credd.sock; the platform gave no token either: 401 from the platform"
+        );
+        assert_eq!(
+            neither.last_step(),
+            "the platform gave no token either: 401 from the platform"
+        );
+        let refused = NoToken::Daemon("the daemon refuses: not granted".into());
+        assert_eq!(refused.to_string(), refused.last_step());
     }
 }

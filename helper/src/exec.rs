@@ -27,7 +27,7 @@ use std::process::{Command, ExitCode};
 
 use credd_core::config::HelperConfig;
 
-use crate::chain::{self, Progress, TokenFor};
+use crate::chain::{self, TokenFor};
 
 /// GitHub's own host, for which gh reads `GH_TOKEN`.
 const GITHUB_COM: &str = "github.com";
@@ -118,7 +118,7 @@ pub(crate) fn run(program: &OsString, args: &[OsString], want: &TokenFor) -> Exi
             return ExitCode::FAILURE;
         }
     };
-    let issued = match chain::obtain_token(&config, Progress::OneLine, want) {
+    let issued = match chain::obtain_token(&config, want, crate::say_served) {
         Ok(issued) => issued,
         Err(reason) => {
             eprintln!(

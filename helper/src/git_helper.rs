@@ -13,7 +13,7 @@ use credd_core::secret::sha256_hex;
 
 use credd_core::repository::RepositoryRef;
 
-use crate::chain::{self, Progress, TokenFor};
+use crate::chain::{self, Fallback, TokenFor};
 use crate::credential::{self, GitRequest};
 use crate::daemon;
 
@@ -33,10 +33,17 @@ pub(crate) fn get() {
             .and_then(RepositoryRef::from_git_path),
         owner: None,
     };
-    let issued = match chain::obtain_token(&config, Progress::EachStep, &want) {
+    // Said before the platform is asked: git's user sees why a fetch pauses.
+    let said = |step: Fallback<'_>| {
+        if let Fallback::Asking { daemon } = step {
+            eprintln!("credd: {daemon}; asking the platform directly");
+        }
+    };
+    let issued = match chain::obtain_token(&config, &want, said) {
         Ok(issued) => issued,
+        // The earlier step is said already.
         Err(reason) => {
-            eprintln!("credd: {reason}");
+            eprintln!("credd: {}", reason.last_step());
             return;
         }
     };

@@ -33,6 +33,7 @@
 // (both below, in `main`).
 #![deny(unsafe_code)]
 
+mod args;
 mod chain;
 mod configure_git;
 mod credential;
@@ -50,6 +51,7 @@ use std::process::ExitCode;
 use credd_core::config::HelperConfig;
 use credd_core::repository::{NameError, RepositoryRef, is_valid_owner};
 
+use crate::args::Args;
 use crate::chain::TokenFor;
 
 const USAGE: &str = "\
@@ -189,6 +191,14 @@ pub(crate) fn print_stdout(text: &str) -> ExitCode {
     }
 }
 
+/// What `token` and `exec` say of the chain: only that the platform served
+/// when the daemon did not (their contract is one line of reason on failure).
+pub(crate) fn say_served(step: chain::Fallback<'_>) {
+    if let chain::Fallback::Served { daemon } = step {
+        eprintln!("credd: {daemon}; got a token from the platform directly");
+    }
+}
+
 /// Prints `credd: error: a -> b -> c` for an error and its causes.
 fn report(error: &anyhow::Error) -> ExitCode {
     eprintln!(
@@ -198,61 +208,44 @@ fn report(error: &anyhow::Error) -> ExitCode {
     ExitCode::FAILURE
 }
 
-/// Reads `--repo OWNER/NAME` / `--owner OWNER` (`--name VALUE` or
-/// `--name=VALUE`, at most one of them) from the front of `args`; returns
-/// what they chose and the arguments after them.
-fn token_for<'a>(
-    command: &str,
-    mut args: &'a [OsString],
-) -> Result<(TokenFor, &'a [OsString]), ExitCode> {
+/// Reads `--repo OWNER/NAME` / `--owner OWNER` (at most one of them) from
+/// the front of `args`; what they chose, the rest left in `args`.
+fn token_for(command: &str, args: &mut Args<'_>) -> Result<TokenFor, ExitCode> {
     let mut want = TokenFor::default();
-    loop {
-        let Some(first) = args.first().and_then(|a| a.to_str()) else {
-            return Ok((want, args));
-        };
-        let (name, inline) = match first.split_once('=') {
-            Some((name, value)) => (name, Some(value)),
-            None => (first, None),
-        };
-        if name != "--repo" && name != "--owner" {
-            return Ok((want, args));
-        }
-        let (value, rest) = match inline {
-            Some(value) => (Some(value), &args[1..]),
-            None => (
-                args.get(1).and_then(|v| v.to_str()),
-                args.get(2..).unwrap_or(&[]),
-            ),
-        };
+    while let Some(name) = args.option().filter(|n| ["--repo", "--owner"].contains(n)) {
         if want != TokenFor::default() {
             return Err(usage_error(&format!(
                 "`credd {command}` takes one of --repo and --owner"
             )));
         }
-        match (name, value) {
-            ("--repo", Some(text)) => match RepositoryRef::parse(text) {
+        let Some(value) = args.value() else {
+            return Err(usage_error(&format!("{name} needs a value")));
+        };
+        let text = value.to_string_lossy();
+        match name {
+            "--repo" => match RepositoryRef::parse(&text) {
                 Ok(repository) => want.repository = Some(repository),
                 Err(e) => return Err(usage_error(&format!("--repo {text:?}: {e}"))),
             },
-            ("--owner", Some(owner)) if is_valid_owner(owner) => want.owner = Some(owner.into()),
-            ("--owner", Some(owner)) => {
+            _ if is_valid_owner(&text) => want.owner = Some(text.into_owned()),
+            _ => {
                 return Err(usage_error(&format!(
-                    "--owner {owner:?}: {}",
+                    "--owner {text:?}: {}",
                     NameError::BadOwner
                 )));
             }
-            _ => return Err(usage_error(&format!("{name} needs a value"))),
         }
-        args = rest;
     }
+    Ok(want)
 }
 
 fn token(args: Vec<OsString>) -> ExitCode {
-    let (want, rest) = match token_for("token", &args) {
-        Ok(parsed) => parsed,
+    let mut args = Args::new(&args);
+    let want = match token_for("token", &mut args) {
+        Ok(want) => want,
         Err(code) => return code,
     };
-    if let Some(extra) = rest.first() {
+    if let Some(extra) = args.rest().first() {
         return usage_error(&format!(
             "`credd token` takes only --repo or --owner, got {extra:?}"
         ));
@@ -261,7 +254,7 @@ fn token(args: Vec<OsString>) -> ExitCode {
         Ok(config) => config,
         Err(e) => return report(&anyhow::Error::new(e).context("configuration")),
     };
-    match chain::obtain_token(&config, chain::Progress::OneLine, &want) {
+    match chain::obtain_token(&config, &want, say_served) {
         Ok(issued) => {
             let line = zeroize::Zeroizing::new(format!("{}\n", issued.token.expose()));
             print_stdout(&line)
@@ -300,10 +293,12 @@ fn metrics(args: Vec<OsString>) -> ExitCode {
 }
 
 fn exec(args: Vec<OsString>) -> ExitCode {
-    let (want, args) = match token_for("exec", &args) {
-        Ok(parsed) => parsed,
+    let mut args = Args::new(&args);
+    let want = match token_for("exec", &mut args) {
+        Ok(want) => want,
         Err(code) => return code,
     };
+    let args = args.rest();
     let rest = match args.split_first() {
         Some((dashes, rest)) if dashes == "--" => rest,
         Some((first, _)) if first.as_encoded_bytes().starts_with(b"-") => {
@@ -321,31 +316,25 @@ fn exec(args: Vec<OsString>) -> ExitCode {
 
 fn configure_git(args: Vec<OsString>) -> ExitCode {
     let mut options = configure_git::Options::default();
-    let mut args = args.into_iter();
-    while let Some(arg) = args.next() {
-        // `--name VALUE` or `--name=VALUE`.
-        let (name, inline) = match arg.to_str().and_then(|a| a.split_once('=')) {
-            Some((name, value)) if name.starts_with("--") => {
-                (name.to_owned(), Some(OsString::from(value)))
+    let mut args = Args::new(&args);
+    while let Some(name) = args.option() {
+        match (name, args.value()) {
+            ("--fallback-helper", Some(helper)) => options.fallback_helper = Some(helper.into()),
+            ("--fallback-helper", None) => {
+                return usage_error(
+                    "--fallback-helper needs a helper, e.g. --fallback-helper store",
+                );
             }
-            _ => (arg.to_string_lossy().into_owned(), None),
-        };
-        let mut value = || inline.clone().or_else(|| args.next());
-        match name.as_str() {
-            "--fallback-helper" => match value() {
-                Some(helper) if !helper.is_empty() => options.fallback_helper = Some(helper),
-                _ => {
-                    return usage_error(
-                        "--fallback-helper needs a helper, e.g. --fallback-helper store",
-                    );
-                }
-            },
-            "--file" => match value() {
-                Some(file) if !file.is_empty() => options.file = Some(file.into()),
-                _ => return usage_error("--file needs a path"),
-            },
+            ("--file", Some(file)) => options.file = Some(file.into()),
+            ("--file", None) => return usage_error("--file needs a path"),
             _ => return usage_error(&format!("`credd configure-git` has no option {name:?}")),
         }
+    }
+    if let Some(extra) = args.rest().first() {
+        return usage_error(&format!(
+            "`credd configure-git` has no option {:?}",
+            extra.to_string_lossy()
+        ));
     }
     match configure_git::run(&options) {
         Ok(()) => ExitCode::SUCCESS,

@@ -527,3 +527,41 @@ fn fallback_passes_on_only_what_the_helper_may_see() {
     assert_eq!(run("erase", own).1.as_deref(), Some(own));
     sandbox.assert_no_secrets();
 }
+
+/// Every command with options reads them by one lexer: the same spelling
+/// rules, and a usage error (exit 2, one line naming the problem) for each
+/// way of getting them wrong, before anything is asked of the daemon.
+#[test]
+fn option_mistakes_are_usage_errors_naming_the_problem() {
+    let sandbox = credd_sandbox();
+    for (args, says) in [
+        (&["token", "--repo"][..], "--repo needs a value"),
+        (&["token", "--owner="], "--owner needs a value"),
+        (
+            &["token", "--repo=acme/api", "--owner", "acme"],
+            "takes one of --repo and --owner",
+        ),
+        (
+            &["token", "--owner", "not an owner"],
+            "--owner \"not an owner\"",
+        ),
+        (&["token", "--repo", "acme"], "--repo \"acme\""),
+        (&["token", "stray"], "takes only --repo or --owner"),
+        (&["exec", "--owner=acme", "--bogus"], "has no option"),
+        (&["configure-git", "--file="], "--file needs a path"),
+        (
+            &["configure-git", "--nope", "x"],
+            "has no option \"--nope\"",
+        ),
+        (&["configure-git", "stray"], "has no option \"stray\""),
+    ] {
+        let run = sandbox.run(args, "");
+        assert_eq!(run.code(), Some(2), "{args:?}: {run:?}");
+        assert!(run.stderr.contains(says), "{args:?}: {run:?}");
+        assert_eq!(
+            run.stderr.lines().filter(|l| l.contains(says)).count(),
+            1,
+            "{run:?}"
+        );
+    }
+}
