@@ -12,13 +12,14 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::Arc;
 
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+
+use crate::table_file::{FileError, Table, TableFile};
 
 /// Largest workspace tokens file accepted.
 pub const MAX_TOKENS_FILE_BYTES: u64 = 8 * 1024 * 1024;
@@ -63,21 +64,9 @@ pub fn valid_workspace_id(id: &str) -> bool {
 /// A workspace tokens file could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum TokensFileError {
-    /// The file could not be read.
-    #[error("cannot read the workspace tokens file {path}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The file is larger than [`MAX_TOKENS_FILE_BYTES`].
-    #[error("the workspace tokens file {path} is larger than {MAX_TOKENS_FILE_BYTES} bytes")]
-    TooLarge {
-        /// The file.
-        path: PathBuf,
-    },
+    /// The file could not be read, or is too large.
+    #[error(transparent)]
+    File(#[from] FileError),
     /// A line is not `WORKSPACE_ID SHA256_HEX`.
     #[error("{origin}:{line}: {reason}")]
     Line {
@@ -166,16 +155,29 @@ fn parse_hex_digest(hex: &str) -> Option<BearerDigest> {
     Some(BearerDigest(out))
 }
 
-/// The workspace bearer table, reloadable from its file.
+impl Table for TokenTable {
+    const FILE: &'static str = "workspace tokens file";
+    const MAX_FILE_BYTES: u64 = MAX_TOKENS_FILE_BYTES;
+    type Error = TokensFileError;
+
+    fn parse(text: &str, origin: &str) -> Result<Self, TokensFileError> {
+        TokenTable::parse(text, origin)
+    }
+
+    fn entries(&self) -> usize {
+        self.hashes.len()
+    }
+}
+
+/// The workspace bearer table, reloadable from its file ([`TableFile`]).
 pub struct WorkspaceTokens {
-    source: Option<PathBuf>,
-    table: RwLock<Arc<TokenTable>>,
+    file: TableFile<TokenTable>,
 }
 
 impl fmt::Debug for WorkspaceTokens {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("WorkspaceTokens")
-            .field("source", &self.source)
+            .field("source", &self.source())
             .field("entries", &self.len())
             .finish()
     }
@@ -188,29 +190,26 @@ impl Default for WorkspaceTokens {
 }
 
 impl WorkspaceTokens {
-    fn with_table(source: Option<PathBuf>, table: TokenTable) -> Self {
-        Self {
-            source,
-            table: RwLock::new(Arc::new(table)),
-        }
-    }
-
     /// No workspace tokens (only the admin bearer, if any, is accepted).
     pub fn empty() -> Self {
-        Self::with_table(None, TokenTable::default())
+        Self {
+            file: TableFile::fixed(TokenTable::default()),
+        }
     }
 
     /// Parses the file format: lines `WORKSPACE_ID SHA256_HEX_OF_BEARER`,
     /// blank lines and `#` comment lines ignored.
     pub fn parse(text: &str) -> Result<Self, TokensFileError> {
-        Ok(Self::with_table(None, TokenTable::parse(text, "<inline>")?))
+        Ok(Self {
+            file: TableFile::fixed(TokenTable::parse(text, "<inline>")?),
+        })
     }
 
     /// Loads `path`; [`WorkspaceTokens::reload`] re-reads it.
     pub fn load(path: impl Into<PathBuf>) -> Result<Self, TokensFileError> {
-        let path = path.into();
-        let table = read_table(&path)?;
-        Ok(Self::with_table(Some(path), table))
+        Ok(Self {
+            file: TableFile::load(path)?,
+        })
     }
 
     /// A table from `(workspace ID, bearer)` pairs, hashing the bearers (for
@@ -238,29 +237,25 @@ impl WorkspaceTokens {
             let hash = hashes[&id];
             table.insert(id, hash);
         }
-        Self::with_table(None, table)
+        Self {
+            file: TableFile::fixed(table),
+        }
     }
 
     /// Re-reads the file this table came from and swaps it in whole; on
     /// error the old table stays. Returns the number of entries now loaded.
     pub fn reload(&self) -> Result<usize, TokensFileError> {
-        let Some(path) = &self.source else {
-            return Ok(self.len());
-        };
-        let table = Arc::new(read_table(path)?);
-        let entries = table.hashes.len();
-        *self.table.write().unwrap_or_else(PoisonError::into_inner) = table;
-        Ok(entries)
+        self.file.reload()
     }
 
     /// The file this table is loaded from, if any.
     pub fn source(&self) -> Option<&Path> {
-        self.source.as_deref()
+        self.file.source()
     }
 
     /// Number of workspaces.
     pub fn len(&self) -> usize {
-        self.current().hashes.len()
+        self.current().entries()
     }
 
     /// Whether no workspace is listed.
@@ -269,7 +264,7 @@ impl WorkspaceTokens {
     }
 
     fn current(&self) -> Arc<TokenTable> {
-        Arc::clone(&self.table.read().unwrap_or_else(PoisonError::into_inner))
+        self.file.current()
     }
 
     /// Whether `bearer` is the bearer of workspace `workspace_id`.
@@ -302,24 +297,6 @@ impl WorkspaceTokens {
     pub fn find(&self, bearer: &str) -> Option<String> {
         self.current().by_digest.get(&digest(bearer)).cloned()
     }
-}
-
-fn read_table(path: &Path) -> Result<TokenTable, TokensFileError> {
-    let read_error = |source| TokensFileError::Read {
-        path: path.to_owned(),
-        source,
-    };
-    let file = std::fs::File::open(path).map_err(read_error)?;
-    let mut text = String::new();
-    file.take(MAX_TOKENS_FILE_BYTES + 1)
-        .read_to_string(&mut text)
-        .map_err(read_error)?;
-    if text.len() as u64 > MAX_TOKENS_FILE_BYTES {
-        return Err(TokensFileError::TooLarge {
-            path: path.to_owned(),
-        });
-    }
-    TokenTable::parse(&text, &path.display().to_string())
 }
 
 /// Who a request was authorised as.
@@ -573,7 +550,10 @@ mod tests {
         let file = std::fs::File::create(&path).unwrap();
         file.set_len(MAX_TOKENS_FILE_BYTES + 1).unwrap();
         let err = WorkspaceTokens::load(&path).unwrap_err();
-        assert!(matches!(err, TokensFileError::TooLarge { .. }), "{err}");
+        assert!(
+            matches!(err, TokensFileError::File(FileError::TooLarge { .. })),
+            "{err}"
+        );
     }
 
     #[test]

@@ -26,9 +26,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::Arc;
 
 use credd_core::platform_api::Which;
 use credd_core::repository::{NameError, is_valid_name, is_valid_owner};
@@ -40,6 +39,7 @@ use crate::scope::{
     Level, MAX_PERMISSIONS, Permissions, Scope, closest_permission, github_levels,
     valid_permission_name,
 };
+use crate::table_file::{FileError, Table, TableFile};
 
 /// Largest grants file accepted.
 pub const MAX_GRANTS_FILE_BYTES: u64 = 16 * 1024 * 1024;
@@ -102,21 +102,9 @@ impl WorkspaceGrant {
 /// A grants file could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum GrantsFileError {
-    /// The file could not be read.
-    #[error("cannot read the grants file {path}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The file is larger than [`MAX_GRANTS_FILE_BYTES`].
-    #[error("the grants file {path} is larger than {MAX_GRANTS_FILE_BYTES} bytes")]
-    TooLarge {
-        /// The file.
-        path: PathBuf,
-    },
+    /// The file could not be read, or is too large.
+    #[error(transparent)]
+    File(#[from] FileError),
     /// Something in the file is wrong.
     #[error("{origin}:{line}: {reason}")]
     Invalid {
@@ -404,16 +392,31 @@ fn parse_repositories(
 
 /// The grants in force: none (no grants file: every workspace gets the
 /// configured installation's token, unscoped) or a table, reloadable from
-/// its file.
+/// its file ([`TableFile`]).
 pub struct Grants {
-    source: Option<PathBuf>,
-    table: RwLock<Option<Arc<GrantTable>>>,
+    file: TableFile<Option<Arc<GrantTable>>>,
+}
+
+/// A grants file's text is a table; "no grants" is `None` (never read from
+/// a file, only [`Grants::none`] or [`Grants::replace`]).
+impl Table for Option<Arc<GrantTable>> {
+    const FILE: &'static str = "grants file";
+    const MAX_FILE_BYTES: u64 = MAX_GRANTS_FILE_BYTES;
+    type Error = GrantsFileError;
+
+    fn parse(text: &str, origin: &str) -> Result<Self, GrantsFileError> {
+        Ok(Some(Arc::new(GrantTable::parse(text, origin)?)))
+    }
+
+    fn entries(&self) -> usize {
+        self.as_ref().map_or(0, |t| t.len())
+    }
 }
 
 impl fmt::Debug for Grants {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Grants")
-            .field("source", &self.source)
+            .field("source", &self.source())
             .field("workspaces", &self.current().map(|t| t.len()))
             .finish()
     }
@@ -429,28 +432,22 @@ impl Grants {
     /// No grants file.
     pub fn none() -> Self {
         Self {
-            source: None,
-            table: RwLock::new(None),
+            file: TableFile::fixed(None),
         }
     }
 
     /// Grants from TOML text (not reloadable from a file; see
     /// [`Grants::replace`]).
     pub fn parse(text: &str) -> Result<Self, GrantsFileError> {
-        let table = GrantTable::parse(text, "<inline>")?;
         Ok(Self {
-            source: None,
-            table: RwLock::new(Some(Arc::new(table))),
+            file: TableFile::fixed(Table::parse(text, "<inline>")?),
         })
     }
 
     /// Loads `path`; [`Grants::reload`] re-reads it.
     pub fn load(path: impl Into<PathBuf>) -> Result<Self, GrantsFileError> {
-        let path = path.into();
-        let table = read_grants(&path)?;
         Ok(Self {
-            source: Some(path),
-            table: RwLock::new(Some(Arc::new(table))),
+            file: TableFile::load(path)?,
         })
     }
 
@@ -458,58 +455,28 @@ impl Grants {
     /// table stays. Returns the number of workspaces now loaded (without a
     /// file: the current count, unchanged).
     pub fn reload(&self) -> Result<usize, GrantsFileError> {
-        let Some(path) = &self.source else {
-            return Ok(self.current().map_or(0, |t| t.len()));
-        };
-        let table = read_grants(path)?;
-        Ok(self.install(Some(table)))
+        self.file.reload()
     }
 
     /// Swaps in the table parsed from `text` (`None`: no grants at all); on
     /// error the old table stays. For embedding and tests.
     pub fn replace(&self, text: Option<&str>) -> Result<usize, GrantsFileError> {
-        let table = text
-            .map(|text| GrantTable::parse(text, "<inline>"))
-            .transpose()?;
-        Ok(self.install(table))
-    }
-
-    fn install(&self, table: Option<GrantTable>) -> usize {
-        let entries = table.as_ref().map_or(0, GrantTable::len);
-        *self.table.write().unwrap_or_else(PoisonError::into_inner) = table.map(Arc::new);
-        entries
+        let table = match text {
+            Some(text) => Table::parse(text, "<inline>")?,
+            None => None,
+        };
+        Ok(self.file.install(table))
     }
 
     /// The file the grants come from, if any.
     pub fn source(&self) -> Option<&Path> {
-        self.source.as_deref()
+        self.file.source()
     }
 
     /// The table in force (`None`: no grants file).
     pub fn current(&self) -> Option<Arc<GrantTable>> {
-        self.table
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.file.current().as_ref().clone()
     }
-}
-
-fn read_grants(path: &Path) -> Result<GrantTable, GrantsFileError> {
-    let read_error = |source| GrantsFileError::Read {
-        path: path.to_owned(),
-        source,
-    };
-    let file = std::fs::File::open(path).map_err(read_error)?;
-    let mut text = String::new();
-    file.take(MAX_GRANTS_FILE_BYTES + 1)
-        .read_to_string(&mut text)
-        .map_err(read_error)?;
-    if text.len() as u64 > MAX_GRANTS_FILE_BYTES {
-        return Err(GrantsFileError::TooLarge {
-            path: path.to_owned(),
-        });
-    }
-    GrantTable::parse(&text, &path.display().to_string())
 }
 
 #[cfg(test)]

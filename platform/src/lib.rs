@@ -25,6 +25,8 @@
 //!   tokens, a mint lock, refusals announced to every replica).
 //! - [`dev`]: a provider minting fake `ghs_` tokens for local runs and tests.
 //! - [`auth`]: admin and per-workspace bearer checks.
+//! - [`table_file`]: an operator's file (bearers, grants) read bounded,
+//!   parsed whole and swapped whole on SIGHUP.
 //! - [`metrics`]: the Prometheus metrics behind `GET /metrics`.
 //! - [`service`]: the HTTP endpoints (axum) and, in `service/accept.rs`, a
 //!   bounded server loop.
@@ -46,6 +48,7 @@ pub mod scope;
 pub mod scoped;
 pub mod service;
 pub mod shared;
+pub mod table_file;
 pub mod token_cache;
 
 pub use auth::{Auth, WorkspaceTokens};
