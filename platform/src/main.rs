@@ -225,7 +225,7 @@ fn configured_provider(
                 GitHubAppProvider::new(github).context("GitHub App configuration")?;
             if let Some(shared) = shared {
                 let prefix = shared.prefix.clone();
-                let store = SharedStore::new(shared)
+                let store = SharedStore::new(shared, provider.metrics())
                     .map_err(|why| anyhow::anyhow!("PLATFORM_REDIS_URL: {why}"))?;
                 store.start();
                 tracing::info!(

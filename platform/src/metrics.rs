@@ -7,22 +7,25 @@
 //! in the Prometheus text format (0.0.4), which `promtool check metrics`
 //! and every Prometheus read.
 //!
-//! Why one process-wide set: the counters are incremented where things
-//! happen — the token cache every provider uses, the token handlers, a
-//! layer around the router — and those are built independently (providers,
-//! routers in tests); a process has one `/metrics`. The set depends on no
-//! other module of the crate (its callers pass labels, not their types), so
-//! it sits below everything that counts.
+//! Who owns the set: the provider, whose caches, rate limit and shared
+//! store count into it from the moment they are built (each is handed the
+//! provider's [`Arc<PlatformMetrics>`](PlatformMetrics)); the service takes
+//! the provider's set for its handlers, its request layer and `/metrics`
+//! ([`crate::service::AppState::metrics`]). So one `/metrics` shows
+//! everything one provider did, and two platforms in one process (tests,
+//! benches) never count into each other: there is no process-wide set. The
+//! set depends on no other module of the crate (its callers pass labels,
+//! not their types), so it sits below everything that counts.
 //!
 //! What the labels may hold: route templates (`/workspaces/{id}/…`, never a
 //! workspace id), HTTP status codes, error classes, the caller's kind
 //! (`workspace` or `admin`). No token, bearer, workspace or owner name, so
 //! the counts can be served without authentication (see `platform/README.md`).
 
-use std::sync::LazyLock;
+use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::{MatchedPath, Request};
+use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -264,12 +267,6 @@ impl PlatformMetrics {
     }
 }
 
-/// The process's metrics.
-pub fn metrics() -> &'static PlatformMetrics {
-    static METRICS: LazyLock<PlatformMetrics> = LazyLock::new(PlatformMetrics::new);
-    &METRICS
-}
-
 /// The method as a label: the standard ones by name, anything else (a
 /// client may send any token) as `other`, so no client can grow the series.
 fn method_label(method: &axum::http::Method) -> &'static str {
@@ -285,8 +282,13 @@ fn method_label(method: &axum::http::Method) -> &'static str {
     }
 }
 
-/// Layer function timing every request, labelled by its route template.
-pub async fn track_request(request: Request, next: Next) -> Response {
+/// Layer function timing every request, labelled by its route template
+/// (`axum::middleware::from_fn_with_state` with the service's set).
+pub async fn track_request(
+    State(metrics): State<Arc<PlatformMetrics>>,
+    request: Request,
+    next: Next,
+) -> Response {
     let route = request
         .extensions()
         .get::<MatchedPath>()
@@ -294,7 +296,7 @@ pub async fn track_request(request: Request, next: Next) -> Response {
     let method = method_label(request.method());
     let started = Instant::now();
     let response = next.run(request).await;
-    metrics().request(
+    metrics.request(
         route,
         method,
         response.status().as_u16(),

@@ -20,6 +20,7 @@ use jiff::{SignedDuration, Timestamp};
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 
+use crate::metrics::PlatformMetrics;
 use crate::scope::Scope;
 
 /// How long before expiry a cached token is replaced (GitHub's own plugin
@@ -196,6 +197,13 @@ pub type TokenFuture<'a> =
 /// callers share one upstream call. Implementations get this by answering
 /// through a [`TokenCache`](crate::token_cache::TokenCache).
 pub trait TokenProvider: Send + Sync {
+    /// The counters this provider's caches add to, which the service
+    /// serves at `/metrics` (see [`crate::metrics`]). The default, for a
+    /// provider that counts nothing: an empty set of its own.
+    fn metrics(&self) -> Arc<PlatformMetrics> {
+        Arc::default()
+    }
+
     /// The current token and its expiry.
     fn token(&self) -> TokenFuture<'_>;
 

@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 
+use crate::metrics::PlatformMetrics;
 use crate::provider::{
     Clock, IssuedToken, ProviderError, REFUSAL_INTERVAL, RefusalFuture, RefusalOutcome,
     ServedFuture, ServedToken, TokenFuture, TokenProvider, TokenRequest, unscoped_token,
@@ -53,6 +54,10 @@ pub trait ScopedProvider: Send + Sync {
 }
 
 impl<P: ScopedProvider> TokenProvider for P {
+    fn metrics(&self) -> Arc<PlatformMetrics> {
+        Arc::clone(self.caches().metrics())
+    }
+
     fn token(&self) -> TokenFuture<'_> {
         unscoped_token(self.serve(TokenRequest::default()))
     }
@@ -156,6 +161,8 @@ pub struct ScopedCaches {
     max_entries: usize,
     /// With replicas: the store every slot shares its tokens through.
     shared: Option<Arc<SharedStore>>,
+    /// The provider's counters, handed to every slot's cache.
+    metrics: Arc<PlatformMetrics>,
 }
 
 impl fmt::Debug for ScopedCaches {
@@ -177,7 +184,14 @@ impl ScopedCaches {
             clock,
             max_entries: MAX_CACHED_TOKENS,
             shared: None,
+            metrics: Arc::default(),
         }
+    }
+
+    /// The counters every slot's cache adds to: the provider's set (see
+    /// [`crate::metrics`]).
+    pub fn metrics(&self) -> &Arc<PlatformMetrics> {
+        &self.metrics
     }
 
     /// Shares every slot's tokens with the other replicas through `store`,
@@ -245,7 +259,11 @@ impl ScopedCaches {
             }
         }
         let permissions: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
-        let mut cache = TokenCache::new(self.refresh_window, self.clock.clone());
+        let mut cache = TokenCache::new(
+            self.refresh_window,
+            self.clock.clone(),
+            Arc::clone(&self.metrics),
+        );
         if let Some(store) = &self.shared {
             cache = cache.with_shared(SharedSlot {
                 store: Arc::clone(store),

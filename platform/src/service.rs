@@ -86,6 +86,7 @@ use tower_http::timeout::TimeoutLayer;
 
 use crate::auth::{Auth, AuthError, Caller, MAX_BEARER_BYTES};
 use crate::grants::Grants;
+use crate::metrics::PlatformMetrics;
 use crate::provider::TokenProvider;
 use crate::provider::{RefusalOutcome, ServedToken, TokenRequest};
 use crate::scope::Scope;
@@ -172,6 +173,8 @@ pub struct AppState {
     auth: Arc<Auth>,
     grants: Arc<Grants>,
     limits: ServiceLimits,
+    /// The provider's counters (see [`crate::metrics`]).
+    metrics: Arc<PlatformMetrics>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -186,8 +189,11 @@ impl std::fmt::Debug for AppState {
 impl AppState {
     /// State serving `provider` (`None`: no GitHub App, the token routes
     /// answer 404), guarded by `auth`, with default [`ServiceLimits`].
+    /// Requests count into the provider's metrics, which `/metrics` serves.
     pub fn new(provider: Option<Arc<dyn TokenProvider>>, auth: Auth) -> Self {
+        let metrics = provider.as_ref().map_or_else(Arc::default, |p| p.metrics());
         Self {
+            metrics,
             provider,
             auth: Arc::new(auth),
             grants: Arc::new(Grants::none()),
@@ -222,6 +228,11 @@ impl AppState {
     pub fn limits(&self) -> &ServiceLimits {
         &self.limits
     }
+
+    /// The counters `/metrics` serves: the provider's.
+    pub fn metrics(&self) -> &Arc<PlatformMetrics> {
+        &self.metrics
+    }
 }
 
 /// The platform's router, with its request limits applied.
@@ -234,7 +245,10 @@ pub fn app(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(serve_metrics))
         .fallback(not_found)
-        .layer(axum::middleware::from_fn(crate::metrics::track_request))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state.metrics),
+            crate::metrics::track_request,
+        ))
         .with_state(state)
         .layer(
             ServiceBuilder::new()
@@ -486,7 +500,7 @@ async fn serve_token(
             issued.expires_at
         )));
     }
-    crate::metrics::metrics().served(match &caller {
+    state.metrics.served(match &caller {
         Caller::Admin => crate::metrics::CallerKind::Admin,
         Caller::Workspace(_) => crate::metrics::CallerKind::Workspace,
     });
@@ -517,8 +531,8 @@ async fn healthz() -> Response {
 
 /// `GET /metrics`: counts only, no secret and no workspace identity, so it
 /// needs no bearer (see [`crate::metrics`]).
-async fn serve_metrics() -> Response {
-    let mut response = crate::metrics::metrics().render().into_response();
+async fn serve_metrics(State(state): State<AppState>) -> Response {
+    let mut response = state.metrics.render().into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static(crate::metrics::CONTENT_TYPE),

@@ -12,12 +12,13 @@
 
 use std::fmt;
 use std::future::Future;
-use std::sync::{Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use jiff::{SignedDuration, Timestamp};
 use secrecy::ExposeSecret;
 
+use crate::metrics::PlatformMetrics;
 use crate::provider::{
     Clock, DEFINITIVE_COOLDOWN, FAILURE_COOLDOWN, IssuedToken, MAX_MIN_REMAINING, ProviderError,
     digest_matches, signed,
@@ -48,6 +49,8 @@ pub struct TokenCache {
     clock: Clock,
     /// With replicas: where this cache's tokens are shared.
     shared: Option<crate::shared::SharedSlot>,
+    /// Its provider's counters.
+    metrics: Arc<PlatformMetrics>,
 }
 
 impl fmt::Debug for TokenCache {
@@ -64,7 +67,8 @@ impl TokenCache {
     /// A token issued with less than twice the window of life is replaced
     /// at half its life instead, so short-lived tokens (dev mode, an
     /// upstream handing out little life) do not cause a call per request.
-    pub fn new(refresh_window: Duration, clock: Clock) -> Self {
+    /// Mints and hits count into `metrics` (its provider's).
+    pub fn new(refresh_window: Duration, clock: Clock, metrics: Arc<PlatformMetrics>) -> Self {
         Self {
             current: RwLock::new(None),
             attempts: Mutex::default(),
@@ -73,6 +77,7 @@ impl TokenCache {
             failure_cooldown: signed(FAILURE_COOLDOWN),
             clock,
             shared: None,
+            metrics,
         }
     }
 
@@ -188,14 +193,14 @@ impl TokenCache {
     {
         let min_remaining = signed(min_remaining);
         if let Some(token) = self.fresh(self.clock.now(), min_remaining) {
-            crate::metrics::metrics().cache_hit();
+            self.metrics.cache_hit();
             return Ok(token);
         }
         let seen = self.lock_attempts().completed;
         let _flight = self.refresh.lock().await;
         let now = self.clock.now();
         if let Some(token) = self.fresh(now, min_remaining) {
-            crate::metrics::metrics().cache_hit();
+            self.metrics.cache_hit();
             return Ok(token);
         }
         if let Some(shared) = self.failure_to_share(seen, now) {
@@ -278,8 +283,8 @@ impl TokenCache {
         let error = match result {
             Ok(token) => {
                 match origin {
-                    crate::shared::Origin::Minted => crate::metrics::metrics().minted(),
-                    crate::shared::Origin::Shared => crate::metrics::metrics().cache_hit(),
+                    crate::shared::Origin::Minted => self.metrics.minted(),
+                    crate::shared::Origin::Shared => self.metrics.cache_hit(),
                 }
                 attempts.last_failure = None;
                 *self.current.write().unwrap_or_else(PoisonError::into_inner) = Some(Cached {
@@ -290,7 +295,7 @@ impl TokenCache {
             }
             Err(error) => error,
         };
-        crate::metrics::metrics().upstream_error(error.status_label());
+        self.metrics.upstream_error(error.status_label());
         attempts.last_failure = Some((self.clock.now(), error.clone()));
         drop(attempts);
         let Some(stale) = self.unexpired(self.clock.now()) else {
@@ -335,7 +340,7 @@ mod tests {
     async fn serves_cached_until_window_then_refreshes() {
         let start = Timestamp::from_second(1_800_000_000).unwrap();
         let (clock, offset) = manual_clock(start);
-        let cache = TokenCache::new(REFRESH_WINDOW, clock.clone());
+        let cache = TokenCache::new(REFRESH_WINDOW, clock.clone(), Arc::default());
         let calls = AtomicUsize::new(0);
         let fetch = || async {
             let n = calls.fetch_add(1, Ordering::SeqCst);
@@ -359,7 +364,7 @@ mod tests {
     async fn short_lived_tokens_refresh_at_half_life() {
         let start = Timestamp::from_second(1_800_000_000).unwrap();
         let (clock, offset) = manual_clock(start);
-        let cache = TokenCache::new(REFRESH_WINDOW, clock.clone());
+        let cache = TokenCache::new(REFRESH_WINDOW, clock.clone(), Arc::default());
         let calls = AtomicUsize::new(0);
         let fetch = || async {
             calls.fetch_add(1, Ordering::SeqCst);
@@ -382,8 +387,8 @@ mod tests {
     async fn expired_or_empty_tokens_are_refused() {
         let start = Timestamp::from_second(1_800_000_000).unwrap();
         let (clock, _) = manual_clock(start);
-        let cache =
-            TokenCache::new(REFRESH_WINDOW, clock.clone()).with_failure_cooldown(Duration::ZERO);
+        let cache = TokenCache::new(REFRESH_WINDOW, clock.clone(), Arc::default())
+            .with_failure_cooldown(Duration::ZERO);
         let err = cache
             .get_or_refresh(|| async { Ok(token("old", start - SignedDuration::from_secs(1))) })
             .await
@@ -400,7 +405,7 @@ mod tests {
     async fn failure_serves_unexpired_cached_token_and_cools_down() {
         let start = Timestamp::from_second(1_800_000_000).unwrap();
         let (clock, offset) = manual_clock(start);
-        let cache = TokenCache::new(REFRESH_WINDOW, clock.clone());
+        let cache = TokenCache::new(REFRESH_WINDOW, clock.clone(), Arc::default());
         cache
             .get_or_refresh(|| async { Ok(token("good", start + SignedDuration::from_mins(60))) })
             .await

@@ -47,7 +47,7 @@ impl GitHubAppProvider {
             .and_then(|hold| Timestamp::from_second(hold.until).ok());
         match until {
             Some(until) if until > self.now() => {
-                crate::metrics::metrics().held();
+                self.caches.metrics().held();
                 Err(self.hold_until(until, "announced to another replica"))
             }
             _ => Ok(()),
@@ -85,7 +85,7 @@ impl GitHubAppProvider {
         let hold = self.hold.lock().unwrap_or_else(PoisonError::into_inner);
         match hold.until {
             Some(until) if now < until => {
-                crate::metrics::metrics().held();
+                self.caches.metrics().held();
                 Err(ProviderError::RateLimited {
                     until,
                     wait: until.duration_since(now).unsigned_abs(),
@@ -109,7 +109,9 @@ impl GitHubAppProvider {
         }
         let until = hold.until.unwrap_or(until);
         drop(hold);
-        crate::metrics::metrics().rate_limited(until.as_second(), new_episode);
+        self.caches
+            .metrics()
+            .rate_limited(until.as_second(), new_episode);
         let wait = until.duration_since(now).unsigned_abs();
         if new_episode {
             tracing::warn!(

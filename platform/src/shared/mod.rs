@@ -176,10 +176,6 @@ impl Event {
     }
 }
 
-fn count(event: Event) {
-    crate::metrics::metrics().shared_cache(event.as_str());
-}
-
 /// Deletes `KEYS[1]` only if it holds `ARGV[1]`: releasing a lock only by
 /// its holder, removing a refused entry only if it is still that entry.
 const COMPARE_AND_DELETE: &str = r"
@@ -203,6 +199,8 @@ pub struct SharedStore {
     bad_entry_logged: AtomicBool,
     listeners: Mutex<Vec<RefusalListener>>,
     compare_and_delete: redis::Script,
+    /// The provider's counters.
+    metrics: Arc<crate::metrics::PlatformMetrics>,
 }
 
 impl fmt::Debug for SharedStore {
@@ -216,7 +214,11 @@ impl fmt::Debug for SharedStore {
 impl SharedStore {
     /// Parses the URL and prepares the (lazy) connection: nothing is sent
     /// until the first request, so a replica starts with Redis down.
-    pub fn new(config: SharedConfig) -> Result<Arc<Self>, String> {
+    /// Its events count into `metrics` (the provider's, see [`crate::metrics`]).
+    pub fn new(
+        config: SharedConfig,
+        metrics: Arc<crate::metrics::PlatformMetrics>,
+    ) -> Result<Arc<Self>, String> {
         let client = redis::Client::open(config.url.expose_secret())
             .map_err(|e| format!("not a Redis URL: {}", describe_error(&e)))?;
         let manager_config = redis::aio::ConnectionManagerConfig::new()
@@ -238,6 +240,7 @@ impl SharedStore {
             bad_entry_logged: AtomicBool::new(false),
             listeners: Mutex::default(),
             compare_and_delete: redis::Script::new(COMPARE_AND_DELETE),
+            metrics,
         }))
     }
 
@@ -304,8 +307,13 @@ impl SharedStore {
         }
     }
 
+    /// Counts `event` in `/metrics`.
+    fn count(&self, event: Event) {
+        self.metrics.shared_cache(event.as_str());
+    }
+
     fn went_down(&self, down: &mut Option<Instant>, what: &str, why: &str) {
-        count(Event::Error);
+        self.count(Event::Error);
         if down.is_none() {
             tracing::warn!(
                 "[redis] {what} failed ({why}): serving from and minting into this replica's own cache until Redis answers"
@@ -324,7 +332,7 @@ impl SharedStore {
     }
 
     fn bad_entry(&self, redis_key: &str) {
-        count(Event::Rejected);
+        self.count(Event::Rejected);
         if !self.bad_entry_logged.swap(true, Ordering::SeqCst) {
             tracing::warn!(
                 "[redis] an entry under {redis_key:?} does not open with this replica's cache key \

@@ -13,7 +13,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-use super::{Event, OpError, Origin, SharedEntry, SharedStore, count, describe, hex};
+use super::{Event, OpError, Origin, SharedEntry, SharedStore, describe, hex};
 use crate::provider::{IssuedToken, ProviderError};
 use crate::scoped::MintKey;
 
@@ -122,7 +122,7 @@ impl SharedStore {
         if let Some(raw) = self.matching_raw(key, sha256).await
             && let Ok(true) = self.compare_and_delete(&self.token_key(key), &raw).await
         {
-            count(Event::Refused);
+            self.count(Event::Refused);
         }
     }
 
@@ -145,7 +145,7 @@ impl SharedStore {
         let obtained_at = clock.now();
         let take = |entry: SharedEntry| {
             *permissions.lock().unwrap_or_else(PoisonError::into_inner) = entry.permissions;
-            count(Event::Hit);
+            self.count(Event::Hit);
             (Ok(entry.token), Origin::Shared, entry.minted_at)
         };
         let owner = hex(&rand::random::<[u8; 16]>());
@@ -166,7 +166,7 @@ impl SharedStore {
             }
             if !waited {
                 waited = true;
-                count(Event::Waited);
+                self.count(Event::Waited);
             }
             if Instant::now() >= give_up_at {
                 tracing::warn!(
@@ -179,7 +179,7 @@ impl SharedStore {
             tokio::time::sleep(WAIT_POLL + Duration::from_millis(jitter)).await;
         };
         if !locked {
-            count(Event::Fallback);
+            self.count(Event::Fallback);
             return (fetch().await, Origin::Minted, obtained_at);
         }
         // Ours: another replica may have shared a token just before.
@@ -189,7 +189,7 @@ impl SharedStore {
             self.unlock(key, &owner).await;
             return take(entry);
         }
-        count(Event::Miss);
+        self.count(Event::Miss);
         let obtained_at = clock.now();
         let result = fetch().await;
         if let Ok(token) = &result {

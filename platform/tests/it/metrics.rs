@@ -4,8 +4,10 @@
 //! every token served counted, GitHub's refusal under its status, each
 //! request timed under its route template.
 //!
-//! The binary, not the router in-process: the metrics are process-wide, and
-//! the other tests of this binary mint and serve tokens in parallel.
+//! The binary, not the router in-process: this is what an operator
+//! scrapes, with the binary's own composition (the provider's set served by
+//! its router; that two platforms in one process count apart is
+//! `service.rs::each_platform_counts_only_its_own_requests`).
 
 use nix::sys::signal::Signal;
 use testkit::PlatformProcess;

@@ -502,3 +502,37 @@ async fn at_the_concurrency_limit_requests_are_refused_at_once_not_queued() {
     assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
     held.abort();
 }
+
+/// The metrics belong to the provider, not to the process: two platforms in
+/// one process (tests, benches, an embedder) count only what each did.
+/// Before, one process-wide set made every router's `/metrics` show every
+/// router's mints.
+#[tokio::test]
+async fn each_platform_counts_only_its_own_requests() {
+    const MINTED: &str = "molecule_platform_tokens_minted_total ";
+    let (busy, _) = dev_app(Some(ADMIN));
+    let (idle, _) = dev_app(Some(ADMIN));
+    for _ in 0..3 {
+        assert_eq!(
+            get(&busy, ADMIN_ROUTE, Some(ADMIN)).await.status,
+            StatusCode::OK
+        );
+    }
+    let text = |answer: crate::support::Answer| match answer.body {
+        serde_json::Value::String(text) => text,
+        other => panic!("metrics are text, not {other}"),
+    };
+    let busy = text(get(&busy, "/metrics", None).await);
+    let idle = text(get(&idle, "/metrics", None).await);
+    let minted = |text: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(MINTED))
+            .map(|n| n.trim().to_owned())
+    };
+    assert_eq!(minted(&busy).as_deref(), Some("1"), "{busy}");
+    assert_eq!(minted(&idle).as_deref(), Some("0"), "{idle}");
+    assert!(
+        !idle.contains("code=\"200\""),
+        "the idle platform served nothing: {idle}"
+    );
+}
