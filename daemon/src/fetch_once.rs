@@ -33,7 +33,8 @@ pub fn run(cli: &Cli) -> ExitCode {
     let fetched = (|| -> anyhow::Result<_> {
         process::harden()?;
         let config = settings::platform_config(cli)?;
-        let client = PlatformClient::new(&config, TIMEOUTS)?;
+        let client =
+            PlatformClient::new(&config, TIMEOUTS).context("cannot set up the platform client")?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

@@ -7,7 +7,8 @@
 //! in well under a millisecond. The binary (`main.rs`) only parses, starts
 //! logging, hardens and dispatches to [`start`] or a one-shot command.
 //!
-//! Data flows one way: command line and environment ([`cli`]) → the platform
+//! Data flows one way: command line and environment ([`cli`], checked once
+//! into [`Settings`]) → the platform
 //! client ([`platform`]) → the token store (`cache`, which owns every token,
 //! every refresher and so every platform call, and what is daemon-wide) →
 //! the socket server (`server`, which owns every connection, and `answer`,
@@ -239,7 +240,9 @@ pub async fn run(
             Err(_) => bail!("the gateway task failed"),
         }
     }
-    tokens.stopped().await;
+    if tokens.stopped().await.is_err() {
+        bail!("the refresher task failed");
+    }
     tracing::info!("stopped");
     Ok(())
 }

@@ -6,11 +6,18 @@
 //! with the new token on its **stdin** — never in argv (visible in `ps` to every
 //! user) or the environment (`/proc/PID/environ`, inherited by grandchildren).
 //!
+//! Every token the daemon refreshes runs the hook: the workspace's default
+//! token and each account's (`credd token --owner`, git with
+//! `useHttpPath`). The hook's environment says whose: [`WHOSE_VARIABLE`] is
+//! `default` or `owner`, and [`OWNER_VARIABLE`] the account when known. A
+//! hook that keeps one token for a tool (`gh auth login --with-token`) keeps
+//! the default one: `[ "$CREDD_TOKEN_FOR" = default ] || exit 0`.
+//!
 //! The hook must never hurt serving: it runs with a deadline, after which its
 //! whole process group is killed; its failure is a WARN line; nothing is
 //! propagated. Its stdout and stderr are discarded, not logged — a careless
 //! script that echoes its input would otherwise put the token in the journal.
-//! We log what is safe: exit status and duration.
+//! We log what is safe: whose token, exit status and duration.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -21,7 +28,7 @@ use std::time::{Duration, Instant};
 use credd_core::secret::Token;
 
 use crate::bootstrap;
-use crate::cache::RefreshHook;
+use crate::cache::{RefreshHook, Whose};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::io::AsyncWriteExt;
@@ -58,72 +65,94 @@ pub(crate) const TIMEOUT: Duration = Duration::from_secs(30);
 /// environment (absent when the platform stated none: a platform without
 /// grants).
 pub(crate) const OWNER_VARIABLE: &str = "CREDD_OWNER";
+/// The variable that says whose token it is: `default` (the workspace's
+/// default token) or `owner` (an account's).
+pub(crate) const WHOSE_VARIABLE: &str = "CREDD_TOKEN_FOR";
+
+/// Whose a token is, owned (the hook's queue outlives the call).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct For {
+    default: bool,
+    account: Option<String>,
+}
+
+impl From<Whose<'_>> for For {
+    fn from(whose: Whose<'_>) -> Self {
+        match whose {
+            Whose::Default { account } => Self {
+                default: true,
+                account: account.map(str::to_owned),
+            },
+            Whose::Owner(account) => Self {
+                default: false,
+                account: Some(account.to_owned()),
+            },
+        }
+    }
+}
 
 /// The store's hook for `--on-refresh COMMAND`: runs it with the newest
-/// token of each account, one run at a time; tokens of one account that
-/// arrive while it runs are coalesced into its next run (an account's
-/// token never stands in for another's).
+/// token of each (default or account's), one run at a time; tokens of one
+/// that arrive while it runs are coalesced into its next run (one token
+/// never stands in for another's).
 pub(crate) fn hook(command: String) -> RefreshHook {
-    // At most one entry per account the store holds a token for.
-    let pending: Arc<Mutex<BTreeMap<Option<String>, Token>>> = Arc::default();
+    // At most one entry per token the store holds.
+    let pending: Arc<Mutex<BTreeMap<For, Token>>> = Arc::default();
     let (ready, mut updates) = tokio::sync::watch::channel(());
     let queue = Arc::clone(&pending);
     tokio::spawn(async move {
         // Ends when the hook (the sender) is dropped with the store.
         while updates.changed().await.is_ok() {
             let batch = std::mem::take(&mut *queue.lock().unwrap_or_else(|e| e.into_inner()));
-            for (account, token) in batch {
-                run(&command, &token, account.as_deref(), TIMEOUT).await;
+            for (whose, token) in batch {
+                run(&command, &token, &whose, TIMEOUT).await;
             }
         }
     });
-    Box::new(move |token: &Token, account: Option<&str>| {
+    Box::new(move |token: &Token, whose: Whose<'_>| {
         pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(account.map(str::to_owned), token.clone());
+            .insert(For::from(whose), token.clone());
         ready.send_replace(());
     })
 }
 
 /// Runs `command` through `/bin/sh -c` with `token` and a newline on stdin,
-/// and `account` in [`OWNER_VARIABLE`].
+/// and whose it is in [`WHOSE_VARIABLE`] and [`OWNER_VARIABLE`].
 ///
 /// Waits at most `timeout` (then kills the command's process group); logs the
 /// outcome (exit status, duration — never output) and never returns an error:
 /// a broken hook must not affect serving. Run it in a spawned task so the
 /// refresh path does not wait for it.
-pub(crate) async fn run(command: &str, token: &Token, account: Option<&str>, timeout: Duration) {
+async fn run(command: &str, token: &Token, whose: &For, timeout: Duration) {
     let started = Instant::now();
-    let outcome = execute(command, token, account, timeout).await;
+    let outcome = execute(command, token, whose, timeout).await;
     let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-    let owner = account.unwrap_or("-");
+    let owner = whose.account.as_deref().unwrap_or("-");
+    let default = whose.default;
     match outcome {
         Outcome::Finished(status) if status.success() => {
-            tracing::info!(owner, elapsed_ms, "on-refresh command succeeded");
+            tracing::info!(default, owner, elapsed_ms, "on-refresh command succeeded");
         }
         Outcome::Finished(status) => {
-            tracing::warn!(owner, %status, elapsed_ms, "on-refresh command failed");
+            tracing::warn!(default, owner, %status, elapsed_ms, "on-refresh command failed");
         }
         Outcome::TimedOut => {
             tracing::warn!(
+                default,
                 owner,
                 timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
                 "on-refresh command did not finish in time and was killed"
             );
         }
         Outcome::Failed(error) => {
-            tracing::warn!(owner, %error, "on-refresh command could not be run");
+            tracing::warn!(default, owner, %error, "on-refresh command could not be run");
         }
     }
 }
 
-async fn execute(
-    command: &str,
-    token: &Token,
-    account: Option<&str>,
-    timeout: Duration,
-) -> Outcome {
+async fn execute(command: &str, token: &Token, whose: &For, timeout: Duration) -> Outcome {
     let mut shell = Command::new("/bin/sh");
     shell
         .arg("-c")
@@ -140,7 +169,11 @@ async fn execute(
     {
         shell.env_remove(name);
     }
-    match account {
+    shell.env(
+        WHOSE_VARIABLE,
+        if whose.default { "default" } else { "owner" },
+    );
+    match &whose.account {
         Some(account) => shell.env(OWNER_VARIABLE, account),
         None => shell.env_remove(OWNER_VARIABLE),
     };
@@ -197,6 +230,11 @@ mod tests {
     use std::path::Path;
 
     const TOKEN: &str = "ghs_onRefreshTestToken0123456789abcdefXYZ";
+    /// The default token of a platform that states no account.
+    const DEFAULT: For = For {
+        default: true,
+        account: None,
+    };
 
     fn token() -> Token {
         Token::new(TOKEN.to_owned()).expect("valid token")
@@ -228,7 +266,7 @@ mod tests {
             sh_quote(&seen),
             sh_quote(&stdin_copy),
         );
-        let outcome = execute(&command, &token(), None, Duration::from_secs(30)).await;
+        let outcome = execute(&command, &token(), &DEFAULT, Duration::from_secs(30)).await;
         assert!(
             matches!(outcome, Outcome::Finished(s) if s.success()),
             "{outcome:?}"
@@ -243,6 +281,8 @@ mod tests {
             !seen.contains("NOTIFY_SOCKET="),
             "systemd handshake inherited"
         );
+        assert!(seen.contains("\nCREDD_TOKEN_FOR=default\n"), "{seen}");
+        assert!(!seen.contains("CREDD_OWNER="), "no account stated: {seen}");
     }
 
     #[tokio::test]
@@ -251,7 +291,7 @@ mod tests {
         let pids = dir.path().join("pids");
         // The shell starts a grandchild and waits; both must die.
         let command = format!("sleep 300 & echo \"$$ $!\" > {}; wait", sh_quote(&pids));
-        let outcome = execute(&command, &token(), None, Duration::from_millis(500)).await;
+        let outcome = execute(&command, &token(), &DEFAULT, Duration::from_millis(500)).await;
         assert!(matches!(outcome, Outcome::TimedOut), "{outcome:?}");
         let pids = std::fs::read_to_string(&pids).expect("the hook wrote its pids");
         for pid in pids.split_whitespace() {
@@ -267,20 +307,20 @@ mod tests {
 
     #[tokio::test]
     async fn failures_are_outcomes_not_errors() {
-        let outcome = execute("exit 3", &token(), None, Duration::from_secs(30)).await;
+        let outcome = execute("exit 3", &token(), &DEFAULT, Duration::from_secs(30)).await;
         assert!(
             matches!(&outcome, Outcome::Finished(s) if s.code() == Some(3)),
             "{outcome:?}"
         );
         // Ignores its stdin entirely: no EPIPE surfaces as a failure.
-        let outcome = execute("exec true", &token(), None, Duration::from_secs(30)).await;
+        let outcome = execute("exec true", &token(), &DEFAULT, Duration::from_secs(30)).await;
         assert!(
             matches!(&outcome, Outcome::Finished(s) if s.success()),
             "{outcome:?}"
         );
         // The public entry point returns () whatever happens.
-        run("exit 7", &token(), None, Duration::from_secs(30)).await;
-        run("sleep 300", &token(), None, Duration::from_millis(100)).await;
+        run("exit 7", &token(), &DEFAULT, Duration::from_secs(30)).await;
+        run("sleep 300", &token(), &DEFAULT, Duration::from_millis(100)).await;
     }
 
     #[tokio::test]
@@ -288,21 +328,27 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let seen = dir.path().join("seen");
         let command = format!(
-            "echo \"${{{OWNER_VARIABLE}-default}} $(cat)\" >> {}",
+            "echo \"${WHOSE_VARIABLE} ${{{OWNER_VARIABLE}-none}} $(cat)\" >> {}",
             sh_quote(&seen)
         );
         let hook = hook(command);
         let tokens: Vec<Token> = (0..3)
             .map(|n| Token::new(format!("{TOKEN}{n}")).expect("valid token"))
             .collect();
-        hook(&tokens[0], Some("acme"));
-        hook(&tokens[1], Some("labs"));
-        hook(&tokens[2], Some("acme"));
-        hook(&tokens[1], None);
+        hook(&tokens[0], Whose::Owner("acme"));
+        hook(&tokens[1], Whose::Owner("labs"));
+        hook(&tokens[2], Whose::Owner("acme"));
+        // The default token is apart from the account's of the same name.
+        hook(
+            &tokens[1],
+            Whose::Default {
+                account: Some("acme"),
+            },
+        );
         let expected = [
-            format!("labs {TOKEN}1"),
-            format!("acme {TOKEN}2"),
-            format!("default {TOKEN}1"),
+            format!("owner labs {TOKEN}1"),
+            format!("owner acme {TOKEN}2"),
+            format!("default acme {TOKEN}1"),
         ];
         let deadline = Instant::now() + Duration::from_secs(30);
         let lines = loop {
@@ -319,7 +365,7 @@ mod tests {
         };
         // An account's older token may have run first (it was not yet
         // coalesced), never after its newer one.
-        let last_acme = lines.iter().rev().find(|l| l.starts_with("acme "));
+        let last_acme = lines.iter().rev().find(|l| l.starts_with("owner acme "));
         assert_eq!(last_acme, Some(&expected[1]), "{lines:?}");
         assert!(lines.len() <= 4, "{lines:?}");
     }

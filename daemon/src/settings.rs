@@ -2,7 +2,9 @@
 //!
 //! Why one type: flags and environment ([`Cli`], the low level) are read and
 //! checked once, here, into [`Settings`] (the high level), which the library
-//! takes whole; no component parses a flag or a variable of its own. The
+//! takes whole; no component of the library parses a flag of its own (the
+//! process's own inputs stay with `main` and the modules that own them: the
+//! log format, the provision-time token, systemd's `NOTIFY_SOCKET`). The
 //! daemon reads only what it uses: the platform's variables, the socket,
 //! and `CREDD_HOSTS` only with `--gateway` (a helper-only value must not
 //! stop the daemon). Every way of failing to start is a [`StartError`]

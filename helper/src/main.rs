@@ -78,8 +78,9 @@ usage:
                                 erasing credd's tokens (configure-git writes this for you)
   credd --help | --version
 
-environment: CREDD_SOCKET, CREDD_HOSTS (default github.com), PLATFORM_URL,
-CONFIGS_DIR, WORKSPACE_ID — the same as molecule-credd's.
+environment: CREDD_SOCKET, CREDD_HOSTS (default github.com), CREDD_DAEMON_UID;
+PLATFORM_URL, CONFIGS_DIR and WORKSPACE_ID reach molecule-credd --fetch-once,
+which credd runs when no daemon answers.
 Order of asking: the daemon's socket, then (only if the daemon is unreachable)
 the platform directly, then nothing, so git tries its next helper.
 ";

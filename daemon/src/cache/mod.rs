@@ -101,9 +101,23 @@ impl Fetch for PlatformClient {
     }
 }
 
-/// Called with every freshly fetched token and the account it is for, when
-/// known (the `--on-refresh` hook).
-pub(crate) type RefreshHook = Box<dyn Fn(&Token, Option<&str>) + Send + Sync>;
+/// Called with every freshly fetched token and whose it is (the
+/// `--on-refresh` hook).
+pub(crate) type RefreshHook = Box<dyn Fn(&Token, Whose<'_>) + Send + Sync>;
+
+/// Whose a refreshed token is: what the `--on-refresh` hook is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Whose<'a> {
+    /// The workspace's default token, and its account when the platform
+    /// stated one.
+    Default {
+        /// The account, as the platform spells it.
+        account: Option<&'a str>,
+    },
+    /// The token of this account (as the platform spells it, once it has
+    /// answered; as first asked for before).
+    Owner(&'a str),
+}
 
 /// How a keeper lives: the one difference between the default token and an
 /// account's.
@@ -156,7 +170,8 @@ impl Daemonwide {
     }
 }
 
-/// One token: held in memory, its refresh schedule and the counters for status.
+/// One token: held in memory, its refresh schedule and what status reports
+/// of it (the daemon's counters are the store's, [`Daemonwide`]).
 pub(crate) struct TokenKeeper<F> {
     fetcher: F,
     policy: CachePolicy,

@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::state::{Accepted, Deadline, Failure, OnDemand, Requester};
-use super::{Benched, Fetch, Lifecycle, TokenKeeper};
+use super::{Benched, Fetch, Lifecycle, TokenKeeper, Whose};
 use crate::metrics::CallOutcome;
 use crate::platform::RefusalOutcome;
 
@@ -178,18 +178,19 @@ impl<F: Fetch> TokenKeeper<F> {
                 None
             }
         };
-        // The account the new token is for: the keeper's, or the one the
-        // platform stated for the default token.
-        let account = fresh.as_ref().and_then(|_| {
-            self.lifecycle
-                .owner()
-                .map(str::to_owned)
-                .or_else(|| st.owner_seen.clone())
-        });
+        // The account as the platform spells it (an account's keeper is
+        // named as git first asked, which is untrusted casing).
+        let account = st.owner_seen.clone();
         drop(st);
         self.bump();
         if let (Some(token), Some(hook)) = (fresh, &self.daemon.on_refresh) {
-            hook(&token, account.as_deref());
+            let whose = match &self.lifecycle {
+                Lifecycle::Kept => Whose::Default {
+                    account: account.as_deref(),
+                },
+                Lifecycle::OnDemand { owner } => Whose::Owner(account.as_deref().unwrap_or(owner)),
+            };
+            hook(&token, whose);
         }
     }
 }

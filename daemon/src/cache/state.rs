@@ -111,7 +111,7 @@ pub(super) struct State {
     pub(super) in_flight: bool,
     pub(super) requested: Option<Requester>,
     pub(super) failures: u32,
-    /// TokenStore in a row that were servable for less than `--min-lifetime`.
+    /// Tokens in a row that were servable for less than `--min-lifetime`.
     pub(super) short_streak: u32,
     pub(super) unauthorized_retried: bool,
     pub(super) client_calls: VecDeque<Instant>,

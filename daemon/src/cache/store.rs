@@ -40,6 +40,7 @@ use credd_core::protocol::Status;
 use credd_core::repository::{NameError, RepositoryRef, is_valid_owner};
 use credd_core::secret::Token;
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -159,7 +160,11 @@ pub(crate) struct TokenStore<F> {
     policy: CachePolicy,
     daemon: Arc<Daemonwide>,
     stop: CancellationToken,
+    /// The per-owner keepers' refreshers.
     refreshers: TaskTracker,
+    /// The default token's refresher, joined at the end: its panic is the
+    /// daemon's failure (a per-owner one only loses that owner's token).
+    default_refresher: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl<F: Fetch> TokenStore<F> {
@@ -185,12 +190,11 @@ impl<F: Fetch> TokenStore<F> {
             Arc::clone(&daemon),
         ));
         let stop = stop.child_token();
-        let refreshers = TaskTracker::new();
-        {
+        let default_refresher = {
             let (default, stop) = (Arc::clone(&default), stop.clone());
             // The default token is kept fresh for the daemon's whole life.
-            refreshers.spawn(async move { default.run_refresher(stop, |_| false).await });
-        }
+            tokio::spawn(async move { default.run_refresher(stop, |_| false).await })
+        };
         Self {
             default,
             owners: Arc::new(Mutex::new(Owners {
@@ -201,7 +205,8 @@ impl<F: Fetch> TokenStore<F> {
             policy,
             daemon,
             stop,
-            refreshers,
+            refreshers: TaskTracker::new(),
+            default_refresher: Mutex::new(Some(default_refresher)),
         }
     }
 
@@ -355,10 +360,20 @@ impl<F: Fetch> TokenStore<F> {
         }
     }
 
-    /// Waits for every refresher after `stop` was cancelled.
-    pub(crate) async fn stopped(&self) {
+    /// Waits for every refresher after `stop` was cancelled; an error if
+    /// the default token's refresher panicked.
+    pub(crate) async fn stopped(&self) -> Result<(), tokio::task::JoinError> {
         self.refreshers.close();
         self.refreshers.wait().await;
+        let default = self
+            .default_refresher
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        match default {
+            Some(refresher) => refresher.await,
+            None => Ok(()),
+        }
     }
 
     fn snapshot(&self) -> Vec<(String, Arc<TokenKeeper<F>>)> {

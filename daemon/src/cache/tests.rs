@@ -662,7 +662,7 @@ async fn two_minute_tokens_stay_servable_however_the_short_lived_back_off_counts
 /// A platform with grants: the default account is `acme` (limited to
 /// `acme/api` unless widened), `labs` is granted whole, owners starting
 /// with `down` fail (HTTP 500), every other owner is refused; a test can
-/// revoke an owner or widen `acme`'s repositories. TokenStore live an hour;
+/// revoke an owner or widen `acme`'s repositories. Tokens live an hour;
 /// every call and refusal report is logged in order.
 struct GrantingPlatform {
     log: Mutex<Vec<String>>,
@@ -1046,15 +1046,14 @@ async fn an_erased_unscoped_token_is_replaced_by_the_default_cache_after_its_rep
 #[tokio::test(start_paused = true)]
 async fn every_accounts_token_reaches_the_hook_and_the_status_line() {
     let platform = Arc::new(GrantingPlatform::default());
-    type Heard = Vec<(String, Option<String>)>;
-    let heard: Arc<Mutex<Heard>> = Arc::default();
+    let heard: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
     let hook: RefreshHook = {
         let heard = Arc::clone(&heard);
-        Box::new(move |token: &Token, account: Option<&str>| {
+        Box::new(move |token: &Token, whose: Whose<'_>| {
             heard
                 .lock()
                 .unwrap()
-                .push((token.expose().to_owned(), account.map(str::to_owned)));
+                .push((token.expose().to_owned(), format!("{whose:?}")));
         })
     };
     let cancel = CancellationToken::new();
@@ -1072,8 +1071,11 @@ async fn every_accounts_token_reaches_the_hook_and_the_status_line() {
     assert_eq!(
         *heard.lock().unwrap(),
         [
-            ("ghs_acme1".to_owned(), Some("acme".to_owned())),
-            ("ghs_labs2".to_owned(), Some("labs".to_owned())),
+            (
+                "ghs_acme1".to_owned(),
+                r#"Default { account: Some("acme") }"#.to_owned()
+            ),
+            ("ghs_labs2".to_owned(), r#"Owner("labs")"#.to_owned()),
         ]
     );
     let line = tokens.status_line();

@@ -538,7 +538,8 @@ fn a_sighup_with_nine_tokens_held_refreshes_them_all_without_a_bearer_failure() 
 }
 
 /// `--on-refresh` hears every token the daemon refreshes, an account's as
-/// well as the default one, with the account in `CREDD_OWNER`: per-owner
+/// well as the default one, told whose in `CREDD_TOKEN_FOR` (`default` or
+/// `owner`) and the account in `CREDD_OWNER`: per-owner
 /// tokens are not second class (their `STATUS=` part is the store's unit
 /// test, `every_accounts_token_reaches_the_hook_and_the_status_line`).
 #[test]
@@ -547,7 +548,7 @@ fn every_accounts_new_token_reaches_the_on_refresh_hook_with_its_account_named()
     let seen = sandbox.path().join("hook-seen");
     // Only hashes reach the disk; the account names are not secret.
     let hook = format!(
-        "echo \"${{CREDD_OWNER:-none}} $(sha256sum | cut -d' ' -f1)\" >> '{}'",
+        "echo \"$CREDD_TOKEN_FOR ${{CREDD_OWNER:-none}} $(sha256sum | cut -d' ' -f1)\" >> '{}'",
         seen.display()
     );
     let daemon = sandbox
@@ -571,10 +572,10 @@ fn every_accounts_new_token_reaches_the_on_refresh_hook_with_its_account_named()
         .expect("a granted platform states the default token's account");
     let expected = [
         format!(
-            "{default_owner} {}",
+            "default {default_owner} {}",
             testkit::sha256_hex(format!("{default}\n"))
         ),
-        format!("labs {}", testkit::sha256_hex(format!("{labs}\n"))),
+        format!("owner labs {}", testkit::sha256_hex(format!("{labs}\n"))),
     ];
     let lines = testkit::process::eventually("the hook ran for both tokens", || {
         let text = std::fs::read_to_string(&seen).unwrap_or_default();
