@@ -497,7 +497,7 @@ impl PlatformClient {
     /// and the next call mints a fresh one instead of handing it out again.
     /// The platform rate-limits these per installation; a 429 or a platform
     /// without the route is not an error worth more than a log line.
-    pub async fn report_refusal(&self, sha256: &str) -> Result<RefusalOutcome, PlatformError> {
+    pub async fn report_refusal(&self, sha256: &str) -> Result<ReportOutcome, PlatformError> {
         let auth = self.authorization().await?;
         let mut url = self.endpoint.clone();
         url.path_segments_mut()
@@ -519,10 +519,10 @@ impl PlatformClient {
             .await
             .map_err(|e| self.transport_error(e))?;
         Ok(match response.status().as_u16() {
-            200..=299 => RefusalOutcome::Accepted,
-            429 => RefusalOutcome::RateLimited,
-            404 | 405 => RefusalOutcome::Unsupported,
-            status => RefusalOutcome::Refused { status },
+            200..=299 => ReportOutcome::Accepted,
+            429 => ReportOutcome::RateLimited,
+            404 | 405 => ReportOutcome::Unsupported,
+            status => ReportOutcome::Refused { status },
         })
     }
 
@@ -606,7 +606,7 @@ impl PlatformClient {
 
 /// What the platform did with a refusal report.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RefusalOutcome {
+pub enum ReportOutcome {
     /// Taken: a matching cached token is gone.
     Accepted,
     /// Too many reports for that installation just now; the platform keeps

@@ -481,7 +481,7 @@ async fn dispatch<F: Fetch>(
 mod tests {
     use super::*;
     use crate::cache::CachePolicy;
-    use crate::platform::{Grant, PlatformError, RefusalOutcome};
+    use crate::platform::{Grant, PlatformError, ReportOutcome};
     use credd_core::platform_api::TokenQuery;
     use credd_core::secret::Token;
     use std::time::SystemTime;
@@ -532,8 +532,8 @@ mod tests {
             })
         }
 
-        async fn report_refusal(&self, _sha256: &str) -> Result<RefusalOutcome, PlatformError> {
-            Ok(RefusalOutcome::Unsupported)
+        async fn report_refusal(&self, _sha256: &str) -> Result<ReportOutcome, PlatformError> {
+            Ok(ReportOutcome::Unsupported)
         }
     }
 

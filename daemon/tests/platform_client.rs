@@ -13,7 +13,7 @@ use credd_core::config::PlatformConfig;
 use credd_core::platform_api::{TokenQuery, Which};
 use credd_core::repository::RepositoryRef;
 use molecule_credd::platform::{
-    ErrorClass, PlatformClient, PlatformError, RefusalOutcome, Timeouts,
+    ErrorClass, PlatformClient, PlatformError, ReportOutcome, Timeouts,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -450,7 +450,7 @@ async fn reports_a_refused_token_by_its_hash() {
     let sha = credd_core::secret::sha256_hex(TOKEN.as_bytes());
     assert_eq!(
         client.report_refusal(&sha).await.expect("sent"),
-        RefusalOutcome::Accepted
+        ReportOutcome::Accepted
     );
     let head = requests.recv().await.expect("request");
     assert!(
@@ -461,10 +461,10 @@ async fn reports_a_refused_token_by_its_hash() {
     assert!(!head.contains(TOKEN), "only the hash travels: {head}");
     assert_eq!(
         client.report_refusal(&sha).await.expect("sent"),
-        RefusalOutcome::RateLimited
+        ReportOutcome::RateLimited
     );
     assert_eq!(
         client.report_refusal(&sha).await.expect("sent"),
-        RefusalOutcome::Unsupported
+        ReportOutcome::Unsupported
     );
 }

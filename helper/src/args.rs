@@ -10,11 +10,11 @@
 use std::ffi::{OsStr, OsString};
 
 /// The arguments after the command, read from the front.
-pub(crate) struct Args<'a> {
+pub(crate) struct Lexer<'a> {
     rest: &'a [OsString],
 }
 
-impl<'a> Args<'a> {
+impl<'a> Lexer<'a> {
     /// Lexes `args` (the command's, without the command itself).
     pub(crate) fn new(args: &'a [OsString]) -> Self {
         Self { rest: args }
@@ -69,7 +69,7 @@ mod tests {
     #[test]
     fn options_take_their_value_inline_or_next() {
         let list = args(&["--repo=acme/api", "--file", "/tmp/x", "--", "gh"]);
-        let mut lexer = Args::new(&list);
+        let mut lexer = Lexer::new(&list);
         assert_eq!(lexer.option(), Some("--repo"));
         assert_eq!(lexer.value(), Some(OsStr::new("acme/api")));
         assert_eq!(lexer.option(), Some("--file"));
@@ -82,7 +82,7 @@ mod tests {
     fn a_missing_or_empty_value_is_none() {
         for list in [&["--owner"][..], &["--owner="], &["--owner", ""]] {
             let list = args(list);
-            let mut lexer = Args::new(&list);
+            let mut lexer = Lexer::new(&list);
             assert_eq!(lexer.option(), Some("--owner"));
             assert_eq!(lexer.value(), None, "{list:?}");
         }
@@ -92,16 +92,16 @@ mod tests {
     fn operands_and_single_dashes_are_not_options() {
         for first in ["gh", "-x", "--", "=--x"] {
             let list = args(&[first]);
-            assert_eq!(Args::new(&list).option(), None, "{first}");
+            assert_eq!(Lexer::new(&list).option(), None, "{first}");
         }
-        assert_eq!(Args::new(&[]).option(), None);
+        assert_eq!(Lexer::new(&[]).option(), None);
         // A value that is not UTF-8 is taken as given.
         use std::os::unix::ffi::OsStrExt;
         let list = vec![
             OsString::from("--file"),
             OsStr::from_bytes(b"/tmp/\xff").to_owned(),
         ];
-        let mut lexer = Args::new(&list);
+        let mut lexer = Lexer::new(&list);
         assert_eq!(lexer.option(), Some("--file"));
         assert_eq!(lexer.value(), Some(OsStr::from_bytes(b"/tmp/\xff")));
     }

@@ -51,7 +51,7 @@ use std::process::ExitCode;
 use credd_core::config::HelperConfig;
 use credd_core::repository::{NameError, RepositoryRef, is_valid_owner};
 
-use crate::args::Args;
+use crate::args::Lexer;
 use crate::chain::TokenFor;
 
 const USAGE: &str = "\
@@ -211,7 +211,7 @@ fn report(error: &anyhow::Error) -> ExitCode {
 
 /// Reads `--repo OWNER/NAME` / `--owner OWNER` (at most one of them) from
 /// the front of `args`; what they chose, the rest left in `args`.
-fn token_for(command: &str, args: &mut Args<'_>) -> Result<TokenFor, ExitCode> {
+fn token_for(command: &str, args: &mut Lexer<'_>) -> Result<TokenFor, ExitCode> {
     let mut want = TokenFor::default();
     while let Some(name) = args.option().filter(|n| ["--repo", "--owner"].contains(n)) {
         if want != TokenFor::default() {
@@ -241,7 +241,7 @@ fn token_for(command: &str, args: &mut Args<'_>) -> Result<TokenFor, ExitCode> {
 }
 
 fn token(args: Vec<OsString>) -> ExitCode {
-    let mut args = Args::new(&args);
+    let mut args = Lexer::new(&args);
     let want = match token_for("token", &mut args) {
         Ok(want) => want,
         Err(code) => return code,
@@ -294,7 +294,7 @@ fn metrics(args: Vec<OsString>) -> ExitCode {
 }
 
 fn exec(args: Vec<OsString>) -> ExitCode {
-    let mut args = Args::new(&args);
+    let mut args = Lexer::new(&args);
     let want = match token_for("exec", &mut args) {
         Ok(want) => want,
         Err(code) => return code,
@@ -317,7 +317,7 @@ fn exec(args: Vec<OsString>) -> ExitCode {
 
 fn configure_git(args: Vec<OsString>) -> ExitCode {
     let mut options = configure_git::Options::default();
-    let mut args = Args::new(&args);
+    let mut args = Lexer::new(&args);
     while let Some(name) = args.option() {
         match (name, args.value()) {
             ("--fallback-helper", Some(helper)) => options.fallback_helper = Some(helper.into()),

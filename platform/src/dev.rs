@@ -18,7 +18,7 @@ use secrecy::SecretString;
 use crate::provider::{
     Clock, IssuedToken, ProviderError, REFRESH_WINDOW, ServedToken, TokenRequest,
 };
-use crate::scope::{Permissions, Scope};
+use crate::scope::{MintScope, Permissions};
 use crate::scoped::{ScopedCaches, ScopedProvider};
 
 /// Characters after the `ghs_` prefix (GitHub's classic installation tokens
@@ -157,7 +157,7 @@ impl DevProvider {
             .copied()
     }
 
-    fn mint(&self, installation: u64, scope: Option<&Scope>) -> IssuedToken {
+    fn mint(&self, installation: u64, scope: Option<&MintScope>) -> IssuedToken {
         let random: String = rand::rng()
             .sample_iter(Alphanumeric)
             .take(RANDOM_CHARS)
@@ -206,12 +206,15 @@ impl ScopedProvider for DevProvider {
                     token.fingerprint(),
                     token.expires_at
                 );
-                let permissions = scope.and_then(Scope::permissions_text).unwrap_or_else(|| {
-                    DEV_INSTALLATION_PERMISSIONS
-                        .iter()
-                        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                        .collect()
-                });
+                let permissions =
+                    scope
+                        .and_then(MintScope::permissions_text)
+                        .unwrap_or_else(|| {
+                            DEV_INSTALLATION_PERMISSIONS
+                                .iter()
+                                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                                .collect()
+                        });
                 Ok((token, permissions))
             })
             .await

@@ -36,7 +36,7 @@ use toml::Spanned;
 
 use crate::auth::valid_workspace_id;
 use crate::scope::{
-    Level, MAX_PERMISSIONS, Permissions, Scope, closest_permission, github_levels,
+    Level, MAX_PERMISSIONS, MintScope, Permissions, closest_permission, github_levels,
     valid_permission_name,
 };
 use crate::table_file::{FileError, Table, TableFile};
@@ -68,11 +68,11 @@ pub enum GrantError {
 /// One workspace's grant: its owners in file order.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct WorkspaceGrant {
-    owners: Vec<Scope>,
+    owners: Vec<MintScope>,
 }
 
 impl WorkspaceGrant {
-    fn resolve(&self, which: &Which) -> Result<Scope, GrantError> {
+    fn resolve(&self, which: &Which) -> Result<MintScope, GrantError> {
         let find = |owner: &str| {
             self.owners
                 .iter()
@@ -217,7 +217,7 @@ impl GrantTable {
     }
 
     /// The scope `workspace` gets for `which`, or why it gets nothing.
-    pub fn resolve(&self, workspace: &str, which: &Which) -> Result<Scope, GrantError> {
+    pub fn resolve(&self, workspace: &str, which: &Which) -> Result<MintScope, GrantError> {
         self.workspaces
             .get(workspace)
             .ok_or_else(|| GrantError::NoEntry(workspace.to_owned()))?
@@ -225,7 +225,7 @@ impl GrantTable {
     }
 
     /// Every scope `workspace` may have a token for (none without an entry).
-    pub fn scopes(&self, workspace: &str) -> Vec<Scope> {
+    pub fn scopes(&self, workspace: &str) -> Vec<MintScope> {
         self.workspaces
             .get(workspace)
             .map(|grant| grant.owners.clone())
@@ -300,7 +300,7 @@ fn parse_permissions(
 /// with every repository unset and `permissions` when it is new; refused
 /// past [`MAX_OWNERS_PER_WORKSPACE`].
 fn owner_slot(
-    owners: &mut Vec<(Scope, bool)>,
+    owners: &mut Vec<(MintScope, bool)>,
     owner: &str,
     permissions: Option<&Permissions>,
 ) -> Result<usize, String> {
@@ -316,7 +316,7 @@ fn owner_slot(
         ));
     }
     owners.push((
-        Scope {
+        MintScope {
             owner: owner.to_owned(),
             repositories: Some(Vec::new()),
             permissions: permissions.cloned(),
@@ -334,7 +334,7 @@ fn parse_repositories(
     id: &str,
     repositories: Spanned<Vec<Spanned<String>>>,
     permissions: Option<&Permissions>,
-) -> Result<Vec<Scope>, GrantsFileError> {
+) -> Result<Vec<MintScope>, GrantsFileError> {
     let repositories_at = repositories.span().start;
     let repositories = repositories.into_inner();
     if repositories.is_empty() {
@@ -346,7 +346,7 @@ fn parse_repositories(
         ));
     }
     // owner key → (scope, every repository?)
-    let mut owners: Vec<(Scope, bool)> = Vec::new();
+    let mut owners: Vec<(MintScope, bool)> = Vec::new();
     for repository in repositories {
         let at = repository.span().start;
         let text = repository.into_inner();

@@ -15,7 +15,7 @@
 //! - [`answer`]: each provider failure mapped to its one HTTP answer.
 //! - [`grants`]: the grants file: which owners, repositories and
 //!   permissions each workspace's tokens are scoped to.
-//! - [`scope`]: what one token is minted for ([`Scope`]) and GitHub's
+//! - [`scope`]: what one token is minted for ([`MintScope`]) and GitHub's
 //!   permission names and levels.
 //! - [`scoped`]: one token cache per (installation, repositories,
 //!   permissions), bounded, and the refusal rate limit; the
@@ -58,6 +58,6 @@ pub use grants::{GrantError, GrantTable, Grants, GrantsFileError};
 pub use provider::{
     Clock, IssuedToken, ProviderError, RefusalOutcome, ServedToken, TokenProvider, TokenRequest,
 };
-pub use scope::Scope;
+pub use scope::MintScope;
 pub use service::{AppState, ServiceLimits, app, serve};
 pub use token_cache::TokenCache;

@@ -21,7 +21,7 @@ use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 
 use crate::metrics::PlatformMetrics;
-use crate::scope::Scope;
+use crate::scope::MintScope;
 
 /// How long before expiry a cached token is replaced (GitHub's own plugin
 /// uses the same five minutes).
@@ -234,7 +234,7 @@ pub trait TokenProvider: Send + Sync {
     fn report_refusal(
         &self,
         workspace: String,
-        scopes: Vec<Option<Scope>>,
+        scopes: Vec<Option<MintScope>>,
         sha256: [u8; 32],
     ) -> RefusalFuture<'_> {
         let _ = (workspace, scopes, sha256);
@@ -254,7 +254,7 @@ pub(crate) fn unscoped_token<'a>(
 #[derive(Clone, Debug, Default)]
 pub struct TokenRequest {
     /// `None`: the configured installation, unscoped.
-    pub scope: Option<Scope>,
+    pub scope: Option<MintScope>,
     /// The least remaining life the caller accepts of a cached token
     /// (clamped, see [`MAX_MIN_REMAINING`]).
     pub min_remaining: Duration,

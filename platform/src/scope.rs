@@ -2,7 +2,7 @@
 //! permissions — and GitHub's rules for permission names and levels.
 //!
 //! Why apart from the grants file: providers, caches and the service mint
-//! and key tokens by [`Scope`] whether or not a grants file is in force;
+//! and key tokens by [`MintScope`] whether or not a grants file is in force;
 //! the grants file is one way to build scopes, checked by these rules.
 
 use std::collections::BTreeMap;
@@ -98,7 +98,7 @@ pub type Permissions = BTreeMap<String, Level>;
 /// What one token is minted for: an owner, optionally some of its
 /// repositories, optionally some permissions.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Scope {
+pub struct MintScope {
     /// The account, as the grant spells it.
     pub owner: String,
     /// Repository names without the owner, sorted and deduplicated
@@ -108,7 +108,7 @@ pub struct Scope {
     pub permissions: Option<Permissions>,
 }
 
-impl Scope {
+impl MintScope {
     /// `OWNER/NAME` of each repository, when limited.
     pub fn full_names(&self) -> Option<Vec<String>> {
         self.repositories.as_ref().map(|names| {

@@ -26,7 +26,7 @@ use crate::provider::{
     Clock, IssuedToken, ProviderError, REFUSAL_INTERVAL, RefusalFuture, RefusalOutcome,
     ServedFuture, ServedToken, TokenFuture, TokenProvider, TokenRequest, unscoped_token,
 };
-use crate::scope::{Level, Scope};
+use crate::scope::{Level, MintScope};
 use crate::shared::{SharedSlot, SharedStore};
 use crate::token_cache::TokenCache;
 
@@ -69,7 +69,7 @@ impl<P: ScopedProvider> TokenProvider for P {
     fn report_refusal(
         &self,
         workspace: String,
-        scopes: Vec<Option<Scope>>,
+        scopes: Vec<Option<MintScope>>,
         sha256: [u8; 32],
     ) -> RefusalFuture<'_> {
         Box::pin(async move {
@@ -105,10 +105,10 @@ pub struct MintKey {
 
 impl MintKey {
     /// The key of `scope` (`None`: unscoped) at `installation`.
-    pub fn new(installation: u64, scope: Option<&Scope>) -> Self {
+    pub fn new(installation: u64, scope: Option<&MintScope>) -> Self {
         Self {
             installation,
-            repositories: scope.and_then(Scope::repositories_key),
+            repositories: scope.and_then(MintScope::repositories_key),
             permissions: scope
                 .and_then(|s| s.permissions.as_ref())
                 .map(|p| p.iter().map(|(k, v)| (k.clone(), *v)).collect()),
@@ -311,7 +311,7 @@ impl ScopedCaches {
         Ok(ServedToken {
             issued,
             owner: scope.map(|s| s.owner.clone()),
-            repositories: scope.and_then(Scope::full_names),
+            repositories: scope.and_then(MintScope::full_names),
             permissions: slot.permissions(),
         })
     }

@@ -89,7 +89,7 @@ use crate::grants::Grants;
 use crate::metrics::PlatformMetrics;
 use crate::provider::TokenProvider;
 use crate::provider::{RefusalOutcome, ServedToken, TokenRequest};
-use crate::scope::Scope;
+use crate::scope::MintScope;
 
 mod accept;
 mod connections;
@@ -277,7 +277,7 @@ fn resolve_scope(
     grants: &Grants,
     workspace: &str,
     which: &Which,
-) -> Result<Option<Scope>, crate::grants::GrantError> {
+) -> Result<Option<MintScope>, crate::grants::GrantError> {
     match grants.current() {
         None => Ok(None),
         Some(table) => table.resolve(workspace, which).map(Some),
@@ -458,7 +458,7 @@ async fn workspace_refusal(
     let Some(provider) = &state.provider else {
         return Ok(StatusCode::NO_CONTENT.into_response());
     };
-    let scopes: Vec<Option<Scope>> = match state.grants.current() {
+    let scopes: Vec<Option<MintScope>> = match state.grants.current() {
         None => vec![None],
         Some(table) => table.scopes(&id).into_iter().map(Some).collect(),
     };

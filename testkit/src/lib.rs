@@ -57,7 +57,7 @@ pub use git::GitServer;
 pub use github_stand_in;
 pub use haproxy::HaProxy;
 pub use platform::{
-    Fault, IssuedToken, PlatformOptions, PlatformProcess, StandInProcess, TestPlatform,
+    Fault, HandedOut, PlatformOptions, PlatformProcess, StandInProcess, TestPlatform,
     TokenAuthority,
 };
 pub use process::{Cmd, CmdOutput, Process};

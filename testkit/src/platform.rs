@@ -13,5 +13,5 @@ mod in_process;
 
 pub use binary::{PlatformProcess, StandInProcess};
 pub use in_process::{
-    Fault, IssuedToken, PlatformOptions, SeenRequest, TestPlatform, TokenAuthority, WORKSPACE_ID,
+    Fault, HandedOut, PlatformOptions, SeenRequest, TestPlatform, TokenAuthority, WORKSPACE_ID,
 };

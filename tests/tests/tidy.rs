@@ -135,6 +135,13 @@ const CORE_TYPES: &[&str] = &[
     "TokenAnswer",
     "RefusalReport",
     "ErrorAnswer",
+    "Request",
+    "Response",
+    "Status",
+    "TokenStatus",
+    "Scope",
+    "PlatformConfig",
+    "HelperConfig",
 ];
 
 /// Macros `credd-core` defines: the wire names.

@@ -72,7 +72,7 @@ use self::state::{Deadline, HeldToken, Now, Requester, State};
 pub(crate) use self::store::{TokenStore, Want};
 use crate::clock::{self, BootClock};
 use crate::metrics::Metrics;
-use crate::platform::{Grant, PlatformClient, PlatformError, RefusalOutcome};
+use crate::platform::{Grant, PlatformClient, PlatformError, ReportOutcome};
 
 /// The platform calls the cache makes; implemented by [`PlatformClient`]
 /// and by test fakes. Cloned once per owner the daemon holds a token for.
@@ -85,7 +85,7 @@ pub(crate) trait Fetch: Clone + Send + Sync + 'static {
     fn report_refusal(
         &self,
         sha256: &str,
-    ) -> impl Future<Output = Result<RefusalOutcome, PlatformError>> + Send;
+    ) -> impl Future<Output = Result<ReportOutcome, PlatformError>> + Send;
 }
 
 impl Fetch for PlatformClient {
@@ -96,7 +96,7 @@ impl Fetch for PlatformClient {
     fn report_refusal(
         &self,
         sha256: &str,
-    ) -> impl Future<Output = Result<RefusalOutcome, PlatformError>> + Send {
+    ) -> impl Future<Output = Result<ReportOutcome, PlatformError>> + Send {
         PlatformClient::report_refusal(self, sha256)
     }
 }

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use super::state::{Accepted, Deadline, Failure, OnDemand, Requester};
 use super::{Benched, Fetch, Lifecycle, TokenKeeper, Whose};
 use crate::metrics::CallOutcome;
-use crate::platform::RefusalOutcome;
+use crate::platform::ReportOutcome;
 
 /// Why a per-owner cache's refresher offers to end (see [`super::TokenStore`]).
 pub(crate) enum Retirement {
@@ -201,18 +201,18 @@ impl<F: Fetch> TokenKeeper<F> {
     async fn report_refusal(&self, sha256: &str) {
         let fingerprint = &sha256[..credd_core::secret::FINGERPRINT_HEX_LEN.min(sha256.len())];
         match self.fetcher.report_refusal(sha256).await {
-            Ok(RefusalOutcome::Accepted) => tracing::info!(
+            Ok(ReportOutcome::Accepted) => tracing::info!(
                 fingerprint,
                 "told the platform that git was refused with this token"
             ),
-            Ok(RefusalOutcome::RateLimited) => tracing::info!(
+            Ok(ReportOutcome::RateLimited) => tracing::info!(
                 fingerprint,
                 "the platform is rate limiting refusal reports; it may hand out the refused token until its own refresh"
             ),
-            Ok(RefusalOutcome::Unsupported) => tracing::debug!(
+            Ok(ReportOutcome::Unsupported) => tracing::debug!(
                 "the platform does not take refusal reports; its cache decides when the token is replaced"
             ),
-            Ok(RefusalOutcome::Refused { status }) => {
+            Ok(ReportOutcome::Refused { status }) => {
                 tracing::warn!(status, "the platform refused a refusal report")
             }
             Err(error) => tracing::warn!(

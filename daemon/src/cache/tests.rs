@@ -75,9 +75,9 @@ impl Fetch for Arc<FakePlatform> {
         })
     }
 
-    async fn report_refusal(&self, sha256: &str) -> Result<RefusalOutcome, PlatformError> {
+    async fn report_refusal(&self, sha256: &str) -> Result<ReportOutcome, PlatformError> {
         self.refusals.lock().unwrap().push(sha256.to_owned());
-        Ok(RefusalOutcome::Accepted)
+        Ok(ReportOutcome::Accepted)
     }
 }
 
@@ -142,8 +142,8 @@ impl Fetch for Arc<RotatingPlatform> {
         })
     }
 
-    async fn report_refusal(&self, _sha256: &str) -> Result<RefusalOutcome, PlatformError> {
-        Ok(RefusalOutcome::Unsupported)
+    async fn report_refusal(&self, _sha256: &str) -> Result<ReportOutcome, PlatformError> {
+        Ok(ReportOutcome::Unsupported)
     }
 }
 
@@ -747,12 +747,12 @@ impl Fetch for Arc<GrantingPlatform> {
         })
     }
 
-    async fn report_refusal(&self, sha256: &str) -> Result<RefusalOutcome, PlatformError> {
+    async fn report_refusal(&self, sha256: &str) -> Result<ReportOutcome, PlatformError> {
         self.log
             .lock()
             .unwrap()
             .push(format!("refused {}", &sha256[..12]));
-        Ok(RefusalOutcome::Accepted)
+        Ok(ReportOutcome::Accepted)
     }
 }
 

@@ -13,7 +13,7 @@ use zeroize::Zeroizing;
 
 use super::{GITHUB_API_VERSION, GitHubAppProvider, INITIAL_ANSWER_BUFFER, MAX_ANSWER_BYTES};
 use crate::provider::{IssuedToken, ProviderError};
-use crate::scope::Scope;
+use crate::scope::MintScope;
 
 #[derive(Deserialize)]
 pub(super) struct AccessTokenAnswer {
@@ -57,7 +57,7 @@ impl GitHubAppProvider {
     pub(super) async fn fetch(
         &self,
         installation: u64,
-        scope: Option<&Scope>,
+        scope: Option<&MintScope>,
     ) -> Result<(IssuedToken, BTreeMap<String, String>), ProviderError> {
         self.check_hold()?;
         self.check_shared_hold().await?;
@@ -252,7 +252,7 @@ pub(super) fn describe_json_error(error: &serde_json::Error) -> ProviderError {
 
 /// The mint request's body: the grant's repositories and permissions, or
 /// none when the scope names neither (the installation's own token).
-fn mint_body(scope: Option<&Scope>) -> Result<Option<Vec<u8>>, ProviderError> {
+fn mint_body(scope: Option<&MintScope>) -> Result<Option<Vec<u8>>, ProviderError> {
     let Some(scope) = scope else {
         return Ok(None);
     };

@@ -52,7 +52,7 @@ use zeroize::Zeroizing;
 use credd_core::repository::MAX_REPOSITORIES_PER_TOKEN;
 
 use crate::provider::{Clock, ProviderError, REFRESH_WINDOW, ServedToken, TokenRequest, signed};
-use crate::scope::Scope;
+use crate::scope::MintScope;
 use crate::scoped::{ScopedCaches, ScopedProvider};
 
 mod installations;
@@ -321,7 +321,9 @@ impl GitHubAppProvider {
                 let (token, stated) = self.fetch(installation, scope).await?;
                 // GitHub states them; an answer without them keeps the grant's.
                 let permissions = if stated.is_empty() {
-                    scope.and_then(Scope::permissions_text).unwrap_or_default()
+                    scope
+                        .and_then(MintScope::permissions_text)
+                        .unwrap_or_default()
                 } else {
                     stated
                 };

@@ -75,7 +75,7 @@ pub struct SeenRequest {
 
 /// A token the platform handed out, with the expiry it stated.
 #[derive(Debug, Clone)]
-pub struct IssuedToken {
+pub struct HandedOut {
     /// The token.
     pub token: String,
     /// Stated expiry.
@@ -88,7 +88,7 @@ pub struct IssuedToken {
     pub permissions: BTreeMap<String, String>,
 }
 
-impl IssuedToken {
+impl HandedOut {
     /// The stated expiry in whole Unix seconds (as `password_expiry_utc`).
     pub fn expires_at_secs(&self) -> u64 {
         self.expires_at
@@ -102,7 +102,7 @@ impl IssuedToken {
 /// that has not expired.
 #[derive(Clone)]
 pub struct TokenAuthority {
-    issued: Arc<Mutex<Vec<IssuedToken>>>,
+    issued: Arc<Mutex<Vec<HandedOut>>>,
     revoked: Arc<Mutex<Vec<String>>>,
 }
 
@@ -145,7 +145,7 @@ struct PlatformShared {
     fault: tokio::sync::watch::Sender<Fault>,
     seen: Mutex<Vec<SeenRequest>>,
     seen_cv: Condvar,
-    issued: Arc<Mutex<Vec<IssuedToken>>>,
+    issued: Arc<Mutex<Vec<HandedOut>>>,
     revoked: Arc<Mutex<Vec<String>>>,
     secrets: Secrets,
 }
@@ -360,7 +360,7 @@ impl TestPlatform {
     }
 
     /// Tokens handed out so far, oldest first.
-    pub fn issued(&self) -> Vec<IssuedToken> {
+    pub fn issued(&self) -> Vec<HandedOut> {
         lock(&self.shared.issued).clone()
     }
 
@@ -505,7 +505,7 @@ async fn record_issued(
                 .collect()
         })
         .unwrap_or_default();
-    lock(&shared.issued).push(IssuedToken {
+    lock(&shared.issued).push(HandedOut {
         token,
         expires_at: SystemTime::UNIX_EPOCH
             + Duration::from_millis(expires_at.as_millisecond().max(0) as u64),
