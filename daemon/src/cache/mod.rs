@@ -44,6 +44,7 @@
 //!   [`CLIENT_CALL_WINDOW`](policy::CLIENT_CALL_WINDOW). SIGHUP
 //!   ([`TokenKeeper::refresh_now`]) is the operator's override and always calls.
 
+mod held;
 mod outcome;
 mod policy;
 mod refresher;
@@ -273,8 +274,8 @@ impl<F: Fetch> TokenKeeper<F> {
                 repository: repository.clone(),
             }));
         }
-        st.served += 1;
-        st.asked_since_fetch = true;
+        st.report.served += 1;
+        st.demand.asked_since_fetch = true;
         Some(Served::Token(outcome::Served {
             token: usable.token,
             expires_at: local_expiry(usable.left),
@@ -292,9 +293,9 @@ impl<F: Fetch> TokenKeeper<F> {
     /// bootstrap token).
     pub(crate) fn speaks_for(&self, owner: &str) -> bool {
         let st = self.lock();
-        match &st.owner_seen {
+        match &st.held.owner_seen {
             Some(seen) => credd_core::repository::same_name(seen, owner),
-            None if st.unscoped_seen => true,
+            None if st.held.unscoped_seen => true,
             None => st
                 .usable(&self.policy, self.now())
                 .is_some_and(|u| u.scope.owner.is_none()),
@@ -304,7 +305,7 @@ impl<F: Fetch> TokenKeeper<F> {
     /// Someone asked for this cache's token (see [`TokenStore`]: called under
     /// its map's lock, so the cache cannot retire in between).
     pub(crate) fn note_asked(&self) {
-        self.lock().asked_since_fetch = true;
+        self.lock().demand.asked_since_fetch = true;
     }
 
     /// Whether the token is wanted (see `State::is_wanted`): a per-owner
@@ -315,7 +316,11 @@ impl<F: Fetch> TokenKeeper<F> {
 
     /// What a client gets when nothing is servable.
     fn unavailable(st: &State, now: Instant) -> Got {
-        no_token(st, (!st.in_flight).then_some(st.next_attempt), now)
+        no_token(
+            st,
+            (!st.schedule.in_flight).then_some(st.schedule.next_attempt),
+            now,
+        )
     }
 
     /// Answers a `get` (for `repository`, when given): the cached token, or
@@ -333,22 +338,22 @@ impl<F: Fetch> TokenKeeper<F> {
             match self.serve(&mut st, repository) {
                 Some(Served::Token(served)) => {
                     // A parked per-owner refresher is needed again.
-                    if st.parked && !st.retired {
-                        st.parked = false;
-                        st.next_attempt = Instant::now();
+                    if st.demand.parked && !st.demand.retired {
+                        st.demand.parked = false;
+                        st.schedule.next_attempt = Instant::now();
                         drop(st);
                         self.wake.notify_one();
                     }
                     return Got::Token(served);
                 }
-                Some(Served::OutOfScope(refused)) if st.retired => {
+                Some(Served::OutOfScope(refused)) if st.demand.retired => {
                     return Got::NotGranted(refused);
                 }
-                None if st.retired => return Self::unavailable(&st, Instant::now()),
+                None if st.demand.retired => return Self::unavailable(&st, Instant::now()),
                 Some(Served::OutOfScope(_)) => {
-                    st.requested = st.requested.max(Some(Requester::ScopeCheck));
+                    st.schedule.requested = st.schedule.requested.max(Some(Requester::ScopeCheck));
                 }
-                None => st.requested = st.requested.max(Some(Requester::Client)),
+                None => st.schedule.requested = st.schedule.requested.max(Some(Requester::Client)),
             }
         }
         self.wake.notify_one();
@@ -356,7 +361,8 @@ impl<F: Fetch> TokenKeeper<F> {
         loop {
             {
                 let mut st = self.lock();
-                let settled = st.retired || (!st.in_flight && st.requested.is_none());
+                let settled = st.demand.retired
+                    || (!st.schedule.in_flight && st.schedule.requested.is_none());
                 match self.serve(&mut st, repository) {
                     Some(Served::Token(served)) => return Got::Token(served),
                     // The refresher has looked (called, or declined to).
@@ -365,7 +371,9 @@ impl<F: Fetch> TokenKeeper<F> {
                     }
                     Some(Served::OutOfScope(_)) => {}
                     // Nothing will happen before our deadline: say so now.
-                    None if st.retired || (settled && st.next_attempt >= deadline) => {
+                    None if st.demand.retired
+                        || (settled && st.schedule.next_attempt >= deadline) =>
+                    {
                         return Self::unavailable(&st, Instant::now());
                     }
                     None => {}
@@ -390,7 +398,10 @@ impl<F: Fetch> TokenKeeper<F> {
     /// answered until the back-off ends (see [`TokenStore`]).
     fn bench(&self) -> Option<Benched> {
         let st = self.lock();
-        if st.in_flight || !st.backing_off || st.usable(&self.policy, self.now()).is_some() {
+        if st.schedule.in_flight
+            || !st.schedule.backing_off
+            || st.usable(&self.policy, self.now()).is_some()
+        {
             return None;
         }
         Some(self.retire(st))
@@ -400,7 +411,7 @@ impl<F: Fetch> TokenKeeper<F> {
     /// waiting on it, which then answer from what it says until its back-off
     /// ends.
     fn retire(&self, mut st: MutexGuard<'_, State>) -> Benched {
-        st.retired = true;
+        st.demand.retired = true;
         let benched = Benched::of(&st);
         drop(st);
         self.bump();
@@ -412,7 +423,7 @@ impl<F: Fetch> TokenKeeper<F> {
     /// Whether it was dropped; the refresher reports it to the platform
     /// before its next call.
     pub(crate) fn erase(&self, sha256: &Sha256Hex) -> bool {
-        let dropped = self.lock().erase(&sha256.0);
+        let dropped = self.lock().held.erase(&sha256.0);
         if dropped {
             self.bump();
         }
@@ -426,7 +437,7 @@ impl<F: Fetch> TokenKeeper<F> {
     pub(crate) fn refresh_now(&self) {
         {
             let mut st = self.lock();
-            st.requested = Some(Requester::Operator);
+            st.schedule.requested = Some(Requester::Operator);
         }
         self.wake.notify_one();
     }
@@ -438,7 +449,7 @@ struct Waiting<'a, F: Fetch>(&'a TokenKeeper<F>);
 
 impl<'a, F: Fetch> Waiting<'a, F> {
     fn new(cache: &'a TokenKeeper<F>) -> Self {
-        cache.lock().waiting += 1;
+        cache.lock().demand.waiting += 1;
         Self(cache)
     }
 }
@@ -446,7 +457,7 @@ impl<'a, F: Fetch> Waiting<'a, F> {
 impl<F: Fetch> Drop for Waiting<'_, F> {
     fn drop(&mut self) {
         let mut st = self.0.lock();
-        st.waiting = st.waiting.saturating_sub(1);
+        st.demand.waiting = st.demand.waiting.saturating_sub(1);
     }
 }
 
@@ -474,9 +485,9 @@ impl Benched {
     /// What `st` says now, kept.
     fn of(st: &State) -> Self {
         Self {
-            until: st.next_attempt,
-            refused: st.health == PlatformHealth::NotGranted,
-            last_error: st.last_error.clone(),
+            until: st.schedule.next_attempt,
+            refused: st.report.health == PlatformHealth::NotGranted,
+            last_error: st.report.last_error.clone(),
         }
     }
 
@@ -491,8 +502,8 @@ impl Benched {
 /// flight).
 fn no_token(st: &State, next_call: Option<Instant>, now: Instant) -> Got {
     refusal_or_wait(
-        st.health == PlatformHealth::NotGranted,
-        st.last_error.clone(),
+        st.report.health == PlatformHealth::NotGranted,
+        st.report.last_error.clone(),
         next_call,
         now,
     )

@@ -37,7 +37,7 @@ impl<F: Fetch> TokenKeeper<F> {
         retire: impl Fn(Retirement) -> bool + Send,
     ) {
         loop {
-            let next = self.lock().next_attempt;
+            let next = self.lock().schedule.next_attempt;
             tokio::select! {
                 biased;
                 () = cancel.cancelled() => return,
@@ -48,7 +48,7 @@ impl<F: Fetch> TokenKeeper<F> {
                 }
                 () = tokio::time::sleep_until(next) => {
                     // An erase or request may have moved the schedule meanwhile.
-                    if Instant::now() < self.lock().next_attempt {
+                    if Instant::now() < self.lock().schedule.next_attempt {
                         continue;
                     }
                     if matches!(self.lifecycle, Lifecycle::OnDemand { .. }) {
@@ -93,8 +93,8 @@ impl<F: Fetch> TokenKeeper<F> {
     fn retire_refused(&self) -> Option<Benched> {
         let st = self.lock();
         let now = self.now();
-        if st.health != credd_core::protocol::PlatformHealth::NotGranted
-            || st.in_flight
+        if st.report.health != credd_core::protocol::PlatformHealth::NotGranted
+            || st.schedule.in_flight
             || st.usable(&self.policy, now).is_some()
         {
             return None;
@@ -121,18 +121,18 @@ impl<F: Fetch> TokenKeeper<F> {
         };
         let (refused, min_remaining, scope_check) = {
             let mut st = self.lock();
-            st.in_flight = true;
-            let scope_check = st.requested == Some(Requester::ScopeCheck);
-            st.requested = None;
+            st.schedule.in_flight = true;
+            let scope_check = st.schedule.requested == Some(Requester::ScopeCheck);
+            st.schedule.requested = None;
             // Asks from now on count for the next decision (see `OnDemand`).
-            st.asked_since_fetch = false;
-            st.platform_calls += 1;
+            st.demand.asked_since_fetch = false;
+            st.report.platform_calls += 1;
             // A scope check asks for the grant's current token, not for
             // more life: the platform mints only if the grant changed.
             let min_remaining = (!scope_check)
-                .then(|| st.min_remaining_to_ask(sent))
+                .then(|| st.held.min_remaining_to_ask(sent))
                 .flatten();
-            (st.refusal_to_report.take(), min_remaining, scope_check)
+            (st.held.refusal_to_report.take(), min_remaining, scope_check)
         };
         self.bump();
         if let Some(sha256) = refused {
@@ -154,7 +154,7 @@ impl<F: Fetch> TokenKeeper<F> {
         let now = self.now();
         let unit = rand::random::<f64>();
         let mut st = self.lock();
-        st.in_flight = false;
+        st.schedule.in_flight = false;
         let fresh = match result {
             Ok(grant) => match st.accept(&self.policy, grant, sent_at, now, unit, scope_check) {
                 Accepted::Cached(fresh) => {
@@ -180,7 +180,7 @@ impl<F: Fetch> TokenKeeper<F> {
         };
         // The account as the platform spells it (an account's keeper is
         // named as git first asked, which is untrusted casing).
-        let account = st.owner_seen.clone();
+        let account = st.held.owner_seen.clone();
         drop(st);
         self.bump();
         if let (Some(token), Some(hook)) = (fresh, &self.daemon.on_refresh) {

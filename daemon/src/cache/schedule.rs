@@ -1,12 +1,209 @@
-//! When to call the platform next: the pure schedule maths.
+//! When to call the platform next: a keeper's [`Schedule`] and the pure
+//! schedule maths.
 //!
 //! Two functions, both taking the random draw as an argument so every
 //! branch is tested exactly: [`refresh_delay`] after a success and
 //! [`backoff_delay`] after a failure (see the cache's docs for the rules).
+//! The [`Schedule`]'s transitions apply them: after a grant, after a
+//! failure, and for a request outside the schedule.
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
-use super::policy::MIN_REFRESH_DELAY;
+use tokio::time::Instant;
+
+use super::policy::{
+    CLIENT_CALL_WINDOW, CLIENT_CALLS_PER_WINDOW, CachePolicy, MIN_REFRESH_DELAY, SHORT_LIVED_DELAY,
+};
+use crate::platform::ErrorClass;
+
+/// Who asked for a refresh outside the schedule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) enum Requester {
+    /// A client found no usable token (rate limited, never overrides back-off).
+    Client,
+    /// A client asked for a repository the held token's scope does not
+    /// cover: the grant may have been widened since. Asks the platform for
+    /// its current token of this grant (rate limited with clients, never
+    /// overrides back-off); an unchanged answer leaves the schedule alone.
+    ScopeCheck,
+    /// SIGHUP: always calls.
+    Operator,
+}
+
+/// When the next platform call goes out, and what moves it.
+pub(super) struct Schedule {
+    pub(super) next_attempt: Instant,
+    pub(super) backing_off: bool,
+    pub(super) in_flight: bool,
+    pub(super) requested: Option<Requester>,
+    pub(super) failures: u32,
+    /// Tokens in a row that were servable for less than `--min-lifetime`.
+    pub(super) short_streak: u32,
+    pub(super) unauthorized_retried: bool,
+    pub(super) client_calls: VecDeque<Instant>,
+}
+
+impl Schedule {
+    /// The first call due at `started`.
+    pub(super) fn new(started: Instant) -> Self {
+        Self {
+            next_attempt: started,
+            backing_off: false,
+            in_flight: false,
+            requested: None,
+            failures: 0,
+            short_streak: 0,
+            unauthorized_retried: false,
+            client_calls: VecDeque::new(),
+        }
+    }
+
+    /// When to call next for a token with `life` left: the refresh delay,
+    /// bounded like failures from the second nearly dead token in a row;
+    /// and whether that bound applies (the platform is short-lived).
+    pub(super) fn next_refresh(
+        &mut self,
+        policy: &CachePolicy,
+        life: Duration,
+        unit: f64,
+        unchanged: bool,
+    ) -> (Duration, bool) {
+        let mut delay = refresh_delay(
+            life,
+            policy.refresh_margin,
+            policy.min_lifetime,
+            unit,
+            unchanged,
+        );
+        // So little servable life that the schedule would call again within
+        // seconds: the platform is handing out nearly dead tokens. From the
+        // second such token in a row, calls are bounded like failures. (A
+        // deployment with short tokens, say 2 minutes, schedules tens of
+        // seconds apart and never gets here.)
+        if delay < SHORT_LIVED_DELAY {
+            self.short_streak = self.short_streak.saturating_add(1);
+        } else {
+            self.short_streak = 0;
+        }
+        let short_lived = self.short_streak >= 2;
+        if short_lived {
+            delay = delay.max(backoff_delay(
+                policy.backoff_initial,
+                policy.backoff_max,
+                self.short_streak - 2,
+                unit,
+            ));
+        }
+        (delay, short_lived)
+    }
+
+    /// A grant was accepted: the next call in `delay` from `now`, failures
+    /// forgotten. Clients may still bring a call forward (rate limited): a
+    /// token that is no longer servable must not wait out a back-off.
+    pub(super) fn after_grant(&mut self, delay: Duration, now: Instant) {
+        self.failures = 0;
+        self.unauthorized_retried = false;
+        self.backing_off = false;
+        self.next_attempt = now + delay;
+    }
+
+    /// A call failed with `class` (the platform's `retry_after`, if it
+    /// said): the wait before the next one — back-off, one immediate retry
+    /// after a first 401/403, the longest wait after a 404 or a refusal.
+    pub(super) fn after_failure(
+        &mut self,
+        policy: &CachePolicy,
+        class: ErrorClass,
+        retry_after: Option<Duration>,
+        now: Instant,
+        unit: f64,
+    ) -> Duration {
+        let delay = match class {
+            ErrorClass::Unauthorized if !self.unauthorized_retried => {
+                // The bearer may have rotated under us: one immediate retry
+                // (the next call re-reads the file).
+                self.unauthorized_retried = true;
+                Duration::ZERO
+            }
+            ErrorClass::NotConfigured | ErrorClass::NotGranted => {
+                self.unauthorized_retried = false;
+                policy.backoff_max.mul_f64(0.75 + unit / 4.0)
+            }
+            ErrorClass::Unauthorized => self.backoff(policy, unit),
+            ErrorClass::Bearer | ErrorClass::Transient => {
+                self.unauthorized_retried = false;
+                self.backoff(policy, unit)
+                    .max(retry_after.unwrap_or_default())
+            }
+        };
+        self.backing_off = true;
+        self.next_attempt = now + delay;
+        delay
+    }
+
+    /// The next back-off wait, counting one more failure.
+    fn backoff(&mut self, policy: &CachePolicy, unit: f64) -> Duration {
+        let d = backoff_delay(
+            policy.backoff_initial,
+            policy.backoff_max,
+            self.failures,
+            unit,
+        );
+        self.failures = self.failures.saturating_add(1);
+        d
+    }
+
+    /// Whether an out-of-schedule request (taken from `requested`) leads to
+    /// a call now (`usable`: a token can be served now); clients are rate
+    /// limited and never cut a back-off short.
+    pub(super) fn take_request(&mut self, now: Instant, usable: bool) -> bool {
+        let Some(requester) = self.requested.take() else {
+            return false;
+        };
+        match requester {
+            Requester::Operator => true,
+            // The platform is failing: the back-off decides.
+            Requester::Client | Requester::ScopeCheck if self.backing_off => false,
+            // Someone else's call already produced a token.
+            Requester::Client if usable => false,
+            // Due anyway (the first call at start): not the client's doing.
+            Requester::Client | Requester::ScopeCheck if now >= self.next_attempt => true,
+            Requester::Client | Requester::ScopeCheck => match self.client_call(now) {
+                Ok(()) => true,
+                Err(free_at) => {
+                    // A client without a token gets the call when the window
+                    // frees; a scope check with a servable token does not
+                    // move the schedule (a flood of them must not either).
+                    if !usable {
+                        self.next_attempt = self.next_attempt.min(free_at);
+                    }
+                    tracing::debug!(
+                        "clients asked for more than {CLIENT_CALLS_PER_WINDOW} platform calls a minute; next call when the window frees"
+                    );
+                    false
+                }
+            },
+        }
+    }
+
+    /// Takes a place in the clients' window of calls, or says when one frees.
+    fn client_call(&mut self, now: Instant) -> Result<(), Instant> {
+        while self
+            .client_calls
+            .front()
+            .is_some_and(|&t| now.duration_since(t) >= CLIENT_CALL_WINDOW)
+        {
+            self.client_calls.pop_front();
+        }
+        if self.client_calls.len() < CLIENT_CALLS_PER_WINDOW {
+            self.client_calls.push_back(now);
+            Ok(())
+        } else {
+            Err(self.client_calls.front().copied().unwrap_or(now) + CLIENT_CALL_WINDOW)
+        }
+    }
+}
 
 /// When to refresh a token with `life` left, counted from now.
 ///
@@ -161,6 +358,91 @@ mod tests {
         assert_ne!(
             backoff_delay(initial, max, 6, 0.1),
             backoff_delay(initial, max, 6, 0.9)
+        );
+    }
+
+    // ---- the Schedule's transitions, without a runtime ----
+
+    fn policy() -> CachePolicy {
+        CachePolicy {
+            backoff_initial: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(300),
+            ..CachePolicy::DEFAULT
+        }
+    }
+
+    #[test]
+    fn a_first_401_is_retried_at_once_the_next_ones_back_off() {
+        let now = Instant::now();
+        let mut schedule = Schedule::new(now);
+        let wait = |s: &mut Schedule, class| s.after_failure(&policy(), class, None, now, 0.0);
+        assert_eq!(
+            wait(&mut schedule, ErrorClass::Unauthorized),
+            Duration::ZERO
+        );
+        assert!(schedule.backing_off);
+        assert_eq!(
+            wait(&mut schedule, ErrorClass::Unauthorized),
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            wait(&mut schedule, ErrorClass::Unauthorized),
+            Duration::from_secs(1)
+        );
+        assert_eq!(schedule.next_attempt, now + Duration::from_secs(1));
+        // A grant forgets the streak: the next 401 is retried at once again.
+        schedule.after_grant(Duration::from_secs(3000), now);
+        assert!(!schedule.backing_off);
+        assert_eq!(schedule.next_attempt, now + Duration::from_secs(3000));
+        assert_eq!(
+            wait(&mut schedule, ErrorClass::Unauthorized),
+            Duration::ZERO
+        );
+    }
+
+    #[test]
+    fn a_refusal_waits_most_of_the_longest_back_off_and_retry_after_is_a_floor() {
+        let now = Instant::now();
+        let mut schedule = Schedule::new(now);
+        for unit in [0.0, 0.5, 0.999] {
+            let wait = schedule.after_failure(&policy(), ErrorClass::NotGranted, None, now, unit);
+            assert!(
+                (Duration::from_secs(225)..=Duration::from_secs(300)).contains(&wait),
+                "{wait:?}"
+            );
+        }
+        let asked = Some(Duration::from_secs(90));
+        let wait = schedule.after_failure(&policy(), ErrorClass::Transient, asked, now, 0.0);
+        assert_eq!(wait, Duration::from_secs(90), "Retry-After is the floor");
+    }
+
+    #[test]
+    fn requests_outside_the_schedule_never_cut_a_back_off_short_but_the_operators() {
+        let now = Instant::now();
+        let mut schedule = Schedule::new(now + Duration::from_secs(60));
+        schedule.after_failure(&policy(), ErrorClass::Transient, None, now, 0.0);
+        for requester in [Requester::Client, Requester::ScopeCheck] {
+            schedule.requested = Some(requester);
+            assert!(!schedule.take_request(now, false), "{requester:?}");
+            assert_eq!(schedule.requested, None, "taken, not left pending");
+        }
+        schedule.requested = Some(Requester::Operator);
+        assert!(schedule.take_request(now, true));
+        // Not backing off: a client without a token calls, one with a
+        // usable token does not; the window bounds clients' calls.
+        schedule.after_grant(Duration::from_secs(3000), now);
+        schedule.requested = Some(Requester::Client);
+        assert!(!schedule.take_request(now, true));
+        let mut calls = 0;
+        for _ in 0..CLIENT_CALLS_PER_WINDOW + 3 {
+            schedule.requested = Some(Requester::Client);
+            calls += usize::from(schedule.take_request(now, false));
+        }
+        assert_eq!(calls, CLIENT_CALLS_PER_WINDOW);
+        assert_eq!(
+            schedule.next_attempt,
+            now + CLIENT_CALL_WINDOW,
+            "a client without a token gets the call when the window frees"
         );
     }
 }

@@ -1,25 +1,25 @@
-//! The cache's state and its transitions, as plain functions.
+//! A keeper's state and its transitions, as plain functions.
 //!
 //! Everything the refresher decides — what a grant or a failure does to the
 //! schedule, which token may be served, when a client may bring a call
-//! forward — is a method on [`State`] that takes the policy, the clocks and
-//! the random draw as arguments. So each rule is tested directly, without a
-//! runtime or a platform double, and the async code around it only locks,
-//! calls and notifies.
+//! forward — is a method that takes the policy, the clocks and the random
+//! draw as arguments. So each rule is tested directly, without a runtime or
+//! a platform double, and the async code around it only locks, calls and
+//! notifies. [`State`] has four parts, each with its own transitions: what
+//! is held ([`Held`], `held.rs`), when to call ([`Schedule`],
+//! `schedule.rs`), what status reports ([`Report`]) and who wants the token
+//! ([`Demand`]); `accept` and `fail` compose them.
 
-use std::collections::VecDeque;
 use std::time::{Duration, SystemTime};
 
-use credd_core::protocol::{PlatformHealth, Scope, Source};
+use credd_core::protocol::{PlatformHealth, Source};
 use credd_core::secret::Token;
 use credd_core::text::error_chain;
 use tokio::time::Instant;
 
-use super::policy::{
-    CLIENT_CALL_WINDOW, CLIENT_CALLS_PER_WINDOW, CachePolicy, MAX_ERROR_TEXT, MAX_TRUSTED_LIFETIME,
-    MIN_REFRESH_DELAY, MIN_REMAINING_HEADROOM, SHORT_LIVED_DELAY,
-};
-use super::schedule::{backoff_delay, refresh_delay};
+pub(super) use super::held::{Held, HeldToken, Usable, life_left};
+use super::policy::{CachePolicy, MAX_ERROR_TEXT, MAX_TRUSTED_LIFETIME, MIN_REFRESH_DELAY};
+pub(super) use super::schedule::{Requester, Schedule};
 use super::unix_secs;
 use crate::platform::{ErrorClass, Grant, PlatformError};
 
@@ -33,20 +33,6 @@ pub(super) struct Now {
     pub(super) boot: Duration,
 }
 
-/// Who asked for a refresh outside the schedule.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub(super) enum Requester {
-    /// A client found no usable token (rate limited, never overrides back-off).
-    Client,
-    /// A client asked for a repository the held token's scope does not
-    /// cover: the grant may have been widened since. Asks the platform for
-    /// its current token of this grant (rate limited with clients, never
-    /// overrides back-off); an unchanged answer leaves the schedule alone.
-    ScopeCheck,
-    /// SIGHUP: always calls.
-    Operator,
-}
-
 /// When a token stops living, on both clocks.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Deadline {
@@ -54,24 +40,6 @@ pub(super) struct Deadline {
     pub(super) mono: Instant,
     /// On [`crate::clock::boottime`] (counts suspend).
     pub(super) boot: Duration,
-}
-
-/// A token the cache holds (the platform's or the bootstrap one) and when it
-/// stops living.
-pub(super) struct HeldToken {
-    pub(super) token: Token,
-    pub(super) deadline: Deadline,
-    /// What it may reach, as the platform stated it.
-    pub(super) scope: Scope,
-}
-
-/// A token that may be served now.
-pub(super) struct Usable {
-    pub(super) token: Token,
-    /// Life left (the lesser of both clocks).
-    pub(super) left: Duration,
-    pub(super) source: Source,
-    pub(super) scope: Scope,
 }
 
 /// What a per-owner cache does when its schedule comes due.
@@ -93,30 +61,27 @@ pub(super) enum Accepted {
     TooShort,
 }
 
-/// Drops `held` if its SHA-256 is `sha256`; its fingerprint when it did.
-fn take_matching(held: &mut Option<HeldToken>, sha256: &str) -> Option<String> {
-    held.take_if(|h| h.token.matches_sha256_hex(sha256))
-        .map(|h| h.token.fingerprint())
+/// A keeper's state, in four parts, each written by its own transitions:
+/// what is held, when to call, what status reports, and who wants it.
+pub(super) struct State {
+    pub(super) held: Held,
+    pub(super) schedule: Schedule,
+    pub(super) report: Report,
+    pub(super) demand: Demand,
 }
 
-pub(super) struct State {
-    pub(super) cached: Option<HeldToken>,
-    /// Dropped (and zeroed) once a platform token arrives or its age is up.
-    pub(super) bootstrap: Option<HeldToken>,
+/// What `credd status` and systemd's `STATUS=` say of the platform.
+pub(super) struct Report {
     pub(super) health: PlatformHealth,
     pub(super) last_error: Option<String>,
     pub(super) last_refresh_at: Option<u64>,
-    pub(super) next_attempt: Instant,
-    pub(super) backing_off: bool,
-    pub(super) in_flight: bool,
-    pub(super) requested: Option<Requester>,
-    pub(super) failures: u32,
-    /// Tokens in a row that were servable for less than `--min-lifetime`.
-    pub(super) short_streak: u32,
-    pub(super) unauthorized_retried: bool,
-    pub(super) client_calls: VecDeque<Instant>,
     pub(super) platform_calls: u64,
     pub(super) served: u64,
+}
+
+/// Who wants this token: what keeps a per-owner keeper alive.
+#[derive(Default)]
+pub(super) struct Demand {
     /// Served (or asked for) since the last platform call began (and, after
     /// a grant, since it arrived).
     pub(super) asked_since_fetch: bool,
@@ -125,94 +90,32 @@ pub(super) struct State {
     /// Clients waiting in `get` for a token right now: a per-owner cache
     /// they wait on is wanted, whatever `asked_since_fetch` says.
     pub(super) waiting: u32,
-    /// The account of the last platform token, kept after it expires.
-    pub(super) owner_seen: Option<String>,
-    /// The last platform token stated no account (a platform without
-    /// grants, or an older one), kept after it expires or is erased.
-    pub(super) unscoped_seen: bool,
-    /// The SHA-256 of a dropped token, for the refresher to report.
-    pub(super) refusal_to_report: Option<String>,
     /// A per-owner cache that left its map (refused, or benched to free its
     /// slot): it answers from what it has, at once, and calls no more.
     pub(super) retired: bool,
-}
-
-/// Life left until `deadline` at `now`: the lesser of the two clocks' answers.
-pub(super) fn life_left(deadline: Deadline, now: Now) -> Duration {
-    deadline
-        .mono
-        .saturating_duration_since(now.mono)
-        .min(deadline.boot.saturating_sub(now.boot))
 }
 
 impl State {
     /// The state at start: nothing cached, the first call due at once.
     pub(super) fn new(started: Instant, bootstrap: Option<HeldToken>) -> Self {
         Self {
-            cached: None,
-            bootstrap,
-            health: PlatformHealth::Unknown,
-            last_error: None,
-            last_refresh_at: None,
-            next_attempt: started,
-            backing_off: false,
-            in_flight: false,
-            requested: None,
-            failures: 0,
-            short_streak: 0,
-            unauthorized_retried: false,
-            client_calls: VecDeque::new(),
-            platform_calls: 0,
-            served: 0,
-            asked_since_fetch: false,
-            parked: false,
-            waiting: 0,
-            owner_seen: None,
-            unscoped_seen: false,
-            refusal_to_report: None,
-            retired: false,
+            held: Held::new(bootstrap),
+            schedule: Schedule::new(started),
+            report: Report::new(),
+            demand: Demand::default(),
         }
     }
 
-    /// The token to serve now, if any, with its life left: the platform's
-    /// while it has at least `min_lifetime` left, else the bootstrap token
-    /// while it may be served.
+    /// The token to serve now, if any (see [`Held::usable`]).
     pub(super) fn usable(&self, policy: &CachePolicy, now: Now) -> Option<Usable> {
-        if let Some(c) = &self.cached {
-            let left = life_left(c.deadline, now);
-            if left >= policy.min_lifetime {
-                return Some(Usable {
-                    token: c.token.clone(),
-                    left,
-                    source: Source::Platform,
-                    scope: c.scope.clone(),
-                });
-            }
-        }
-        let b = self.bootstrap.as_ref()?;
-        let left = life_left(b.deadline, now);
-        (!left.is_zero()).then(|| Usable {
-            token: b.token.clone(),
-            left,
-            source: Source::Env,
-            scope: b.scope.clone(),
-        })
-    }
-
-    /// How much life the platform's cached token must have for the next
-    /// call to be worth answering with it: more than the token held now, so
-    /// a refresh never gets back the very token it is replacing (which
-    /// would cost a second call before expiry). `None` without a token.
-    pub(super) fn min_remaining_to_ask(&self, now: Now) -> Option<Duration> {
-        let held = life_left(self.cached.as_ref()?.deadline, now);
-        Some(held + (held / 4).max(MIN_REMAINING_HEADROOM))
+        self.held.usable(policy, now)
     }
 
     /// Whether someone asked since the last call began, a call is
     /// requested, or a client is waiting: a per-owner cache that is wanted
     /// calls when due and must not retire.
     pub(super) fn is_wanted(&self) -> bool {
-        self.asked_since_fetch || self.requested.is_some() || self.waiting > 0
+        self.demand.is_wanted() || self.schedule.requested.is_some()
     }
 
     /// For a per-owner cache whose schedule came due: call, park until the
@@ -221,14 +124,21 @@ impl State {
         if self.is_wanted() {
             return OnDemand::Call;
         }
-        match &self.cached {
+        match &self.held.cached {
             Some(c) if !life_left(c.deadline, now).is_zero() => {
-                self.next_attempt = c.deadline.mono;
-                self.parked = true;
+                self.schedule.next_attempt = c.deadline.mono;
+                self.demand.parked = true;
                 OnDemand::Parked
             }
             _ => OnDemand::Idle,
         }
+    }
+
+    /// Whether an out-of-schedule request leads to a call now (see
+    /// [`Schedule::take_request`]).
+    pub(super) fn take_request(&mut self, policy: &CachePolicy, now: Now) -> bool {
+        let usable = self.usable(policy, now).is_some();
+        self.schedule.take_request(now.mono, usable)
     }
 
     /// Caches `grant`, or refuses it if it has too little life.
@@ -244,7 +154,8 @@ impl State {
         unit: f64,
         scope_check: bool,
     ) -> Accepted {
-        if scope_check && self.cached.as_ref().is_some_and(|c| c.token == grant.token) {
+        let unchanged = self.held.holds(&grant.token);
+        if scope_check && unchanged {
             tracing::debug!(
                 fingerprint = grant.token.fingerprint(),
                 "scope check: the platform's token for this grant is the one held; its scope is unchanged"
@@ -259,22 +170,13 @@ impl State {
         };
         let life = life_left(deadline, now);
         if life < policy.min_lifetime.max(MIN_REFRESH_DELAY) {
-            self.fail(
-                policy,
-                &Failure::TooShort {
-                    life,
-                    min: policy.min_lifetime,
-                },
-                now,
-                unit,
-            );
+            let min = policy.min_lifetime;
+            self.fail(policy, &Failure::TooShort { life, min }, now, unit);
             return Accepted::TooShort;
         }
-        let unchanged = self.cached.as_ref().is_some_and(|c| c.token == grant.token);
-        let (delay, short_lived) = self.next_refresh(policy, life, unit, unchanged);
-        let fingerprint = grant.token.fingerprint();
+        let (delay, short_lived) = self.schedule.next_refresh(policy, life, unit, unchanged);
         tracing::info!(
-            fingerprint,
+            fingerprint = grant.token.fingerprint(),
             owner = grant.scope.owner.as_deref().unwrap_or("-"),
             expires_at = unix_secs(grant.expires_at),
             expires_in_secs = life.as_secs(),
@@ -288,85 +190,60 @@ impl State {
         );
         // The hook hears about new tokens only.
         let token = (!unchanged).then(|| grant.token.clone());
-        // A platform that states no account (no grants) speaks for every
-        // account through this token, while it has one and after.
-        self.owner_seen.clone_from(&grant.scope.owner);
-        self.unscoped_seen = grant.scope.owner.is_none();
-        self.cached = Some(HeldToken {
-            token: grant.token,
-            deadline,
-            scope: grant.scope,
-        });
-        self.asked_since_fetch = false;
-        self.parked = false;
-        if self.bootstrap.take().is_some() {
-            tracing::info!(
-                "the platform's token replaces the bootstrap token from the environment"
-            );
-        }
-        self.report_health(policy, short_lived, life, delay);
-        self.last_refresh_at = Some(unix_secs(SystemTime::now()));
-        self.failures = 0;
-        self.unauthorized_retried = false;
-        // Clients may still bring a call forward (rate limited): a token
-        // that is no longer servable must not wait out the whole back-off.
-        self.backing_off = false;
-        self.next_attempt = now.mono + delay;
+        self.held.hold(grant, deadline);
+        self.demand.after_grant();
+        let short_streak = short_lived.then_some(self.schedule.short_streak);
+        self.report.after_grant(policy, short_streak, life, delay);
+        self.schedule.after_grant(delay, now.mono);
         Accepted::Cached(token)
     }
 
-    /// When to call next for a token with `life` left: the refresh delay,
-    /// bounded like failures from the second nearly dead token in a row;
-    /// and whether that bound applies (the platform is short-lived).
-    fn next_refresh(
+    /// Records a failed call (or an unservable grant) and schedules the
+    /// retry (see [`Schedule::after_failure`]); a refusal drops what is held.
+    pub(super) fn fail(
         &mut self,
         policy: &CachePolicy,
-        life: Duration,
+        failure: &Failure<'_>,
+        now: Now,
         unit: f64,
-        unchanged: bool,
-    ) -> (Duration, bool) {
-        let mut delay = refresh_delay(
-            life,
-            policy.refresh_margin,
-            policy.min_lifetime,
-            unit,
-            unchanged,
-        );
-        // So little servable life that the schedule would call again within
-        // seconds: the platform is handing out nearly dead tokens. From the
-        // second such token in a row, calls are bounded like failures. (A
-        // deployment with short tokens, say 2 minutes, schedules tens of
-        // seconds apart and never gets here.)
-        if delay < SHORT_LIVED_DELAY {
-            self.short_streak = self.short_streak.saturating_add(1);
-        } else {
-            self.short_streak = 0;
+    ) {
+        let class = failure.class();
+        let delay =
+            self.schedule
+                .after_failure(policy, class, failure.retry_after(), now.mono, unit);
+        if class == ErrorClass::NotGranted {
+            self.held.drop_refused();
         }
-        let short_lived = self.short_streak >= 2;
-        if short_lived {
-            delay = delay.max(backoff_delay(
-                policy.backoff_initial,
-                policy.backoff_max,
-                self.short_streak - 2,
-                unit,
-            ));
+        let serving = self.usable(policy, now).map(|u| u.source);
+        self.report
+            .after_failure(class, failure.describe(), delay, serving);
+    }
+}
+
+impl Report {
+    fn new() -> Self {
+        Self {
+            health: PlatformHealth::Unknown,
+            last_error: None,
+            last_refresh_at: None,
+            platform_calls: 0,
+            served: 0,
         }
-        (delay, short_lived)
     }
 
-    /// The platform's health after a token was accepted: short-lived (with
-    /// the words for `status`), or well.
-    fn report_health(
+    /// A token was accepted: the platform is well, or short-lived
+    /// (`short_streak` nearly dead tokens in a row), with the words for
+    /// `status`.
+    fn after_grant(
         &mut self,
         policy: &CachePolicy,
-        short_lived: bool,
+        short_streak: Option<u32>,
         life: Duration,
         delay: Duration,
     ) {
-        if short_lived {
+        if let Some(streak) = short_streak {
             let text = format!(
-                "the platform handed out {} tokens in a row with only {}s of life (--min-lifetime {}s); next call in {}s",
-                self.short_streak,
+                "the platform handed out {streak} tokens in a row with only {}s of life (--min-lifetime {}s); next call in {}s",
                 life.as_secs(),
                 policy.min_lifetime.as_secs(),
                 delay.as_secs()
@@ -378,72 +255,24 @@ impl State {
             self.health = PlatformHealth::Ok;
             self.last_error = None;
         }
+        self.last_refresh_at = Some(unix_secs(SystemTime::now()));
     }
 
-    /// Records a failed call (or an unservable grant) and schedules the
-    /// retry: back-off, `Retry-After`, one immediate retry after a first
-    /// 401/403, the longest wait after a 404.
-    pub(super) fn fail(
+    /// A call failed with `class` (`text` its error chain); the next one in
+    /// `delay`; `serving` what is served meanwhile.
+    fn after_failure(
         &mut self,
-        policy: &CachePolicy,
-        failure: &Failure<'_>,
-        now: Now,
-        unit: f64,
+        class: ErrorClass,
+        text: String,
+        delay: Duration,
+        serving: Option<Source>,
     ) {
-        let text = failure.describe();
-        let class = failure.class();
-        let backoff = |state: &mut Self| {
-            let d = backoff_delay(
-                policy.backoff_initial,
-                policy.backoff_max,
-                state.failures,
-                unit,
-            );
-            state.failures = state.failures.saturating_add(1);
-            d
-        };
-        let delay = match class {
-            ErrorClass::Unauthorized if !self.unauthorized_retried => {
-                // The bearer may have rotated under us: one immediate retry
-                // (the next call re-reads the file).
-                self.unauthorized_retried = true;
-                Duration::ZERO
-            }
-            ErrorClass::NotConfigured | ErrorClass::NotGranted => {
-                self.unauthorized_retried = false;
-                policy.backoff_max.mul_f64(0.75 + unit / 4.0)
-            }
-            ErrorClass::Unauthorized => backoff(self),
-            ErrorClass::Bearer | ErrorClass::Transient => {
-                self.unauthorized_retried = false;
-                let d = backoff(self);
-                d.max(failure.retry_after().unwrap_or_default())
-            }
-        };
-        if class == ErrorClass::NotGranted {
-            // The platform no longer grants this token (a grant revoked or
-            // narrowed, the App uninstalled): it is not served again.
-            for (held, what) in [
-                (&mut self.cached, "cached"),
-                (&mut self.bootstrap, "bootstrap"),
-            ] {
-                if let Some(gone) = held.take() {
-                    tracing::warn!(
-                        fingerprint = gone.token.fingerprint(),
-                        "dropped the {what} token: the platform refuses this workspace that token now"
-                    );
-                }
-            }
-        }
         self.health = match class {
             ErrorClass::Unauthorized | ErrorClass::Bearer => PlatformHealth::Unauthorized,
             ErrorClass::NotConfigured => PlatformHealth::NotConfigured,
             ErrorClass::NotGranted => PlatformHealth::NotGranted,
             ErrorClass::Transient => PlatformHealth::Failing,
         };
-        self.backing_off = true;
-        self.next_attempt = now.mono + delay;
-        let serving = self.usable(policy, now).map(|u| u.source);
         tracing::warn!(
             error = %text,
             platform = self.health.as_str(),
@@ -456,79 +285,19 @@ impl State {
         );
         self.last_error = Some(text);
     }
+}
 
-    /// Drops the cached or bootstrap token whose SHA-256 is `sha256` (a
-    /// client was refused with it); whether one was dropped.
-    pub(super) fn erase(&mut self, sha256: &str) -> bool {
-        if let Some(gone) = take_matching(&mut self.cached, sha256) {
-            tracing::info!(
-                fingerprint = gone,
-                "dropped the cached token: a client reported it was refused"
-            );
-            self.refusal_to_report = Some(sha256.to_ascii_lowercase());
-            true
-        } else if let Some(gone) = take_matching(&mut self.bootstrap, sha256) {
-            tracing::info!(
-                fingerprint = gone,
-                "dropped the bootstrap token: a client reported it was refused"
-            );
-            // The platform may still hold the provision-time token too.
-            self.refusal_to_report = Some(sha256.to_ascii_lowercase());
-            true
-        } else {
-            tracing::debug!("erase for a token that is not cached: kept the cached one");
-            false
-        }
+impl Demand {
+    /// Asked since the last call began, or a client is waiting.
+    fn is_wanted(&self) -> bool {
+        self.asked_since_fetch || self.waiting > 0
     }
 
-    /// Whether an out-of-schedule request (taken from `requested`) leads to
-    /// a call now; clients are rate limited and never cut a back-off short.
-    pub(super) fn take_request(&mut self, policy: &CachePolicy, now: Now) -> bool {
-        let Some(requester) = self.requested.take() else {
-            return false;
-        };
-        let usable = self.usable(policy, now).is_some();
-        match requester {
-            Requester::Operator => true,
-            // The platform is failing: the back-off decides.
-            Requester::Client | Requester::ScopeCheck if self.backing_off => false,
-            // Someone else's call already produced a token.
-            Requester::Client if usable => false,
-            // Due anyway (the first call at start): not the client's doing.
-            Requester::Client | Requester::ScopeCheck if now.mono >= self.next_attempt => true,
-            Requester::Client | Requester::ScopeCheck => match self.client_call(now.mono) {
-                Ok(()) => true,
-                Err(free_at) => {
-                    // A client without a token gets the call when the window
-                    // frees; a scope check with a servable token does not
-                    // move the schedule (a flood of them must not either).
-                    if !usable {
-                        self.next_attempt = self.next_attempt.min(free_at);
-                    }
-                    tracing::debug!(
-                        "clients asked for more than {CLIENT_CALLS_PER_WINDOW} platform calls a minute; next call when the window frees"
-                    );
-                    false
-                }
-            },
-        }
-    }
-
-    /// Takes a place in the clients' window of calls, or says when one frees.
-    fn client_call(&mut self, now: Instant) -> Result<(), Instant> {
-        while self
-            .client_calls
-            .front()
-            .is_some_and(|&t| now.duration_since(t) >= CLIENT_CALL_WINDOW)
-        {
-            self.client_calls.pop_front();
-        }
-        if self.client_calls.len() < CLIENT_CALLS_PER_WINDOW {
-            self.client_calls.push_back(now);
-            Ok(())
-        } else {
-            Err(self.client_calls.front().copied().unwrap_or(now) + CLIENT_CALL_WINDOW)
-        }
+    /// A token arrived: asks from now on count for the next decision, and
+    /// a parked refresher runs again.
+    fn after_grant(&mut self) {
+        self.asked_since_fetch = false;
+        self.parked = false;
     }
 }
 

@@ -14,7 +14,7 @@ impl<F: Fetch> TokenKeeper<F> {
         let st = self.lock();
         let current = st.usable(&self.policy, now);
         let scope = current.as_ref().map_or_else(
-            || scope_of_owner(self.lifecycle.owner().or(st.owner_seen.as_deref())),
+            || scope_of_owner(self.lifecycle.owner().or(st.held.owner_seen.as_deref())),
             |c| c.scope.clone(),
         );
         TokenStatus {
@@ -27,18 +27,19 @@ impl<F: Fetch> TokenKeeper<F> {
             fingerprint: current.as_ref().map(|c| c.token.fingerprint()),
             expires_at: current.as_ref().map(|c| local_expiry(c.left)),
             expires_in_secs: current.as_ref().map(|c| c.left.as_secs()),
-            next_refresh_in_secs: Some(if st.in_flight {
+            next_refresh_in_secs: Some(if st.schedule.in_flight {
                 0
             } else {
-                st.next_attempt
+                st.schedule
+                    .next_attempt
                     .saturating_duration_since(now.mono)
                     .as_secs()
             }),
-            last_refresh_at: st.last_refresh_at,
-            last_error: st.last_error.clone(),
-            platform: st.health,
-            platform_calls: st.platform_calls,
-            served: st.served,
+            last_refresh_at: st.report.last_refresh_at,
+            last_error: st.report.last_error.clone(),
+            platform: st.report.health,
+            platform_calls: st.report.platform_calls,
+            served: st.report.served,
             scope,
             repositories_total: None,
         }
@@ -51,7 +52,7 @@ impl<F: Fetch> TokenKeeper<F> {
         let st = self.lock();
         st.usable(&self.policy, self.now()).is_some()
             || matches!(
-                st.health,
+                st.report.health,
                 PlatformHealth::Unknown | PlatformHealth::Ok | PlatformHealth::ShortLived
             )
     }
