@@ -30,12 +30,15 @@
 //! - [`metrics`]: the Prometheus metrics behind `GET /metrics`.
 //! - [`service`]: the HTTP endpoints (axum) and, in `service/accept.rs`, a
 //!   bounded server loop.
-//! - [`config`]: the `molecule-platform` binary's configuration.
+//! - [`config`]: the `molecule-platform` binary's configuration, and
+//!   [`compose`]: the [`Platform`] it describes (provider, bearers,
+//!   grants), the one composition root.
 
 #![forbid(unsafe_code)]
 
 pub mod answer;
 pub mod auth;
+pub mod compose;
 pub mod config;
 pub mod dev;
 pub mod github;
@@ -52,6 +55,7 @@ pub mod table_file;
 pub mod token_cache;
 
 pub use auth::{Auth, WorkspaceTokens};
+pub use compose::Platform;
 pub use dev::DevProvider;
 pub use github::{GitHubAppConfig, GitHubAppProvider};
 pub use grants::{GrantError, GrantTable, Grants, GrantsFileError};
