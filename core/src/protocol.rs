@@ -15,7 +15,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::repository::{MAX_FULL_NAME_LEN, MAX_REPOSITORIES_PER_TOKEN};
+pub use crate::platform_api::Which;
+use crate::repository::{MAX_FULL_NAME_LEN, MAX_REPOSITORIES_PER_TOKEN, NameError, RepositoryRef};
 use crate::secret::{MAX_TOKEN_LEN, Token};
 
 /// An enum whose wire name is written once: serde, `as_str` (status output,
@@ -149,6 +150,36 @@ impl Request {
         repository: None,
         owner: None,
     };
+
+    /// `get` for `which` token: the one way from [`Which`] to the wire's
+    /// fields.
+    pub fn get(which: &Which) -> Self {
+        match which {
+            Which::Default => Self::GET_DEFAULT,
+            Which::Owner(owner) => Self::Get {
+                repository: None,
+                owner: Some(owner.clone()),
+            },
+            Which::Repository(repository) => Self::Get {
+                repository: Some(repository.to_string()),
+                owner: None,
+            },
+        }
+    }
+}
+
+/// Which token a `get`'s fields name, checked by the one name rule: the
+/// one way from the wire to [`Which`]. The error is the `bad_request`
+/// answer's text.
+pub fn which_of(repository: Option<&str>, owner: Option<&str>) -> Result<Which, String> {
+    match (repository, owner) {
+        (None, None) => Ok(Which::Default),
+        (Some(_), Some(_)) => Err("a get names a repository or an owner, not both".into()),
+        (Some(text), None) => RepositoryRef::parse(text)
+            .map(Which::Repository)
+            .map_err(|e: NameError| format!("\"repository\": {e}")),
+        (None, Some(owner)) => Which::owner(owner).map_err(|e| format!("\"owner\": {e}")),
+    }
 }
 
 /// What a token may reach, as the platform stated it. Every field is absent
@@ -754,6 +785,29 @@ mod tests {
         match decode::<Response>(older).expect("an older daemon's status") {
             Response::Status(status) => assert_eq!(status.counters, None),
             other => panic!("not a status: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn which_token_goes_to_the_wire_and_back_unchanged() {
+        for which in [
+            Which::Default,
+            Which::Owner("acme_corp".into()),
+            Which::Repository(RepositoryRef::parse("acme/api.js").expect("a name")),
+        ] {
+            let line = encode(&Request::get(&which));
+            let Ok(Request::Get { repository, owner }) = decode::<Request>(&line) else {
+                panic!("a get");
+            };
+            assert_eq!(which_of(repository.as_deref(), owner.as_deref()), Ok(which));
+        }
+        for (repository, owner, says) in [
+            (Some("acme/api"), Some("acme"), "not both"),
+            (Some("acme"), None, "\"repository\""),
+            (None, Some("-acme"), "\"owner\""),
+        ] {
+            let error = which_of(repository, owner).expect_err(says);
+            assert!(error.contains(says), "{error}");
         }
     }
 }

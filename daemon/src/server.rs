@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use credd_core::log_limit::{LOG_INTERVAL, LogLimit};
-use credd_core::protocol::{self, ErrorCode, MAX_LINE, ProtocolError, Request, Response};
+use credd_core::protocol::{self, ErrorCode, MAX_LINE, ProtocolError, Request, Response, Which};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::UCred;
 use tokio::net::{UnixListener, UnixStream};
@@ -29,7 +29,7 @@ use tokio_util::task::TaskTracker;
 use zeroize::Zeroizing;
 
 use crate::answer;
-use crate::cache::{Fetch, Got, Sha256Hex, TokenStore, Want};
+use crate::cache::{Fetch, Got, Sha256Hex, TokenStore};
 use crate::metrics::answer_kind;
 
 /// `--max-connections` by default.
@@ -384,8 +384,17 @@ struct Audit {
     fingerprint: String,
 }
 
+/// What was asked for, in the audit line's words.
+fn asked(which: &Which) -> String {
+    match which {
+        Which::Default => "default".to_owned(),
+        Which::Owner(owner) => format!("owner {owner}"),
+        Which::Repository(repository) => repository.to_string(),
+    }
+}
+
 impl Audit {
-    fn take(peer: Option<UCred>, want: &Want, fingerprint: String) -> Self {
+    fn take(peer: Option<UCred>, want: &Which, fingerprint: String) -> Self {
         let pid = peer.and_then(|cred| cred.pid());
         // procfs, not a disk: the link reads at once (or fails for a caller
         // of another uid we may not inspect, or one that has exited).
@@ -396,7 +405,7 @@ impl Audit {
             pid: pid.map_or(-1, i64::from),
             uid: peer.map_or(-1, |cred| i64::from(cred.uid())),
             exe,
-            asked: want.describe(),
+            asked: asked(want),
             fingerprint,
         }
     }
@@ -443,7 +452,7 @@ async fn dispatch<F: Fetch>(
             message: "this workspace is sealed: its token is never handed out, only stamped onto GitHub requests by the gateway".into(),
         },
         Ok(Request::Get { repository, owner }) => {
-            match Want::from_request(repository.as_deref(), owner.as_deref()) {
+            match protocol::which_of(repository.as_deref(), owner.as_deref()) {
                 Ok(want) => {
                     let got = tokens.get(&want).await;
                     let audit = match &got {

@@ -21,8 +21,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use credd_core::config::HelperConfig;
-use credd_core::protocol::{self, ErrorCode, MAX_LINE, Request, Response};
-use credd_core::repository::RepositoryRef;
+use credd_core::protocol::{self, ErrorCode, MAX_LINE, Request, Response, Which};
 use credd_core::secret::Token;
 use zeroize::Zeroizing;
 
@@ -36,31 +35,12 @@ pub(crate) struct Issued {
     pub(crate) expires_at: u64,
 }
 
-/// Which token to obtain: for a repository, for an account, or (neither)
-/// the workspace's default one.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct TokenFor {
-    /// The repository (`--repo`, git's `path`).
-    pub(crate) repository: Option<RepositoryRef>,
-    /// The account (`--owner`).
-    pub(crate) owner: Option<String>,
-}
-
-impl TokenFor {
-    fn request(&self) -> Request {
-        Request::Get {
-            repository: self.repository.as_ref().map(ToString::to_string),
-            owner: self.owner.clone(),
-        }
-    }
-
-    /// `molecule-credd --fetch-once`'s arguments for the same token.
-    fn fetch_once_args(&self) -> Vec<String> {
-        match (&self.repository, &self.owner) {
-            (Some(repository), _) => vec!["--repo".into(), repository.to_string()],
-            (None, Some(owner)) => vec!["--owner".into(), owner.clone()],
-            (None, None) => Vec::new(),
-        }
+/// `molecule-credd --fetch-once`'s arguments for `which` token.
+fn fetch_once_args(which: &Which) -> Vec<String> {
+    match which {
+        Which::Repository(repository) => vec!["--repo".into(), repository.to_string()],
+        Which::Owner(owner) => vec!["--owner".into(), owner.clone()],
+        Which::Default => Vec::new(),
     }
 }
 
@@ -124,11 +104,11 @@ impl std::fmt::Display for NoToken {
 /// nothing: what to say is the command's.
 pub(crate) fn obtain_token(
     config: &HelperConfig,
-    want: &TokenFor,
+    want: &Which,
     mut on_fallback: impl FnMut(Fallback<'_>),
 ) -> Result<Issued, NoToken> {
     let endpoint = daemon::Endpoint::from_config(config);
-    let failure = match daemon::round_trip(&endpoint, &want.request()) {
+    let failure = match daemon::round_trip(&endpoint, &Request::get(want)) {
         Ok(Response::Token {
             token, expires_at, ..
         }) => return Ok(Issued { token, expires_at }),
@@ -162,7 +142,7 @@ pub(crate) const FETCH_ONCE_DEADLINE: Duration = credd_core::deadlines::HELPER_F
 /// this process's environment (the same configuration). Its answer is one
 /// protocol line, read with the protocol's cap within [`FETCH_ONCE_DEADLINE`];
 /// the child is killed and reaped whatever happens.
-fn fetch_from_platform(want: &TokenFor) -> Result<Issued, String> {
+fn fetch_from_platform(want: &Which) -> Result<Issued, String> {
     let beside_us = std::env::current_exe()
         .ok()
         .map(|exe| exe.with_file_name(DAEMON_BINARY))
@@ -170,7 +150,7 @@ fn fetch_from_platform(want: &TokenFor) -> Result<Issued, String> {
     let program = beside_us.map_or_else(|| DAEMON_BINARY.into(), PathBuf::into_os_string);
     let mut child = Command::new(&program)
         .arg("--fetch-once")
-        .args(want.fetch_once_args())
+        .args(fetch_once_args(want))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

@@ -27,7 +27,9 @@ use std::process::{Command, ExitCode};
 
 use credd_core::config::HelperConfig;
 
-use crate::chain::{self, TokenFor};
+use credd_core::protocol::Which;
+
+use crate::chain;
 
 /// GitHub's own host, for which gh reads `GH_TOKEN`.
 const GITHUB_COM: &str = "github.com";
@@ -97,7 +99,7 @@ fn token_env(
 }
 
 /// Runs CMD; returns only when it could not be started (or no token was had).
-pub(crate) fn run(program: &OsString, args: &[OsString], want: &TokenFor) -> ExitCode {
+pub(crate) fn run(program: &OsString, args: &[OsString], want: &Which) -> ExitCode {
     let config = match HelperConfig::from_env() {
         Ok(config) => config,
         Err(e) => {

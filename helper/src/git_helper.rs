@@ -13,7 +13,9 @@ use credd_core::secret::sha256_hex;
 
 use credd_core::repository::RepositoryRef;
 
-use crate::chain::{self, Fallback, TokenFor};
+use credd_core::protocol::Which;
+
+use crate::chain::{self, Fallback};
 use crate::credential::{self, GitRequest};
 use crate::daemon;
 
@@ -24,15 +26,13 @@ pub(crate) fn get() {
     let Some((config, request)) = read_served_request() else {
         return;
     };
-    let want = TokenFor {
-        // A path that does not start with OWNER/NAME (a proxy prefix, say)
-        // is not a repository we can name: the default token, as before.
-        repository: request
-            .path
-            .as_deref()
-            .and_then(RepositoryRef::from_git_path),
-        owner: None,
-    };
+    // A path that does not start with OWNER/NAME (a proxy prefix, say) is
+    // not a repository we can name: the default token, as before.
+    let want = request
+        .path
+        .as_deref()
+        .and_then(RepositoryRef::from_git_path)
+        .map_or(Which::Default, Which::Repository);
     // Said before the platform is asked: git's user sees why a fetch pauses.
     let said = |step: Fallback<'_>| {
         if let Fallback::Asking { daemon } = step {

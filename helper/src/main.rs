@@ -49,10 +49,10 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use credd_core::config::HelperConfig;
+use credd_core::protocol::Which;
 use credd_core::repository::{NameError, RepositoryRef, is_valid_owner};
 
 use crate::args::Lexer;
-use crate::chain::TokenFor;
 
 const USAGE: &str = "\
 credd — GitHub tokens from molecule-credd for git, gh and scripts
@@ -211,10 +211,10 @@ fn report(error: &anyhow::Error) -> ExitCode {
 
 /// Reads `--repo OWNER/NAME` / `--owner OWNER` (at most one of them) from
 /// the front of `args`; what they chose, the rest left in `args`.
-fn token_for(command: &str, args: &mut Lexer<'_>) -> Result<TokenFor, ExitCode> {
-    let mut want = TokenFor::default();
+fn token_for(command: &str, args: &mut Lexer<'_>) -> Result<Which, ExitCode> {
+    let mut want = Which::Default;
     while let Some(name) = args.option().filter(|n| ["--repo", "--owner"].contains(n)) {
-        if want != TokenFor::default() {
+        if want != Which::Default {
             return Err(usage_error(&format!(
                 "`credd {command}` takes one of --repo and --owner"
             )));
@@ -225,10 +225,10 @@ fn token_for(command: &str, args: &mut Lexer<'_>) -> Result<TokenFor, ExitCode> 
         let text = value.to_string_lossy();
         match name {
             "--repo" => match RepositoryRef::parse(&text) {
-                Ok(repository) => want.repository = Some(repository),
+                Ok(repository) => want = Which::Repository(repository),
                 Err(e) => return Err(usage_error(&format!("--repo {text:?}: {e}"))),
             },
-            _ if is_valid_owner(&text) => want.owner = Some(text.into_owned()),
+            _ if is_valid_owner(&text) => want = Which::Owner(text.into_owned()),
             _ => {
                 return Err(usage_error(&format!(
                     "--owner {text:?}: {}",

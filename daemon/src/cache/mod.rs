@@ -70,7 +70,7 @@ pub(crate) use self::outcome::{Got, NotGranted, Unavailable};
 pub(crate) use self::policy::CachePolicy;
 pub(crate) use self::refresher::Retirement;
 use self::state::{Deadline, HeldToken, Now, Requester, State};
-pub(crate) use self::store::{TokenStore, Want};
+pub(crate) use self::store::TokenStore;
 use crate::clock::{self, BootClock};
 use crate::metrics::Metrics;
 use crate::platform::{Grant, PlatformClient, PlatformError, ReportOutcome};

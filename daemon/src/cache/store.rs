@@ -36,8 +36,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use credd_core::protocol::Status;
-use credd_core::repository::{NameError, RepositoryRef, is_valid_owner};
+use credd_core::protocol::{Status, Which};
 use credd_core::secret::Token;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -55,44 +54,6 @@ use crate::metrics::Metrics;
 pub(crate) use credd_core::protocol::MAX_OWNER_TOKENS;
 /// Most owners whose refusal (or failure) is remembered without a cache.
 pub(crate) const MAX_BENCHED: usize = 1024;
-
-/// Which token a `get` is for, validated.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Want {
-    /// The workspace's default token.
-    Default,
-    /// The token of this account.
-    Owner(String),
-    /// A token that covers this repository.
-    Repository(RepositoryRef),
-}
-
-impl Want {
-    /// From a request's fields; the error is for a `bad_request` answer.
-    pub(crate) fn from_request(
-        repository: Option<&str>,
-        owner: Option<&str>,
-    ) -> Result<Self, String> {
-        match (repository, owner) {
-            (None, None) => Ok(Self::Default),
-            (Some(_), Some(_)) => Err("a get names a repository or an owner, not both".into()),
-            (Some(text), None) => RepositoryRef::parse(text)
-                .map(Self::Repository)
-                .map_err(|e: NameError| format!("\"repository\": {e}")),
-            (None, Some(owner)) if is_valid_owner(owner) => Ok(Self::Owner(owner.to_owned())),
-            (None, Some(_)) => Err(format!("\"owner\": {}", NameError::BadOwner)),
-        }
-    }
-
-    /// What was asked for, for the audit line.
-    pub(crate) fn describe(&self) -> String {
-        match self {
-            Self::Default => "default".to_owned(),
-            Self::Owner(owner) => format!("owner {owner}"),
-            Self::Repository(repository) => repository.to_string(),
-        }
-    }
-}
 
 /// A per-owner cache and the token that stops its refresher.
 struct Held<F> {
@@ -215,11 +176,11 @@ impl<F: Fetch> TokenStore<F> {
     }
 
     /// Answers a `get`.
-    pub(crate) async fn get(&self, want: &Want) -> Got {
+    pub(crate) async fn get(&self, want: &Which) -> Got {
         let (owner, repository) = match want {
-            Want::Default => return self.default.get(None).await,
-            Want::Owner(owner) => (owner.as_str(), None),
-            Want::Repository(repository) => (repository.owner(), Some(repository)),
+            Which::Default => return self.default.get(None).await,
+            Which::Owner(owner) => (owner.as_str(), None),
+            Which::Repository(repository) => (repository.owner(), Some(repository)),
         };
         if self.default.speaks_for(owner) {
             return self.default.get(repository).await;

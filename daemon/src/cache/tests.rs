@@ -764,8 +764,8 @@ fn start_tokens(
     (Arc::new(tokens), cancel)
 }
 
-fn repo(text: &str) -> Want {
-    Want::Repository(RepositoryRef::parse(text).unwrap())
+fn repo(text: &str) -> Which {
+    Which::Repository(RepositoryRef::parse(text).unwrap())
 }
 
 fn code_of(r: &Response) -> ErrorCode {
@@ -789,7 +789,7 @@ async fn tokens_are_chosen_by_owner_and_held_scope() {
     let platform = Arc::new(GrantingPlatform::default());
     let (tokens, cancel) = start_tokens(&platform);
     assert_eq!(
-        token_of(&wire(tokens.get(&Want::Default).await)).0,
+        token_of(&wire(tokens.get(&Which::Default).await)).0,
         "ghs_acme1"
     );
     // The default token is acme's: acme's repositories need no call of their own.
@@ -798,7 +798,7 @@ async fn tokens_are_chosen_by_owner_and_held_scope() {
         "ghs_acme1"
     );
     assert_eq!(
-        token_of(&wire(tokens.get(&Want::Owner("acme".into())).await)).0,
+        token_of(&wire(tokens.get(&Which::Owner("acme".into())).await)).0,
         "ghs_acme1"
     );
     // Outside the held scope: the grant is checked once (a new token, the
@@ -862,7 +862,7 @@ async fn refused_owners_hold_no_slot_and_cost_one_call_per_back_off() {
         100,
         "one call per refused owner"
     );
-    let labs = wire(tokens.get(&Want::Owner("labs".into())).await);
+    let labs = wire(tokens.get(&Which::Owner("labs".into())).await);
     assert!(token_of(&labs).0.starts_with("ghs_labs"));
     assert_eq!(held_owners(&tokens), ["labs"]);
     // After the back-off (at most --backoff-max), one call each again.
@@ -885,14 +885,14 @@ async fn a_full_table_of_failing_owners_makes_room_for_a_new_one() {
     let mut gets = tokio::task::JoinSet::new();
     for n in 0..store::MAX_OWNER_TOKENS {
         let tokens = Arc::clone(&tokens);
-        gets.spawn(async move { wire(tokens.get(&Want::Owner(format!("down{n}"))).await) });
+        gets.spawn(async move { wire(tokens.get(&Which::Owner(format!("down{n}"))).await) });
     }
     while let Some(answer) = gets.join_next().await {
         assert_eq!(code_of(&answer.expect("get")), ErrorCode::Unavailable);
     }
     let failing = held_owners(&tokens);
     assert_eq!(failing.len(), store::MAX_OWNER_TOKENS);
-    let labs = wire(tokens.get(&Want::Owner("labs".into())).await);
+    let labs = wire(tokens.get(&Which::Owner("labs".into())).await);
     assert!(token_of(&labs).0.starts_with("ghs_labs"));
     let held = held_owners(&tokens);
     assert_eq!(held.len(), store::MAX_OWNER_TOKENS);
@@ -901,7 +901,7 @@ async fn a_full_table_of_failing_owners_makes_room_for_a_new_one() {
     let benched: Vec<&String> = failing.iter().filter(|o| !held.contains(o)).collect();
     assert_eq!(benched.len(), 1, "{failing:?} -> {held:?}");
     let calls = platform.calls_starting("down");
-    let answer = wire(tokens.get(&Want::Owner(benched[0].clone())).await);
+    let answer = wire(tokens.get(&Which::Owner(benched[0].clone())).await);
     assert_eq!(code_of(&answer), ErrorCode::Unavailable, "{answer:?}");
     assert_eq!(platform.calls_starting("down"), calls, "no call for it");
     cancel.cancel();
@@ -914,8 +914,8 @@ async fn a_full_table_of_failing_owners_makes_room_for_a_new_one() {
 async fn a_revoked_grant_stops_the_held_token_at_the_refusal() {
     let platform = Arc::new(GrantingPlatform::default());
     let (tokens, cancel) = start_tokens(&platform);
-    token_of(&wire(tokens.get(&Want::Default).await));
-    token_of(&wire(tokens.get(&Want::Owner("labs".into())).await));
+    token_of(&wire(tokens.get(&Which::Default).await));
+    token_of(&wire(tokens.get(&Which::Owner("labs".into())).await));
     platform.revoke("labs");
     platform.revoke("acme");
     tokens.refresh_now();
@@ -923,9 +923,9 @@ async fn a_revoked_grant_stops_the_held_token_at_the_refusal() {
     assert_eq!(platform.calls_for("fetch labs"), 2);
     assert_eq!(platform.calls_for("fetch acme"), 2);
     for want in [
-        Want::Owner("labs".into()),
+        Which::Owner("labs".into()),
         repo("labs/tool"),
-        Want::Default,
+        Which::Default,
         repo("acme/api"),
     ] {
         let answer = wire(tokens.get(&want).await);
@@ -948,7 +948,7 @@ async fn a_revoked_grant_stops_the_held_token_at_the_refusal() {
 async fn a_widened_grant_is_seen_on_the_next_request_at_a_bounded_rate() {
     let platform = Arc::new(GrantingPlatform::default());
     let (tokens, cancel) = start_tokens(&platform);
-    token_of(&wire(tokens.get(&Want::Default).await));
+    token_of(&wire(tokens.get(&Which::Default).await));
     platform.grant_acme("acme/new");
     let (token, _) = token_of(&wire(tokens.get(&repo("acme/new")).await));
     assert_eq!(token, "ghs_acme2", "a fresh token with the wider scope");
@@ -984,12 +984,12 @@ async fn an_owner_token_nobody_asks_for_is_dropped_at_expiry() {
     // The default token is kept fresh meanwhile.
     assert!(platform.calls_for("fetch acme") >= 3);
     // Asked again: a new cache, a new call.
-    token_of(&wire(tokens.get(&Want::Owner("labs".into())).await));
+    token_of(&wire(tokens.get(&Which::Owner("labs".into())).await));
     assert_eq!(platform.calls_for("fetch labs"), 3);
     // Asked during its life: kept fresh.
     for _ in 0..6 {
         tokio::time::sleep(Duration::from_secs(1800)).await;
-        token_of(&wire(tokens.get(&Want::Owner("labs".into())).await));
+        token_of(&wire(tokens.get(&Which::Owner("labs".into())).await));
     }
     assert!(platform.calls_for("fetch labs") >= 5);
     cancel.cancel();
@@ -999,7 +999,7 @@ async fn an_owner_token_nobody_asks_for_is_dropped_at_expiry() {
 async fn a_refused_token_is_reported_before_the_next_call() {
     let platform = Arc::new(GrantingPlatform::default());
     let (tokens, cancel) = start_tokens(&platform);
-    let (labs, _) = token_of(&wire(tokens.get(&Want::Owner("labs".into())).await));
+    let (labs, _) = token_of(&wire(tokens.get(&Which::Owner("labs".into())).await));
     let hash = credd_core::secret::sha256_hex(labs.as_bytes());
     assert!(tokens.erase(&sha(&hash)));
     assert!(!tokens.erase(&sha(&hash)));
@@ -1007,7 +1007,7 @@ async fn a_refused_token_is_reported_before_the_next_call() {
         Sha256Hex::parse("zz").is_none(),
         "an erase without a SHA-256 never reaches the store"
     );
-    let (fresh, _) = token_of(&wire(tokens.get(&Want::Owner("labs".into())).await));
+    let (fresh, _) = token_of(&wire(tokens.get(&Which::Owner("labs".into())).await));
     assert_ne!(fresh, labs);
     let log = platform.log();
     let reported = log
@@ -1028,7 +1028,7 @@ async fn an_erased_unscoped_token_is_replaced_by_the_default_cache_after_its_rep
     let platform = FakePlatform::new(vec![], true);
     let cancel = CancellationToken::new();
     let tokens = TokenStore::start(Arc::clone(&platform), policy(), None, None, &cancel);
-    token_of(&wire(tokens.get(&Want::Default).await));
+    token_of(&wire(tokens.get(&Which::Default).await));
     let (first, _) = token_of(&wire(tokens.get(&repo("acme/project")).await));
     let hash = credd_core::secret::sha256_hex(first.as_bytes());
     assert!(tokens.erase(&sha(&hash)));
@@ -1059,7 +1059,7 @@ async fn every_accounts_token_reaches_the_hook_and_the_status_line() {
     let cancel = CancellationToken::new();
     let tokens = TokenStore::start(Arc::clone(&platform), policy(), None, Some(hook), &cancel);
     let mut changes = tokens.subscribe();
-    token_of(&wire(tokens.get(&Want::Default).await));
+    token_of(&wire(tokens.get(&Which::Default).await));
     assert!(changes.has_changed().unwrap(), "the default token's change");
     changes.mark_unchanged();
     token_of(&wire(tokens.get(&repo("labs/tool")).await));

@@ -76,8 +76,9 @@ use self::audit::{Audit, Counted};
 use self::route::{Refusal, Route, Site};
 use self::upstream::{Outbound, Upstream};
 use crate::answer;
-use crate::cache::{Fetch, Got, Sha256Hex, TokenStore, Want};
+use crate::cache::{Fetch, Got, Sha256Hex, TokenStore};
 use crate::server::PeerCheck;
+use credd_core::protocol::Which;
 
 /// Tunnels open at once; more callers are dropped at accept.
 const MAX_CONNECTIONS: usize = 256;
@@ -148,13 +149,13 @@ impl Gateway {
 /// What the gateway asks of the token store.
 pub(crate) trait TokenSource: Send + Sync + 'static {
     /// A token for `want`, or why not.
-    fn get(&self, want: &Want) -> impl Future<Output = Got> + Send;
+    fn get(&self, want: &Which) -> impl Future<Output = Got> + Send;
     /// GitHub refused this token.
     fn refused(&self, token: &Token);
 }
 
 impl<F: Fetch> TokenSource for TokenStore<F> {
-    fn get(&self, want: &Want) -> impl Future<Output = Got> + Send {
+    fn get(&self, want: &Which) -> impl Future<Output = Got> + Send {
         TokenStore::get(self, want)
     }
 

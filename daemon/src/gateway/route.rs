@@ -16,7 +16,7 @@
 use credd_core::repository::RepositoryRef;
 use http::{HeaderMap, HeaderName, Method, StatusCode, header};
 
-use crate::cache::Want;
+use credd_core::protocol::Which;
 
 /// What kind of GitHub host a tunnel reaches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,7 +139,7 @@ impl Stamp {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Route {
     /// Whose token.
-    pub(crate) want: Want,
+    pub(crate) want: Which,
     /// How it is stamped.
     pub(crate) stamp: Stamp,
 }
@@ -148,9 +148,9 @@ impl Route {
     /// The repository for the audit line (`-` when none).
     pub(crate) fn repository(&self) -> String {
         match &self.want {
-            Want::Repository(repository) => repository.to_string(),
-            Want::Owner(owner) => format!("{owner}/*"),
-            Want::Default => "-".to_owned(),
+            Which::Repository(repository) => repository.to_string(),
+            Which::Owner(owner) => format!("{owner}/*"),
+            Which::Default => "-".to_owned(),
         }
     }
 }
@@ -185,7 +185,7 @@ pub(crate) fn classify(kind: SiteKind, method: &Method, path: &str) -> Result<Ro
         SiteKind::Enterprise => {
             if path == "/api/graphql" {
                 return Ok(Route {
-                    want: Want::Default,
+                    want: Which::Default,
                     stamp: Stamp::Token,
                 });
             }
@@ -218,8 +218,8 @@ fn api_route(_method: &Method, path: &str) -> Result<Route, Refusal> {
     }
     let segments: Vec<&str> = path[1..].split('/').collect();
     let want = match segments.as_slice() {
-        ["repos", owner, name, ..] => Want::Repository(repository(owner, name)?),
-        _ => Want::Default,
+        ["repos", owner, name, ..] => Which::Repository(repository(owner, name)?),
+        _ => Which::Default,
     };
     Ok(Route {
         want,
@@ -233,7 +233,7 @@ fn git_route(path: &str) -> Result<Route, Refusal> {
         [owner, name, tail @ ..] if is_git_tail(tail) => {
             let name = name.strip_suffix(".git").unwrap_or(name);
             Ok(Route {
-                want: Want::Repository(repository(owner, name)?),
+                want: Which::Repository(repository(owner, name)?),
                 stamp: Stamp::Basic,
             })
         }
@@ -413,8 +413,8 @@ mod tests {
         list.iter().map(|h| (*h).to_owned()).collect()
     }
 
-    fn repo(text: &str) -> Want {
-        Want::Repository(RepositoryRef::parse(text).expect("valid"))
+    fn repo(text: &str) -> Which {
+        Which::Repository(RepositoryRef::parse(text).expect("valid"))
     }
 
     #[test]
@@ -473,13 +473,13 @@ mod tests {
             classify(SiteKind::DotComApi, &get, "/user")
                 .expect("ok")
                 .want,
-            Want::Default
+            Which::Default
         );
         assert_eq!(
             classify(SiteKind::DotComApi, &Method::POST, "/graphql")
                 .expect("ok")
                 .want,
-            Want::Default
+            Which::Default
         );
         let ghe = |path| classify(SiteKind::Enterprise, &get, path);
         assert_eq!(
