@@ -50,7 +50,7 @@ use std::process::ExitCode;
 
 use credd_core::config::HelperConfig;
 use credd_core::protocol::Which;
-use credd_core::repository::{NameError, RepositoryRef, is_valid_owner};
+use credd_core::repository::RepositoryRef;
 
 use crate::args::Lexer;
 
@@ -223,18 +223,14 @@ fn token_for(command: &str, args: &mut Lexer<'_>) -> Result<Which, ExitCode> {
             return Err(usage_error(&format!("{name} needs a value")));
         };
         let text = value.to_string_lossy();
-        match name {
-            "--repo" => match RepositoryRef::parse(&text) {
-                Ok(repository) => want = Which::Repository(repository),
-                Err(e) => return Err(usage_error(&format!("--repo {text:?}: {e}"))),
-            },
-            _ if is_valid_owner(&text) => want = Which::Owner(text.into_owned()),
-            _ => {
-                return Err(usage_error(&format!(
-                    "--owner {text:?}: {}",
-                    NameError::BadOwner
-                )));
-            }
+        // credd-core's one rule for each; the words name the option.
+        let chosen = match name {
+            "--repo" => RepositoryRef::parse(&text).map(Which::Repository),
+            _ => Which::owner(&text),
+        };
+        match chosen {
+            Ok(which) => want = which,
+            Err(e) => return Err(usage_error(&format!("{name} {text:?}: {e}"))),
         }
     }
     Ok(want)

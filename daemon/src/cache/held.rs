@@ -7,6 +7,7 @@ use std::time::Duration;
 use credd_core::protocol::{Scope, Source};
 use credd_core::secret::Token;
 
+use super::Sha256Hex;
 use super::policy::{CachePolicy, MIN_REMAINING_HEADROOM};
 use super::state::{Deadline, Now};
 use crate::platform::Grant;
@@ -105,13 +106,14 @@ impl Held {
 
     /// Drops the cached or bootstrap token whose SHA-256 is `sha256` (a
     /// client was refused with it); whether one was dropped.
-    pub(super) fn erase(&mut self, sha256: &str) -> bool {
+    pub(super) fn erase(&mut self, sha256: &Sha256Hex) -> bool {
+        let sha256 = sha256.0.as_str();
         if let Some(gone) = take_matching(&mut self.cached, sha256) {
             tracing::info!(
                 fingerprint = gone,
                 "dropped the cached token: a client reported it was refused"
             );
-            self.refusal_to_report = Some(sha256.to_ascii_lowercase());
+            self.refusal_to_report = Some(sha256.to_owned());
             true
         } else if let Some(gone) = take_matching(&mut self.bootstrap, sha256) {
             tracing::info!(
@@ -119,7 +121,7 @@ impl Held {
                 "dropped the bootstrap token: a client reported it was refused"
             );
             // The platform may still hold the provision-time token too.
-            self.refusal_to_report = Some(sha256.to_ascii_lowercase());
+            self.refusal_to_report = Some(sha256.to_owned());
             true
         } else {
             tracing::debug!("erase for a token that is not cached: kept the cached one");
@@ -245,8 +247,8 @@ mod tests {
         let mut held = Held::new(None);
         held.hold(grant("ghs_platform0000", None), deadline(now, 3600));
         assert!(held.unscoped_seen);
-        assert!(!held.erase(&credd_core::secret::sha256_hex(b"ghs_other")));
-        assert!(held.erase(&credd_core::secret::sha256_hex(b"ghs_platform0000")));
+        assert!(!held.erase(&Sha256Hex::of(&token("ghs_other"))));
+        assert!(held.erase(&Sha256Hex::of(&token("ghs_platform0000"))));
         assert!(held.cached.is_none());
         assert_eq!(
             held.refusal_to_report.as_deref(),

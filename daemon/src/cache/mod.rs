@@ -423,7 +423,7 @@ impl<F: Fetch> TokenKeeper<F> {
     /// Whether it was dropped; the refresher reports it to the platform
     /// before its next call.
     pub(crate) fn erase(&self, sha256: &Sha256Hex) -> bool {
-        let dropped = self.lock().held.erase(&sha256.0);
+        let dropped = self.lock().held.erase(sha256);
         if dropped {
             self.bump();
         }
