@@ -60,7 +60,8 @@ pub use dev::DevProvider;
 pub use github::{GitHubAppConfig, GitHubAppProvider};
 pub use grants::{GrantError, GrantTable, Grants, GrantsFileError};
 pub use provider::{
-    Clock, IssuedToken, ProviderError, RefusalOutcome, ServedToken, TokenProvider, TokenRequest,
+    Clock, IssuedToken, ProviderError, Refusal, RefusalOutcome, ServedToken, TokenProvider,
+    TokenRequest,
 };
 pub use scope::MintScope;
 pub use service::{AppState, ServiceLimits, app, serve};

@@ -226,18 +226,11 @@ pub trait TokenProvider: Send + Sync {
         })
     }
 
-    /// `workspace` reports that GitHub refused the token whose SHA-256 is
-    /// `sha256`; `scopes` are those the workspace may use (`None`: the
-    /// unscoped one). A matching cached token is dropped, at most once per
-    /// workspace and installation per [`REFUSAL_INTERVAL`]. The default
-    /// does nothing.
-    fn report_refusal(
-        &self,
-        workspace: String,
-        scopes: Vec<Option<MintScope>>,
-        sha256: [u8; 32],
-    ) -> RefusalFuture<'_> {
-        let _ = (workspace, scopes, sha256);
+    /// A workspace reports that GitHub refused one of its tokens: a
+    /// matching cached token is dropped, at most once per workspace and
+    /// installation per [`REFUSAL_INTERVAL`]. The default does nothing.
+    fn report_refusal(&self, refusal: Refusal) -> RefusalFuture<'_> {
+        let _ = refusal;
         Box::pin(async { RefusalOutcome::NoMatch })
     }
 }
@@ -289,6 +282,18 @@ impl ServedToken {
 /// The future [`TokenProvider::scoped_token`] returns.
 pub type ServedFuture<'a> =
     Pin<Box<dyn Future<Output = Result<ServedToken, ProviderError>> + Send + 'a>>;
+
+/// A workspace's report that GitHub refused a token it was served.
+#[derive(Debug)]
+pub struct Refusal {
+    /// The workspace reporting.
+    pub workspace: String,
+    /// The scopes it may use (`None`: the unscoped one): where the refused
+    /// token can be cached.
+    pub scopes: Vec<Option<MintScope>>,
+    /// The refused token's SHA-256.
+    pub sha256: [u8; 32],
+}
 
 /// The future [`TokenProvider::report_refusal`] returns.
 pub type RefusalFuture<'a> = Pin<Box<dyn Future<Output = RefusalOutcome> + Send + 'a>>;

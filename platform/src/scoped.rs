@@ -23,7 +23,7 @@ use jiff::Timestamp;
 
 use crate::metrics::PlatformMetrics;
 use crate::provider::{
-    Clock, IssuedToken, ProviderError, REFUSAL_INTERVAL, RefusalFuture, RefusalOutcome,
+    Clock, IssuedToken, ProviderError, REFUSAL_INTERVAL, Refusal, RefusalFuture, RefusalOutcome,
     ServedFuture, ServedToken, TokenFuture, TokenProvider, TokenRequest, unscoped_token,
 };
 use crate::scope::{Level, MintScope};
@@ -66,13 +66,13 @@ impl<P: ScopedProvider> TokenProvider for P {
         Box::pin(self.serve(request))
     }
 
-    fn report_refusal(
-        &self,
-        workspace: String,
-        scopes: Vec<Option<MintScope>>,
-        sha256: [u8; 32],
-    ) -> RefusalFuture<'_> {
+    fn report_refusal(&self, refusal: Refusal) -> RefusalFuture<'_> {
         Box::pin(async move {
+            let Refusal {
+                workspace,
+                scopes,
+                sha256,
+            } = refusal;
             let mut keys = Vec::with_capacity(scopes.len());
             for scope in &scopes {
                 let installation = match scope {

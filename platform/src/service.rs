@@ -88,7 +88,7 @@ use crate::auth::{Auth, AuthError, Caller, MAX_BEARER_BYTES};
 use crate::grants::Grants;
 use crate::metrics::PlatformMetrics;
 use crate::provider::TokenProvider;
-use crate::provider::{RefusalOutcome, ServedToken, TokenRequest};
+use crate::provider::{Refusal, RefusalOutcome, ServedToken, TokenRequest};
 use crate::scope::MintScope;
 
 mod accept;
@@ -463,7 +463,12 @@ async fn workspace_refusal(
         Some(table) => table.scopes(&id).into_iter().map(Some).collect(),
     };
     let prefix: String = credd_core::secret::fingerprint_of_digest(&sha256);
-    match provider.report_refusal(id.clone(), scopes, sha256).await {
+    let refusal = Refusal {
+        workspace: id.clone(),
+        scopes,
+        sha256,
+    };
+    match provider.report_refusal(refusal).await {
         RefusalOutcome::Dropped => {
             tracing::info!(
                 workspace = %id,
