@@ -633,7 +633,29 @@ fn answer(state: &StandInState, operation: &str, status: StatusCode, body: Value
             errors.join("; ")
         ));
     }
-    let mut response = (status, axum::Json(body)).into_response();
+    with_rate_limit_headers(state, (status, axum::Json(body)).into_response())
+}
+
+/// What every App route does first: records the request ([`arrive`]),
+/// answers a rate limit that is due, and refuses with GitHub's 401 a
+/// request GitHub would refuse (the reason kept in `rejections`). The
+/// answer is the refusal, if the request is not admitted.
+fn admit(state: &StandInState, method: &str, path: &str, headers: &HeaderMap) -> Option<Response> {
+    if let Some(limited) = arrive(state, method, path) {
+        return Some(limited);
+    }
+    check_request(state, headers).err().map(|reason| {
+        lock(&state.rejections).push(reason);
+        let (status, body) = github_error(
+            StatusCode::UNAUTHORIZED,
+            "A JSON web token could not be decoded",
+        );
+        with_rate_limit_headers(state, (status, axum::Json(body)).into_response())
+    })
+}
+
+/// `response` with GitHub's `x-ratelimit-*` headers, as on every answer.
+fn with_rate_limit_headers(state: &StandInState, mut response: Response) -> Response {
     let served = lock(&state.requests).len() as i64;
     let reset = (state.clock)().as_second() + 3600;
     let h = response.headers_mut();
@@ -662,16 +684,8 @@ async fn list_installations(
     headers: HeaderMap,
 ) -> Response {
     *lock(&state.listings) += 1;
-    if let Some(limited) = arrive(&state, "GET", "/app/installations") {
-        return limited;
-    }
-    if let Err(reason) = check_request(&state, &headers) {
-        lock(&state.rejections).push(reason);
-        let (status, body) = github_error(
-            StatusCode::UNAUTHORIZED,
-            "A JSON web token could not be decoded",
-        );
-        return (status, axum::Json(body)).into_response();
+    if let Some(refused) = admit(&state, "GET", "/app/installations", &headers) {
+        return refused;
     }
     let Ok(axum::extract::Query(query)) = query else {
         lock(&state.violations)
@@ -856,16 +870,8 @@ async fn access_tokens(
 ) -> Response {
     state.calls.send_modify(|c| *c += 1);
     let path = format!("/app/installations/{id}/access_tokens");
-    if let Some(limited) = arrive(&state, "POST", &path) {
-        return limited;
-    }
-    if let Err(reason) = check_request(&state, &headers) {
-        lock(&state.rejections).push(reason);
-        let (status, body) = github_error(
-            StatusCode::UNAUTHORIZED,
-            "A JSON web token could not be decoded",
-        );
-        return answer(&state, spec::MINT, status, body);
+    if let Some(refused) = admit(&state, "POST", &path, &headers) {
+        return refused;
     }
     let asked: Value = if body.is_empty() {
         json!({})
