@@ -109,6 +109,27 @@ stop_supervisor() {
     exit 0
 }
 
+# run_runtime CMD…: the workspace's runtime as the container's main process.
+# Without a supervisor to stop with it (CREDD_STOP_WITH_RUNTIME unset, or no
+# supervisor), CMD replaces this shell. Under tini (the init phase) CMD runs
+# in the foreground (tini -g signals it directly; the traps only keep this
+# shell alive meanwhile), then the supervisor is stopped and waited for: it
+# returns once the daemon has logged "stopped". Then CMD's status is the
+# container's.
+run_runtime() {
+    if [ "$stop_with_runtime" != 1 ] || [ -z "$supervisor_pid" ]; then
+        exec "$@"
+    fi
+    trap ':' TERM INT HUP
+    "$@"
+    status=$?
+    kill -TERM "$supervisor_pid" 2>/dev/null
+    while kill -0 "$supervisor_pid" 2>/dev/null; do
+        wait "$supervisor_pid"
+    done
+    exit "$status"
+}
+
 # The supervisor (stage `supervise`): runs in the background with the lock on
 # fd 9 for its whole life. Its stdin is the bootstrap token pipe, handed to
 # the first daemon only; later daemons get an empty stdin (the provision-time
@@ -391,17 +412,7 @@ if [ "${CREDD_SEALED:-}" = 1 ] && [ "$(id -u)" -eq 0 ] && [ "${CREDD_ENTRYPOINT_
         export PATH
     fi
     umask 022
-    if [ "$stop_with_runtime" != 1 ] || [ -z "$supervisor_pid" ]; then
-        exec setpriv --reuid="$agent_uid" --regid="$agent_gid" --init-groups -- "$@"
-    fi
-    trap ':' TERM INT HUP
-    setpriv --reuid="$agent_uid" --regid="$agent_gid" --init-groups -- "$@"
-    status=$?
-    kill -TERM "$supervisor_pid" 2>/dev/null
-    while kill -0 "$supervisor_pid" 2>/dev/null; do
-        wait "$supervisor_pid"
-    done
-    exit "$status"
+    run_runtime setpriv --reuid="$agent_uid" --regid="$agent_gid" --init-groups -- "$@"
 fi
 
 # Sealed but not root (`docker exec -u agent …`, `docker run --user …`):
@@ -595,19 +606,4 @@ else
     error "gh wrapper not found at $GH_WRAPPER_DIR/gh (set CREDD_GH_WRAPPER_DIR): gh will not get a live token"
 fi
 
-if [ "$stop_with_runtime" != 1 ] || [ -z "$supervisor_pid" ]; then
-    exec "$@"
-fi
-
-# Under tini (the init phase): the runtime runs in the foreground (tini -g
-# signals it directly; the traps only keep this shell alive meanwhile), then
-# the supervisor is stopped and waited for: it returns once the daemon has
-# logged "stopped". Then the runtime's status is the container's.
-trap ':' TERM INT HUP
-"$@"
-status=$?
-kill -TERM "$supervisor_pid" 2>/dev/null
-while kill -0 "$supervisor_pid" 2>/dev/null; do
-    wait "$supervisor_pid"
-done
-exit "$status"
+run_runtime "$@"
