@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 use axum::body::Body;
 use axum::http::Request;
 use criterion::Criterion;
-use molecule_platform::{AppState, Auth, DevProvider, TokenProvider, WorkspaceTokens, app, serve};
+use molecule_platform::config::{Config, LogFormat, ProviderChoice};
+use molecule_platform::{DevProvider, Platform, app, serve};
 use secrecy::SecretString;
 use tower::ServiceExt;
 
@@ -38,9 +39,19 @@ fn main() {
         .expect("runtime");
     // One-hour dev tokens: the whole run lives inside one token's life.
     let provider = Arc::new(DevProvider::new(Duration::from_secs(3600)));
-    let served: Option<Arc<dyn TokenProvider>> = Some(Arc::clone(&provider) as _);
-    let auth = Auth::new(Some(SecretString::from(ADMIN)), WorkspaceTokens::empty());
-    let router = app(AppState::new(served, auth));
+    // Composed as the binary composes it, with the bench's own provider.
+    let platform = Platform::from_config(Config {
+        listen: ([127, 0, 0, 1], 0).into(),
+        admin_token: Some(SecretString::from(ADMIN)),
+        workspace_tokens_file: None,
+        grants_file: None,
+        provider: ProviderChoice::Given(Arc::clone(&provider) as _),
+        dev_auth_token_file: None,
+        log_format: LogFormat::Text,
+        shared: None,
+    })
+    .expect("the bench's configuration");
+    let router = app(platform.state);
 
     let listener = runtime
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))

@@ -91,6 +91,7 @@ fn configured_provider(
             tracing::info!("GitHub App {issuer}: tokens from {}", provider.endpoint());
             Some(Arc::new(provider))
         }
+        ProviderChoice::Given(provider) => Some(provider),
     })
 }
 

@@ -9,11 +9,13 @@
 use std::io::Read;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
 use secrecy::SecretString;
 
+use crate::TokenProvider;
 use crate::github::{DEFAULT_API_URL, GitHubAppConfig, MAX_KEY_BYTES};
 use crate::shared::{SealKey, SharedConfig};
 
@@ -95,7 +97,6 @@ pub struct Args {
 }
 
 /// Where tokens come from.
-#[derive(Debug)]
 pub enum ProviderChoice {
     /// No provider: the endpoint answers 404.
     Off,
@@ -106,6 +107,20 @@ pub enum ProviderChoice {
     },
     /// A GitHub App.
     GitHub(GitHubAppConfig),
+    /// A provider the embedder built (the test kit, a bench, a test that
+    /// steers its provider): served as given. No flag chooses it.
+    Given(Arc<dyn TokenProvider>),
+}
+
+impl std::fmt::Debug for ProviderChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Off => f.write_str("Off"),
+            Self::Dev { token_ttl } => f.debug_struct("Dev").field("token_ttl", token_ttl).finish(),
+            Self::GitHub(github) => f.debug_tuple("GitHub").field(github).finish(),
+            Self::Given(_) => f.write_str("Given(..)"),
+        }
+    }
 }
 
 /// A validated configuration.

@@ -539,12 +539,14 @@ struct PlatformService {
     grants: Arc<molecule_platform::Grants>,
 }
 
-/// The platform's own HTTP service (`molecule_platform::app`) with the dev
+/// The platform's own HTTP service, composed as the binary composes it
+/// ([`molecule_platform::Platform::from_config`]: the admin bearer, the
+/// workspace bearers and the grants read from their files): the dev
 /// provider, an admin bearer, one workspace bearer and the grants of
 /// `options`.
 fn platform_service(options: &PlatformOptions) -> PlatformService {
-    use molecule_platform::{AppState, Auth, DevProvider, Grants, TokenProvider, WorkspaceTokens};
-    use secrecy::SecretString;
+    use molecule_platform::config::{Config, ProviderChoice};
+    use molecule_platform::{DevProvider, Platform};
 
     let bearers = Bearers {
         admin: random_secret("admin-bearer"),
@@ -552,22 +554,35 @@ fn platform_service(options: &PlatformOptions) -> PlatformService {
     };
     let provider = Arc::new(DevProvider::new(options.token_ttl));
     provider.set_not_installed(options.not_installed.iter());
-    let served: Option<Arc<dyn TokenProvider>> = Some(Arc::clone(&provider) as _);
-    let auth = Auth::new(
-        Some(SecretString::from(bearers.admin.clone())),
-        WorkspaceTokens::from_bearers([(
-            WORKSPACE_ID,
-            SecretString::from(bearers.workspace.clone()),
-        )]),
-    );
-    let grants = Arc::new(match &options.grants {
-        Some(text) => Grants::parse(text)
-            .unwrap_or_else(|e| panic!("PlatformOptions::grants does not parse: {e}")),
-        None => Grants::none(),
+    let files = tempfile::tempdir().expect("tempdir");
+    let workspace_tokens_file = files.path().join("workspace-tokens");
+    std::fs::write(
+        &workspace_tokens_file,
+        format!(
+            "{WORKSPACE_ID} {}\n",
+            credd_core::secret::sha256_hex(bearers.workspace.as_bytes())
+        ),
+    )
+    .expect("write the workspace tokens file");
+    let grants_file = options.grants.as_ref().map(|text| {
+        let file = files.path().join("grants.toml");
+        std::fs::write(&file, text).expect("write the grants file");
+        file
     });
-    let app = molecule_platform::app(AppState::new(served, auth).with_grants(Arc::clone(&grants)));
+    let platform = Platform::from_config(Config {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        admin_token: Some(secrecy::SecretString::from(bearers.admin.clone())),
+        workspace_tokens_file: Some(workspace_tokens_file),
+        grants_file,
+        provider: ProviderChoice::Given(Arc::clone(&provider) as _),
+        dev_auth_token_file: None,
+        log_format: molecule_platform::config::LogFormat::Text,
+        shared: None,
+    })
+    .unwrap_or_else(|e| panic!("the test platform's configuration: {e:#}"));
+    let grants = Arc::clone(platform.state.grants());
     PlatformService {
-        app,
+        app: molecule_platform::app(platform.state),
         bearers,
         provider,
         grants,
