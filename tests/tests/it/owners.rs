@@ -3,10 +3,11 @@
 //! token per owner, and a git server that accepts a token only for the
 //! repositories its stated scope reaches.
 
+use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 
 use testkit::{
-    Cmd, FAST_BACKOFF, GitServer, PlatformOptions, Sandbox, TestPlatform, with_platform,
+    Cmd, FAST_BACKOFF, GitServer, PlatformOptions, Sandbox, TestPlatform, WAIT, with_platform,
 };
 
 const GRANTS: &str = r#"
@@ -540,8 +541,8 @@ fn a_sighup_with_nine_tokens_held_refreshes_them_all_without_a_bearer_failure() 
 /// `--on-refresh` hears every token the daemon refreshes, an account's as
 /// well as the default one, told whose in `CREDD_TOKEN_FOR` (`default` or
 /// `owner`) and the account in `CREDD_OWNER`: per-owner
-/// tokens are not second class (their `STATUS=` part is the store's unit
-/// test, `every_accounts_token_reaches_the_hook_and_the_status_line`).
+/// tokens are not second class (their `STATUS=` part is
+/// `systemd_status_names_each_account_the_daemon_holds_a_token_for`).
 #[test]
 fn every_accounts_new_token_reaches_the_on_refresh_hook_with_its_account_named() {
     let (sandbox, _platform) = granted_platform();
@@ -586,4 +587,60 @@ fn every_accounts_new_token_reaches_the_on_refresh_hook_with_its_account_named()
     });
     assert_eq!(lines.lines().count(), 2, "one run per new token: {lines}");
     daemon.stop();
+}
+
+/// systemd hears of every account the daemon holds a token for: once
+/// `labs` has a token, the daemon's `STATUS=` on `NOTIFY_SOCKET` names it
+/// beside the default token (`…; accounts: labs expires in …`), and no
+/// status sent before names it.
+#[test]
+fn systemd_status_names_each_account_the_daemon_holds_a_token_for() {
+    let (sandbox, _platform) = granted_platform();
+    let notify_path = sandbox.path().join("notify");
+    let systemd = UnixDatagram::bind(&notify_path).expect("bind the notify socket");
+    let _daemon = sandbox
+        .daemon()
+        .args(FAST_BACKOFF)
+        .env("NOTIFY_SOCKET", &notify_path)
+        .start();
+    sandbox.wait_for_token();
+    let mut before = Vec::new();
+    systemd.set_nonblocking(true).expect("nonblocking");
+    let mut buf = vec![0u8; 4096];
+    while let Ok(n) = systemd.recv(&mut buf) {
+        before.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    assert!(
+        before.iter().any(|m| m.contains("READY=1")),
+        "the daemon notified systemd at start: {before:?}"
+    );
+    assert!(
+        !before.iter().any(|m| m.contains("labs")),
+        "no account named before it had a token: {before:?}"
+    );
+
+    sandbox
+        .credd(&["token", "--owner", "labs"])
+        .stdout_holds_secret()
+        .run()
+        .assert_success("credd token --owner labs");
+    systemd.set_nonblocking(false).expect("blocking");
+    systemd.set_read_timeout(Some(WAIT)).expect("timeout");
+    let mut after = Vec::new();
+    let named = loop {
+        let Ok(n) = systemd.recv(&mut buf) else {
+            panic!("no STATUS= naming labs within {WAIT:?}; received: {after:?}");
+        };
+        let message = String::from_utf8_lossy(&buf[..n]).into_owned();
+        if let Some(status) = message.lines().find(|l| l.starts_with("STATUS="))
+            && status.contains("; accounts: labs expires in ")
+        {
+            break status.to_owned();
+        }
+        after.push(message);
+    };
+    assert!(
+        named.contains("expires in") && named.find("accounts:") > named.find("expires in"),
+        "the default token first, then the accounts: {named}"
+    );
 }
