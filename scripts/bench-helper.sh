@@ -6,7 +6,12 @@
 #   credd get (dynamic)          the same helper, dynamically linked (`cargo build --release`)
 #   git credential-cache get     git's own in-memory helper, daemon running
 #   seed helper                  the bash + curl helper credd replaces
-# and then the daemon's answer alone (one client, connect to answer).
+#   static C int main(){}        with a C compiler (cc): the exec floor
+#   C client + C server          with cc: the floor of any helper a daemon
+#                                answers (scripts/bench-floor/: connect,
+#                                one line each way, no checks, no parsing)
+# and then the daemon's answer alone (one client, connect to answer), and
+# the C server's beside it.
 # Targets: credd get (static) at most 1.10x /bin/true (median), faster than
 # credential-cache, at least 10x faster than the seed helper.
 #
@@ -53,12 +58,10 @@ before_cleanup() {
 }
 
 echo "building (release)…" >&2
-# A static helper skips the dynamic loader (no ld.so, no libc/libgcc_s
-# relocations) — the largest part of a small program's start-up. The flag is
-# given here, for this one binary, and not in .cargo/config.toml: there it
-# would also apply to proc-macro crates (serde_derive, thiserror-impl…), which
-# are built for the host as shared objects and cannot link with +crt-static.
-cargo rustc --release --quiet -p credd --bin credd -- -C target-feature=+crt-static
+# The static helper users install, with scripts/build-release.sh's flags
+# (helper/release-rustflags; the script says why each).
+# shellcheck disable=SC2046  # the flags are words, split on purpose
+cargo rustc --release --quiet -p credd --bin credd -- $(cat helper/release-rustflags)
 cp target/release/credd "$work/credd"
 cargo build --release --quiet -p credd
 cp target/release/credd "$work/credd-dynamic"
@@ -112,11 +115,42 @@ check "credd get (dynamic)" "$work/credd-dynamic" get
 check "git credential-cache get" git credential-cache --socket "$cache_sock" get
 check "seed helper" bash "$seed" get
 
-echo "$(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg), $runs runs each, interleaved in a shuffled order" >&2
-"$bin/exec-bench" "$runs" "$input" \
-  "/bin/true=/bin/true" \
-  "credd get (static)=$work/credd get" \
-  "credd get (dynamic)=$work/credd-dynamic get" \
-  "git credential-cache get=git credential-cache --socket $cache_sock get" \
+contenders=(
+  "/bin/true=/bin/true"
+  "credd get (static)=$work/credd get"
+  "credd get (dynamic)=$work/credd-dynamic get"
+  "git credential-cache get=git credential-cache --socket $cache_sock get"
   "seed helper (bash + curl)=bash $seed get"
+)
+# The floor, measured rather than assumed: what this machine charges any
+# static program, and any static helper answered over a Unix socket.
+floor_sock="$work/floor.sock"
+if command -v cc >/dev/null; then
+  printf 'int main(void) { return 0; }\n' >"$work/empty.c"
+  cc -O2 -static -o "$work/empty" "$work/empty.c"
+  cc -O2 -static -o "$work/floor-client" scripts/bench-floor/client.c
+  cc -O2 -o "$work/floor-server" scripts/bench-floor/server.c
+  "$work/floor-server" "$floor_sock" &
+  pids+=($!)
+  for _ in $(seq 1 100); do
+    [ -S "$floor_sock" ] && break
+    sleep 0.05
+  done
+  export FLOOR_SOCK="$floor_sock"
+  check "C client + C server" "$work/floor-client"
+  contenders+=(
+    "static C int main(){}=$work/empty"
+    "C client + C server (floor)=$work/floor-client"
+  )
+else
+  echo "no C compiler (cc): the C floor is not measured" >&2
+fi
+
+echo "$(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg), $runs runs each, interleaved in a shuffled order" >&2
+"$bin/exec-bench" "$runs" "$input" "${contenders[@]}"
+echo "the daemon's answer alone:" >&2
 "$bin/exec-bench" --round-trip "$CREDD_SOCKET" "$runs"
+if [ -S "$floor_sock" ]; then
+  echo "the C server's answer alone:" >&2
+  "$bin/exec-bench" --round-trip "$floor_sock" "$runs"
+fi

@@ -195,7 +195,7 @@ fn round_trips(args: &[String]) -> ExitCode {
         match answer {
             Ok(line) if line.contains("\"type\":\"token\"") => {}
             Ok(_) => {
-                eprintln!("exec-bench: the daemon did not answer with a token");
+                eprintln!("exec-bench: {socket} did not answer with a token");
                 return ExitCode::FAILURE;
             }
             Err(e) => {
@@ -208,7 +208,7 @@ fn round_trips(args: &[String]) -> ExitCode {
         }
     }
     println!(
-        "daemon round trip, one client, {runs} runs: p50 {:.1} µs, p90 {:.1} µs, p99 {:.1} µs",
+        "round trip, one client, {runs} runs: p50 {:.1} µs, p90 {:.1} µs, p99 {:.1} µs",
         percentile(&micros, 0.5),
         percentile(&micros, 0.9),
         percentile(&micros, 0.99)
