@@ -16,7 +16,7 @@
 # scripts/bench-helper.sh and by the image's Dockerfile. Besides
 # +crt-static, relocation-model=static links a plain static executable
 # instead of a static PIE: the PIE relocates itself at every start (3,178
-# relocations, 7 more page faults), measured 9% of `credd get`'s time under
+# relocations, 7 more page faults), measured 10% of `credd get`'s time under
 # `perf stat -r 300` (666 -> 601 us). The price is that credd's own code and
 # data sit at fixed addresses (its stack, heap and mappings stay
 # randomized): a short-lived, std-only process that reads git's bounded
@@ -25,8 +25,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --workspace "$@"
 # After the workspace build, so target/release/credd is the static one.
-# shellcheck disable=SC2046  # the flags are words, split on purpose
-cargo rustc --release -p credd --bin credd "$@" -- $(cat helper/release-rustflags)
+# Read on a line of its own, so a missing file stops the script (set -e).
+flags=$(<helper/release-rustflags)
+# shellcheck disable=SC2086  # the flags are words, split on purpose
+cargo rustc --release -p credd --bin credd "$@" -- $flags
 if ldd target/release/credd 2>&1 | grep -q '=>'; then
   echo "error: target/release/credd is not statically linked" >&2
   exit 1

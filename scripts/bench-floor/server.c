@@ -24,9 +24,9 @@ int main(int argc, char **argv) {
   answer[sizeof answer - 1] = '\n';
   for (;;) {
     int fd = accept(listener, 0, 0);
-    if (fd < 0) continue;
+    if (fd < 0) return 1;
     char request[512];
-    if (recv(fd, request, sizeof request, 0) > 0) send(fd, answer, sizeof answer, 0);
+    if (recv(fd, request, sizeof request, 0) > 0) send(fd, answer, sizeof answer, MSG_NOSIGNAL);
     close(fd);
   }
 }

@@ -639,8 +639,16 @@ fn answer(state: &StandInState, operation: &str, status: StatusCode, body: Value
 /// What every App route does first: records the request ([`arrive`]),
 /// answers a rate limit that is due, and refuses with GitHub's 401 a
 /// request GitHub would refuse (the reason kept in `rejections`). The
-/// answer is the refusal, if the request is not admitted.
-fn admit(state: &StandInState, method: &str, path: &str, headers: &HeaderMap) -> Option<Response> {
+/// answer is the refusal, if the request is not admitted. Where the
+/// description documents `operation`'s 401 (the mint does, the listing
+/// does not), the refusal is checked against it like every answer.
+fn admit(
+    state: &StandInState,
+    operation: &str,
+    method: &str,
+    path: &str,
+    headers: &HeaderMap,
+) -> Option<Response> {
     if let Some(limited) = arrive(state, method, path) {
         return Some(limited);
     }
@@ -650,7 +658,11 @@ fn admit(state: &StandInState, method: &str, path: &str, headers: &HeaderMap) ->
             StatusCode::UNAUTHORIZED,
             "A JSON web token could not be decoded",
         );
-        with_rate_limit_headers(state, (status, axum::Json(body)).into_response())
+        if spec::answer_schema(operation, status.as_u16()).is_some() {
+            answer(state, operation, status, body)
+        } else {
+            with_rate_limit_headers(state, (status, axum::Json(body)).into_response())
+        }
     })
 }
 
@@ -684,7 +696,7 @@ async fn list_installations(
     headers: HeaderMap,
 ) -> Response {
     *lock(&state.listings) += 1;
-    if let Some(refused) = admit(&state, "GET", "/app/installations", &headers) {
+    if let Some(refused) = admit(&state, spec::LIST, "GET", "/app/installations", &headers) {
         return refused;
     }
     let Ok(axum::extract::Query(query)) = query else {
@@ -870,7 +882,7 @@ async fn access_tokens(
 ) -> Response {
     state.calls.send_modify(|c| *c += 1);
     let path = format!("/app/installations/{id}/access_tokens");
-    if let Some(refused) = admit(&state, "POST", &path, &headers) {
+    if let Some(refused) = admit(&state, spec::MINT, "POST", &path, &headers) {
         return refused;
     }
     let asked: Value = if body.is_empty() {
